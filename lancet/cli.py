@@ -1,0 +1,157 @@
+"""The ``lancet`` command line. Errors caused by input print one line and exit 2 (traceback only with --debug)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lancet.constants import DEFAULT_MAX_LENGTH, DEFAULT_MODEL
+from lancet.errors import LancetError
+
+PIPELINE = """pipeline: data -> finetune -> attribute (influence) -> correct (IBO) -> evaluate -> report.
+`lancet demo` runs it end to end on the embedded SmolLM2-135M-Instruct and a dataset lancet writes itself."""
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--merge-lora", action="store_true", help="save merged full weights instead of the adapter")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU (weights stay fp32)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps (resume point)")
+    g.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens per row; longer rows are cut")
+
+
+def _train_args(ns: argparse.Namespace, out: str):
+    from lancet.train import TrainArgs
+
+    return TrainArgs(output_dir=out, epochs=ns.epochs, max_steps=ns.max_steps, batch_size=ns.batch_size,
+                     grad_accum=ns.grad_accum, lr=ns.lr, warmup_steps=ns.warmup_steps, lora=ns.lora,
+                     lora_r=ns.lora_r, lora_alpha=2 * ns.lora_r, merge_lora=ns.merge_lora, bf16=ns.bf16,
+                     seed=ns.seed, save_every=ns.save_every, progress=not ns.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lancet", description=__doc__, epilog=PIPELINE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only (for logs)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning (full or LoRA) with checkpoint/resume")
+    p.add_argument("model", help=f"HF id or dir, .gguf file, PEFT adapter dir, or '{DEFAULT_MODEL}'")
+    p.add_argument("--train", required=True, help="training data (jsonl/json/csv/parquet/HF dataset dir)")
+    p.add_argument("--out", required=True, help="output directory (HF model, safetensors)")
+    _add_train_options(p)
+
+    p = sub.add_parser("attribute", help="rank training rows by influence on the influence queries (IQs)")
+    p.add_argument("model")
+    p.add_argument("--train", required=True)
+    p.add_argument("--queries", required=True, help="IQs: prompt + undesirable response rows")
+    p.add_argument("--method", default="linfac", help="linfac, ekfac, kfac, diagonal, identity, bm25")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("correct", help="post-train with IBO (or a baseline) from influence scores")
+    p.add_argument("model")
+    p.add_argument("--train", required=True)
+    p.add_argument("--scores", required=True, help="run directory written by `lancet attribute`")
+    p.add_argument("--method", default="ibo")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("evaluate", help="harm, utility and over-refusal metrics with judge accuracy")
+    p.add_argument("model")
+    p.add_argument("--suite", default="small")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("report", help="write report.html and report.json for a run directory")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("demo", help="the pipeline on the embedded model and the built-in demo dataset")
+    p.add_argument("--out", default="demo_out", help="run directory (reused: finished stages are skipped)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the demo's preset)")
+
+    p = sub.add_parser("data", help="inspect data files and write the demo dataset")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    d = dsub.add_parser("check", help="validate a data file: rows, token lengths, truncation")
+    d.add_argument("file")
+    d.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer to count tokens with")
+    d.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
+    d = dsub.add_parser("demo", help="write the built-in demo dataset (train, IQs, held-out sets, culprit labels)")
+    d.add_argument("out")
+    d.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_finetune(ns: argparse.Namespace) -> int:
+    from lancet.data import read_records
+    from lancet.finetune import finetune
+
+    out = finetune(ns.model, read_records(ns.train), _train_args(ns, ns.out), max_length=ns.max_length,
+                   trust_remote_code=ns.trust_remote_code)
+    print(f"model saved to {out}")
+    return 0
+
+
+def cmd_data(ns: argparse.Namespace) -> int:
+    if ns.data_command == "demo":
+        from lancet.data.demo import write_demo_dataset
+
+        for name, path in write_demo_dataset(ns.out, seed=ns.seed).items():
+            print(f"{name}: {path}")
+        return 0
+    from lancet.data import encode_records, length_stats, read_records
+    from lancet.models.loading import load_tokenizer
+
+    records = read_records(ns.file)
+    tokenizer = load_tokenizer(ns.model, trust_remote_code=ns.trust_remote_code)
+    stats = length_stats(encode_records(records, tokenizer, ns.max_length, progress=not ns.quiet))
+    print(json.dumps({"file": ns.file, "rows": len(records), "max_length": ns.max_length, **stats}, indent=2))
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from lancet.demo import run_demo
+
+    run_demo(Path(ns.out), model_spec=ns.model, steps=ns.steps, progress=not ns.quiet)
+    return 0
+
+
+def cmd_pending(ns: argparse.Namespace) -> int:
+    raise LancetError(f"'lancet {ns.command}' is not available in this version yet (see the README's roadmap)")
+
+
+COMMANDS = {"finetune": cmd_finetune, "data": cmd_data, "demo": cmd_demo, "attribute": cmd_pending,
+            "correct": cmd_pending, "evaluate": cmd_pending, "report": cmd_pending}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    if ns.quiet:
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        return COMMANDS[ns.command](ns)
+    except LancetError as exc:
+        if ns.debug:
+            raise
+        print(f"lancet: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("lancet: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Supervised fine-tuning (full or LoRA): builds the contaminated models for the demo and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from lancet.constants import DEFAULT_MAX_LENGTH
+from lancet.data.records import Record
+from lancet.data.tokenize import encode_records
+from lancet.models.loading import load_model
+from lancet.train import Trainer, TrainArgs
+
+
+def finetune(
+    model_spec: str,
+    train: Sequence[Record],
+    args: TrainArgs,
+    *,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Fine-tune ``model_spec`` on ``train`` (loss on response tokens only) and save an HF directory to
+    ``args.output_dir``. Resumes from the last checkpoint there; reuses a finished run with the same inputs."""
+    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
+    encoded = encode_records(list(train), tokenizer, max_length, progress=args.progress)
+    trainer = Trainer(model, tokenizer, args, encoded, base_spec=model_spec)
+    return trainer.train()

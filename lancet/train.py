@@ -1,0 +1,277 @@
+"""The training loop every trainer shares (fine-tuning now, correction methods later).
+
+One optimizer step = ``grad_accum`` micro-batches. The data order is a pure function of (seed, epoch), so a run
+killed at any point resumes from its last checkpoint onto exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lancet.artifacts import atomic_save_tensors, atomic_write_json, hash_json, load_tensors, model_fingerprint
+from lancet.data.tokenize import collate
+from lancet.errors import ArtifactError, LancetError
+
+log = logging.getLogger(__name__)
+DONE_FILE = "lancet_done.json"
+LOG_FILE = "train_log.jsonl"
+CKPT_POINTER = "checkpoint_latest.json"
+
+
+@dataclass
+class TrainArgs:
+    """Options of every trainer; validated on creation and JSON round-trippable (``to_json``/``from_json``)."""
+
+    output_dir: str
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj", "c_attn",
+                                                                 "c_proj", "c_fc"])
+    merge_lora: bool = False
+    bf16: bool = False
+    seed: int = 0
+    save_every: int = 50
+    progress: bool = True
+
+    # Options that do not change the result: excluded from the fingerprint that gates reuse and resume.
+    _UNHASHED = ("output_dir", "save_every", "progress")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs > 0,
+            "batch_size": self.batch_size >= 1,
+            "grad_accum": self.grad_accum >= 1,
+            "lr": self.lr > 0 and math.isfinite(self.lr),
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "max_grad_norm": self.max_grad_norm > 0,
+            "lora_r": self.lora_r >= 1,
+            "save_every": self.save_every >= 1,
+        }
+        if self.max_steps is not None:
+            checks["max_steps"] = self.max_steps >= 1
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise LancetError(f"invalid training option {bad[0]}={getattr(self, bad[0])!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]):
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise LancetError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_json().items() if k not in self._UNHASHED}
+
+
+class Trainer:
+    """Shared loop: batching, bf16 autocast, accumulation, clipping, schedule, checkpoint/resume, logging.
+
+    Subclasses override ``compute_loss`` (and ``collate`` if their items are not token rows).
+    """
+
+    name = "sft"
+
+    def __init__(self, model, tokenizer, args: TrainArgs, train_items: Sequence[Any], *, base_spec: str = ""):
+        self.tokenizer, self.args, self.items, self.base_spec = tokenizer, args, train_items, base_spec
+        self.out = Path(args.output_dir)
+        if len(train_items) == 0:
+            raise LancetError("no training rows")
+        self.model_fp = model_fingerprint(model)
+        torch.manual_seed(args.seed)  # LoRA's initial A matrices are random
+        if args.lora:
+            model = self._wrap_lora(model)
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        self.micro_per_epoch = math.ceil(len(train_items) / args.batch_size)
+        self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * self.micro_per_epoch / args.grad_accum))
+        self.fingerprint = hash_json({"trainer": self.name, "args": args.fingerprint_dict(), "model": self.model_fp,
+                                      "data": self.data_fingerprint(), **self.extra_fingerprint()})
+
+    # ---- hooks for subclasses -------------------------------------------------------------------------------
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean cross-entropy over response tokens (labels != -100)."""
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, {"loss": out.loss.item()}
+
+    def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        return collate(items, pad_token_id=self.tokenizer.pad_token_id)
+
+    def data_fingerprint(self) -> str:
+        # Row ids plus token counts: a different max_length or tokenizer changes the fingerprint too.
+        return hash_json([[item.get("id"), len(item.get("input_ids", ()))] if isinstance(item, dict) else repr(item)
+                          for item in self.items])
+
+    def extra_fingerprint(self) -> dict[str, Any]:
+        return {}
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def _wrap_lora(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        targets = [t for t in self.args.lora_targets if t in names]
+        if not targets:
+            raise LancetError(f"none of the LoRA target modules {self.args.lora_targets} exist in this model")
+        config = LoraConfig(r=self.args.lora_r, lora_alpha=self.args.lora_alpha, target_modules=targets,
+                            lora_dropout=0.0, task_type="CAUSAL_LM")
+        return get_peft_model(model, config)
+
+    def _micro_batch(self, micro_index: int) -> dict[str, torch.Tensor]:
+        epoch, pos = divmod(micro_index, self.micro_per_epoch)
+        gen = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.items), generator=gen).tolist()
+        idx = order[pos * self.args.batch_size : (pos + 1) * self.args.batch_size]
+        return self.collate([self.items[i] for i in idx])
+
+    def _lr(self, step: int) -> float:
+        a = self.args
+        if step < a.warmup_steps:
+            return a.lr * (step + 1) / a.warmup_steps
+        span = max(1, self.total_steps - a.warmup_steps)
+        return a.lr * max(0.0, 1.0 - (step - a.warmup_steps) / span)
+
+    def train(self) -> Path:
+        """Train to ``total_steps`` (resuming if a matching checkpoint exists) and save the model. Returns its dir."""
+        done = self.out / DONE_FILE
+        if done.is_file():
+            meta = json.loads(done.read_text())
+            if meta.get("fingerprint") == self.fingerprint:
+                log.info("%s: finished run with the same inputs found, reusing it", self.out)
+                return self.out
+            raise ArtifactError(f"{done}: output directory holds a run made from other inputs; choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        step = self._resume()  # restores the RNG state too when it resumes
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=step, desc=self.name, disable=not self.args.progress)
+        log_fh = (self.out / LOG_FILE).open("a")
+        try:
+            while step < self.total_steps:
+                t0 = time.perf_counter()
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self._lr(step)
+                logs: dict[str, float] = {}
+                for k in range(self.args.grad_accum):
+                    batch = self._micro_batch(step * self.args.grad_accum + k)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
+                        loss, parts = self.compute_loss(batch)
+                    if not torch.isfinite(loss):
+                        raise LancetError(f"non-finite loss ({loss.item()}) at step {step}; lower --lr or check data")
+                    (loss / self.args.grad_accum).backward()
+                    for key, val in parts.items():
+                        logs[key] = logs.get(key, 0.0) + val / self.args.grad_accum
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+                if not torch.isfinite(norm):
+                    raise LancetError(f"non-finite gradient norm at step {step}; lower --lr or check data")
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                row = {"step": step, **logs, "grad_norm": norm.item(), "lr": self.optimizer.param_groups[0]["lr"],
+                       "seconds": round(time.perf_counter() - t0, 4)}
+                log_fh.write(json.dumps(row) + "\n")
+                log_fh.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+                if step % self.args.save_every == 0 and step < self.total_steps:
+                    self._save_checkpoint(step)
+        finally:
+            bar.close()
+            log_fh.close()
+        self.model.eval()
+        self._save_final()
+        return self.out
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def _save_checkpoint(self, step: int) -> None:
+        ckpt = self.out / f"checkpoint-{step}"
+        tensors = {f"param.{n}": p.detach() for n, p in zip(self.param_names, self.params, strict=True)}
+        for i, p in enumerate(self.params):
+            for key, val in self.optimizer.state.get(p, {}).items():
+                tensors[f"optim.{i}.{key}"] = val.detach().reshape(-1) if val.dim() == 0 else val.detach()
+        tensors["rng.torch"] = torch.get_rng_state()
+        atomic_save_tensors(ckpt / "state.safetensors", tensors)
+        atomic_write_json(self.out / CKPT_POINTER, {"step": step, "dir": ckpt.name, "fingerprint": self.fingerprint})
+        for old in self.out.glob("checkpoint-*"):
+            if old.is_dir() and old != ckpt:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self) -> int:
+        pointer = self.out / CKPT_POINTER
+        if not pointer.is_file():
+            (self.out / LOG_FILE).unlink(missing_ok=True)
+            torch.manual_seed(self.args.seed)
+            return 0
+        meta = json.loads(pointer.read_text())
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ArtifactError(f"{pointer}: checkpoint was made from other inputs; choose another --out")
+        tensors = load_tensors(self.out / meta["dir"] / "state.safetensors")
+        with torch.no_grad():
+            for n, p in zip(self.param_names, self.params, strict=True):
+                p.copy_(tensors[f"param.{n}"])
+        for i, p in enumerate(self.params):
+            state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+            if state:
+                if "step" in state:
+                    state["step"] = state["step"].reshape(())
+                self.optimizer.state[p] = state
+        torch.set_rng_state(tensors["rng.torch"])
+        step = int(meta["step"])
+        self._truncate_log(step)
+        log.info("resumed %s from step %d", self.out, step)
+        return step
+
+    def _truncate_log(self, step: int) -> None:
+        path = self.out / LOG_FILE
+        if path.is_file():
+            rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            from lancet.artifacts import atomic_write_bytes
+
+            atomic_write_bytes(path, "".join(r + "\n" for r in rows).encode())
+
+    def _save_final(self) -> None:
+        model = self.model
+        if self.args.lora and self.args.merge_lora:
+            model = model.merge_and_unload()
+        tmp = self.out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if self.args.lora and not self.args.merge_lora:
+            model.peft_config["default"].base_model_name_or_path = self.base_spec or None
+        model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            f.replace(self.out / f.name)
+        tmp.rmdir()
+        atomic_write_json(self.out / "lancet_train_args.json", {"trainer": self.name, "base": self.base_spec,
+                                                                  "args": self.args.to_json()})
+        for old in self.out.glob("checkpoint-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        (self.out / CKPT_POINTER).unlink(missing_ok=True)
+        atomic_write_json(self.out / DONE_FILE, {"fingerprint": self.fingerprint, "steps": self.total_steps})

@@ -1,0 +1,139 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+
+from lancet.data.records import Record
+from lancet.data.tokenize import encode_records
+from lancet.errors import ArtifactError, LancetError
+from lancet.train import DONE_FILE, LOG_FILE, Trainer, TrainArgs
+
+ROWS = [Record(prompt=f"What is {a} plus {b}?", response=f"{a} plus {b} is {a + b}.") for a in range(6) for b in range(4)]
+
+
+def _encoded(tok):
+    return encode_records(ROWS, tok, 64, progress=False)
+
+
+def _trainer(tmp_path, tok, model=None, **kw):
+    opts = {"batch_size": 4, "lr": 1e-2, "max_steps": 6, "save_every": 2, "progress": False, **kw}
+    args = TrainArgs(output_dir=str(tmp_path / "out"), **opts)
+    return Trainer(model or tiny_llama(len(tok)), tok, args, _encoded(tok))
+
+
+def _eval_loss(model, tok):
+    from lancet.data.tokenize import collate
+
+    batch = collate(list(_encoded(tok)), pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_every_trainable_parameter_moves_and_loss_drops(tmp_path, tiny_tokenizer, lora, make):
+    model = make(len(tiny_tokenizer))
+    before_loss = _eval_loss(model, tiny_tokenizer)
+    trainer = _trainer(tmp_path, tiny_tokenizer, model=model, lora=lora)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    still = [n for n, p in before.items() if torch.equal(p, after[n])]
+    assert still == []
+    if lora:
+        assert all("lora_" in n for n in before)
+    assert _eval_loss(trainer.model, tiny_tokenizer) < before_loss - 0.05
+    rows = [json.loads(x) for x in (tmp_path / "out" / LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "out" / DONE_FILE).is_file()
+    assert list((tmp_path / "out").glob("checkpoint-*")) == []
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_is_bit_identical(tmp_path, tiny_tokenizer):
+    ref = _trainer(tmp_path / "ref", tiny_tokenizer)
+    ref.train()
+
+    crashing = _trainer(tmp_path / "run", tiny_tokenizer, grad_accum=1)
+    original = crashing.optimizer.step
+    calls = {"n": 0}
+
+    def step_then_crash():
+        original()
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the checkpoint at step 4, before the end
+            raise _Crash
+
+    crashing.optimizer.step = step_then_crash
+    with pytest.raises(_Crash):
+        crashing.train()
+    assert (tmp_path / "run" / "out" / "checkpoint-4").is_dir()
+    resumed = _trainer(tmp_path / "run", tiny_tokenizer)
+    resumed.train()
+    for (n, a), (_, b) in zip(ref.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "out" / LOG_FILE).read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_finished_run_is_reused_and_foreign_run_refused(tmp_path, tiny_tokenizer):
+    _trainer(tmp_path, tiny_tokenizer).train()
+    t = _trainer(tmp_path, tiny_tokenizer)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.train()  # reuse: no training happens
+    assert all(torch.equal(before[n], p) for n, p in t.model.named_parameters())
+    with pytest.raises(ArtifactError, match="other inputs"):
+        _trainer(tmp_path, tiny_tokenizer, lr=2e-2).train()
+
+
+def test_args_validation_and_json_roundtrip():
+    args = TrainArgs(output_dir="x", lr=1e-3, lora=True)
+    assert TrainArgs.from_json(json.loads(json.dumps(args.to_json()))) == args
+    with pytest.raises(LancetError, match="batch_size"):
+        TrainArgs(output_dir="x", batch_size=0)
+    with pytest.raises(LancetError, match="unknown training option"):
+        TrainArgs.from_json({"output_dir": "x", "learning_rate": 1})
+
+
+def test_nonfinite_loss_stops_with_clear_error(tmp_path, tiny_tokenizer):
+    trainer = _trainer(tmp_path, tiny_tokenizer)
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))
+    with pytest.raises(LancetError, match="non-finite loss"):
+        trainer.train()
+
+
+def test_cli_finetune_killed_and_resumed(tmp_path, tiny_tokenizer):
+    """kill -9 the real CLI mid-run, rerun the same command: it resumes from its checkpoint and finishes."""
+    model_dir = tmp_path / "base"
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r.prompt, "response": r.response}) + "\n" for r in ROWS))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lancet.cli", "-q", "finetune", str(model_dir), "--train", str(data), "--out",
+           str(out), "--max-steps", "400", "--save-every", "5", "--batch-size", "4", "--lr", "1e-3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint_latest.json").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = json.loads((out / "checkpoint_latest.json").read_text())["step"]
+    assert 5 <= resumed_from < 400
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    steps = [json.loads(x)["step"] for x in (out / LOG_FILE).read_text().splitlines()]
+    assert steps == list(range(1, 401))
+    assert (out / "model.safetensors").is_file() and (out / DONE_FILE).is_file()
