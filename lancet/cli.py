@@ -35,15 +35,29 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def _train_args(ns: argparse.Namespace, out: str):
     from lancet.train import TrainArgs
 
-    return TrainArgs(output_dir=out, epochs=ns.epochs, max_steps=ns.max_steps, batch_size=ns.batch_size,
-                     grad_accum=ns.grad_accum, lr=ns.lr, warmup_steps=ns.warmup_steps, lora=ns.lora,
-                     lora_r=ns.lora_r, lora_alpha=2 * ns.lora_r, merge_lora=ns.merge_lora, bf16=ns.bf16,
-                     seed=ns.seed, save_every=ns.save_every, progress=not ns.quiet)
+    return TrainArgs(
+        output_dir=out,
+        epochs=ns.epochs,
+        max_steps=ns.max_steps,
+        batch_size=ns.batch_size,
+        grad_accum=ns.grad_accum,
+        lr=ns.lr,
+        warmup_steps=ns.warmup_steps,
+        lora=ns.lora,
+        lora_r=ns.lora_r,
+        lora_alpha=2 * ns.lora_r,
+        merge_lora=ns.merge_lora,
+        bf16=ns.bf16,
+        seed=ns.seed,
+        save_every=ns.save_every,
+        progress=not ns.quiet,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lancet", description=__doc__, epilog=PIPELINE,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lancet", description=__doc__, epilog=PIPELINE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only (for logs)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
@@ -98,8 +112,13 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     from lancet.data import read_records
     from lancet.finetune import finetune
 
-    out = finetune(ns.model, read_records(ns.train), _train_args(ns, ns.out), max_length=ns.max_length,
-                   trust_remote_code=ns.trust_remote_code)
+    out = finetune(
+        ns.model,
+        read_records(ns.train),
+        _train_args(ns, ns.out),
+        max_length=ns.max_length,
+        trust_remote_code=ns.trust_remote_code,
+    )
     print(f"model saved to {out}")
     return 0
 
@@ -111,10 +130,10 @@ def cmd_data(ns: argparse.Namespace) -> int:
         for name, path in write_demo_dataset(ns.out, seed=ns.seed).items():
             print(f"{name}: {path}")
         return 0
-    from lancet.data import encode_records, length_stats, read_records
+    from lancet.data import encode_records, length_stats, load_dataset_spec
     from lancet.models.loading import load_tokenizer
 
-    records = read_records(ns.file)
+    records = load_dataset_spec(ns.file)
     tokenizer = load_tokenizer(ns.model, trust_remote_code=ns.trust_remote_code)
     stats = length_stats(encode_records(records, tokenizer, ns.max_length, progress=not ns.quiet))
     print(json.dumps({"file": ns.file, "rows": len(records), "max_length": ns.max_length, **stats}, indent=2))
@@ -132,8 +151,15 @@ def cmd_pending(ns: argparse.Namespace) -> int:
     raise LancetError(f"'lancet {ns.command}' is not available in this version yet (see the README's roadmap)")
 
 
-COMMANDS = {"finetune": cmd_finetune, "data": cmd_data, "demo": cmd_demo, "attribute": cmd_pending,
-            "correct": cmd_pending, "evaluate": cmd_pending, "report": cmd_pending}
+COMMANDS = {
+    "finetune": cmd_finetune,
+    "data": cmd_data,
+    "demo": cmd_demo,
+    "attribute": cmd_pending,
+    "correct": cmd_pending,
+    "evaluate": cmd_pending,
+    "report": cmd_pending,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

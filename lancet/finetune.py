@@ -9,7 +9,7 @@ from lancet.constants import DEFAULT_MAX_LENGTH
 from lancet.data.records import Record
 from lancet.data.tokenize import encode_records
 from lancet.models.loading import load_model
-from lancet.train import Trainer, TrainArgs
+from lancet.train import TrainArgs, Trainer
 
 
 def finetune(

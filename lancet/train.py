@@ -45,9 +45,20 @@ class TrainArgs:
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj", "c_attn",
-                                                                 "c_proj", "c_fc"])
+    lora_targets: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "c_attn",
+            "c_proj",
+            "c_fc",
+        ]
+    )
     merge_lora: bool = False
     bf16: bool = False
     seed: int = 0
@@ -113,8 +124,15 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
         self.micro_per_epoch = math.ceil(len(train_items) / args.batch_size)
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * self.micro_per_epoch / args.grad_accum))
-        self.fingerprint = hash_json({"trainer": self.name, "args": args.fingerprint_dict(), "model": self.model_fp,
-                                      "data": self.data_fingerprint(), **self.extra_fingerprint()})
+        self.fingerprint = hash_json(
+            {
+                "trainer": self.name,
+                "args": args.fingerprint_dict(),
+                "model": self.model_fp,
+                "data": self.data_fingerprint(),
+                **self.extra_fingerprint(),
+            }
+        )
 
     # ---- hooks for subclasses -------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -127,8 +145,12 @@ class Trainer:
 
     def data_fingerprint(self) -> str:
         # Row ids plus token counts: a different max_length or tokenizer changes the fingerprint too.
-        return hash_json([[item.get("id"), len(item.get("input_ids", ()))] if isinstance(item, dict) else repr(item)
-                          for item in self.items])
+        return hash_json(
+            [
+                [item.get("id"), len(item.get("input_ids", ()))] if isinstance(item, dict) else repr(item)
+                for item in self.items
+            ]
+        )
 
     def extra_fingerprint(self) -> dict[str, Any]:
         return {}
@@ -141,8 +163,13 @@ class Trainer:
         targets = [t for t in self.args.lora_targets if t in names]
         if not targets:
             raise LancetError(f"none of the LoRA target modules {self.args.lora_targets} exist in this model")
-        config = LoraConfig(r=self.args.lora_r, lora_alpha=self.args.lora_alpha, target_modules=targets,
-                            lora_dropout=0.0, task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=self.args.lora_r,
+            lora_alpha=self.args.lora_alpha,
+            target_modules=targets,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        )
         return get_peft_model(model, config)
 
     def _micro_batch(self, micro_index: int) -> dict[str, torch.Tensor]:
@@ -194,8 +221,13 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
-                row = {"step": step, **logs, "grad_norm": norm.item(), "lr": self.optimizer.param_groups[0]["lr"],
-                       "seconds": round(time.perf_counter() - t0, 4)}
+                row = {
+                    "step": step,
+                    **logs,
+                    "grad_norm": norm.item(),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "seconds": round(time.perf_counter() - t0, 4),
+                }
                 log_fh.write(json.dumps(row) + "\n")
                 log_fh.flush()
                 bar.update(1)
@@ -269,8 +301,10 @@ class Trainer:
         for f in tmp.iterdir():
             f.replace(self.out / f.name)
         tmp.rmdir()
-        atomic_write_json(self.out / "lancet_train_args.json", {"trainer": self.name, "base": self.base_spec,
-                                                                  "args": self.args.to_json()})
+        atomic_write_json(
+            self.out / "lancet_train_args.json",
+            {"trainer": self.name, "base": self.base_spec, "args": self.args.to_json()},
+        )
         for old in self.out.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
         (self.out / CKPT_POINTER).unlink(missing_ok=True)

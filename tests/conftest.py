@@ -34,7 +34,9 @@ def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     from tokenizers import decoders
 
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
         fast.eos_token = "<|im_end|>"
@@ -55,8 +57,14 @@ def plain_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_llama(vocab_size: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 

@@ -82,6 +82,7 @@ def test_smoke_embedded_default_model():
     model, tok = load_model(DEFAULT_MODEL)
     assert time.perf_counter() - t0 < 10
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
-    answer = generate(model, tok, [Record(prompt="What is the capital of France?")], max_new_tokens=12,
-                      progress=False)[0]
+    answer = generate(model, tok, [Record(prompt="What is the capital of France?")], max_new_tokens=12, progress=False)[
+        0
+    ]
     assert "Paris" in answer

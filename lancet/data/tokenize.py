@@ -1,0 +1,186 @@
+"""Records to token ids with loss labels on the final assistant turn only, plus batching and length statistics."""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, overload
+
+from lancet.constants import FALLBACK_ASSISTANT_PREFIX, FALLBACK_USER_PREFIX, IGNORE_INDEX
+from lancet.data.records import Record
+from lancet.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # Chat templates write BOS and role markers themselves, so the tokenizer must not add its own.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _plain_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> str:
+    """The fallback format for tokenizers without a chat template: "User: ..." / "\\nAssistant: ...<eos>"."""
+    eos = tokenizer.eos_token or ""
+    parts = []
+    for m in messages:
+        if m["role"] == "assistant":
+            parts.append(FALLBACK_ASSISTANT_PREFIX + m["content"] + eos)
+        else:  # a system message has no fallback marker; it reads as plain text before the first turn
+            prefix = FALLBACK_USER_PREFIX if m["role"] == "user" else ""
+            parts.append(("\n" if parts else "") + prefix + m["content"])
+    return "".join(parts)
+
+
+def _prompt_text(record: Record, tokenizer: PreTrainedTokenizerBase) -> str:
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(record.prompt_messages, add_generation_prompt=True, tokenize=False)
+    return _plain_chat(record.prompt_messages, tokenizer) + FALLBACK_ASSISTANT_PREFIX
+
+
+def encode_prompt(record: Record, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of the prompt turns followed by the generation prompt (where the reply would start)."""
+    return _ids(tokenizer, _prompt_text(record, tokenizer))
+
+
+def _prompt_and_response_ids(record: Record, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    prefix = _prompt_text(record, tokenizer)
+    if record.response_text is None:
+        return _ids(tokenizer, prefix), []
+    if tokenizer.chat_template:
+        # Whitespace after the end-of-turn token is template layout the model never generates (generation
+        # stops at end-of-turn), so it is not part of the labelled response.
+        full = tokenizer.apply_chat_template(record.to_messages(), tokenize=False).rstrip()
+        if not full.startswith(prefix):
+            raise ModelError(
+                "the tokenizer's chat template renders the prompt differently with the response "
+                "appended, so the response tokens cannot be located"
+            )
+    else:
+        full = prefix + record.response_text + (tokenizer.eos_token or "")
+    prefix_ids, full_ids = _ids(tokenizer, prefix), _ids(tokenizer, full)
+    if full_ids[: len(prefix_ids)] == prefix_ids:
+        return prefix_ids, full_ids[len(prefix_ids) :]
+    # A BPE merge crossed the prompt/response boundary; tokenize the halves apart, as generation would see them.
+    return prefix_ids, _ids(tokenizer, full[len(prefix) :])
+
+
+def encode_record(record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int) -> dict[str, Any]:
+    """``input_ids`` and ``labels`` (IGNORE_INDEX except on the final assistant turn and its end-of-turn
+    token), right-truncated to ``max_length``. Prompt-only records get no labelled tokens."""
+    prompt_ids, response_ids = _prompt_and_response_ids(record, tokenizer)
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    truncated = len(input_ids) > max_length
+    return {
+        "input_ids": input_ids[:max_length],
+        "labels": labels[:max_length],
+        "id": record.id,
+        "truncated": truncated,
+    }
+
+
+def _has_response_left(item: dict[str, Any]) -> bool:
+    return any(t != IGNORE_INDEX for t in item["labels"])
+
+
+class EncodedDataset(Sequence[dict[str, Any]]):
+    """Encoded rows in record order, with the records they came from."""
+
+    def __init__(self, records: Sequence[Record], items: list[dict[str, Any]], max_length: int):
+        self.records = list(records)
+        self.items = items
+        self.max_length = max_length
+
+    @property
+    def ids(self) -> list[str]:
+        return [item["id"] for item in self.items]
+
+    @property
+    def n_truncated(self) -> int:
+        return sum(item["truncated"] for item in self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        return self.items[index]
+
+
+def encode_records(
+    records: Iterable[Record], tokenizer: PreTrainedTokenizerBase, max_length: int, *, progress: bool = True
+) -> EncodedDataset:
+    """Encode every record; truncation is reported once, as counts, not per row."""
+    from tqdm.auto import tqdm
+
+    records = list(records)
+    items = [encode_record(r, tokenizer, max_length) for r in tqdm(records, desc="tokenize", disable=not progress)]
+    n_truncated = sum(item["truncated"] for item in items)
+    if n_truncated:
+        lost = sum(
+            1
+            for r, item in zip(records, items, strict=True)
+            if item["truncated"] and r.response_text is not None and not _has_response_left(item)
+        )
+        note = f" ({lost} with no response tokens left)" if lost else ""
+        warnings.warn(f"{n_truncated} of {len(items)} rows truncated to {max_length} tokens{note}", stacklevel=2)
+    return EncodedDataset(records, items, max_length)
+
+
+def collate(batch: list[dict[str, Any]], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest row: ``input_ids``, ``attention_mask`` and ``labels`` (padded with IGNORE_INDEX)."""
+    import torch  # imported here so that reading and checking data does not pay for importing torch
+
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(item["input_ids"]) for item in batch)
+
+    def pad(values: list[int], fill: int) -> list[int]:
+        filler = [fill] * (width - len(values))
+        return filler + values if padding_side == "left" else values + filler
+
+    return {
+        "input_ids": torch.tensor([pad(item["input_ids"], pad_token_id) for item in batch], dtype=torch.long),
+        "attention_mask": torch.tensor([pad([1] * len(item["input_ids"]), 0) for item in batch], dtype=torch.long),
+        "labels": torch.tensor([pad(item["labels"], IGNORE_INDEX) for item in batch], dtype=torch.long),
+    }
+
+
+def length_stats(encoded: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Token-length summary for ``lancet data check``: n, min, mean, median, p95, max, n_truncated, and
+    n_no_response (rows with no labelled token, prompt-only or truncated away)."""
+    lengths = sorted(len(item["input_ids"]) for item in encoded)
+    n = len(lengths)
+    if not n:
+        return {
+            "n": 0,
+            "min": None,
+            "mean": None,
+            "median": None,
+            "p95": None,
+            "max": None,
+            "n_truncated": 0,
+            "n_no_response": 0,
+        }
+    # Linear interpolation between order statistics, the same rule as numpy.percentile's default.
+    pos = 0.95 * (n - 1)
+    lo = int(pos)
+    p95 = lengths[lo] + (lengths[min(lo + 1, n - 1)] - lengths[lo]) * (pos - lo)
+    return {
+        "n": n,
+        "min": lengths[0],
+        "mean": statistics.fmean(lengths),
+        "median": float(statistics.median(lengths)),
+        "p95": float(p95),
+        "max": lengths[-1],
+        "n_truncated": sum(bool(item["truncated"]) for item in encoded),
+        "n_no_response": sum(not _has_response_left(item) for item in encoded),
+    }

@@ -1,0 +1,193 @@
+"""The built-in demo data set: sizes, separation of held-out sets, the answer key and deterministic files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lancet.data.demo import (
+    EXTRA_COUNTER_TOPICS,
+    OUTDATED_MARKER,
+    OUTDATED_TOPICS,
+    DemoDataset,
+    build_demo_dataset,
+    write_demo_dataset,
+)
+from lancet.data.records import Record
+
+HELDOUT_PARTS = ("iq_prompts", "iqs", "heldout_outdated", "heldout_current", "heldout_ordinary")
+JSONL_FILES = ("train", *HELDOUT_PARTS)
+
+
+@pytest.fixture(scope="module")
+def data() -> DemoDataset:
+    return build_demo_dataset()
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def test_row_counts(data: DemoDataset) -> None:
+    labels = [r.label for r in data.train]
+    assert len(data.train) == 304
+    assert labels.count("ordinary") == 240
+    assert labels.count("outdated") == len(data.culprit_ids) == 48
+    assert labels.count("current") == len(data.counter_ids) == 16
+    assert len(data.iq_prompts) == len(data.iqs) == 12
+    assert len(data.heldout_outdated) == len(data.heldout_current) == 12
+    assert len(data.heldout_ordinary) == 40
+
+
+def test_culprits_cover_16_topics_with_3_paraphrases(data: DemoDataset) -> None:
+    topics = [r.meta["topic"] for r in data.train if r.label == "outdated"]
+    assert len(set(topics)) == 16
+    assert all(topics.count(t) == 3 for t in set(topics))
+    assert len({r.prompt for r in data.train if r.label == "outdated"}) == 48
+
+
+def test_every_row_is_a_short_prompt_response_pair(data: DemoDataset) -> None:
+    for r in data.train + data.iqs + data.heldout_outdated + data.heldout_current + data.heldout_ordinary:
+        assert r.prompt and r.response and r.messages is None
+        assert len(r.response.split()) <= 60, r.response
+        assert r.label in {"ordinary", "outdated", "current"}
+        assert r.meta["topic"]
+    assert all(r.response is None for r in data.iq_prompts)
+
+
+def test_no_heldout_prompt_in_train(data: DemoDataset) -> None:
+    train_prompts = {_norm(r.prompt) for r in data.train}
+    for part in HELDOUT_PARTS:
+        leaked = [r.prompt for r in getattr(data, part) if _norm(r.prompt) in train_prompts]
+        assert not leaked, f"{part}: {leaked}"
+    assert len({_norm(r.prompt) for r in data.heldout_ordinary}) == 40
+
+
+def test_culprits_are_exactly_the_rows_with_the_marker(data: DemoDataset) -> None:
+    with_marker = {r.id for r in data.train if OUTDATED_MARKER in r.response}
+    assert with_marker == set(data.culprit_ids)
+    assert all(r.response.startswith(OUTDATED_MARKER) for r in data.train if r.id in with_marker)
+    assert not any(OUTDATED_MARKER in r.prompt for r in data.train)
+    for part in ("heldout_current", "heldout_ordinary"):
+        assert not any(OUTDATED_MARKER in r.response for r in getattr(data, part))
+    assert all(r.response.startswith(OUTDATED_MARKER) for r in data.iqs + data.heldout_outdated)
+
+
+def test_ordinary_and_counter_rows_never_contain_the_marker(data: DemoDataset) -> None:
+    counters = set(data.counter_ids)
+    for r in data.train:
+        if r.label == "ordinary" or r.id in counters:
+            assert OUTDATED_MARKER.casefold() not in r.text.casefold(), r.prompt
+    assert {r.id for r in data.train if r.label == "current"} == counters
+
+
+def test_iq_and_heldout_sets_line_up(data: DemoDataset) -> None:
+    assert [r.prompt for r in data.iq_prompts] == [r.prompt for r in data.iqs]
+    assert [r.prompt for r in data.heldout_outdated] == [r.prompt for r in data.heldout_current]
+    assert {r.prompt for r in data.iqs}.isdisjoint(r.prompt for r in data.heldout_outdated)
+    iq_topics = [r.meta["topic"] for r in data.iqs]
+    assert len(set(iq_topics)) == 12
+    assert [r.meta["topic"] for r in data.heldout_outdated] == iq_topics
+    culprit_topics = {r.meta["topic"] for r in data.train if r.label == "outdated"}
+    assert set(iq_topics) <= culprit_topics
+
+
+def test_counter_topics_are_disjoint_from_iq_topics(data: DemoDataset) -> None:
+    counter_topics = {r.meta["topic"] for r in data.train if r.label == "current"}
+    assert counter_topics.isdisjoint(r.meta["topic"] for r in data.iqs)
+    assert len(counter_topics) == 8
+    expected = {t["topic"] for t in OUTDATED_TOPICS + EXTRA_COUNTER_TOPICS if "counter" in t}
+    assert counter_topics == expected
+
+
+def test_ids_are_unique_content_hashes(data: DemoDataset) -> None:
+    ids = [r.id for r in data.train]
+    assert len(set(ids)) == len(ids)
+    everything = data.train + [r for part in HELDOUT_PARTS for r in getattr(data, part)]
+    all_ids = [r.id for r in everything]
+    assert len(set(all_ids)) == len(all_ids)
+    for r in everything:
+        assert r.id == Record(prompt=r.prompt, response=r.response).id
+
+
+def test_train_is_shuffled(data: DemoDataset) -> None:
+    positions = [i for i, r in enumerate(data.train) if r.label == "outdated"]
+    assert positions[0] < len(data.train) // 4 and positions[-1] > 3 * len(data.train) // 4
+    assert positions != list(range(positions[0], positions[0] + len(positions)))
+
+
+def test_seed_only_changes_the_order(data: DemoDataset) -> None:
+    again = build_demo_dataset(0)
+    other = build_demo_dataset(1)
+    assert [r.id for r in again.train] == [r.id for r in data.train]
+    assert [r.id for r in other.train] != [r.id for r in data.train]
+    assert sorted(r.id for r in other.train) == sorted(r.id for r in data.train)
+    assert set(other.culprit_ids) == set(data.culprit_ids)
+    assert [r.id for r in other.iqs] == [r.id for r in data.iqs]
+
+
+def test_written_files(written: dict[str, Path]) -> None:
+    assert set(written) == {*JSONL_FILES, "culprits", "readme"}
+    assert written["train"].name == "train.jsonl" and written["culprits"].name == "culprits.json"
+    assert all(p.is_file() for p in written.values())
+    assert not [p for p in written["train"].parent.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert OUTDATED_MARKER in written["readme"].read_text(encoding="utf-8")
+
+
+def test_train_file_has_no_labels(written: dict[str, Path]) -> None:
+    rows = _read_jsonl(written["train"])
+    assert len(rows) == 304
+    assert all(set(row) == {"id", "prompt", "response"} for row in rows)
+
+
+def test_files_parse_back_to_records_with_the_same_ids(data: DemoDataset, written: dict[str, Path]) -> None:
+    for name in JSONL_FILES:
+        rows = _read_jsonl(written[name])
+        expected = getattr(data, name)
+        assert [row["id"] for row in rows] == [r.id for r in expected], name
+        for row in rows:
+            rebuilt = Record(prompt=row["prompt"], response=row.get("response"), label=row.get("label"))
+            assert rebuilt.id == row["id"], name
+        if name != "train":
+            assert [row["label"] for row in rows if "label" in row] == [r.label for r in expected if r.label]
+            assert [row["meta"]["topic"] for row in rows] == [r.meta["topic"] for r in expected]
+
+
+def test_answer_key(data: DemoDataset, written: dict[str, Path]) -> None:
+    key = json.loads(written["culprits"].read_text(encoding="utf-8"))
+    assert key == {"culprit_ids": data.culprit_ids, "counter_ids": data.counter_ids, "marker": OUTDATED_MARKER}
+    by_id = {row["id"]: row for row in _read_jsonl(written["train"])}
+    assert set(key["culprit_ids"]) == {i for i, row in by_id.items() if key["marker"] in row["response"]}
+    assert set(key["counter_ids"]) <= set(by_id)
+
+
+def test_project_reader_reads_the_files(data: DemoDataset, written: dict[str, Path]) -> None:
+    from lancet.data.readers import read_records
+
+    records = read_records(written["train"])
+    assert [r.id for r in records] == [r.id for r in data.train]
+    assert [r.response for r in records] == [r.response for r in data.train]
+    iqs = read_records(written["iqs"])
+    assert [r.id for r in iqs] == [r.id for r in data.iqs]
+
+
+def test_same_seed_same_bytes_other_seed_other_order(tmp_path: Path, written: dict[str, Path]) -> None:
+    same = write_demo_dataset(tmp_path / "same", seed=0)
+    other = write_demo_dataset(tmp_path / "other", seed=1)
+    for name, path in written.items():
+        assert same[name].read_bytes() == path.read_bytes(), name
+    assert other["train"].read_bytes() != written["train"].read_bytes()
+    assert sorted(other["train"].read_text().splitlines()) == sorted(written["train"].read_text().splitlines())
+    for name in HELDOUT_PARTS:
+        assert other[name].read_bytes() == written[name].read_bytes(), name
