@@ -1,0 +1,136 @@
+"""Fitting curvature: the passes an estimator declares, over the training data, in resumable chunks.
+
+Each pass accumulates sums over chunks of ``chunk_rows`` rows; after every chunk the running sums are saved
+atomically, so a killed run resumes at the next chunk and ends bit-identical to an uninterrupted one (the label
+draws of the sampled Fisher are seeded per batch, not by position in the run).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lancet.artifacts import atomic_save_tensors, check_or_write_meta, hash_json, load_tensors
+from lancet.curvature.estimators import Estimator, Stats, get_estimator
+from lancet.curvature.modules import Capture, TrackedLayer, find_tracked_layers
+from lancet.curvature.task import fisher_cotangent, forward_logits
+from lancet.data.tokenize import collate
+
+log = logging.getLogger(__name__)
+PAD_ID = 0  # any id works: padded positions are masked out of attention and of every statistic
+
+
+def batches(rows: Sequence[dict[str, Any]], batch_size: int, start: int = 0, stop: int | None = None,
+            padding_side: str = "right") -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    stop = len(rows) if stop is None else stop
+    for i in range(start, stop, batch_size):
+        yield i, collate([rows[j] for j in range(i, min(i + batch_size, stop))], PAD_ID, padding_side)
+
+
+def autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def data_fingerprint(rows: Sequence[dict[str, Any]]) -> str:
+    return hash_json([[list(r["input_ids"]), list(r["labels"])] for r in rows])
+
+
+class Curvature:
+    """Fitted per-layer state of one estimator; ``precondition`` applies (F + damping I)^-1 per layer."""
+
+    def __init__(self, estimator: Estimator, layers: list[TrackedLayer], state: dict[str, Stats]):
+        self.estimator, self.layers, self.state = estimator, layers, state
+
+    def precondition(self, grads: dict[str, torch.Tensor], damping: float | None) -> dict[str, torch.Tensor]:
+        return {name: self.estimator.precondition(self.state[name], g, damping) for name, g in grads.items()}
+
+    def damping_used(self, damping: float | None) -> dict[str, float]:
+        return {name: self.estimator.damping_for(self.state[name], damping) for name in self.state}
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{layer}::{key}": t for layer, st in self.state.items() for key, t in st.items()}
+
+
+def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str | Path | None = None,
+                  model_fp: str | None = None) -> Curvature:
+    """Run the estimator's passes over ``train`` (dicts with input_ids/labels). With ``out_dir``, the fitted
+    state and each pass's partial sums are stored there and reused on a matching rerun."""
+    estimator = get_estimator(args.method)
+    layers = find_tracked_layers(model, args.modules)
+    state: dict[str, Stats] = {layer.name: {} for layer in layers}
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and estimator.passes:
+        from lancet.artifacts import model_fingerprint
+
+        meta = {"kind": "curvature", "method": args.method, "model": model_fp or model_fingerprint(model),
+                "data": data_fingerprint(train), "n_rows": len(train), "layers": [layer.name for layer in layers],
+                "args": args.fingerprint_dict(("method", "modules", "fisher", "fisher_samples", "dtype", "bf16",
+                                               "seed", "batch_size"))}
+        check_or_write_meta(out / "meta.json", meta)
+        final = out / "curvature.safetensors"
+        if final.is_file():
+            return Curvature(estimator, layers, _unflatten(load_tensors(final)))
+    for pass_index, pass_name in enumerate(estimator.passes):
+        stats = _run_pass(model, layers, estimator, pass_index, pass_name, train, state, args, out)
+        state = {name: estimator.finish_pass(pass_name, stats[name], state[name]) for name in state}
+    curvature = Curvature(estimator, layers, state)
+    if out is not None and estimator.passes:
+        atomic_save_tensors(out / "curvature.safetensors", curvature.to_tensors())
+        for partial in out.glob("pass-*.partial.safetensors"):
+            partial.unlink()
+    return curvature
+
+
+def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, Stats]:
+    state: dict[str, Stats] = {}
+    for key, t in flat.items():
+        layer, name = key.rsplit("::", 1)
+        state.setdefault(layer, {})[name] = t
+    return state
+
+
+def _run_pass(model, layers, estimator, pass_index, pass_name, train, state, args, out) -> dict[str, Stats]:
+    dtype = args.torch_dtype if args.torch_dtype != torch.bfloat16 else torch.float32
+    stats = {layer.name: estimator.new_stats(pass_name, layer.shape, dtype) for layer in layers}
+    partial = out / f"pass-{pass_name}.partial.safetensors" if out is not None else None
+    done = 0
+    if partial is not None and partial.is_file():
+        saved = _unflatten(load_tensors(partial))
+        done = int(saved.pop("__progress__")["rows_done"])
+        stats = saved
+        log.info("resuming %s pass at row %d of %d", pass_name, done, len(train))
+    mask_holder: dict[str, torch.Tensor] = {}
+    weight = 1.0 / args.fisher_samples
+
+    def on_grad(layer: TrackedLayer, a: torch.Tensor, g: torch.Tensor) -> None:
+        estimator.accumulate(pass_name, stats[layer.name], state[layer.name], a, g, mask_holder["mask"], weight)
+
+    model.eval()
+    bar = tqdm(total=len(train), initial=done, desc=f"{args.method} {pass_name}", disable=not args.progress)
+    with Capture(model, layers, on_grad):
+        while done < len(train):
+            stop = min(done + args.chunk_rows, len(train))
+            for start, batch in batches(train, args.batch_size, done, stop, args.padding_side):
+                mask_holder["mask"] = batch["attention_mask"]
+                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + pass_index * 100_003 + start)
+                with autocast(args.bf16):
+                    logits = forward_logits(model, batch)
+                for k in range(args.fisher_samples):
+                    cot = fisher_cotangent(logits, batch["labels"], args.fisher, gen)
+                    logits.backward(cot, retain_graph=k < args.fisher_samples - 1)
+                bar.update(batch["input_ids"].shape[0])
+            done = stop
+            if partial is not None and done < len(train):
+                flat = {f"{n}::{k}": t for n, st in stats.items() for k, t in st.items()}
+                flat["__progress__::rows_done"] = torch.tensor(done)
+                atomic_save_tensors(partial, flat)
+    bar.close()
+    return stats
+
+

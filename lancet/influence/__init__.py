@@ -1,0 +1,113 @@
+"""Influence: which training rows drive the behaviour in the influence queries (IQs).
+
+    scores = pairwise_scores(model, train, queries, method="linfac")   # [n_queries, n_train]
+
+Positive scores: up-weighting the row makes the IQ's undesirable answer more likely (the row drives it); negative:
+the row counters it. ``Influence`` is the staged form: fit curvature once (artifact), score many query sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lancet.artifacts import atomic_save_tensors, check_or_write_meta, hash_json, load_tensors, model_fingerprint
+from lancet.curvature.estimators import METHODS
+from lancet.curvature.fit import Curvature, data_fingerprint, fit_curvature
+from lancet.curvature.modules import find_tracked_layers
+from lancet.errors import LancetError
+from lancet.influence.arguments import InfluenceArgs
+from lancet.influence.bm25 import bm25_scores
+from lancet.influence.scoring import precondition_queries, query_gradients, score_rows, token_scores
+
+__all__ = ["METHODS", "Influence", "InfluenceArgs", "pairwise_scores"]
+
+
+def as_rows(data: Any, what: str) -> list[dict[str, Any]]:
+    """Accept an EncodedDataset or any sequence of dicts with input_ids and labels."""
+    rows = list(data)
+    if not rows:
+        raise LancetError(f"{what}: no rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "input_ids" not in row or "labels" not in row:
+            raise LancetError(f"{what}: row {i} needs 'input_ids' and 'labels' (tokenize records first)")
+        if len(row["input_ids"]) != len(row["labels"]):
+            raise LancetError(f"{what}: row {i} has {len(row['input_ids'])} input_ids but {len(row['labels'])} labels")
+    return rows
+
+
+class Influence:
+    """One entry object for a run: ``fit`` the curvature of ``train`` once, then ``scores`` for any query set.
+
+    With ``out_dir`` every stage is an artifact there (safetensors + JSON with a fingerprint of model weights, data
+    and options): reused on a matching rerun, refused on a mismatch, resumed by chunk after a kill.
+    """
+
+    def __init__(self, model, args: InfluenceArgs | None = None, *, out_dir: str | Path | None = None, **options):
+        self.model = model
+        self.args = args or InfluenceArgs(**options)
+        self.out = Path(out_dir) if out_dir is not None else None
+        self._curvature: Curvature | None = None
+        self._model_fp: str | None = None
+
+    @property
+    def model_fp(self) -> str:
+        if self._model_fp is None:
+            self._model_fp = model_fingerprint(self.model)
+        return self._model_fp
+
+    def fit(self, train) -> Curvature:
+        rows = as_rows(train, "train")
+        cdir = self.out / "curvature" / self.args.method if self.out is not None else None
+        self._curvature = fit_curvature(self.model, rows, self.args, out_dir=cdir,
+                                        model_fp=self.model_fp if self.out is not None else None)
+        return self._curvature
+
+    def preconditioned_queries(self, queries):
+        if self._curvature is None:
+            raise LancetError("call fit(train) before scoring")
+        layers = self._curvature.layers
+        grads = query_gradients(self.model, layers, as_rows(queries, "queries"), self.args)
+        return precondition_queries(self._curvature, grads, self.args)
+
+    def scores(self, train, queries) -> dict[str, torch.Tensor]:
+        """{"scores": [Q, N]} (plus "per_layer": [Q, N, L] with per_layer=True)."""
+        train_rows, query_rows = as_rows(train, "train"), as_rows(queries, "queries")
+        if self.args.method == "bm25":
+            return {"scores": bm25_scores(train_rows, query_rows)}
+        sdir = None
+        if self.out is not None:
+            key = hash_json([self.args.to_json()["method"], data_fingerprint(query_rows)])
+            sdir = self.out / "scores" / f"{self.args.method}-{key}"
+            meta = {"kind": "scores", "method": self.args.method, "model": self.model_fp,
+                    "train": data_fingerprint(train_rows), "queries": data_fingerprint(query_rows),
+                    "args": self.args.fingerprint_dict()}
+            check_or_write_meta(sdir / "meta.json", meta)
+            final = sdir / "scores.safetensors"
+            if final.is_file():
+                return load_tensors(final)
+        if self._curvature is None:
+            self.fit(train_rows)
+        pre = self.preconditioned_queries(query_rows)
+        result = score_rows(self.model, self._curvature.layers, train_rows, pre, self.args, out_dir=sdir)
+        if sdir is not None:
+            atomic_save_tensors(sdir / "scores.safetensors", result)
+            (sdir / "scores.partial.safetensors").unlink(missing_ok=True)
+        return result
+
+    def token_scores(self, rows, queries) -> list[torch.Tensor]:
+        """Per-token scores [Q, T] for each of ``rows`` (few rows: one backward each)."""
+        pre = self.preconditioned_queries(queries)
+        return token_scores(self.model, self._curvature.layers, as_rows(rows, "rows"), pre, self.args)
+
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in find_tracked_layers(self.model, self.args.modules)]
+
+
+def pairwise_scores(model, train: Sequence[dict[str, Any]], queries: Sequence[dict[str, Any]],
+                    method: str = "linfac", damping: float | None = None, **options) -> torch.Tensor:
+    """[n_queries, n_train] influence of each training row on each query's measurement (summed response CE)."""
+    return Influence(model, InfluenceArgs(method=method, damping=damping, **options)).scores(train, queries)["scores"]

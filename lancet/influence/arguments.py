@@ -1,0 +1,70 @@
+"""Options of an influence run: a validated dataclass with JSON round-trip (kronfluence-style)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from lancet.curvature.estimators import METHODS
+from lancet.curvature.task import FISHER_MODES
+from lancet.errors import LancetError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class InfluenceArgs:
+    method: str = "linfac"
+    damping: float | None = None  # None: 0.1 x the mean eigenvalue of each layer
+    modules: str | list[str] = "blocks"  # "blocks", "blocks+lm_head", or regexes over module names
+    fisher: str = "sampled"  # "sampled" (true Fisher = GGN, one label draw per token) or "empirical"
+    fisher_samples: int = 1  # label draws per token in curvature passes
+    batch_size: int = 8
+    query_rank: int | None = None  # keep this many singular directions of each preconditioned query gradient
+    bf16: bool = False  # bf16 autocast for forward/backward; statistics stay in `dtype`
+    dtype: str = "float32"  # dtype of statistics, factors and scores ("float64" in exactness tests)
+    per_layer: bool = False  # also keep scores per tracked layer
+    chunk_rows: int = 256  # rows per resumable chunk of a pass over the training data
+    padding_side: str = "right"  # scores do not depend on it (positions are counted over real tokens)
+    seed: int = 0
+    progress: bool = True
+
+    _UNHASHED = ("progress", "chunk_rows", "per_layer", "padding_side")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LancetError(f"unknown influence method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.damping is not None and not (self.damping >= 0 and math.isfinite(self.damping)):
+            raise LancetError(f"invalid damping={self.damping!r}: use a number >= 0, or None for the heuristic")
+        if self.fisher not in FISHER_MODES:
+            raise LancetError(f"invalid fisher={self.fisher!r}; choose from {', '.join(FISHER_MODES)}")
+        if self.dtype not in DTYPES:
+            raise LancetError(f"invalid dtype={self.dtype!r}; choose from {', '.join(DTYPES)}")
+        for key in ("fisher_samples", "batch_size", "chunk_rows"):
+            if getattr(self, key) < 1:
+                raise LancetError(f"invalid {key}={getattr(self, key)!r}: must be >= 1")
+        if self.padding_side not in ("left", "right"):
+            raise LancetError(f"invalid padding_side={self.padding_side!r}; choose left or right")
+        if self.query_rank is not None and self.query_rank < 1:
+            raise LancetError(f"invalid query_rank={self.query_rank!r}: must be >= 1 or None")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InfluenceArgs:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise LancetError(f"unknown influence option(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def fingerprint_dict(self, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+        data = {k: v for k, v in self.to_json().items() if k not in self._UNHASHED}
+        return data if keys is None else {k: data[k] for k in keys}

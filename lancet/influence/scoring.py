@@ -1,0 +1,154 @@
+"""Scoring: query gradients, preconditioned once, contracted with every training row's (a, g) pairs.
+
+score(q, n) = sum over layers <P_q, G_n>, P_q = (F + damping I)^-1 G_q. With full-rank P_q the per-sequence
+gradient G_n of one layer and one batch is formed transiently ([B, out, in]) and contracted at once; with
+``query_rank=r`` the contraction sum_t (g_t^T U)(V^T a_t) never forms it at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lancet.artifacts import atomic_save_tensors, load_tensors
+from lancet.curvature.estimators import per_sequence_grads
+from lancet.curvature.fit import Curvature, autocast, batches
+from lancet.curvature.modules import Capture, TrackedLayer
+from lancet.curvature.task import data_cotangent, forward_logits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreconditionedQueries:
+    """Per layer either a full [Q, out, in] tensor, or a low-rank pair (U [Q, out, r], V [Q, in, r])."""
+
+    full: dict[str, torch.Tensor]
+    low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    n_queries: int
+
+
+def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dict[str, Any]], args) -> dict:
+    """G_q = sum_t g_t a_t^T of each query's summed response cross-entropy, per layer: [Q, out, in]."""
+    dtype = args.torch_dtype if args.torch_dtype != torch.bfloat16 else torch.float32
+    grads = {layer.name: torch.zeros(len(queries), *layer.shape, dtype=dtype) for layer in layers}
+    where = {}
+
+    def on_grad(layer, a, g):
+        start = where["start"]
+        grads[layer.name][start : start + a.shape[0]] += per_sequence_grads(a.to(dtype), g.to(dtype))
+
+    with Capture(model, layers, on_grad):
+        for start, batch in batches(queries, args.batch_size, padding_side=args.padding_side):
+            where["start"] = start
+            with autocast(args.bf16):
+                logits = forward_logits(model, batch)
+            logits.backward(data_cotangent(logits, batch["labels"]))
+    return grads
+
+
+def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], args) -> PreconditionedQueries:
+    pre = curvature.precondition(grads, args.damping)
+    n = next(iter(pre.values())).shape[0]
+    if args.query_rank is None:
+        return PreconditionedQueries(full=pre, low_rank={}, n_queries=n)
+    low = {}
+    for name, p in pre.items():
+        u, s, vh = torch.linalg.svd(p, full_matrices=False)
+        r = min(args.query_rank, s.shape[-1])
+        low[name] = ((u[..., :r] * s[..., None, :r]).contiguous(), vh[..., :r, :].transpose(-1, -2).contiguous())
+    return PreconditionedQueries(full={}, low_rank=low, n_queries=n)
+
+
+def _contract(pre: PreconditionedQueries, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[Q, B] scores of one layer for one batch."""
+    if name in pre.low_rank:
+        u, v = pre.low_rank[name]
+        gu = torch.einsum("bto,qor->qbtr", g.to(u.dtype), u)
+        av = torch.einsum("bti,qir->qbtr", a.to(v.dtype), v)
+        return (gu * av).sum((2, 3))
+    p = pre.full[name]
+    return torch.einsum("qoi,boi->qb", p, per_sequence_grads(a.to(p.dtype), g.to(p.dtype)))
+
+
+def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, Any]], pre: PreconditionedQueries,
+               args, *, out_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """Scores [Q, N] (and [Q, N, L] per layer when ``args.per_layer``), resumable by chunk under ``out_dir``."""
+    dtype = args.torch_dtype if args.torch_dtype != torch.bfloat16 else torch.float32
+    n_layers = len(layers)
+    scores = torch.zeros(pre.n_queries, len(rows), dtype=dtype)
+    per_layer = torch.zeros(pre.n_queries, len(rows), n_layers, dtype=dtype) if args.per_layer else None
+    index = {layer.name: i for i, layer in enumerate(layers)}
+    partial = out_dir / "scores.partial.safetensors" if out_dir is not None else None
+    done = 0
+    if partial is not None and partial.is_file():
+        saved = load_tensors(partial)
+        done = int(saved["rows_done"])
+        scores = saved["scores"]
+        if per_layer is not None and "per_layer" in saved:
+            per_layer = saved["per_layer"]
+        log.info("resuming scoring at row %d of %d", done, len(rows))
+    where = {}
+
+    def on_grad(layer, a, g):
+        start = where["start"]
+        s = _contract(pre, layer.name, a, g).to(dtype)
+        scores[:, start : start + a.shape[0]] += s
+        if per_layer is not None:
+            per_layer[:, start : start + a.shape[0], index[layer.name]] += s
+
+    model.eval()
+    bar = tqdm(total=len(rows), initial=done, desc=f"{args.method} scores", disable=not args.progress)
+    with Capture(model, layers, on_grad):
+        while done < len(rows):
+            stop = min(done + args.chunk_rows, len(rows))
+            for start, batch in batches(rows, args.batch_size, done, stop, args.padding_side):
+                where["start"] = start
+                with autocast(args.bf16):
+                    logits = forward_logits(model, batch)
+                logits.backward(data_cotangent(logits, batch["labels"]))
+                bar.update(batch["input_ids"].shape[0])
+            done = stop
+            if partial is not None and done < len(rows):
+                tensors = {"scores": scores, "rows_done": torch.tensor(done)}
+                if per_layer is not None:
+                    tensors["per_layer"] = per_layer
+                atomic_save_tensors(partial, tensors)
+    bar.close()
+    result = {"scores": scores}
+    if per_layer is not None:
+        result["per_layer"] = per_layer
+    return result
+
+
+def token_scores(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, Any]], pre: PreconditionedQueries,
+                 args) -> list[torch.Tensor]:
+    """Per-token scores [Q, T_n] of each row: the row's score split over the positions whose activations carry
+    it, s_t = sum_layers g_t^T P_q a_t (they sum to the row's score)."""
+    out: list[torch.Tensor] = []
+    where = {}
+
+    def on_grad(layer, a, g):
+        if layer.name in pre.low_rank:
+            u, v = pre.low_rank[layer.name]
+            s = (torch.einsum("bto,qor->qbtr", g.to(u.dtype), u) * torch.einsum("bti,qir->qbtr", a.to(v.dtype), v))
+            s = s.sum(-1)
+        else:
+            p = pre.full[layer.name]
+            s = torch.einsum("bti,qoi,bto->qbt", a.to(p.dtype), p, g.to(p.dtype))
+        where["acc"] = s if where.get("acc") is None else where["acc"] + s
+
+    with Capture(model, layers, on_grad):
+        for _, batch in batches(rows, 1):
+            where["acc"] = None
+            with autocast(args.bf16):
+                logits = forward_logits(model, batch)
+            logits.backward(data_cotangent(logits, batch["labels"]))
+            out.append(where["acc"][:, 0, :].detach())
+    return out
