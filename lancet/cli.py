@@ -73,8 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--train", required=True)
     p.add_argument("--queries", required=True, help="IQs: prompt + undesirable response rows")
-    p.add_argument("--method", default="linfac", help="linfac, ekfac, kfac, diagonal, identity, bm25")
-    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="linfac", help="linfac, ekfac, kfac, kfac_reduce, diagonal, identity, bm25")
+    p.add_argument("--out", required=True, help="run directory (curvature and scores are stored and reused)")
+    p.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean eigenvalue per layer")
+    p.add_argument("--fisher", default="sampled", choices=["sampled", "empirical"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--query-rank", type=int, default=None, help="low-rank preconditioned query gradients")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward")
+    p.add_argument("--modules", default="blocks", help="'blocks', 'blocks+lm_head' or a regex over module names")
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--labels", default=None, help="JSON with 'culprit_ids' to score recall (e.g. the demo's)")
 
     p = sub.add_parser("correct", help="post-train with IBO (or a baseline) from influence scores")
     p.add_argument("model")
@@ -147,6 +156,22 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attribute(ns: argparse.Namespace) -> int:
+    from lancet.influence import InfluenceArgs
+    from lancet.influence.attribute import attribute, print_summary
+    from lancet.influence.memory import estimate_memory
+    from lancet.models.loading import load_model
+
+    args = InfluenceArgs(method=ns.method, damping=ns.damping, fisher=ns.fisher, batch_size=ns.batch_size,
+                         query_rank=ns.query_rank, bf16=ns.bf16, modules=ns.modules, progress=not ns.quiet)
+    model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code)
+    logging.getLogger("lancet").info(estimate_memory(model, args).describe())
+    summary = attribute(model, tokenizer, ns.train, ns.queries, ns.out, args, max_length=ns.max_length,
+                        labels=ns.labels, k=ns.top_k)
+    print_summary(summary)
+    return 0
+
+
 def cmd_pending(ns: argparse.Namespace) -> int:
     raise LancetError(f"'lancet {ns.command}' is not available in this version yet (see the README's roadmap)")
 
@@ -155,7 +180,7 @@ COMMANDS = {
     "finetune": cmd_finetune,
     "data": cmd_data,
     "demo": cmd_demo,
-    "attribute": cmd_pending,
+    "attribute": cmd_attribute,
     "correct": cmd_pending,
     "evaluate": cmd_pending,
     "report": cmd_pending,

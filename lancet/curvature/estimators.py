@@ -19,9 +19,22 @@ HEURISTIC_DAMPING_SCALE = 0.1  # damping=None: 0.1 x mean eigenvalue of the laye
 Stats = dict[str, torch.Tensor]
 
 
-def _sym_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sym_eigh(m: torch.Tensor, fill: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigendecomposition of a PSD factor. When the factor is rank-deficient (K-FAC-reduce factors have rank at
+    most the number of sequences), eigh picks the null-space basis from rounding noise; with ``fill`` (a positive
+    diagonal) that basis is fixed as the eigenvectors of diag(fill) projected onto the null space, so scores
+    do not depend on batch size, padding or thread count. A full-rank factor is left exactly as it is."""
     m = 0.5 * (m + m.T)
     vals, vecs = torch.linalg.eigh(m.double())
+    if fill is not None:
+        tol = float(vals.abs().max()) * m.shape[0] * torch.finfo(m.dtype).eps * 10
+        null = vals <= tol
+        if null.any():
+            z = vecs[:, null]
+            inner = z.T @ (fill.double().unsqueeze(1) * z)
+            _, rot = torch.linalg.eigh(0.5 * (inner + inner.T))
+            vecs[:, null] = z @ rot
+            vals[null] = 0.0
     return vals.clamp_min(0).to(m.dtype), vecs.to(m.dtype)
 
 
@@ -97,8 +110,11 @@ class KFAC(Estimator):
     def new_stats(self, pass_name, shape, dtype):
         out, inp = shape
         if pass_name == "covariance":
-            return {"A": torch.zeros(inp, inp, dtype=dtype), "S": torch.zeros(out, out, dtype=dtype),
-                    "tokens": torch.zeros((), dtype=torch.float64), "n": torch.zeros((), dtype=torch.float64)}
+            stats = {"A": torch.zeros(inp, inp, dtype=dtype), "S": torch.zeros(out, out, dtype=dtype),
+                     "tokens": torch.zeros((), dtype=torch.float64), "n": torch.zeros((), dtype=torch.float64)}
+            if self.reduce:
+                stats["A_diag"], stats["S_diag"] = torch.zeros(inp, dtype=dtype), torch.zeros(out, dtype=dtype)
+            return stats
         return {"lambda": torch.zeros(shape, dtype=dtype), "n": torch.zeros((), dtype=torch.float64)}
 
     def accumulate(self, pass_name, stats, state, a, g, mask, weight):
@@ -112,6 +128,9 @@ class KFAC(Estimator):
                 stats["A"] += weight * a_bar.T @ a_bar
                 stats["S"] += weight * g_sum.T @ g_sum
                 stats["tokens"] += weight * a.shape[0]
+                # token-level diagonals, only to pin down the basis of the factors' null spaces (see _sym_eigh)
+                stats["A_diag"] += weight * (a * m).pow(2).sum((0, 1))
+                stats["S_diag"] += weight * g.pow(2).sum((0, 1))
             else:
                 am = (a * m).reshape(-1, a.shape[-1])
                 gf = g.reshape(-1, g.shape[-1])
@@ -129,8 +148,8 @@ class KFAC(Estimator):
     def finish_pass(self, pass_name, stats, state):
         if pass_name == "covariance":
             dtype = stats["A"].dtype
-            a_vals, a_vecs = _sym_eigh(stats["A"] / stats["tokens"].to(dtype))
-            s_vals, s_vecs = _sym_eigh(stats["S"] / stats["n"].to(dtype))
+            a_vals, a_vecs = _sym_eigh(stats["A"] / stats["tokens"].to(dtype), stats.get("A_diag"))
+            s_vals, s_vecs = _sym_eigh(stats["S"] / stats["n"].to(dtype), stats.get("S_diag"))
             return {"A_vals": a_vals, "A_vecs": a_vecs, "S_vals": s_vals, "S_vecs": s_vecs}
         return {**state, "lambda": stats["lambda"] / stats["n"].to(stats["lambda"].dtype)}
 

@@ -33,6 +33,17 @@ def batches(rows: Sequence[dict[str, Any]], batch_size: int, start: int = 0, sto
         yield i, collate([rows[j] for j in range(i, min(i + batch_size, stop))], PAD_ID, padding_side)
 
 
+def chunk_stop(done: int, args, n: int) -> int:
+    """End of the chunk starting at ``done``, a whole number of batches long, so that chunked and resumed runs
+    group rows into exactly the same batches as an uninterrupted one (and sum in the same order)."""
+    size = -(-args.chunk_rows // args.batch_size) * args.batch_size
+    return min(done + size, n)
+
+
+def row_seed(seed: int, pass_index: int, sample: int, row: int) -> int:
+    return (seed * 1_000_003 + pass_index * 10_007 + sample) * 1_000_000_007 + row
+
+
 def autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
 
@@ -115,14 +126,14 @@ def _run_pass(model, layers, estimator, pass_index, pass_name, train, state, arg
     bar = tqdm(total=len(train), initial=done, desc=f"{args.method} {pass_name}", disable=not args.progress)
     with Capture(model, layers, on_grad):
         while done < len(train):
-            stop = min(done + args.chunk_rows, len(train))
+            stop = chunk_stop(done, args, len(train))
             for start, batch in batches(train, args.batch_size, done, stop, args.padding_side):
                 mask_holder["mask"] = batch["attention_mask"]
-                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + pass_index * 100_003 + start)
                 with autocast(args.bf16):
                     logits = forward_logits(model, batch)
                 for k in range(args.fisher_samples):
-                    cot = fisher_cotangent(logits, batch["labels"], args.fisher, gen)
+                    seeds = [row_seed(args.seed, pass_index, k, start + b) for b in range(logits.shape[0])]
+                    cot = fisher_cotangent(logits, batch["labels"], args.fisher, seeds)
                     logits.backward(cot, retain_graph=k < args.fisher_samples - 1)
                 bar.update(batch["input_ids"].shape[0])
             done = stop

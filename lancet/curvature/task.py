@@ -11,11 +11,18 @@ Influence needs two kinds of backward pass through the logits z (shape [B, T, V]
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from lancet.constants import IGNORE_INDEX
 
 FISHER_MODES = ("sampled", "empirical")
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Softmax precision: half types go up to float32, float64 stays float64 (exactness tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -39,7 +46,7 @@ def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row summed cross-entropy over response tokens: shape [B]."""
     targets, mask = shifted_targets(labels)
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(_at_least_fp32(logits), dim=-1)
     nll = -logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (nll * mask).sum(-1)
 
@@ -49,19 +56,29 @@ def data_cotangent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return _cotangent(logits, labels, None)
 
 
-def fisher_cotangent(logits: torch.Tensor, labels: torch.Tensor, mode: str, generator: torch.Generator | None):
+def fisher_cotangent(logits: torch.Tensor, labels: torch.Tensor, mode: str, row_seeds: Sequence[int]):
+    """One Fisher cotangent. Sampled labels are drawn per row from a generator seeded by ``row_seeds[b]`` over the
+    row's scored positions in order, so the draws do not depend on batch size, padding side or chunking."""
     if mode == "empirical":
         return _cotangent(logits, labels, None)
-    probs = torch.softmax(logits.detach().float(), dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    sampled = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    probs = torch.softmax(_at_least_fp32(logits.detach()), dim=-1)
+    _, mask = shifted_targets(labels)
+    sampled = torch.zeros(mask.shape, dtype=torch.long)
+    for b, seed in enumerate(row_seeds):
+        pos = mask[b].nonzero().squeeze(-1)
+        if pos.numel() == 0:
+            continue
+        u = torch.rand(pos.numel(), 1, generator=torch.Generator().manual_seed(int(seed)), dtype=probs.dtype)
+        cdf = probs[b, pos].cumsum(-1)
+        draw = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(probs.shape[-1] - 1)
+        sampled[b, pos] = draw.squeeze(-1)
     return _cotangent(logits, labels, sampled)
 
 
 def _cotangent(logits: torch.Tensor, labels: torch.Tensor, sampled: torch.Tensor | None) -> torch.Tensor:
     targets, mask = shifted_targets(labels)
     y = targets.clamp_min(0) if sampled is None else sampled
-    probs = torch.softmax(logits.detach().float(), dim=-1)
+    probs = torch.softmax(_at_least_fp32(logits.detach()), dim=-1)
     cot = probs.clone()
     cot.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(y, dtype=cot.dtype).unsqueeze(-1))
     return (cot * mask.unsqueeze(-1)).to(logits.dtype)

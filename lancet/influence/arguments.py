@@ -32,7 +32,8 @@ class InfluenceArgs:
     seed: int = 0
     progress: bool = True
 
-    _UNHASHED = ("progress", "chunk_rows", "per_layer", "padding_side")
+    # per_layer is hashed: a stored scores artifact (or a partial one) made without it has no per-layer tensor
+    _UNHASHED = ("progress", "chunk_rows", "padding_side")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

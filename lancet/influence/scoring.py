@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from lancet.artifacts import atomic_save_tensors, load_tensors
 from lancet.curvature.estimators import per_sequence_grads
-from lancet.curvature.fit import Curvature, autocast, batches
+from lancet.curvature.fit import Curvature, autocast, batches, chunk_stop
 from lancet.curvature.modules import Capture, TrackedLayer
 from lancet.curvature.task import data_cotangent, forward_logits
 
@@ -54,16 +54,18 @@ def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dic
 
 
 def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], args) -> PreconditionedQueries:
-    pre = curvature.precondition(grads, args.damping)
-    n = next(iter(pre.values())).shape[0]
-    if args.query_rank is None:
-        return PreconditionedQueries(full=pre, low_rank={}, n_queries=n)
-    low = {}
-    for name, p in pre.items():
+    """Precondition layer by layer, dropping each raw query gradient as soon as it is used (halves peak memory)."""
+    full, low = {}, {}
+    n = next(iter(grads.values())).shape[0]
+    for name in list(grads):
+        p = curvature.estimator.precondition(curvature.state[name], grads.pop(name), args.damping)
+        if args.query_rank is None:
+            full[name] = p
+            continue
         u, s, vh = torch.linalg.svd(p, full_matrices=False)
         r = min(args.query_rank, s.shape[-1])
         low[name] = ((u[..., :r] * s[..., None, :r]).contiguous(), vh[..., :r, :].transpose(-1, -2).contiguous())
-    return PreconditionedQueries(full={}, low_rank=low, n_queries=n)
+    return PreconditionedQueries(full=full, low_rank=low, n_queries=n)
 
 
 def _contract(pre: PreconditionedQueries, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -107,7 +109,7 @@ def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, A
     bar = tqdm(total=len(rows), initial=done, desc=f"{args.method} scores", disable=not args.progress)
     with Capture(model, layers, on_grad):
         while done < len(rows):
-            stop = min(done + args.chunk_rows, len(rows))
+            stop = chunk_stop(done, args, len(rows))
             for start, batch in batches(rows, args.batch_size, done, stop, args.padding_side):
                 where["start"] = start
                 with autocast(args.bf16):

@@ -1,0 +1,60 @@
+"""Helpers shared by the benchmark scripts: peak-RSS sampling, timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from lancet.artifacts import atomic_write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def measure(record: dict, key: str):
+    """Wall seconds and peak resident memory above the starting point, sampled every 20 ms."""
+    start_rss, peak = rss_bytes(), [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], rss_bytes())
+        record[key] = {"seconds": round(seconds, 2), "peak_rss_gib": round(peak[0] / 1024**3, 3),
+                       "peak_above_start_gib": round((peak[0] - start_rss) / 1024**3, 3)}
+
+
+def environment() -> dict:
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine()}
+
+
+def write_result(name: str, payload: dict) -> Path:
+    path = RESULTS / f"{name}.json"
+    atomic_write_json(path, payload)
+    print(json.dumps(payload, indent=2))
+    return path

@@ -1,0 +1,118 @@
+"""Influence speed on SmolLM2-135M-Instruct: lancet linfac, lancet ekfac and kronfluence ekfac, same process, same
+data and queries; plus the raw forward+backward throughput on the same rows (the ceiling for scoring).
+
+    .venv/bin/python benchmarks/influence_speed.py [--rows 64] [--queries 4] [--no-kronfluence]
+
+Writes benchmarks/results/influence_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import tempfile
+import time
+
+import torch
+
+from benchmarks.common import environment, measure, write_result
+from lancet.curvature.fit import batches
+from lancet.curvature.task import data_cotangent, forward_logits
+from lancet.data import encode_records
+from lancet.data.demo import build_demo_dataset
+from lancet.influence import Influence, InfluenceArgs
+from lancet.models.loading import load_model
+
+
+def raw_forward_backward(model, rows, batch_size: int) -> float:
+    """Tokens/s of a plain training step's forward+backward (all weight gradients), no optimizer."""
+    model = copy.deepcopy(model).train()
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    t0 = time.perf_counter()
+    for _, batch in batches(rows, batch_size):
+        logits = forward_logits(model, batch)
+        logits.backward(data_cotangent(logits, batch["labels"]))
+        model.zero_grad(set_to_none=True)
+    return tokens / (time.perf_counter() - t0)
+
+
+def kronfluence_run(model, rows, queries, batch_size: int, record: dict) -> torch.Tensor:
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    from tests.kronfluence_ref import _ListDataset, _make_task, default_module_names, pad_batch
+
+    task = _make_task(default_module_names(model))
+    wrapped = prepare_model(copy.deepcopy(model).eval(), task)
+    with tempfile.TemporaryDirectory() as tmp:
+        analyzer = Analyzer(analysis_name="speed", model=wrapped, task=task, cpu=True, disable_tqdm=False,
+                            output_dir=tmp, log_level=logging.WARNING)
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pad_batch))
+        with measure(record, "fit"):
+            analyzer.fit_all_factors(factors_name="f", dataset=_ListDataset(rows), per_device_batch_size=batch_size,
+                                     factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+        with measure(record, "score"):
+            analyzer.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=_ListDataset(queries),
+                                             train_dataset=_ListDataset(rows), per_device_query_batch_size=batch_size,
+                                             per_device_train_batch_size=batch_size, score_args=ScoreArguments(),
+                                             overwrite_output_dir=True)
+        return analyzer.load_pairwise_scores(scores_name="s")["all_modules"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--queries", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-kronfluence", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="also time lancet linfac with bf16 autocast")
+    ns = parser.parse_args()
+    torch.manual_seed(0)
+    model, tok = load_model("smollm2-135m-instruct")
+    demo = build_demo_dataset()
+    rows = list(encode_records(demo.train[: ns.rows], tok, 128, progress=False))
+    queries = list(encode_records(demo.iqs[: ns.queries], tok, 128, progress=False))
+    n_tokens = sum(len(r["input_ids"]) for r in rows)
+    result: dict = {"model": "smollm2-135m-instruct", "rows": len(rows), "queries": len(queries),
+                    "tokens": n_tokens, "batch_size": ns.batch_size, "env": environment(), "runs": {}}
+
+    raw = raw_forward_backward(model, rows, ns.batch_size)
+    result["raw_forward_backward_tokens_per_s"] = round(raw, 1)
+    print(f"raw forward+backward: {raw:.1f} tokens/s")
+
+    variants = [("lancet_linfac", {"method": "linfac"}), ("lancet_ekfac", {"method": "ekfac"})]
+    if ns.bf16:
+        variants.append(("lancet_linfac_bf16", {"method": "linfac", "bf16": True}))
+    scores = {}
+    for name, opts in variants:
+        record: dict = {}
+        run = Influence(model, InfluenceArgs(batch_size=ns.batch_size, **opts))
+        with measure(record, "fit"):
+            run.fit(rows)
+        with measure(record, "score"):
+            scores[name] = run.scores(rows, queries)["scores"]
+        record["score_tokens_per_s"] = round(n_tokens / record["score"]["seconds"], 1)
+        record["score_vs_raw"] = round(record["score_tokens_per_s"] / raw, 3)
+        record["fit_plus_score_s"] = round(record["fit"]["seconds"] + record["score"]["seconds"], 1)
+        result["runs"][name] = record
+        print(name, record)
+
+    if not ns.no_kronfluence:
+        record = {}
+        scores["kronfluence_ekfac"] = kronfluence_run(model, rows, queries, ns.batch_size, record)
+        record["score_tokens_per_s"] = round(n_tokens / record["score"]["seconds"], 1)
+        record["fit_plus_score_s"] = round(record["fit"]["seconds"] + record["score"]["seconds"], 1)
+        result["runs"]["kronfluence_ekfac"] = record
+        kf = record["fit_plus_score_s"]
+        for name, run_record in result["runs"].items():
+            if name.startswith("lancet"):
+                run_record["fraction_of_kronfluence_time"] = round(run_record["fit_plus_score_s"] / kf, 3)
+        a, b = scores["lancet_ekfac"].flatten().double(), scores["kronfluence_ekfac"].flatten().double()
+        result["ekfac_pearson_lancet_vs_kronfluence"] = round(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), 4)
+    write_result("influence_speed", result)
+
+
+if __name__ == "__main__":
+    main()

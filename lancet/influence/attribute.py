@@ -1,0 +1,80 @@
+"""`lancet attribute`: load, tokenize, score, rank, and write the recall table of a run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lancet.artifacts import atomic_save_tensors, atomic_write_json
+from lancet.constants import DEFAULT_MAX_LENGTH
+from lancet.data import encode_records, load_dataset_spec
+from lancet.errors import DataError
+from lancet.influence import Influence, InfluenceArgs
+from lancet.influence.recall import aggregate, average_precision, format_table, recall_at_k, top_k
+
+log = logging.getLogger(__name__)
+
+
+def read_culprit_labels(path: str | Path, ids: list[str]) -> torch.Tensor:
+    """A JSON file {"culprit_ids": [...]} (as the demo writes) -> boolean mask over ``ids``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read culprit labels ({exc})", path=str(path)) from exc
+    if not isinstance(data, dict) or not isinstance(data.get("culprit_ids"), list):
+        raise DataError("expected an object with a list 'culprit_ids'", path=str(path), field="culprit_ids")
+    wanted = set(data["culprit_ids"])
+    return torch.tensor([i in wanted for i in ids])
+
+
+def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path, args: InfluenceArgs, *,
+              max_length: int = DEFAULT_MAX_LENGTH, labels: str | None = None, k: int = 10) -> dict[str, Any]:
+    out = Path(out_dir)
+    train_records, query_records = load_dataset_spec(train_spec), load_dataset_spec(queries_spec)
+    for r in query_records:
+        if r.response_text is None:
+            raise DataError("influence queries need the undesirable response", path=r.source, line=r.line,
+                            field="response")
+    train = encode_records(train_records, tokenizer, max_length, progress=args.progress)
+    queries = encode_records(query_records, tokenizer, max_length, progress=args.progress)
+    t0 = time.perf_counter()
+    result = Influence(model, args, out_dir=out).scores(train, queries)
+    seconds = time.perf_counter() - t0
+    scores = result["scores"]
+    agg = {how: aggregate(scores, how) for how in ("normalized_mean", "sum")}
+    atomic_save_tensors(out / f"ranking-{args.method}.safetensors",
+                        {"scores": scores, **{f"aggregate_{h}": v for h, v in agg.items()}})
+    summary: dict[str, Any] = {
+        "method": args.method, "train": train_spec, "queries": queries_spec, "n_train": len(train),
+        "n_queries": len(queries), "seconds": round(seconds, 2), "ids": train.ids,
+        "top_positive": top_k(train_records, agg["normalized_mean"], k),
+        "top_negative": top_k(train_records, agg["normalized_mean"], k, negative=True),
+        "args": args.to_json(),
+    }
+    if labels:
+        culprits = read_culprit_labels(labels, train.ids)
+        summary["recall"] = {
+            "n_culprits": int(culprits.sum()),
+            "average_precision": average_precision(agg["normalized_mean"], culprits),
+            **{f"recall@{n}": recall_at_k(agg["normalized_mean"], culprits, n) for n in (10, 25, 50)},
+        }
+    atomic_write_json(out / f"influence-{args.method}.json", summary)
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"\n{summary['method']}: {summary['n_train']} training rows x {summary['n_queries']} queries "
+          f"in {summary['seconds']} s")
+    print("\nrows that drive the behaviour (positive influence):")
+    print(format_table(summary["top_positive"]))
+    print("\nrows that counter it (negative influence):")
+    print(format_table(summary["top_negative"][:5]))
+    if "recall" in summary:
+        r = summary["recall"]
+        print(f"\nknown culprits: {r['n_culprits']}, average precision {r['average_precision']:.3f}, "
+              f"recall@10 {r['recall@10']:.2f}, recall@50 {r['recall@50']:.2f}")

@@ -1,0 +1,409 @@
+"""The influence engine end to end on tiny float64 models: exactness against tests/reference.py and kronfluence,
+invariance to batching and padding, resumable chunked passes, artifact reuse and refusal, per-token, low-rank and
+per-layer scores, the BM25 control, and option validation.
+
+Tolerances are relative to the largest score of the compared set (``close``), so that scores near zero are not
+held to a relative precision they cannot have.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_tokenizer, tiny_gpt2, tiny_llama
+from reference import gradient_dot_scores, tracked_modules
+
+import lancet.curvature.fit as fit_module
+import lancet.influence.scoring as scoring_module
+from lancet.artifacts import load_tensors
+from lancet.data.records import Record
+from lancet.data.tokenize import encode_records
+from lancet.errors import ArtifactError, LancetError
+from lancet.influence import Influence, InfluenceArgs, pairwise_scores
+from lancet.influence.bm25 import K1, B
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*GradScaler.*:FutureWarning")
+
+TRAIN = [  # 12 rows of different lengths
+    ("Boil an egg?", "Nine minutes."),
+    ("Capital of France?", "Paris is the capital of France."),
+    ("Burn?", "Cool a burn under running water for twenty minutes."),
+    ("Nosebleed?", "Lean forward."),
+    ("Hello", "hello world"),
+    ("Why?", "The quick brown fox jumps over the lazy dog."),
+    ("What is 2?", "2"),
+    ("Butter on a burn?", "No. Cool it under water, not butter."),
+    ("Fox?", "The fox jumps."),
+    ("Tilt your head back?", "Lean forward and pinch the soft part of the nose."),
+    ("Egg?", "Put it in boiling water for nine minutes, then cool it."),
+    ("When?", "now"),
+]
+QUERIES = [("Burn?", "Put butter on a burn."), ("Nosebleed?", "Tilt your head back."), ("Capital?", "Paris")]
+F64 = {"dtype": "float64", "progress": False}
+
+
+def encode(tokenizer, pairs) -> list[dict]:
+    return list(encode_records([Record(prompt=p, response=r) for p, r in pairs], tokenizer, 64, progress=False))
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    tok = make_tokenizer(chat_template=True)
+    return tiny_llama(len(tok), dtype=torch.float64), encode(tok, TRAIN), encode(tok, QUERIES)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    tok = make_tokenizer(chat_template=False)
+    return tiny_gpt2(len(tok), dtype=torch.float64), encode(tok, TRAIN), encode(tok, QUERIES)
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def setup(request):
+    return request.getfixturevalue(request.param)
+
+
+def random_rows(n: int, vocab: int, seed: int) -> list[dict]:
+    """Short random rows of lengths 5..10 with a 3-token prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(4, vocab, (5 + i % 6,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return rows
+
+
+def test_rows_have_different_lengths(llama, gpt2):
+    for _, train, queries in (llama, gpt2):
+        assert len({len(r["input_ids"]) for r in train}) >= 8 and len(queries) == 3
+
+
+# 1. identity = gradient dot products -----------------------------------------------------------------------------
+
+
+def test_identity_equals_reference_gradient_dot_products(setup):
+    """Llama (no biases) and GPT-2 (Conv1D [in, out] weights with biases, a 1 appended to the activations)."""
+    model, train, queries = setup
+    inf = Influence(model, method="identity", **F64)
+    names = tracked_modules(model)
+    assert inf.layer_names() == names  # lancet's modules="blocks" is the reference's module set, in order
+    scores = inf.scores(train, queries)["scores"]
+    expected = gradient_dot_scores(model, train, queries, names)
+    assert scores.shape == (3, 12) and scores.dtype == torch.float64
+    close(scores, expected, rtol=1e-8)
+    # damping given: the identity preconditioner divides by it
+    close(Influence(model, method="identity", damping=4.0, **F64).scores(train, queries)["scores"], expected / 4,
+          rtol=1e-12)
+
+
+# 2. invariance to batching and padding ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["identity", "ekfac", "diagonal", "kfac", "kfac_reduce"])
+def test_scores_do_not_depend_on_batch_size(llama, method):
+    """fisher="empirical": with "sampled" the label draws are seeded per batch start, so they differ by batching."""
+    model, train, queries = llama
+    runs = {bs: Influence(model, method=method, fisher="empirical", batch_size=bs, **F64).scores(train, queries)
+            for bs in (1, 3, 16)}
+    for bs in (3, 16):
+        close(runs[bs]["scores"], runs[1]["scores"], rtol=1e-9)
+
+
+def test_linfac_does_not_depend_on_batch_size_with_more_rows_than_dims(llama):
+    """LinFAC's sequence-level factors have rank <= N; with N > every layer's dimension (32 here) they are full rank
+    (see the xfail below for N < dim)."""
+    model, _, queries = llama
+    train = random_rows(34, model.config.vocab_size, seed=1)
+    runs = {bs: Influence(model, method="linfac", fisher="empirical", batch_size=bs, **F64).scores(train, queries)
+            for bs in (1, 3, 16)}
+    for bs in (3, 16):
+        close(runs[bs]["scores"], runs[1]["scores"], rtol=1e-9)
+    left = Influence(model, method="linfac", fisher="empirical", batch_size=16, padding_side="left", **F64)
+    close(left.scores(train, queries)["scores"], runs[16]["scores"], rtol=1e-7)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_linfac_with_fewer_rows_than_dims_is_batching_invariant(llama, fisher):
+    """With N = 12 sequences the K-FAC-reduce factors A (32 x 32 for down_proj) and S are rank <= 12. Their null
+    spaces are degenerate eigenspaces whose basis eigh would pick from rounding noise (scores then moved by 5-25 %
+    between batch sizes); lancet fixes that basis from the token-level diagonals, so batching and padding no longer
+    matter. Sampled labels are seeded per row, so the sampled Fisher is invariant too."""
+    model, train, queries = llama
+    a = Influence(model, method="linfac", fisher=fisher, batch_size=1, **F64).scores(train, queries)["scores"]
+    b = Influence(model, method="linfac", fisher=fisher, batch_size=3, **F64).scores(train, queries)["scores"]
+    c = Influence(model, method="linfac", fisher=fisher, batch_size=5, padding_side="left", **F64)
+    close(b, a, rtol=1e-6)
+    close(c.scores(train, queries)["scores"], a, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["identity", "ekfac"])
+def test_scores_do_not_depend_on_padding_side(setup, method):
+    model, train, queries = setup
+    runs = {side: Influence(model, method=method, fisher="empirical", batch_size=5, padding_side=side, **F64)
+            .scores(train, queries)["scores"] for side in ("left", "right")}
+    assert torch.isfinite(runs["left"]).all()
+    close(runs["left"], runs["right"], rtol=1e-7)
+
+
+# 3. chunked passes resume after a kill, bit-identically ----------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+def count_calls(monkeypatch, module, kill_at: int | None = None) -> dict:
+    """Wrap ``module.forward_logits`` (one call per batch) with a counter that raises Killed on call ``kill_at``."""
+    real = module.forward_logits
+    calls = {"n": 0}
+
+    def wrapped(model, batch):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise Killed(f"killed at batch call {kill_at}")
+        return real(model, batch)
+
+    monkeypatch.setattr(module, "forward_logits", wrapped)
+    return calls
+
+
+def rows_done(path) -> int:
+    flat = load_tensors(path)
+    return int(flat.get("rows_done", flat.get("__progress__::rows_done")))
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 6])
+def test_kill_and_resume_is_bit_identical(llama, tmp_path, monkeypatch, chunk_rows):
+    """12 rows, batch_size 3: each pass makes 4 forward calls; every kill below comes at a pass's 4th batch, after 9
+    rows. chunk_rows must be a multiple of batch_size for the resumed and uninterrupted runs to see the same
+    batches: the sampled-Fisher generator is seeded by each batch's start row, and a chunk boundary inside a batch
+    would split it. With chunk_rows=6 the kill also loses a half-done chunk (rows 6..8), redone on resume."""
+    model, train, queries = llama
+    opts = {"method": "linfac", "fisher": "sampled", "chunk_rows": chunk_rows, "batch_size": 3, **F64}
+    expected = Influence(model, out_dir=tmp_path / "whole", **opts).scores(train, queries)["scores"]
+    out = tmp_path / "killed"
+    cdir = out / "curvature" / "linfac"
+    saved = 9 // chunk_rows * chunk_rows  # rows saved when a pass dies after 9 rows: 9, or 6 with chunk_rows=6
+
+    # (a) killed in the covariance pass
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        count_calls(m, fit_module, kill_at=4)
+        Influence(model, out_dir=out, **opts).scores(train, queries)
+    assert rows_done(cdir / "pass-covariance.partial.safetensors") == saved
+    assert not (cdir / "curvature.safetensors").exists()
+
+    # (b) killed in the lambda pass, after the covariance pass resumed at row `saved`
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        count_calls(m, fit_module, kill_at=(12 - saved) // 3 + 4)
+        Influence(model, out_dir=out, **opts).scores(train, queries)
+    cov_done = rows_done(cdir / "pass-covariance.partial.safetensors")  # last saved chunk of the finished pass
+    assert rows_done(cdir / "pass-lambda.partial.safetensors") == saved  # would be absent had covariance restarted
+
+    # (c) killed while scoring (1 query batch, then 4 training batches); the fit before it only did the rows left
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        fit_calls = count_calls(m, fit_module)
+        count_calls(m, scoring_module, kill_at=1 + 4)
+        Influence(model, out_dir=out, **opts).scores(train, queries)
+    assert fit_calls["n"] == (12 - cov_done) // 3 + (12 - saved) // 3
+    assert (cdir / "curvature.safetensors").is_file() and not list(cdir.glob("*.partial.safetensors"))
+    (partial,) = (out / "scores").glob("*/scores.partial.safetensors")
+    assert rows_done(partial) == saved
+
+    # the fresh run fits nothing and scores only the rows left
+    with monkeypatch.context() as m:
+        fit_calls = count_calls(m, fit_module)
+        score_calls = count_calls(m, scoring_module)
+        resumed = Influence(model, out_dir=out, **opts).scores(train, queries)["scores"]
+    assert fit_calls["n"] == 0 and score_calls["n"] == 1 + (12 - saved) // 3
+    assert torch.equal(resumed, expected)
+    assert not list(out.rglob("*.partial.safetensors"))
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_per_layer_survives_resume(llama, tmp_path, monkeypatch):
+    model, train, queries = llama
+    opts = {"method": "identity", "chunk_rows": 3, "batch_size": 3, "per_layer": True, **F64}
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        count_calls(m, scoring_module, kill_at=1 + 3)
+        Influence(model, out_dir=tmp_path, **opts).scores(train, queries)
+    result = Influence(model, out_dir=tmp_path, **opts).scores(train, queries)
+    whole = Influence(model, **opts).scores(train, queries)
+    assert torch.equal(result["scores"], whole["scores"]) and torch.equal(result["per_layer"], whole["per_layer"])
+
+
+# 4. artifacts: reuse, refusal on other inputs, corruption --------------------------------------------------------
+
+
+def test_artifacts_reused_refused_and_checked(llama, tmp_path, monkeypatch):
+    model, train, queries = llama
+    opts = {"method": "linfac", "fisher": "empirical", "batch_size": 4, **F64}
+    first = Influence(model, out_dir=tmp_path, **opts).scores(train, queries)["scores"]
+
+    with monkeypatch.context() as m:  # same inputs: the stored scores, no forward pass at all
+        count_calls(m, fit_module, kill_at=1)
+        count_calls(m, scoring_module, kill_at=1)
+        again = Influence(model, out_dir=tmp_path, **opts).scores(train, queries)["scores"]
+    assert torch.equal(again, first)
+
+    with monkeypatch.context() as m:  # new queries: the stored curvature, no curvature pass
+        count_calls(m, fit_module, kill_at=1)
+        subset = Influence(model, out_dir=tmp_path, **opts).scores(train, queries[:2])["scores"]
+    close(subset, first[:2], rtol=1e-10)
+
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    for make in (lambda: Influence(changed, out_dir=tmp_path, **opts).scores(train, queries),
+                 lambda: Influence(changed, out_dir=tmp_path, **opts).fit(train),  # the curvature's own check
+                 lambda: Influence(model, out_dir=tmp_path, **opts).scores(train[:-1], queries),
+                 lambda: Influence(model, out_dir=tmp_path, **opts).fit(train[:-1]),
+                 lambda: Influence(model, out_dir=tmp_path, **{**opts, "damping": 1e-3}).scores(train, queries),
+                 lambda: Influence(model, out_dir=tmp_path, **{**opts, "per_layer": True}).scores(train, queries)):
+        with pytest.raises(ArtifactError, match="other inputs"):
+            make()
+
+    curvature = tmp_path / "curvature" / "linfac" / "curvature.safetensors"
+    curvature.write_bytes(curvature.read_bytes()[: curvature.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="corrupted"):
+        Influence(model, out_dir=tmp_path, **opts).fit(train)
+    for stored in (tmp_path / "scores").glob("*/scores.safetensors"):  # two query sets above
+        stored.write_bytes(stored.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="corrupted"):
+        Influence(model, out_dir=tmp_path, **opts).scores(train, queries)
+
+
+# 5. per-token scores ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["linfac", "identity"])
+def test_token_scores_sum_to_row_scores(setup, method):
+    model, train, queries = setup
+    inf = Influence(model, method=method, batch_size=4, **F64)
+    scores = inf.scores(train, queries)["scores"]
+    rows = [0, 5, 9, 11]
+    per_token = inf.token_scores([train[i] for i in rows], queries)
+    assert len(per_token) == len(rows)
+    for i, t in zip(rows, per_token, strict=True):
+        assert t.shape == (3, len(train[i]["input_ids"]))
+        close(t.sum(-1), scores[:, i], rtol=1e-8)
+
+
+# 6. low-rank query gradients -------------------------------------------------------------------------------------
+
+
+def test_low_rank_queries(llama):
+    model, train, queries = llama
+    opts = {"method": "linfac", "fisher": "empirical", "batch_size": 4, **F64}
+    full = Influence(model, **opts).scores(train, queries)["scores"]
+    close(Influence(model, query_rank=1000, **opts).scores(train, queries)["scores"], full, rtol=1e-8)
+    rank1 = Influence(model, query_rank=1, **opts)
+    low = rank1.scores(train, queries)["scores"]
+    r = pearson(low, full)
+    print(f"query_rank=1 vs full rank: Pearson {r:.4f}")
+    assert r > 0.5
+    # per-token scores use the same rank-1 factors and still sum to the row's score
+    close(rank1.token_scores(train[:2], queries)[1].sum(-1), low[:, 1], rtol=1e-8)
+
+
+# 7. per-layer scores ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ekfac", "identity"])
+def test_per_layer_sums_to_scores(setup, method):
+    model, train, queries = setup
+    inf = Influence(model, method=method, per_layer=True, batch_size=5, **F64)
+    result = inf.scores(train, queries)
+    assert result["per_layer"].shape == (3, 12, len(tracked_modules(model))) == (3, 12, len(inf.layer_names()))
+    close(result["per_layer"].sum(-1), result["scores"], rtol=1e-10)
+
+
+# 8. agreement with kronfluence's EK-FAC --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damping", [None, 1e-3])
+def test_ekfac_agrees_with_kronfluence(llama, tmp_path, damping):
+    pytest.importorskip("kronfluence")
+    from kronfluence_ref import kronfluence_ekfac_scores
+
+    model, train, queries = llama
+    ours = Influence(model, method="ekfac", fisher="empirical", damping=damping, batch_size=4, **F64)
+    ours = ours.scores(train, queries)["scores"]
+    theirs = kronfluence_ekfac_scores(model, train, queries, damping=damping, use_empirical_fisher=True,
+                                      output_dir=str(tmp_path))
+    r = pearson(ours, theirs)
+    rel = ((ours - theirs).abs() / theirs.abs()).max().item()
+    print(f"damping={damping}: Pearson {r:.12f}, max relative error {rel:.2e}")
+    assert r >= 0.99
+    assert rel < 1e-8
+
+
+# 9. BM25 ---------------------------------------------------------------------------------------------------------
+
+
+def test_bm25_by_hand():
+    assert (K1, B) == (1.5, 0.75)
+    docs = [[1, 2, 3], [2, 2, 4, 5], [6, 7]]  # lengths 3, 4, 2: avgdl = 3
+    train = [{"input_ids": d, "labels": d} for d in docs]
+    query = {"input_ids": [2, 3, 3, 9], "labels": [2, 3, 3, 9]}  # each query token counts (3 twice); 9 unseen
+    idf2 = math.log((3 - 2 + 0.5) / (2 + 0.5) + 1)  # token 2 in 2 of 3 docs
+    idf3 = math.log((3 - 1 + 0.5) / (1 + 0.5) + 1)  # token 3 in 1 doc
+    norm0 = 1.5 * (1 - 0.75 + 0.75 * 3 / 3)  # doc 0
+    norm1 = 1.5 * (1 - 0.75 + 0.75 * 4 / 3)  # doc 1
+    doc0 = idf2 * 1 * 2.5 / (1 + norm0) + 2 * idf3 * 1 * 2.5 / (1 + norm0)
+    doc1 = idf2 * 2 * 2.5 / (2 + norm1)
+    scores = pairwise_scores(None, train, [query], method="bm25")
+    assert scores.shape == (1, 3)
+    torch.testing.assert_close(scores, torch.tensor([[doc0, doc1, 0.0]], dtype=torch.float64), rtol=1e-12, atol=0)
+    assert doc0 == pytest.approx(math.log(1.6) + 2 * math.log(8 / 3))  # tf = 1 at average length: tf part is 1
+
+
+def test_bm25_ranks_identical_row_first(llama):
+    _, train, _ = llama
+    scores = Influence(None, method="bm25").scores(train, [train[5], train[9]])["scores"]
+    assert scores.argmax(-1).tolist() == [5, 9]
+
+
+# 10. options -----------------------------------------------------------------------------------------------------
+
+
+def test_args_json_round_trip():
+    args = InfluenceArgs(method="ekfac", damping=1e-3, modules=[r"q_proj", r"down_proj"], fisher="empirical",
+                         fisher_samples=2, batch_size=3, query_rank=4, dtype="float64", per_layer=True,
+                         chunk_rows=9, padding_side="left", seed=7, progress=False)
+    assert InfluenceArgs.from_json(json.loads(json.dumps(args.to_json()))) == args
+    assert InfluenceArgs.from_json(InfluenceArgs().to_json()) == InfluenceArgs()
+    with pytest.raises(LancetError, match="bogus"):
+        InfluenceArgs.from_json({"bogus": 1})
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("method", "tracin"), ("damping", -1.0), ("damping", float("nan")), ("damping", float("inf")),
+    ("fisher", "true"), ("dtype", "float16"), ("batch_size", 0), ("chunk_rows", 0), ("fisher_samples", 0),
+    ("padding_side", "middle"), ("query_rank", 0),
+])
+def test_args_reject_invalid_values(field, value):
+    with pytest.raises(LancetError, match=field):
+        InfluenceArgs(**{field: value})
+
+
+def test_pairwise_scores_rejects_rows_without_labels(llama):
+    model, train, queries = llama
+    no_labels = [{"input_ids": r["input_ids"]} for r in train]
+    with pytest.raises(LancetError, match="labels"):
+        pairwise_scores(model, no_labels, queries, method="identity")
+    with pytest.raises(LancetError, match="labels"):
+        pairwise_scores(model, train, [{"input_ids": [1, 2, 3], "labels": [1, 2]}], method="identity")
+    with pytest.raises(LancetError, match="no rows"):
+        pairwise_scores(model, [], queries, method="identity")
