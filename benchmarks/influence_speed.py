@@ -1,7 +1,7 @@
 """Influence speed on SmolLM2-135M-Instruct: lancet linfac, lancet ekfac and kronfluence ekfac, same process, same
 data and queries; plus the raw forward+backward throughput on the same rows (the ceiling for scoring).
 
-    .venv/bin/python benchmarks/influence_speed.py [--rows 64] [--queries 4] [--no-kronfluence]
+    .venv/bin/python -m benchmarks.influence_speed [--rows 64] [--queries 4] [--no-kronfluence] [--bf16]
 
 Writes benchmarks/results/influence_speed.json.
 """
@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,7 +44,8 @@ def kronfluence_run(model, rows, queries, batch_size: int, record: dict) -> torc
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    from tests.kronfluence_ref import _ListDataset, _make_task, default_module_names, pad_batch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from kronfluence_ref import _ListDataset, _make_task, default_module_names, pad_batch
 
     task = _make_task(default_module_names(model))
     wrapped = prepare_model(copy.deepcopy(model).eval(), task)

@@ -119,8 +119,9 @@ def test_cli_finetune_killed_and_resumed(tmp_path, tiny_tokenizer):
     model_dir = tmp_path / "base"
     tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": r.prompt, "response": r.response}) + "\n" for r in ROWS))
+    from lancet.data.demo import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "demo")["train"]  # the demo data, on a tiny model for speed
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -151,9 +152,9 @@ def test_cli_finetune_killed_and_resumed(tmp_path, tiny_tokenizer):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     resumed_from = json.loads((out / "checkpoint_latest.json").read_text())["step"]
-    assert 5 <= resumed_from < 400
+    assert 5 <= resumed_from < 300
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     steps = [json.loads(x)["step"] for x in (out / LOG_FILE).read_text().splitlines()]
-    assert steps == list(range(1, 401))
+    assert steps == list(range(1, 301))
     assert (out / "model.safetensors").is_file() and (out / DONE_FILE).is_file()

@@ -56,6 +56,9 @@ class Estimator:
         """Fold a finished pass's sums into the layer state (returns the new state)."""
         raise NotImplementedError
 
+    def finish_all(self, pass_name: str, stats: dict[str, Stats], state: dict[str, Stats]) -> dict[str, Stats]:
+        return {name: self.finish_pass(pass_name, stats[name], state[name]) for name in state}
+
     def eigenvalues(self, state: Stats) -> torch.Tensor | None:
         return None
 
@@ -72,7 +75,7 @@ class Estimator:
 
 def per_sequence_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """G_n = sum_t g_t a_t^T for each row: [B, out, in]. Formed one layer and one batch at a time, then freed."""
-    return torch.einsum("bto,bti->boi", g, a)
+    return torch.bmm(g.transpose(1, 2), a)  # explicit bmm: torch.einsum picked a path ~9x slower here
 
 
 class Diagonal(Estimator):
@@ -139,9 +142,7 @@ class KFAC(Estimator):
                 stats["tokens"] += weight * float(mask.sum())
             stats["n"] += weight * a.shape[0]
         else:  # "lambda": second moments of per-sequence gradients in the Kronecker eigenbasis
-            ga = torch.einsum("bto,op->btp", g, state["S_vecs"].to(dtype))
-            aa = torch.einsum("bti,ij->btj", a, state["A_vecs"].to(dtype))
-            rotated = torch.einsum("btp,btj->bpj", ga, aa)
+            rotated = per_sequence_grads(a @ state["A_vecs"].to(dtype), g @ state["S_vecs"].to(dtype))
             stats["lambda"] += weight * rotated.pow(2).sum(0)
             stats["n"] += weight * a.shape[0]
 
@@ -152,6 +153,24 @@ class KFAC(Estimator):
             s_vals, s_vecs = _sym_eigh(stats["S"] / stats["n"].to(dtype), stats.get("S_diag"))
             return {"A_vals": a_vals, "A_vecs": a_vecs, "S_vals": s_vals, "S_vecs": s_vecs}
         return {**state, "lambda": stats["lambda"] / stats["n"].to(stats["lambda"].dtype)}
+
+    def finish_all(self, pass_name, stats, state):
+        """Layers fed the same input (q/k/v projections, gate/up) have identical input factors: decompose once."""
+        if pass_name != "covariance":
+            return super().finish_all(pass_name, stats, state)
+        done: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+        out = {}
+        for name in state:
+            st = stats[name]
+            dtype = st["A"].dtype
+            a_norm = st["A"] / st["tokens"].to(dtype)
+            a_eig = next((eig for m, eig in done if m.shape == a_norm.shape and torch.equal(m, a_norm)), None)
+            if a_eig is None:
+                a_eig = _sym_eigh(a_norm, st.get("A_diag"))
+                done.append((a_norm, a_eig))
+            s_vals, s_vecs = _sym_eigh(st["S"] / st["n"].to(dtype), st.get("S_diag"))
+            out[name] = {"A_vals": a_eig[0].clone(), "A_vecs": a_eig[1].clone(), "S_vals": s_vals, "S_vecs": s_vecs}
+        return out
 
     def eigenvalues(self, state):
         if "lambda" in state:

@@ -44,6 +44,14 @@ def row_seed(seed: int, pass_index: int, sample: int, row: int) -> int:
     return (seed * 1_000_003 + pass_index * 10_007 + sample) * 1_000_000_007 + row
 
 
+def subsample(rows: Sequence[Any], limit: int | None, seed: int) -> Sequence[Any]:
+    """A seeded subset of ``limit`` rows in their original order (all rows when limit is None or larger)."""
+    if limit is None or limit >= len(rows):
+        return rows
+    keep = sorted(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+    return [rows[i] for i in keep]
+
+
 def autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
 
@@ -82,14 +90,15 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
         meta = {"kind": "curvature", "method": args.method, "model": model_fp or model_fingerprint(model),
                 "data": data_fingerprint(train), "n_rows": len(train), "layers": [layer.name for layer in layers],
                 "args": args.fingerprint_dict(("method", "modules", "fisher", "fisher_samples", "dtype", "bf16",
-                                               "seed", "batch_size"))}
+                                               "seed", "batch_size", "lambda_max_rows"))}
         check_or_write_meta(out / "meta.json", meta)
         final = out / "curvature.safetensors"
         if final.is_file():
             return Curvature(estimator, layers, _unflatten(load_tensors(final)))
     for pass_index, pass_name in enumerate(estimator.passes):
-        stats = _run_pass(model, layers, estimator, pass_index, pass_name, train, state, args, out)
-        state = {name: estimator.finish_pass(pass_name, stats[name], state[name]) for name in state}
+        rows = train if pass_name != "lambda" else subsample(train, args.lambda_max_rows, args.seed)
+        stats = _run_pass(model, layers, estimator, pass_index, pass_name, rows, state, args, out)
+        state = estimator.finish_all(pass_name, stats, state)
     curvature = Curvature(estimator, layers, state)
     if out is not None and estimator.passes:
         atomic_save_tensors(out / "curvature.safetensors", curvature.to_tensors())

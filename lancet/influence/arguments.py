@@ -28,6 +28,7 @@ class InfluenceArgs:
     dtype: str = "float32"  # dtype of statistics, factors and scores ("float64" in exactness tests)
     per_layer: bool = False  # also keep scores per tracked layer
     chunk_rows: int = 256  # rows per resumable chunk of a pass over the training data
+    lambda_max_rows: int | None = None  # fit the eigenvalue correction on a seeded subset of this many rows
     padding_side: str = "right"  # scores do not depend on it (positions are counted over real tokens)
     seed: int = 0
     progress: bool = True
@@ -44,6 +45,8 @@ class InfluenceArgs:
             raise LancetError(f"invalid fisher={self.fisher!r}; choose from {', '.join(FISHER_MODES)}")
         if self.dtype not in DTYPES:
             raise LancetError(f"invalid dtype={self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.lambda_max_rows is not None and self.lambda_max_rows < 1:
+            raise LancetError(f"invalid lambda_max_rows={self.lambda_max_rows!r}: must be >= 1 or None")
         for key in ("fisher_samples", "batch_size", "chunk_rows"):
             if getattr(self, key) < 1:
                 raise LancetError(f"invalid {key}={getattr(self, key)!r}: must be >= 1")

@@ -72,11 +72,17 @@ def _contract(pre: PreconditionedQueries, name: str, a: torch.Tensor, g: torch.T
     """[Q, B] scores of one layer for one batch."""
     if name in pre.low_rank:
         u, v = pre.low_rank[name]
-        gu = torch.einsum("bto,qor->qbtr", g.to(u.dtype), u)
-        av = torch.einsum("bti,qir->qbtr", a.to(v.dtype), v)
-        return (gu * av).sum((2, 3))
+        return _low_rank_terms(u, v, a, g).sum((2, 3))
     p = pre.full[name]
-    return torch.einsum("qoi,boi->qb", p, per_sequence_grads(a.to(p.dtype), g.to(p.dtype)))
+    grads = per_sequence_grads(a.to(p.dtype), g.to(p.dtype))
+    return p.reshape(p.shape[0], -1) @ grads.reshape(grads.shape[0], -1).T  # a matmul; einsum was ~9x slower
+
+
+def _low_rank_terms(u: torch.Tensor, v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[Q, B, T, r]: (g_t^T U_q)_r (V_q^T a_t)_r, whose sum over r is g_t^T U V^T a_t."""
+    gu = g.to(u.dtype).unsqueeze(0) @ u.unsqueeze(1)
+    av = a.to(v.dtype).unsqueeze(0) @ v.unsqueeze(1)
+    return gu * av
 
 
 def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, Any]], pre: PreconditionedQueries,
@@ -139,11 +145,10 @@ def token_scores(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str,
     def on_grad(layer, a, g):
         if layer.name in pre.low_rank:
             u, v = pre.low_rank[layer.name]
-            s = (torch.einsum("bto,qor->qbtr", g.to(u.dtype), u) * torch.einsum("bti,qir->qbtr", a.to(v.dtype), v))
-            s = s.sum(-1)
+            s = _low_rank_terms(u, v, a, g).sum(-1)
         else:
             p = pre.full[layer.name]
-            s = torch.einsum("bti,qoi,bto->qbt", a.to(p.dtype), p, g.to(p.dtype))
+            s = ((a.to(p.dtype).unsqueeze(0) @ p.transpose(1, 2).unsqueeze(1)) * g.to(p.dtype)).sum(-1)
         where["acc"] = s if where.get("acc") is None else where["acc"] + s
 
     with Capture(model, layers, on_grad):

@@ -1,0 +1,87 @@
+"""The CLI contract: bad input -> one line naming file, line and field, exit code 2, no traceback (unless --debug)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lancet.cli import build_parser, main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lancet.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for verb in ("finetune", "attribute", "correct", "evaluate", "report", "demo", "data"):
+        assert verb in out
+
+
+def test_bad_json_line_is_one_line_exit_2(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n{"prompt": oops}\n')
+    proc = run("finetune", "x", "--train", str(data), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "train.jsonl:3" in lines[0]
+
+
+def test_missing_field_names_field(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"response": "x"}) + "\n")
+    assert main(["-q", "finetune", "m", "--train", str(data), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "rows.jsonl:2" in err and "prompt" in err
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = run("--debug", "finetune", "x", "--train", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_unknown_model_is_clear(tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    proc = run("finetune", str(tmp_path / "nope.gguf"), "--train", str(data), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "nope.gguf: GGUF file not found" in proc.stderr
+
+
+def test_attribute_rejects_queries_without_response(tmp_path, tiny_tokenizer):
+    from conftest import tiny_llama
+
+    model_dir = tmp_path / "m"
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    train, queries = tmp_path / "train.jsonl", tmp_path / "q.jsonl"
+    train.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    queries.write_text(json.dumps({"prompt": "a"}) + "\n")
+    rc = main(["-q", "attribute", str(model_dir), "--train", str(train), "--queries", str(queries), "--out",
+               str(tmp_path / "run")])
+    assert rc == 2
+
+
+def test_attribute_end_to_end_on_tiny_model(tmp_path, tiny_tokenizer, capsys):
+    from conftest import tiny_llama
+
+    from lancet.data.demo import write_demo_dataset
+
+    files = write_demo_dataset(tmp_path / "demo")
+    model_dir = tmp_path / "m"
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    rc = main(["-q", "attribute", str(model_dir), "--train", str(files["train"]), "--queries", str(files["iqs"]),
+               "--out", str(tmp_path / "run"), "--method", "identity", "--labels", str(files["culprits"]),
+               "--max-length", "48", "--batch-size", "16"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "average precision" in out and "train.jsonl:" in out
+    summary = json.loads((tmp_path / "run" / "influence-identity.json").read_text())
+    assert summary["n_train"] == 304 and summary["recall"]["n_culprits"] == 48
+    assert 0.0 <= summary["recall"]["average_precision"] <= 1.0
+    assert len(summary["top_positive"]) == 10
