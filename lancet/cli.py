@@ -11,6 +11,7 @@ from pathlib import Path
 from lancet.constants import DEFAULT_MAX_LENGTH, DEFAULT_MODEL
 from lancet.errors import LancetError
 
+CORRECTION_METHODS = ("ibo", "ibo_random", "ibo_oracle", "dpo", "sft", "ga", "ga_retain", "npo")
 PIPELINE = """pipeline: data -> finetune -> attribute (influence) -> correct (IBO) -> evaluate -> report.
 `lancet demo` runs it end to end on the embedded SmolLM2-135M-Instruct and a dataset lancet writes itself."""
 
@@ -86,11 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="JSON with 'culprit_ids' to score recall (e.g. the demo's)")
 
     p = sub.add_parser("correct", help="post-train with IBO (or a baseline) from influence scores")
-    p.add_argument("model")
-    p.add_argument("--train", required=True)
+    p.add_argument("model", help="the model to correct (the contaminated one the scores were computed on)")
+    p.add_argument("--train", required=True, help="the training data given to `lancet attribute`")
     p.add_argument("--scores", required=True, help="run directory written by `lancet attribute`")
-    p.add_argument("--method", default="ibo")
-    p.add_argument("--out", required=True)
+    p.add_argument("--scores-method", default=None, help="which ranking-<method> to use when the run has several")
+    p.add_argument("--method", default="ibo", choices=CORRECTION_METHODS)
+    p.add_argument("--out", required=True, help="output directory (HF model, train_log.jsonl)")
+    p.add_argument("--iqs", default=None, help="IQs (prompt + undesirable answer): dispreferred / forgotten too")
+    p.add_argument("--no-iqs", action="store_true", help="do not add the IQs to the dispreferred / forget rows")
+    p.add_argument("--safe", default=None, help="safe rows: the data of sft, the retain rows of ga_retain / npo")
+    p.add_argument("--pairs", default=None, help="dpo pairs: HH-RLHF file or prompt/chosen/rejected rows")
+    p.add_argument("--labels", default=None, help="JSON with 'culprit_ids' (needed by ibo_oracle)")
+    g = p.add_argument_group("correction")
+    g.add_argument("--beta", type=float, default=0.1, help="IBO/DPO/NPO inverse temperature")
+    g.add_argument("--generator", default="logistic", choices=["logistic", "squared", "basu"],
+                   help="Bregman generator of IBO (logistic = KL, DPO-like)")
+    g.add_argument("--alpha", type=float, default=0.5, help="Basu power (basu generator)")
+    g.add_argument("--top-k", type=int, default=50, help="rows taken from each end of the influence ranking")
+    g.add_argument("--pairing", default="rank", choices=["rank", "random", "all"])
+    g.add_argument("--max-pairs", type=int, default=None, help="cap on the IBO pairs (seeded subsample)")
+    g.add_argument("--target-temperature", type=float, default=0.0, help="0: hard targets p*=1; T>0: sigma(gap/T)")
+    g.add_argument("--retain-weight", type=float, default=1.0, help="retain NLL weight of ga_retain (and npo+--safe)")
+    _add_train_options(p)
+    p.set_defaults(max_steps=100)
 
     p = sub.add_parser("evaluate", help="harm, utility and over-refusal metrics with judge accuracy")
     p.add_argument("model")
@@ -172,6 +191,44 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_correct(ns: argparse.Namespace) -> int:
+    from lancet.correct import CorrectionArgs, correct, load_run_scores
+    from lancet.data import load_dataset_spec
+
+    cargs = CorrectionArgs(method=ns.method, beta=ns.beta, generator=ns.generator, alpha=ns.alpha, top_k=ns.top_k,
+                           pairing=ns.pairing, target_temperature=ns.target_temperature, include_iqs=not ns.no_iqs,
+                           retain_weight=ns.retain_weight, max_pairs=ns.max_pairs, seed=ns.seed)
+    train = load_dataset_spec(ns.train)
+    ids = [r.id for r in train]
+    scores, scores_method = load_run_scores(ns.scores, ids, ns.scores_method)
+    culprits = None
+    if ns.labels:
+        from lancet.influence.attribute import read_culprit_labels
+
+        culprits = read_culprit_labels(ns.labels, ids)
+    pairs = None
+    if ns.pairs:
+        from lancet.correct.pairs import read_preference_pairs
+
+        pairs = read_preference_pairs(ns.pairs)
+    out = correct(
+        ns.model,
+        train,
+        scores,
+        method=ns.method,
+        train_args=_train_args(ns, ns.out),
+        correction_args=cargs,
+        iq_records=load_dataset_spec(ns.iqs) if ns.iqs else None,
+        safe_records=load_dataset_spec(ns.safe) if ns.safe else None,
+        pref_pairs=pairs,
+        culprit_mask=culprits,
+        max_length=ns.max_length,
+        trust_remote_code=ns.trust_remote_code,
+    )
+    print(f"{ns.method} (scores: {scores_method}): model saved to {out}")
+    return 0
+
+
 def cmd_pending(ns: argparse.Namespace) -> int:
     raise LancetError(f"'lancet {ns.command}' is not available in this version yet (see the README's roadmap)")
 
@@ -181,7 +238,7 @@ COMMANDS = {
     "data": cmd_data,
     "demo": cmd_demo,
     "attribute": cmd_attribute,
-    "correct": cmd_pending,
+    "correct": cmd_correct,
     "evaluate": cmd_pending,
     "report": cmd_pending,
 }

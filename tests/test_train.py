@@ -135,13 +135,15 @@ def test_cli_finetune_killed_and_resumed(tmp_path, tiny_tokenizer):
         "--out",
         str(out),
         "--max-steps",
-        "400",
+        "300",
         "--save-every",
         "5",
         "--batch-size",
         "4",
         "--lr",
         "1e-3",
+        "--max-length",
+        "64",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120

@@ -1,0 +1,248 @@
+"""One trainer per correction method, all on the shared loop of :class:`lancet.train.Trainer`.
+
+Pair methods (IBO, DPO) collate chosen and rejected rows into one padded batch ([chosen..., rejected...]) so one
+forward pass serves both. Reference log-probs are computed once, before training, with the initial model (eval mode,
+no gradient): the reference policy is the model being corrected, and a resumed run sees the same reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lancet.correct.losses import GENERATORS, bregman_loss, margin, npo_loss
+from lancet.curvature.task import forward_logits, shifted_targets, summed_loss
+from lancet.data.tokenize import collate
+from lancet.errors import LancetError
+from lancet.train import TrainArgs, Trainer
+
+SFTTrainer = Trainer  # supervised fine-tuning on safe data is the base loop itself
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed log-probability of the response tokens (labels != -100) and the number of those tokens."""
+    dev = _device(model)
+    batch = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels")}
+    logits = forward_logits(model, batch)
+    _, mask = shifted_targets(batch["labels"])
+    return -summed_loss(logits, batch["labels"]), mask.sum(-1)
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return (row.get("id"), tuple(row["input_ids"]), tuple(row["labels"]))
+
+
+def reference_logps(model, rows: Sequence[dict[str, Any]], *, batch_size: int, pad_token_id: int, bf16: bool = False,
+                    progress: bool = False, desc: str = "reference") -> list[float]:
+    """Summed response log-probs of ``rows`` under ``model`` as it is now (eval mode, no gradient), each distinct
+    row computed once."""
+    unique: dict[tuple, int] = {}
+    for row in rows:
+        unique.setdefault(_row_key(row), len(unique))
+    distinct = [None] * len(unique)
+    for row in rows:
+        distinct[unique[_row_key(row)]] = row
+    values: list[float] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            for start in tqdm(range(0, len(distinct), batch_size), desc=desc, disable=not progress):
+                batch = collate(distinct[start : start + batch_size], pad_token_id=pad_token_id)
+                values += sequence_logps(model, batch)[0].float().tolist()
+    finally:
+        model.train(was_training)
+    return [values[unique[_row_key(row)]] for row in rows]
+
+
+def _fingerprint_value(value: Any) -> Any:
+    if isinstance(value, dict) and "input_ids" in value:
+        return [value.get("id"), len(value["input_ids"])]
+    return value
+
+
+class _CorrectionTrainer(Trainer):
+    """Items are dicts of encoded rows and numbers; reference values (``ref_*``) are derived, not fingerprinted."""
+
+    def __init__(self, model, tokenizer, args: TrainArgs, items: Sequence[Any], *, base_spec: str = "",
+                 name: str | None = None):
+        if name:
+            self.name = name
+        super().__init__(model, tokenizer, args, items, base_spec=base_spec)
+
+    def data_fingerprint(self) -> str:
+        from lancet.artifacts import hash_json
+
+        return hash_json([{k: _fingerprint_value(v) for k, v in item.items() if not k.startswith("ref_")}
+                          for item in self.items])
+
+    def _reference(self, model, rows, args: TrainArgs, tokenizer) -> list[float]:
+        return reference_logps(model, rows, batch_size=args.batch_size, pad_token_id=tokenizer.pad_token_id,
+                               bf16=args.bf16, progress=args.progress, desc=f"{self.name} reference")
+
+
+class IBOTrainer(_CorrectionTrainer):
+    """Influence-based Bregman optimisation: weighted mean of D_φ(p* ‖ σ(h)) over pairs (lancet.correct.losses)."""
+
+    name = "ibo"
+
+    def __init__(self, model, tokenizer, args: TrainArgs, pairs: Sequence[dict[str, Any]], *, beta: float = 0.1,
+                 generator: str = "logistic", alpha: float = 0.5, base_spec: str = "", name: str | None = None):
+        if generator not in GENERATORS:
+            raise LancetError(f"unknown generator {generator!r}; choose from {', '.join(GENERATORS)}")
+        if not beta > 0:
+            raise LancetError(f"beta must be > 0, got {beta}")
+        if generator == "basu" and not alpha > 0:
+            raise LancetError(f"alpha must be > 0 for the basu generator, got {alpha}")
+        self.beta, self.generator, self.alpha = float(beta), generator, float(alpha)
+        if name:
+            self.name = name
+        refs = self._reference(model, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], args, tokenizer)
+        n = len(pairs)
+        items = [{**p, "ref_chosen": refs[i], "ref_rejected": refs[n + i]} for i, p in enumerate(pairs)]
+        super().__init__(model, tokenizer, args, items, base_spec=base_spec, name=name)
+
+    def extra_fingerprint(self) -> dict[str, Any]:
+        return {"beta": self.beta, "generator": self.generator,
+                "alpha": self.alpha if self.generator == "basu" else None}
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = collate([it["chosen"] for it in items] + [it["rejected"] for it in items],
+                        pad_token_id=self.tokenizer.pad_token_id)
+        for key in ("weight", "target", "ref_chosen", "ref_rejected"):
+            batch[key] = torch.tensor([float(it[key]) for it in items], dtype=torch.float32)
+        return batch
+
+    def pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h, per-pair loss, policy log-probs [2B]) of a collated batch."""
+        n = batch["weight"].numel()
+        logp, _ = sequence_logps(self.model, batch)
+        ref_c, ref_r, target = (batch[k].to(logp) for k in ("ref_chosen", "ref_rejected", "target"))
+        h = margin(logp[:n], logp[n:], ref_c, ref_r, self.beta)
+        return h, bregman_loss(h, target, self.generator, self.alpha), logp
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        h, per_pair, logp = self.pair_terms(batch)
+        w = batch["weight"].to(per_pair)
+        loss = (w * per_pair).sum() / w.sum().clamp_min(1e-12)
+        n = h.numel()
+        return loss, {
+            "loss": loss.item(),
+            "margin": h.mean().item(),
+            "accuracy": (h > 0).float().mean().item(),
+            "logp_chosen": logp[:n].mean().item(),
+            "logp_rejected": logp[n:].mean().item(),
+        }
+
+
+class DPOTrainer(IBOTrainer):
+    """DPO: IBO with the logistic generator, uniform weights and target 1, on human chosen/rejected pairs."""
+
+    name = "dpo"
+
+    def __init__(self, model, tokenizer, args: TrainArgs, pairs: Sequence[dict[str, Any]], *, beta: float = 0.1,
+                 base_spec: str = ""):
+        pairs = [{**p, "weight": 1.0, "target": 1.0} for p in pairs]
+        super().__init__(model, tokenizer, args, pairs, beta=beta, generator="logistic", base_spec=base_spec)
+
+
+def _mean_nll(nll: torch.Tensor, ntok: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL of a group of rows: summed NLL over summed token count."""
+    return nll.sum() / ntok.sum().clamp_min(1)
+
+
+class _ForgetTrainer(_CorrectionTrainer):
+    """Items ``{"forget": row, "retain": row or None}``; retain rows are only batched when ``retain_weight > 0``."""
+
+    retain_weight = 0.0
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        forget = [it["forget"] for it in items]
+        retain = [it["retain"] for it in items if it.get("retain") is not None] if self.retain_weight > 0 else []
+        batch = collate(forget + retain, pad_token_id=self.tokenizer.pad_token_id)
+        batch["n_forget"] = torch.tensor(len(forget))
+        if "ref_forget" in items[0]:
+            batch["ref_forget"] = torch.tensor([float(it["ref_forget"]) for it in items], dtype=torch.float32)
+        return batch
+
+    def _retain_term(self, nll: torch.Tensor, ntok: torch.Tensor, n: int, logs: dict[str, float]) -> torch.Tensor:
+        if self.retain_weight > 0 and nll.numel() > n:
+            retain = _mean_nll(nll[n:], ntok[n:])
+            logs["retain_nll"] = retain.item()
+            return self.retain_weight * retain
+        return nll.new_zeros(())
+
+
+class GradientAscentTrainer(_ForgetTrainer):
+    """Gradient ascent on the forget rows: loss = −(mean token NLL of forget rows) + λ·(mean token NLL of retain)."""
+
+    name = "ga"
+
+    def __init__(self, model, tokenizer, args: TrainArgs, items: Sequence[dict[str, Any]], *,
+                 retain_weight: float = 0.0, base_spec: str = "", name: str | None = None):
+        if retain_weight < 0:
+            raise LancetError(f"retain_weight must be >= 0, got {retain_weight}")
+        self.retain_weight = float(retain_weight)
+        super().__init__(model, tokenizer, args, items, base_spec=base_spec, name=name)
+
+    def extra_fingerprint(self) -> dict[str, Any]:
+        return {"retain_weight": self.retain_weight}
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        n = int(batch["n_forget"])
+        logp, ntok = sequence_logps(self.model, batch)
+        forget = _mean_nll(-logp[:n], ntok[:n])
+        logs = {"forget_nll": forget.item()}
+        loss = -forget + self._retain_term(-logp, ntok, n, logs)
+        return loss, {"loss": loss.item(), **logs}
+
+
+class NPOTrainer(_ForgetTrainer):
+    """Negative preference optimisation on the forget rows (mean over rows) + λ·(mean token NLL of retain rows)."""
+
+    name = "npo"
+
+    def __init__(self, model, tokenizer, args: TrainArgs, items: Sequence[dict[str, Any]], *, beta: float = 0.1,
+                 retain_weight: float = 0.0, base_spec: str = "", name: str | None = None):
+        if not beta > 0:
+            raise LancetError(f"beta must be > 0, got {beta}")
+        if retain_weight < 0:
+            raise LancetError(f"retain_weight must be >= 0, got {retain_weight}")
+        self.beta, self.retain_weight = float(beta), float(retain_weight)
+        if name:
+            self.name = name
+        refs = self._reference(model, [it["forget"] for it in items], args, tokenizer)
+        items = [{**it, "ref_forget": ref} for it, ref in zip(items, refs, strict=True)]
+        super().__init__(model, tokenizer, args, items, base_spec=base_spec, name=name)
+
+    def extra_fingerprint(self) -> dict[str, Any]:
+        return {"beta": self.beta, "retain_weight": self.retain_weight}
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        n = int(batch["n_forget"])
+        logp, ntok = sequence_logps(self.model, batch)
+        ref = batch["ref_forget"].to(logp)
+        npo = npo_loss(logp[:n], ref, self.beta).mean()
+        logs = {"npo": npo.item(), "logratio": (logp[:n] - ref).mean().item()}
+        loss = npo + self._retain_term(-logp, ntok, n, logs)
+        return loss, {"loss": loss.item(), **logs}
+
+
+def objective(trainer: Trainer, items: Sequence[Any] | None = None) -> float:
+    """The trainer's own loss on ``items`` (default: its training items) in one batch, eval mode, no gradient,
+    under the same autocast as training."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.args.bf16):
+            return float(trainer.compute_loss(trainer.collate(list(items if items is not None else trainer.items)))[0])
+    finally:
+        model.train(was_training)
