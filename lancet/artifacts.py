@@ -80,15 +80,17 @@ def hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_or_write_meta(path: str | os.PathLike, meta: dict[str, Any]) -> bool:
+def check_or_write_meta(path: str | os.PathLike, meta: dict[str, Any], write: bool = True) -> bool:
     """Reuse rule for a stage directory: returns True if ``path`` holds the same fingerprint.
 
-    Writes ``meta`` if there is none; raises ArtifactError naming the differing keys if it was made
-    from other inputs, so a stale artifact is never silently believed.
+    Writes ``meta`` if there is none (only checks with ``write=False``: the ranks other than 0 under torchrun);
+    raises ArtifactError naming the differing keys if it was made from other inputs, so a stale artifact is never
+    silently believed.
     """
     path = Path(path)
     if not path.exists():
-        atomic_write_json(path, meta)
+        if write:
+            atomic_write_json(path, meta)
         return False
     try:
         old = json.loads(path.read_text())

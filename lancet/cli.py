@@ -31,6 +31,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps (resume point)")
     g.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens per row; longer rows are cut")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
 
 
 def _train_args(ns: argparse.Namespace, out: str):
@@ -52,6 +54,7 @@ def _train_args(ns: argparse.Namespace, out: str):
         seed=ns.seed,
         save_every=ns.save_every,
         progress=not ns.quiet,
+        fsdp=ns.fsdp,
     )
 
 
@@ -113,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="harm, utility and over-refusal metrics with judge accuracy")
     p.add_argument("model")
-    p.add_argument("--suite", default="small")
-    p.add_argument("--out", required=True)
+    p.add_argument("--suite", default="small", help="'small', 'default' or a suite JSON file")
+    p.add_argument("--out", required=True, help="metrics JSON file")
+    p.add_argument("--shared", default=None, help="data directory for {shared} in suite paths (default ../shared/data)")
 
     p = sub.add_parser("report", help="write report.html and report.json for a run directory")
     p.add_argument("run_dir")
@@ -229,6 +233,25 @@ def cmd_correct(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from lancet.evaluate import evaluate, format_table, load_suite
+    from lancet.models.loading import load_model
+
+    suite = load_suite(ns.suite, ns.shared)  # checks every path before the model is loaded
+    model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code)
+    print(format_table(evaluate(model, tokenizer, suite, out=ns.out, progress=not ns.quiet)))
+    print(f"metrics written to {ns.out}")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from lancet.report import write_report
+
+    html_path, json_path = write_report(ns.run_dir)
+    print(f"report written to {html_path} and {json_path}")
+    return 0
+
+
 def cmd_pending(ns: argparse.Namespace) -> int:
     raise LancetError(f"'lancet {ns.command}' is not available in this version yet (see the README's roadmap)")
 
@@ -239,18 +262,38 @@ COMMANDS = {
     "demo": cmd_demo,
     "attribute": cmd_attribute,
     "correct": cmd_correct,
-    "evaluate": cmd_pending,
-    "report": cmd_pending,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    import contextlib
+    import os
+
+    from lancet import distributed as dist
+
     ns = build_parser().parse_args(argv)
+    # under torchrun (docs/scaling.md) every rank runs the same command; only rank 0 logs, shows progress and prints
+    main_rank = dist.is_main()
+    ns.quiet = ns.quiet or not main_rank
     logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(levelname)s %(message)s")
     if ns.quiet:
         logging.getLogger("transformers").setLevel(logging.ERROR)
+    if not main_rank:  # the other ranks' warnings and progress bars would repeat rank 0's
+        import warnings
+
+        from transformers.utils import logging as hf_logging
+
+        warnings.simplefilter("ignore")
+        logging.getLogger().setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()
     try:
-        return COMMANDS[ns.command](ns)
+        dist.init_from_env()
+        with contextlib.ExitStack() as stack:
+            if not main_rank:
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            return COMMANDS[ns.command](ns)
     except LancetError as exc:
         if ns.debug:
             raise
@@ -259,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lancet: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,13 @@
 
 One optimizer step = ``grad_accum`` micro-batches. The data order is a pure function of (seed, epoch), so a run
 killed at any point resumes from its last checkpoint onto exactly the batches it would have seen.
+
+Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (or sharded with FSDP2 when
+``fsdp``), every rank takes a disjoint contiguous part of each global micro-batch (so the global batch is the one of
+a single process), and losses are normalised by the *global* micro-batch's denominators (token counts, pair
+weights, row counts: ``loss_denominators``, all-reduced), so the summed gradient equals the single-process one up
+to summation order. Only rank 0 writes checkpoints, the log and the final model; every rank reads a checkpoint to
+resume (which also works with another number of processes).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +27,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, atomic_write_json, hash_json, load_tensors, model_fingerprint
+from lancet.curvature.task import shifted_targets
 from lancet.data.tokenize import collate
 from lancet.errors import ArtifactError, LancetError
 
@@ -64,9 +74,10 @@ class TrainArgs:
     seed: int = 0
     save_every: int = 50
     progress: bool = True
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
 
     # Options that do not change the result: excluded from the fingerprint that gates reuse and resume.
-    _UNHASHED = ("output_dir", "save_every", "progress")
+    _UNHASHED = ("output_dir", "save_every", "progress", "fsdp")
 
     def __post_init__(self) -> None:
         checks = {
@@ -104,7 +115,13 @@ class TrainArgs:
 class Trainer:
     """Shared loop: batching, bf16 autocast, accumulation, clipping, schedule, checkpoint/resume, logging.
 
-    Subclasses override ``compute_loss`` (and ``collate`` if their items are not token rows).
+    Subclasses override ``compute_loss`` (and ``collate`` if their items are not token rows). To train under
+    torchrun they also declare ``loss_denominators`` (the sums their loss divides by, from a collated batch) and
+    divide by ``denominator(key, local)``; every logged part must then be a sum over rows divided by such a
+    denominator, so that the parts of all ranks add up to the global value (the loop sums them over ranks).
+
+    ``self.module`` is the model being trained (what is saved); ``self.model`` is what the loop calls: the same
+    module in one process or under FSDP (sharded in place), its DistributedDataParallel wrapper under torchrun.
     """
 
     name = "sft"
@@ -114,13 +131,21 @@ class Trainer:
         self.out = Path(args.output_dir)
         if len(train_items) == 0:
             raise LancetError("no training rows")
+        dist.init_from_env()
+        self.world = dist.world_size()
+        if args.fsdp and args.lora and args.merge_lora:
+            raise LancetError("--merge-lora is not supported with --fsdp: save the adapter, merge it afterwards")
         self.model_fp = model_fingerprint(model)
         torch.manual_seed(args.seed)  # LoRA's initial A matrices are random
         if args.lora:
             model = self._wrap_lora(model)
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.module = model
+        self.model = model if self.world == 1 else dist.wrap_for_training(model, fsdp=args.fsdp)
+        self.fsdp = self.world > 1 and args.fsdp
+        # after wrapping: FSDP replaces the parameters by sharded ones (same names, same order)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
+        self._denominators: dict[str, torch.Tensor] | None = None  # set per micro-batch under torchrun
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
         self.micro_per_epoch = math.ceil(len(train_items) / args.batch_size)
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * self.micro_per_epoch / args.grad_accum))
@@ -137,8 +162,35 @@ class Trainer:
     # ---- hooks for subclasses -------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean cross-entropy over response tokens (labels != -100)."""
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        if self._denominators is None:  # one process: the model's own loss
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"])
+            return out.loss, {"loss": out.loss.item()}
+        # under torchrun: summed over this rank's tokens, divided by the global micro-batch's token count, by the
+        # model's own loss code (same precision, the same per-token gradients as one process)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                         num_items_in_batch=max(1, int(self.denominator("tokens"))))
         return out.loss, {"loss": out.loss.item()}
+
+    def loss_denominators(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The sums the loss divides by, from this rank's part of a micro-batch (all-reduced under torchrun)."""
+        return {"tokens": shifted_targets(batch["labels"])[1].sum()}
+
+    def denominator(self, key: str, local: torch.Tensor | None = None) -> torch.Tensor:
+        """``local`` (this batch's own value) in one process; the global micro-batch's value under torchrun."""
+        if self._denominators is None:
+            if local is None:
+                raise LancetError(f"denominator {key!r} needs its local value outside distributed training")
+            return local
+        value = self._denominators[key]
+        return value.to(local) if local is not None else value
+
+    def batch_mean(self, values: torch.Tensor, key: str) -> torch.Tensor:
+        """Mean of per-row ``values`` over the micro-batch (over the global one under torchrun, where ``key`` names
+        the row count among ``loss_denominators``)."""
+        if self._denominators is None:
+            return values.mean()
+        return values.sum() / self._denominators[key].to(values)
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         return collate(items, pad_token_id=self.tokenizer.pad_token_id)
@@ -172,12 +224,31 @@ class Trainer:
         )
         return get_peft_model(model, config)
 
-    def _micro_batch(self, micro_index: int) -> dict[str, torch.Tensor]:
+    def _micro_indices(self, micro_index: int) -> list[int]:
         epoch, pos = divmod(micro_index, self.micro_per_epoch)
         gen = torch.Generator().manual_seed(self.args.seed * 100_003 + epoch)
         order = torch.randperm(len(self.items), generator=gen).tolist()
-        idx = order[pos * self.args.batch_size : (pos + 1) * self.args.batch_size]
-        return self.collate([self.items[i] for i in idx])
+        return order[pos * self.args.batch_size : (pos + 1) * self.args.batch_size]
+
+    def _micro_batch(self, micro_index: int) -> dict[str, torch.Tensor]:
+        return self.collate([self.items[i] for i in self._micro_indices(micro_index)])
+
+    def _shard_batch(self, micro_index: int) -> tuple[dict[str, torch.Tensor], bool]:
+        """Under torchrun: this rank's contiguous part of the global micro-batch, with the global denominators set.
+        A rank left without rows (a short last batch) runs its first row with weight 0 so that every rank takes
+        part in the gradient all-reduce; returns (batch, is_placeholder)."""
+        idx = self._micro_indices(micro_index)
+        lo, hi = dist.shard_range(len(idx))
+        placeholder = lo == hi
+        batch = self.collate([self.items[i] for i in (idx[lo:hi] if not placeholder else idx[:1])])
+        local = self.loss_denominators(batch)
+        keys = sorted(local)
+        totals = torch.stack([torch.as_tensor(local[k], dtype=torch.float64).reshape(()) for k in keys])
+        if placeholder:
+            totals.zero_()
+        dist.all_reduce_sum_(totals)
+        self._denominators = dict(zip(keys, totals, strict=True))
+        return batch, placeholder
 
     def _lr(self, step: int) -> float:
         a = self.args
@@ -198,8 +269,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         step = self._resume()  # restores the RNG state too when it resumes
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=step, desc=self.name, disable=not self.args.progress)
-        log_fh = (self.out / LOG_FILE).open("a")
+        main = dist.is_main()
+        bar = tqdm(total=self.total_steps, initial=step, desc=self.name, disable=not self.args.progress or not main)
+        log_fh = (self.out / LOG_FILE).open("a") if main else None
         try:
             while step < self.total_steps:
                 t0 = time.perf_counter()
@@ -207,15 +279,27 @@ class Trainer:
                     group["lr"] = self._lr(step)
                 logs: dict[str, float] = {}
                 for k in range(self.args.grad_accum):
-                    batch = self._micro_batch(step * self.args.grad_accum + k)
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
-                        loss, parts = self.compute_loss(batch)
-                    if not torch.isfinite(loss):
-                        raise LancetError(f"non-finite loss ({loss.item()}) at step {step}; lower --lr or check data")
-                    (loss / self.args.grad_accum).backward()
+                    micro = step * self.args.grad_accum + k
+                    placeholder = False
+                    if self.world == 1:
+                        batch = self._micro_batch(micro)
+                    else:
+                        batch, placeholder = self._shard_batch(micro)
+                    with self._no_sync(k < self.args.grad_accum - 1):
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
+                            loss, parts = self.compute_loss(batch)
+                        if not torch.isfinite(loss):
+                            raise LancetError(f"non-finite loss ({loss.item()}) at step {step}; lower --lr or check "
+                                              "data")
+                        if self.world > 1:
+                            # DDP/FSDP average gradients over ranks; each rank's loss is its part of the global loss
+                            loss = loss * (0.0 if placeholder else float(self.world))
+                            parts = dist.sum_dicts({} if placeholder else parts)
+                        (loss / self.args.grad_accum).backward()
                     for key, val in parts.items():
                         logs[key] = logs.get(key, 0.0) + val / self.args.grad_accum
-                norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+                self._denominators = None
+                norm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm))
                 if not torch.isfinite(norm):
                     raise LancetError(f"non-finite gradient norm at step {step}; lower --lr or check data")
                 self.optimizer.step()
@@ -228,27 +312,42 @@ class Trainer:
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "seconds": round(time.perf_counter() - t0, 4),
                 }
-                log_fh.write(json.dumps(row) + "\n")
-                log_fh.flush()
+                if log_fh is not None:
+                    log_fh.write(json.dumps(row) + "\n")
+                    log_fh.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
                 if step % self.args.save_every == 0 and step < self.total_steps:
                     self._save_checkpoint(step)
         finally:
+            self._denominators = None
             bar.close()
-            log_fh.close()
+            if log_fh is not None:
+                log_fh.close()
         self.model.eval()
         self._save_final()
+        dist.barrier()  # the saved model is complete before any rank returns
         return self.out
+
+    def _no_sync(self, skip: bool):
+        """DDP: no gradient all-reduce on the micro-batches before the last of an optimizer step."""
+        if skip and self.world > 1 and not self.fsdp:
+            return self.model.no_sync()
+        return nullcontext()
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def _save_checkpoint(self, step: int) -> None:
+        """Whole tensors (gathered from every rank under FSDP), written by rank 0 only."""
         ckpt = self.out / f"checkpoint-{step}"
-        tensors = {f"param.{n}": p.detach() for n, p in zip(self.param_names, self.params, strict=True)}
+        tensors = {f"param.{n}": dist.full_tensor(p.detach()) for n, p in zip(self.param_names, self.params,
+                                                                               strict=True)}
         for i, p in enumerate(self.params):
             for key, val in self.optimizer.state.get(p, {}).items():
-                tensors[f"optim.{i}.{key}"] = val.detach().reshape(-1) if val.dim() == 0 else val.detach()
+                val = dist.full_tensor(val.detach())
+                tensors[f"optim.{i}.{key}"] = val.reshape(-1) if val.dim() == 0 else val
         tensors["rng.torch"] = torch.get_rng_state()
+        if not dist.is_main():
+            return
         atomic_save_tensors(ckpt / "state.safetensors", tensors)
         atomic_write_json(self.out / CKPT_POINTER, {"step": step, "dir": ckpt.name, "fingerprint": self.fingerprint})
         for old in self.out.glob("checkpoint-*"):
@@ -258,7 +357,8 @@ class Trainer:
     def _resume(self) -> int:
         pointer = self.out / CKPT_POINTER
         if not pointer.is_file():
-            (self.out / LOG_FILE).unlink(missing_ok=True)
+            if dist.is_main():
+                (self.out / LOG_FILE).unlink(missing_ok=True)
             torch.manual_seed(self.args.seed)
             return 0
         meta = json.loads(pointer.read_text())
@@ -267,16 +367,18 @@ class Trainer:
         tensors = load_tensors(self.out / meta["dir"] / "state.safetensors")
         with torch.no_grad():
             for n, p in zip(self.param_names, self.params, strict=True):
-                p.copy_(tensors[f"param.{n}"])
+                p.copy_(dist.like_sharded(tensors[f"param.{n}"], p))
         for i, p in enumerate(self.params):
             state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
             if state:
                 if "step" in state:
                     state["step"] = state["step"].reshape(())
+                state = {k: dist.like_sharded(v, p) if v.shape == p.shape else v for k, v in state.items()}
                 self.optimizer.state[p] = state
         torch.set_rng_state(tensors["rng.torch"])
         step = int(meta["step"])
-        self._truncate_log(step)
+        if dist.is_main():
+            self._truncate_log(step)
         log.info("resumed %s from step %d", self.out, step)
         return step
 
@@ -289,14 +391,23 @@ class Trainer:
             atomic_write_bytes(path, "".join(r + "\n" for r in rows).encode())
 
     def _save_final(self) -> None:
-        model = self.model
+        """Rank 0 writes the model (under FSDP every rank first takes part in gathering its whole state dict)."""
+        state_dict = None
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state_dict = get_model_state_dict(self.module,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not dist.is_main():
+            return
+        model = self.module
         if self.args.lora and self.args.merge_lora:
             model = model.merge_and_unload()
         tmp = self.out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if self.args.lora and not self.args.merge_lora:
             model.peft_config["default"].base_model_name_or_path = self.base_spec or None
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if self.fsdp else {}))
         self.tokenizer.save_pretrained(tmp)
         for f in tmp.iterdir():
             f.replace(self.out / f.name)

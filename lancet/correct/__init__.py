@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lancet import distributed as dist
 from lancet.artifacts import atomic_write_json, load_tensors
 from lancet.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
 from lancet.correct.losses import GENERATORS
@@ -227,7 +228,9 @@ def correct(
     summary["n_items"] = len(trainer.items)
     summary["steps"] = trainer.total_steps
     out = trainer.train()
-    atomic_write_json(out / SUMMARY_FILE, summary)
+    if dist.is_main():
+        atomic_write_json(out / SUMMARY_FILE, summary)
+    dist.barrier()
     return out
 
 

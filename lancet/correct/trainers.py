@@ -3,6 +3,9 @@
 Pair methods (IBO, DPO) collate chosen and rejected rows into one padded batch ([chosen..., rejected...]) so one
 forward pass serves both. Reference log-probs are computed once, before training, with the initial model (eval mode,
 no gradient): the reference policy is the model being corrected, and a resumed run sees the same reference.
+
+Under torchrun every loss divides by the global micro-batch's denominators (``loss_denominators``: pair weights
+and counts, forget/retain token counts, forget rows), so the ranks' parts add up to the single-process loss.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lancet import distributed as dist
 from lancet.correct.losses import GENERATORS, bregman_loss, margin, npo_loss
 from lancet.curvature.task import forward_logits, shifted_targets, summed_loss
 from lancet.data.tokenize import collate
@@ -42,23 +46,27 @@ def _row_key(row: dict[str, Any]) -> tuple:
 def reference_logps(model, rows: Sequence[dict[str, Any]], *, batch_size: int, pad_token_id: int, bf16: bool = False,
                     progress: bool = False, desc: str = "reference") -> list[float]:
     """Summed response log-probs of ``rows`` under ``model`` as it is now (eval mode, no gradient), each distinct
-    row computed once."""
+    row computed once (under torchrun each rank computes a whole-batch slice and the values are gathered)."""
+    dist.init_from_env()
     unique: dict[tuple, int] = {}
     for row in rows:
         unique.setdefault(_row_key(row), len(unique))
     distinct = [None] * len(unique)
     for row in rows:
         distinct[unique[_row_key(row)]] = row
+    lo, hi = dist.shard_range(len(distinct), batch_size)
     values: list[float] = []
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            for start in tqdm(range(0, len(distinct), batch_size), desc=desc, disable=not progress):
-                batch = collate(distinct[start : start + batch_size], pad_token_id=pad_token_id)
+            for start in tqdm(range(lo, hi, batch_size), desc=desc, disable=not progress or not dist.is_main()):
+                batch = collate(distinct[start : min(start + batch_size, hi)], pad_token_id=pad_token_id)
                 values += sequence_logps(model, batch)[0].float().tolist()
     finally:
         model.train(was_training)
+    if dist.active():
+        values = dist.gather_rows(torch.tensor(values, dtype=torch.float64), len(distinct)).tolist()
     return [values[unique[_row_key(row)]] for row in rows]
 
 
@@ -128,17 +136,20 @@ class IBOTrainer(_CorrectionTrainer):
         h = margin(logp[:n], logp[n:], ref_c, ref_r, self.beta)
         return h, bregman_loss(h, target, self.generator, self.alpha), logp
 
+    def loss_denominators(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"weight": batch["weight"].double().sum(), "pairs": torch.tensor(float(batch["weight"].numel()))}
+
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         h, per_pair, logp = self.pair_terms(batch)
         w = batch["weight"].to(per_pair)
-        loss = (w * per_pair).sum() / w.sum().clamp_min(1e-12)
+        loss = (w * per_pair).sum() / self.denominator("weight", w.sum()).clamp_min(1e-12)
         n = h.numel()
         return loss, {
             "loss": loss.item(),
-            "margin": h.mean().item(),
-            "accuracy": (h > 0).float().mean().item(),
-            "logp_chosen": logp[:n].mean().item(),
-            "logp_rejected": logp[n:].mean().item(),
+            "margin": self.batch_mean(h, "pairs").item(),
+            "accuracy": self.batch_mean((h > 0).float(), "pairs").item(),
+            "logp_chosen": self.batch_mean(logp[:n], "pairs").item(),
+            "logp_rejected": self.batch_mean(logp[n:], "pairs").item(),
         }
 
 
@@ -154,7 +165,8 @@ class DPOTrainer(IBOTrainer):
 
 
 def _mean_nll(nll: torch.Tensor, ntok: torch.Tensor) -> torch.Tensor:
-    """Mean token NLL of a group of rows: summed NLL over summed token count."""
+    """Mean token NLL of a group of rows: summed NLL over summed token count (``ntok``: the count, or per-row
+    counts)."""
     return nll.sum() / ntok.sum().clamp_min(1)
 
 
@@ -162,6 +174,11 @@ class _ForgetTrainer(_CorrectionTrainer):
     """Items ``{"forget": row, "retain": row or None}``; retain rows are only batched when ``retain_weight > 0``."""
 
     retain_weight = 0.0
+
+    def loss_denominators(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n = int(batch["n_forget"])
+        ntok = shifted_targets(batch["labels"])[1].sum(-1).double()
+        return {"forget_rows": torch.tensor(float(n)), "forget_tokens": ntok[:n].sum(), "retain_tokens": ntok[n:].sum()}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         forget = [it["forget"] for it in items]
@@ -174,7 +191,7 @@ class _ForgetTrainer(_CorrectionTrainer):
 
     def _retain_term(self, nll: torch.Tensor, ntok: torch.Tensor, n: int, logs: dict[str, float]) -> torch.Tensor:
         if self.retain_weight > 0 and nll.numel() > n:
-            retain = _mean_nll(nll[n:], ntok[n:])
+            retain = _mean_nll(nll[n:], self.denominator("retain_tokens", ntok[n:].sum()))
             logs["retain_nll"] = retain.item()
             return self.retain_weight * retain
         return nll.new_zeros(())
@@ -198,7 +215,7 @@ class GradientAscentTrainer(_ForgetTrainer):
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         n = int(batch["n_forget"])
         logp, ntok = sequence_logps(self.model, batch)
-        forget = _mean_nll(-logp[:n], ntok[:n])
+        forget = _mean_nll(-logp[:n], self.denominator("forget_tokens", ntok[:n].sum()))
         logs = {"forget_nll": forget.item()}
         loss = -forget + self._retain_term(-logp, ntok, n, logs)
         return loss, {"loss": loss.item(), **logs}
@@ -229,15 +246,15 @@ class NPOTrainer(_ForgetTrainer):
         n = int(batch["n_forget"])
         logp, ntok = sequence_logps(self.model, batch)
         ref = batch["ref_forget"].to(logp)
-        npo = npo_loss(logp[:n], ref, self.beta).mean()
-        logs = {"npo": npo.item(), "logratio": (logp[:n] - ref).mean().item()}
+        npo = self.batch_mean(npo_loss(logp[:n], ref, self.beta), "forget_rows")
+        logs = {"npo": npo.item(), "logratio": self.batch_mean(logp[:n] - ref, "forget_rows").item()}
         loss = npo + self._retain_term(-logp, ntok, n, logs)
         return loss, {"loss": loss.item(), **logs}
 
 
 def objective(trainer: Trainer, items: Sequence[Any] | None = None) -> float:
     """The trainer's own loss on ``items`` (default: its training items) in one batch, eval mode, no gradient,
-    under the same autocast as training."""
+    under the same autocast as training (computed by each rank alone, without communication)."""
     model = trainer.model
     was_training = model.training
     model.eval()

@@ -158,16 +158,18 @@ class KFAC(Estimator):
         """Layers fed the same input (q/k/v projections, gate/up) have identical input factors: decompose once."""
         if pass_name != "covariance":
             return super().finish_all(pass_name, stats, state)
-        done: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+        done: dict[tuple, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
         out = {}
         for name in state:
             st = stats[name]
             dtype = st["A"].dtype
             a_norm = st["A"] / st["tokens"].to(dtype)
-            a_eig = next((eig for m, eig in done if m.shape == a_norm.shape and torch.equal(m, a_norm)), None)
+            key = (tuple(a_norm.shape), float(a_norm.sum()), float(a_norm.diagonal().sum()))  # cheap pre-filter
+            bucket = done.setdefault(key, [])
+            a_eig = next((eig for m, eig in bucket if torch.equal(m, a_norm)), None)
             if a_eig is None:
                 a_eig = _sym_eigh(a_norm, st.get("A_diag"))
-                done.append((a_norm, a_eig))
+                bucket.append((a_norm, a_eig))
             s_vals, s_vecs = _sym_eigh(st["S"] / st["n"].to(dtype), st.get("S_diag"))
             out[name] = {"A_vals": a_eig[0].clone(), "A_vecs": a_eig[1].clone(), "S_vals": s_vals, "S_vecs": s_vecs}
         return out

@@ -2,7 +2,11 @@
 
 Each pass accumulates sums over chunks of ``chunk_rows`` rows; after every chunk the running sums are saved
 atomically, so a killed run resumes at the next chunk and ends bit-identical to an uninterrupted one (the label
-draws of the sampled Fisher are seeded per batch, not by position in the run).
+draws of the sampled Fisher are seeded per row, not by position in the run).
+
+Under torchrun every rank takes a contiguous, whole-batch slice of each chunk, so chunk boundaries (and resume
+points) stay those of one process; the per-chunk sums of all ranks are all-reduced before they join the running
+sums, and only rank 0 writes the partial and final files.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, check_or_write_meta, hash_json, load_tensors
 from lancet.curvature.estimators import Estimator, Stats, get_estimator
 from lancet.curvature.modules import Capture, TrackedLayer, find_tracked_layers
@@ -38,6 +43,13 @@ def chunk_stop(done: int, args, n: int) -> int:
     group rows into exactly the same batches as an uninterrupted one (and sum in the same order)."""
     size = -(-args.chunk_rows // args.batch_size) * args.batch_size
     return min(done + size, n)
+
+
+def chunk_part(done: int, stop: int, batch_size: int) -> tuple[int, int]:
+    """Under torchrun, this rank's rows of the chunk [done, stop): a contiguous run of whole batches (empty when
+    there are fewer batches than ranks)."""
+    lo, hi = dist.shard_range(stop - done, batch_size)
+    return done + lo, done + hi
 
 
 def row_seed(seed: int, pass_index: int, sample: int, row: int) -> int:
@@ -80,6 +92,7 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
                   model_fp: str | None = None) -> Curvature:
     """Run the estimator's passes over ``train`` (dicts with input_ids/labels). With ``out_dir``, the fitted
     state and each pass's partial sums are stored there and reused on a matching rerun."""
+    dist.init_from_env()
     estimator = get_estimator(args.method)
     layers = find_tracked_layers(model, args.modules)
     state: dict[str, Stats] = {layer.name: {} for layer in layers}
@@ -91,20 +104,39 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
                 "data": data_fingerprint(train), "n_rows": len(train), "layers": [layer.name for layer in layers],
                 "args": args.fingerprint_dict(("method", "modules", "fisher", "fisher_samples", "dtype", "bf16",
                                                "seed", "batch_size", "lambda_max_rows"))}
-        check_or_write_meta(out / "meta.json", meta)
+        check_or_write_meta(out / "meta.json", meta, write=dist.is_main())
         final = out / "curvature.safetensors"
-        if final.is_file():
+        found = final.is_file()
+        dist.barrier()  # every rank has decided before rank 0 can write anything new
+        if found:
             return Curvature(estimator, layers, _unflatten(load_tensors(final)))
     for pass_index, pass_name in enumerate(estimator.passes):
         rows = train if pass_name != "lambda" else subsample(train, args.lambda_max_rows, args.seed)
         stats = _run_pass(model, layers, estimator, pass_index, pass_name, rows, state, args, out)
-        state = estimator.finish_all(pass_name, stats, state)
+        state = _finish(estimator, pass_name, stats, state)
     curvature = Curvature(estimator, layers, state)
     if out is not None and estimator.passes:
-        atomic_save_tensors(out / "curvature.safetensors", curvature.to_tensors())
-        for partial in out.glob("pass-*.partial.safetensors"):
-            partial.unlink()
+        if dist.is_main():
+            atomic_save_tensors(out / "curvature.safetensors", curvature.to_tensors())
+            for partial in out.glob("pass-*.partial.safetensors"):
+                partial.unlink()
+        dist.barrier()
     return curvature
+
+
+def _finish(estimator: Estimator, pass_name: str, stats: dict[str, Stats], state: dict[str, Stats]
+            ) -> dict[str, Stats]:
+    """Turn a pass's sums into layer state. Under torchrun each rank finishes a contiguous share of the layers (the
+    eigendecompositions) and the results are broadcast from their owners, so every rank holds the same factors,
+    each computed once."""
+    if not dist.active():
+        return estimator.finish_all(pass_name, stats, state)
+    names = list(state)
+    lo, hi = dist.shard_range(len(names))
+    mine = names[lo:hi]
+    done = estimator.finish_all(pass_name, {n: stats[n] for n in mine}, {n: state[n] for n in mine}) if mine else {}
+    shared = dist.share_by_owner(done)
+    return {name: shared[name] for name in names}
 
 
 def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, Stats]:
@@ -127,16 +159,21 @@ def _run_pass(model, layers, estimator, pass_index, pass_name, train, state, arg
         log.info("resuming %s pass at row %d of %d", pass_name, done, len(train))
     mask_holder: dict[str, torch.Tensor] = {}
     weight = 1.0 / args.fisher_samples
+    sharded = dist.active()
+    # one process adds straight into the running sums; under torchrun each chunk is summed apart, then all-reduced
+    acc = stats if not sharded else {layer.name: estimator.new_stats(pass_name, layer.shape, dtype) for layer in layers}
 
     def on_grad(layer: TrackedLayer, a: torch.Tensor, g: torch.Tensor) -> None:
-        estimator.accumulate(pass_name, stats[layer.name], state[layer.name], a, g, mask_holder["mask"], weight)
+        estimator.accumulate(pass_name, acc[layer.name], state[layer.name], a, g, mask_holder["mask"], weight)
 
     model.eval()
-    bar = tqdm(total=len(train), initial=done, desc=f"{args.method} {pass_name}", disable=not args.progress)
+    bar = tqdm(total=len(train), initial=done, desc=f"{args.method} {pass_name}",
+               disable=not args.progress or not dist.is_main())
     with Capture(model, layers, on_grad):
         while done < len(train):
             stop = chunk_stop(done, args, len(train))
-            for start, batch in batches(train, args.batch_size, done, stop, args.padding_side):
+            lo, hi = chunk_part(done, stop, args.batch_size) if sharded else (done, stop)
+            for start, batch in batches(train, args.batch_size, lo, hi, args.padding_side):
                 mask_holder["mask"] = batch["attention_mask"]
                 with autocast(args.bf16):
                     logits = forward_logits(model, batch)
@@ -144,9 +181,18 @@ def _run_pass(model, layers, estimator, pass_index, pass_name, train, state, arg
                     seeds = [row_seed(args.seed, pass_index, k, start + b) for b in range(logits.shape[0])]
                     cot = fisher_cotangent(logits, batch["labels"], args.fisher, seeds)
                     logits.backward(cot, retain_graph=k < args.fisher_samples - 1)
-                bar.update(batch["input_ids"].shape[0])
+                if not sharded:
+                    bar.update(batch["input_ids"].shape[0])
+            if sharded:
+                chunk = [t for st in acc.values() for t in st.values()]
+                dist.all_reduce_sum_many_(chunk)
+                for name, st in acc.items():
+                    for key, t in st.items():
+                        stats[name][key] += t
+                        t.zero_()
+                bar.update(stop - done)
             done = stop
-            if partial is not None and done < len(train):
+            if partial is not None and done < len(train) and dist.is_main():
                 flat = {f"{n}::{k}": t for n, st in stats.items() for k, t in st.items()}
                 flat["__progress__::rows_done"] = torch.tensor(done)
                 atomic_save_tensors(partial, flat)

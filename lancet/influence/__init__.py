@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, check_or_write_meta, hash_json, load_tensors, model_fingerprint
 from lancet.curvature.estimators import METHODS
 from lancet.curvature.fit import Curvature, data_fingerprint, fit_curvature
@@ -44,9 +45,14 @@ class Influence:
 
     With ``out_dir`` every stage is an artifact there (safetensors + JSON with a fingerprint of model weights, data
     and options): reused on a matching rerun, refused on a mismatch, resumed by chunk after a kill.
+
+    Under torchrun (WORLD_SIZE > 1) every rank builds the same object on the same model and rows: curvature sums
+    are all-reduced, training rows are scored in shards and gathered, every rank returns the same result, and only
+    rank 0 writes artifacts (docs/scaling.md).
     """
 
     def __init__(self, model, args: InfluenceArgs | None = None, *, out_dir: str | Path | None = None, **options):
+        dist.init_from_env()
         self.model = model
         self.args = args or InfluenceArgs(**options)
         self.out = Path(out_dir) if out_dir is not None else None
@@ -85,17 +91,21 @@ class Influence:
             meta = {"kind": "scores", "method": self.args.method, "model": self.model_fp,
                     "train": data_fingerprint(train_rows), "queries": data_fingerprint(query_rows),
                     "args": self.args.fingerprint_dict()}
-            check_or_write_meta(sdir / "meta.json", meta)
+            check_or_write_meta(sdir / "meta.json", meta, write=dist.is_main())
             final = sdir / "scores.safetensors"
-            if final.is_file():
+            found = final.is_file()
+            dist.barrier()  # every rank has decided before rank 0 can write anything new
+            if found:
                 return load_tensors(final)
         if self._curvature is None:
             self.fit(train_rows)
         pre = self.preconditioned_queries(query_rows)
         result = score_rows(self.model, self._curvature.layers, train_rows, pre, self.args, out_dir=sdir)
         if sdir is not None:
-            atomic_save_tensors(sdir / "scores.safetensors", result)
-            (sdir / "scores.partial.safetensors").unlink(missing_ok=True)
+            if dist.is_main():
+                atomic_save_tensors(sdir / "scores.safetensors", result)
+                (sdir / "scores.partial.safetensors").unlink(missing_ok=True)
+            dist.barrier()
         return result
 
     def token_scores(self, rows, queries) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, atomic_write_json
 from lancet.constants import DEFAULT_MAX_LENGTH
 from lancet.data import encode_records, load_dataset_spec
@@ -47,8 +48,9 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
     seconds = time.perf_counter() - t0
     scores = result["scores"]
     agg = {how: aggregate(scores, how) for how in ("normalized_mean", "sum")}
-    atomic_save_tensors(out / f"ranking-{args.method}.safetensors",
-                        {"scores": scores, **{f"aggregate_{h}": v for h, v in agg.items()}})
+    if dist.is_main():
+        atomic_save_tensors(out / f"ranking-{args.method}.safetensors",
+                            {"scores": scores, **{f"aggregate_{h}": v for h, v in agg.items()}})
     summary: dict[str, Any] = {
         "method": args.method, "train": train_spec, "queries": queries_spec, "n_train": len(train),
         "n_queries": len(queries), "seconds": round(seconds, 2), "ids": train.ids,
@@ -63,7 +65,9 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
             "average_precision": average_precision(agg["normalized_mean"], culprits),
             **{f"recall@{n}": recall_at_k(agg["normalized_mean"], culprits, n) for n in (10, 25, 50)},
         }
-    atomic_write_json(out / f"influence-{args.method}.json", summary)
+    if dist.is_main():
+        atomic_write_json(out / f"influence-{args.method}.json", summary)
+    dist.barrier()
     return summary
 
 

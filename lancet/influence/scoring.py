@@ -3,6 +3,10 @@
 score(q, n) = sum over layers <P_q, G_n>, P_q = (F + damping I)^-1 G_q. With full-rank P_q the per-sequence
 gradient G_n of one layer and one batch is formed transiently ([B, out, in]) and contracted at once; with
 ``query_rank=r`` the contraction sum_t (g_t^T U)(V^T a_t) never forms it at all.
+
+Under torchrun each rank scores a contiguous, whole-batch slice of every chunk of training rows; the chunk's
+columns are gathered in rank order (the original row order) on every rank, and rank 0 alone saves the partial
+scores, so chunk boundaries and resume points are those of one process.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, load_tensors
 from lancet.curvature.estimators import per_sequence_grads
-from lancet.curvature.fit import Curvature, autocast, batches, chunk_stop
+from lancet.curvature.fit import Curvature, autocast, batches, chunk_part, chunk_stop
 from lancet.curvature.modules import Capture, TrackedLayer
 from lancet.curvature.task import data_cotangent, forward_logits
 
@@ -88,6 +93,8 @@ def _low_rank_terms(u: torch.Tensor, v: torch.Tensor, a: torch.Tensor, g: torch.
 def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, Any]], pre: PreconditionedQueries,
                args, *, out_dir: Path | None = None) -> dict[str, torch.Tensor]:
     """Scores [Q, N] (and [Q, N, L] per layer when ``args.per_layer``), resumable by chunk under ``out_dir``."""
+    dist.init_from_env()
+    sharded = dist.active()
     dtype = args.torch_dtype if args.torch_dtype != torch.bfloat16 else torch.float32
     n_layers = len(layers)
     scores = torch.zeros(pre.n_queries, len(rows), dtype=dtype)
@@ -112,18 +119,26 @@ def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, A
             per_layer[:, start : start + a.shape[0], index[layer.name]] += s
 
     model.eval()
-    bar = tqdm(total=len(rows), initial=done, desc=f"{args.method} scores", disable=not args.progress)
+    bar = tqdm(total=len(rows), initial=done, desc=f"{args.method} scores",
+               disable=not args.progress or not dist.is_main())
     with Capture(model, layers, on_grad):
         while done < len(rows):
             stop = chunk_stop(done, args, len(rows))
-            for start, batch in batches(rows, args.batch_size, done, stop, args.padding_side):
+            lo, hi = chunk_part(done, stop, args.batch_size) if sharded else (done, stop)
+            for start, batch in batches(rows, args.batch_size, lo, hi, args.padding_side):
                 where["start"] = start
                 with autocast(args.bf16):
                     logits = forward_logits(model, batch)
                 logits.backward(data_cotangent(logits, batch["labels"]))
-                bar.update(batch["input_ids"].shape[0])
+                if not sharded:
+                    bar.update(batch["input_ids"].shape[0])
+            if sharded:
+                scores[:, done:stop] = dist.gather_rows(scores[:, lo:hi], stop - done, dim=1)
+                if per_layer is not None:
+                    per_layer[:, done:stop] = dist.gather_rows(per_layer[:, lo:hi], stop - done, dim=1)
+                bar.update(stop - done)
             done = stop
-            if partial is not None and done < len(rows):
+            if partial is not None and done < len(rows) and dist.is_main():
                 tensors = {"scores": scores, "rows_done": torch.tensor(done)}
                 if per_layer is not None:
                     tensors["per_layer"] = per_layer
