@@ -93,8 +93,9 @@ def main() -> None:
                       culprit_mask=culprits, max_length=DEMO_MAX_LENGTH,
                       correction_args=CorrectionArgs(method=method, beta=ns.beta, top_k=ns.top_k,
                                                      generator=generator),
-                      train_args=TrainArgs(output_dir=str(run / f"correct-{name}"), max_steps=ns.steps,
-                                           batch_size=8, lr=ns.lr, bf16=True, save_every=1000, progress=False))
+                      train_args=TrainArgs(output_dir=str(run / f"correct-{name}-lr{ns.lr:g}-s{ns.steps}"),
+                                           max_steps=ns.steps, batch_size=8, lr=ns.lr, bf16=True, save_every=1000,
+                                           progress=False))
         seconds = time.perf_counter() - t0
         fixed, _ = load_model(str(out))
         row = {**measure(fixed, tok, enc, prompts), "train_seconds": round(seconds, 1)}
@@ -103,7 +104,7 @@ def main() -> None:
         result["models"][name] = row
         print(name, row)
         del fixed
-    write_result("demo_correction", result)
+    write_result(f"demo_correction_lr{ns.lr:g}", result)
 
 
 if __name__ == "__main__":
