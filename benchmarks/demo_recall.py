@@ -71,7 +71,7 @@ def main() -> None:
                         "mean_score_ordinary": float(agg[~culprits & ~counters].mean())}
         result["methods"][method] = row
         print(method, row)
-    write_result("demo_recall" + ("_bf16" if ns.bf16 else ""), result)
+        write_result("demo_recall" + ("_bf16" if ns.bf16 else ""), result)  # after each method: partial is kept
     print(f"\n{'method':12s} {'AP':>6s} {'R@10':>6s} {'R@48':>6s} {'counter↓16':>10s} {'seconds':>8s}")
     for method, row in result["methods"].items():
         r = row.get("normalized_mean", row)
