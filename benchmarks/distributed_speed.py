@@ -88,7 +88,7 @@ def launch(ns: argparse.Namespace, processes: int, threads: int, result: Path) -
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, cwd=Path(__file__).resolve().parents[1])
     wall = time.perf_counter() - t0
-    out = torch.load(result)
+    out = torch.load(result, weights_only=True)
     return {"processes": processes, "threads_per_process": out["threads_per_process"],
             "fit_s": round(out["timings"]["fit_s"], 2), "score_s": round(out["timings"]["score_s"], 2),
             "command_wall_s": round(wall, 1), "_scores": out["scores"]}

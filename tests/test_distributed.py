@@ -78,7 +78,7 @@ def test_factors_and_scores_match_one_process(two_process_run, tmp_path, method,
     for key in ("scores", "per_layer"):
         close(stored[key], expected[key])
     # every rank returned the gathered scores, in the original row order
-    ranks = [torch.load(two_process_run / f"rank{r}.pt") for r in (0, 1)]
+    ranks = [torch.load(two_process_run / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for key in ("scores", "per_layer"):
         assert torch.equal(ranks[0][f"{method}-{fisher}/{key}"], ranks[1][f"{method}-{fisher}/{key}"])
         assert torch.equal(ranks[0][f"{method}-{fisher}/{key}"], stored[key])
@@ -104,7 +104,7 @@ def test_training_matches_one_process(two_process_run, tmp_path, kind):
     if kind == "sft_fsdp":  # the saved model, gathered from the shards
         weights = load_tensors(run / "model.safetensors")
     else:  # what rank 1 trained (rank 0 saved the same: checked for sft by the resume test)
-        weights = {k.split("/", 1)[1]: v for k, v in torch.load(two_process_run / "rank1.pt").items()
+        weights = {k.split("/", 1)[1]: v for k, v in torch.load(two_process_run / "rank1.pt", weights_only=True).items()
                    if k.startswith(f"{kind}/")}
     for name, p in single.module.named_parameters():
         close(weights[name], p.detach())
@@ -137,7 +137,7 @@ def test_kill_and_resume_under_torchrun(tmp_path):
 
     expected = influence(None, "linfac", "sampled")["scores"]
     for r in (0, 1):
-        close(torch.load(out / f"rank{r}.pt")["scores"], expected)
+        close(torch.load(out / f"rank{r}.pt", weights_only=True)["scores"], expected)
     single = trainer("sft", tmp_path / "single")
     single.train()
     got, want = losses(out / "train-sft"), losses(tmp_path / "single")
