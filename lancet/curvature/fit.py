@@ -148,7 +148,7 @@ def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, Stats]:
 
 
 def _run_pass(model, layers, estimator, pass_index, pass_name, train, state, args, out) -> dict[str, Stats]:
-    dtype = args.torch_dtype if args.torch_dtype != torch.bfloat16 else torch.float32
+    dtype = args.stats_dtype
     stats = {layer.name: estimator.new_stats(pass_name, layer.shape, dtype) for layer in layers}
     partial = out / f"pass-{pass_name}.partial.safetensors" if out is not None else None
     done = 0

@@ -59,6 +59,11 @@ class InfluenceArgs:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        """Sums and scores are never accumulated in bf16 (too few mantissa bits): float32 at least."""
+        return torch.float32 if self.torch_dtype == torch.bfloat16 else self.torch_dtype
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

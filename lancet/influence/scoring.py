@@ -41,7 +41,7 @@ class PreconditionedQueries:
 
 def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dict[str, Any]], args) -> dict:
     """G_q = sum_t g_t a_t^T of each query's summed response cross-entropy, per layer: [Q, out, in]."""
-    dtype = args.torch_dtype if args.torch_dtype != torch.bfloat16 else torch.float32
+    dtype = args.stats_dtype
     grads = {layer.name: torch.zeros(len(queries), *layer.shape, dtype=dtype) for layer in layers}
     where = {}
 
@@ -95,7 +95,7 @@ def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, A
     """Scores [Q, N] (and [Q, N, L] per layer when ``args.per_layer``), resumable by chunk under ``out_dir``."""
     dist.init_from_env()
     sharded = dist.active()
-    dtype = args.torch_dtype if args.torch_dtype != torch.bfloat16 else torch.float32
+    dtype = args.stats_dtype
     n_layers = len(layers)
     scores = torch.zeros(pre.n_queries, len(rows), dtype=dtype)
     per_layer = torch.zeros(pre.n_queries, len(rows), n_layers, dtype=dtype) if args.per_layer else None
