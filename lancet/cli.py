@@ -252,10 +252,6 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pending(ns: argparse.Namespace) -> int:
-    raise LancetError(f"'lancet {ns.command}' is not available in this version yet (see the README's roadmap)")
-
-
 COMMANDS = {
     "finetune": cmd_finetune,
     "data": cmd_data,
