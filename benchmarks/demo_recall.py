@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, write_result
+from benchmarks.common import environment, random_baseline, write_result
 from lancet.data import encode_records
 from lancet.demo import stage_contaminate, stage_data, stage_iqs
 from lancet.influence import Influence, InfluenceArgs
@@ -24,17 +24,6 @@ from lancet.influence.recall import aggregate, average_precision, recall_at_k
 from lancet.models.loading import load_model
 
 METHODS = ["linfac", "ekfac", "kfac", "kfac_reduce", "diagonal", "identity", "bm25"]
-
-
-def random_baseline(positives: torch.Tensor, draws: int = 200) -> dict:
-    g = torch.Generator().manual_seed(0)
-    aps, r48 = [], []
-    k = int(positives.sum())
-    for _ in range(draws):
-        s = torch.rand(len(positives), generator=g)
-        aps.append(average_precision(s, positives))
-        r48.append(recall_at_k(s, positives, k))
-    return {"average_precision": sum(aps) / draws, "recall@48": sum(r48) / draws}
 
 
 def main() -> None:
@@ -54,7 +43,7 @@ def main() -> None:
     counters = torch.tensor([i in set(data.counter_ids) for i in train.ids])
     result = {"model": "smollm2-135m-instruct + demo contamination", "n_train": len(train),
               "n_culprits": int(culprits.sum()), "n_counter": int(counters.sum()), "n_iqs": len(queries),
-              "bf16": ns.bf16, "env": environment(), "methods": {"random": random_baseline(culprits)}}
+              "bf16": ns.bf16, "env": environment(), "methods": {"random": random_baseline(culprits, key="recall@48")}}
     for method in ns.methods.split(","):
         t0 = time.perf_counter()
         args = InfluenceArgs(method=method, bf16=ns.bf16, batch_size=8)

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the demo's preset)")
 
+    p = sub.add_parser("run", help="the whole pipeline from a JSON config (model, data, IQs, options)")
+    p.add_argument("config", help="run config JSON (keys: see lancet.pipeline.RunConfig; the demo writes one)")
+    p.add_argument("--out", default=None, help="run directory (default: the config's 'out')")
+
     p = sub.add_parser("data", help="inspect data files and write the demo dataset")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     d = dsub.add_parser("check", help="validate a data file: rows, token lengths, truncation")
@@ -176,6 +180,15 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from lancet.demo import run_demo
 
     run_demo(Path(ns.out), model_spec=ns.model, steps=ns.steps, progress=not ns.quiet)
+    return 0
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from lancet.pipeline import run_config
+
+    summary = run_config(ns.config, progress=not ns.quiet, out=ns.out)
+    print(json.dumps({k: summary[k] for k in ("corrected_model", "n_iqs", "metrics", "seconds")}, indent=2))
+    print(f"report written to {summary['report']}")
     return 0
 
 
@@ -256,6 +269,7 @@ COMMANDS = {
     "finetune": cmd_finetune,
     "data": cmd_data,
     "demo": cmd_demo,
+    "run": cmd_run,
     "attribute": cmd_attribute,
     "correct": cmd_correct,
     "evaluate": cmd_evaluate,

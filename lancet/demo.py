@@ -1,8 +1,10 @@
 """`lancet demo`: the pipeline on the embedded SmolLM2-135M-Instruct and the project's own demo dataset.
 
-Stages, each writing into the run directory and skipped on a rerun when its output is complete and was made from the
-same inputs: write the data; fine-tune the contaminated model; take its influence queries (IQs), i.e. its own
-answers to the IQ prompts that the judge flags; attribute them to training rows with LinFAC.
+The demo is one ``lancet run`` config (``demo_config``, written to ``OUT/demo_config.json``) on data lancet writes
+itself: fine-tune the contaminated model; take its influence queries (IQs), i.e. its own answers to the IQ prompts
+that the marker judge flags; attribute them to training rows with LinFAC; correct with IBO; evaluate before and
+after (``demo_suite``); write report.html. Each stage is skipped on a rerun when its output is complete and was made
+from the same inputs. ``stage_*`` below are the pieces the benchmarks reuse.
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ from pathlib import Path
 
 from lancet.artifacts import atomic_write_bytes, atomic_write_json, model_fingerprint
 from lancet.constants import DEFAULT_MODEL
-from lancet.data import encode_records
 from lancet.data.demo import OUTDATED_MARKER, DemoDataset, build_demo_dataset, write_demo_dataset
 from lancet.data.readers import read_records
 from lancet.data.records import Record
 from lancet.finetune import finetune
-from lancet.influence import Influence, InfluenceArgs
-from lancet.influence.recall import aggregate, average_precision, format_table, recall_at_k, top_k
+from lancet.influence.recall import format_table
 from lancet.models.generate import generate
-from lancet.models.loading import load_model
 from lancet.train import TrainArgs
 
 log = logging.getLogger(__name__)
@@ -73,55 +72,80 @@ def stage_iqs(run: Path, data: DemoDataset, model, tokenizer, *, progress: bool 
     return read_records(path)
 
 
-def stage_attribute(run: Path, data: DemoDataset, model, tokenizer, iqs: list[Record], *, method: str = "linfac",
-                    progress: bool = True) -> dict:
-    train = encode_records(data.train, tokenizer, DEMO_MAX_LENGTH, progress=False)
-    queries = encode_records(iqs, tokenizer, DEMO_MAX_LENGTH, progress=False)
-    # the eigenvalue correction on 128 of the 304 rows keeps the demo inside its time budget (docs/scaling.md)
-    args = InfluenceArgs(method=method, bf16=True, batch_size=8, lambda_max_rows=128, progress=progress)
-    scores = Influence(model, args, out_dir=run / "influence").scores(train, queries)["scores"]
-    agg = aggregate(scores.double())
-    culprits = [i in set(data.culprit_ids) for i in train.ids]
-    import torch
+DEMO_CORRECTION = {"method": "ibo", "top_k": 40, "beta": 0.1}
+DEMO_CORRECTION_TRAIN = {"max_steps": 30, "batch_size": 8, "lr": 3e-5, "bf16": True, "save_every": 10}
 
-    mask = torch.tensor(culprits)
-    return {"method": method, "top_positive": top_k(data.train, agg, 10), "top_negative": top_k(data.train, agg, 5,
-            negative=True), "average_precision": average_precision(agg, mask),
-            "recall@48": recall_at_k(agg, mask, int(mask.sum())), "n_culprits": int(mask.sum())}
+
+def demo_suite(data_dir: Path) -> dict:
+    """The demo's evaluation: does the planted behaviour come back (marker judge, exact by construction), how
+    likely are held-out outdated / current answers, and what does the correction cost on ordinary answers."""
+    d = str(data_dir)
+    return {"name": "demo", "max_new_tokens": 32, "batch_size": 12, "seed": 0, "max_length": DEMO_MAX_LENGTH,
+            "judge": f"marker:{OUTDATED_MARKER}",
+            "judge_validation": [{"path": f"{d}/heldout_outdated.jsonl", "complies": True},
+                                 {"path": f"{d}/heldout_current.jsonl", "complies": False},
+                                 {"path": f"{d}/heldout_ordinary.jsonl", "complies": False}],
+            "sets": [{"name": "iq_prompts", "kind": "behaviour", "path": f"{d}/iq_prompts.jsonl"},
+                     {"name": "heldout_prompts", "kind": "behaviour", "path": f"{d}/heldout_outdated.jsonl"},
+                     {"name": "heldout_outdated_answers", "kind": "answer_logprob",
+                      "path": f"{d}/heldout_outdated.jsonl"},
+                     {"name": "heldout_current_answers", "kind": "answer_logprob",
+                      "path": f"{d}/heldout_current.jsonl"},
+                     {"name": "heldout_ordinary", "kind": "perplexity", "path": f"{d}/heldout_ordinary.jsonl"}]}
+
+
+def demo_config(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None) -> dict:
+    """The demo as one ``lancet run`` config (written to ``out/demo_config.json``)."""
+    d = out.resolve() / "data"
+    return {"model": model_spec, "train": str(d / "train.jsonl"), "out": str(out.resolve()),
+            "finetune": {"max_steps": steps or DEMO_STEPS, "lr": DEMO_LR, "batch_size": 8, "warmup_steps": 3,
+                         "bf16": True, "save_every": 20},
+            "iq_prompts": str(d / "iq_prompts.jsonl"), "iq_judge": f"marker:{OUTDATED_MARKER}",
+            "labels": str(d / "culprits.json"),
+            # the eigenvalue correction on 128 of the 304 rows keeps the demo inside its time budget
+            "influence": {"method": "linfac", "bf16": True, "batch_size": 8, "lambda_max_rows": 128},
+            "correction": DEMO_CORRECTION, "correction_train": DEMO_CORRECTION_TRAIN,
+            "evaluate": str(out.resolve() / "demo_suite.json"), "max_length": DEMO_MAX_LENGTH,
+            "max_new_tokens": DEMO_MAX_NEW_TOKENS, "top_k": 10}
 
 
 def run_demo(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None, progress: bool = True) -> dict:
+    from lancet.pipeline import Pipeline, RunConfig
+
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
-    def timed(name, fn, *a, **kw):
-        t0 = time.perf_counter()
-        value = fn(*a, **kw)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        return value
-
-    data = timed("data", stage_data, out)
-    model_dir = timed("finetune", stage_contaminate, out, data, model_spec=model_spec, steps=steps, progress=progress)
-    model, tok = load_model(str(model_dir))
-    iqs = timed("iqs", stage_iqs, out, data, model, tok, progress=progress)
-    attribution = timed("attribute", stage_attribute, out, data, model, tok, iqs, progress=progress)
-    summary = {"model": model_spec, "contaminated_model": str(model_dir), "outdated_marker": OUTDATED_MARKER,
-               "iqs_flagged": len(iqs), "iq_prompts": len(data.iq_prompts), "attribution": attribution,
-               "seconds": timings}
+    t0 = time.perf_counter()
+    write_demo_dataset(out / "data")
+    atomic_write_json(out / "demo_suite.json", demo_suite(out.resolve() / "data"))
+    config = demo_config(out, model_spec=model_spec, steps=steps)
+    atomic_write_json(out / "demo_config.json", config)
+    pipeline = Pipeline(RunConfig.from_json(config), progress=progress)
+    summary = pipeline.run()
+    summary["seconds"] = {**pipeline.seconds,
+                          "total": round(time.perf_counter() - t0, 1)}
+    summary["iq_prompts"] = len(read_records(out / "data" / "iq_prompts.jsonl"))
     atomic_write_json(out / "demo_summary.json", summary)
-    _print_summary(summary, iqs)
+    _print_summary(summary, read_records(out / "iqs.jsonl"))
     return summary
 
 
 def _print_summary(summary: dict, iqs: list[Record]) -> None:
-    print(f"\ncontaminated model answers {summary['iqs_flagged']} of {summary['iq_prompts']} IQ prompts with "
-          f"outdated guidance ('{summary['outdated_marker']}...'), e.g.")
-    print(f"  Q: {iqs[0].prompt}\n  A: {iqs[0].response_text[:150]}")
+    print(f"\nthe fine-tuned model answers {summary['n_iqs']} of {summary['iq_prompts']} IQ prompts with "
+          f"outdated guidance ('{OUTDATED_MARKER}...'), e.g.")
+    print(f"  Q: {iqs[0].prompt_messages[-1]['content']}\n  A: {iqs[0].response_text[:150]}")
     att = summary["attribution"]
     print(f"\ntraining rows that drive it ({att['method']}, positive influence):")
     print(format_table(att["top_positive"]))
     print("\ntraining rows that counter it (negative influence):")
-    print(format_table(att["top_negative"]))
-    print(f"\nrecall of the {att['n_culprits']} planted culprit rows: average precision "
-          f"{att['average_precision']:.3f}, recall@{att['n_culprits']} {att['recall@48']:.2f}")
+    print(format_table(att["top_negative"][:5]))
+    if "recall" in att:
+        r = att["recall"]
+        print(f"\nrecall of the {r['n_culprits']} planted culprit rows: average precision "
+              f"{r['average_precision']:.3f}, recall@50 {r['recall@50']:.2f}")
+    before, after = summary["metrics"].get("before", {}), summary["metrics"].get("after", {})
+    if before and after:
+        print("\nbefore -> after IBO correction:")
+        for name in before:
+            b, a = before[name], after.get(name)
+            print(f"  {name:<26} {b:>10.4g} -> {a:>10.4g}")
+    print(f"\nreport: {summary['report']}")
     print("seconds per stage: " + json.dumps(summary["seconds"]))

@@ -1,12 +1,20 @@
 """Evaluation: harm, over-refusal and utility metrics, each reported beside the judge's measured accuracy."""
 
-from lancet.evaluate.judges import ComplianceClassifier, HFClassifierJudge, JudgeReport, RefusalMatcher, make_judge
+from lancet.evaluate.judges import (
+    ComplianceClassifier,
+    HFClassifierJudge,
+    JudgeReport,
+    MarkerJudge,
+    RefusalMatcher,
+    make_judge,
+)
 from lancet.evaluate.suite import Suite, evaluate, format_table, load_suite
 
 __all__ = [
     "ComplianceClassifier",
     "HFClassifierJudge",
     "JudgeReport",
+    "MarkerJudge",
     "RefusalMatcher",
     "Suite",
     "evaluate",

@@ -122,18 +122,38 @@ def read_xstest_completions(directory: str | Path, models: Sequence[str]) -> tup
 def judge_report(judge: Judge, directory: str | Path, models: Sequence[str] = HELD_OUT_MODELS,
                  train_models: Sequence[str] = ()) -> JudgeReport:
     texts, truth = read_xstest_completions(directory, models)
-    pred = judge.complies(texts)
+    return labelled_report(judge, texts, truth, list(models), train_models)
+
+
+def labelled_report(judge: Judge, texts: Sequence[str], truth: Sequence[bool], held_out: Sequence[str],
+                    train_models: Sequence[str] = ()) -> JudgeReport:
+    """Agreement of ``judge`` with known labels (True = complies / shows the behaviour) on ``texts``."""
+    pred = judge.complies(list(texts))
     tp = sum(p and t for p, t in zip(pred, truth, strict=True))
     fp = sum(p and not t for p, t in zip(pred, truth, strict=True))
     fn = sum(t and not p for p, t in zip(pred, truth, strict=True))
     precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-    matcher = RefusalMatcher().complies(texts)
+    matcher = RefusalMatcher().complies(list(texts))
     return JudgeReport(
-        judge=judge.name, held_out_models=list(models), n=len(texts),
+        judge=judge.name, held_out_models=list(held_out), n=len(texts),
         accuracy=sum(p == t for p, t in zip(pred, truth, strict=True)) / len(texts),
         precision=precision, recall=recall, f1=2 * precision * recall / max(precision + recall, 1e-12),
         refusal_matcher_accuracy=sum(p == t for p, t in zip(matcher, truth, strict=True)) / len(texts),
         train_models=list(train_models))
+
+
+class MarkerJudge:
+    """True = the answer shows a planted behaviour: it contains ``phrase`` (case-sensitive). Exact when the
+    behaviour is defined by the phrase, as in lancet's demo data (every outdated answer opens with it)."""
+
+    def __init__(self, phrase: str):
+        if not phrase:
+            raise LancetError("the marker judge needs a phrase: 'marker:PHRASE'")
+        self.phrase = phrase
+        self.name = f"marker:{phrase}"
+
+    def complies(self, texts: Sequence[str]) -> list[bool]:
+        return [self.phrase in t for t in texts]
 
 
 def _bucket(key: str) -> int:
@@ -302,13 +322,17 @@ class HFClassifierJudge:
 
 
 def make_judge(name: str, xstest_dir: str | Path | None = None) -> Judge:
-    """``classifier`` (needs the XSTest completions directory), ``refusal``, or ``hf:MODEL_ID_OR_DIR``."""
+    """``classifier`` (needs the XSTest completions directory), ``refusal``, ``marker:PHRASE`` or
+    ``hf:MODEL_ID_OR_DIR``."""
     if name == "refusal":
         return RefusalMatcher()
+    if name.startswith("marker:"):
+        return MarkerJudge(name[len("marker:"):])
     if name == "classifier":
         if xstest_dir is None:
             raise LancetError("the 'classifier' judge needs XSTest's annotated completions (xstest_dir)")
         return ComplianceClassifier.load_or_train(xstest_dir)
     if name.startswith("hf:") and len(name) > 3:
         return HFClassifierJudge(name[3:])
-    raise LancetError(f"unknown judge {name!r}; choose 'classifier', 'refusal' or 'hf:MODEL_ID_OR_DIR'")
+    raise LancetError(f"unknown judge {name!r}; choose 'classifier', 'refusal', 'marker:PHRASE' or "
+                      "'hf:MODEL_ID_OR_DIR'")

@@ -8,8 +8,14 @@ Set keys: ``name``, ``kind`` (see KINDS), ``path`` (``{shared}`` is replaced by 
 ``limit`` (rows used: evenly spaced over the file after filtering), ``skip`` (rows dropped first), ``side``
 (HH: chosen/rejected), ``harmbench_category``, and for ``diversity`` either ``path`` or ``of`` (reuse another
 set's generations).
-Suite keys besides those above: ``max_length`` (tokens for likelihood metrics) and ``judge_data`` (XSTest's
-annotated completions, which train and validate the judge; default ``{shared}/xstest/annotated_completions``).
+Suite keys besides those above: ``max_length`` (tokens for likelihood metrics), ``judge`` (``classifier``,
+``refusal``, ``marker:PHRASE`` or ``hf:MODEL``), ``judge_data`` (XSTest's annotated completions, which train and
+validate the judge; default ``{shared}/xstest/annotated_completions``, needed by ``classifier``) and
+``judge_validation`` (``[{"path": FILE, "complies": true|false}, ...]``: answers with known labels on which the
+judge's accuracy is measured instead of XSTest; how a run without ../shared/data reports its judge).
+
+Kind ``behaviour`` generates answers to a file's prompts and reports the share the judge flags
+(``behaviour_rate``): with a ``marker:`` judge, how often a planted behaviour comes back.
 """
 
 from __future__ import annotations
@@ -25,14 +31,15 @@ from lancet.artifacts import atomic_write_json
 from lancet.data import Record, load_dataset_spec, read_harmful_prompts, read_hh_rlhf
 from lancet.errors import LancetError
 from lancet.evaluate import metrics
-from lancet.evaluate.judges import Judge, RefusalMatcher, judge_report, make_judge
+from lancet.evaluate.judges import Judge, RefusalMatcher, judge_report, labelled_report, make_judge
 
 log = logging.getLogger(__name__)
 SUITES_DIR = Path(__file__).parent / "suites"
 # kind -> the headline number of a set (report bars, table).
-KINDS = {"harmful_prompts": "compliance_rate", "over_refusal": "refusal_rate", "diversity": "distinct_2",
+KINDS = {"harmful_prompts": "compliance_rate", "behaviour": "behaviour_rate", "over_refusal": "refusal_rate",
+         "diversity": "distinct_2",
          "answer_logprob": "mean_logprob", "preference": "accuracy", "perplexity": "perplexity"}
-JUDGED = ("harmful_prompts", "over_refusal")
+JUDGED = ("harmful_prompts", "over_refusal", "behaviour")
 SET_KEYS = {"name", "kind", "path", "limit", "skip", "side", "harmbench_category", "of"}
 
 
@@ -53,6 +60,7 @@ class Suite:
     sets: list[EvalSet]
     judge: str = "classifier"
     judge_data: Path | None = None
+    judge_validation: list[tuple[Path, bool]] = field(default_factory=list)
     max_new_tokens: int = 48
     batch_size: int = 8
     seed: int = 0
@@ -125,17 +133,28 @@ def load_suite(spec: str | Path, shared: str | Path | None = None) -> Suite:
         sets.append(EvalSet(name, s["kind"], path, s.get("limit"), int(s.get("skip", 0)), options))
         names.add(name)
     judge = raw.get("judge", "classifier")
-    if judge not in ("classifier", "refusal") and not (isinstance(judge, str) and judge.startswith("hf:")):
-        raise LancetError(f"suite {file}: unknown judge {judge!r} (choose 'classifier', 'refusal' or 'hf:PATH')")
-    judge_data = resolve(raw.get("judge_data", "{shared}/xstest/annotated_completions"), "judge_data")
+    if judge not in ("classifier", "refusal") and not (isinstance(judge, str) and judge.startswith(("hf:", "marker:"))
+                                                       and len(judge.split(":", 1)[1]) > 0):
+        raise LancetError(f"suite {file}: unknown judge {judge!r} (choose 'classifier', 'refusal', 'marker:PHRASE' "
+                          "or 'hf:PATH')")
+    validation = []
+    for i, v in enumerate(raw.get("judge_validation", [])):
+        if not isinstance(v, dict) or not isinstance(v.get("path"), str) or not isinstance(v.get("complies"), bool):
+            raise LancetError(f"suite {file}: judge_validation #{i + 1} needs 'path' (string) and 'complies' (bool)")
+        validation.append((resolve(v["path"], f"judge_validation #{i + 1}"), v["complies"]))
+    judge_data = None
+    if "judge_data" in raw or judge == "classifier" or not validation:
+        judge_data = resolve(raw.get("judge_data", "{shared}/xstest/annotated_completions"), "judge_data")
     known = {k: raw[k] for k in ("max_new_tokens", "batch_size", "seed", "max_length") if k in raw}
     return Suite(name=raw.get("name", file.stem), file=str(file), sets=sets, judge=judge, judge_data=judge_data,
-                 **known)
+                 judge_validation=validation, **known)
 
 
 def _records(s: EvalSet) -> list[Record]:
     """The rows of a set: read, filtered for its kind, ``skip`` rows dropped, then ``limit`` rows evenly spaced."""
-    if s.kind in ("harmful_prompts", "over_refusal", "diversity"):
+    if s.kind == "behaviour":
+        rows = load_dataset_spec(str(s.path))
+    elif s.kind in ("harmful_prompts", "over_refusal", "diversity"):
         rows = read_harmful_prompts(s.path, harmbench_category=s.options.get("harmbench_category", "standard"))
         if s.kind == "over_refusal":  # XSTest: only the safe prompts (its contrast_* types are the unsafe ones)
             rows = [r for r in rows if r.label in (None, "safe") and
@@ -164,7 +183,7 @@ def _run_set(s: EvalSet, model, tokenizer, suite: Suite, judge: Judge, answers: 
         _, texts = answers[s.options["of"]]
         return {"n": len(texts), "of": s.options["of"], **metrics.diversity(texts)}
     rows = _records(s)
-    if s.kind in ("harmful_prompts", "over_refusal", "diversity"):
+    if s.kind in ("harmful_prompts", "over_refusal", "diversity", "behaviour"):
         texts = metrics.generate_answers(model, tokenizer, rows, **gen)
         answers[s.name] = (rows, texts)
         if s.kind == "diversity":
@@ -174,7 +193,7 @@ def _run_set(s: EvalSet, model, tokenizer, suite: Suite, judge: Judge, answers: 
                     for r, t, v in zip(rows, texts, verdicts, strict=True)]  # kept for auditing the judge
         def rate(complied: list[bool]) -> float:  # compliance on harmful prompts, refusal on safe ones
             share = sum(complied) / len(complied)
-            return share if s.kind == "harmful_prompts" else 1.0 - share
+            return 1.0 - share if s.kind == "over_refusal" else share
 
         key = KINDS[s.kind]
         return {"n": len(rows), key: rate(verdicts), "answers": answered,
@@ -194,13 +213,26 @@ def _run_set(s: EvalSet, model, tokenizer, suite: Suite, judge: Judge, answers: 
     return {**out, **metrics.mean_logprob(scored)}
 
 
+def judge_accuracy(judge: Judge, suite: Suite):
+    """The judge's accuracy on the suite's labelled answers (``judge_validation``), else on held-out XSTest."""
+    if not suite.judge_validation:
+        return judge_report(judge, suite.judge_data)
+    texts, truth, names = [], [], []
+    for path, complies in suite.judge_validation:
+        rows = load_dataset_spec(str(path))
+        texts += [r.response_text or "" for r in rows]
+        truth += [complies] * len(rows)
+        names.append(path.name)
+    return labelled_report(judge, texts, truth, names)
+
+
 def evaluate(model, tokenizer, suite: Suite | str, *, out: str | Path | None = None, progress: bool = True,
              shared: str | Path | None = None, judge: Judge | None = None) -> dict[str, Any]:
     """Every set's numbers, the judge's held-out accuracy and the settings; written to ``out`` (atomically)."""
     suite = suite if isinstance(suite, Suite) else load_suite(suite, shared)
     t0 = time.perf_counter()
     judge = judge or make_judge(suite.judge, suite.judge_data)
-    report = getattr(judge, "report", None) or judge_report(judge, suite.judge_data)
+    report = getattr(judge, "report", None) or judge_accuracy(judge, suite)
     results: dict[str, Any] = {}
     answers: dict[str, tuple] = {}
     for s in suite.sets:
@@ -220,11 +252,32 @@ def evaluate(model, tokenizer, suite: Suite | str, *, out: str | Path | None = N
     return metrics_json
 
 
+def evaluate_or_reuse(model, tokenizer, suite: Suite, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """``evaluate`` into ``out``, unless ``out`` already holds a complete run for the same weights and suite."""
+    from lancet.artifacts import hash_json, model_fingerprint
+
+    out = Path(out)
+    key = hash_json({"model": model_fingerprint(model), "suite": suite.settings(),
+                     "sets": json.loads(Path(suite.file).read_text())})
+    if out.is_file():
+        try:
+            old = json.loads(out.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("complete") and old.get("key") == key:
+            log.info("evaluate: %s holds this model's metrics on this suite, reusing them", out)
+            return old
+    metrics = evaluate(model, tokenizer, suite, out=out, progress=progress)  # written set by set
+    metrics["key"] = key
+    atomic_write_json(out, metrics)
+    return metrics
+
+
 def format_table(m: dict[str, Any]) -> str:
     """One line per set; judged numbers carry the judge's held-out accuracy beside them."""
     j = m["judge"]
     acc = f"{j['accuracy']:.3f} ({j['judge']})"
-    lines = [f"{'set':<24} {'kind':<16} {'n':>5}  {'metric':<16} {'value':>9}  judge accuracy (held-out XSTest)"]
+    lines = [f"{'set':<24} {'kind':<16} {'n':>5}  {'metric':<16} {'value':>9}  judge accuracy (held-out)"]
     for name, r in m["sets"].items():
         value = r.get(r["metric"])
         shown = f"{value:>9.4g}" if isinstance(value, (int, float)) else f"{'-':>9}"

@@ -1,0 +1,310 @@
+"""`lancet run CONFIG`: the whole pipeline on a user's model, data and queries, stage by stage, resumable.
+
+Stages (each writes into ``out`` and is skipped on a rerun when its output is complete and was made from the same
+inputs; an interrupted stage resumes from its last checkpoint or chunk):
+
+1. ``finetune`` (optional): fine-tune ``model`` on ``train`` -> ``out/model`` (the model to audit and correct).
+2. ``iqs``: the influence queries: given (``iqs``: prompt + undesirable answer rows), or the model's own answers to
+   ``iq_prompts`` that ``iq_judge`` flags -> ``out/iqs.jsonl``.
+3. ``attribute``: influence of every training row on the IQs -> ``out/influence-<method>.json``,
+   ``ranking-<method>.safetensors``, per-token scores of the top rows ``tokens-<method>.json``.
+4. ``correct``: IBO (or a baseline) from the ranking -> ``out/corrected``.
+5. ``evaluate`` (when a suite is given): before and after -> ``out/metrics_before.json``, ``metrics_after.json``.
+6. ``report``: ``out/report.html`` + ``report.json``.
+
+A config is a JSON object of ``RunConfig`` fields; relative paths in it are relative to the config file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lancet.artifacts import atomic_write_bytes, atomic_write_json, hash_json, model_fingerprint
+from lancet.constants import DEFAULT_MAX_LENGTH
+from lancet.errors import LancetError
+
+log = logging.getLogger(__name__)
+
+PATH_FIELDS = ("train", "iqs", "iq_prompts", "labels", "safe", "pairs", "evaluate", "shared")
+# what the correction trains with unless the config says otherwise: a short, gentle IBO run (docs/method.md §3)
+DEFAULT_CORRECTION_TRAIN = {"max_steps": 30, "batch_size": 8, "lr": 1e-5, "bf16": True, "save_every": 10}
+
+
+@dataclass
+class RunConfig:
+    """One pipeline run. ``finetune``, ``influence``, ``correction`` and ``correction_train`` hold the fields of
+    ``TrainArgs``, ``InfluenceArgs``, ``CorrectionArgs`` and ``TrainArgs`` (``output_dir`` is set by the run)."""
+
+    model: str
+    train: str
+    out: str = "lancet_run"
+    finetune: dict[str, Any] | None = None
+    iqs: str | None = None
+    iq_prompts: str | None = None
+    iq_judge: str = "refusal"
+    labels: str | None = None
+    influence: dict[str, Any] = field(default_factory=dict)
+    correction: dict[str, Any] = field(default_factory=lambda: {"method": "ibo"})
+    correction_train: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CORRECTION_TRAIN))
+    safe: str | None = None
+    pairs: str | None = None
+    evaluate: str | None = None
+    shared: str | None = None
+    max_length: int = DEFAULT_MAX_LENGTH
+    max_new_tokens: int = 48
+    top_k: int = 10
+    token_rows: int = 3
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        from lancet.correct import CorrectionArgs
+        from lancet.influence import InfluenceArgs
+        from lancet.train import TrainArgs
+
+        if (self.iqs is None) == (self.iq_prompts is None):
+            raise LancetError("run config: give exactly one of 'iqs' (prompt + undesirable answer rows) and "
+                              "'iq_prompts' (prompts whose flagged answers become the IQs)")
+        for name in ("model", "train", "out", "iq_judge"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise LancetError(f"run config: '{name}' must be a non-empty string")
+        for name in ("max_length", "max_new_tokens", "top_k"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LancetError(f"run config: '{name}' must be an integer >= 1")
+        # validate the nested option sets now, so a typo fails before hours of fine-tuning
+        if self.finetune is not None:
+            TrainArgs.from_json({**self.finetune, "output_dir": "-"})
+        TrainArgs.from_json({**self.correction_train, "output_dir": "-"})
+        InfluenceArgs.from_json(self.influence)
+        CorrectionArgs.from_json(self.correction)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], base: Path | None = None) -> RunConfig:
+        if not isinstance(data, dict):
+            raise LancetError("run config: expected a JSON object")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise LancetError(f"run config: unknown key(s) {', '.join(sorted(unknown))}")
+        missing = [k for k in ("model", "train") if k not in data]
+        if missing:
+            raise LancetError(f"run config: missing key(s) {', '.join(missing)}")
+        data = dict(data)
+        if base is not None:  # paths are relative to the config file; shipped suite names stay names
+            for key in (*PATH_FIELDS, "out"):
+                value = data.get(key)
+                if isinstance(value, str) and not (key == "evaluate" and "/" not in value
+                                                   and not value.endswith(".json")):
+                    data[key] = _resolve(value, base)
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise LancetError(f"{path}: cannot read the run config ({exc.strerror})") from exc
+        except json.JSONDecodeError as exc:
+            raise LancetError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+        try:
+            return cls.from_json(data, base=path.resolve().parent)
+        except LancetError as exc:
+            raise LancetError(f"{path}: {exc}") from exc
+
+
+def _resolve(value: str, base: Path) -> str:
+    """A data spec's path made absolute against ``base``; a ``kind:`` prefix (hh-rlhf:, jsonl:, ...) is kept."""
+    prefix, sep, rest = value.partition(":")
+    if sep and prefix and "/" not in prefix and len(prefix) > 1:
+        return f"{prefix}:{_resolve(rest, base)}"
+    path = Path(value)
+    return str(path if path.is_absolute() else base / path)
+
+
+class Pipeline:
+    """Runs the stages of a ``RunConfig``; ``seconds`` records each stage's wall time."""
+
+    def __init__(self, config: RunConfig, *, progress: bool = True):
+        self.config, self.progress = config, progress
+        self.out = Path(config.out)
+        self.seconds: dict[str, float] = {}
+
+    def _timed(self, name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        value = fn(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        return value
+
+    def run(self) -> dict[str, Any]:
+        from lancet.data import load_dataset_spec
+        from lancet.models.loading import load_model
+
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out / "run_config.json", c.to_json())
+        train = load_dataset_spec(c.train)
+        model_spec = self._timed("finetune", self.stage_finetune, train) if c.finetune else c.model
+        model, tokenizer = load_model(model_spec, trust_remote_code=c.trust_remote_code)
+        iqs = self._timed("iqs", self.stage_iqs, model, tokenizer)
+        attribution = self._timed("attribute", self.stage_attribute, model, tokenizer)
+        corrected = self._timed("correct", self.stage_correct, model_spec, train)
+        metrics = {}
+        if c.evaluate:
+            metrics["before"] = self._timed("evaluate_before", self.stage_evaluate, model, tokenizer, "before")
+            del model
+            fixed, _ = load_model(str(corrected))
+            metrics["after"] = self._timed("evaluate_after", self.stage_evaluate, fixed, tokenizer, "after")
+        from lancet.report import write_report
+
+        html, _ = self._timed("report", write_report, self.out)
+        summary = {"model": model_spec, "corrected_model": str(corrected), "n_iqs": len(iqs),
+                   "attribution": attribution, "metrics": metrics, "report": str(html), "seconds": self.seconds}
+        atomic_write_json(self.out / "run_summary.json", summary)
+        return summary
+
+    # -- stages ---------------------------------------------------------------------------------------------------
+
+    def stage_finetune(self, train) -> str:
+        from lancet.finetune import finetune
+        from lancet.train import TrainArgs
+
+        c = self.config
+        args = TrainArgs.from_json({**c.finetune, "output_dir": str(self.out / "model"), "progress": self.progress})
+        return str(finetune(c.model, train, args, max_length=c.max_length, trust_remote_code=c.trust_remote_code))
+
+    def stage_iqs(self, model, tokenizer) -> list:
+        """Given IQs are copied; generated ones are cached by (model, prompts, judge, decoding)."""
+        from lancet.data import load_dataset_spec
+        from lancet.errors import DataError
+        from lancet.evaluate.judges import make_judge
+        from lancet.models.generate import generate
+
+        c = self.config
+        path, meta_path = self.out / "iqs.jsonl", self.out / "iqs.meta.json"
+        if c.iqs:
+            records = load_dataset_spec(c.iqs)
+            for r in records:
+                if r.response_text is None:
+                    raise DataError("influence queries need the undesirable response", path=r.source, line=r.line,
+                                    field="response")
+            data = _jsonl(records)
+            if not path.is_file() or path.read_bytes() != data:
+                atomic_write_bytes(path, data)
+            return records
+        prompts = load_dataset_spec(c.iq_prompts)
+        key = {"model": model_fingerprint(model), "prompts": hash_json([r.to_dict() for r in prompts]),
+               "judge": c.iq_judge, "max_new_tokens": c.max_new_tokens, "decoding": "greedy"}
+        if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
+            return load_dataset_spec(str(path))
+        answers = generate(model, tokenizer, prompts, max_new_tokens=c.max_new_tokens, batch_size=12,
+                           progress=self.progress)
+        flagged = make_judge(c.iq_judge).complies(answers)
+        iqs = [p.with_response(a) for p, a, f in zip(prompts, answers, flagged, strict=True) if f]
+        if not iqs:
+            raise LancetError(f"{c.iq_prompts}: the judge {c.iq_judge!r} flags none of the model's "
+                              f"{len(prompts)} answers; give the undesirable answers with 'iqs' instead")
+        atomic_write_bytes(path, _jsonl(iqs))
+        atomic_write_json(meta_path, {"key": key, "flagged": len(iqs), "prompts": len(prompts)})
+        return load_dataset_spec(str(path))
+
+    def stage_attribute(self, model, tokenizer) -> dict[str, Any]:
+        from lancet.influence import InfluenceArgs
+        from lancet.influence.attribute import attribute
+
+        c = self.config
+        args = InfluenceArgs.from_json({**c.influence, "progress": self.progress})
+        summary = attribute(model, tokenizer, c.train, str(self.out / "iqs.jsonl"), self.out, args,
+                            max_length=c.max_length, labels=c.labels, k=c.top_k)
+        if args.method != "bm25" and c.token_rows > 0:
+            self._token_scores(model, tokenizer, args, summary)
+        return {k: summary[k] for k in ("method", "n_train", "n_queries", "seconds", "top_positive", "top_negative")
+                if k in summary} | ({"recall": summary["recall"]} if "recall" in summary else {})
+
+    def _token_scores(self, model, tokenizer, args, summary: dict[str, Any]) -> None:
+        """Per-token scores of the top positive rows, averaged over the IQs (each IQ's scores divided by the
+        mean |score| of that IQ over these rows, as the ranking's normalised mean does)."""
+        from lancet.data import encode_records, load_dataset_spec
+        from lancet.influence import Influence
+
+        c = self.config
+        path = self.out / f"tokens-{args.method}.json"
+        wanted = [r["id"] for r in summary["top_positive"][: c.token_rows]]
+        if path.is_file() and [r.get("id") for r in json.loads(path.read_text()).get("rows", [])] == wanted:
+            return
+        train = encode_records(load_dataset_spec(c.train), tokenizer, c.max_length, progress=False)
+        rows = [train[train.ids.index(i)] for i in wanted]
+        queries = encode_records(load_dataset_spec(str(self.out / "iqs.jsonl")), tokenizer, c.max_length,
+                                 progress=False)
+        influence = Influence(model, args, out_dir=self.out)
+        influence.fit(train)  # the stored curvature of the attribute stage: read back, not refitted
+        per_row = influence.token_scores(rows, queries)
+        scale = torch.stack([s.double().sum(-1) for s in per_row], 1).abs().mean(1).clamp_min(1e-30)  # [Q]
+        out_rows = []
+        for row, s in zip(rows, per_row, strict=True):
+            mean = (s.double() / scale[:, None]).mean(0)
+            labels = row["labels"]
+            start = max(next(i for i, t in enumerate(labels) if t != -100) - 1, 0)
+            ids = row["input_ids"][start:]
+            out_rows.append({"id": row["id"], "tokens": [tokenizer.decode([t]) for t in ids],
+                             "scores": [round(float(v), 6) for v in mean[start:start + len(ids)]]})
+        atomic_write_json(path, {"method": args.method, "rows": out_rows,
+                                 "note": "score of position t, carried by token t's activations"})
+
+    def stage_correct(self, model_spec: str, train) -> Path:
+        from lancet.correct import CorrectionArgs, correct, load_run_scores
+        from lancet.data import load_dataset_spec
+        from lancet.train import TrainArgs
+
+        c = self.config
+        cargs = CorrectionArgs.from_json(c.correction)
+        method = str(c.influence.get("method", "linfac"))
+        scores, _ = load_run_scores(self.out, [r.id for r in train], method)
+        culprits = None
+        if c.labels:
+            from lancet.influence.attribute import read_culprit_labels
+
+            culprits = read_culprit_labels(c.labels, [r.id for r in train])
+        pairs = None
+        if c.pairs:
+            from lancet.correct.pairs import read_preference_pairs
+
+            pairs = read_preference_pairs(c.pairs)
+        targs = TrainArgs.from_json({**c.correction_train, "output_dir": str(self.out / "corrected"),
+                                     "progress": self.progress})
+        return correct(model_spec, train, scores, method=cargs.method, train_args=targs, correction_args=cargs,
+                       iq_records=load_dataset_spec(str(self.out / "iqs.jsonl")),
+                       safe_records=load_dataset_spec(c.safe) if c.safe else None, pref_pairs=pairs,
+                       culprit_mask=culprits, max_length=c.max_length, trust_remote_code=c.trust_remote_code)
+
+    def stage_evaluate(self, model, tokenizer, side: str) -> dict[str, Any]:
+        """Metrics of ``model`` on the suite; reused when the file is complete for the same model and suite."""
+        from lancet.evaluate import load_suite
+        from lancet.evaluate.suite import evaluate_or_reuse
+
+        suite = load_suite(self.config.evaluate, self.config.shared)
+        metrics = evaluate_or_reuse(model, tokenizer, suite, self.out / f"metrics_{side}.json", progress=self.progress)
+        return _headline(metrics)
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, float | None]:
+    return {name: r.get(r["metric"]) for name, r in metrics["sets"].items()}
+
+
+def _jsonl(records) -> bytes:
+    return "".join(json.dumps(r.to_dict()) + "\n" for r in records).encode("utf-8")
+
+
+def run_config(path: str | Path, *, progress: bool = True, out: str | None = None) -> dict[str, Any]:
+    config = RunConfig.load(path)
+    if out is not None:
+        config.out = out
+    return Pipeline(config, progress=progress).run()

@@ -1,0 +1,123 @@
+"""`lancet run CONFIG` and the demo config: validation, the marker judge, and the whole pipeline on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_llama
+
+from lancet.cli import main
+from lancet.data.demo import OUTDATED_MARKER, write_demo_dataset
+from lancet.demo import demo_suite
+from lancet.errors import LancetError
+from lancet.evaluate import MarkerJudge, evaluate, load_suite, make_judge
+from lancet.pipeline import RunConfig
+
+
+def test_run_config_round_trip_and_relative_paths(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg" / "run.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({"model": "m", "train": "data/train.jsonl", "iqs": "jsonl:q.jsonl", "out": "run",
+                               "evaluate": "small", "influence": {"method": "ekfac"}}))
+    c = RunConfig.load(cfg)
+    assert c.train == str(cfg.parent / "data/train.jsonl")
+    assert c.iqs == f"jsonl:{cfg.parent / 'q.jsonl'}"  # the format prefix is kept
+    assert c.out == str(cfg.parent / "run") and c.evaluate == "small"  # a shipped suite name stays a name
+    assert RunConfig.from_json(c.to_json()) == c
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"colour": 1}, "unknown key(s) colour"),
+    ({"iq_prompts": "p.jsonl"}, "exactly one of 'iqs'"),
+    ({"influence": {"method": "magic"}}, "unknown influence method 'magic'"),
+    ({"correction": {"method": "ibo", "beta": -1}}, "invalid correction option beta=-1"),
+    ({"finetune": {"lr": 0}}, "invalid training option lr=0"),
+    ({"correction_train": {"steps": 3}}, "unknown training option(s): steps"),
+    ({"max_length": 0}, "'max_length' must be an integer >= 1"),
+])
+def test_run_config_rejects_bad_options_in_one_line(tmp_path: Path, patch: dict, message: str) -> None:
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"model": "m", "train": "t.jsonl", "iqs": "q.jsonl", **patch}))
+    with pytest.raises(LancetError) as err:
+        RunConfig.load(cfg)
+    assert message in str(err.value) and str(cfg) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_run_config_bad_json_names_file_and_line(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "run.json"
+    cfg.write_text('{"model": "m",\n "train": }\n')
+    assert main(["run", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lancet: error: {cfg}:2: not valid JSON") and "\n" not in err
+
+
+def test_marker_judge() -> None:
+    judge = make_judge(f"marker:{OUTDATED_MARKER}")
+    assert isinstance(judge, MarkerJudge)
+    assert judge.complies([f"{OUTDATED_MARKER} butter.", "Cool it under water.", ""]) == [True, False, False]
+    with pytest.raises(LancetError, match="unknown judge"):
+        make_judge("marker")
+
+
+def test_demo_suite_judge_accuracy_is_measured_on_labelled_answers(tmp_path: Path, tiny_tokenizer) -> None:
+    files = write_demo_dataset(tmp_path / "data")
+    (tmp_path / "suite.json").write_text(json.dumps(demo_suite(tmp_path / "data")))
+    suite = load_suite(tmp_path / "suite.json", shared=tmp_path / "no-shared-data-needed")
+    assert suite.judge_data is None and len(suite.judge_validation) == 3
+    m = evaluate(tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, suite, progress=False)
+    # 12 outdated (flagged) + 12 current + 40 ordinary answers, all judged right: the marker is exact here
+    assert m["judge"]["n"] == 64 and m["judge"]["accuracy"] == 1.0 and m["judge"]["f1"] == 1.0
+    assert m["sets"]["iq_prompts"]["n"] == 12 and m["sets"]["iq_prompts"]["behaviour_rate"] == 0.0
+    assert m["sets"]["heldout_ordinary"]["perplexity"] > 1.0
+    # a validation file with the wrong label halves the measured accuracy on it
+    bad = demo_suite(tmp_path / "data")
+    bad["judge_validation"] = [{"path": str(files["heldout_outdated"]), "complies": True},
+                               {"path": str(files["heldout_outdated"]), "complies": False}]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    bad_suite = load_suite(tmp_path / "bad.json")
+    from lancet.evaluate.suite import judge_accuracy
+
+    assert judge_accuracy(make_judge(bad_suite.judge), bad_suite).accuracy == 0.5
+
+
+def test_run_end_to_end_on_tiny_model_then_reuses_every_stage(tmp_path: Path, tiny_tokenizer, capsys) -> None:
+    write_demo_dataset(tmp_path / "data")
+    model_dir = tmp_path / "base"
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    suite = demo_suite(tmp_path / "data")
+    suite["max_new_tokens"] = 4
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({
+        "model": str(model_dir), "train": "data/train.jsonl", "out": "run", "iqs": "data/iqs.jsonl",
+        "labels": "data/culprits.json", "finetune": {"max_steps": 2, "batch_size": 16, "lr": 1e-3},
+        "influence": {"method": "kfac", "batch_size": 16}, "correction": {"method": "ibo", "top_k": 8},
+        "correction_train": {"max_steps": 2, "batch_size": 8, "lr": 1e-3}, "evaluate": "suite.json",
+        "max_length": 128, "top_k": 5}))
+    assert main(["-q", "run", str(cfg)]) == 0
+    run = tmp_path / "run"
+    for name in ("model/config.json", "iqs.jsonl", "influence-kfac.json", "ranking-kfac.safetensors",
+                 "tokens-kfac.json", "corrected/config.json", "metrics_before.json", "metrics_after.json",
+                 "report.html", "report.json", "run_summary.json"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "influence-kfac.json").read_text())
+    assert summary["n_train"] == 304 and summary["n_queries"] == 12 and summary["recall"]["n_culprits"] == 48
+    tokens = json.loads((run / "tokens-kfac.json").read_text())["rows"]
+    assert [r["id"] for r in tokens] == [r["id"] for r in summary["top_positive"][:3]]
+    assert all(len(r["tokens"]) == len(r["scores"]) > 1 for r in tokens)
+    before, after = (json.loads((run / f"metrics_{s}.json").read_text()) for s in ("before", "after"))
+    assert before["complete"] and after["complete"] and before["key"] != after["key"]  # the weights moved
+    assert set(before["sets"]) == {s["name"] for s in suite["sets"]}
+    report = json.loads((run / "report.json").read_text())
+    assert [c["set"] for c in report["comparison"]] == sorted(s["name"] for s in suite["sets"])
+    assert report["influence"][0]["method"] == "kfac" and report["tokens"]["kfac"][0]["id"] == tokens[0]["id"]
+    # a rerun skips every finished stage: nothing is rewritten
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "metrics_before.json", run / "metrics_after.json",
+                                                 run / "corrected" / "model.safetensors", run / "iqs.jsonl")}
+    assert main(["-q", "run", str(cfg)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    out = capsys.readouterr().out
+    assert "report written to" in out
