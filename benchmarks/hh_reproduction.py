@@ -31,6 +31,7 @@ import json
 import random
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,7 +91,9 @@ def _jsonl(records) -> bytes:
 
 
 def _fits(records: list[Record], tokenizer, max_length: int) -> list[Record]:
-    encoded = encode_records(records, tokenizer, max_length + 1, progress=False)
+    with warnings.catch_warnings():  # the cut rows are the ones dropped here
+        warnings.simplefilter("ignore")
+        encoded = encode_records(records, tokenizer, max_length + 1, progress=False)
     return [r for r, row in zip(records, encoded, strict=True)
             if len(row["input_ids"]) <= max_length and any(t != -100 for t in row["labels"][1:])]
 

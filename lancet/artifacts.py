@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,17 +21,39 @@ from lancet.errors import ArtifactError
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_for(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        named = _io_error_naming(exc, path)
+        if named is exc:
+            raise
+        raise named from exc
+
+
+def _io_error_naming(exc: BaseException, path: Path) -> BaseException:
+    """An I/O failure as an OSError that names ``path`` (the CLI prints the name): fsync and safetensors' writer
+    report none, and safetensors wraps a full disk in its own error type ("... (os error 28)"). Others: ``exc``."""
+    if isinstance(exc, OSError):
+        return exc if exc.filename is not None else OSError(exc.errno, exc.strerror or str(exc), str(path))
+    code = re.search(r"\(os error (\d+)\)", str(exc)) if isinstance(exc, Exception) else None
+    return OSError(int(code[1]), os.strerror(int(code[1])), str(path)) if code else exc
+
+
+def _temp_for(path: Path) -> str:
+    """A new temp file beside ``path``, after removing the temps of ``path`` that a killed writer left behind
+    (each artifact has one writer at a time, so another live writer's temp is never among them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -40,15 +64,16 @@ def atomic_save_tensors(
     path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temp_for(path)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        named = _io_error_naming(exc, path)
+        if named is exc:
+            raise
+        raise named from exc
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -100,6 +125,6 @@ def check_or_write_meta(path: str | os.PathLike, meta: dict[str, Any], write: bo
     if diff:
         raise ArtifactError(
             f"{path}: artifact was made from other inputs (differs in {', '.join(diff)}); "
-            "use a new output directory or --overwrite"
+            "use a new output directory (or delete this one)"
         )
     return True

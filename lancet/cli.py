@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fisher", default="sampled", choices=["sampled", "empirical"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--query-rank", type=int, default=None, help="low-rank preconditioned query gradients")
+    p.add_argument("--chunk-rows", type=int, default=None, help="rows per saved chunk (the resume granularity)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward")
     p.add_argument("--modules", default="blocks", help="'blocks', 'blocks+lm_head' or a regex over module names")
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
@@ -145,12 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_finetune(ns: argparse.Namespace) -> int:
-    from lancet.data import read_records
+    from lancet.data import load_dataset_spec
     from lancet.finetune import finetune
 
     out = finetune(
         ns.model,
-        read_records(ns.train),
+        load_dataset_spec(ns.train),  # the same data specs as every other verb (FORMAT:PATH, hh-rlhf:PATH, ...)
         _train_args(ns, ns.out),
         max_length=ns.max_length,
         trust_remote_code=ns.trust_remote_code,
@@ -198,8 +199,9 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
     from lancet.influence.memory import estimate_memory
     from lancet.models.loading import load_model
 
+    chunk = {"chunk_rows": ns.chunk_rows} if ns.chunk_rows is not None else {}
     args = InfluenceArgs(method=ns.method, damping=ns.damping, fisher=ns.fisher, batch_size=ns.batch_size,
-                         query_rank=ns.query_rank, bf16=ns.bf16, modules=ns.modules, progress=not ns.quiet)
+                         query_rank=ns.query_rank, bf16=ns.bf16, modules=ns.modules, progress=not ns.quiet, **chunk)
     model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code)
     logging.getLogger("lancet").info(estimate_memory(model, args).describe())
     summary = attribute(model, tokenizer, ns.train, ns.queries, ns.out, args, max_length=ns.max_length,
@@ -247,12 +249,14 @@ def cmd_correct(ns: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
-    from lancet.evaluate import evaluate, format_table, load_suite
+    from lancet.evaluate import format_table, load_suite
+    from lancet.evaluate.suite import evaluate_or_reuse
     from lancet.models.loading import load_model
 
     suite = load_suite(ns.suite, ns.shared)  # checks every path before the model is loaded
     model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code)
-    print(format_table(evaluate(model, tokenizer, suite, out=ns.out, progress=not ns.quiet)))
+    # resumes set by set after a kill, and reuses a complete metrics file of the same weights and suite
+    print(format_table(evaluate_or_reuse(model, tokenizer, suite, ns.out, progress=not ns.quiet)))
     print(f"metrics written to {ns.out}")
     return 0
 
@@ -284,15 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     from lancet import distributed as dist
 
     ns = build_parser().parse_args(argv)
+    import warnings
+
+    # one line per warning ("lancet: warning: 3 of 304 rows truncated ..."), not the source line under it
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"lancet: warning: {message}\n"
     # under torchrun (docs/scaling.md) every rank runs the same command; only rank 0 logs, shows progress and prints
     main_rank = dist.is_main()
     ns.quiet = ns.quiet or not main_rank
     logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(levelname)s %(message)s")
     if ns.quiet:
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-    if not main_rank:  # the other ranks' warnings and progress bars would repeat rank 0's
-        import warnings
+        from transformers.utils import logging as hf_logging
 
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()  # "Loading weights" bars on stderr would bury the one-line error
+    if not main_rank:  # the other ranks' warnings and progress bars would repeat rank 0's
         from transformers.utils import logging as hf_logging
 
         warnings.simplefilter("ignore")
@@ -309,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lancet: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # unwritable directory, full disk, vanished file: name the path, keep it one line
+        if ns.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"lancet: error: {where}{exc.strerror or exc} (nothing partial was kept; rerun to resume)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("lancet: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130

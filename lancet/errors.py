@@ -32,3 +32,7 @@ class ModelError(LancetError):
 
 class ArtifactError(LancetError):
     """A stored artifact that is missing, corrupted, or was made from other inputs (fingerprint mismatch)."""
+
+
+class NonFiniteError(LancetError):
+    """NaN or inf in a model's activations, gradients or influence scores: what was computed from them is not kept."""

@@ -319,6 +319,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
                 if step % self.args.save_every == 0 and step < self.total_steps:
                     self._save_checkpoint(step)
+        except LancetError:
+            # stopped by its input (a non-finite loss) before any step was logged: no empty log is left behind
+            if log_fh is not None and log_fh.tell() == 0:
+                log_fh.close()
+                (self.out / LOG_FILE).unlink(missing_ok=True)
+            raise
         finally:
             self._denominators = None
             bar.close()
@@ -416,7 +422,8 @@ class Trainer:
             self.out / "lancet_train_args.json",
             {"trainer": self.name, "base": self.base_spec, "args": self.args.to_json()},
         )
+        # the done marker first: a kill after it leaves a finished run (and stale checkpoints), never a lost one
+        atomic_write_json(self.out / DONE_FILE, {"fingerprint": self.fingerprint, "steps": self.total_steps})
         for old in self.out.glob("checkpoint-*"):
             shutil.rmtree(old, ignore_errors=True)
         (self.out / CKPT_POINTER).unlink(missing_ok=True)
-        atomic_write_json(self.out / DONE_FILE, {"fingerprint": self.fingerprint, "steps": self.total_steps})

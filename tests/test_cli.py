@@ -77,7 +77,7 @@ def test_attribute_end_to_end_on_tiny_model(tmp_path, tiny_tokenizer, capsys):
     tiny_tokenizer.save_pretrained(model_dir)
     rc = main(["-q", "attribute", str(model_dir), "--train", str(files["train"]), "--queries", str(files["iqs"]),
                "--out", str(tmp_path / "run"), "--method", "identity", "--labels", str(files["culprits"]),
-               "--max-length", "48", "--batch-size", "16"])
+               "--max-length", "128", "--batch-size", "16"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "average precision" in out and "train.jsonl:" in out

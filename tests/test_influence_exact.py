@@ -75,6 +75,10 @@ def kronecker_matrix(est, st, k: int) -> torch.Tensor:
     together make ONE exact expectation, so the estimate is k times too small; scale it back."""
     if "S_vecs" not in st:
         return k * torch.diag(st["diag"].flatten())
+    if hasattr(est, "apply"):  # LinFAC: F applied to every basis matrix, block by block
+        out, inp = st["S_vecs"].shape[0], st["A_vecs"].shape[0]
+        basis = torch.eye(out * inp, dtype=st["S_vecs"].dtype).reshape(-1, out, inp)
+        return k * est.apply(st, basis, lambda v: v).reshape(out * inp, out * inp)
     q = torch.kron(st["S_vecs"], st["A_vecs"])
     return k * q @ torch.diag(est.eigenvalues(st).flatten()) @ q.T
 

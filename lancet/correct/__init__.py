@@ -107,6 +107,9 @@ def load_run_scores(run_dir: str | Path, train_ids: Sequence[str], scores_method
     if "aggregate_normalized_mean" not in tensors:
         raise ArtifactError(f"{ranking}: no tensor 'aggregate_normalized_mean'")
     scores = tensors["aggregate_normalized_mean"].float()
+    if not torch.isfinite(scores).all():
+        raise ArtifactError(f"{ranking}: {int((~torch.isfinite(scores)).sum())} of {scores.numel()} scores are NaN or "
+                            "infinite; rerun `lancet attribute` into a new directory")
     try:
         ids = json.loads(summary_path.read_text())["ids"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:

@@ -38,14 +38,43 @@ def _sym_eigh(m: torch.Tensor, fill: torch.Tensor | None = None) -> tuple[torch.
     return vals.clamp_min(0).to(m.dtype), vecs.to(m.dtype)
 
 
+RANGE_OVERSAMPLE = 8  # extra columns of the range finder beyond the rank bound (Halko, Martinsson & Tropp 2011)
+
+
+def _range_eigh(m: torch.Tensor, rank_bound: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of the range of a PSD factor that is a sum of at most ``rank_bound`` outer products.
+
+    When ``rank_bound + RANGE_OVERSAMPLE`` is below the width, a seeded Gaussian range finder gives an orthonormal
+    basis Q of the range (exact when the rank is at most the bound: no power iterations are needed) and the
+    eigenpairs come from the small matrix Q^T M Q: O(d^2 r) instead of O(d^3). Otherwise a full eigh. Directions
+    with eigenvalue at rounding level are dropped: they are the null space, which LinFAC treats as one block."""
+    m = 0.5 * (m + m.T)
+    md, d = m.double(), m.shape[0]
+    r = rank_bound + RANGE_OVERSAMPLE
+    if r < d:
+        omega = torch.randn(d, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        q, _ = torch.linalg.qr(md @ omega)
+        vals, small = torch.linalg.eigh(q.T @ md @ q)
+        vecs = q @ small
+    else:
+        vals, vecs = torch.linalg.eigh(md)
+    tol = float(vals.abs().max()) * d * torch.finfo(m.dtype).eps * 10
+    keep = vals > tol
+    return vals[keep].to(m.dtype), vecs[:, keep].contiguous().to(m.dtype)
+
+
 class Estimator:
     """Base: ``identity`` curvature 0, so the score is a plain gradient dot product (divided by damping if given)."""
 
     name: ClassVar[str] = "identity"
     passes: ClassVar[tuple[str, ...]] = ()
+    # bumped when what an estimator stores changes: stored curvature of another format is refused, not misread
+    format_version: ClassVar[int] = 1
     uses_gradients: ClassVar[bool] = True
 
-    def new_stats(self, pass_name: str, shape: tuple[int, int], dtype: torch.dtype) -> Stats:
+    def new_stats(self, pass_name: str, shape: tuple[int, int], dtype: torch.dtype, state: Stats | None = None
+                  ) -> Stats:
+        """Zeroed sums of a pass; ``state`` is the layer state the earlier passes left."""
         raise NotImplementedError
 
     def accumulate(self, pass_name: str, stats: Stats, state: Stats, a: torch.Tensor, g: torch.Tensor,
@@ -84,7 +113,7 @@ class Diagonal(Estimator):
     name = "diagonal"
     passes = ("fisher",)
 
-    def new_stats(self, pass_name, shape, dtype):
+    def new_stats(self, pass_name, shape, dtype, state=None):
         return {"sq": torch.zeros(shape, dtype=dtype), "n": torch.zeros((), dtype=torch.float64)}
 
     def accumulate(self, pass_name, stats, state, a, g, mask, weight):
@@ -109,14 +138,17 @@ class KFAC(Estimator):
     name = "kfac"
     passes = ("covariance",)
     reduce: ClassVar[bool] = False
+    fill_null_space: ClassVar[bool] = True
 
-    def new_stats(self, pass_name, shape, dtype):
+    def new_stats(self, pass_name, shape, dtype, state=None):
         out, inp = shape
         if pass_name == "covariance":
             stats = {"A": torch.zeros(inp, inp, dtype=dtype), "S": torch.zeros(out, out, dtype=dtype),
                      "tokens": torch.zeros((), dtype=torch.float64), "n": torch.zeros((), dtype=torch.float64)}
-            if self.reduce:
+            if self.reduce and self.fill_null_space:
                 stats["A_diag"], stats["S_diag"] = torch.zeros(inp, dtype=dtype), torch.zeros(out, dtype=dtype)
+            if not self.fill_null_space:
+                stats["outer"] = torch.zeros((), dtype=torch.float64)  # outer products summed: a rank bound
             return stats
         return {"lambda": torch.zeros(shape, dtype=dtype), "n": torch.zeros((), dtype=torch.float64)}
 
@@ -131,9 +163,11 @@ class KFAC(Estimator):
                 stats["A"] += weight * a_bar.T @ a_bar
                 stats["S"] += weight * g_sum.T @ g_sum
                 stats["tokens"] += weight * a.shape[0]
-                # token-level diagonals, only to pin down the basis of the factors' null spaces (see _sym_eigh)
-                stats["A_diag"] += weight * (a * m).pow(2).sum((0, 1))
-                stats["S_diag"] += weight * g.pow(2).sum((0, 1))
+                if self.fill_null_space:  # token-level diagonals: they pin down the null-space basis (_sym_eigh)
+                    stats["A_diag"] += weight * (a * m).pow(2).sum((0, 1))
+                    stats["S_diag"] += weight * g.pow(2).sum((0, 1))
+                else:
+                    stats["outer"] += a.shape[0]
             else:
                 am = (a * m).reshape(-1, a.shape[-1])
                 gf = g.reshape(-1, g.shape[-1])
@@ -146,11 +180,14 @@ class KFAC(Estimator):
             stats["lambda"] += weight * rotated.pow(2).sum(0)
             stats["n"] += weight * a.shape[0]
 
+    def factor_eigh(self, m: torch.Tensor, stats: Stats, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _sym_eigh(m, stats.get(f"{side}_diag"))
+
     def finish_pass(self, pass_name, stats, state):
         if pass_name == "covariance":
             dtype = stats["A"].dtype
-            a_vals, a_vecs = _sym_eigh(stats["A"] / stats["tokens"].to(dtype), stats.get("A_diag"))
-            s_vals, s_vecs = _sym_eigh(stats["S"] / stats["n"].to(dtype), stats.get("S_diag"))
+            a_vals, a_vecs = self.factor_eigh(stats["A"] / stats["tokens"].to(dtype), stats, "A")
+            s_vals, s_vecs = self.factor_eigh(stats["S"] / stats["n"].to(dtype), stats, "S")
             return {"A_vals": a_vals, "A_vecs": a_vecs, "S_vals": s_vals, "S_vecs": s_vecs}
         return {**state, "lambda": stats["lambda"] / stats["n"].to(stats["lambda"].dtype)}
 
@@ -168,9 +205,9 @@ class KFAC(Estimator):
             bucket = done.setdefault(key, [])
             a_eig = next((eig for m, eig in bucket if torch.equal(m, a_norm)), None)
             if a_eig is None:
-                a_eig = _sym_eigh(a_norm, st.get("A_diag"))
+                a_eig = self.factor_eigh(a_norm, st, "A")
                 bucket.append((a_norm, a_eig))
-            s_vals, s_vecs = _sym_eigh(st["S"] / st["n"].to(dtype), st.get("S_diag"))
+            s_vals, s_vecs = self.factor_eigh(st["S"] / st["n"].to(dtype), st, "S")
             out[name] = {"A_vals": a_eig[0].clone(), "A_vecs": a_eig[1].clone(), "S_vals": s_vals, "S_vecs": s_vecs}
         return out
 
@@ -203,10 +240,91 @@ class EKFAC(KFAC):
 
 class LinFAC(KFACReduce):
     """LinFAC: eigenbases from K-FAC-reduce's sequence-level factors, eigenvalues re-fitted from per-sequence
-    gradients, so cross-token terms sum_{t != t'} g_t a_t^T ... enter both the basis and the scale."""
+    gradients, so cross-token terms sum_{t != t'} g_t a_t^T ... enter both the basis and the scale.
+
+    The sequence-level factors have rank at most the number of sequences N, so only their ranges (r_S, r_A
+    directions, found by ``_range_eigh`` in O(d^2 r)) are decomposed. F is estimated in the basis
+    [range_S | null_S] x [range_A | null_A]: one corrected eigenvalue per (range, range) pair, as in EK-FAC;
+    in the three blocks that touch a null space, one mean value per range row, per range column, and one for the
+    null x null block, i.e. the mean squared per-sequence gradient in that block (docs/method.md §2.3). These
+    values do not depend on how a null space is spanned, so no basis for it is ever formed."""
 
     name = "linfac"
     passes = ("covariance", "lambda")
+    fill_null_space = False
+    format_version = 2  # 1: full eigenbases with a filled null space
+
+    def factor_eigh(self, m, stats, side):
+        return _range_eigh(m, int(stats["outer"]))
+
+    def new_stats(self, pass_name, shape, dtype, state=None):
+        if pass_name == "covariance":
+            return super().new_stats(pass_name, shape, dtype, state)
+        r_s, r_a = (state["S_vecs"].shape[1], state["A_vecs"].shape[1]) if state else (0, 0)  # 0: sized on first use
+        return {"lambda": torch.zeros(r_s, r_a, dtype=dtype), "row": torch.zeros(r_s, dtype=dtype),
+                "col": torch.zeros(r_a, dtype=dtype), "total": torch.zeros((), dtype=torch.float64),
+                "n": torch.zeros((), dtype=torch.float64)}
+
+    def accumulate(self, pass_name, stats, state, a, g, mask, weight):
+        if pass_name == "covariance":
+            return super().accumulate(pass_name, stats, state, a, g, mask, weight)
+        dtype = stats["lambda"].dtype
+        a, g = a.to(dtype), g.to(dtype)
+        qs, qa = state["S_vecs"].to(dtype), state["A_vecs"].to(dtype)
+        if stats["lambda"].shape != (qs.shape[1], qa.shape[1]):
+            stats["lambda"] = torch.zeros(qs.shape[1], qa.shape[1], dtype=dtype)
+            stats["row"], stats["col"] = torch.zeros(qs.shape[1], dtype=dtype), torch.zeros(qa.shape[1], dtype=dtype)
+        gs, aa = g @ qs, a @ qa  # [B, T, r_S], [B, T, r_A]
+        stats["lambda"] += weight * per_sequence_grads(aa, gs).pow(2).sum(0)
+        # squared norms of Q_S^T G_n rows and G_n Q_A columns, and ||G_n||^2, via token Gram matrices: G_n itself
+        # (out x in) is never formed. Padded positions have g = 0, so they drop out of every term.
+        ka, kg = a @ a.transpose(1, 2), g @ g.transpose(1, 2)  # [B, T, T]
+        stats["row"] += weight * ((ka @ gs) * gs).sum((0, 1))
+        stats["col"] += weight * ((kg @ aa) * aa).sum((0, 1))
+        stats["total"] += weight * float((ka * kg).sum())
+        stats["n"] += weight * a.shape[0]
+
+    def finish_pass(self, pass_name, stats, state):
+        if pass_name == "covariance":
+            return super().finish_pass(pass_name, stats, state)
+        dtype = stats["lambda"].dtype
+        n = stats["n"].to(dtype)
+        (d_out, r_s), (d_in, r_a) = state["S_vecs"].shape, state["A_vecs"].shape
+        lam = stats["lambda"] / n
+        row, col, total = stats["row"] / n, stats["col"] / n, (stats["total"] / stats["n"]).to(dtype)
+        null_a, null_s = d_in - r_a, d_out - r_s
+        # block means; clamp: the subtractions can go a rounding error below zero
+        row_null = ((row - lam.sum(1)) / max(null_a, 1)).clamp_min(0) if null_a else torch.zeros_like(row)
+        col_null = ((col - lam.sum(0)) / max(null_s, 1)).clamp_min(0) if null_s else torch.zeros_like(col)
+        rest = total - row.sum() - col.sum() + lam.sum()
+        null_null = (rest / (null_a * null_s)).clamp_min(0) if null_a and null_s else torch.zeros((), dtype=dtype)
+        return {**state, "lambda": lam, "row_null": row_null, "col_null": col_null, "null_null": null_null,
+                "mean_eigenvalue": total / (d_out * d_in)}
+
+    def eigenvalues(self, state):
+        return state["lambda"]
+
+    def damping_for(self, state, damping):
+        # 0.1 x the mean of all d_out x d_in eigenvalues (the null blocks included) = 0.1 x trace(F) / dim
+        return float(damping) if damping is not None else HEURISTIC_DAMPING_SCALE * float(state["mean_eigenvalue"])
+
+    def apply(self, state, grads, fn) -> torch.Tensor:
+        """F's eigenvalues mapped by ``fn`` (x -> 1/(x + damping) preconditions, x -> x multiplies by F) applied
+        to grads [Q, out, in], block by block."""
+        qs, qa = state["S_vecs"].to(grads.dtype), state["A_vecs"].to(grads.dtype)
+        x = qs.T @ grads  # [Q, r_S, in]: range_S rows
+        y = grads @ qa  # [Q, out, r_A]: range_A columns
+        core = x @ qa  # [Q, r_S, r_A]
+        x_null = x - core @ qa.T  # range_S x null_A, in input coordinates
+        y_null = y - qs @ core  # null_S x range_A
+        z = grads - qs @ x - y_null @ qa.T  # null_S x null_A
+        f = {k: fn(state[k].to(grads.dtype)) for k in ("lambda", "row_null", "col_null", "null_null")}
+        return (qs @ (core * f["lambda"]) @ qa.T + qs @ (x_null * f["row_null"].unsqueeze(-1))
+                + (y_null * f["col_null"]) @ qa.T + z * f["null_null"])
+
+    def precondition(self, state, grads, damping):
+        d = self.damping_for(state, damping)
+        return self.apply(state, grads, lambda v: 1.0 / (v + d))
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {

@@ -26,6 +26,7 @@ from lancet.curvature.estimators import Estimator, Stats, get_estimator
 from lancet.curvature.modules import Capture, TrackedLayer, find_tracked_layers
 from lancet.curvature.task import fisher_cotangent, forward_logits
 from lancet.data.tokenize import collate
+from lancet.errors import NonFiniteError
 
 log = logging.getLogger(__name__)
 PAD_ID = 0  # any id works: padded positions are masked out of attention and of every statistic
@@ -100,7 +101,8 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
     if out is not None and estimator.passes:
         from lancet.artifacts import model_fingerprint
 
-        meta = {"kind": "curvature", "method": args.method, "model": model_fp or model_fingerprint(model),
+        meta = {"kind": "curvature", "method": args.method, "format": estimator.format_version,
+                "model": model_fp or model_fingerprint(model),
                 "data": data_fingerprint(train), "n_rows": len(train), "layers": [layer.name for layer in layers],
                 "args": args.fingerprint_dict(("method", "modules", "fisher", "fisher_samples", "dtype", "bf16",
                                                "seed", "batch_size", "lambda_max_rows"))}
@@ -110,10 +112,17 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
         dist.barrier()  # every rank has decided before rank 0 can write anything new
         if found:
             return Curvature(estimator, layers, _unflatten(load_tensors(final)))
-    for pass_index, pass_name in enumerate(estimator.passes):
-        rows = train if pass_name != "lambda" else subsample(train, args.lambda_max_rows, args.seed)
-        stats = _run_pass(model, layers, estimator, pass_index, pass_name, rows, state, args, out)
-        state = _finish(estimator, pass_name, stats, state)
+    try:
+        for pass_index, pass_name in enumerate(estimator.passes):
+            rows = train if pass_name != "lambda" else subsample(train, args.lambda_max_rows, args.seed)
+            stats = _run_pass(model, layers, estimator, pass_index, pass_name, rows, state, args, out)
+            state = _finish(estimator, pass_name, stats, state)
+    except NonFiniteError:
+        # NaN sums cannot be resumed from, and their fingerprint would refuse the rerun with repaired weights
+        if out is not None and estimator.passes and dist.is_main():
+            for stale in [*out.glob("pass-*.partial.safetensors"), out / "meta.json"]:
+                stale.unlink(missing_ok=True)
+        raise
     curvature = Curvature(estimator, layers, state)
     if out is not None and estimator.passes:
         if dist.is_main():
@@ -129,6 +138,11 @@ def _finish(estimator: Estimator, pass_name: str, stats: dict[str, Stats], state
     """Turn a pass's sums into layer state. Under torchrun each rank finishes a contiguous share of the layers (the
     eigendecompositions) and the results are broadcast from their owners, so every rank holds the same factors,
     each computed once."""
+    for name, layer_stats in stats.items():  # NaN/inf activations or gradients would poison every score silently
+        bad = [k for k, v in layer_stats.items() if isinstance(v, torch.Tensor) and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteError(f"{pass_name} pass: non-finite {bad[0]} statistics in layer {name} (NaN or inf in "
+                                 "the model's activations or gradients; check the weights and the data)")
     if not dist.active():
         return estimator.finish_all(pass_name, stats, state)
     names = list(state)
@@ -149,7 +163,7 @@ def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, Stats]:
 
 def _run_pass(model, layers, estimator, pass_index, pass_name, train, state, args, out) -> dict[str, Stats]:
     dtype = args.stats_dtype
-    stats = {layer.name: estimator.new_stats(pass_name, layer.shape, dtype) for layer in layers}
+    stats = {layer.name: estimator.new_stats(pass_name, layer.shape, dtype, state[layer.name]) for layer in layers}
     partial = out / f"pass-{pass_name}.partial.safetensors" if out is not None else None
     done = 0
     if partial is not None and partial.is_file():
@@ -161,7 +175,8 @@ def _run_pass(model, layers, estimator, pass_index, pass_name, train, state, arg
     weight = 1.0 / args.fisher_samples
     sharded = dist.active()
     # one process adds straight into the running sums; under torchrun each chunk is summed apart, then all-reduced
-    acc = stats if not sharded else {layer.name: estimator.new_stats(pass_name, layer.shape, dtype) for layer in layers}
+    acc = stats if not sharded else {layer.name: estimator.new_stats(pass_name, layer.shape, dtype, state[layer.name])
+                                     for layer in layers}
 
     def on_grad(layer: TrackedLayer, a: torch.Tensor, g: torch.Tensor) -> None:
         estimator.accumulate(pass_name, acc[layer.name], state[layer.name], a, g, mask_holder["mask"], weight)

@@ -227,8 +227,10 @@ def judge_accuracy(judge: Judge, suite: Suite):
 
 
 def evaluate(model, tokenizer, suite: Suite | str, *, out: str | Path | None = None, progress: bool = True,
-             shared: str | Path | None = None, judge: Judge | None = None) -> dict[str, Any]:
-    """Every set's numbers, the judge's held-out accuracy and the settings; written to ``out`` (atomically)."""
+             shared: str | Path | None = None, judge: Judge | None = None, done: dict[str, Any] | None = None,
+             key: str | None = None) -> dict[str, Any]:
+    """Every set's numbers, the judge's held-out accuracy and the settings; written to ``out`` (atomically) after
+    each set. ``done``: results of sets already measured (by an interrupted run with the same ``key``), kept."""
     suite = suite if isinstance(suite, Suite) else load_suite(suite, shared)
     t0 = time.perf_counter()
     judge = judge or make_judge(suite.judge, suite.judge_data)
@@ -236,6 +238,9 @@ def evaluate(model, tokenizer, suite: Suite | str, *, out: str | Path | None = N
     results: dict[str, Any] = {}
     answers: dict[str, tuple] = {}
     for s in suite.sets:
+        if done and s.name in done and s.kind != "diversity":  # diversity of generated sets needs their answers
+            results[s.name] = done[s.name]
+            continue
         log.info("evaluate: %s (%s)", s.name, s.kind)
         t = time.perf_counter()
         res = _run_set(s, model, tokenizer, suite, judge, answers, progress)
@@ -246,7 +251,8 @@ def evaluate(model, tokenizer, suite: Suite | str, *, out: str | Path | None = N
                  results[s.name]["seconds"])
         metrics_json = {"suite": suite.settings(), "judge": report.to_json(), "sets": results,
                         "model": str(getattr(getattr(model, "config", None), "_name_or_path", "")),
-                        "seconds": round(time.perf_counter() - t0, 2), "complete": len(results) == len(suite.sets)}
+                        "seconds": round(time.perf_counter() - t0, 2), "complete": len(results) == len(suite.sets),
+                        **({"key": key} if key else {})}
         if out is not None:  # after every set, so an interrupted run keeps what it measured
             atomic_write_json(out, metrics_json)
     return metrics_json
@@ -259,18 +265,17 @@ def evaluate_or_reuse(model, tokenizer, suite: Suite, out: str | Path, *, progre
     out = Path(out)
     key = hash_json({"model": model_fingerprint(model), "suite": suite.settings(),
                      "sets": json.loads(Path(suite.file).read_text())})
+    old: dict[str, Any] = {}
     if out.is_file():
         try:
             old = json.loads(out.read_text())
         except (OSError, ValueError):
             old = {}
-        if old.get("complete") and old.get("key") == key:
-            log.info("evaluate: %s holds this model's metrics on this suite, reusing them", out)
-            return old
-    metrics = evaluate(model, tokenizer, suite, out=out, progress=progress)  # written set by set
-    metrics["key"] = key
-    atomic_write_json(out, metrics)
-    return metrics
+    if old.get("key") == key and old.get("complete"):
+        log.info("evaluate: %s holds this model's metrics on this suite, reusing them", out)
+        return old
+    done = old.get("sets") if old.get("key") == key else None  # an interrupted run of the same key: resume
+    return evaluate(model, tokenizer, suite, out=out, progress=progress, done=done, key=key)
 
 
 def format_table(m: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from lancet.artifacts import atomic_save_tensors, check_or_write_meta, hash_json
 from lancet.curvature.estimators import METHODS
 from lancet.curvature.fit import Curvature, data_fingerprint, fit_curvature
 from lancet.curvature.modules import find_tracked_layers
-from lancet.errors import LancetError
+from lancet.errors import LancetError, NonFiniteError
 from lancet.influence.arguments import InfluenceArgs
 from lancet.influence.bm25 import bm25_scores
 from lancet.influence.scoring import precondition_queries, query_gradients, score_rows, token_scores
@@ -91,7 +91,8 @@ class Influence:
             meta = {"kind": "scores", "method": self.args.method, "model": self.model_fp,
                     "train": data_fingerprint(train_rows), "queries": data_fingerprint(query_rows),
                     "args": self.args.fingerprint_dict()}
-            check_or_write_meta(sdir / "meta.json", meta, write=dist.is_main())
+            # checked now, written once the curvature is fitted: a refused or failed fit leaves no scores directory
+            check_or_write_meta(sdir / "meta.json", meta, write=False)
             final = sdir / "scores.safetensors"
             found = final.is_file()
             dist.barrier()  # every rank has decided before rank 0 can write anything new
@@ -99,8 +100,17 @@ class Influence:
                 return load_tensors(final)
         if self._curvature is None:
             self.fit(train_rows)
+        if sdir is not None:
+            check_or_write_meta(sdir / "meta.json", meta, write=dist.is_main())
         pre = self.preconditioned_queries(query_rows)
         result = score_rows(self.model, self._curvature.layers, train_rows, pre, self.args, out_dir=sdir)
+        if not torch.isfinite(result["scores"]).all():
+            if sdir is not None and dist.is_main():  # not stored: a rerun with repaired weights must not be refused
+                for stale in ("scores.partial.safetensors", "meta.json"):
+                    (sdir / stale).unlink(missing_ok=True)
+            bad = int((~torch.isfinite(result["scores"])).sum())
+            raise NonFiniteError(f"{bad} of {result['scores'].numel()} influence scores are NaN or infinite "
+                                 "(non-finite gradients: check the model's weights and the data); nothing was stored")
         if sdir is not None:
             if dist.is_main():
                 atomic_save_tensors(sdir / "scores.safetensors", result)

@@ -12,9 +12,9 @@ import torch
 
 from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, atomic_write_json
-from lancet.constants import DEFAULT_MAX_LENGTH
+from lancet.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
 from lancet.data import encode_records, load_dataset_spec
-from lancet.errors import DataError
+from lancet.errors import DataError, NonFiniteError
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.recall import aggregate, average_precision, format_table, recall_at_k, top_k
 
@@ -25,7 +25,10 @@ def read_culprit_labels(path: str | Path, ids: list[str]) -> torch.Tensor:
     """A JSON file {"culprit_ids": [...]} (as the demo writes) -> boolean mask over ``ids``."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except json.JSONDecodeError as exc:
+        raise DataError(f"cannot read culprit labels: invalid JSON ({exc.msg}, column {exc.colno})", path=str(path),
+                        line=exc.lineno) from exc
+    except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read culprit labels ({exc})", path=str(path)) from exc
     if not isinstance(data, dict) or not isinstance(data.get("culprit_ids"), list):
         raise DataError("expected an object with a list 'culprit_ids'", path=str(path), field="culprit_ids")
@@ -43,10 +46,19 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
                             field="response")
     train = encode_records(train_records, tokenizer, max_length, progress=args.progress)
     queries = encode_records(query_records, tokenizer, max_length, progress=args.progress)
+    for r, item in zip(query_records, queries, strict=True):  # a query with no scored token has zero gradient
+        if all(t == IGNORE_INDEX for t in item["labels"][1:]):
+            raise DataError(f"no response tokens left after cutting the row to {max_length} tokens (--max-length); "
+                            "shorten the prompt or raise --max-length", path=r.source, line=r.line, field="response")
+    culprits = read_culprit_labels(labels, train.ids) if labels else None  # a bad file fails before any work
     t0 = time.perf_counter()
     result = Influence(model, args, out_dir=out).scores(train, queries)
     seconds = time.perf_counter() - t0
     scores = result["scores"]
+    if not torch.isfinite(scores).all():
+        bad = int((~torch.isfinite(scores)).sum())
+        raise NonFiniteError(f"{bad} of {scores.numel()} influence scores are NaN or infinite (non-finite gradients: "
+                             "check the model's weights and the data); nothing was ranked")
     agg = {how: aggregate(scores, how) for how in ("normalized_mean", "sum")}
     if dist.is_main():
         atomic_save_tensors(out / f"ranking-{args.method}.safetensors",
@@ -58,8 +70,7 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
         "top_negative": top_k(train_records, agg["normalized_mean"], k, negative=True),
         "args": args.to_json(),
     }
-    if labels:
-        culprits = read_culprit_labels(labels, train.ids)
+    if culprits is not None:
         summary["recall"] = {
             "n_culprits": int(culprits.sum()),
             "average_precision": average_precision(agg["normalized_mean"], culprits),

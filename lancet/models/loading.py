@@ -114,7 +114,17 @@ def load_model(
         )
     except OSError as exc:
         raise ModelError(f"{spec}: cannot load model ({str(exc).splitlines()[0]})") from exc
+    except Exception as exc:  # a truncated or corrupted safetensors file (SafetensorError and friends)
+        if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):  # custom code, not run without the flag
+            raise ModelError(_REMOTE_CODE.format(spec=spec)) from exc
+        if "safetensor" not in type(exc).__name__.lower() and "header" not in str(exc).lower():
+            raise
+        raise ModelError(f"{spec}: corrupted or truncated safetensors weights ({str(exc).splitlines()[0]})") from exc
     return _finish(model, tokenizer)
+
+
+_REMOTE_CODE = ("{spec}: the model needs its repository's custom code (auto_map); lancet does not run it unless you "
+                "pass --trust-remote-code (only for code you have read)")
 
 
 def _load_adapter(path: Path, *, dtype: torch.dtype, trust_remote_code: bool):
@@ -131,6 +141,11 @@ def _load_adapter(path: Path, *, dtype: torch.dtype, trust_remote_code: bool):
 
 
 def _finish(model, tokenizer):
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:  # ids past the embedding would fail deep inside the forward pass, or read garbage
+        name = getattr(model.config, "_name_or_path", "") or "the model"
+        raise ModelError(f"{name}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} "
+                         "rows: tokenizer and weights do not belong together")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
@@ -147,6 +162,10 @@ def load_tokenizer(spec: str = DEFAULT_MODEL, *, trust_remote_code: bool = False
         tokenizer = AutoTokenizer.from_pretrained(resolve_spec(spec), trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelError(f"{spec}: cannot load tokenizer ({str(exc).splitlines()[0]})") from exc
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ModelError(_REMOTE_CODE.format(spec=spec)) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
