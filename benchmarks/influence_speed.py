@@ -2,6 +2,10 @@
 data and queries; plus the raw forward+backward throughput on the same rows (the ceiling for scoring).
 
     .venv/bin/python -m benchmarks.influence_speed [--rows 64] [--queries 4] [--no-kronfluence] [--bf16]
+        [--query-rank 32]
+
+``--query-rank R`` adds lancet linfac with rank-R preconditioned queries (the contraction never forms a per-row
+gradient) and its Pearson/Spearman correlation with full-rank linfac scores on the same rows.
 
 Writes benchmarks/results/influence_speed.json.
 """
@@ -39,6 +43,19 @@ def raw_forward_backward(model, rows, batch_size: int) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+def correlations(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Pearson and Spearman over all (query, row) scores, and the mean per-query Spearman."""
+    def rank(x):
+        return x.argsort(-1).argsort(-1).double()
+
+    a, b = a.double(), b.double()
+    pearson = float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+    spearman = float(torch.corrcoef(torch.stack([rank(a.flatten()), rank(b.flatten())]))[0, 1])
+    per_query = [float(torch.corrcoef(torch.stack([rank(x), rank(y)]))[0, 1]) for x, y in zip(a, b, strict=True)]
+    return {"pearson": round(pearson, 4), "spearman": round(spearman, 4),
+            "per_query_spearman_mean": round(sum(per_query) / len(per_query), 4)}
+
+
 def kronfluence_run(model, rows, queries, batch_size: int, record: dict) -> torch.Tensor:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -71,6 +88,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-kronfluence", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="also time lancet linfac with bf16 autocast")
+    parser.add_argument("--query-rank", type=int, default=None, help="also time linfac with rank-R queries")
     ns = parser.parse_args()
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m-instruct")
@@ -88,6 +106,8 @@ def main() -> None:
     variants = [("lancet_linfac", {"method": "linfac"}), ("lancet_ekfac", {"method": "ekfac"})]
     if ns.bf16:
         variants.append(("lancet_linfac_bf16", {"method": "linfac", "bf16": True}))
+    if ns.query_rank:
+        variants.append((f"lancet_linfac_rank{ns.query_rank}", {"method": "linfac", "query_rank": ns.query_rank}))
     scores = {}
     for name, opts in variants:
         record: dict = {}
@@ -99,6 +119,8 @@ def main() -> None:
         record["score_tokens_per_s"] = round(n_tokens / record["score"]["seconds"], 1)
         record["score_vs_raw"] = round(record["score_tokens_per_s"] / raw, 3)
         record["fit_plus_score_s"] = round(record["fit"]["seconds"] + record["score"]["seconds"], 1)
+        if name != "lancet_linfac" and opts["method"] == "linfac":
+            record["vs_full_linfac"] = correlations(scores[name], scores["lancet_linfac"])
         result["runs"][name] = record
         print(name, record)
 

@@ -157,3 +157,72 @@ def test_diagonal_is_the_exact_ggn_diagonal():
         exact = exact_ggn(model, x, layer.name)
         k = n_cotangents(model, x)
         assert torch.allclose(k * state[layer.name]["diag"].flatten(), torch.diagonal(exact), rtol=1e-10)
+
+
+def _orthonormal(d: int, r: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0]
+
+
+def test_range_eigh_recovers_the_range_of_a_low_rank_factor():
+    from lancet.curvature.estimators import _range_eigh
+
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    m = x @ x.T  # rank 5, width 40: the range finder path
+    vals, vecs = _range_eigh(m, rank_bound=5)
+    full_vals, full_vecs = torch.linalg.eigh(m)
+    assert vals.shape == (5,) and torch.allclose(vals, full_vals[-5:], rtol=1e-10)
+    top = full_vecs[:, -5:]
+    assert torch.allclose(vecs @ vecs.T, top @ top.T, atol=1e-10)  # the same subspace
+    assert torch.allclose(vecs @ torch.diag(vals) @ vecs.T, m, atol=1e-9)
+
+
+def test_linfac_block_means_are_the_dense_estimate_in_any_completing_basis():
+    """LinFAC's F is diagonal in [range | null] x [range | null] with block-mean eigenvalues in the null blocks;
+    applying it block by block equals the dense matrix built with an explicit (arbitrary) null basis."""
+    est = get_estimator("linfac")
+    d_out, d_in, r_s, r_a = 6, 5, 2, 3
+    g = torch.Generator().manual_seed(1)
+    state = {"S_vecs": _orthonormal(d_out, r_s, 2), "A_vecs": _orthonormal(d_in, r_a, 3),
+             "lambda": torch.rand(r_s, r_a, generator=g, dtype=torch.float64) + 0.1,
+             "row_null": torch.rand(r_s, generator=g, dtype=torch.float64), "null_null": torch.tensor(0.3,
+             dtype=torch.float64), "col_null": torch.rand(r_a, generator=g, dtype=torch.float64),
+             "mean_eigenvalue": torch.tensor(0.5, dtype=torch.float64)}
+    grads = torch.randn(3, d_out, d_in, generator=g, dtype=torch.float64)
+    for seed in (4, 5):  # two different completions of the ranges: the same matrix
+        qs = torch.linalg.qr(torch.cat([state["S_vecs"], _orthonormal(d_out, d_out - r_s, seed)], 1))[0]
+        qa = torch.linalg.qr(torch.cat([state["A_vecs"], _orthonormal(d_in, d_in - r_a, seed + 10)], 1))[0]
+        qs[:, :r_s], qa[:, :r_a] = state["S_vecs"], state["A_vecs"]  # QR may flip signs of the range columns
+        vals = torch.full((d_out, d_in), float(state["null_null"]), dtype=torch.float64)
+        vals[:r_s, :r_a] = state["lambda"]
+        vals[:r_s, r_a:] = state["row_null"].unsqueeze(1)
+        vals[r_s:, :r_a] = state["col_null"]
+        dense = torch.kron(qs, qa) @ torch.diag(vals.flatten()) @ torch.kron(qs, qa).T
+        applied = est.apply(state, grads, lambda v: v).reshape(3, -1)
+        assert torch.allclose(applied, grads.reshape(3, -1) @ dense, atol=1e-12)
+        pre = est.precondition(state, grads, 0.2).reshape(3, -1)
+        assert torch.allclose(pre, grads.reshape(3, -1) @ torch.linalg.inv(dense + 0.2 * torch.eye(d_out * d_in,
+                                                                                                   dtype=dense.dtype)),
+                              atol=1e-10)
+
+
+def test_linfac_correction_pass_sums_match_explicit_per_sequence_gradients():
+    est = get_estimator("linfac")
+    d_out, d_in, r_s, r_a, b, t = 6, 5, 2, 3, 4, 7
+    state = {"S_vecs": _orthonormal(d_out, r_s, 2), "A_vecs": _orthonormal(d_in, r_a, 3)}
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(b, t, d_in, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, t, d_out, generator=gen, dtype=torch.float64)
+    stats = est.new_stats("lambda", (d_out, d_in), torch.float64, state)
+    est.accumulate("lambda", stats, state, a, g, torch.ones(b, t), 1.0)
+    grads = torch.einsum("bto,bti->boi", g, a)  # G_n, formed here only to check the sums
+    qs, qa = state["S_vecs"], state["A_vecs"]
+    assert torch.allclose(stats["lambda"], (qs.T @ grads @ qa).pow(2).sum(0), atol=1e-10)
+    assert torch.allclose(stats["row"], (qs.T @ grads).pow(2).sum((0, 2)), atol=1e-10)
+    assert torch.allclose(stats["col"], (grads @ qa).pow(2).sum((0, 1)), atol=1e-10)
+    assert abs(float(stats["total"]) - float(grads.pow(2).sum())) < 1e-9
+    st = est.finish_pass("lambda", stats, state)
+    # the mean over all d_out x d_in eigenvalues equals E||G_n||^2 / dim (the damping heuristic's base)
+    total_mass = (st["lambda"].sum() + st["row_null"].sum() * (d_in - r_a) + st["col_null"].sum() * (d_out - r_s)
+                  + st["null_null"] * (d_out - r_s) * (d_in - r_a))
+    assert torch.allclose(total_mass / (d_out * d_in), st["mean_eigenvalue"].to(total_mass.dtype), rtol=1e-10)
