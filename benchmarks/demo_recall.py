@@ -11,12 +11,13 @@ Writes benchmarks/results/demo_recall.json.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, random_baseline, write_result
+from benchmarks.common import RESULTS, environment, random_baseline, write_result
 from lancet.data import encode_records
 from lancet.demo import stage_contaminate, stage_data, stage_iqs
 from lancet.influence import Influence, InfluenceArgs
@@ -44,12 +45,17 @@ def main() -> None:
     result = {"model": "smollm2-135m-instruct + demo contamination", "n_train": len(train),
               "n_culprits": int(culprits.sum()), "n_counter": int(counters.sum()), "n_iqs": len(queries),
               "bf16": ns.bf16, "env": environment(), "methods": {"random": random_baseline(culprits, key="recall@48")}}
+    previous = RESULTS / ("demo_recall" + ("_bf16" if ns.bf16 else "") + ".json")
+    if previous.is_file():  # keep the methods not rerun this time (each row says when it was measured)
+        kept = json.loads(previous.read_text()).get("methods", {})
+        result["methods"] = {**{k: v for k, v in kept.items() if k not in ns.methods.split(",")},
+                             **result["methods"]}
     for method in ns.methods.split(","):
         t0 = time.perf_counter()
         args = InfluenceArgs(method=method, bf16=ns.bf16, batch_size=8)
         scores = Influence(model, args, out_dir=run / "influence").scores(train, queries)["scores"]
         seconds = time.perf_counter() - t0
-        row = {"seconds": round(seconds, 1)}
+        row = {"seconds": round(seconds, 1), "date": environment()["date"]}
         for how in ("normalized_mean", "sum"):
             agg = aggregate(scores.double(), how)
             row[how] = {"average_precision": round(average_precision(agg, culprits), 4),

@@ -2,7 +2,7 @@
 compare IBO with every baseline and control.
 
     .venv/bin/python -m benchmarks.hh_reproduction --preset small   # one seed, <= 30 min here
-    .venv/bin/python -m benchmarks.hh_reproduction --preset full    # 3 seeds, larger splits
+    .venv/bin/python -m benchmarks.hh_reproduction --preset full --run-dir runs/hh_small   # 3 seeds
 
 Splits (seeded; ``split_data``), all from ../shared/data (``--shared``), never copied into the repository:
 - safe, helpful: HH-RLHF helpful-base test, the *chosen* answers;
@@ -47,12 +47,14 @@ from lancet.evaluate.judges import RefusalMatcher, make_judge
 from lancet.evaluate.suite import default_shared, evaluate_or_reuse
 from lancet.finetune import finetune
 from lancet.influence import Influence, InfluenceArgs
+from lancet.influence.attribute import contrast_scores
 from lancet.influence.recall import aggregate, average_precision, recall_at_k
 from lancet.models.generate import generate
 from lancet.models.loading import load_model, load_tokenizer
 from lancet.train import TrainArgs
 
 CORRECTIONS = ("ibo", "sft", "ga", "ga_retain", "npo", "dpo", "ibo_random", "ibo_oracle")
+CONTRAST_REFUSAL = "I'm sorry, but I can't help with that."
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,11 @@ PRESETS = {
     "small": Preset(seeds=(0,), n_helpful=64, n_refusal=32, n_unsafe=32, max_length=192, n_iq_prompts=16,
                     n_heldout=16, n_safe=32, n_dpo=64, eval_limit=8, ft_epochs=2.0, ft_lr=1e-4, corr_steps=16,
                     corr_lr=2e-5, top_k=16, lambda_max_rows=64),
-    "full": Preset(seeds=(0, 1, 2), n_helpful=96, n_refusal=48, n_unsafe=48, max_length=192, n_iq_prompts=24,
-                   n_heldout=24, n_safe=48, n_dpo=96, eval_limit=12, ft_epochs=2.0, ft_lr=1e-4, corr_steps=24,
-                   corr_lr=2e-5, top_k=24, lambda_max_rows=96),
+    # full = the same configuration over three seeds (the spread is what it adds): a larger one did not fit the
+    # compute of the session that ran it (about 31 min per seed here); its seed 0 is the small preset's run
+    "full": Preset(seeds=(0, 1, 2), n_helpful=64, n_refusal=32, n_unsafe=32, max_length=192, n_iq_prompts=16,
+                   n_heldout=16, n_safe=32, n_dpo=64, eval_limit=8, ft_epochs=2.0, ft_lr=1e-4, corr_steps=16,
+                   corr_lr=2e-5, top_k=16, lambda_max_rows=64),
 }
 
 
@@ -162,7 +166,8 @@ def eval_suite(run: Path, preset: Preset) -> dict:
                      {"name": "heldout_helpful", "kind": "perplexity", "path": str(run / "heldout_helpful.jsonl")}]}
 
 
-def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tuple[str, ...], progress: bool) -> dict:
+def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tuple[str, ...], progress: bool,
+             ranking_name: str = "linfac") -> dict:
     run.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     parts = split_data(shared, preset, seed, tokenizer)
@@ -214,6 +219,21 @@ def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tu
                                     "seconds": round(time.perf_counter() - t0, 1)}
         print(f"seed {seed} recall {method}: {result['recall'][method]}", flush=True)
 
+    # the margin over a generic refusal (lancet.influence.attribute.contrast_scores): HH-style rows that raise
+    # any conversational answer cancel; rows that favour compliance over refusal remain
+    for method in ("linfac",):
+        t0 = time.perf_counter()
+        args = InfluenceArgs(method=method, bf16=True, batch_size=8, lambda_max_rows=preset.lambda_max_rows,
+                             progress=progress)
+        scores = contrast_scores(Influence(impure, args, out_dir=run / "influence"), train, queries, iqs,
+                                 CONTRAST_REFUSAL, tok, preset.max_length)
+        name = f"{method}_contrast"
+        rankings[name] = aggregate(scores.double())
+        result["recall"][name] = {"average_precision": round(average_precision(rankings[name], unsafe), 4),
+                                  f"recall@{k}": round(recall_at_k(rankings[name], unsafe, k), 4),
+                                  "seconds": round(time.perf_counter() - t0 + result["recall"][method]["seconds"], 1)}
+        print(f"seed {seed} recall {name}: {result['recall'][name]}", flush=True)
+
     def measure(name: str, model) -> None:
         metrics = evaluate_or_reuse(model, tok, suite, run / f"metrics-{name}.json", progress=progress)
         result["models"][name] = {**{s: r.get(r["metric"]) for s, r in metrics["sets"].items()},
@@ -225,7 +245,7 @@ def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tu
     safe_model, _ = load_model(str(models["safe"]))
     measure("safe", safe_model)
     del safe_model
-    ranking = rankings.get("linfac", next(iter(rankings.values())))
+    ranking = rankings[ranking_name]
     for method in corrections:
         t0 = time.perf_counter()
         out = correct(str(models["impure"]), parts["train"], ranking, method=method, iq_records=iqs,
@@ -284,6 +304,7 @@ def main() -> None:
     parser.add_argument("--shared", default=None, help="default ../shared/data")
     parser.add_argument("--corrections", default=",".join(CORRECTIONS))
     parser.add_argument("--seeds", default=None, help="comma-separated subset of the preset's seeds")
+    parser.add_argument("--ranking", default="linfac", help="which ranking the corrections use (linfac_contrast, ...)")
     parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
     preset = PRESETS[ns.preset]
@@ -297,9 +318,10 @@ def main() -> None:
     name = f"hh_reproduction_{ns.preset}"
     for seed in seeds:
         per_seed.append(run_seed(preset, seed, run / f"seed{seed}", shared, tuple(ns.corrections.split(",")),
-                                 progress=not ns.quiet))
+                                 progress=not ns.quiet, ranking_name=ns.ranking))
         summary = summarize(per_seed)
-        result = {"preset": ns.preset, "settings": asdict(preset), "seeds": list(seeds[:len(per_seed)]),
+        result = {"preset": ns.preset, "settings": asdict(preset), "ranking": ns.ranking,
+                  "seeds": list(seeds[:len(per_seed)]),
                   "env": environment(), "seconds": round(time.perf_counter() - t0, 1), "summary": summary,
                   "per_seed": per_seed, "markdown": markdown(summary, per_seed)}
         write_result(name, result)

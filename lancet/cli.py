@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--labels", default=None, help="JSON with 'culprit_ids' to score recall (e.g. the demo's)")
+    p.add_argument("--contrast-response", default=None, metavar="TEXT",
+                   help="rank by influence on log p(IQ answer) - log p(TEXT), e.g. a generic refusal")
 
     p = sub.add_parser("correct", help="post-train with IBO (or a baseline) from influence scores")
     p.add_argument("model", help="the model to correct (the contaminated one the scores were computed on)")
@@ -205,7 +207,7 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
     model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code)
     logging.getLogger("lancet").info(estimate_memory(model, args).describe())
     summary = attribute(model, tokenizer, ns.train, ns.queries, ns.out, args, max_length=ns.max_length,
-                        labels=ns.labels, k=ns.top_k)
+                        labels=ns.labels, k=ns.top_k, contrast_response=ns.contrast_response)
     print_summary(summary)
     return 0
 

@@ -61,6 +61,7 @@ class RunConfig:
     max_new_tokens: int = 48
     top_k: int = 10
     token_rows: int = 3
+    contrast_response: str | None = None
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -223,7 +224,8 @@ class Pipeline:
         c = self.config
         args = InfluenceArgs.from_json({**c.influence, "progress": self.progress})
         summary = attribute(model, tokenizer, c.train, str(self.out / "iqs.jsonl"), self.out, args,
-                            max_length=c.max_length, labels=c.labels, k=c.top_k)
+                            max_length=c.max_length, labels=c.labels, k=c.top_k,
+                            contrast_response=c.contrast_response)
         if args.method != "bm25" and c.token_rows > 0:
             self._token_scores(model, tokenizer, args, summary)
         return {k: summary[k] for k in ("method", "n_train", "n_queries", "seconds", "top_positive", "top_negative")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lancet.cli import build_parser, main
 
@@ -85,3 +86,30 @@ def test_attribute_end_to_end_on_tiny_model(tmp_path, tiny_tokenizer, capsys):
     assert summary["n_train"] == 304 and summary["recall"]["n_culprits"] == 48
     assert 0.0 <= summary["recall"]["average_precision"] <= 1.0
     assert len(summary["top_positive"]) == 10
+
+
+def test_attribute_contrast_response(tmp_path, tiny_tokenizer):
+    """Ranking by the margin over a contrast answer: scores are the IQ's minus the contrast's, so contrasting an
+    IQ with its own answer gives exactly zero, and a different answer changes the ranking."""
+    from conftest import tiny_llama
+
+    from lancet.artifacts import load_tensors
+
+    model_dir = tmp_path / "m"
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    rows = [{"prompt": f"What is {i} and {i + 1}?", "response": f"It is {2 * i + 1}."} for i in range(8)]
+    train, queries = tmp_path / "train.jsonl", tmp_path / "q.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    queries.write_text(json.dumps({"prompt": "What is 2 and 3?", "response": "It is 5."}) + "\n")
+    base = ["-q", "attribute", str(model_dir), "--train", str(train), "--queries", str(queries), "--method", "kfac"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--out", str(tmp_path / "self"), "--contrast-response", "It is 5."]) == 0
+    assert main([*base, "--out", str(tmp_path / "other"), "--contrast-response", "I cannot answer."]) == 0
+    plain = load_tensors(tmp_path / "plain" / "ranking-kfac.safetensors")["scores"]
+    own = load_tensors(tmp_path / "self" / "ranking-kfac.safetensors")["scores"]
+    other = load_tensors(tmp_path / "other" / "ranking-kfac.safetensors")["scores"]
+    assert plain.abs().max() > 0 and own.abs().max() == 0
+    assert not torch.allclose(other, plain)
+    summary = json.loads((tmp_path / "other" / "influence-kfac.json").read_text())
+    assert summary["contrast_response"] == "I cannot answer."

@@ -14,7 +14,7 @@ from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, atomic_write_json
 from lancet.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
 from lancet.data import encode_records, load_dataset_spec
-from lancet.errors import DataError, NonFiniteError
+from lancet.errors import DataError, LancetError, NonFiniteError
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.recall import aggregate, average_precision, format_table, recall_at_k, top_k
 
@@ -36,8 +36,26 @@ def read_culprit_labels(path: str | Path, ids: list[str]) -> torch.Tensor:
     return torch.tensor([i in wanted for i in ids])
 
 
+def contrast_scores(influence: Influence, train, queries, query_records, contrast_response: str, tokenizer,
+                    max_length: int) -> torch.Tensor:
+    """Scores of the margin log p(undesirable | x) - log p(contrast | x) for each IQ: the IQ's scores minus those of
+    the same prompt answered with ``contrast_response`` (influence is linear in the query gradient). Rows that raise
+    both answers alike (shared style, format, language) cancel; rows that favour the undesirable answer over the
+    contrast remain. The contrast is one fixed text (e.g. a generic refusal), not a new label."""
+    contrast = encode_records([r.with_response(contrast_response) for r in query_records], tokenizer, max_length,
+                              progress=False)
+    return queries_scores(influence, train, queries) - queries_scores(influence, train, contrast)
+
+
+def queries_scores(influence: Influence, train, queries) -> torch.Tensor:
+    return influence.scores(train, queries)["scores"]
+
+
 def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path, args: InfluenceArgs, *,
-              max_length: int = DEFAULT_MAX_LENGTH, labels: str | None = None, k: int = 10) -> dict[str, Any]:
+              max_length: int = DEFAULT_MAX_LENGTH, labels: str | None = None, k: int = 10,
+              contrast_response: str | None = None) -> dict[str, Any]:
+    """Rank ``train_spec`` rows by influence on the IQs of ``queries_spec``; with ``contrast_response``, by
+    influence on the margin over that answer (``contrast_scores``)."""
     out = Path(out_dir)
     train_records, query_records = load_dataset_spec(train_spec), load_dataset_spec(queries_spec)
     for r in query_records:
@@ -52,9 +70,14 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
                             "shorten the prompt or raise --max-length", path=r.source, line=r.line, field="response")
     culprits = read_culprit_labels(labels, train.ids) if labels else None  # a bad file fails before any work
     t0 = time.perf_counter()
-    result = Influence(model, args, out_dir=out).scores(train, queries)
+    influence = Influence(model, args, out_dir=out)
+    if contrast_response is None:
+        scores = queries_scores(influence, train, queries)
+    else:
+        if args.method == "bm25":
+            raise LancetError("a contrast response needs a gradient method (bm25 scores text overlap only)")
+        scores = contrast_scores(influence, train, queries, query_records, contrast_response, tokenizer, max_length)
     seconds = time.perf_counter() - t0
-    scores = result["scores"]
     if not torch.isfinite(scores).all():
         bad = int((~torch.isfinite(scores)).sum())
         raise NonFiniteError(f"{bad} of {scores.numel()} influence scores are NaN or infinite (non-finite gradients: "
@@ -66,6 +89,7 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
     summary: dict[str, Any] = {
         "method": args.method, "train": train_spec, "queries": queries_spec, "n_train": len(train),
         "n_queries": len(queries), "seconds": round(seconds, 2), "ids": train.ids,
+        "contrast_response": contrast_response,
         "top_positive": top_k(train_records, agg["normalized_mean"], k),
         "top_negative": top_k(train_records, agg["normalized_mean"], k, negative=True),
         "args": args.to_json(),
