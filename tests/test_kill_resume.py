@@ -272,7 +272,9 @@ def kill_and_resume(stage: Stage, ws: Workspace, tmp: Path) -> dict[str, Any]:
     for k, (target, u) in enumerate(zip(targets, delays, strict=True)):
         # the previous kill may have landed past this target (then: the next resume point, in the band if it can)
         later = [p for p in candidates if p > floor] or [p for p in stage.points if p > floor]
-        assert later, f"{stage.name}: kill {k} would land after the last resume point ({floor})"
+        if not later:  # the previous kill landed at the last resume point: nothing left to interrupt
+            print(f"{stage.name}: kill {k} skipped: the previous one landed at the last resume point ({floor})")
+            break
         target = max(target, later[0])
         delay = u * _chunk_seconds(timeline, stage, target)
         proc = _popen(stage, ws, b, log)
@@ -281,10 +283,13 @@ def kill_and_resume(stage: Stage, ws: Workspace, tmp: Path) -> dict[str, Any]:
         proc.kill()  # SIGKILL; no-op if it had already exited
         rc = proc.wait()
         seen += [(0.0, stage.progress(b))]
-        assert rc == -signal.SIGKILL, f"{stage.name}: kill {k} came too late (exit {rc}): {log.read_text()[-2000:]}"
+        finished = rc == 0 and stage.progress(b) >= stage.total  # the kill came after a normal exit
+        assert rc == -signal.SIGKILL or finished, f"{stage.name}: kill {k} (exit {rc}): {log.read_text()[-2000:]}"
         _assert_monotone(stage, seen, floor, f"during rerun {k}")
         floor = stage.progress(b)
-        assert floor < stage.total, f"{stage.name}: kill {k} landed after the run had finished"
+        if floor >= stage.total:  # a slow machine let the work finish before the kill: later kills have no target
+            print(f"{stage.name}: kill {k} landed after the last resume point (machine under load); no more kills")
+            break
         kills.append(KillRecord(target, round(delay, 4), floor, stage.describe(floor)))
         print(f"{stage.name}: kill {k}: {vars(kills[-1])}")
         stage.check_killed(b, a)
@@ -293,6 +298,7 @@ def kill_and_resume(stage: Stage, ws: Workspace, tmp: Path) -> dict[str, Any]:
                 p = b / rel
                 p.parent.mkdir(parents=True, exist_ok=True)
                 (p.parent / f".{p.name}.{PLANTED}.tmp").write_bytes(b"\x00garbage from a killed write")
+    assert kills, f"{stage.name}: no kill landed mid-work"
     temps_after_kills = [t for t in _temps(b) if PLANTED not in t]
 
     # (3) the final rerun finishes; B must equal A
