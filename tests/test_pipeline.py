@@ -121,3 +121,17 @@ def test_run_end_to_end_on_tiny_model_then_reuses_every_stage(tmp_path: Path, ti
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     out = capsys.readouterr().out
     assert "report written to" in out
+
+
+def test_resumed_evaluation_keeps_the_answers_a_later_diversity_set_reads(tmp_path: Path, tiny_tokenizer) -> None:
+    write_demo_dataset(tmp_path / "data")
+    suite = demo_suite(tmp_path / "data")
+    suite["max_new_tokens"] = 4
+    suite["sets"] = [suite["sets"][0], {"name": "iq_diversity", "kind": "diversity", "of": "iq_prompts"}]
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    s = load_suite(tmp_path / "suite.json")
+    model = tiny_llama(len(tiny_tokenizer))
+    full = evaluate(model, tiny_tokenizer, s, progress=False)
+    resumed = evaluate(model, tiny_tokenizer, s, progress=False, done={"iq_prompts": full["sets"]["iq_prompts"]})
+    assert resumed["sets"]["iq_diversity"]["distinct_2"] == full["sets"]["iq_diversity"]["distinct_2"]
+    assert resumed["sets"]["iq_diversity"]["n"] == 12

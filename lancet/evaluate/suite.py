@@ -238,8 +238,10 @@ def evaluate(model, tokenizer, suite: Suite | str, *, out: str | Path | None = N
     results: dict[str, Any] = {}
     answers: dict[str, tuple] = {}
     for s in suite.sets:
-        if done and s.name in done and s.kind != "diversity":  # diversity of generated sets needs their answers
+        if done and s.name in done:  # measured by an interrupted run with the same key
             results[s.name] = done[s.name]
+            if isinstance(done[s.name].get("answers"), list):  # a later diversity set may read these answers
+                answers[s.name] = (None, [a["answer"] for a in done[s.name]["answers"]])
             continue
         log.info("evaluate: %s (%s)", s.name, s.kind)
         t = time.perf_counter()
