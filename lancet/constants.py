@@ -18,3 +18,7 @@ FALLBACK_ASSISTANT_PREFIX = "\nAssistant: "
 def cache_dir() -> Path:
     """Where lancet caches converted models: ``$LANCET_CACHE`` or ``~/.cache/lancet``."""
     return Path(os.environ.get("LANCET_CACHE", Path.home() / ".cache" / "lancet"))
+
+# lancet.influence.score_methods: preconditioned queries of several estimators share one scoring pass while they
+# fit in this many bytes together (each method's P is n_queries x the tracked parameters)
+JOINT_SCORING_MAX_BYTES = 8 * 1024**3

@@ -23,7 +23,7 @@ from lancet.artifacts import load_tensors
 from lancet.data.records import Record
 from lancet.data.tokenize import encode_records
 from lancet.errors import ArtifactError, LancetError
-from lancet.influence import Influence, InfluenceArgs, pairwise_scores
+from lancet.influence import Influence, InfluenceArgs, pairwise_scores, score_methods
 from lancet.influence.bm25 import K1, B
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*GradScaler.*:FutureWarning")
@@ -282,6 +282,90 @@ def test_artifacts_reused_refused_and_checked(llama, tmp_path, monkeypatch):
         stored.write_bytes(stored.read_bytes()[:100])
     with pytest.raises(ArtifactError, match="corrupted"):
         Influence(model, out_dir=tmp_path, **opts).scores(train, queries)
+
+
+@pytest.mark.parametrize("first,second", [("ekfac", "kfac"), ("kfac", "ekfac")])
+def test_kfac_family_shares_the_covariance_pass(llama, tmp_path, monkeypatch, first, second):
+    """kfac after ekfac (or the reverse) in one output directory takes the covariance state from the finished
+    sibling: no covariance pass runs, and the state and scores equal a fit of its own bit for bit."""
+    model, train, queries = llama
+    opts = {"fisher": "empirical", "batch_size": 4, **F64}
+    Influence(model, out_dir=tmp_path, method=first, **opts).fit(train)
+    passes: list[str] = []
+    real = fit_module._run_pass
+    monkeypatch.setattr(fit_module, "_run_pass", lambda *a, **k: passes.append(a[4]) or real(*a, **k))
+    shared = Influence(model, out_dir=tmp_path, method=second, **opts)
+    borrowed = shared.fit(train)
+    assert passes == (["lambda"] if second == "ekfac" else [])
+    own = Influence(model, method=second, **opts).fit(train)
+    for name, st in own.state.items():
+        assert set(st) == set(borrowed.state[name])
+        for key, t in st.items():
+            assert torch.equal(borrowed.state[name][key], t), (name, key)
+    assert torch.equal(shared.scores(train, queries)["scores"],
+                       Influence(model, method=second, **opts).scores(train, queries)["scores"])
+    # other first-pass options (here the sampled Fisher's seed) or other rows: the pass runs again
+    passes.clear()
+    Influence(model, out_dir=tmp_path / "other", method=first, **{**opts, "fisher": "sampled"}).fit(train)
+    passes.clear()
+    Influence(model, out_dir=tmp_path / "other", method=second, **{**opts, "fisher": "sampled", "seed": 1}).fit(train)
+    assert passes[0] == "covariance"
+    # linfac never borrows (its range-only factors are not K-FAC-reduce's state)
+    passes.clear()
+    Influence(model, out_dir=tmp_path, method="linfac", **opts).fit(train)
+    assert passes == ["covariance", "lambda"]
+
+
+JOINT = ["linfac", "ekfac", "kfac", "identity", "diagonal", "bm25"]
+
+
+def test_score_methods_in_one_pass_equal_separate_runs(llama, tmp_path, monkeypatch):
+    """Every method's scores from the shared pass equal its own ``Influence.scores`` (to rounding), are stored where
+    that would store them (a rerun reads them, no forward), and a memory budget that fits one method at a time gives
+    the same scores with one pass each."""
+    model, train, queries = llama
+    opts = {"fisher": "empirical", "batch_size": 4, "per_layer": True, **F64}
+    args = InfluenceArgs(**opts)
+    separate = {m: Influence(model, method=m, **opts).scores(train, queries) for m in JOINT}
+    with monkeypatch.context() as m:
+        calls = count_calls(m, scoring_module)
+        joint = score_methods(model, train, queries, JOINT, args, out_dir=tmp_path)
+    assert calls["n"] == 5 * 1 + 3  # a query batch per gradient method, then 3 training batches in all
+    assert list(joint) == JOINT
+    for method in JOINT:
+        for key in ("scores", "per_layer") if method != "bm25" else ("scores",):
+            close(joint[method][key], separate[method][key], rtol=1e-12)
+        stored = Influence(model, out_dir=tmp_path, method=method, **opts)
+        with monkeypatch.context() as m:
+            count_calls(m, scoring_module, kill_at=1)
+            count_calls(m, fit_module, kill_at=1)
+            assert torch.equal(stored.scores(train, queries)["scores"], joint[method]["scores"])
+    assert not list((tmp_path / "scores").glob("joint-*"))
+    with monkeypatch.context() as m:
+        calls = count_calls(m, scoring_module)
+        one_by_one = score_methods(model, train, queries, JOINT, args, max_joint_bytes=1)
+    assert calls["n"] == 5 * (1 + 3)
+    for method in JOINT:
+        close(one_by_one[method]["scores"], separate[method]["scores"], rtol=1e-12)
+
+
+def test_score_methods_resumes_its_joint_pass(llama, tmp_path, monkeypatch):
+    model, train, queries = llama
+    args = InfluenceArgs(fisher="empirical", batch_size=3, chunk_rows=3, **F64)
+    methods = ["linfac", "identity"]
+    expected = score_methods(model, train, queries, methods, args)
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        count_calls(m, scoring_module, kill_at=2 + 3)  # two query batches, then the 3rd training batch
+        score_methods(model, train, queries, methods, args, out_dir=tmp_path)
+    (partial,) = (tmp_path / "scores").glob("joint-*/scores.partial.safetensors")
+    assert rows_done(partial) == 6
+    with monkeypatch.context() as m:
+        calls = count_calls(m, scoring_module)
+        resumed = score_methods(model, train, queries, methods, args, out_dir=tmp_path)
+    assert calls["n"] == 2 + 2  # two query batches, then rows 6..11 in two batches
+    for method in methods:
+        assert torch.equal(resumed[method]["scores"], expected[method]["scores"])
+    assert not list(tmp_path.rglob("*.partial.safetensors")) and not list((tmp_path / "scores").glob("joint-*"))
 
 
 # 5. per-token scores ---------------------------------------------------------------------------------------------

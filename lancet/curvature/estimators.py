@@ -71,6 +71,10 @@ class Estimator:
     # bumped when what an estimator stores changes: stored curvature of another format is refused, not misread
     format_version: ClassVar[int] = 1
     uses_gradients: ClassVar[bool] = True
+    # estimators with the same family run the same first pass and keep the same state keys from it, so a fit can
+    # take that state from a finished sibling fit (fit.py: _borrow_first_pass) instead of running the pass again
+    first_pass_family: ClassVar[str | None] = None
+    first_pass_keys: ClassVar[tuple[str, ...]] = ()
 
     def new_stats(self, pass_name: str, shape: tuple[int, int], dtype: torch.dtype, state: Stats | None = None
                   ) -> Stats:
@@ -139,6 +143,8 @@ class KFAC(Estimator):
     passes = ("covariance",)
     reduce: ClassVar[bool] = False
     fill_null_space: ClassVar[bool] = True
+    first_pass_family = "kfac-expand"  # kfac and ekfac share the covariance pass
+    first_pass_keys = ("A_vals", "A_vecs", "S_vals", "S_vecs")
 
     def new_stats(self, pass_name, shape, dtype, state=None):
         out, inp = shape
@@ -228,6 +234,7 @@ class KFACReduce(KFAC):
 
     name = "kfac_reduce"
     reduce = True
+    first_pass_family = "kfac-reduce"
 
 
 class EKFAC(KFAC):
@@ -252,6 +259,7 @@ class LinFAC(KFACReduce):
     name = "linfac"
     passes = ("covariance", "lambda")
     fill_null_space = False
+    first_pass_family = None  # range-only factors: not K-FAC-reduce's state
     format_version = 2  # 1: full eigenbases with a filled null space
 
     def factor_eigh(self, m, stats, side):

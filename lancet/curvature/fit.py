@@ -11,6 +11,7 @@ sums, and only rank 0 writes the partial and final files.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -26,7 +27,7 @@ from lancet.curvature.estimators import Estimator, Stats, get_estimator
 from lancet.curvature.modules import Capture, TrackedLayer, find_tracked_layers
 from lancet.curvature.task import fisher_cotangent, forward_logits
 from lancet.data.tokenize import collate
-from lancet.errors import NonFiniteError
+from lancet.errors import LancetError, NonFiniteError
 
 log = logging.getLogger(__name__)
 PAD_ID = 0  # any id works: padded positions are masked out of attention and of every statistic
@@ -112,8 +113,15 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
         dist.barrier()  # every rank has decided before rank 0 can write anything new
         if found:
             return Curvature(estimator, layers, _unflatten(load_tensors(final)))
+    first = 0
+    if out is not None and estimator.passes and not dist.active():
+        borrowed = _borrow_first_pass(estimator, out, meta)
+        if borrowed is not None:
+            state, first = borrowed, 1
     try:
         for pass_index, pass_name in enumerate(estimator.passes):
+            if pass_index < first:
+                continue
             rows = train if pass_name != "lambda" else subsample(train, args.lambda_max_rows, args.seed)
             stats = _run_pass(model, layers, estimator, pass_index, pass_name, rows, state, args, out)
             state = _finish(estimator, pass_name, stats, state)
@@ -131,6 +139,41 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
                 partial.unlink()
         dist.barrier()
     return curvature
+
+
+FIRST_PASS_ARGS = ("modules", "fisher", "fisher_samples", "dtype", "bf16", "seed", "batch_size")
+
+
+def _borrow_first_pass(estimator: Estimator, out: Path, meta: dict) -> dict[str, Stats] | None:
+    """The first pass's state from a finished sibling fit (``out``'s parent holds one directory per method) of
+    the same family on the same model, rows, layers and first-pass options: kfac after ekfac (or the reverse)
+    skips the covariance pass. Its sums and eigendecompositions are the same computation, so the state is the
+    one the pass would produce here (bit for bit on the same machine)."""
+    if estimator.first_pass_family is None or not out.parent.is_dir():
+        return None
+    same = ("model", "data", "n_rows", "layers")
+    for sibling in sorted(out.parent.iterdir()):
+        final = sibling / "curvature.safetensors"
+        if sibling == out or not final.is_file():
+            continue
+        try:
+            other = json.loads((sibling / "meta.json").read_text())
+            other_estimator = get_estimator(other["method"])
+        except (OSError, ValueError, KeyError, LancetError):
+            continue
+        if (other_estimator.first_pass_family != estimator.first_pass_family
+                or other.get("format") != other_estimator.format_version
+                or any(other.get(k) != meta[k] for k in same)
+                or any(other.get("args", {}).get(k) != meta["args"][k] for k in FIRST_PASS_ARGS)):
+            continue
+        try:
+            state = _unflatten(load_tensors(final))
+            borrowed = {name: {k: state[name][k] for k in estimator.first_pass_keys} for name in meta["layers"]}
+        except (LancetError, KeyError):  # unreadable: run the pass instead
+            continue
+        log.info("%s: %s pass taken from %s", meta["method"], estimator.passes[0], sibling)
+        return borrowed
+    return None
 
 
 def _finish(estimator: Estimator, pass_name: str, stats: dict[str, Stats], state: dict[str, Stats]

@@ -9,6 +9,7 @@ the row counters it. ``Influence`` is the staged form: fit curvature once (artif
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +17,23 @@ import torch
 
 from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, check_or_write_meta, hash_json, load_tensors, model_fingerprint
+from lancet.constants import JOINT_SCORING_MAX_BYTES
 from lancet.curvature.estimators import METHODS
 from lancet.curvature.fit import Curvature, data_fingerprint, fit_curvature
 from lancet.curvature.modules import find_tracked_layers
 from lancet.errors import LancetError, NonFiniteError
 from lancet.influence.arguments import InfluenceArgs
 from lancet.influence.bm25 import bm25_scores
-from lancet.influence.scoring import precondition_queries, query_gradients, score_rows, token_scores
+from lancet.influence.memory import estimate_memory
+from lancet.influence.scoring import (
+    PreconditionedQueries,
+    precondition_queries,
+    query_gradients,
+    score_rows,
+    token_scores,
+)
 
-__all__ = ["METHODS", "Influence", "InfluenceArgs", "pairwise_scores"]
+__all__ = ["METHODS", "Influence", "InfluenceArgs", "pairwise_scores", "score_methods"]
 
 
 def as_rows(data: Any, what: str) -> list[dict[str, Any]]:
@@ -84,26 +93,39 @@ class Influence:
         train_rows, query_rows = as_rows(train, "train"), as_rows(queries, "queries")
         if self.args.method == "bm25":
             return {"scores": bm25_scores(train_rows, query_rows)}
-        sdir = None
-        if self.out is not None:
-            key = hash_json([self.args.to_json()["method"], data_fingerprint(query_rows)])
-            sdir = self.out / "scores" / f"{self.args.method}-{key}"
-            meta = {"kind": "scores", "method": self.args.method, "model": self.model_fp,
-                    "train": data_fingerprint(train_rows), "queries": data_fingerprint(query_rows),
-                    "args": self.args.fingerprint_dict()}
-            # checked now, written once the curvature is fitted: a refused or failed fit leaves no scores directory
-            check_or_write_meta(sdir / "meta.json", meta, write=False)
-            final = sdir / "scores.safetensors"
-            found = final.is_file()
-            dist.barrier()  # every rank has decided before rank 0 can write anything new
-            if found:
-                return load_tensors(final)
+        store = self._stored_scores(train_rows, query_rows)
+        if store.result is not None:
+            return store.result
+        pre = self._prepare(train_rows, query_rows, store)
+        result = score_rows(self.model, self._curvature.layers, train_rows, pre, self.args, out_dir=store.dir)
+        return self._keep(result, store)
+
+    def _stored_scores(self, train_rows, query_rows) -> _ScoreStore:
+        """Where this method's scores for these rows and queries live, and the stored result if finished."""
+        if self.out is None:
+            return _ScoreStore(None, {}, None)
+        key = hash_json([self.args.to_json()["method"], data_fingerprint(query_rows)])
+        sdir = self.out / "scores" / f"{self.args.method}-{key}"
+        meta = {"kind": "scores", "method": self.args.method, "model": self.model_fp,
+                "train": data_fingerprint(train_rows), "queries": data_fingerprint(query_rows),
+                "args": self.args.fingerprint_dict()}
+        # checked now, written once the curvature is fitted: a refused or failed fit leaves no scores directory
+        check_or_write_meta(sdir / "meta.json", meta, write=False)
+        final = sdir / "scores.safetensors"
+        found = final.is_file()
+        dist.barrier()  # every rank has decided before rank 0 can write anything new
+        return _ScoreStore(sdir, meta, load_tensors(final) if found else None)
+
+    def _prepare(self, train_rows, query_rows, store: _ScoreStore) -> PreconditionedQueries:
         if self._curvature is None:
             self.fit(train_rows)
-        if sdir is not None:
-            check_or_write_meta(sdir / "meta.json", meta, write=dist.is_main())
-        pre = self.preconditioned_queries(query_rows)
-        result = score_rows(self.model, self._curvature.layers, train_rows, pre, self.args, out_dir=sdir)
+        if store.dir is not None:
+            check_or_write_meta(store.dir / "meta.json", store.meta, write=dist.is_main())
+        return self.preconditioned_queries(query_rows)
+
+    def _keep(self, result: dict[str, torch.Tensor], store: _ScoreStore) -> dict[str, torch.Tensor]:
+        """Refuse non-finite scores (storing nothing), else store them atomically."""
+        sdir = store.dir
         if not torch.isfinite(result["scores"]).all():
             if sdir is not None and dist.is_main():  # not stored: a rerun with repaired weights must not be refused
                 for stale in ("scores.partial.safetensors", "meta.json"):
@@ -125,6 +147,79 @@ class Influence:
 
     def layer_names(self) -> list[str]:
         return [layer.name for layer in find_tracked_layers(self.model, self.args.modules)]
+
+
+@dataclass
+class _ScoreStore:
+    dir: Path | None
+    meta: dict[str, Any]
+    result: dict[str, torch.Tensor] | None
+
+
+def score_methods(model, train, queries, methods: Sequence[str], args: InfluenceArgs | None = None, *,
+                  out_dir: str | Path | None = None, max_joint_bytes: int = JOINT_SCORING_MAX_BYTES
+                  ) -> dict[str, dict[str, torch.Tensor]]:
+    """Scores of several estimators, ``{method: Influence(...).scores(train, queries)}``, with one pass over the
+    training rows: each method fits (or reuses) its curvature and preconditions the queries; one backward per
+    batch then gives the (a, g) pairs that every method's preconditioned queries are contracted with. The
+    contraction is linear in the queries, so each method's scores are those of its own pass (to rounding: the
+    [Q, N] matmul is blocked differently). Stored per method exactly as ``Influence.scores`` stores them; the
+    joint pass resumes by chunk. Methods whose preconditioned queries together exceed ``max_joint_bytes`` are
+    scored in further passes."""
+    args = args or InfluenceArgs()
+    train_rows, query_rows = as_rows(train, "train"), as_rows(queries, "queries")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    pending: list[tuple[str, Influence, _ScoreStore]] = []
+    for method in dict.fromkeys(methods):
+        run = Influence(model, replace(args, method=method), out_dir=out_dir)
+        if method == "bm25":
+            out[method] = run.scores(train_rows, query_rows)
+            continue
+        store = run._stored_scores(train_rows, query_rows)
+        if store.result is not None:
+            out[method] = store.result
+        else:
+            pending.append((method, run, store))
+    while pending:
+        group, size = [], 0
+        per_query = estimate_memory(model, args).per_query_bytes * len(query_rows)
+        while pending and (not group or size + per_query <= max_joint_bytes):
+            group.append(pending.pop(0))
+            size += per_query
+        pres = []
+        for _, run, store in group:
+            pres.append(run._prepare(train_rows, query_rows, store))
+            layers = run._curvature.layers
+            run._curvature = None  # the preconditioned queries are all the pass needs: free the factors
+        n_queries = [pre.n_queries for pre in pres]
+        joint = _concat(pres)
+        first = group[0][1]
+        stores = [store.dir for _, _, store in group]
+        jdir = (None if first.out is None
+                else first.out / "scores" / f"joint-{hash_json([str(d) for d in stores])}")
+        result = score_rows(model, layers, train_rows, joint, first.args, out_dir=jdir)
+        offset = 0
+        for (method, run, store), n in zip(group, n_queries, strict=True):
+            part = {k: v[offset:offset + n].clone() for k, v in result.items()}
+            offset += n
+            out[method] = run._keep(part, store)
+        if jdir is not None and dist.is_main():
+            (jdir / "scores.partial.safetensors").unlink(missing_ok=True)
+            if jdir.is_dir():
+                jdir.rmdir()
+    return {method: out[method] for method in dict.fromkeys(methods)}
+
+
+def _concat(pres: list[PreconditionedQueries]) -> PreconditionedQueries:
+    """One set of preconditioned queries, method after method (each method's tensors freed as they are joined)."""
+    full, low = {}, {}
+    for name in list(pres[0].full):
+        full[name] = torch.cat([pre.full.pop(name) for pre in pres])
+    for name in list(pres[0].low_rank):
+        parts = [pre.low_rank.pop(name) for pre in pres]
+        low[name] = (torch.cat([u for u, _ in parts], 1), torch.cat([v for _, v in parts], 1))
+    n = sum(pre.n_queries for pre in pres)
+    return PreconditionedQueries(full=full, low_rank=low, n_queries=n)
 
 
 def pairwise_scores(model, train: Sequence[dict[str, Any]], queries: Sequence[dict[str, Any]],

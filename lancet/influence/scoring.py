@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreconditionedQueries:
-    """Per layer either a full [Q, out, in] tensor, or a low-rank pair (U [Q, out, r], V [Q, in, r])."""
+    """Per layer either a full [Q, out, in] tensor, or a low-rank pair stacked over queries: U [out, Q*r] and
+    V [in, Q*r] with P_q ~ U[:, q*r:(q+1)*r] V[:, q*r:(q+1)*r]^T (stacked so that one GEMM serves every query)."""
 
     full: dict[str, torch.Tensor]
     low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -58,6 +59,28 @@ def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dic
     return grads
 
 
+TRUNCATED_SVD_OVERSAMPLE = 8  # extra range-finder columns (Halko, Martinsson & Tropp 2011)
+TRUNCATED_SVD_POWER_ITERATIONS = 2
+
+
+def truncated_svd(p: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors of a batch p [Q, out, in]: (U S [Q, out, r], V [Q, in, r]). A seeded randomized range
+    finder with power iterations costs O(out in r) per query instead of a full SVD's O(out in min(out, in)); when
+    rank + oversampling reaches min(out, in) the SVD is taken exactly."""
+    k = rank + TRUNCATED_SVD_OVERSAMPLE
+    if k >= min(p.shape[-2:]):
+        u, s, vh = torch.linalg.svd(p, full_matrices=False)
+    else:
+        omega = torch.randn(p.shape[-1], k, generator=torch.Generator().manual_seed(seed), dtype=p.dtype)
+        q, _ = torch.linalg.qr(p @ omega)
+        for _ in range(TRUNCATED_SVD_POWER_ITERATIONS):  # re-orthonormalised each time: rounding would merge columns
+            q, _ = torch.linalg.qr(p @ torch.linalg.qr(p.transpose(-1, -2) @ q)[0])
+        small, s, vh = torch.linalg.svd(q.transpose(-1, -2) @ p, full_matrices=False)
+        u = q @ small
+    r = min(rank, s.shape[-1])
+    return (u[..., :r] * s[..., None, :r]).contiguous(), vh[..., :r, :].transpose(-1, -2).contiguous()
+
+
 def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], args) -> PreconditionedQueries:
     """Precondition layer by layer, dropping each raw query gradient as soon as it is used (halves peak memory)."""
     full, low = {}, {}
@@ -67,27 +90,29 @@ def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], a
         if args.query_rank is None:
             full[name] = p
             continue
-        u, s, vh = torch.linalg.svd(p, full_matrices=False)
-        r = min(args.query_rank, s.shape[-1])
-        low[name] = ((u[..., :r] * s[..., None, :r]).contiguous(), vh[..., :r, :].transpose(-1, -2).contiguous())
+        u, v = truncated_svd(p, args.query_rank, args.seed)
+        # [out, Q*r] and [in, Q*r]: query q owns columns q*r .. (q+1)*r
+        low[name] = (u.permute(1, 0, 2).reshape(u.shape[1], -1).contiguous(),
+                     v.permute(1, 0, 2).reshape(v.shape[1], -1).contiguous())
     return PreconditionedQueries(full=full, low_rank=low, n_queries=n)
 
 
 def _contract(pre: PreconditionedQueries, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """[Q, B] scores of one layer for one batch."""
     if name in pre.low_rank:
-        u, v = pre.low_rank[name]
-        return _low_rank_terms(u, v, a, g).sum((2, 3))
+        return _low_rank_terms(pre, name, a, g).sum((1, 3)).T
     p = pre.full[name]
     grads = per_sequence_grads(a.to(p.dtype), g.to(p.dtype))
     return p.reshape(p.shape[0], -1) @ grads.reshape(grads.shape[0], -1).T  # a matmul; einsum was ~9x slower
 
 
-def _low_rank_terms(u: torch.Tensor, v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """[Q, B, T, r]: (g_t^T U_q)_r (V_q^T a_t)_r, whose sum over r is g_t^T U V^T a_t."""
-    gu = g.to(u.dtype).unsqueeze(0) @ u.unsqueeze(1)
-    av = a.to(v.dtype).unsqueeze(0) @ v.unsqueeze(1)
-    return gu * av
+def _low_rank_terms(pre: PreconditionedQueries, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[B, T, Q, r]: (g_t^T U_q)_r (V_q^T a_t)_r, whose sum over r is g_t^T U_q V_q^T a_t. Two GEMMs against the
+    stacked factors serve all queries; no [out, in] matrix is formed."""
+    u, v = pre.low_rank[name]
+    gu = g.to(u.dtype) @ u
+    av = a.to(v.dtype) @ v
+    return (gu * av).reshape(*a.shape[:2], pre.n_queries, -1)
 
 
 def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, Any]], pre: PreconditionedQueries,
@@ -159,8 +184,7 @@ def token_scores(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str,
 
     def on_grad(layer, a, g):
         if layer.name in pre.low_rank:
-            u, v = pre.low_rank[layer.name]
-            s = _low_rank_terms(u, v, a, g).sum(-1)
+            s = _low_rank_terms(pre, layer.name, a, g).sum(-1).permute(2, 0, 1)
         else:
             p = pre.full[layer.name]
             s = ((a.to(p.dtype).unsqueeze(0) @ p.transpose(1, 2).unsqueeze(1)) * g.to(p.dtype)).sum(-1)
