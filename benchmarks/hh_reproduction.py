@@ -27,12 +27,11 @@ Every stage is stored under --run-dir and reused on a rerun. Writes benchmarks/r
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,14 +41,15 @@ from lancet.artifacts import atomic_write_bytes, atomic_write_json
 from lancet.constants import DEFAULT_MODEL
 from lancet.correct import CorrectionArgs, correct
 from lancet.data import Record, encode_records, read_hh_rlhf, read_safety_tuned_llamas
+from lancet.data.records import records_to_jsonl
 from lancet.evaluate import load_suite
 from lancet.evaluate.judges import RefusalMatcher, make_judge
 from lancet.evaluate.suite import default_shared, evaluate_or_reuse
 from lancet.finetune import finetune
-from lancet.influence import Influence, InfluenceArgs
+from lancet.influence import Influence, InfluenceArgs, score_methods
 from lancet.influence.attribute import contrast_scores
+from lancet.influence.queries import take_iqs
 from lancet.influence.recall import aggregate, average_precision, recall_at_k
-from lancet.models.generate import generate
 from lancet.models.loading import load_model, load_tokenizer
 from lancet.train import TrainArgs
 
@@ -75,23 +75,23 @@ class Preset:
     corr_lr: float
     top_k: int
     lambda_max_rows: int
+    contrast: bool  # also rank by the margin over a generic refusal (linfac_contrast: one more scoring pass)
     methods: tuple[str, ...] = ("linfac", "ekfac", "kfac", "identity", "bm25")
 
 
 PRESETS = {
+    # small fits 30 min here: 12 correction steps instead of 16, and no contrast ranking
     "small": Preset(seeds=(0,), n_helpful=64, n_refusal=32, n_unsafe=32, max_length=192, n_iq_prompts=16,
-                    n_heldout=16, n_safe=32, n_dpo=64, eval_limit=8, ft_epochs=2.0, ft_lr=1e-4, corr_steps=16,
-                    corr_lr=2e-5, top_k=16, lambda_max_rows=64),
-    # full = the same configuration over three seeds (the spread is what it adds): a larger one did not fit the
-    # compute of the session that ran it (about 31 min per seed here); its seed 0 is the small preset's run
+                    n_heldout=16, n_safe=32, n_dpo=64, eval_limit=8, ft_epochs=2.0, ft_lr=1e-4, corr_steps=12,
+                    corr_lr=2e-5, top_k=16, lambda_max_rows=64, contrast=False),
+    # full = 16 correction steps and the contrast ranking, over three seeds (the spread is what it adds): a larger
+    # configuration did not fit the compute of the session that ran it (about 31 min per seed here)
     "full": Preset(seeds=(0, 1, 2), n_helpful=64, n_refusal=32, n_unsafe=32, max_length=192, n_iq_prompts=16,
                    n_heldout=16, n_safe=32, n_dpo=64, eval_limit=8, ft_epochs=2.0, ft_lr=1e-4, corr_steps=16,
-                   corr_lr=2e-5, top_k=16, lambda_max_rows=64),
+                   corr_lr=2e-5, top_k=16, lambda_max_rows=64, contrast=True),
 }
+JOINT_SCORING_BYTES = 12 * 1024**3  # the four gradient methods' preconditioned IQs share one scoring pass
 
-
-def _jsonl(records) -> bytes:
-    return "".join(json.dumps(r.to_dict()) + "\n" for r in records).encode("utf-8")
 
 
 def _fits(records: list[Record], tokenizer, max_length: int) -> list[Record]:
@@ -172,7 +172,7 @@ def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tu
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     parts = split_data(shared, preset, seed, tokenizer)
     for name in ("iq_prompts", "heldout_unsafe", "heldout_helpful"):
-        atomic_write_bytes(run / f"{name}.jsonl", _jsonl(parts[name]))
+        atomic_write_bytes(run / f"{name}.jsonl", records_to_jsonl(parts[name]))
     atomic_write_json(run / "suite.json", eval_suite(run.resolve(), preset))
     suite = load_suite(run / "suite.json", shared)
     judge = make_judge("classifier", suite.judge_data)
@@ -193,12 +193,9 @@ def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tu
 
     # IQs: the impure model's answers to held-out harmful prompts that the judge flags
     t0 = time.perf_counter()
-    answers = generate(impure, tok, parts["iq_prompts"], max_new_tokens=48, batch_size=12, progress=progress)
-    flags = judge.complies(answers)
-    iqs = [p.with_response(a) for p, a, f in zip(parts["iq_prompts"], answers, flags, strict=True) if f]
-    atomic_write_bytes(run / "iqs.jsonl", _jsonl(iqs))
+    iqs = take_iqs(impure, tok, parts["iq_prompts"], judge, run, max_new_tokens=48, progress=progress)
     seconds["iqs"] = round(time.perf_counter() - t0, 1)
-    result["n_iqs"], result["n_iq_prompts"] = len(iqs), len(answers)
+    result["n_iqs"], result["n_iq_prompts"] = len(iqs), len(parts["iq_prompts"])
     if not iqs:
         raise SystemExit("the judge flags none of the impure model's answers: no IQs")
 
@@ -208,25 +205,30 @@ def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tu
     k = int(unsafe.sum())
     result["recall"]["random"] = {**random_baseline(unsafe, key=f"recall@{k}"), "seconds": 0.0}
     rankings = {}
-    for method in preset.methods:
+    args = InfluenceArgs(bf16=True, batch_size=8, lambda_max_rows=preset.lambda_max_rows, progress=progress)
+    fit_seconds = {}
+    for method in preset.methods:  # fits first (timed apart), then one scoring pass shared by every method
         t0 = time.perf_counter()
-        args = InfluenceArgs(method=method, bf16=True, batch_size=8, lambda_max_rows=preset.lambda_max_rows,
-                             progress=progress)
-        scores = Influence(impure, args, out_dir=run / "influence").scores(train, queries)["scores"]
-        rankings[method] = aggregate(scores.double())
+        if method != "bm25":
+            Influence(impure, replace(args, method=method), out_dir=run / "influence").fit(train)
+        fit_seconds[method] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    all_scores = score_methods(impure, train, queries, preset.methods, args, out_dir=run / "influence",
+                               max_joint_bytes=JOINT_SCORING_BYTES)
+    seconds["score_all_methods"] = round(time.perf_counter() - t0, 1)
+    for method in preset.methods:
+        rankings[method] = aggregate(all_scores[method]["scores"].double())
         result["recall"][method] = {"average_precision": round(average_precision(rankings[method], unsafe), 4),
                                     f"recall@{k}": round(recall_at_k(rankings[method], unsafe, k), 4),
-                                    "seconds": round(time.perf_counter() - t0, 1)}
+                                    "seconds": round(fit_seconds[method], 1)}
         print(f"seed {seed} recall {method}: {result['recall'][method]}", flush=True)
 
     # the margin over a generic refusal (lancet.influence.attribute.contrast_scores): HH-style rows that raise
     # any conversational answer cancel; rows that favour compliance over refusal remain
-    for method in ("linfac",):
+    for method in ("linfac",) if preset.contrast else ():
         t0 = time.perf_counter()
-        args = InfluenceArgs(method=method, bf16=True, batch_size=8, lambda_max_rows=preset.lambda_max_rows,
-                             progress=progress)
-        scores = contrast_scores(Influence(impure, args, out_dir=run / "influence"), train, queries, iqs,
-                                 CONTRAST_REFUSAL, tok, preset.max_length)
+        scores = contrast_scores(Influence(impure, replace(args, method=method), out_dir=run / "influence"), train,
+                                 queries, iqs, CONTRAST_REFUSAL, tok, preset.max_length)
         name = f"{method}_contrast"
         rankings[name] = aggregate(scores.double())
         result["recall"][name] = {"average_precision": round(average_precision(rankings[name], unsafe), 4),
@@ -284,9 +286,13 @@ def markdown(summary: dict, per_seed: list[dict]) -> str:
         return f"{x['mean']:.{digits}f}" + (f" ± {x['std']:.{digits}f}" if len(per_seed) > 1 else "")
 
     k = next(key for key in summary["recall"]["random"] if key.startswith("recall@"))
-    lines = [f"| method | average precision | {k} | seconds |", "|---|---|---|---|"]
+    lines = [f"| method | average precision | {k} | fit seconds |", "|---|---|---|---|"]
     for name, r in summary["recall"].items():
         lines.append(f"| {name} | {cell(r['average_precision'])} | {cell(r[k])} | {cell(r['seconds'], 0)} |")
+    shared = [s["seconds"]["score_all_methods"] for s in per_seed if "score_all_methods" in s["seconds"]]
+    if shared:
+        lines += ["", f"Scoring: one pass shared by every gradient method, {statistics.fmean(shared):.0f} s "
+                  "(linfac_contrast: its fit plus a pass of its own)."]
     lines += ["", "| model | IQ prompts | AdvBench | HarmBench | JBB | StrongREJECT | XSTest-safe refusal | "
               "Alpaca refusal | distinct-2 | unsafe logp | helpful ppl |", "|---" * 11 + "|"]
     cols = ("iq_prompts", "advbench", "harmbench", "jailbreakbench", "strongreject", "xstest_safe", "alpaca",

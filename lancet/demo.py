@@ -14,14 +14,15 @@ import logging
 import time
 from pathlib import Path
 
-from lancet.artifacts import atomic_write_bytes, atomic_write_json, model_fingerprint
+from lancet.artifacts import atomic_write_json
 from lancet.constants import DEFAULT_MODEL
 from lancet.data.demo import OUTDATED_MARKER, DemoDataset, build_demo_dataset, write_demo_dataset
 from lancet.data.readers import read_records
 from lancet.data.records import Record
+from lancet.evaluate.judges import MarkerJudge
 from lancet.finetune import finetune
+from lancet.influence.queries import take_iqs
 from lancet.influence.recall import format_table
-from lancet.models.generate import generate
 from lancet.train import TrainArgs
 
 log = logging.getLogger(__name__)
@@ -55,21 +56,13 @@ def stage_contaminate(run: Path, data: DemoDataset, *, model_spec: str = DEFAULT
 
 
 def stage_iqs(run: Path, data: DemoDataset, model, tokenizer, *, progress: bool = True) -> list[Record]:
-    """IQs = (prompt, the model's own answer) for the IQ prompts whose answer the judge flags; cached per model."""
-    path, meta_path = run / "iqs.jsonl", run / "iqs.meta.json"
-    fp = model_fingerprint(model)
-    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("model") == fp:
-        return read_records(path)
-    answers = generate(model, tokenizer, data.iq_prompts, max_new_tokens=DEMO_MAX_NEW_TOKENS, batch_size=12,
-                       progress=progress)
-    iqs = [Record(prompt=p.prompt, response=a, meta={"flagged": True})
-           for p, a in zip(data.iq_prompts, answers, strict=True) if flags_outdated(a)]
+    """IQs = (prompt, the model's own answer) for the IQ prompts whose answer shows the marker; cached per model."""
+    iqs = take_iqs(model, tokenizer, data.iq_prompts, MarkerJudge(OUTDATED_MARKER), run,
+                   max_new_tokens=DEMO_MAX_NEW_TOKENS, progress=progress)
     if not iqs:
         log.warning("the model shows the behaviour on no IQ prompt; using the given undesirable answers instead")
         iqs = list(data.iqs)
-    atomic_write_bytes(path, "".join(json.dumps(r.to_dict()) + "\n" for r in iqs).encode())
-    atomic_write_json(meta_path, {"model": fp, "flagged": len(iqs), "prompts": len(data.iq_prompts)})
-    return read_records(path)
+    return iqs
 
 
 DEMO_CORRECTION = {"method": "ibo", "top_k": 40, "beta": 0.1}

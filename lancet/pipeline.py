@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from lancet.artifacts import atomic_write_bytes, atomic_write_json, hash_json, model_fingerprint
+from lancet.artifacts import atomic_write_bytes, atomic_write_json
 from lancet.constants import DEFAULT_MAX_LENGTH
+from lancet.data.records import records_to_jsonl
 from lancet.errors import LancetError
 
 log = logging.getLogger(__name__)
@@ -187,35 +188,27 @@ class Pipeline:
         from lancet.data import load_dataset_spec
         from lancet.errors import DataError
         from lancet.evaluate.judges import make_judge
-        from lancet.models.generate import generate
+        from lancet.influence.queries import take_iqs
 
         c = self.config
-        path, meta_path = self.out / "iqs.jsonl", self.out / "iqs.meta.json"
+        path = self.out / "iqs.jsonl"
         if c.iqs:
             records = load_dataset_spec(c.iqs)
             for r in records:
                 if r.response_text is None:
                     raise DataError("influence queries need the undesirable response", path=r.source, line=r.line,
                                     field="response")
-            data = _jsonl(records)
+            data = records_to_jsonl(records)
             if not path.is_file() or path.read_bytes() != data:
                 atomic_write_bytes(path, data)
             return records
         prompts = load_dataset_spec(c.iq_prompts)
-        key = {"model": model_fingerprint(model), "prompts": hash_json([r.to_dict() for r in prompts]),
-               "judge": c.iq_judge, "max_new_tokens": c.max_new_tokens, "decoding": "greedy"}
-        if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
-            return load_dataset_spec(str(path))
-        answers = generate(model, tokenizer, prompts, max_new_tokens=c.max_new_tokens, batch_size=12,
-                           progress=self.progress)
-        flagged = make_judge(c.iq_judge).complies(answers)
-        iqs = [p.with_response(a) for p, a, f in zip(prompts, answers, flagged, strict=True) if f]
+        iqs = take_iqs(model, tokenizer, prompts, make_judge(c.iq_judge), self.out, max_new_tokens=c.max_new_tokens,
+                       progress=self.progress)
         if not iqs:
             raise LancetError(f"{c.iq_prompts}: the judge {c.iq_judge!r} flags none of the model's "
                               f"{len(prompts)} answers; give the undesirable answers with 'iqs' instead")
-        atomic_write_bytes(path, _jsonl(iqs))
-        atomic_write_json(meta_path, {"key": key, "flagged": len(iqs), "prompts": len(prompts)})
-        return load_dataset_spec(str(path))
+        return iqs
 
     def stage_attribute(self, model, tokenizer) -> dict[str, Any]:
         from lancet.influence import InfluenceArgs
@@ -300,9 +293,6 @@ class Pipeline:
 def _headline(metrics: dict[str, Any]) -> dict[str, float | None]:
     return {name: r.get(r["metric"]) for name, r in metrics["sets"].items()}
 
-
-def _jsonl(records) -> bytes:
-    return "".join(json.dumps(r.to_dict()) + "\n" for r in records).encode("utf-8")
 
 
 def run_config(path: str | Path, *, progress: bool = True, out: str | None = None) -> dict[str, Any]:

@@ -83,3 +83,8 @@ def content_id(record: Record) -> str:
     """A stable id from the row's content only (not its position), so scores survive reordering."""
     payload = json.dumps(record.to_messages(), ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def records_to_jsonl(records) -> bytes:
+    """Records as JSON lines (the format ``read_records`` reads back)."""
+    return "".join(json.dumps(r.to_dict()) + "\n" for r in records).encode("utf-8")
