@@ -1,0 +1,71 @@
+"""take_iqs: the model's flagged answers become IQs, stored with a key and reused only when the key matches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lancet.influence.queries as queries_module
+from lancet.data.records import Record
+from lancet.influence.queries import take_iqs
+
+PROMPTS = [Record(prompt=p, source="prompts.jsonl", line=i + 1) for i, p in enumerate(["Burn?", "Egg?", "Fox?"])]
+
+
+class EveryOther:
+    """Flags the 1st and 3rd answers."""
+
+    def __init__(self, name: str = "every-other"):
+        self.name = name
+
+    def complies(self, texts):
+        return [i % 2 == 0 for i in range(len(texts))]
+
+
+class Nothing(EveryOther):
+    def complies(self, texts):
+        return [False] * len(texts)
+
+
+@pytest.fixture()
+def counted(monkeypatch):
+    calls = {"n": 0}
+    real = queries_module.generate
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(queries_module, "generate", wrapped)
+    return calls
+
+
+def test_take_iqs_flags_stores_and_reuses(llama_model, tiny_tokenizer, tmp_path, counted):
+    iqs = take_iqs(llama_model, tiny_tokenizer, PROMPTS, EveryOther(), tmp_path, max_new_tokens=4, progress=False)
+    assert counted["n"] == 1
+    assert [r.prompt_messages[0]["content"] for r in iqs] == ["Burn?", "Fox?"]
+    assert all(r.response_text for r in iqs)
+    meta = json.loads((tmp_path / "iqs.meta.json").read_text())
+    assert meta["flagged"] == 2 and meta["prompts"] == 3 and meta["key"]["judge"] == "every-other"
+
+    again = take_iqs(llama_model, tiny_tokenizer, PROMPTS, EveryOther(), tmp_path, max_new_tokens=4, progress=False)
+    assert counted["n"] == 1 and [r.to_dict() for r in again] == [r.to_dict() for r in iqs]
+
+    # any part of the key changing (judge, decoding length, prompts, weights) takes the answers again
+    take_iqs(llama_model, tiny_tokenizer, PROMPTS, EveryOther("other"), tmp_path, max_new_tokens=4, progress=False)
+    take_iqs(llama_model, tiny_tokenizer, PROMPTS, EveryOther("other"), tmp_path, max_new_tokens=5, progress=False)
+    take_iqs(llama_model, tiny_tokenizer, PROMPTS[:2], EveryOther("other"), tmp_path, max_new_tokens=5,
+             progress=False)
+    with torch.no_grad():
+        next(llama_model.parameters()).add_(1e-3)
+    take_iqs(llama_model, tiny_tokenizer, PROMPTS[:2], EveryOther("other"), tmp_path, max_new_tokens=5,
+             progress=False)
+    assert counted["n"] == 5
+
+
+def test_take_iqs_flagging_nothing_returns_empty_and_stores_nothing(llama_model, tiny_tokenizer, tmp_path):
+    assert take_iqs(llama_model, tiny_tokenizer, PROMPTS, Nothing(), tmp_path, max_new_tokens=4,
+                    progress=False) == []
+    assert not list(tmp_path.iterdir())
