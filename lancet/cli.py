@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--train", required=True)
     p.add_argument("--queries", required=True, help="IQs: prompt + undesirable response rows")
-    p.add_argument("--method", default="linfac", help="linfac, ekfac, kfac, kfac_reduce, diagonal, identity, bm25")
+    p.add_argument("--method", default="linfac", help="linfac, ekfac, kfac, kfac_reduce, diagonal, identity, bm25; "
+                   "several, comma-separated, share one scoring pass")
     p.add_argument("--out", required=True, help="run directory (curvature and scores are stored and reused)")
     p.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean eigenvalue per layer")
     p.add_argument("--fisher", default="sampled", choices=["sampled", "empirical"])
@@ -197,18 +198,30 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 def cmd_attribute(ns: argparse.Namespace) -> int:
     from lancet.influence import InfluenceArgs
-    from lancet.influence.attribute import attribute, print_summary
+    from lancet.influence.attribute import attribute, attribute_methods, print_summary
     from lancet.influence.memory import estimate_memory
     from lancet.models.loading import load_model
 
+    methods = list(dict.fromkeys(m.strip() for m in ns.method.split(",") if m.strip()))
+    if not methods:
+        raise LancetError(f"--method {ns.method!r}: name at least one method")
     chunk = {"chunk_rows": ns.chunk_rows} if ns.chunk_rows is not None else {}
-    args = InfluenceArgs(method=ns.method, damping=ns.damping, fisher=ns.fisher, batch_size=ns.batch_size,
-                         query_rank=ns.query_rank, bf16=ns.bf16, modules=ns.modules, progress=not ns.quiet, **chunk)
+    every = [InfluenceArgs(method=m, damping=ns.damping, fisher=ns.fisher, batch_size=ns.batch_size,
+                           query_rank=ns.query_rank, bf16=ns.bf16, modules=ns.modules, progress=not ns.quiet, **chunk)
+             for m in methods]  # each method's options are validated before the model is loaded
+    if len(methods) > 1 and ns.contrast_response is not None:
+        raise LancetError("--contrast-response takes one --method")
     model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code)
-    logging.getLogger("lancet").info(estimate_memory(model, args).describe())
-    summary = attribute(model, tokenizer, ns.train, ns.queries, ns.out, args, max_length=ns.max_length,
-                        labels=ns.labels, k=ns.top_k, contrast_response=ns.contrast_response)
-    print_summary(summary)
+    for args in every:
+        logging.getLogger("lancet").info(estimate_memory(model, args).describe())
+    if len(methods) == 1:
+        summaries = [attribute(model, tokenizer, ns.train, ns.queries, ns.out, every[0], max_length=ns.max_length,
+                               labels=ns.labels, k=ns.top_k, contrast_response=ns.contrast_response)]
+    else:
+        summaries = list(attribute_methods(model, tokenizer, ns.train, ns.queries, ns.out, every[0], methods,
+                                           max_length=ns.max_length, labels=ns.labels, k=ns.top_k).values())
+    for summary in summaries:
+        print_summary(summary)
     return 0
 
 

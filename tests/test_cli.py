@@ -113,3 +113,33 @@ def test_attribute_contrast_response(tmp_path, tiny_tokenizer):
     assert not torch.allclose(other, plain)
     summary = json.loads((tmp_path / "other" / "influence-kfac.json").read_text())
     assert summary["contrast_response"] == "I cannot answer."
+
+
+def test_attribute_several_methods_share_one_pass(tmp_path, tiny_tokenizer, capsys):
+    """``--method linfac,identity,bm25`` writes each method's files, with the scores a run of that method alone
+    gives, and prints each summary."""
+    from conftest import tiny_llama
+
+    from lancet.artifacts import load_tensors
+
+    model_dir = tmp_path / "m"
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    rows = [{"prompt": f"What is {i} and {i + 1}?", "response": f"It is {2 * i + 1}."} for i in range(8)]
+    train, queries = tmp_path / "train.jsonl", tmp_path / "q.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    queries.write_text(json.dumps({"prompt": "What is 2 and 3?", "response": "It is 5."}) + "\n")
+    base = ["-q", "attribute", str(model_dir), "--train", str(train), "--queries", str(queries), "--fisher",
+            "empirical"]
+    assert main([*base, "--out", str(tmp_path / "joint"), "--method", "linfac,identity,bm25,linfac"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("training rows x 1 queries") == 3
+    for method in ("linfac", "identity", "bm25"):
+        assert main([*base, "--out", str(tmp_path / method), "--method", method]) == 0
+        joint = load_tensors(tmp_path / "joint" / f"ranking-{method}.safetensors")["scores"]
+        alone = load_tensors(tmp_path / method / f"ranking-{method}.safetensors")["scores"]
+        torch.testing.assert_close(joint, alone, rtol=1e-4, atol=1e-6 * float(alone.abs().max()))
+        summary = json.loads((tmp_path / "joint" / f"influence-{method}.json").read_text())
+        assert summary["method"] == method and summary["shared_pass"] == ["linfac", "identity", "bm25"]
+    assert main([*base, "--out", str(tmp_path / "x"), "--method", "linfac,kfac", "--contrast-response", "No."]) == 2
+    assert main([*base, "--out", str(tmp_path / "x"), "--method", ","]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from lancet.artifacts import atomic_save_tensors, atomic_write_json
 from lancet.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
 from lancet.data import encode_records, load_dataset_spec
 from lancet.errors import DataError, LancetError, NonFiniteError
-from lancet.influence import Influence, InfluenceArgs
+from lancet.influence import Influence, InfluenceArgs, score_methods
 from lancet.influence.recall import aggregate, average_precision, format_table, recall_at_k, top_k
 
 log = logging.getLogger(__name__)
@@ -51,24 +52,30 @@ def queries_scores(influence: Influence, train, queries) -> torch.Tensor:
     return influence.scores(train, queries)["scores"]
 
 
+def _load(tokenizer, train_spec: str, queries_spec: str, max_length: int, progress: bool, labels: str | None):
+    train_records, query_records = load_dataset_spec(train_spec), load_dataset_spec(queries_spec)
+    for r in query_records:
+        if r.response_text is None:
+            raise DataError("influence queries need the undesirable response", path=r.source, line=r.line,
+                            field="response")
+    train = encode_records(train_records, tokenizer, max_length, progress=progress)
+    queries = encode_records(query_records, tokenizer, max_length, progress=progress)
+    for r, item in zip(query_records, queries, strict=True):  # a query with no scored token has zero gradient
+        if all(t == IGNORE_INDEX for t in item["labels"][1:]):
+            raise DataError(f"no response tokens left after cutting the row to {max_length} tokens (--max-length); "
+                            "shorten the prompt or raise --max-length", path=r.source, line=r.line, field="response")
+    culprits = read_culprit_labels(labels, train.ids) if labels else None  # a bad file fails before any work
+    return train_records, query_records, train, queries, culprits
+
+
 def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path, args: InfluenceArgs, *,
               max_length: int = DEFAULT_MAX_LENGTH, labels: str | None = None, k: int = 10,
               contrast_response: str | None = None) -> dict[str, Any]:
     """Rank ``train_spec`` rows by influence on the IQs of ``queries_spec``; with ``contrast_response``, by
     influence on the margin over that answer (``contrast_scores``)."""
     out = Path(out_dir)
-    train_records, query_records = load_dataset_spec(train_spec), load_dataset_spec(queries_spec)
-    for r in query_records:
-        if r.response_text is None:
-            raise DataError("influence queries need the undesirable response", path=r.source, line=r.line,
-                            field="response")
-    train = encode_records(train_records, tokenizer, max_length, progress=args.progress)
-    queries = encode_records(query_records, tokenizer, max_length, progress=args.progress)
-    for r, item in zip(query_records, queries, strict=True):  # a query with no scored token has zero gradient
-        if all(t == IGNORE_INDEX for t in item["labels"][1:]):
-            raise DataError(f"no response tokens left after cutting the row to {max_length} tokens (--max-length); "
-                            "shorten the prompt or raise --max-length", path=r.source, line=r.line, field="response")
-    culprits = read_culprit_labels(labels, train.ids) if labels else None  # a bad file fails before any work
+    train_records, query_records, train, queries, culprits = _load(tokenizer, train_spec, queries_spec, max_length,
+                                                                   args.progress, labels)
     t0 = time.perf_counter()
     influence = Influence(model, args, out_dir=out)
     if contrast_response is None:
@@ -77,7 +84,32 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
         if args.method == "bm25":
             raise LancetError("a contrast response needs a gradient method (bm25 scores text overlap only)")
         scores = contrast_scores(influence, train, queries, query_records, contrast_response, tokenizer, max_length)
+    return _rank(out, args, scores, time.perf_counter() - t0, train_records, train, culprits,
+                 {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),
+                  "contrast_response": contrast_response}, k)
+
+
+def attribute_methods(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path,
+                      args: InfluenceArgs, methods: list[str], *, max_length: int = DEFAULT_MAX_LENGTH,
+                      labels: str | None = None, k: int = 10) -> dict[str, dict[str, Any]]:
+    """``attribute`` for several methods with one scoring pass over the training rows (``score_methods``): the
+    same files per method (``ranking-<method>.safetensors``, ``influence-<method>.json``), whose "seconds" is the
+    whole shared run's."""
+    out = Path(out_dir)
+    train_records, _, train, queries, culprits = _load(tokenizer, train_spec, queries_spec, max_length,
+                                                       args.progress, labels)
+    t0 = time.perf_counter()
+    scores = score_methods(model, train, queries, methods, args, out_dir=out)
     seconds = time.perf_counter() - t0
+    return {m: _rank(out, replace(args, method=m), scores[m]["scores"], seconds, train_records, train, culprits,
+                     {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),
+                      "contrast_response": None, "shared_pass": list(methods)}, k)
+            for m in methods}
+
+
+def _rank(out: Path, args: InfluenceArgs, scores: torch.Tensor, seconds: float, train_records, train, culprits,
+          extra: dict[str, Any], k: int) -> dict[str, Any]:
+    """Aggregate, write ``ranking-<method>.safetensors`` and ``influence-<method>.json``, return the summary."""
     if not torch.isfinite(scores).all():
         bad = int((~torch.isfinite(scores)).sum())
         raise NonFiniteError(f"{bad} of {scores.numel()} influence scores are NaN or infinite (non-finite gradients: "
@@ -87,13 +119,15 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
         atomic_save_tensors(out / f"ranking-{args.method}.safetensors",
                             {"scores": scores, **{f"aggregate_{h}": v for h, v in agg.items()}})
     summary: dict[str, Any] = {
-        "method": args.method, "train": train_spec, "queries": queries_spec, "n_train": len(train),
-        "n_queries": len(queries), "seconds": round(seconds, 2), "ids": train.ids,
-        "contrast_response": contrast_response,
+        "method": args.method, "train": extra["train"], "queries": extra["queries"], "n_train": len(train),
+        "n_queries": extra["n_queries"], "seconds": round(seconds, 2), "ids": train.ids,
+        "contrast_response": extra["contrast_response"],
         "top_positive": top_k(train_records, agg["normalized_mean"], k),
         "top_negative": top_k(train_records, agg["normalized_mean"], k, negative=True),
         "args": args.to_json(),
     }
+    if "shared_pass" in extra:
+        summary["shared_pass"] = extra["shared_pass"]
     if culprits is not None:
         summary["recall"] = {
             "n_culprits": int(culprits.sum()),
