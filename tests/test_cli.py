@@ -88,20 +88,26 @@ def test_attribute_end_to_end_on_tiny_model(tmp_path, tiny_tokenizer, capsys):
     assert len(summary["top_positive"]) == 10
 
 
-def test_attribute_contrast_response(tmp_path, tiny_tokenizer):
-    """Ranking by the margin over a contrast answer: scores are the IQ's minus the contrast's, so contrasting an
-    IQ with its own answer gives exactly zero, and a different answer changes the ranking."""
+def _sums_run(tmp_path, tokenizer):
+    """A saved tiny model, 8 training rows of sums, and one IQ."""
     from conftest import tiny_llama
 
-    from lancet.artifacts import load_tensors
-
     model_dir = tmp_path / "m"
-    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
     rows = [{"prompt": f"What is {i} and {i + 1}?", "response": f"It is {2 * i + 1}."} for i in range(8)]
     train, queries = tmp_path / "train.jsonl", tmp_path / "q.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     queries.write_text(json.dumps({"prompt": "What is 2 and 3?", "response": "It is 5."}) + "\n")
+    return model_dir, train, queries
+
+
+def test_attribute_contrast_response(tmp_path, tiny_tokenizer):
+    """Ranking by the margin over a contrast answer: scores are the IQ's minus the contrast's, so contrasting an
+    IQ with its own answer gives exactly zero, and a different answer changes the ranking."""
+    from lancet.artifacts import load_tensors
+
+    model_dir, train, queries = _sums_run(tmp_path, tiny_tokenizer)
     base = ["-q", "attribute", str(model_dir), "--train", str(train), "--queries", str(queries), "--method", "kfac"]
     assert main([*base, "--out", str(tmp_path / "plain")]) == 0
     assert main([*base, "--out", str(tmp_path / "self"), "--contrast-response", "It is 5."]) == 0
@@ -118,17 +124,9 @@ def test_attribute_contrast_response(tmp_path, tiny_tokenizer):
 def test_attribute_several_methods_share_one_pass(tmp_path, tiny_tokenizer, capsys):
     """``--method linfac,identity,bm25`` writes each method's files, with the scores a run of that method alone
     gives, and prints each summary."""
-    from conftest import tiny_llama
-
     from lancet.artifacts import load_tensors
 
-    model_dir = tmp_path / "m"
-    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    rows = [{"prompt": f"What is {i} and {i + 1}?", "response": f"It is {2 * i + 1}."} for i in range(8)]
-    train, queries = tmp_path / "train.jsonl", tmp_path / "q.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    queries.write_text(json.dumps({"prompt": "What is 2 and 3?", "response": "It is 5."}) + "\n")
+    model_dir, train, queries = _sums_run(tmp_path, tiny_tokenizer)
     base = ["-q", "attribute", str(model_dir), "--train", str(train), "--queries", str(queries), "--fisher",
             "empirical"]
     assert main([*base, "--out", str(tmp_path / "joint"), "--method", "linfac,identity,bm25,linfac"]) == 0
