@@ -89,6 +89,11 @@ PRESETS = {
     "full": Preset(seeds=(0, 1, 2), n_helpful=64, n_refusal=32, n_unsafe=32, max_length=192, n_iq_prompts=16,
                    n_heldout=16, n_safe=32, n_dpo=64, eval_limit=8, ft_epochs=2.0, ft_lr=1e-4, corr_steps=16,
                    corr_lr=2e-5, top_k=16, lambda_max_rows=64, contrast=True),
+    # an ablation of the contamination's strength: small's data and estimators with twice the fine-tuning epochs
+    # (run with --corrections none): is recall at random because the unsafe rows barely change the model?
+    "strong": Preset(seeds=(0,), n_helpful=64, n_refusal=32, n_unsafe=32, max_length=192, n_iq_prompts=16,
+                     n_heldout=16, n_safe=32, n_dpo=64, eval_limit=8, ft_epochs=4.0, ft_lr=1e-4, corr_steps=12,
+                     corr_lr=2e-5, top_k=16, lambda_max_rows=64, contrast=False),
 }
 JOINT_SCORING_BYTES = 12 * 1024**3  # the four gradient methods' preconditioned IQs share one scoring pass
 
@@ -308,7 +313,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--run-dir", default=None, help="default runs/hh_<preset>")
     parser.add_argument("--shared", default=None, help="default ../shared/data")
-    parser.add_argument("--corrections", default=",".join(CORRECTIONS))
+    parser.add_argument("--corrections", default=",".join(CORRECTIONS), help="comma-separated, or none")
     parser.add_argument("--seeds", default=None, help="comma-separated subset of the preset's seeds")
     parser.add_argument("--ranking", default="linfac", help="which ranking the corrections use (linfac_contrast, ...)")
     parser.add_argument("--quiet", action="store_true")
@@ -323,7 +328,8 @@ def main() -> None:
     per_seed = []
     name = f"hh_reproduction_{ns.preset}"
     for seed in seeds:
-        per_seed.append(run_seed(preset, seed, run / f"seed{seed}", shared, tuple(ns.corrections.split(",")),
+        corrections = () if ns.corrections == "none" else tuple(ns.corrections.split(","))
+        per_seed.append(run_seed(preset, seed, run / f"seed{seed}", shared, corrections,
                                  progress=not ns.quiet, ranking_name=ns.ranking))
         summary = summarize(per_seed)
         result = {"preset": ns.preset, "settings": asdict(preset), "ranking": ns.ranking,
