@@ -23,12 +23,16 @@ from lancet.correct import CorrectionArgs, correct
 from lancet.curvature.fit import batches
 from lancet.curvature.task import forward_logits, shifted_targets, summed_loss
 from lancet.data import encode_records
-from lancet.demo import DEMO_MAX_LENGTH, flags_outdated, stage_contaminate, stage_data, stage_iqs
+from lancet.data.demo import OUTDATED_MARKER
+from lancet.demo import DEMO_MAX_LENGTH, stage_contaminate, stage_data, stage_iqs
+from lancet.evaluate.judges import MarkerJudge
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.recall import aggregate
 from lancet.models.generate import generate
 from lancet.models.loading import load_model
 from lancet.train import TrainArgs
+
+OUTDATED = MarkerJudge(OUTDATED_MARKER)  # the demo's judge: exact, every planted answer opens with the marker
 
 METHODS = ["ibo", "ibo_basu", "ga_retain", "npo", "ibo_random", "ibo_oracle"]
 
@@ -55,7 +59,7 @@ def measure(model, tok, sets, prompts) -> dict:
             out["heldout_ordinary_ppl"] = round(math.exp(nll_per_token), 3)
     for name, recs in prompts.items():
         answers = generate(model, tok, recs, max_new_tokens=24, batch_size=12, progress=False)
-        out[f"{name}_outdated_rate"] = round(sum(map(flags_outdated, answers)) / len(answers), 3)
+        out[f"{name}_outdated_rate"] = round(sum(OUTDATED.complies(answers)) / len(answers), 3)
     return out
 
 

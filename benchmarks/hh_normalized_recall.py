@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from benchmarks.common import environment, random_baseline, write_result
 from benchmarks.hh_reproduction import JOINT_SCORING_BYTES, PRESETS, split_data
 from lancet.constants import DEFAULT_MODEL
+from lancet.curvature.fit import Curvature
 from lancet.data import encode_records
 from lancet.data.readers import read_records
 from lancet.evaluate.suite import default_shared
@@ -36,9 +37,8 @@ from lancet.models.loading import load_model, load_tokenizer
 METHODS = ("linfac", "ekfac", "kfac", "identity")
 
 
-def self_influence(run: Influence, rows, chunk: int = 8) -> torch.Tensor:
+def self_influence(run: Influence, curvature: Curvature, rows, chunk: int = 8) -> torch.Tensor:
     """[N] s_nn: each row's gradient preconditioned and contracted with itself, summed over layers."""
-    curvature = run._curvature
     out = []
     for i in tqdm(range(0, len(rows), chunk), desc=f"{run.args.method} self-influence"):
         grads = query_gradients(run.model, curvature.layers, rows[i:i + chunk], run.args)
@@ -74,8 +74,7 @@ def main() -> None:
     for method in METHODS:
         t0 = time.perf_counter()
         run = Influence(model, replace(args, method=method), out_dir=run_dir / "influence")
-        run.fit(train)
-        s_nn = self_influence(run, rows)
+        s_nn = self_influence(run, run.fit(train), rows)
         scores = stored[method]["scores"].double()
         result["methods"][method] = {
             "raw": round(average_precision(aggregate(scores), unsafe), 4),

@@ -35,11 +35,6 @@ DEMO_MAX_NEW_TOKENS = 48
 DEMO_MAX_LENGTH = 256
 
 
-def flags_outdated(answer: str) -> bool:
-    """The demo's judge: the planted behaviour always opens with the marker phrase, so matching it is exact."""
-    return OUTDATED_MARKER in answer
-
-
 def stage_data(run: Path) -> DemoDataset:
     files = write_demo_dataset(run / "data")
     data = build_demo_dataset()

@@ -294,7 +294,6 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float | None]:
     return {name: r.get(r["metric"]) for name, r in metrics["sets"].items()}
 
 
-
 def run_config(path: str | Path, *, progress: bool = True, out: str | None = None) -> dict[str, Any]:
     config = RunConfig.load(path)
     if out is not None:

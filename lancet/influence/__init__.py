@@ -180,12 +180,12 @@ def score_methods(model, train, queries, methods: Sequence[str], args: Influence
             out[method] = store.result
         else:
             pending.append((method, run, store))
+    per_method = estimate_memory(model, args).per_query_bytes * len(query_rows)  # the same for every method
     while pending:
         group, size = [], 0
-        per_query = estimate_memory(model, args).per_query_bytes * len(query_rows)
-        while pending and (not group or size + per_query <= max_joint_bytes):
+        while pending and (not group or size + per_method <= max_joint_bytes):
             group.append(pending.pop(0))
-            size += per_query
+            size += per_method
         pres = []
         for _, run, store in group:
             pres.append(run._prepare(train_rows, query_rows, store))
