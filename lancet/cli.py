@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--train", required=True)
     p.add_argument("--queries", required=True, help="IQs: prompt + undesirable response rows")
-    p.add_argument("--method", default="linfac", help="linfac, ekfac, kfac, kfac_reduce, diagonal, identity, bm25; "
-                   "several, comma-separated, share one scoring pass")
+    p.add_argument("--method", default="linfac", help="linfac, ekfac, kfac, kfac_reduce, diagonal, identity, cosine, "
+                   "repsim, bm25; several, comma-separated, share one scoring pass")
     p.add_argument("--out", required=True, help="run directory (curvature and scores are stored and reused)")
     p.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean eigenvalue per layer")
     p.add_argument("--fisher", default="sampled", choices=["sampled", "empirical"])

@@ -28,6 +28,7 @@ import torch
 
 from lancet.artifacts import atomic_write_bytes, atomic_write_json
 from lancet.constants import DEFAULT_MAX_LENGTH
+from lancet.curvature.estimators import GRADIENT_FREE_METHODS
 from lancet.data.records import records_to_jsonl
 from lancet.errors import LancetError
 
@@ -219,7 +220,7 @@ class Pipeline:
         summary = attribute(model, tokenizer, c.train, str(self.out / "iqs.jsonl"), self.out, args,
                             max_length=c.max_length, labels=c.labels, k=c.top_k,
                             contrast_response=c.contrast_response)
-        if args.method != "bm25" and c.token_rows > 0:
+        if args.method not in GRADIENT_FREE_METHODS and c.token_rows > 0:
             self._token_scores(model, tokenizer, args, summary)
         return {k: summary[k] for k in ("method", "n_train", "n_queries", "seconds", "top_positive", "top_negative")
                 if k in summary} | ({"recall": summary["recall"]} if "recall" in summary else {})

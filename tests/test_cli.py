@@ -141,3 +141,19 @@ def test_attribute_several_methods_share_one_pass(tmp_path, tiny_tokenizer, caps
         assert summary["method"] == method and summary["shared_pass"] == ["linfac", "identity", "bm25"]
     assert main([*base, "--out", str(tmp_path / "x"), "--method", "linfac,kfac", "--contrast-response", "No."]) == 2
     assert main([*base, "--out", str(tmp_path / "x"), "--method", ","]) == 2
+
+
+def test_attribute_repsim_and_cosine(tmp_path, tiny_tokenizer):
+    """The similarity baselines from the CLI: repsim ranks the IQ's own training row first (the same text has the
+    same representation), both write the usual files, and neither takes a contrast response."""
+    from lancet.artifacts import load_tensors
+
+    model_dir, train, queries = _sums_run(tmp_path, tiny_tokenizer)
+    base = ["-q", "attribute", str(model_dir), "--train", str(train), "--queries", str(queries)]
+    assert main([*base, "--out", str(tmp_path / "r"), "--method", "repsim,cosine"]) == 0
+    repsim = load_tensors(tmp_path / "r" / "ranking-repsim.safetensors")["scores"]
+    cosine = load_tensors(tmp_path / "r" / "ranking-cosine.safetensors")["scores"]
+    assert int(repsim.argmax()) == 2 and abs(float(repsim.max()) - 1.0) < 1e-5  # "What is 2 and 3?" is row 2
+    assert int(cosine.argmax()) == 2 and abs(float(cosine.max()) - 1.0) < 1e-4
+    assert cosine.abs().max() <= 1 + 1e-5
+    assert main([*base, "--out", str(tmp_path / "x"), "--method", "repsim", "--contrast-response", "No."]) == 2

@@ -75,6 +75,9 @@ class Estimator:
     # take that state from a finished sibling fit (fit.py: _borrow_first_pass) instead of running the pass again
     first_pass_family: ClassVar[str | None] = None
     first_pass_keys: ClassVar[tuple[str, ...]] = ()
+    # unit_gradients: scores are cosines, <G_q, G_n> / (|G_q| |G_n|) over all tracked layers together (scoring.py
+    # divides by the norms), so a row with a large gradient does not outrank a better-aligned small one
+    unit_gradients: ClassVar[bool] = False
 
     def new_stats(self, pass_name: str, shape: tuple[int, int], dtype: torch.dtype, state: Stats | None = None
                   ) -> Stats:
@@ -335,11 +338,21 @@ class LinFAC(KFACReduce):
         return self.apply(state, grads, lambda v: 1.0 / (v + d))
 
 
+class Cosine(Estimator):
+    """No curvature; the cosine of raw per-sequence gradients over all tracked layers (TrackStar / LESS without
+    their projection and optimizer-state preconditioning)."""
+
+    name = "cosine"
+    unit_gradients = True
+
+
 ESTIMATORS: dict[str, type[Estimator]] = {
-    cls.name: cls for cls in (Estimator, Diagonal, KFAC, KFACReduce, EKFAC, LinFAC)
+    cls.name: cls for cls in (Estimator, Cosine, Diagonal, KFAC, KFACReduce, EKFAC, LinFAC)
 }
-TEXT_METHODS = ("bm25",)
-METHODS = tuple(ESTIMATORS) + TEXT_METHODS
+TEXT_METHODS = ("bm25",)  # text retrieval over token ids: no model
+REPRESENTATION_METHODS = ("repsim",)  # a forward pass, no gradients (lancet.influence.repsim)
+GRADIENT_FREE_METHODS = TEXT_METHODS + REPRESENTATION_METHODS
+METHODS = tuple(ESTIMATORS) + GRADIENT_FREE_METHODS
 
 
 def get_estimator(name: str) -> Estimator:

@@ -18,13 +18,14 @@ import torch
 from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, check_or_write_meta, hash_json, load_tensors, model_fingerprint
 from lancet.constants import JOINT_SCORING_MAX_BYTES
-from lancet.curvature.estimators import METHODS
+from lancet.curvature.estimators import GRADIENT_FREE_METHODS, METHODS
 from lancet.curvature.fit import Curvature, data_fingerprint, fit_curvature
 from lancet.curvature.modules import find_tracked_layers
 from lancet.errors import LancetError, NonFiniteError
 from lancet.influence.arguments import InfluenceArgs
 from lancet.influence.bm25 import bm25_scores
 from lancet.influence.memory import estimate_memory
+from lancet.influence.repsim import repsim_scores
 from lancet.influence.scoring import (
     PreconditionedQueries,
     precondition_queries,
@@ -74,8 +75,11 @@ class Influence:
             self._model_fp = model_fingerprint(self.model)
         return self._model_fp
 
-    def fit(self, train) -> Curvature:
+    def fit(self, train) -> Curvature | None:
+        """The curvature of ``train`` (None for the gradient-free methods, bm25 and repsim: nothing to fit)."""
         rows = as_rows(train, "train")
+        if self.args.method in GRADIENT_FREE_METHODS:
+            return None
         cdir = self.out / "curvature" / self.args.method if self.out is not None else None
         self._curvature = fit_curvature(self.model, rows, self.args, out_dir=cdir,
                                         model_fp=self.model_fp if self.out is not None else None)
@@ -93,6 +97,10 @@ class Influence:
         train_rows, query_rows = as_rows(train, "train"), as_rows(queries, "queries")
         if self.args.method == "bm25":
             return {"scores": bm25_scores(train_rows, query_rows)}
+        if self.args.method == "repsim":
+            return {"scores": repsim_scores(self.model, train_rows, query_rows, batch_size=self.args.batch_size,
+                                            bf16=self.args.bf16, dtype=self.args.stats_dtype,
+                                            progress=self.args.progress)}
         store = self._stored_scores(train_rows, query_rows)
         if store.result is not None:
             return store.result
@@ -172,7 +180,7 @@ def score_methods(model, train, queries, methods: Sequence[str], args: Influence
     pending: list[tuple[str, Influence, _ScoreStore]] = []
     for method in dict.fromkeys(methods):
         run = Influence(model, replace(args, method=method), out_dir=out_dir)
-        if method == "bm25":
+        if method in GRADIENT_FREE_METHODS:
             out[method] = run.scores(train_rows, query_rows)
             continue
         store = run._stored_scores(train_rows, query_rows)
@@ -219,7 +227,11 @@ def _concat(pres: list[PreconditionedQueries]) -> PreconditionedQueries:
         parts = [pre.low_rank.pop(name) for pre in pres]
         low[name] = (torch.cat([u for u, _ in parts], 1), torch.cat([v for _, v in parts], 1))
     n = sum(pre.n_queries for pre in pres)
-    return PreconditionedQueries(full=full, low_rank=low, n_queries=n)
+    unit = None
+    if any(pre.unit_rows is not None for pre in pres):
+        unit = torch.cat([pre.unit_rows if pre.unit_rows is not None else torch.zeros(pre.n_queries, dtype=torch.bool)
+                          for pre in pres])
+    return PreconditionedQueries(full=full, low_rank=low, n_queries=n, unit_rows=unit)
 
 
 def pairwise_scores(model, train: Sequence[dict[str, Any]], queries: Sequence[dict[str, Any]],

@@ -14,6 +14,7 @@ import torch
 from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, atomic_write_json
 from lancet.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
+from lancet.curvature.estimators import GRADIENT_FREE_METHODS
 from lancet.data import encode_records, load_dataset_spec
 from lancet.errors import DataError, LancetError, NonFiniteError
 from lancet.influence import Influence, InfluenceArgs, score_methods
@@ -81,8 +82,8 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
     if contrast_response is None:
         scores = queries_scores(influence, train, queries)
     else:
-        if args.method == "bm25":
-            raise LancetError("a contrast response needs a gradient method (bm25 scores text overlap only)")
+        if args.method in GRADIENT_FREE_METHODS:
+            raise LancetError(f"a contrast response needs a gradient method ({args.method} has no gradients)")
         scores = contrast_scores(influence, train, queries, query_records, contrast_response, tokenizer, max_length)
     return _rank(out, args, scores, time.perf_counter() - t0, train_records, train, culprits,
                  {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lancet.curvature.estimators import get_estimator
+from lancet.curvature.estimators import GRADIENT_FREE_METHODS, get_estimator
 from lancet.curvature.modules import find_tracked_layers
 
 
@@ -29,7 +29,7 @@ class MemoryEstimate:
 
 def estimate_memory(model, args) -> MemoryEstimate:
     itemsize = 8 if args.dtype == "float64" else 4
-    est = get_estimator(args.method) if args.method != "bm25" else None
+    est = get_estimator(args.method) if args.method not in GRADIENT_FREE_METHODS else None
     layers = find_tracked_layers(model, args.modules)
     factors = per_query = biggest = 0
     for layer in layers:

@@ -38,6 +38,9 @@ class PreconditionedQueries:
     full: dict[str, torch.Tensor]
     low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]]
     n_queries: int
+    # [Q] bool: queries whose scores are divided by each training row's gradient norm (cosine estimators; their
+    # query side is already unit-norm). None: no query needs it, and no row norm is computed.
+    unit_rows: torch.Tensor | None = None
 
 
 def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dict[str, Any]], args) -> dict:
@@ -81,12 +84,27 @@ def truncated_svd(p: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tens
     return (u[..., :r] * s[..., None, :r]).contiguous(), vh[..., :r, :].transpose(-1, -2).contiguous()
 
 
+def gradient_sq_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[Q] squared norm of each query's gradient over all layers together."""
+    return sum(g.pow(2).sum((1, 2)) for g in grads.values())
+
+
+def row_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[B] |G_n|^2 of one layer without forming G_n = sum_t g_t a_t^T: sum_{t,t'} (g_t.g_t')(a_t.a_t')."""
+    return ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
+
+
 def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], args) -> PreconditionedQueries:
     """Precondition layer by layer, dropping each raw query gradient as soon as it is used (halves peak memory)."""
     full, low = {}, {}
     n = next(iter(grads.values())).shape[0]
+    unit = curvature.estimator.unit_gradients
+    if unit:
+        scale = gradient_sq_norms(grads).sqrt().clamp_min(torch.finfo(args.stats_dtype).tiny).view(-1, 1, 1)
     for name in list(grads):
         p = curvature.estimator.precondition(curvature.state[name], grads.pop(name), args.damping)
+        if unit:
+            p = p / scale
         if args.query_rank is None:
             full[name] = p
             continue
@@ -94,7 +112,8 @@ def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], a
         # [out, Q*r] and [in, Q*r]: query q owns columns q*r .. (q+1)*r
         low[name] = (u.permute(1, 0, 2).reshape(u.shape[1], -1).contiguous(),
                      v.permute(1, 0, 2).reshape(v.shape[1], -1).contiguous())
-    return PreconditionedQueries(full=full, low_rank=low, n_queries=n)
+    return PreconditionedQueries(full=full, low_rank=low, n_queries=n,
+                                 unit_rows=torch.ones(n, dtype=torch.bool) if unit else None)
 
 
 def _contract(pre: PreconditionedQueries, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -124,6 +143,8 @@ def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, A
     n_layers = len(layers)
     scores = torch.zeros(pre.n_queries, len(rows), dtype=dtype)
     per_layer = torch.zeros(pre.n_queries, len(rows), n_layers, dtype=dtype) if args.per_layer else None
+    unit = pre.unit_rows is not None and bool(pre.unit_rows.any())
+    sq_norm = torch.zeros(len(rows), dtype=dtype) if unit else None
     index = {layer.name: i for i, layer in enumerate(layers)}
     partial = out_dir / "scores.partial.safetensors" if out_dir is not None else None
     done = 0
@@ -133,6 +154,8 @@ def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, A
         scores = saved["scores"]
         if per_layer is not None and "per_layer" in saved:
             per_layer = saved["per_layer"]
+        if sq_norm is not None:
+            sq_norm = saved["row_sq_norm"]
         log.info("resuming scoring at row %d of %d", done, len(rows))
     where = {}
 
@@ -140,6 +163,8 @@ def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, A
         start = where["start"]
         s = _contract(pre, layer.name, a, g).to(dtype)
         scores[:, start : start + a.shape[0]] += s
+        if sq_norm is not None:
+            sq_norm[start : start + a.shape[0]] += row_sq_norms(a.to(dtype), g.to(dtype))
         if per_layer is not None:
             per_layer[:, start : start + a.shape[0], index[layer.name]] += s
 
@@ -161,14 +186,23 @@ def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, A
                 scores[:, done:stop] = dist.gather_rows(scores[:, lo:hi], stop - done, dim=1)
                 if per_layer is not None:
                     per_layer[:, done:stop] = dist.gather_rows(per_layer[:, lo:hi], stop - done, dim=1)
+                if sq_norm is not None:
+                    sq_norm[done:stop] = dist.gather_rows(sq_norm[lo:hi], stop - done, dim=0)
                 bar.update(stop - done)
             done = stop
             if partial is not None and done < len(rows) and dist.is_main():
                 tensors = {"scores": scores, "rows_done": torch.tensor(done)}
                 if per_layer is not None:
                     tensors["per_layer"] = per_layer
+                if sq_norm is not None:
+                    tensors["row_sq_norm"] = sq_norm
                 atomic_save_tensors(partial, tensors)
     bar.close()
+    if sq_norm is not None:  # cosine: the query side is unit-norm already
+        inv = 1.0 / sq_norm.sqrt().clamp_min(torch.finfo(dtype).tiny)
+        scores[pre.unit_rows] *= inv
+        if per_layer is not None:
+            per_layer[pre.unit_rows] *= inv.unsqueeze(-1)
     result = {"scores": scores}
     if per_layer is not None:
         result["per_layer"] = per_layer
@@ -189,12 +223,17 @@ def token_scores(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str,
             p = pre.full[layer.name]
             s = ((a.to(p.dtype).unsqueeze(0) @ p.transpose(1, 2).unsqueeze(1)) * g.to(p.dtype)).sum(-1)
         where["acc"] = s if where.get("acc") is None else where["acc"] + s
+        if pre.unit_rows is not None:
+            where["sq"] += row_sq_norms(a.to(s.dtype), g.to(s.dtype))
 
     with Capture(model, layers, on_grad):
         for _, batch in batches(rows, 1):
-            where["acc"] = None
+            where["acc"], where["sq"] = None, 0.0
             with autocast(args.bf16):
                 logits = forward_logits(model, batch)
             logits.backward(data_cotangent(logits, batch["labels"]))
-            out.append(where["acc"][:, 0, :].detach())
+            acc = where["acc"][:, 0, :].detach()
+            if pre.unit_rows is not None:  # cosine: the row's share, divided by its gradient norm like its score
+                acc[pre.unit_rows] /= where["sq"].sqrt().clamp_min(torch.finfo(acc.dtype).tiny)[0]
+            out.append(acc)
     return out
