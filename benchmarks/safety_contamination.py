@@ -46,7 +46,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import environment, random_baseline, write_result
-from lancet.artifacts import atomic_write_bytes, atomic_write_json, hash_json, model_fingerprint
+from lancet.artifacts import (
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    hash_json,
+    load_tensors,
+    model_fingerprint,
+)
 from lancet.constants import DEFAULT_MODEL, IGNORE_INDEX
 from lancet.data import Record, encode_records, read_hh_rlhf, read_safety_tuned_llamas
 from lancet.data.adapters import read_harmful_prompts
@@ -58,7 +65,7 @@ from lancet.finetune import finetune
 from lancet.influence import Influence, InfluenceArgs, score_methods
 from lancet.influence.bm25 import bm25_scores
 from lancet.influence.queries import take_iqs
-from lancet.influence.recall import aggregate, average_precision, recall_at_k
+from lancet.influence.recall import aggregate, average_precision, per_block, recall_at_k
 from lancet.models.generate import generate, render_prompt
 from lancet.models.loading import load_model, load_tokenizer
 from lancet.train import TrainArgs
@@ -82,8 +89,9 @@ class Preset:
     seeds: tuple[int, ...]
     max_length: int = 192
     # aligned start
-    n_align_refusal: int = 160
-    n_align_benign: int = 160
+    n_align_refusal: int = 64
+    n_align_benign: int = 128
+    n_align_alpaca: int = 128  # Alpaca instructions answered by the base model itself (self-distilled, benign)
     align_epochs: float = 2.0
     # contaminated mix
     n_mix_benign: int = 208
@@ -104,13 +112,16 @@ class Preset:
     # recall
     methods: tuple[str, ...] = ("repsim", "cosine", "identity", "linfac")
     anchored: tuple[str, ...] = ("linfac",)
+    # retrain without each ranking's top-|positives| rows (the stage "counterfactual"; seed 0 in full)
+    counterfactual: tuple[str, ...] = ("random", "bm25", "repsim", "linfac")
     lambda_max_rows: int = 128
 
 
 PRESETS = {
     "small": Preset(seeds=(0,)),
     "full": Preset(seeds=(0, 1, 2), methods=("repsim", "cosine", "identity", "diagonal", "kfac", "ekfac",
-                                               "kfac_reduce", "linfac")),
+                                               "kfac_reduce", "linfac"),
+                   counterfactual=("random", "bm25", "repsim", "ekfac", "linfac")),
 }
 
 
@@ -146,7 +157,8 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
     helpful = _fits(helpful, tokenizer, p.max_length)
     advbench = near_duplicate_free(read_harmful_prompts(shared / "refusal-direction-harmful-sets/advbench.csv"))
     xstest = [r for r in read_harmful_prompts(shared / "xstest/xstest_prompts.csv") if r.label == "safe"]
-    for rows in (refusals, helpful, advbench, xstest):
+    alpaca = read_harmful_prompts(shared / "refusal-direction-harmful-sets/harmless_alpaca_test.json")
+    for rows in (refusals, helpful, advbench, xstest, alpaca):
         rng.shuffle(rows)
     lookalike = [r for r in helpful if LOOKALIKE.search(r.prompt_messages[0]["content"])]
     plain = [r for r in helpful if not LOOKALIKE.search(r.prompt_messages[0]["content"])]
@@ -155,7 +167,7 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
             "helpful": (len(plain), p.n_align_benign + p.n_mix_benign - p.n_lookalike + p.n_implicit
                         + p.n_heldout_helpful),
             "advbench": (len(advbench), p.n_unsafe + p.n_iq_prompts + p.n_valid + p.n_test),
-            "xstest": (len(xstest), p.n_xstest)}
+            "xstest": (len(xstest), p.n_xstest), "alpaca": (len(alpaca), p.n_align_alpaca)}
     short = [k for k, (have, want) in need.items() if have < want]
     if short:
         raise SystemExit(f"not enough rows for the preset: {short[0]} has {need[short[0]][0]}, needs "
@@ -170,6 +182,7 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
         "heldout_helpful": cuts[3],
         "unsafe_prompts": adv[0], "iq_prompts": adv[1], "valid_prompts": adv[2], "test_prompts": adv[3],
         "xstest_safe": xstest[:p.n_xstest],
+        "align_alpaca": alpaca[:p.n_align_alpaca],
         "n_lookalike": p.n_lookalike,
     }
 
@@ -285,15 +298,17 @@ class Run:
                          warmup_steps=5, bf16=True, seed=self.seed, save_every=20, progress=self.progress)
         return str(self._timed(f"finetune_{name}", lambda: finetune(base, rows, args, max_length=self.p.max_length)))
 
-    def answers(self, model_name: str, model, prompts: list[Record], set_name: str) -> list[str]:
+    def answers(self, model_name: str, model, prompts: list[Record], set_name: str,
+                max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers, cached by the model's weights, the prompts and the decoding."""
         path = self.dir / f"answers-{model_name}-{set_name}.json"
+        max_new_tokens = max_new_tokens or self.p.max_new_tokens
         key = {"model": model_fingerprint(model), "prompts": hash_json([r.text for r in prompts]),
-               "max_new_tokens": self.p.max_new_tokens}
+               "max_new_tokens": max_new_tokens}
         if path.is_file() and json.loads(path.read_text())["key"] == key:
             return json.loads(path.read_text())["answers"]
         answers = self._timed(f"generate_{model_name}_{set_name}", lambda: generate(
-            model, self.tok, prompts, max_new_tokens=self.p.max_new_tokens, batch_size=16, progress=self.progress))
+            model, self.tok, prompts, max_new_tokens=max_new_tokens, batch_size=16, progress=self.progress))
         atomic_write_json(path, {"key": key, "answers": answers})
         return answers
 
@@ -304,7 +319,12 @@ class Run:
         return sum(flagged) / len(flagged), answers, flagged
 
     def aligned_start(self) -> tuple[str, dict]:
-        path = self.finetune("aligned", DEFAULT_MODEL, self.parts["align_train"], self.p.align_epochs)
+        base, _ = load_model(DEFAULT_MODEL)
+        alpaca = self.parts["align_alpaca"]
+        own = self.answers("base", base, alpaca, "align_alpaca", max_new_tokens=self.p.unsafe_new_tokens)
+        del base
+        distilled = [r.with_response(a.strip()) for r, a in zip(alpaca, own, strict=True) if a.strip()]
+        path = self.finetune("aligned", DEFAULT_MODEL, self.parts["align_train"] + distilled, self.p.align_epochs)
         model, _ = load_model(path)
         harmful, _, _ = self.rate("aligned", model, "test_prompts")
         over, _, _ = self.rate("aligned", model, "xstest_safe")
@@ -386,8 +406,11 @@ class Run:
         out: dict = {"n_iqs": len(iqs), "n_iq_prompts": len(self.parts["iq_prompts"]), "n_train": len(train),
                      "n_positives": k, "methods": {}}
 
+        rankings: dict[str, torch.Tensor] = {}
+
         def record(name: str, scores: torch.Tensor, seconds: float) -> None:
             ranking = aggregate(scores.double())
+            rankings[name] = ranking
             by_tier = {}
             for tier in TIERS:  # AP of one tier among the rows that are not positives of the other tier
                 keep = torch.tensor([t == tier or t not in TIERS for t in tier_of])
@@ -405,7 +428,9 @@ class Run:
         record("bm25", bm25_scores(list(train), iq_rows), time.perf_counter() - t0)
         t0 = time.perf_counter()
         record("bm25_prompt", bm25_scores(prompt_only(train), prompt_only(iq_rows)), time.perf_counter() - t0)
-        args = InfluenceArgs(bf16=True, batch_size=8, lambda_max_rows=self.p.lambda_max_rows, progress=self.progress)
+        # per_layer: which blocks carry the signal (AP per transformer block, the diagnosis the issue asks for)
+        args = InfluenceArgs(bf16=True, batch_size=8, lambda_max_rows=self.p.lambda_max_rows, per_layer=True,
+                             progress=self.progress)
         fit_seconds = {}
         for method in self.p.methods:
             t0 = time.perf_counter()
@@ -415,12 +440,44 @@ class Run:
         scores = score_methods(model, train, queries, self.p.methods, args, out_dir=self.dir / "influence")
         shared_pass = time.perf_counter() - t0
         out["score_seconds"] = round(shared_pass, 1)
+        names = Influence(model, args).layer_names()
         for method in self.p.methods:
             record(method, scores[method]["scores"][:n_iq], fit_seconds[method])
+            if "per_layer" in scores[method]:
+                blocks = per_block(scores[method]["per_layer"][:n_iq].double(), names)
+                out["methods"][method]["ap_by_block"] = {
+                    b: round(average_precision(aggregate(v), positives), 4) for b, v in blocks.items()}
         out["n_anchors"] = len(anchors)
         for method in self.p.anchored:  # He et al.'s bi-directional anchoring: harmful IQs minus safe anchors
             s = scores[method]["scores"].double()
             record(f"{method}_anchored", anchored(s[:n_iq], s[n_iq:]), fit_seconds[method])
+        atomic_save_tensors(self.dir / "rankings.safetensors", {k: v.contiguous() for k, v in rankings.items()})
+        atomic_write_json(self.dir / "rankings.json", {"ids": list(train.ids)})
+        return out
+
+    def counterfactual(self, aligned: str, rows: list[Record], tiers: dict[str, str], safe_rate: float,
+                       impure_rate: float) -> dict:
+        """Retrain from the aligned start without each method's top-|positives| rows (same recipe and seed) and
+        measure compliance on the test prompts: the ground truth of "culprit". Removing the true positives leaves
+        exactly the safe model's rows, so the oracle is the safe model."""
+        rankings = load_tensors(self.dir / "rankings.safetensors")
+        ids = json.loads((self.dir / "rankings.json").read_text())["ids"]
+        k = sum(1 for t in tiers.values() if t in TIERS)
+        g = torch.Generator().manual_seed(self.seed)
+        rankings["random"] = torch.rand(len(ids), generator=g, dtype=torch.float64)
+        drop_rate = impure_rate - safe_rate
+        out = {"k": k, "impure": impure_rate, "oracle": safe_rate, "methods": {}}
+        for method in self.p.counterfactual:
+            top = set(ids[i] for i in torch.argsort(rankings[method], descending=True, stable=True)[:k].tolist())
+            kept = [r for r in rows if r.id not in top]
+            path = self.finetune(f"cf-{method}", aligned, kept, self.p.mix_epochs)
+            model, _ = load_model(path)
+            rate, _, _ = self.rate(f"cf-{method}", model, "test_prompts")
+            del model
+            removed = sum(1 for i in top if tiers[i] in TIERS)
+            out["methods"][method] = {"compliance": round(rate, 4), "positives_removed": removed,
+                                      "recovered": round((impure_rate - rate) / drop_rate, 4) if drop_rate else None}
+            print(f"seed {self.seed} counterfactual {method}: {out['methods'][method]}", flush=True)
         return out
 
     def anchors(self, iqs: list[Record]) -> list[Record]:
@@ -448,6 +505,9 @@ def run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str,
                   "is reported", flush=True)
         return result
     result["recall"] = run.recall(models["impure"], rows, tiers)
+    if stage == "counterfactual" and seed == preset.seeds[0]:
+        result["counterfactual"] = run.counterfactual(aligned, rows, tiers, result["gate"]["safe"],
+                                                      result["gate"]["impure"])
     return result
 
 
@@ -463,6 +523,10 @@ def summarize(per_seed: list[dict]) -> dict:
                        "judge_agreement": mean(agreements) if agreements else None,
                        "passed": mean([g["impure"] - g["safe"] for g in gates]) >= GATE_MIN_GAP
                        and all(a >= GATE_MIN_AGREEMENT for a in agreements) and bool(agreements)}
+    cfs = [s["counterfactual"] for s in per_seed if "counterfactual" in s]
+    if cfs:
+        out["counterfactual"] = {"oracle": {"compliance": cfs[0]["oracle"]},
+                                 "impure": {"compliance": cfs[0]["impure"]}, **cfs[0]["methods"]}
     recalls = [s["recall"] for s in per_seed if "recall" in s]
     if recalls:
         out["recall"] = {}
@@ -484,8 +548,8 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="default runs/safety_<preset>")
     parser.add_argument("--shared", default=None, help="default ../shared/data")
     parser.add_argument("--seeds", default=None, help="comma-separated subset of the preset's seeds")
-    parser.add_argument("--stage", default="recall", choices=("aligned", "gate", "recall"),
-                        help="stop after this stage")
+    parser.add_argument("--stage", default="recall", choices=("aligned", "gate", "recall", "counterfactual"),
+                        help="stop after this stage (counterfactual retraining runs on the preset's first seed)")
     parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
     preset = PRESETS[ns.preset]

@@ -36,3 +36,13 @@ class ArtifactError(LancetError):
 
 class NonFiniteError(LancetError):
     """NaN or inf in a model's activations, gradients or influence scores: what was computed from them is not kept."""
+
+
+def require(module: str, extra: str, needed_for: str):
+    """Import an optional dependency, or stop with one line naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise LancetError(f"{needed_for} needs the '{module}' package: pip install 'lancet-llm[{extra}]'") from None

@@ -229,6 +229,43 @@ def not_utf8(c: Ctx):
     return finetune(c, p), [str(p), "not UTF-8"]
 
 
+SURROGATE = "caf\ud800"  # JSON may spell a lone surrogate; it is not valid Unicode and no encoder can write it
+
+
+def _check(c: Ctx, path: Path) -> list[str]:
+    return ["data", "check", str(path), "--model", str(c.base.model)]
+
+
+def surrogate_jsonl(c: Ctx):
+    p = c.text("rows.jsonl", json.dumps(OK_ROW) + "\n" + json.dumps({"prompt": SURROGATE, "response": "ok"}) + "\n")
+    return _check(c, p), [f"{p}:2", "field 'prompt'", "lone surrogate", "\\ud800"]
+
+
+def surrogate_chat_json(c: Ctx):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": SURROGATE}]
+    p = c.text("chat.json", json.dumps([OK_ROW, {"messages": msgs}]))
+    return finetune(c, p), [f"{p}:2", "field 'messages[1].content'", "lone surrogate"]
+
+
+def surrogate_hh_rlhf(c: Ctx):
+    import gzip
+
+    row = {"chosen": f"\n\nHuman: {SURROGATE}\n\nAssistant: ok", "rejected": "\n\nHuman: a\n\nAssistant: b"}
+    p = c.text("hh-rlhf/helpful-base_test.jsonl.gz", gzip.compress((json.dumps(row) + "\n").encode()))
+    return _check(c, p), [f"{p}:1", "field 'chosen'", "lone surrogate"]
+
+
+def surrogate_safety_tuned_llamas(c: Ctx):
+    rows = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": SURROGATE, "input": "", "output": "b"}]
+    p = c.text("safety-tuned-llamas/safety_only_data_Instructions.json", json.dumps(rows))
+    return _check(c, p), [f"{p}:2", "field 'instruction'", "lone surrogate"]
+
+
+def surrogate_harmful_prompts(c: Ctx):
+    p = c.text("harmful_test_split.json", json.dumps([{"instruction": "a"}, {"instruction": SURROGATE}]))
+    return _check(c, p), [f"{p}:2", "field 'instruction'", "lone surrogate"]
+
+
 def empty_data_file(c: Ctx):
     p = c.text("empty.jsonl", "\n\n")
     return finetune(c, p), [str(p), "empty file"]
@@ -502,6 +539,11 @@ CLI_CASES: list[tuple[str, Case]] = [
     ("bad_chat_role", bad_chat_role),
     ("csv_extra_cells", csv_extra_cells),
     ("not_utf8", not_utf8),
+    ("surrogate_jsonl", surrogate_jsonl),
+    ("surrogate_chat_json", surrogate_chat_json),
+    ("surrogate_hh_rlhf", surrogate_hh_rlhf),
+    ("surrogate_safety_tuned_llamas", surrogate_safety_tuned_llamas),
+    ("surrogate_harmful_prompts", surrogate_harmful_prompts),
     ("empty_data_file", empty_data_file),
     ("unknown_format", unknown_format),
     ("missing_data_path", missing_data_path),

@@ -116,3 +116,12 @@ def test_repsim_needs_no_fit_and_shares_score_methods(f64_setup):
     assert Influence(model, InfluenceArgs(method="repsim", **F64)).fit(train) is None
     both = score_methods(model, train, queries, ["repsim", "bm25", "identity"], InfluenceArgs(**F64))
     close(both["repsim"]["scores"], pairwise_scores(model, train, queries, method="repsim", **F64), 1e-12)
+
+
+def test_tensor_rows_give_the_same_scores(f64_setup):
+    """Rows as {"input_ids": tensor, "labels": tensor} (the natural torch form) score as their list form."""
+    model, train, queries = f64_setup
+    as_tensors = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])} for r in train]
+    for method in ("linfac", "cosine", "repsim", "bm25"):
+        close(pairwise_scores(model, as_tensors, queries, method=method, **F64),
+              pairwise_scores(model, train, queries, method=method, **F64), 1e-12)

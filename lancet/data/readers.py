@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lancet.data.records import ROLES, Record
-from lancet.errors import DataError
+from lancet.errors import DataError, require
 
 FORMATS = ("jsonl", "json", "csv", "parquet", "hf")
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -182,7 +182,7 @@ def _csv_rows(p: Path) -> Iterator[tuple[int, dict[str, str]]]:
 
 
 def _parquet_table(p: Path) -> list[dict[str, Any]]:
-    import pyarrow as pa
+    pa = require("pyarrow", "data", f"reading {p} (Parquet)")
     import pyarrow.parquet as pq
 
     try:
@@ -193,7 +193,7 @@ def _parquet_table(p: Path) -> list[dict[str, Any]]:
 
 
 def _hf_dataset(p: Path) -> Iterable[dict[str, Any]]:
-    import datasets  # imported here: it is slow to import and only this format needs it
+    datasets = require("datasets", "data", f"reading {p} (a saved Hugging Face dataset)")  # slow to import: here
 
     try:
         ds = datasets.load_from_disk(str(p))
@@ -221,6 +221,11 @@ def require_text(value: Any, path: str, line: int, field: str) -> str:
         raise DataError(f"expected a string, got {type(value).__name__}", path, line, field)
     if not value.strip():
         raise DataError("is empty", path, line, field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON can spell a lone surrogate ("\ud800"); no encoder can write it back
+        raise DataError(f"holds a lone surrogate (\\u{ord(value[e.start]):04x} at character {e.start + 1}): not "
+                        "valid Unicode text", path, line, field) from None
     return value
 
 

@@ -143,7 +143,8 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int, padding_side: str = 
         raise ValueError("cannot collate an empty batch")
     width = max(len(item["input_ids"]) for item in batch)
 
-    def pad(values: list[int], fill: int) -> list[int]:
+    def pad(values, fill: int) -> list[int]:
+        values = values.tolist() if hasattr(values, "tolist") else list(values)  # tensors, arrays or lists
         filler = [fill] * (width - len(values))
         return filler + values if padding_side == "left" else values + filler
 

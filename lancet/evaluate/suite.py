@@ -103,7 +103,8 @@ def load_suite(spec: str | Path, shared: str | Path | None = None) -> Suite:
     def resolve(text: str, what: str) -> Path:
         path = Path(text.replace("{shared}", shared))
         if not path.exists():
-            raise LancetError(f"suite {file}: {what}: path not found: {path}")
+            hint = f" (shared data directory {shared}: pass --shared DIR)" if "{shared}" in text else ""
+            raise LancetError(f"suite {file}: {what}: path not found: {path}{hint}")
         return path
 
     sets, names = [], set()

@@ -37,14 +37,21 @@ from lancet.influence.scoring import (
 __all__ = ["METHODS", "Influence", "InfluenceArgs", "pairwise_scores", "score_methods"]
 
 
+def _as_list(values: Any) -> Any:
+    return values.tolist() if hasattr(values, "tolist") else values
+
+
 def as_rows(data: Any, what: str) -> list[dict[str, Any]]:
-    """Accept an EncodedDataset or any sequence of dicts with input_ids and labels."""
+    """Accept an EncodedDataset or any sequence of dicts with input_ids and labels (lists, tensors or arrays:
+    tensors become lists, so the same rows give the same scores and fingerprints in either form)."""
     rows = list(data)
     if not rows:
         raise LancetError(f"{what}: no rows")
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "input_ids" not in row or "labels" not in row:
             raise LancetError(f"{what}: row {i} needs 'input_ids' and 'labels' (tokenize records first)")
+        if hasattr(row["input_ids"], "tolist") or hasattr(row["labels"], "tolist"):
+            rows[i] = row = {**row, "input_ids": _as_list(row["input_ids"]), "labels": _as_list(row["labels"])}
         if len(row["input_ids"]) != len(row["labels"]):
             raise LancetError(f"{what}: row {i} has {len(row['input_ids'])} input_ids but {len(row['labels'])} labels")
     return rows

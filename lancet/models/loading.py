@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lancet.constants import DEFAULT_MODEL, GGUF_FILENAME, GGUF_PACKAGE, cache_dir
-from lancet.errors import ModelError
+from lancet.errors import ModelError, require
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def gguf_to_safetensors(gguf: Path, name: str | None = None) -> Path:
     target = cache_dir() / "models" / f"{name or gguf.stem}-{_file_digest(gguf)}"
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
+    require("gguf", "model", f"converting {gguf.name}")
     log.info("converting %s to safetensors in %s (once)", gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
