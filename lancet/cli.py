@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--labels", default=None, help="JSON with 'culprit_ids' to score recall (e.g. the demo's)")
+    p.add_argument("--measurement", default="answer", metavar="M",
+                   help="what each IQ's gradient differentiates: 'answer' (summed cross-entropy of the answer) or "
+                   "'first_tokens:K' (its first K tokens: whether the model complies is decided there)")
     p.add_argument("--contrast-response", default=None, metavar="TEXT",
                    help="rank by influence on log p(IQ answer) - log p(TEXT), e.g. a generic refusal")
 
@@ -207,7 +210,8 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
         raise LancetError(f"--method {ns.method!r}: name at least one method")
     chunk = {"chunk_rows": ns.chunk_rows} if ns.chunk_rows is not None else {}
     every = [InfluenceArgs(method=m, damping=ns.damping, fisher=ns.fisher, batch_size=ns.batch_size,
-                           query_rank=ns.query_rank, bf16=ns.bf16, modules=ns.modules, progress=not ns.quiet, **chunk)
+                           query_rank=ns.query_rank, bf16=ns.bf16, modules=ns.modules, progress=not ns.quiet,
+                           measurement=ns.measurement, **chunk)
              for m in methods]  # each method's options are validated before the model is loaded
     if len(methods) > 1 and ns.contrast_response is not None:
         raise LancetError("--contrast-response takes one --method")

@@ -157,3 +157,24 @@ def test_attribute_repsim_and_cosine(tmp_path, tiny_tokenizer):
     assert int(cosine.argmax()) == 2 and abs(float(cosine.max()) - 1.0) < 1e-4
     assert cosine.abs().max() <= 1 + 1e-5
     assert main([*base, "--out", str(tmp_path / "x"), "--method", "repsim", "--contrast-response", "No."]) == 2
+
+
+def test_attribute_measurement_option(tmp_path, tiny_tokenizer):
+    """``--measurement first_tokens:K`` scores what the Python API scores, and a bad spec is a one-line error."""
+    from lancet.artifacts import load_tensors
+    from lancet.data import encode_records, read_records
+    from lancet.influence import pairwise_scores
+    from lancet.models.loading import load_model
+
+    model_dir, train, queries = _sums_run(tmp_path, tiny_tokenizer)
+    base = ["-q", "attribute", str(model_dir), "--train", str(train), "--queries", str(queries), "--method",
+            "identity"]
+    assert main([*base, "--out", str(tmp_path / "r"), "--measurement", "first_tokens:2"]) == 0
+    got = load_tensors(tmp_path / "r" / "ranking-identity.safetensors")["scores"]
+    model, tok = load_model(str(model_dir))
+    rows = [encode_records(read_records(p), tok, 512, progress=False) for p in (train, queries)]
+    expected = pairwise_scores(model, rows[0], rows[1], method="identity", measurement="first_tokens:2",
+                               progress=False)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(expected, pairwise_scores(model, rows[0], rows[1], method="identity", progress=False))
+    assert main([*base, "--out", str(tmp_path / "x"), "--measurement", "first_tokens:0"]) == 2

@@ -24,6 +24,7 @@ from lancet.curvature.modules import find_tracked_layers
 from lancet.errors import LancetError, NonFiniteError
 from lancet.influence.arguments import InfluenceArgs
 from lancet.influence.bm25 import bm25_scores
+from lancet.influence.measurement import Measurement, resolve_measurement
 from lancet.influence.memory import estimate_memory
 from lancet.influence.repsim import repsim_scores
 from lancet.influence.scoring import (
@@ -34,7 +35,7 @@ from lancet.influence.scoring import (
     token_scores,
 )
 
-__all__ = ["METHODS", "Influence", "InfluenceArgs", "pairwise_scores", "score_methods"]
+__all__ = ["METHODS", "Influence", "InfluenceArgs", "Measurement", "pairwise_scores", "score_methods"]
 
 
 def _as_list(values: Any) -> Any:
@@ -68,10 +69,17 @@ class Influence:
     rank 0 writes artifacts (docs/scaling.md).
     """
 
-    def __init__(self, model, args: InfluenceArgs | None = None, *, out_dir: str | Path | None = None, **options):
+    def __init__(self, model, args: InfluenceArgs | None = None, *, out_dir: str | Path | None = None,
+                 measurement: Measurement | None = None, **options):
         dist.init_from_env()
         self.model = model
         self.args = args or InfluenceArgs(**options)
+        if measurement is not None:  # a user measurement: its name and version go into every fingerprint
+            self.args = replace(self.args, measurement=measurement.spec)
+        elif "@" in self.args.measurement:
+            raise LancetError(f"measurement {self.args.measurement!r} is a user Measurement: pass the object "
+                              "(Influence(..., measurement=...))")
+        self.measurement = resolve_measurement(measurement if measurement is not None else self.args.measurement)
         self.out = Path(out_dir) if out_dir is not None else None
         self._curvature: Curvature | None = None
         self._model_fp: str | None = None
@@ -96,7 +104,7 @@ class Influence:
         if self._curvature is None:
             raise LancetError("call fit(train) before scoring")
         layers = self._curvature.layers
-        grads = query_gradients(self.model, layers, as_rows(queries, "queries"), self.args)
+        grads = query_gradients(self.model, layers, as_rows(queries, "queries"), self.args, self.measurement)
         return precondition_queries(self._curvature, grads, self.args)
 
     def scores(self, train, queries) -> dict[str, torch.Tensor]:
@@ -119,7 +127,8 @@ class Influence:
         """Where this method's scores for these rows and queries live, and the stored result if finished."""
         if self.out is None:
             return _ScoreStore(None, {}, None)
-        key = hash_json([self.args.to_json()["method"], data_fingerprint(query_rows)])
+        key = hash_json([self.args.to_json()["method"], data_fingerprint(query_rows)]
+                        + ([self.args.measurement] if self.args.measurement != "answer" else []))
         sdir = self.out / "scores" / f"{self.args.method}-{key}"
         meta = {"kind": "scores", "method": self.args.method, "model": self.model_fp,
                 "train": data_fingerprint(train_rows), "queries": data_fingerprint(query_rows),
@@ -172,8 +181,8 @@ class _ScoreStore:
 
 
 def score_methods(model, train, queries, methods: Sequence[str], args: InfluenceArgs | None = None, *,
-                  out_dir: str | Path | None = None, max_joint_bytes: int = JOINT_SCORING_MAX_BYTES
-                  ) -> dict[str, dict[str, torch.Tensor]]:
+                  out_dir: str | Path | None = None, max_joint_bytes: int = JOINT_SCORING_MAX_BYTES,
+                  measurement: Measurement | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Scores of several estimators, ``{method: Influence(...).scores(train, queries)}``, with one pass over the
     training rows: each method fits (or reuses) its curvature and preconditions the queries; one backward per
     batch then gives the (a, g) pairs that every method's preconditioned queries are contracted with. The
@@ -186,7 +195,7 @@ def score_methods(model, train, queries, methods: Sequence[str], args: Influence
     out: dict[str, dict[str, torch.Tensor]] = {}
     pending: list[tuple[str, Influence, _ScoreStore]] = []
     for method in dict.fromkeys(methods):
-        run = Influence(model, replace(args, method=method), out_dir=out_dir)
+        run = Influence(model, replace(args, method=method), out_dir=out_dir, measurement=measurement)
         if method in GRADIENT_FREE_METHODS:
             out[method] = run.scores(train_rows, query_rows)
             continue
@@ -242,6 +251,11 @@ def _concat(pres: list[PreconditionedQueries]) -> PreconditionedQueries:
 
 
 def pairwise_scores(model, train: Sequence[dict[str, Any]], queries: Sequence[dict[str, Any]],
-                    method: str = "linfac", damping: float | None = None, **options) -> torch.Tensor:
-    """[n_queries, n_train] influence of each training row on each query's measurement (summed response CE)."""
-    return Influence(model, InfluenceArgs(method=method, damping=damping, **options)).scores(train, queries)["scores"]
+                    method: str = "linfac", damping: float | None = None, measurement: Measurement | None = None,
+                    **options) -> torch.Tensor:
+    """[n_queries, n_train] influence of each training row on each query's measurement (default: summed response
+    CE; ``measurement="first_tokens:K"`` or a ``Measurement`` object otherwise)."""
+    if isinstance(measurement, str):
+        options["measurement"], measurement = measurement, None
+    args = InfluenceArgs(method=method, damping=damping, **options)
+    return Influence(model, args, measurement=measurement).scores(train, queries)["scores"]

@@ -30,6 +30,9 @@ class InfluenceArgs:
     chunk_rows: int = 256  # rows per resumable chunk of a pass over the training data
     lambda_max_rows: int | None = None  # fit the eigenvalue correction on a seeded subset of this many rows
     padding_side: str = "right"  # scores do not depend on it (positions are counted over real tokens)
+    # what the query gradient differentiates (lancet.influence.measurement): "answer", "first_tokens:K", or the
+    # NAME@VERSION of a user Measurement passed to Influence(..., measurement=...)
+    measurement: str = "answer"
     seed: int = 0
     progress: bool = True
 
@@ -54,6 +57,9 @@ class InfluenceArgs:
             raise LancetError(f"invalid padding_side={self.padding_side!r}; choose left or right")
         if self.query_rank is not None and self.query_rank < 1:
             raise LancetError(f"invalid query_rank={self.query_rank!r}: must be >= 1 or None")
+        from lancet.influence.measurement import check_spec
+
+        check_spec(self.measurement)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -76,4 +82,6 @@ class InfluenceArgs:
 
     def fingerprint_dict(self, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
         data = {k: v for k, v in self.to_json().items() if k not in self._UNHASHED}
+        if data["measurement"] == "answer":  # the default: artifacts stored before the option existed stay valid
+            del data["measurement"]
         return data if keys is None else {k: data[k] for k in keys}

@@ -26,6 +26,7 @@ from lancet.curvature.estimators import per_sequence_grads
 from lancet.curvature.fit import Curvature, autocast, batches, chunk_part, chunk_stop
 from lancet.curvature.modules import Capture, TrackedLayer
 from lancet.curvature.task import data_cotangent, forward_logits
+from lancet.influence.measurement import Measurement, resolve_measurement
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,11 @@ class PreconditionedQueries:
     unit_rows: torch.Tensor | None = None
 
 
-def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dict[str, Any]], args) -> dict:
-    """G_q = sum_t g_t a_t^T of each query's summed response cross-entropy, per layer: [Q, out, in]."""
+def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dict[str, Any]], args,
+                    measurement: Measurement | None = None) -> dict:
+    """G_q = the gradient of each query's measurement (default: its summed response cross-entropy), per layer:
+    [Q, out, in]."""
+    measurement = resolve_measurement(measurement if measurement is not None else args.measurement)
     dtype = args.stats_dtype
     grads = {layer.name: torch.zeros(len(queries), *layer.shape, dtype=dtype) for layer in layers}
     where = {}
@@ -58,7 +62,7 @@ def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dic
             where["start"] = start
             with autocast(args.bf16):
                 logits = forward_logits(model, batch)
-            logits.backward(data_cotangent(logits, batch["labels"]))
+            measurement.backward(logits, batch)
     return grads
 
 

@@ -1,0 +1,133 @@
+"""What is explained: the measurement of each influence query whose gradient is the query gradient.
+
+kronfluence lets its users define the measurement (its ``Task``); so does lancet. A measurement is *loss-like*:
+one scalar per query row that falls as the row's behaviour grows (the default is the answer's summed cross-entropy,
+-log p(answer | prompt)), so that a positive score keeps its meaning: up-weighting the training row makes the
+query's behaviour more likely.
+
+- ``answer`` (default): summed cross-entropy of the answer tokens.
+- ``first_tokens:K``: summed cross-entropy of the first K answer tokens only. Whether a model complies or refuses
+  is decided in its opening words ("Sure, here is" / "I'm sorry"); the rest of a long answer is topic and style,
+  which every row on the same topic moves.
+- any callable ``fn(logits [B, T, V], batch) -> [B]`` wrapped in ``Measurement(fn, name=..., version=...)``: a
+  margin over a refusal, a classifier's logit, a token's probability. Its ``name`` and ``version`` go into the
+  fingerprint of stored scores (a function cannot be hashed): bump the version when the function changes.
+
+The margin over a fixed reference answer (``--contrast-response``) is linear in two rows' measurements and is
+computed as the difference of their scores (``lancet.influence.attribute.contrast_scores``).
+The built-ins are label transforms of the cross-entropy cotangent (exact, and no extra autograd through the
+vocabulary); a callable is differentiated by autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lancet.constants import IGNORE_INDEX
+from lancet.curvature.task import data_cotangent
+from lancet.errors import LancetError
+
+BUILTIN = ("answer", "first_tokens")
+
+
+class Measurement:
+    """A loss-like scalar per query row. Subclass and override ``__call__``, or wrap a function."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None, *,
+                 name: str, version: int = 1):
+        if not name or any(c in name for c in ":@ "):
+            raise LancetError(f"invalid measurement name {name!r}: a non-empty name without ':', '@' or spaces")
+        self.fn, self.name, self.version = fn, name, int(version)
+
+    @property
+    def spec(self) -> str:
+        """The string stored in InfluenceArgs.measurement and hashed into the score fingerprint."""
+        return f"{self.name}@{self.version}"
+
+    def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.fn is None:
+            raise NotImplementedError
+        return self.fn(logits, batch)
+
+    def backward(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """Backpropagate the measurement of every row (rows are independent, so per-row gradients stay apart)."""
+        values = self(logits, batch)
+        if values.shape != (logits.shape[0],):
+            raise LancetError(f"measurement {self.spec} returned shape {tuple(values.shape)}; expected one scalar per "
+                              f"row ({logits.shape[0]},)")
+        values.sum().backward()
+
+
+class AnswerLoss(Measurement):
+    """Summed cross-entropy of the answer tokens (the default)."""
+
+    def __init__(self):
+        super().__init__(name="answer", version=1)
+
+    @property
+    def spec(self) -> str:
+        return "answer"
+
+    def labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels
+
+    def __call__(self, logits, batch):
+        from lancet.curvature.task import summed_loss
+
+        return summed_loss(logits, self.labels(batch["labels"]))
+
+    def backward(self, logits, batch):
+        logits.backward(data_cotangent(logits, self.labels(batch["labels"])))
+
+
+class FirstTokensLoss(AnswerLoss):
+    """Summed cross-entropy of the first ``k`` answer tokens of each row."""
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise LancetError(f"invalid measurement first_tokens:{k}: K must be >= 1")
+        Measurement.__init__(self, name="first_tokens", version=1)
+        self.k = k
+
+    @property
+    def spec(self) -> str:
+        return f"first_tokens:{self.k}"
+
+    def labels(self, labels: torch.Tensor) -> torch.Tensor:
+        scored = labels != IGNORE_INDEX
+        scored[:, 0] = False  # label 0 is never a target (nothing predicts it)
+        keep = scored & (scored.long().cumsum(1) <= self.k)
+        out = torch.full_like(labels, IGNORE_INDEX)
+        out[keep] = labels[keep]
+        out[:, 0] = labels[:, 0]
+        return out
+
+
+def resolve_measurement(spec: str | Measurement | None) -> Measurement:
+    """A built-in by its spec ("answer", "first_tokens:K") or a Measurement as given."""
+    if spec is None:
+        return AnswerLoss()
+    if isinstance(spec, Measurement):
+        return spec
+    name, _, arg = str(spec).partition(":")
+    if name == "answer" and not arg:
+        return AnswerLoss()
+    if name == "first_tokens" and arg.isdigit():
+        return FirstTokensLoss(int(arg))
+    raise LancetError(f"unknown measurement {spec!r}; choose 'answer' or 'first_tokens:K', or pass a Measurement "
+                      "object from Python")
+
+
+def check_spec(spec: Any) -> None:
+    """Validate InfluenceArgs.measurement: a built-in spec, or NAME@VERSION of a user Measurement."""
+    if not isinstance(spec, str):
+        raise LancetError(f"invalid measurement {spec!r}: a string")
+    if "@" in spec:
+        name, _, version = spec.partition("@")
+        if not name or not version.isdigit():
+            raise LancetError(f"invalid measurement {spec!r}: NAME@VERSION")
+        return
+    resolve_measurement(spec)
