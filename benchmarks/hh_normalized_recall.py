@@ -29,7 +29,7 @@ from lancet.curvature.fit import Curvature
 from lancet.data import encode_records
 from lancet.data.readers import read_records
 from lancet.evaluate.suite import default_shared
-from lancet.influence import Influence, InfluenceArgs, score_methods
+from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.recall import aggregate, average_precision
 from lancet.influence.scoring import query_gradients
 from lancet.models.loading import load_model, load_tokenizer
@@ -64,8 +64,8 @@ def main() -> None:
     queries = encode_records(read_records(run_dir / "iqs.jsonl"), tok, preset.max_length, progress=False)
     unsafe = torch.tensor([i in set(parts["unsafe_ids"]) for i in train.ids])
     args = InfluenceArgs(bf16=True, batch_size=8, lambda_max_rows=preset.lambda_max_rows)
-    stored = score_methods(model, train, queries, METHODS, args, out_dir=run_dir / "influence",
-                           max_joint_bytes=JOINT_SCORING_BYTES)  # the preset's stored scores: no pass runs
+    stored = Influence(model, args, out_dir=run_dir / "influence").scores(  # the stored scores: no pass runs
+        train, queries, methods=METHODS, max_joint_bytes=JOINT_SCORING_BYTES)
     rows = list(train)
     result = {"run_dir": str(run_dir), "seed": ns.seed, "n_train": len(rows), "n_unsafe": int(unsafe.sum()),
               "n_iqs": len(queries), "env": environment(),

@@ -46,7 +46,7 @@ from lancet.evaluate import load_suite
 from lancet.evaluate.judges import RefusalMatcher, make_judge
 from lancet.evaluate.suite import default_shared, evaluate_or_reuse
 from lancet.finetune import finetune
-from lancet.influence import Influence, InfluenceArgs, score_methods
+from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.attribute import contrast_scores
 from lancet.influence.queries import take_iqs
 from lancet.influence.recall import aggregate, average_precision, recall_at_k
@@ -218,8 +218,8 @@ def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tu
             Influence(impure, replace(args, method=method), out_dir=run / "influence").fit(train)
         fit_seconds[method] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    all_scores = score_methods(impure, train, queries, preset.methods, args, out_dir=run / "influence",
-                               max_joint_bytes=JOINT_SCORING_BYTES)
+    all_scores = Influence(impure, args, out_dir=run / "influence").scores(
+        train, queries, methods=preset.methods, max_joint_bytes=JOINT_SCORING_BYTES)
     seconds["score_all_methods"] = round(time.perf_counter() - t0, 1)
     for method in preset.methods:
         rankings[method] = aggregate(all_scores[method]["scores"].double())

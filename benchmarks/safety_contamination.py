@@ -62,7 +62,7 @@ from lancet.data.records import records_to_jsonl
 from lancet.evaluate.judges import RefusalMatcher
 from lancet.evaluate.suite import default_shared
 from lancet.finetune import finetune
-from lancet.influence import Influence, InfluenceArgs, score_methods
+from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.bm25 import bm25_scores
 from lancet.influence.queries import take_iqs
 from lancet.influence.recall import aggregate, average_precision, per_block, recall_at_k
@@ -91,7 +91,10 @@ class Preset:
     # aligned start
     n_align_refusal: int = 64
     n_align_benign: int = 128
-    n_align_alpaca: int = 128  # Alpaca instructions answered by the base model itself (self-distilled, benign)
+    # Alpaca instructions answered by the base model itself (self-distilled, benign); the first
+    # n_align_alpaca_lookalike share topic words with harmful requests (passwords, viruses, fire, safety ...)
+    n_align_alpaca: int = 256
+    n_align_alpaca_lookalike: int = 128
     align_epochs: float = 2.0
     # contaminated mix
     n_mix_benign: int = 208
@@ -168,6 +171,9 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
                         + p.n_heldout_helpful),
             "advbench": (len(advbench), p.n_unsafe + p.n_iq_prompts + p.n_valid + p.n_test),
             "xstest": (len(xstest), p.n_xstest), "alpaca": (len(alpaca), p.n_align_alpaca)}
+    alpaca_look = [r for r in alpaca if LOOKALIKE.search(r.prompt)][:p.n_align_alpaca_lookalike]
+    taken = {r.prompt for r in alpaca_look}
+    alpaca = alpaca_look + [r for r in alpaca if r.prompt not in taken][:p.n_align_alpaca - len(alpaca_look)]
     short = [k for k, (have, want) in need.items() if have < want]
     if short:
         raise SystemExit(f"not enough rows for the preset: {short[0]} has {need[short[0]][0]}, needs "
@@ -182,7 +188,7 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
         "heldout_helpful": cuts[3],
         "unsafe_prompts": adv[0], "iq_prompts": adv[1], "valid_prompts": adv[2], "test_prompts": adv[3],
         "xstest_safe": xstest[:p.n_xstest],
-        "align_alpaca": alpaca[:p.n_align_alpaca],
+        "align_alpaca": alpaca,
         "n_lookalike": p.n_lookalike,
     }
 
@@ -437,7 +443,7 @@ class Run:
             Influence(model, replace(args, method=method), out_dir=self.dir / "influence").fit(train)
             fit_seconds[method] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        scores = score_methods(model, train, queries, self.p.methods, args, out_dir=self.dir / "influence")
+        scores = Influence(model, args, out_dir=self.dir / "influence").scores(train, queries, methods=self.p.methods)
         shared_pass = time.perf_counter() - t0
         out["score_seconds"] = round(shared_pass, 1)
         names = Influence(model, args).layer_names()

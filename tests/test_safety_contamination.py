@@ -31,8 +31,8 @@ from lancet.evaluate.judges import RefusalMatcher
 from lancet.influence.recall import aggregate
 
 TINY = replace(PRESETS["small"], max_length=256, n_align_refusal=4, n_align_benign=4, n_align_alpaca=3,
-               n_mix_benign=6, n_lookalike=2, n_mix_refusal=3, n_unsafe=4, n_implicit=2, n_iq_prompts=3, n_valid=2,
-               n_test=3, n_xstest=2, n_heldout_helpful=2)
+               n_align_alpaca_lookalike=1, n_mix_benign=6, n_lookalike=2, n_mix_refusal=3, n_unsafe=4, n_implicit=2,
+               n_iq_prompts=3, n_valid=2, n_test=3, n_xstest=2, n_heldout_helpful=2)
 TOPICS = ["paint a fence", "bake bread", "tune a guitar", "plant tomatoes", "fold a shirt", "learn chess",
           "write a poem", "brew tea", "knit a scarf", "read faster", "sleep better", "run a mile", "draw a cat",
           "sing in tune", "save money"]

@@ -1,13 +1,15 @@
 """Influence: which training rows drive the behaviour in the influence queries (IQs).
 
-    scores = pairwise_scores(model, train, queries, method="linfac")   # [n_queries, n_train]
+    scores = Influence(model, method="linfac", tokenizer=tok).scores(train, iqs)["scores"]   # [n_queries, n_train]
 
 Positive scores: up-weighting the row makes the IQ's undesirable answer more likely (the row drives it); negative:
-the row counters it. ``Influence`` is the staged form: fit curvature once (artifact), score many query sets.
+the row counters it. ``Influence`` is the one entry point: fit curvature once (artifact), score many query sets,
+several estimators in one pass, token scores. ``pairwise_scores`` and ``score_methods`` are deprecated wrappers.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 
 from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, check_or_write_meta, hash_json, load_tensors, model_fingerprint
-from lancet.constants import JOINT_SCORING_MAX_BYTES
+from lancet.constants import DEFAULT_MAX_LENGTH, JOINT_SCORING_MAX_BYTES
 from lancet.curvature.estimators import GRADIENT_FREE_METHODS, METHODS
 from lancet.curvature.fit import Curvature, data_fingerprint, fit_curvature
 from lancet.curvature.modules import find_tracked_layers
@@ -42,15 +44,36 @@ def _as_list(values: Any) -> Any:
     return values.tolist() if hasattr(values, "tolist") else values
 
 
-def as_rows(data: Any, what: str) -> list[dict[str, Any]]:
-    """Accept an EncodedDataset or any sequence of dicts with input_ids and labels (lists, tensors or arrays:
-    tensors become lists, so the same rows give the same scores and fingerprints in either form)."""
+def as_rows(data: Any, what: str, tokenizer=None, max_length: int = DEFAULT_MAX_LENGTH) -> list[dict[str, Any]]:
+    """Rows for the engine, from any of the inputs ``Influence`` takes:
+    - tokenised rows: an EncodedDataset, or dicts with ``input_ids`` and ``labels`` (lists, tensors or arrays:
+      tensors become lists, so the same rows give the same scores and fingerprints in either form);
+    - text: ``Record`` objects, or dicts with ``prompt`` (+ ``response``) or ``messages`` (a list of dicts or a
+      ``datasets.Dataset``), tokenised with ``tokenizer`` (labels on the response only).
+    Anything else is one clear error."""
+    if isinstance(data, str | bytes | dict) or not hasattr(data, "__iter__"):
+        raise LancetError(f"{what}: expected a sequence of rows (Records, prompt/response dicts or tokenised rows), "
+                          f"got {type(data).__name__}")
     rows = list(data)
     if not rows:
         raise LancetError(f"{what}: no rows")
+    if _is_text(rows[0]):
+        if tokenizer is None:
+            raise LancetError(f"{what}: rows of text need a tokenizer: Influence(model, tokenizer=...)")
+        from lancet.data import Record, encode_records
+        from lancet.data.readers import records_from_rows
+
+        if all(isinstance(r, Record) for r in rows):
+            records = rows
+        elif all(isinstance(r, dict) for r in rows):
+            records = records_from_rows(rows, what)
+        else:
+            raise LancetError(f"{what}: mixed row types; give all Records or all dicts")
+        return list(encode_records(records, tokenizer, max_length, progress=False))
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "input_ids" not in row or "labels" not in row:
-            raise LancetError(f"{what}: row {i} needs 'input_ids' and 'labels' (tokenize records first)")
+            raise LancetError(f"{what}: row {i} is a {type(row).__name__} without 'input_ids' and 'labels': give "
+                              "Records, prompt/response dicts (with a tokenizer) or tokenised rows")
         if hasattr(row["input_ids"], "tolist") or hasattr(row["labels"], "tolist"):
             rows[i] = row = {**row, "input_ids": _as_list(row["input_ids"]), "labels": _as_list(row["labels"])}
         if len(row["input_ids"]) != len(row["labels"]):
@@ -58,8 +81,23 @@ def as_rows(data: Any, what: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _is_text(row: Any) -> bool:
+    from lancet.data import Record
+
+    return isinstance(row, Record) or (isinstance(row, dict) and "input_ids" not in row
+                                       and ("prompt" in row or "messages" in row))
+
+
 class Influence:
-    """One entry object for a run: ``fit`` the curvature of ``train`` once, then ``scores`` for any query set.
+    """The entry object: ``fit`` the curvature of ``train`` once, then ``scores`` for any query set.
+
+        run = Influence(model, method="linfac", tokenizer=tok, out_dir="run")      # tokenizer: rows of text
+        run.fit(train)                                            # Records, prompt/response dicts or tokenised rows
+        s = run.scores(train, iqs)["scores"]                      # [Q, N]; positive = the row drives the IQ
+        s2 = run.scores(train, other_iqs)                         # a new query set: the curvature is reused
+        both = run.scores(train, iqs, methods=["linfac", "ekfac", "identity", "bm25"])   # one pass, {method: ...}
+        tokens = run.token_scores(top_rows, iqs)                  # [Q, T] per row: where in the row it comes from
+        Influence(model, measurement=Measurement(fn, name="margin"))  # explain another scalar than the answer's CE
 
     With ``out_dir`` every stage is an artifact there (safetensors + JSON with a fingerprint of model weights, data
     and options): reused on a matching rerun, refused on a mismatch, resumed by chunk after a kill.
@@ -70,9 +108,11 @@ class Influence:
     """
 
     def __init__(self, model, args: InfluenceArgs | None = None, *, out_dir: str | Path | None = None,
-                 measurement: Measurement | None = None, **options):
+                 measurement: Measurement | None = None, tokenizer=None, max_length: int = DEFAULT_MAX_LENGTH,
+                 **options):
         dist.init_from_env()
         self.model = model
+        self.tokenizer, self.max_length = tokenizer, max_length
         self.args = args or InfluenceArgs(**options)
         if measurement is not None:  # a user measurement: its name and version go into every fingerprint
             self.args = replace(self.args, measurement=measurement.spec)
@@ -92,7 +132,7 @@ class Influence:
 
     def fit(self, train) -> Curvature | None:
         """The curvature of ``train`` (None for the gradient-free methods, bm25 and repsim: nothing to fit)."""
-        rows = as_rows(train, "train")
+        rows = self._rows(train, "train")
         if self.args.method in GRADIENT_FREE_METHODS:
             return None
         cdir = self.out / "curvature" / self.args.method if self.out is not None else None
@@ -104,12 +144,21 @@ class Influence:
         if self._curvature is None:
             raise LancetError("call fit(train) before scoring")
         layers = self._curvature.layers
-        grads = query_gradients(self.model, layers, as_rows(queries, "queries"), self.args, self.measurement)
+        grads = query_gradients(self.model, layers, self._rows(queries, "queries"), self.args, self.measurement)
         return precondition_queries(self._curvature, grads, self.args)
 
-    def scores(self, train, queries) -> dict[str, torch.Tensor]:
-        """{"scores": [Q, N]} (plus "per_layer": [Q, N, L] with per_layer=True)."""
-        train_rows, query_rows = as_rows(train, "train"), as_rows(queries, "queries")
+    def _rows(self, data, what: str) -> list[dict[str, Any]]:
+        return as_rows(data, what, self.tokenizer, self.max_length)
+
+    def scores(self, train, queries, methods: Sequence[str] | None = None, *,
+               max_joint_bytes: int = JOINT_SCORING_MAX_BYTES):
+        """{"scores": [Q, N]} (plus "per_layer": [Q, N, L] with per_layer=True). With ``methods``, several
+        estimators with one pass over the training rows: {method: {"scores": ...}}, each equal to that method's
+        own run (the other options are this run's)."""
+        train_rows, query_rows = self._rows(train, "train"), self._rows(queries, "queries")
+        if methods is not None:
+            return _score_methods(self.model, train_rows, query_rows, methods, self.args, out_dir=self.out,
+                                  measurement=self.measurement, max_joint_bytes=max_joint_bytes)
         if self.args.method == "bm25":
             return {"scores": bm25_scores(train_rows, query_rows)}
         if self.args.method == "repsim":
@@ -167,7 +216,7 @@ class Influence:
     def token_scores(self, rows, queries) -> list[torch.Tensor]:
         """Per-token scores [Q, T] for each of ``rows`` (few rows: one backward each)."""
         pre = self.preconditioned_queries(queries)
-        return token_scores(self.model, self._curvature.layers, as_rows(rows, "rows"), pre, self.args)
+        return token_scores(self.model, self._curvature.layers, self._rows(rows, "rows"), pre, self.args)
 
     def layer_names(self) -> list[str]:
         return [layer.name for layer in find_tracked_layers(self.model, self.args.modules)]
@@ -183,6 +232,16 @@ class _ScoreStore:
 def score_methods(model, train, queries, methods: Sequence[str], args: InfluenceArgs | None = None, *,
                   out_dir: str | Path | None = None, max_joint_bytes: int = JOINT_SCORING_MAX_BYTES,
                   measurement: Measurement | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Deprecated: ``Influence(model, args, out_dir=...).scores(train, queries, methods=[...])``."""
+    warnings.warn("score_methods is deprecated; use Influence(model, args).scores(train, queries, methods=[...])",
+                  DeprecationWarning, stacklevel=2)
+    return _score_methods(model, train, queries, methods, args, out_dir=out_dir, max_joint_bytes=max_joint_bytes,
+                          measurement=measurement)
+
+
+def _score_methods(model, train, queries, methods: Sequence[str], args: InfluenceArgs | None = None, *,
+                   out_dir: str | Path | None = None, max_joint_bytes: int = JOINT_SCORING_MAX_BYTES,
+                   measurement: Measurement | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Scores of several estimators, ``{method: Influence(...).scores(train, queries)}``, with one pass over the
     training rows: each method fits (or reuses) its curvature and preconditions the queries; one backward per
     batch then gives the (a, g) pairs that every method's preconditioned queries are contracted with. The
@@ -253,8 +312,9 @@ def _concat(pres: list[PreconditionedQueries]) -> PreconditionedQueries:
 def pairwise_scores(model, train: Sequence[dict[str, Any]], queries: Sequence[dict[str, Any]],
                     method: str = "linfac", damping: float | None = None, measurement: Measurement | None = None,
                     **options) -> torch.Tensor:
-    """[n_queries, n_train] influence of each training row on each query's measurement (default: summed response
-    CE; ``measurement="first_tokens:K"`` or a ``Measurement`` object otherwise)."""
+    """Deprecated: ``Influence(model, method=..., ...).scores(train, queries)["scores"]``, [n_queries, n_train]."""
+    warnings.warn('pairwise_scores is deprecated; use Influence(model, method=...).scores(train, queries)["scores"]',
+                  DeprecationWarning, stacklevel=2)
     if isinstance(measurement, str):
         options["measurement"], measurement = measurement, None
     args = InfluenceArgs(method=method, damping=damping, **options)

@@ -17,7 +17,7 @@ from lancet.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
 from lancet.curvature.estimators import GRADIENT_FREE_METHODS
 from lancet.data import encode_records, load_dataset_spec
 from lancet.errors import DataError, LancetError, NonFiniteError
-from lancet.influence import Influence, InfluenceArgs, score_methods
+from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.recall import aggregate, average_precision, format_table, recall_at_k, top_k
 
 log = logging.getLogger(__name__)
@@ -93,14 +93,14 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
 def attribute_methods(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path,
                       args: InfluenceArgs, methods: list[str], *, max_length: int = DEFAULT_MAX_LENGTH,
                       labels: str | None = None, k: int = 10) -> dict[str, dict[str, Any]]:
-    """``attribute`` for several methods with one scoring pass over the training rows (``score_methods``): the
-    same files per method (``ranking-<method>.safetensors``, ``influence-<method>.json``), whose "seconds" is the
-    whole shared run's."""
+    """``attribute`` for several methods with one scoring pass over the training rows
+    (``Influence.scores(..., methods=...)``): the same files per method (``ranking-<method>.safetensors``,
+    ``influence-<method>.json``), whose "seconds" is the whole shared run's."""
     out = Path(out_dir)
     train_records, _, train, queries, culprits = _load(tokenizer, train_spec, queries_spec, max_length,
                                                        args.progress, labels)
     t0 = time.perf_counter()
-    scores = score_methods(model, train, queries, methods, args, out_dir=out)
+    scores = Influence(model, args, out_dir=out).scores(train, queries, methods=methods)
     seconds = time.perf_counter() - t0
     return {m: _rank(out, replace(args, method=m), scores[m]["scores"], seconds, train_records, train, culprits,
                      {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),
