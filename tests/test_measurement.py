@@ -77,6 +77,8 @@ def test_first_tokens_exact(f64_setup, k):
     got = pairwise_scores(model, train, queries, method="identity", measurement=f"first_tokens:{k}", batch_size=2,
                           **F64)
     close(got, expected, 1e-9)
+    close(Influence(model, method="identity", measurement=f"first_tokens:{k}", **F64).scores(train, queries)["scores"],
+          got, 1e-12)
     if k == 50:  # longer than every answer: the whole answer
         close(got, pairwise_scores(model, train, queries, method="identity", **F64), 1e-12)
 

@@ -108,12 +108,15 @@ class Influence:
     """
 
     def __init__(self, model, args: InfluenceArgs | None = None, *, out_dir: str | Path | None = None,
-                 measurement: Measurement | None = None, tokenizer=None, max_length: int = DEFAULT_MAX_LENGTH,
+                 measurement: Measurement | str | None = None, tokenizer=None,
+                 max_length: int = DEFAULT_MAX_LENGTH,
                  **options):
         dist.init_from_env()
         self.model = model
         self.tokenizer, self.max_length = tokenizer, max_length
         self.args = args or InfluenceArgs(**options)
+        if isinstance(measurement, str):  # a built-in by name ("first_tokens:8")
+            self.args, measurement = replace(self.args, measurement=measurement), None
         if measurement is not None:  # a user measurement: its name and version go into every fingerprint
             self.args = replace(self.args, measurement=measurement.spec)
         elif "@" in self.args.measurement:
