@@ -191,3 +191,22 @@ def test_same_seed_same_bytes_other_seed_other_order(tmp_path: Path, written: di
     assert sorted(other["train"].read_text().splitlines()) == sorted(written["train"].read_text().splitlines())
     for name in HELDOUT_PARTS:
         assert other[name].read_bytes() == written[name].read_bytes(), name
+
+
+# sha256[:16] of every file `lancet data demo` writes: the content moved from Python literals into the packaged
+# lancet/data/demo_content.json without changing one row (update these with any deliberate change of the content)
+PINNED = {
+    0: {"train": "18ba25330c765619", "culprits": "60baba14cf2b2f18", "iq_prompts": "24811fed8e9c41de",
+        "iqs": "51bacbd9b4b5ec12", "heldout_outdated": "92db55c79d94b3a6", "heldout_current": "9b0d7b7ed03b6f93",
+        "heldout_ordinary": "b1be25183630c448", "readme": "569cb1f3fccce4ba"},
+    3: {"train": "042e599dd85e6e21", "culprits": "9e41422f30187f7d", "readme": "c251c7ac850350b8"},
+}
+
+
+@pytest.mark.parametrize("seed", sorted(PINNED))
+def test_written_files_are_pinned(tmp_path: Path, seed: int) -> None:
+    import hashlib
+
+    paths = write_demo_dataset(tmp_path, seed)
+    got = {k: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for k, p in paths.items()}
+    assert {k: got[k] for k in PINNED[seed]} == PINNED[seed]
