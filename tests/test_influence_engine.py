@@ -449,7 +449,8 @@ def test_bm25_by_hand():
     doc1 = idf2 * 2 * 2.5 / (2 + norm1)
     scores = pairwise_scores(None, train, [query], method="bm25")
     assert scores.shape == (1, 3)
-    torch.testing.assert_close(scores, torch.tensor([[doc0, doc1, 0.0]], dtype=torch.float64), rtol=1e-12, atol=0)
+    # bm25s scores in float32
+    torch.testing.assert_close(scores, torch.tensor([[doc0, doc1, 0.0]], dtype=torch.float64), rtol=1e-6, atol=0)
     assert doc0 == pytest.approx(math.log(1.6) + 2 * math.log(8 / 3))  # tf = 1 at average length: tf part is 1
 
 
