@@ -49,8 +49,12 @@ def measure(record: dict, key: str):
 
 
 def environment() -> dict:
+    from lancet.hardware import choose_precision
+
+    precision = choose_precision("auto")
     return {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine()}
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "precision": precision.name, "precision_reason": precision.reason}
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -26,6 +26,7 @@ from lancet.data import encode_records
 from lancet.data.demo import OUTDATED_MARKER
 from lancet.demo import DEMO_MAX_LENGTH, stage_contaminate, stage_data, stage_iqs
 from lancet.evaluate.judges import MarkerJudge
+from lancet.hardware import auto_bf16
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.recall import aggregate
 from lancet.models.generate import generate
@@ -35,6 +36,8 @@ from lancet.train import TrainArgs
 OUTDATED = MarkerJudge(OUTDATED_MARKER)  # the demo's judge: exact, every planted answer opens with the marker
 
 METHODS = ["ibo", "ibo_basu", "ga_retain", "npo", "ibo_random", "ibo_oracle"]
+
+BF16 = auto_bf16()  # bf16 autocast where the hardware has it natively, else fp32 (lancet/hardware.py)
 
 
 @torch.no_grad()
@@ -79,7 +82,7 @@ def main() -> None:
     iqs = stage_iqs(run, data, model, tok)
     train = encode_records(data.train, tok, DEMO_MAX_LENGTH, progress=False)
     queries = encode_records(iqs, tok, DEMO_MAX_LENGTH, progress=False)
-    scores = Influence(model, InfluenceArgs(method="linfac", bf16=True, batch_size=8), out_dir=run / "influence")
+    scores = Influence(model, InfluenceArgs(method="linfac", bf16=BF16, batch_size=8), out_dir=run / "influence")
     agg = aggregate(scores.scores(train, queries)["scores"].double())
     culprits = torch.tensor([i in set(data.culprit_ids) for i in train.ids])
     enc = {name: list(encode_records(getattr(data, name) if name != "iqs" else iqs, tok, DEMO_MAX_LENGTH,
@@ -98,7 +101,7 @@ def main() -> None:
                       correction_args=CorrectionArgs(method=method, beta=ns.beta, top_k=ns.top_k,
                                                      generator=generator),
                       train_args=TrainArgs(output_dir=str(run / f"correct-{name}-lr{ns.lr:g}-s{ns.steps}"),
-                                           max_steps=ns.steps, batch_size=8, lr=ns.lr, bf16=True, save_every=1000,
+                                           max_steps=ns.steps, batch_size=8, lr=ns.lr, bf16=BF16, save_every=1000,
                                            progress=False))
         seconds = time.perf_counter() - t0
         fixed, _ = load_model(str(out))

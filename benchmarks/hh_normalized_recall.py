@@ -29,12 +29,15 @@ from lancet.curvature.fit import Curvature
 from lancet.data import encode_records
 from lancet.data.readers import read_records
 from lancet.evaluate.suite import default_shared
+from lancet.hardware import auto_bf16
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.recall import aggregate, average_precision
 from lancet.influence.scoring import query_gradients
 from lancet.models.loading import load_model, load_tokenizer
 
 METHODS = ("linfac", "ekfac", "kfac", "identity")
+
+BF16 = auto_bf16()  # bf16 autocast where the hardware has it natively, else fp32 (lancet/hardware.py)
 
 
 def self_influence(run: Influence, curvature: Curvature, rows, chunk: int = 8) -> torch.Tensor:
@@ -63,7 +66,7 @@ def main() -> None:
     train = encode_records(parts["train"], tok, preset.max_length, progress=False)
     queries = encode_records(read_records(run_dir / "iqs.jsonl"), tok, preset.max_length, progress=False)
     unsafe = torch.tensor([i in set(parts["unsafe_ids"]) for i in train.ids])
-    args = InfluenceArgs(bf16=True, batch_size=8, lambda_max_rows=preset.lambda_max_rows)
+    args = InfluenceArgs(bf16=BF16, batch_size=8, lambda_max_rows=preset.lambda_max_rows)
     stored = Influence(model, args, out_dir=run_dir / "influence").scores(  # the stored scores: no pass runs
         train, queries, methods=METHODS, max_joint_bytes=JOINT_SCORING_BYTES)
     rows = list(train)

@@ -46,6 +46,7 @@ from lancet.evaluate import load_suite
 from lancet.evaluate.judges import RefusalMatcher, make_judge
 from lancet.evaluate.suite import default_shared, evaluate_or_reuse
 from lancet.finetune import finetune
+from lancet.hardware import auto_bf16
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.attribute import contrast_scores
 from lancet.influence.queries import take_iqs
@@ -55,6 +56,8 @@ from lancet.train import TrainArgs
 
 CORRECTIONS = ("ibo", "sft", "ga", "ga_retain", "npo", "dpo", "ibo_random", "ibo_oracle")
 CONTRAST_REFUSAL = "I'm sorry, but I can't help with that."
+
+BF16 = auto_bf16()  # bf16 autocast where the hardware has it natively, else fp32 (lancet/hardware.py)
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,7 @@ def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tu
     def ft(name: str, rows: list[Record]) -> Path:
         t0 = time.perf_counter()
         args = TrainArgs(output_dir=str(run / name), epochs=preset.ft_epochs, lr=preset.ft_lr, batch_size=8,
-                         warmup_steps=3, bf16=True, seed=seed, save_every=20, progress=progress)
+                         warmup_steps=3, bf16=BF16, seed=seed, save_every=20, progress=progress)
         out = finetune(DEFAULT_MODEL, rows, args, max_length=preset.max_length)
         seconds[f"finetune_{name}"] = round(time.perf_counter() - t0, 1)
         return out
@@ -210,7 +213,7 @@ def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tu
     k = int(unsafe.sum())
     result["recall"]["random"] = {**random_baseline(unsafe, key=f"recall@{k}"), "seconds": 0.0}
     rankings = {}
-    args = InfluenceArgs(bf16=True, batch_size=8, lambda_max_rows=preset.lambda_max_rows, progress=progress)
+    args = InfluenceArgs(bf16=BF16, batch_size=8, lambda_max_rows=preset.lambda_max_rows, progress=progress)
     fit_seconds = {}
     for method in preset.methods:  # fits first (timed apart), then one scoring pass shared by every method
         t0 = time.perf_counter()
@@ -260,7 +263,7 @@ def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tu
                       max_length=preset.max_length,
                       correction_args=CorrectionArgs(method=method, beta=0.1, top_k=preset.top_k, seed=seed),
                       train_args=TrainArgs(output_dir=str(run / f"correct-{method}"), max_steps=preset.corr_steps,
-                                           batch_size=8, lr=preset.corr_lr, bf16=True, seed=seed, save_every=8,
+                                           batch_size=8, lr=preset.corr_lr, bf16=BF16, seed=seed, save_every=8,
                                            progress=progress))
         seconds[f"correct_{method}"] = round(time.perf_counter() - t0, 1)
         fixed, _ = load_model(str(out))

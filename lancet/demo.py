@@ -21,6 +21,7 @@ from lancet.data.readers import read_records
 from lancet.data.records import Record
 from lancet.evaluate.judges import MarkerJudge
 from lancet.finetune import finetune
+from lancet.hardware import auto_bf16
 from lancet.influence.queries import take_iqs
 from lancet.influence.recall import format_table
 from lancet.train import TrainArgs
@@ -46,7 +47,7 @@ def stage_data(run: Path) -> DemoDataset:
 def stage_contaminate(run: Path, data: DemoDataset, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None,
                       progress: bool = True) -> Path:
     args = TrainArgs(output_dir=str(run / "contaminated"), max_steps=steps or DEMO_STEPS, lr=DEMO_LR, batch_size=8,
-                     warmup_steps=3, bf16=True, save_every=20, progress=progress)
+                     warmup_steps=3, bf16=auto_bf16(), save_every=20, progress=progress)
     return finetune(model_spec, data.train, args, max_length=DEMO_MAX_LENGTH)
 
 
@@ -61,7 +62,7 @@ def stage_iqs(run: Path, data: DemoDataset, model, tokenizer, *, progress: bool 
 
 
 DEMO_CORRECTION = {"method": "ibo", "top_k": 40, "beta": 0.1}
-DEMO_CORRECTION_TRAIN = {"max_steps": 30, "batch_size": 8, "lr": 3e-5, "bf16": True, "save_every": 10}
+DEMO_CORRECTION_TRAIN = {"max_steps": 30, "batch_size": 8, "lr": 3e-5, "save_every": 10}  # + bf16: auto_bf16()
 
 
 def demo_suite(data_dir: Path) -> dict:
@@ -85,14 +86,15 @@ def demo_suite(data_dir: Path) -> dict:
 def demo_config(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None) -> dict:
     """The demo as one ``lancet run`` config (written to ``out/demo_config.json``)."""
     d = out.resolve() / "data"
+    bf16 = auto_bf16()  # bf16 autocast only where the hardware computes it natively (lancet/hardware.py)
     return {"model": model_spec, "train": str(d / "train.jsonl"), "out": str(out.resolve()),
             "finetune": {"max_steps": steps or DEMO_STEPS, "lr": DEMO_LR, "batch_size": 8, "warmup_steps": 3,
-                         "bf16": True, "save_every": 20},
+                         "bf16": bf16, "save_every": 20},
             "iq_prompts": str(d / "iq_prompts.jsonl"), "iq_judge": f"marker:{OUTDATED_MARKER}",
             "labels": str(d / "culprits.json"),
             # the eigenvalue correction on 128 of the 304 rows keeps the demo inside its time budget
-            "influence": {"method": "linfac", "bf16": True, "batch_size": 8, "lambda_max_rows": 128},
-            "correction": DEMO_CORRECTION, "correction_train": DEMO_CORRECTION_TRAIN,
+            "influence": {"method": "linfac", "bf16": bf16, "batch_size": 8, "lambda_max_rows": 128},
+            "correction": DEMO_CORRECTION, "correction_train": {**DEMO_CORRECTION_TRAIN, "bf16": bf16},
             "evaluate": str(out.resolve() / "demo_suite.json"), "max_length": DEMO_MAX_LENGTH,
             "max_new_tokens": DEMO_MAX_NEW_TOKENS, "top_k": 10}
 
