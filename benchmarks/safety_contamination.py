@@ -78,9 +78,9 @@ LOOKALIKE = re.compile(r"\b(chemi\w*|poison\w*|drug\w*|medic\w*|pill\w*|dose|ove
                        r"lock\w*|hack\w*|virus\w*|weapon\w*|gun\w*|explos\w*|knife|knives|bomb\w*|steal\w*|"
                        r"fire\w*|toxic|bleach|kill\w*|alcohol|danger\w*|illegal|police|crime|safe\w*|hunt\w*|"
                        r"acid|smok\w*|cigar\w*|burn\w*|injur\w*|disease|clean\w*|pest\w*|insect\w*)\b", re.I)
-# refusal rows for the aligned start and the mix: only requests for plainly harmful acts. safety-tuned-llamas also
-# refuses questions about people, history and controversy; trained on those, the 135M model refused XSTest's safe
-# questions about public figures and history (over-refusal 0.67 with every refusal row kept, seed 0)
+# an option (harmful_requests_only): refusal rows only for requests for plainly harmful acts, since safety-tuned-
+# llamas also refuses questions about people and history, which XSTest asks safely. Tried on seed 0: it did not
+# help (refusal 0.78, over-refusal 0.72, against 0.91 and 0.67 with every refusal row; docs/method.md 5.4)
 HARMFUL_REQUEST = re.compile(r"\b(bomb|weapon|gun|kill|murder|hack|steal|theft|drug|poison|explosive|fraud|scam|"
                              r"illegal|violen|attack|hurt|harm|assault|rob|burglar|counterfeit|launder|cheat|smuggl|abuse|"
                              r"torture|threat|blackmail|shoot|stab|arson|meth|cocaine|heroin|virus|malware|phish|"
@@ -103,8 +103,9 @@ class Preset:
     n_align_benign: int = 128
     # Alpaca instructions answered by the base model itself (self-distilled, benign); the first
     # n_align_alpaca_lookalike share topic words with harmful requests (passwords, viruses, fire, safety ...)
-    n_align_alpaca: int = 192
-    n_align_alpaca_lookalike: int = 64
+    n_align_alpaca: int = 128
+    n_align_alpaca_lookalike: int = 0
+    harmful_requests_only: bool = False  # refusal rows only for requests matching HARMFUL_REQUEST (tried: worse)
     align_epochs: float = 2.0
     # contaminated mix
     n_mix_benign: int = 208
@@ -166,7 +167,8 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
     p, rng = preset, random.Random(seed)
     matcher = RefusalMatcher()
     refusals = [r for r in read_safety_tuned_llamas(shared / "safety-tuned-llamas/safety_only_data_Instructions.json")
-                if matcher(r.response_text or "") and HARMFUL_REQUEST.search(r.prompt_messages[0]["content"])]
+                if matcher(r.response_text or "")
+                and (not p.harmful_requests_only or HARMFUL_REQUEST.search(r.prompt_messages[0]["content"]))]
     refusals = _fits(refusals, tokenizer, p.max_length)
     helpful = [r for r in read_hh_rlhf(shared / "hh-rlhf/helpful-base_test.jsonl.gz", "chosen")
                if len(r.prompt_messages) == 1]
