@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lancet-installed
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow test-install lint bench clean
 
 $(STAMP): pyproject.toml tests/requirements-kronfluence.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,9 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+test-install: install
+	$(PY) -m pytest -q -m install tests/test_packaging.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,5 +1,6 @@
-"""Packaging: the wheel holds every file the package reads at run time, and (slow) a fresh virtual environment
-with the CPU torch and the built wheel runs lancet from outside the repository."""
+"""Packaging: the wheel holds every file the package reads at run time, and (``make test-install``, marker
+``install``: it downloads packages) a fresh virtual environment with the CPU torch and the built wheel runs lancet
+from outside the repository."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def fixture_shared(root: Path) -> Path:
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.install
 def test_fresh_venv_installs_the_wheel_and_finds_the_suites(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
