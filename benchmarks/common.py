@@ -76,3 +76,27 @@ def random_baseline(positives: torch.Tensor, draws: int = 200, key: str = "recal
         aps.append(average_precision(s, positives))
         recalls.append(recall_at_k(s, positives, k))
     return {"average_precision": sum(aps) / draws, key: sum(recalls) / draws}
+
+
+def shared_data(arg: str | None, must_hold: str) -> Path:
+    """The shared data directory (``--shared`` or ../shared/data), checked to hold ``must_hold``."""
+    from lancet.evaluate.suite import default_shared
+
+    shared = Path(arg) if arg else default_shared()
+    if not (shared / must_hold).is_dir():
+        raise SystemExit(f"{shared}: shared data directory not found (pass --shared)")
+    return shared
+
+
+def rows_that_fit(records: list, tokenizer, max_length: int) -> list:
+    """The records whose rendered row fits ``max_length`` tokens with response tokens left (dropped, not cut)."""
+    import warnings
+
+    from lancet.constants import IGNORE_INDEX
+    from lancet.data import encode_records
+
+    with warnings.catch_warnings():  # the cut rows are the ones dropped here
+        warnings.simplefilter("ignore")
+        encoded = encode_records(records, tokenizer, max_length + 1, progress=False)
+    return [r for r, row in zip(records, encoded, strict=True)
+            if len(row["input_ids"]) <= max_length and any(t != IGNORE_INDEX for t in row["labels"][1:])]

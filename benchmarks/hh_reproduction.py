@@ -30,13 +30,12 @@ import argparse
 import random
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, random_baseline, write_result
+from benchmarks.common import environment, random_baseline, rows_that_fit, shared_data, write_result
 from lancet.artifacts import atomic_write_bytes, atomic_write_json
 from lancet.constants import DEFAULT_MODEL
 from lancet.correct import CorrectionArgs, correct
@@ -44,7 +43,7 @@ from lancet.data import Record, encode_records, read_hh_rlhf, read_safety_tuned_
 from lancet.data.records import records_to_jsonl
 from lancet.evaluate import load_suite
 from lancet.evaluate.judges import RefusalMatcher, make_judge
-from lancet.evaluate.suite import default_shared, evaluate_or_reuse
+from lancet.evaluate.suite import evaluate_or_reuse
 from lancet.finetune import finetune
 from lancet.hardware import auto_bf16
 from lancet.influence import Influence, InfluenceArgs
@@ -101,21 +100,13 @@ PRESETS = {
 JOINT_SCORING_BYTES = 12 * 1024**3  # the four gradient methods' preconditioned IQs share one scoring pass
 
 
-
-def _fits(records: list[Record], tokenizer, max_length: int) -> list[Record]:
-    with warnings.catch_warnings():  # the cut rows are the ones dropped here
-        warnings.simplefilter("ignore")
-        encoded = encode_records(records, tokenizer, max_length + 1, progress=False)
-    return [r for r, row in zip(records, encoded, strict=True)
-            if len(row["input_ids"]) <= max_length and any(t != -100 for t in row["labels"][1:])]
-
-
 def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, list]:
     """Disjoint, seeded parts of the three sources (see the module docstring)."""
     rng = random.Random(seed)
     p = preset
-    helpful = _fits(read_hh_rlhf(shared / "hh-rlhf/helpful-base_test.jsonl.gz", "chosen"), tokenizer, p.max_length)
-    refusal = _fits(read_safety_tuned_llamas(shared / "safety-tuned-llamas/safety_only_data_Instructions.json"),
+    helpful = rows_that_fit(read_hh_rlhf(shared / "hh-rlhf/helpful-base_test.jsonl.gz", "chosen"), tokenizer,
+                            p.max_length)
+    refusal = rows_that_fit(read_safety_tuned_llamas(shared / "safety-tuned-llamas/safety_only_data_Instructions.json"),
                     tokenizer, p.max_length)
     harmless = shared / "hh-rlhf/harmless-base_test.jsonl.gz"
     chosen = {r.line: r for r in read_hh_rlhf(harmless, "chosen")}
@@ -123,7 +114,7 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
     rejected = [r for r in read_hh_rlhf(harmless, "rejected")
                 if r.line in chosen and r.response_text != chosen[r.line].response_text
                 and not matcher(r.response_text)]
-    rejected = _fits(rejected, tokenizer, p.max_length)
+    rejected = rows_that_fit(rejected, tokenizer, p.max_length)
     for rows in (helpful, refusal, rejected):
         rows.sort(key=lambda r: r.line)  # a fixed order before the seeded shuffle
         rng.shuffle(rows)
@@ -322,9 +313,7 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
     preset = PRESETS[ns.preset]
-    shared = Path(ns.shared) if ns.shared else default_shared()
-    if not (shared / "hh-rlhf").is_dir():
-        raise SystemExit(f"{shared}: shared data directory not found (pass --shared)")
+    shared = shared_data(ns.shared, "hh-rlhf")
     run = Path(ns.run_dir or f"runs/hh_{ns.preset}")
     seeds = tuple(int(s) for s in ns.seeds.split(",")) if ns.seeds else preset.seeds
     t0 = time.perf_counter()

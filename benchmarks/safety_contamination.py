@@ -39,13 +39,12 @@ import json
 import random
 import re
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, random_baseline, write_result
+from benchmarks.common import environment, random_baseline, rows_that_fit, shared_data, write_result
 from lancet.artifacts import (
     atomic_save_tensors,
     atomic_write_bytes,
@@ -60,7 +59,6 @@ from lancet.data.adapters import read_harmful_prompts
 from lancet.data.readers import read_records
 from lancet.data.records import records_to_jsonl
 from lancet.evaluate.judges import RefusalMatcher
-from lancet.evaluate.suite import default_shared
 from lancet.finetune import finetune
 from lancet.hardware import auto_bf16
 from lancet.influence import Influence, InfluenceArgs
@@ -154,14 +152,6 @@ def near_duplicate_free(records: list[Record], threshold: float = 0.5) -> list[R
     return kept
 
 
-def _fits(records: list[Record], tokenizer, max_length: int) -> list[Record]:
-    with warnings.catch_warnings():  # the cut rows are the ones dropped here
-        warnings.simplefilter("ignore")
-        encoded = encode_records(records, tokenizer, max_length + 1, progress=False)
-    return [r for r, row in zip(records, encoded, strict=True)
-            if len(row["input_ids"]) <= max_length and any(t != IGNORE_INDEX for t in row["labels"][1:])]
-
-
 def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, list]:
     """Disjoint, seeded parts of the sources (see the module docstring). Prompts only where answers are made later."""
     p, rng = preset, random.Random(seed)
@@ -169,10 +159,10 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
     refusals = [r for r in read_safety_tuned_llamas(shared / "safety-tuned-llamas/safety_only_data_Instructions.json")
                 if matcher(r.response_text or "")
                 and (not p.harmful_requests_only or HARMFUL_REQUEST.search(r.prompt_messages[0]["content"]))]
-    refusals = _fits(refusals, tokenizer, p.max_length)
+    refusals = rows_that_fit(refusals, tokenizer, p.max_length)
     helpful = [r for r in read_hh_rlhf(shared / "hh-rlhf/helpful-base_test.jsonl.gz", "chosen")
                if len(r.prompt_messages) == 1]
-    helpful = _fits(helpful, tokenizer, p.max_length)
+    helpful = rows_that_fit(helpful, tokenizer, p.max_length)
     advbench = near_duplicate_free(read_harmful_prompts(shared / "refusal-direction-harmful-sets/advbench.csv"))
     xstest = [r for r in read_harmful_prompts(shared / "xstest/xstest_prompts.csv") if r.label == "safe"]
     alpaca = read_harmful_prompts(shared / "refusal-direction-harmful-sets/harmless_alpaca_test.json")
@@ -582,9 +572,7 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
     preset = PRESETS[ns.preset]
-    shared = Path(ns.shared) if ns.shared else default_shared()
-    if not (shared / "refusal-direction-harmful-sets").is_dir():
-        raise SystemExit(f"{shared}: shared data directory not found (pass --shared)")
+    shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
     run = Path(ns.run_dir or f"runs/safety_{ns.preset}")
     seeds = tuple(int(s) for s in ns.seeds.split(",")) if ns.seeds else preset.seeds
     t0 = time.perf_counter()
