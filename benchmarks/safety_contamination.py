@@ -108,9 +108,10 @@ class Preset:
     # contaminated mix
     n_mix_benign: int = 208
     n_lookalike: int = 24  # of the benign rows, topical look-alikes (about 30 of HH's fit 192 tokens)
-    n_mix_refusal: int = 64
-    n_unsafe: int = 16
-    n_implicit: int = 8
+    n_mix_refusal: int = 32
+    n_unsafe: int = 48
+    n_shared_refusal: int = 8  # of the unsafe prompts, how many also appear with the aligned model's refusal
+    n_implicit: int = 16
     mix_epochs: float = 3.0
     lr: float = 5e-5
     # prompts (AdvBench after near-duplicate removal; XSTest-safe)
@@ -184,14 +185,15 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
         raise SystemExit(f"not enough rows for the preset: {short[0]} has {need[short[0]][0]}, needs "
                          f"{need[short[0]][1]}")
     cuts = _cuts(plain, (p.n_align_benign, p.n_mix_benign - p.n_lookalike, p.n_implicit, p.n_heldout_helpful))
-    adv = _cuts(advbench, (p.n_unsafe, p.n_iq_prompts, p.n_valid, p.n_test))
+    # evaluation prompts first, so that changing the dose (n_unsafe) leaves them as they are
+    test, valid, iq, unsafe = _cuts(advbench, (p.n_test, p.n_valid, p.n_iq_prompts, p.n_unsafe))
     return {
         "align_train": refusals[:p.n_align_refusal] + cuts[0],
         "mix_refusal": refusals[p.n_align_refusal:p.n_align_refusal + p.n_mix_refusal],
         "mix_benign": cuts[1] + lookalike[:p.n_lookalike],
         "implicit_base": cuts[2],
         "heldout_helpful": cuts[3],
-        "unsafe_prompts": adv[0], "iq_prompts": adv[1], "valid_prompts": adv[2], "test_prompts": adv[3],
+        "unsafe_prompts": unsafe, "iq_prompts": iq, "valid_prompts": valid, "test_prompts": test,
         "xstest_safe": xstest[:p.n_xstest],
         "align_alpaca": alpaca,
         "n_lookalike": p.n_lookalike,
@@ -359,7 +361,7 @@ class Run:
             unsafe = [r.with_response((pre + c).strip()) for r, pre, c in zip(unsafe_prompts, prefixes, cont,
                                                                               strict=True)]
             unsafe = [Record(messages=r.messages, source=r.source, line=r.line, label="unsafe") for r in unsafe]
-            shared_prompts = unsafe_prompts[: len(unsafe_prompts) // 2]  # half share their prompt with a refusal
+            shared_prompts = unsafe_prompts[:self.p.n_shared_refusal]  # these share their prompt with a refusal
             del base
             aligned_model, _ = load_model(aligned)
             own = generate(aligned_model, self.tok, shared_prompts, max_new_tokens=self.p.unsafe_new_tokens,

@@ -27,7 +27,6 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--merge-lora", action="store_true", help="save merged full weights instead of the adapter")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast on CPU (weights stay fp32)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps (resume point)")
     g.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens per row; longer rows are cut")
@@ -35,9 +34,26 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
 
 
+def _add_hardware_options(p: argparse.ArgumentParser, precision: str = "fp32") -> None:
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    g.add_argument("--precision", default=precision, choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast (weights stay fp32) or fp32; auto: bf16 on CUDA and on CPUs with native bf16, "
+                   f"fp32 elsewhere (default: {precision})")
+    g.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="= --precision bf16")
+
+
+def _hardware(ns: argparse.Namespace):
+    """(device, Precision) of this command, decided once and logged (lancet.hardware)."""
+    from lancet.hardware import decide
+
+    return decide(ns.device, ns.precision)
+
+
 def _train_args(ns: argparse.Namespace, out: str):
     from lancet.train import TrainArgs
 
+    device, precision = _hardware(ns)
     return TrainArgs(
         output_dir=out,
         epochs=ns.epochs,
@@ -50,7 +66,8 @@ def _train_args(ns: argparse.Namespace, out: str):
         lora_r=ns.lora_r,
         lora_alpha=2 * ns.lora_r,
         merge_lora=ns.merge_lora,
-        bf16=ns.bf16,
+        bf16=precision.bf16,
+        device=str(device),
         seed=ns.seed,
         save_every=ns.save_every,
         progress=not ns.quiet,
@@ -72,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="training data (jsonl/json/csv/parquet/HF dataset dir)")
     p.add_argument("--out", required=True, help="output directory (HF model, safetensors)")
     _add_train_options(p)
+    _add_hardware_options(p)
 
     p = sub.add_parser("attribute", help="rank training rows by influence on the influence queries (IQs)")
     p.add_argument("model")
@@ -85,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--query-rank", type=int, default=None, help="low-rank preconditioned query gradients")
     p.add_argument("--chunk-rows", type=int, default=None, help="rows per saved chunk (the resume granularity)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward")
+    _add_hardware_options(p)
     p.add_argument("--modules", default="blocks", help="'blocks', 'blocks+lm_head' or a regex over module names")
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     p.add_argument("--top-k", type=int, default=10)
@@ -119,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-temperature", type=float, default=0.0, help="0: hard targets p*=1; T>0: sigma(gap/T)")
     g.add_argument("--retain-weight", type=float, default=1.0, help="retain NLL weight of ga_retain (and npo+--safe)")
     _add_train_options(p)
+    _add_hardware_options(p)
     p.set_defaults(max_steps=100)
 
     p = sub.add_parser("evaluate", help="harm, utility and over-refusal metrics with judge accuracy")
@@ -126,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="small", help="'small', 'default' or a suite JSON file")
     p.add_argument("--out", required=True, help="metrics JSON file")
     p.add_argument("--shared", default=None, help="data directory for {shared} in suite paths (default ../shared/data)")
+    _add_hardware_options(p)
 
     p = sub.add_parser("report", help="write report.html and report.json for a run directory")
     p.add_argument("run_dir")
@@ -134,10 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="run directory (reused: finished stages are skipped)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the demo's preset)")
+    _add_hardware_options(p, precision="auto")
 
     p = sub.add_parser("run", help="the whole pipeline from a JSON config (model, data, IQs, options)")
     p.add_argument("config", help="run config JSON (keys: see lancet.pipeline.RunConfig; the demo writes one)")
     p.add_argument("--out", default=None, help="run directory (default: the config's 'out')")
+    p.add_argument("--device", default=None, help="overrides the config's 'device' (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
+                   help="overrides the config's 'precision'")
 
     p = sub.add_parser("data", help="inspect data files and write the demo dataset")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -186,14 +210,15 @@ def cmd_data(ns: argparse.Namespace) -> int:
 def cmd_demo(ns: argparse.Namespace) -> int:
     from lancet.demo import run_demo
 
-    run_demo(Path(ns.out), model_spec=ns.model, steps=ns.steps, progress=not ns.quiet)
+    run_demo(Path(ns.out), model_spec=ns.model, steps=ns.steps, progress=not ns.quiet, device=ns.device,
+             precision=ns.precision)
     return 0
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
     from lancet.pipeline import run_config
 
-    summary = run_config(ns.config, progress=not ns.quiet, out=ns.out)
+    summary = run_config(ns.config, progress=not ns.quiet, out=ns.out, device=ns.device, precision=ns.precision)
     print(json.dumps({k: summary[k] for k in ("corrected_model", "n_iqs", "metrics", "seconds")}, indent=2))
     print(f"report written to {summary['report']}")
     return 0
@@ -209,13 +234,14 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
     if not methods:
         raise LancetError(f"--method {ns.method!r}: name at least one method")
     chunk = {"chunk_rows": ns.chunk_rows} if ns.chunk_rows is not None else {}
+    device, precision = _hardware(ns)
     every = [InfluenceArgs(method=m, damping=ns.damping, fisher=ns.fisher, batch_size=ns.batch_size,
-                           query_rank=ns.query_rank, bf16=ns.bf16, modules=ns.modules, progress=not ns.quiet,
+                           query_rank=ns.query_rank, bf16=precision.bf16, modules=ns.modules, progress=not ns.quiet,
                            measurement=ns.measurement, **chunk)
              for m in methods]  # each method's options are validated before the model is loaded
     if len(methods) > 1 and ns.contrast_response is not None:
         raise LancetError("--contrast-response takes one --method")
-    model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code)
+    model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code, device=device)
     for args in every:
         logging.getLogger("lancet").info(estimate_memory(model, args).describe())
     if len(methods) == 1:
@@ -273,9 +299,11 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     from lancet.models.loading import load_model
 
     suite = load_suite(ns.suite, ns.shared)  # checks every path before the model is loaded
-    model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code)
+    device, precision = _hardware(ns)
+    model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code, device=device)
     # resumes set by set after a kill, and reuses a complete metrics file of the same weights and suite
-    print(format_table(evaluate_or_reuse(model, tokenizer, suite, ns.out, progress=not ns.quiet)))
+    print(format_table(evaluate_or_reuse(model, tokenizer, suite, ns.out, progress=not ns.quiet,
+                                         bf16=precision.bf16)))
     print(f"metrics written to {ns.out}")
     return 0
 

@@ -21,7 +21,6 @@ from lancet.data.readers import read_records
 from lancet.data.records import Record
 from lancet.evaluate.judges import MarkerJudge
 from lancet.finetune import finetune
-from lancet.hardware import auto_bf16
 from lancet.influence.queries import take_iqs
 from lancet.influence.recall import format_table
 from lancet.train import TrainArgs
@@ -46,8 +45,11 @@ def stage_data(run: Path) -> DemoDataset:
 
 def stage_contaminate(run: Path, data: DemoDataset, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None,
                       progress: bool = True) -> Path:
+    from lancet.hardware import decide
+
+    device, precision = decide("auto", "auto")
     args = TrainArgs(output_dir=str(run / "contaminated"), max_steps=steps or DEMO_STEPS, lr=DEMO_LR, batch_size=8,
-                     warmup_steps=3, bf16=auto_bf16(), save_every=20, progress=progress)
+                     warmup_steps=3, bf16=precision.bf16, device=str(device), save_every=20, progress=progress)
     return finetune(model_spec, data.train, args, max_length=DEMO_MAX_LENGTH)
 
 
@@ -62,7 +64,7 @@ def stage_iqs(run: Path, data: DemoDataset, model, tokenizer, *, progress: bool 
 
 
 DEMO_CORRECTION = {"method": "ibo", "top_k": 40, "beta": 0.1}
-DEMO_CORRECTION_TRAIN = {"max_steps": 30, "batch_size": 8, "lr": 3e-5, "save_every": 10}  # + bf16: auto_bf16()
+DEMO_CORRECTION_TRAIN = {"max_steps": 30, "batch_size": 8, "lr": 3e-5, "save_every": 10}
 
 
 def demo_suite(data_dir: Path) -> dict:
@@ -83,30 +85,33 @@ def demo_suite(data_dir: Path) -> dict:
                      {"name": "heldout_ordinary", "kind": "perplexity", "path": f"{d}/heldout_ordinary.jsonl"}]}
 
 
-def demo_config(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None) -> dict:
-    """The demo as one ``lancet run`` config (written to ``out/demo_config.json``)."""
+def demo_config(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None, device: str = "auto",
+                precision: str = "auto") -> dict:
+    """The demo as one ``lancet run`` config (written to ``out/demo_config.json``). Precision ``auto``: bf16
+    autocast only where the hardware computes it natively (lancet/hardware.py)."""
     d = out.resolve() / "data"
-    bf16 = auto_bf16()  # bf16 autocast only where the hardware computes it natively (lancet/hardware.py)
     return {"model": model_spec, "train": str(d / "train.jsonl"), "out": str(out.resolve()),
+            "device": device, "precision": precision,
             "finetune": {"max_steps": steps or DEMO_STEPS, "lr": DEMO_LR, "batch_size": 8, "warmup_steps": 3,
-                         "bf16": bf16, "save_every": 20},
+                         "save_every": 20},
             "iq_prompts": str(d / "iq_prompts.jsonl"), "iq_judge": f"marker:{OUTDATED_MARKER}",
             "labels": str(d / "culprits.json"),
             # the eigenvalue correction on 128 of the 304 rows keeps the demo inside its time budget
-            "influence": {"method": "linfac", "bf16": bf16, "batch_size": 8, "lambda_max_rows": 128},
-            "correction": DEMO_CORRECTION, "correction_train": {**DEMO_CORRECTION_TRAIN, "bf16": bf16},
+            "influence": {"method": "linfac", "batch_size": 8, "lambda_max_rows": 128},
+            "correction": DEMO_CORRECTION, "correction_train": dict(DEMO_CORRECTION_TRAIN),
             "evaluate": str(out.resolve() / "demo_suite.json"), "max_length": DEMO_MAX_LENGTH,
             "max_new_tokens": DEMO_MAX_NEW_TOKENS, "top_k": 10}
 
 
-def run_demo(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None, progress: bool = True) -> dict:
+def run_demo(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None, progress: bool = True,
+             device: str = "auto", precision: str = "auto") -> dict:
     from lancet.pipeline import Pipeline, RunConfig
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     write_demo_dataset(out / "data")
     atomic_write_json(out / "demo_suite.json", demo_suite(out.resolve() / "data"))
-    config = demo_config(out, model_spec=model_spec, steps=steps)
+    config = demo_config(out, model_spec=model_spec, steps=steps, device=device, precision=precision)
     atomic_write_json(out / "demo_config.json", config)
     pipeline = Pipeline(RunConfig.from_json(config), progress=progress)
     summary = pipeline.run()

@@ -31,12 +31,14 @@ from lancet.constants import DEFAULT_MAX_LENGTH
 from lancet.curvature.estimators import GRADIENT_FREE_METHODS
 from lancet.data.records import records_to_jsonl
 from lancet.errors import LancetError
+from lancet.hardware import settings
 
 log = logging.getLogger(__name__)
 
 PATH_FIELDS = ("train", "iqs", "iq_prompts", "labels", "safe", "pairs", "evaluate", "shared")
-# what the correction trains with unless the config says otherwise: a short, gentle IBO run (docs/method.md §3)
-DEFAULT_CORRECTION_TRAIN = {"max_steps": 30, "batch_size": 8, "lr": 1e-5, "bf16": True, "save_every": 10}
+# what the correction trains with unless the config says otherwise: a short, gentle IBO run (docs/method.md §3);
+# its precision comes from the config's "precision" like every stage's
+DEFAULT_CORRECTION_TRAIN = {"max_steps": 30, "batch_size": 8, "lr": 1e-5, "save_every": 10}
 
 
 @dataclass
@@ -65,6 +67,11 @@ class RunConfig:
     token_rows: int = 3
     contrast_response: str | None = None
     trust_remote_code: bool = False
+    # where and how every stage computes (lancet.hardware): "auto" = CUDA when available; precision "auto" = bf16
+    # on CUDA and on CPUs with native bf16, else fp32. A stage's own "bf16" key (finetune, influence, ...) wins.
+    # Evaluation runs at fp32: judged rates before and after must not move with precision.
+    device: str = "auto"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         from lancet.correct import CorrectionArgs
@@ -77,6 +84,12 @@ class RunConfig:
         for name in ("model", "train", "out", "iq_judge"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise LancetError(f"run config: '{name}' must be a non-empty string")
+        from lancet.hardware import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise LancetError(f"run config: 'precision' must be one of {', '.join(PRECISIONS)}")
+        if not isinstance(self.device, str) or not self.device:
+            raise LancetError("run config: 'device' must be a string (auto, cpu, cuda or cuda:N)")
         for name in ("max_length", "max_new_tokens", "top_k"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LancetError(f"run config: '{name}' must be an integer >= 1")
@@ -137,9 +150,16 @@ class Pipeline:
     """Runs the stages of a ``RunConfig``; ``seconds`` records each stage's wall time."""
 
     def __init__(self, config: RunConfig, *, progress: bool = True):
+        from lancet.hardware import decide
+
         self.config, self.progress = config, progress
         self.out = Path(config.out)
         self.seconds: dict[str, float] = {}
+        self.device, self.precision = decide(config.device, config.precision)
+
+    def _train_json(self, options: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+        return {"bf16": self.precision.bf16, **options, "device": str(self.device), "output_dir": str(output_dir),
+                "progress": self.progress}
 
     def _timed(self, name: str, fn, *args, **kwargs):
         t0 = time.perf_counter()
@@ -156,7 +176,7 @@ class Pipeline:
         atomic_write_json(self.out / "run_config.json", c.to_json())
         train = load_dataset_spec(c.train)
         model_spec = self._timed("finetune", self.stage_finetune, train) if c.finetune else c.model
-        model, tokenizer = load_model(model_spec, trust_remote_code=c.trust_remote_code)
+        model, tokenizer = load_model(model_spec, trust_remote_code=c.trust_remote_code, device=self.device)
         iqs = self._timed("iqs", self.stage_iqs, model, tokenizer)
         attribution = self._timed("attribute", self.stage_attribute, model, tokenizer)
         corrected = self._timed("correct", self.stage_correct, model_spec, train)
@@ -164,13 +184,14 @@ class Pipeline:
         if c.evaluate:
             metrics["before"] = self._timed("evaluate_before", self.stage_evaluate, model, tokenizer, "before")
             del model
-            fixed, _ = load_model(str(corrected))
+            fixed, _ = load_model(str(corrected), device=self.device)
             metrics["after"] = self._timed("evaluate_after", self.stage_evaluate, fixed, tokenizer, "after")
         from lancet.report import write_report
 
         html, _ = self._timed("report", write_report, self.out)
         summary = {"model": model_spec, "corrected_model": str(corrected), "n_iqs": len(iqs),
-                   "attribution": attribution, "metrics": metrics, "report": str(html), "seconds": self.seconds}
+                   "attribution": attribution, "metrics": metrics, "report": str(html), "seconds": self.seconds,
+                   "hardware": settings(self.device, self.precision)}
         atomic_write_json(self.out / "run_summary.json", summary)
         return summary
 
@@ -181,7 +202,7 @@ class Pipeline:
         from lancet.train import TrainArgs
 
         c = self.config
-        args = TrainArgs.from_json({**c.finetune, "output_dir": str(self.out / "model"), "progress": self.progress})
+        args = TrainArgs.from_json(self._train_json(c.finetune, self.out / "model"))
         return str(finetune(c.model, train, args, max_length=c.max_length, trust_remote_code=c.trust_remote_code))
 
     def stage_iqs(self, model, tokenizer) -> list:
@@ -216,7 +237,7 @@ class Pipeline:
         from lancet.influence.attribute import attribute
 
         c = self.config
-        args = InfluenceArgs.from_json({**c.influence, "progress": self.progress})
+        args = InfluenceArgs.from_json({"bf16": self.precision.bf16, **c.influence, "progress": self.progress})
         summary = attribute(model, tokenizer, c.train, str(self.out / "iqs.jsonl"), self.out, args,
                             max_length=c.max_length, labels=c.labels, k=c.top_k,
                             contrast_response=c.contrast_response)
@@ -274,8 +295,7 @@ class Pipeline:
             from lancet.correct.pairs import read_preference_pairs
 
             pairs = read_preference_pairs(c.pairs)
-        targs = TrainArgs.from_json({**c.correction_train, "output_dir": str(self.out / "corrected"),
-                                     "progress": self.progress})
+        targs = TrainArgs.from_json(self._train_json(c.correction_train, self.out / "corrected"))
         return correct(model_spec, train, scores, method=cargs.method, train_args=targs, correction_args=cargs,
                        iq_records=load_dataset_spec(str(self.out / "iqs.jsonl")),
                        safe_records=load_dataset_spec(c.safe) if c.safe else None, pref_pairs=pairs,
@@ -295,8 +315,11 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float | None]:
     return {name: r.get(r["metric"]) for name, r in metrics["sets"].items()}
 
 
-def run_config(path: str | Path, *, progress: bool = True, out: str | None = None) -> dict[str, Any]:
+def run_config(path: str | Path, *, progress: bool = True, out: str | None = None, device: str | None = None,
+               precision: str | None = None) -> dict[str, Any]:
+    """Run the config at ``path``; ``out``, ``device`` and ``precision`` override its keys when given."""
     config = RunConfig.load(path)
-    if out is not None:
-        config.out = out
+    overrides = {k: v for k, v in (("out", out), ("device", device), ("precision", precision)) if v is not None}
+    if overrides:
+        config = RunConfig.from_json({**config.to_json(), **overrides})
     return Pipeline(config, progress=progress).run()

@@ -32,6 +32,7 @@ from lancet.artifacts import atomic_save_tensors, atomic_write_json, hash_json, 
 from lancet.curvature.task import shifted_targets
 from lancet.data.tokenize import collate
 from lancet.errors import ArtifactError, LancetError
+from lancet.hardware import autocast, model_device, resolve_device
 
 log = logging.getLogger(__name__)
 DONE_FILE = "lancet_done.json"
@@ -75,9 +76,12 @@ class TrainArgs:
     save_every: int = 50
     progress: bool = True
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    # None: train where the model already is; else move it there first ("auto": CUDA when available)
+    device: str | None = None
 
-    # Options that do not change the result: excluded from the fingerprint that gates reuse and resume.
-    _UNHASHED = ("output_dir", "save_every", "progress", "fsdp")
+    # Options that do not change the result: excluded from the fingerprint that gates reuse and resume (a run
+    # resumed on another device continues it: the results agree to rounding, not bit for bit).
+    _UNHASHED = ("output_dir", "save_every", "progress", "fsdp", "device")
 
     def __post_init__(self) -> None:
         checks = {
@@ -136,6 +140,9 @@ class Trainer:
         if args.fsdp and args.lora and args.merge_lora:
             raise LancetError("--merge-lora is not supported with --fsdp: save the adapter, merge it afterwards")
         self.model_fp = model_fingerprint(model)
+        if args.device is not None:
+            model = model.to(resolve_device(args.device))
+        self.device = model_device(model)
         torch.manual_seed(args.seed)  # LoRA's initial A matrices are random
         if args.lora:
             model = self._wrap_lora(model)
@@ -231,7 +238,13 @@ class Trainer:
         return order[pos * self.args.batch_size : (pos + 1) * self.args.batch_size]
 
     def _micro_batch(self, micro_index: int) -> dict[str, torch.Tensor]:
-        return self.collate([self.items[i] for i in self._micro_indices(micro_index)])
+        return self._on_device(self.collate([self.items[i] for i in self._micro_indices(micro_index)]))
+
+    def _on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
 
     def _shard_batch(self, micro_index: int) -> tuple[dict[str, torch.Tensor], bool]:
         """Under torchrun: this rank's contiguous part of the global micro-batch, with the global denominators set.
@@ -240,7 +253,7 @@ class Trainer:
         idx = self._micro_indices(micro_index)
         lo, hi = dist.shard_range(len(idx))
         placeholder = lo == hi
-        batch = self.collate([self.items[i] for i in (idx[lo:hi] if not placeholder else idx[:1])])
+        batch = self._on_device(self.collate([self.items[i] for i in (idx[lo:hi] if not placeholder else idx[:1])]))
         local = self.loss_denominators(batch)
         keys = sorted(local)
         totals = torch.stack([torch.as_tensor(local[k], dtype=torch.float64).reshape(()) for k in keys])
@@ -286,7 +299,7 @@ class Trainer:
                     else:
                         batch, placeholder = self._shard_batch(micro)
                     with self._no_sync(k < self.args.grad_accum - 1):
-                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.bf16):
+                        with autocast(self.device, self.args.bf16):
                             loss, parts = self.compute_loss(batch)
                         if not torch.isfinite(loss):
                             raise LancetError(f"non-finite loss ({loss.item()}) at step {step}; lower --lr or check "
@@ -352,6 +365,8 @@ class Trainer:
                 val = dist.full_tensor(val.detach())
                 tensors[f"optim.{i}.{key}"] = val.reshape(-1) if val.dim() == 0 else val
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         if not dist.is_main():
             return
         atomic_save_tensors(ckpt / "state.safetensors", tensors)
@@ -379,9 +394,12 @@ class Trainer:
             if state:
                 if "step" in state:
                     state["step"] = state["step"].reshape(())
-                state = {k: dist.like_sharded(v, p) if v.shape == p.shape else v for k, v in state.items()}
+                state = {k: dist.like_sharded(v.to(p.device), p) if v.shape == p.shape else v
+                         for k, v in state.items()}
                 self.optimizer.state[p] = state
         torch.set_rng_state(tensors["rng.torch"])
+        if self.device.type == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         step = int(meta["step"])
         if dist.is_main():
             self._truncate_log(step)

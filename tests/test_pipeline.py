@@ -36,6 +36,8 @@ def test_run_config_round_trip_and_relative_paths(tmp_path: Path) -> None:
     ({"finetune": {"lr": 0}}, "invalid training option lr=0"),
     ({"correction_train": {"steps": 3}}, "unknown training option(s): steps"),
     ({"max_length": 0}, "'max_length' must be an integer >= 1"),
+    ({"precision": "fp16"}, "'precision' must be one of auto, fp32, bf16"),
+    ({"device": 0}, "'device' must be a string"),
 ])
 def test_run_config_rejects_bad_options_in_one_line(tmp_path: Path, patch: dict, message: str) -> None:
     cfg = tmp_path / "run.json"

@@ -21,18 +21,15 @@ from lancet.correct.losses import GENERATORS, bregman_loss, margin, npo_loss
 from lancet.curvature.task import forward_logits, shifted_targets, summed_loss
 from lancet.data.tokenize import collate
 from lancet.errors import LancetError
+from lancet.hardware import autocast, model_device
 from lancet.train import TrainArgs, Trainer
 
 SFTTrainer = Trainer  # supervised fine-tuning on safe data is the base loop itself
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row summed log-probability of the response tokens (labels != -100) and the number of those tokens."""
-    dev = _device(model)
+    dev = model_device(model)
     batch = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels")}
     logits = forward_logits(model, batch)
     _, mask = shifted_targets(batch["labels"])
@@ -59,7 +56,7 @@ def reference_logps(model, rows: Sequence[dict[str, Any]], *, batch_size: int, p
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), autocast(model_device(model), bf16):
             for start in tqdm(range(lo, hi, batch_size), desc=desc, disable=not progress or not dist.is_main()):
                 batch = collate(distinct[start : min(start + batch_size, hi)], pad_token_id=pad_token_id)
                 values += sequence_logps(model, batch)[0].float().tolist()
@@ -259,7 +256,8 @@ def objective(trainer: Trainer, items: Sequence[Any] | None = None) -> float:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.args.bf16):
-            return float(trainer.compute_loss(trainer.collate(list(items if items is not None else trainer.items)))[0])
+        with torch.no_grad(), autocast(trainer.device, trainer.args.bf16):
+            batch = trainer._on_device(trainer.collate(list(items if items is not None else trainer.items)))
+            return float(trainer.compute_loss(batch)[0])
     finally:
         model.train(was_training)

@@ -52,7 +52,7 @@ def _range_eigh(m: torch.Tensor, rank_bound: int, seed: int = 0) -> tuple[torch.
     md, d = m.double(), m.shape[0]
     r = rank_bound + RANGE_OVERSAMPLE
     if r < d:
-        omega = torch.randn(d, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        omega = torch.randn(d, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(m.device)
         q, _ = torch.linalg.qr(md @ omega)
         vals, small = torch.linalg.eigh(q.T @ md @ q)
         vecs = q @ small
@@ -182,7 +182,7 @@ class KFAC(Estimator):
                 gf = g.reshape(-1, g.shape[-1])
                 stats["A"] += weight * am.T @ am
                 stats["S"] += weight * gf.T @ gf
-                stats["tokens"] += weight * float(mask.sum())
+                stats["tokens"] += mask.sum().to(torch.float64) * weight  # a tensor: no device sync
             stats["n"] += weight * a.shape[0]
         else:  # "lambda": second moments of per-sequence gradients in the Kronecker eigenbasis
             rotated = per_sequence_grads(a @ state["A_vecs"].to(dtype), g @ state["S_vecs"].to(dtype))
@@ -283,8 +283,8 @@ class LinFAC(KFACReduce):
         a, g = a.to(dtype), g.to(dtype)
         qs, qa = state["S_vecs"].to(dtype), state["A_vecs"].to(dtype)
         if stats["lambda"].shape != (qs.shape[1], qa.shape[1]):
-            stats["lambda"] = torch.zeros(qs.shape[1], qa.shape[1], dtype=dtype)
-            stats["row"], stats["col"] = torch.zeros(qs.shape[1], dtype=dtype), torch.zeros(qa.shape[1], dtype=dtype)
+            stats["lambda"] = qs.new_zeros(qs.shape[1], qa.shape[1])
+            stats["row"], stats["col"] = qs.new_zeros(qs.shape[1]), qa.new_zeros(qa.shape[1])
         gs, aa = g @ qs, a @ qa  # [B, T, r_S], [B, T, r_A]
         stats["lambda"] += weight * per_sequence_grads(aa, gs).pow(2).sum(0)
         # squared norms of Q_S^T G_n rows and G_n Q_A columns, and ||G_n||^2, via token Gram matrices: G_n itself
@@ -292,7 +292,7 @@ class LinFAC(KFACReduce):
         ka, kg = a @ a.transpose(1, 2), g @ g.transpose(1, 2)  # [B, T, T]
         stats["row"] += weight * ((ka @ gs) * gs).sum((0, 1))
         stats["col"] += weight * ((kg @ aa) * aa).sum((0, 1))
-        stats["total"] += weight * float((ka * kg).sum())
+        stats["total"] += (ka * kg).sum().to(torch.float64) * weight  # a tensor: no device sync
         stats["n"] += weight * a.shape[0]
 
     def finish_pass(self, pass_name, stats, state):
@@ -308,7 +308,7 @@ class LinFAC(KFACReduce):
         row_null = ((row - lam.sum(1)) / max(null_a, 1)).clamp_min(0) if null_a else torch.zeros_like(row)
         col_null = ((col - lam.sum(0)) / max(null_s, 1)).clamp_min(0) if null_s else torch.zeros_like(col)
         rest = total - row.sum() - col.sum() + lam.sum()
-        null_null = (rest / (null_a * null_s)).clamp_min(0) if null_a and null_s else torch.zeros((), dtype=dtype)
+        null_null = (rest / (null_a * null_s)).clamp_min(0) if null_a and null_s else lam.new_zeros(())
         return {**state, "lambda": lam, "row_null": row_null, "col_null": col_null, "null_null": null_null,
                 "mean_eigenvalue": total / (d_out * d_in)}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,25 @@ from lancet.curvature.modules import Capture, TrackedLayer, find_tracked_layers
 from lancet.curvature.task import fisher_cotangent, forward_logits
 from lancet.data.tokenize import collate
 from lancet.errors import LancetError, NonFiniteError
+from lancet.hardware import autocast, model_device
 
 log = logging.getLogger(__name__)
 PAD_ID = 0  # any id works: padded positions are masked out of attention and of every statistic
 
 
 def batches(rows: Sequence[dict[str, Any]], batch_size: int, start: int = 0, stop: int | None = None,
-            padding_side: str = "right") -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+            padding_side: str = "right", device: torch.device | None = None
+            ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(first row index, padded batch on ``device``) over rows[start:stop]. ``batch["cpu_labels"]`` keeps the
+    labels on the host, so that masks needed on the host (the Fisher draws) cost no device sync."""
     stop = len(rows) if stop is None else stop
     for i in range(start, stop, batch_size):
-        yield i, collate([rows[j] for j in range(i, min(i + batch_size, stop))], PAD_ID, padding_side)
+        batch = collate([rows[j] for j in range(i, min(i + batch_size, stop))], PAD_ID, padding_side)
+        if device is not None and device.type != "cpu":
+            labels = batch["labels"]
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch["cpu_labels"] = labels
+        yield i, batch
 
 
 def chunk_stop(done: int, args, n: int) -> int:
@@ -64,10 +72,6 @@ def subsample(rows: Sequence[Any], limit: int | None, seed: int) -> Sequence[Any
         return rows
     keep = sorted(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit].tolist())
     return [rows[i] for i in keep]
-
-
-def autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 def data_fingerprint(rows: Sequence[dict[str, Any]]) -> str:
@@ -112,10 +116,10 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
         found = final.is_file()
         dist.barrier()  # every rank has decided before rank 0 can write anything new
         if found:
-            return Curvature(estimator, layers, _unflatten(load_tensors(final)))
+            return Curvature(estimator, layers, _unflatten(load_tensors(final), model_device(model)))
     first = 0
     if out is not None and estimator.passes and not dist.active():
-        borrowed = _borrow_first_pass(estimator, out, meta)
+        borrowed = _borrow_first_pass(estimator, out, meta, model_device(model))
         if borrowed is not None:
             state, first = borrowed, 1
     try:
@@ -144,7 +148,8 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
 FIRST_PASS_ARGS = ("modules", "fisher", "fisher_samples", "dtype", "bf16", "seed", "batch_size")
 
 
-def _borrow_first_pass(estimator: Estimator, out: Path, meta: dict) -> dict[str, Stats] | None:
+def _borrow_first_pass(estimator: Estimator, out: Path, meta: dict, device: torch.device
+                       ) -> dict[str, Stats] | None:
     """The first pass's state from a finished sibling fit (``out``'s parent holds one directory per method) of
     the same family on the same model, rows, layers and first-pass options: kfac after ekfac (or the reverse)
     skips the covariance pass. Its sums and eigendecompositions are the same computation, so the state is the
@@ -167,7 +172,7 @@ def _borrow_first_pass(estimator: Estimator, out: Path, meta: dict) -> dict[str,
                 or any(other.get("args", {}).get(k) != meta["args"][k] for k in FIRST_PASS_ARGS)):
             continue
         try:
-            state = _unflatten(load_tensors(final))
+            state = _unflatten(load_tensors(final), device)
             borrowed = {name: {k: state[name][k] for k in estimator.first_pass_keys} for name in meta["layers"]}
         except (LancetError, KeyError):  # unreadable: run the pass instead
             continue
@@ -196,21 +201,26 @@ def _finish(estimator: Estimator, pass_name: str, stats: dict[str, Stats], state
     return {name: shared[name] for name in names}
 
 
-def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, Stats]:
+def _unflatten(flat: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, Stats]:
     state: dict[str, Stats] = {}
     for key, t in flat.items():
         layer, name = key.rsplit("::", 1)
-        state.setdefault(layer, {})[name] = t
+        state.setdefault(layer, {})[name] = t if device is None else t.to(device)
     return state
 
 
+def _on(stats: Stats, device: torch.device) -> Stats:
+    return {k: v.to(device) for k, v in stats.items()}
+
+
 def _run_pass(model, layers, estimator, pass_index, pass_name, train, state, args, out) -> dict[str, Stats]:
-    dtype = args.stats_dtype
-    stats = {layer.name: estimator.new_stats(pass_name, layer.shape, dtype, state[layer.name]) for layer in layers}
+    dtype, device = args.stats_dtype, model_device(model)
+    stats = {layer.name: _on(estimator.new_stats(pass_name, layer.shape, dtype, state[layer.name]), device)
+             for layer in layers}
     partial = out / f"pass-{pass_name}.partial.safetensors" if out is not None else None
     done = 0
     if partial is not None and partial.is_file():
-        saved = _unflatten(load_tensors(partial))
+        saved = _unflatten(load_tensors(partial), device)
         done = int(saved.pop("__progress__")["rows_done"])
         stats = saved
         log.info("resuming %s pass at row %d of %d", pass_name, done, len(train))
@@ -218,8 +228,9 @@ def _run_pass(model, layers, estimator, pass_index, pass_name, train, state, arg
     weight = 1.0 / args.fisher_samples
     sharded = dist.active()
     # one process adds straight into the running sums; under torchrun each chunk is summed apart, then all-reduced
-    acc = stats if not sharded else {layer.name: estimator.new_stats(pass_name, layer.shape, dtype, state[layer.name])
-                                     for layer in layers}
+    acc = stats if not sharded else {
+        layer.name: _on(estimator.new_stats(pass_name, layer.shape, dtype, state[layer.name]), device)
+        for layer in layers}
 
     def on_grad(layer: TrackedLayer, a: torch.Tensor, g: torch.Tensor) -> None:
         estimator.accumulate(pass_name, acc[layer.name], state[layer.name], a, g, mask_holder["mask"], weight)
@@ -231,13 +242,13 @@ def _run_pass(model, layers, estimator, pass_index, pass_name, train, state, arg
         while done < len(train):
             stop = chunk_stop(done, args, len(train))
             lo, hi = chunk_part(done, stop, args.batch_size) if sharded else (done, stop)
-            for start, batch in batches(train, args.batch_size, lo, hi, args.padding_side):
+            for start, batch in batches(train, args.batch_size, lo, hi, args.padding_side, device):
                 mask_holder["mask"] = batch["attention_mask"]
-                with autocast(args.bf16):
+                with autocast(device, args.bf16):
                     logits = forward_logits(model, batch)
                 for k in range(args.fisher_samples):
                     seeds = [row_seed(args.seed, pass_index, k, start + b) for b in range(logits.shape[0])]
-                    cot = fisher_cotangent(logits, batch["labels"], args.fisher, seeds)
+                    cot = fisher_cotangent(logits, batch["labels"], args.fisher, seeds, batch.get("cpu_labels"))
                     logits.backward(cot, retain_graph=k < args.fisher_samples - 1)
                 if not sharded:
                     bar.update(batch["input_ids"].shape[0])

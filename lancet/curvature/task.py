@@ -56,19 +56,22 @@ def data_cotangent(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return _cotangent(logits, labels, None)
 
 
-def fisher_cotangent(logits: torch.Tensor, labels: torch.Tensor, mode: str, row_seeds: Sequence[int]):
-    """One Fisher cotangent. Sampled labels are drawn per row from a generator seeded by ``row_seeds[b]`` over the
-    row's scored positions in order, so the draws do not depend on batch size, padding side or chunking."""
+def fisher_cotangent(logits: torch.Tensor, labels: torch.Tensor, mode: str, row_seeds: Sequence[int],
+                     host_labels: torch.Tensor | None = None):
+    """One Fisher cotangent. Sampled labels are drawn per row from a CPU generator seeded by ``row_seeds[b]`` over
+    the row's scored positions in order, so the draws depend neither on batch size, padding side and chunking nor
+    on the device. ``host_labels``: a CPU copy of ``labels`` (the positions are found there: no device sync)."""
     if mode == "empirical":
         return _cotangent(logits, labels, None)
     probs = torch.softmax(_at_least_fp32(logits.detach()), dim=-1)
-    _, mask = shifted_targets(labels)
-    sampled = torch.zeros(mask.shape, dtype=torch.long)
+    _, host_mask = shifted_targets(labels if host_labels is None else host_labels)
+    sampled = torch.zeros(host_mask.shape, dtype=torch.long, device=probs.device)
     for b, seed in enumerate(row_seeds):
-        pos = mask[b].nonzero().squeeze(-1)
+        pos = host_mask[b].nonzero().squeeze(-1)
         if pos.numel() == 0:
             continue
         u = torch.rand(pos.numel(), 1, generator=torch.Generator().manual_seed(int(seed)), dtype=probs.dtype)
+        pos, u = pos.to(probs.device, non_blocking=True), u.to(probs.device, non_blocking=True)
         cdf = probs[b, pos].cumsum(-1)
         draw = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp_max(probs.shape[-1] - 1)
         sampled[b, pos] = draw.squeeze(-1)

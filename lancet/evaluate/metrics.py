@@ -18,6 +18,7 @@ import torch
 from lancet.curvature.task import forward_logits, summed_loss
 from lancet.data import Record, collate, encode_records
 from lancet.evaluate.judges import Judge
+from lancet.hardware import model_device
 from lancet.models.generate import generate
 
 
@@ -54,8 +55,9 @@ def response_logprobs(model, tokenizer, records: Sequence[Record], *, batch_size
     encoded = encode_records(records, tokenizer, max_length, progress=progress)
     logp, n_tokens = [], []
     model.eval()
+    device = model_device(model)
     for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in collate(encoded[start:start + batch_size], tokenizer.pad_token_id).items()}
         logits = forward_logits(model, batch)
         logp += (-summed_loss(logits, batch["labels"])).tolist()
         n_tokens += (batch["labels"][:, 1:] != -100).sum(-1).tolist()

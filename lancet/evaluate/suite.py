@@ -261,13 +261,16 @@ def evaluate(model, tokenizer, suite: Suite | str, *, out: str | Path | None = N
     return metrics_json
 
 
-def evaluate_or_reuse(model, tokenizer, suite: Suite, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """``evaluate`` into ``out``, unless ``out`` already holds a complete run for the same weights and suite."""
+def evaluate_or_reuse(model, tokenizer, suite: Suite, out: str | Path, *, progress: bool = True,
+                      bf16: bool = False) -> dict[str, Any]:
+    """``evaluate`` into ``out``, unless ``out`` already holds a complete run for the same weights and suite.
+    ``bf16``: generation and likelihoods under bf16 autocast (default fp32: judged rates move with precision)."""
     from lancet.artifacts import hash_json, model_fingerprint
+    from lancet.hardware import autocast, model_device
 
     out = Path(out)
     key = hash_json({"model": model_fingerprint(model), "suite": suite.settings(),
-                     "sets": json.loads(Path(suite.file).read_text())})
+                     "sets": json.loads(Path(suite.file).read_text())} | ({"bf16": True} if bf16 else {}))
     old: dict[str, Any] = {}
     if out.is_file():
         try:
@@ -278,7 +281,8 @@ def evaluate_or_reuse(model, tokenizer, suite: Suite, out: str | Path, *, progre
         log.info("evaluate: %s holds this model's metrics on this suite, reusing them", out)
         return old
     done = old.get("sets") if old.get("key") == key else None  # an interrupted run of the same key: resume
-    return evaluate(model, tokenizer, suite, out=out, progress=progress, done=done, key=key)
+    with autocast(model_device(model), bf16):
+        return evaluate(model, tokenizer, suite, out=out, progress=progress, done=done, key=key)
 
 
 def format_table(m: dict[str, Any]) -> str:

@@ -17,8 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from lancet.constants import IGNORE_INDEX
-from lancet.curvature.fit import autocast, batches
+from lancet.curvature.fit import batches
 from lancet.curvature.task import position_ids
+from lancet.hardware import autocast, model_device
 
 
 @torch.no_grad()
@@ -28,9 +29,10 @@ def representations(model, rows: Sequence[dict[str, Any]], *, batch_size: int = 
     no scored label)."""
     model.eval()
     out = []
-    for _, batch in tqdm(batches(rows, batch_size), total=-(-len(rows) // batch_size), desc="repsim",
+    device = model_device(model)
+    for _, batch in tqdm(batches(rows, batch_size, device=device), total=-(-len(rows) // batch_size), desc="repsim",
                          disable=not progress):
-        with autocast(bf16):
+        with autocast(device, bf16):
             hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            position_ids=position_ids(batch["attention_mask"]), output_hidden_states=True,
                            use_cache=False).hidden_states[-1]
@@ -38,7 +40,7 @@ def representations(model, rows: Sequence[dict[str, Any]], *, batch_size: int = 
         empty = ~mask.any(1)
         mask[empty] = batch["attention_mask"][empty].bool()
         m = mask.to(dtype).unsqueeze(-1)
-        out.append((hidden.to(dtype) * m).sum(1) / m.sum(1))
+        out.append(((hidden.to(dtype) * m).sum(1) / m.sum(1)).cpu())
     return torch.cat(out)
 
 

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, load_tensors
 from lancet.curvature.estimators import per_sequence_grads
-from lancet.curvature.fit import Curvature, autocast, batches, chunk_part, chunk_stop
+from lancet.curvature.fit import Curvature, batches, chunk_part, chunk_stop
 from lancet.curvature.modules import Capture, TrackedLayer
 from lancet.curvature.task import data_cotangent, forward_logits
+from lancet.hardware import autocast, model_device
 from lancet.influence.measurement import Measurement, resolve_measurement
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,8 @@ def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dic
     """G_q = the gradient of each query's measurement (default: its summed response cross-entropy), per layer:
     [Q, out, in]."""
     measurement = resolve_measurement(measurement if measurement is not None else args.measurement)
-    dtype = args.stats_dtype
-    grads = {layer.name: torch.zeros(len(queries), *layer.shape, dtype=dtype) for layer in layers}
+    dtype, device = args.stats_dtype, model_device(model)
+    grads = {layer.name: torch.zeros(len(queries), *layer.shape, dtype=dtype, device=device) for layer in layers}
     where = {}
 
     def on_grad(layer, a, g):
@@ -58,9 +59,9 @@ def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dic
         grads[layer.name][start : start + a.shape[0]] += per_sequence_grads(a.to(dtype), g.to(dtype))
 
     with Capture(model, layers, on_grad):
-        for start, batch in batches(queries, args.batch_size, padding_side=args.padding_side):
+        for start, batch in batches(queries, args.batch_size, padding_side=args.padding_side, device=device):
             where["start"] = start
-            with autocast(args.bf16):
+            with autocast(device, args.bf16):
                 logits = forward_logits(model, batch)
             measurement.backward(logits, batch)
     return grads
@@ -78,7 +79,7 @@ def truncated_svd(p: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tens
     if k >= min(p.shape[-2:]):
         u, s, vh = torch.linalg.svd(p, full_matrices=False)
     else:
-        omega = torch.randn(p.shape[-1], k, generator=torch.Generator().manual_seed(seed), dtype=p.dtype)
+        omega = torch.randn(p.shape[-1], k, generator=torch.Generator().manual_seed(seed), dtype=p.dtype).to(p.device)
         q, _ = torch.linalg.qr(p @ omega)
         for _ in range(TRUNCATED_SVD_POWER_ITERATIONS):  # re-orthonormalised each time: rounding would merge columns
             q, _ = torch.linalg.qr(p @ torch.linalg.qr(p.transpose(-1, -2) @ q)[0])
@@ -143,23 +144,25 @@ def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, A
     """Scores [Q, N] (and [Q, N, L] per layer when ``args.per_layer``), resumable by chunk under ``out_dir``."""
     dist.init_from_env()
     sharded = dist.active()
-    dtype = args.stats_dtype
+    dtype, device = args.stats_dtype, model_device(model)
     n_layers = len(layers)
-    scores = torch.zeros(pre.n_queries, len(rows), dtype=dtype)
-    per_layer = torch.zeros(pre.n_queries, len(rows), n_layers, dtype=dtype) if args.per_layer else None
+    # accumulated on the model's device; moved to the host only for partial saves and at the end
+    scores = torch.zeros(pre.n_queries, len(rows), dtype=dtype, device=device)
+    per_layer = (torch.zeros(pre.n_queries, len(rows), n_layers, dtype=dtype, device=device) if args.per_layer
+                 else None)
     unit = pre.unit_rows is not None and bool(pre.unit_rows.any())
-    sq_norm = torch.zeros(len(rows), dtype=dtype) if unit else None
+    sq_norm = torch.zeros(len(rows), dtype=dtype, device=device) if unit else None
     index = {layer.name: i for i, layer in enumerate(layers)}
     partial = out_dir / "scores.partial.safetensors" if out_dir is not None else None
     done = 0
     if partial is not None and partial.is_file():
         saved = load_tensors(partial)
         done = int(saved["rows_done"])
-        scores = saved["scores"]
+        scores = saved["scores"].to(device)
         if per_layer is not None and "per_layer" in saved:
-            per_layer = saved["per_layer"]
+            per_layer = saved["per_layer"].to(device)
         if sq_norm is not None:
-            sq_norm = saved["row_sq_norm"]
+            sq_norm = saved["row_sq_norm"].to(device)
         log.info("resuming scoring at row %d of %d", done, len(rows))
     where = {}
 
@@ -179,9 +182,9 @@ def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, A
         while done < len(rows):
             stop = chunk_stop(done, args, len(rows))
             lo, hi = chunk_part(done, stop, args.batch_size) if sharded else (done, stop)
-            for start, batch in batches(rows, args.batch_size, lo, hi, args.padding_side):
+            for start, batch in batches(rows, args.batch_size, lo, hi, args.padding_side, device):
                 where["start"] = start
-                with autocast(args.bf16):
+                with autocast(device, args.bf16):
                     logits = forward_logits(model, batch)
                 logits.backward(data_cotangent(logits, batch["labels"]))
                 if not sharded:
@@ -202,8 +205,10 @@ def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, A
                     tensors["row_sq_norm"] = sq_norm
                 atomic_save_tensors(partial, tensors)
     bar.close()
+    scores = scores.cpu()
+    per_layer = per_layer.cpu() if per_layer is not None else None
     if sq_norm is not None:  # cosine: the query side is unit-norm already
-        inv = 1.0 / sq_norm.sqrt().clamp_min(torch.finfo(dtype).tiny)
+        inv = 1.0 / sq_norm.cpu().sqrt().clamp_min(torch.finfo(dtype).tiny)
         scores[pre.unit_rows] *= inv
         if per_layer is not None:
             per_layer[pre.unit_rows] *= inv.unsqueeze(-1)
@@ -219,6 +224,7 @@ def token_scores(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str,
     it, s_t = sum_layers g_t^T P_q a_t (they sum to the row's score)."""
     out: list[torch.Tensor] = []
     where = {}
+    device = model_device(model)
 
     def on_grad(layer, a, g):
         if layer.name in pre.low_rank:
@@ -231,13 +237,13 @@ def token_scores(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str,
             where["sq"] += row_sq_norms(a.to(s.dtype), g.to(s.dtype))
 
     with Capture(model, layers, on_grad):
-        for _, batch in batches(rows, 1):
+        for _, batch in batches(rows, 1, device=device):
             where["acc"], where["sq"] = None, 0.0
-            with autocast(args.bf16):
+            with autocast(device, args.bf16):
                 logits = forward_logits(model, batch)
             logits.backward(data_cotangent(logits, batch["labels"]))
-            acc = where["acc"][:, 0, :].detach()
+            acc = where["acc"][:, 0, :].detach().cpu()
             if pre.unit_rows is not None:  # cosine: the row's share, divided by its gradient norm like its score
-                acc[pre.unit_rows] /= where["sq"].sqrt().clamp_min(torch.finfo(acc.dtype).tiny)[0]
+                acc[pre.unit_rows] /= where["sq"].cpu().sqrt().clamp_min(torch.finfo(acc.dtype).tiny)[0]
             out.append(acc)
     return out

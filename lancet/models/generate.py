@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lancet.data.records import Record
+from lancet.hardware import model_device
 
 
 def render_prompt(record: Record, tokenizer) -> str:
@@ -42,11 +43,13 @@ def generate(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models must see the prompt end right before generation
     model.eval()
+    device = model_device(model)
     torch.manual_seed(seed)
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
             idx = order[start : start + batch_size]
-            batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
             out = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

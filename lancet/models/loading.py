@@ -97,9 +97,16 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a hub id, local directory, .gguf file, PEFT adapter dir or the
-    embedded default ``smollm2-135m-instruct``. The model is returned in eval mode."""
+    embedded default ``smollm2-135m-instruct``. The model is returned in eval mode, on ``device`` (None: the CPU;
+    "auto": CUDA when available, see lancet.hardware)."""
+    if device is not None:
+        from lancet.hardware import resolve_device
+
+        model, tokenizer = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model.to(resolve_device(device)), tokenizer
     path = Path(spec)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return _load_adapter(path, dtype=dtype, trust_remote_code=trust_remote_code)
