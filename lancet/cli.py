@@ -135,7 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pairing", default="rank", choices=["rank", "random", "all"])
     g.add_argument("--max-pairs", type=int, default=None, help="cap on the IBO pairs (seeded subsample)")
     g.add_argument("--target-temperature", type=float, default=0.0, help="0: hard targets p*=1; T>0: sigma(gap/T)")
-    g.add_argument("--retain-weight", type=float, default=1.0, help="retain NLL weight of ga_retain (and npo+--safe)")
+    g.add_argument("--retain-weight", type=float, default=1.0,
+                   help="weight of the retain term: ga_retain, npo with --safe, ibo with --retain")
+    g.add_argument("--retain", default="none", choices=["none", "nll", "kl"],
+                   help="ibo: keep the rows the ranking calls uninvolved as they were (their NLL, or the KL from the "
+                   "model's own next-token distributions)")
+    g.add_argument("--retain-rows", type=int, default=None, help="ibo: how many uninvolved rows (default --top-k)")
+    g.add_argument("--chosen-nll-weight", type=float, default=0.0,
+                   help="ibo: add this x the preferred rows' mean token NLL (RPO), so pairs cannot part by both "
+                   "falling")
+    g.add_argument("--no-same-prompt", action="store_true",
+                   help="ibo: never pair a dispreferred row with another answer to its own prompt")
     _add_train_options(p)
     _add_hardware_options(p)
     p.set_defaults(max_steps=100)
@@ -261,7 +271,9 @@ def cmd_correct(ns: argparse.Namespace) -> int:
 
     cargs = CorrectionArgs(method=ns.method, beta=ns.beta, generator=ns.generator, alpha=ns.alpha, top_k=ns.top_k,
                            pairing=ns.pairing, target_temperature=ns.target_temperature, include_iqs=not ns.no_iqs,
-                           retain_weight=ns.retain_weight, max_pairs=ns.max_pairs, seed=ns.seed)
+                           retain_weight=ns.retain_weight, max_pairs=ns.max_pairs, seed=ns.seed, retain=ns.retain,
+                           retain_rows=ns.retain_rows, chosen_nll_weight=ns.chosen_nll_weight,
+                           same_prompt=not ns.no_same_prompt)
     train = load_dataset_spec(ns.train)
     ids = [r.id for r in train]
     scores, scores_method = load_run_scores(ns.scores, ids, ns.scores_method)

@@ -22,3 +22,6 @@ def cache_dir() -> Path:
 # lancet.influence.score_methods: preconditioned queries of several estimators share one scoring pass while they
 # fit in this many bytes together (each method's P is n_queries x the tracked parameters)
 JOINT_SCORING_MAX_BYTES = 8 * 1024**3
+# IBO's retain KL (lancet.correct.trainers): the reference's next-token distribution is kept as its top this-many
+# tokens plus one bucket for the rest, and the KL is taken between the two distributions so coarsened
+RETAIN_KL_TOP_K = 32

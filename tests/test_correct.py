@@ -15,6 +15,7 @@ from lancet.correct.pairs import (
     build_ibo_pairs,
     forget_items,
     preference_items,
+    prompt_key,
     read_preference_pairs,
     select_rows,
 )
@@ -141,7 +142,29 @@ def test_margin_and_npo_hand_values():
 
 # ---- pairs ------------------------------------------------------------------------------------------------------
 def _fake_rows(n):
-    return [{"id": f"r{i}", "input_ids": [1, 2, 3], "labels": [-100, 2, 3]} for i in range(n)]
+    """Rows with distinct prompts (token 100 + i), so that no two answer the same prompt."""
+    return [{"id": f"r{i}", "input_ids": [100 + i, 2, 3], "labels": [-100, 2, 3]} for i in range(n)]
+
+
+def test_same_prompt_pairs_come_first_and_the_rest_pair_across_prompts():
+    scores = torch.tensor([5.0, -1.0, 3.0, -4.0, 0.0, 2.0, -2.0, 1.0])
+    rows = _fake_rows(8)
+    rows[4] = {**rows[4], "input_ids": [100, 9, 9]}  # answers r0's prompt, with a lower score (0 < 5)
+    rows[5] = {**rows[5], "input_ids": [100, 8, 8]}  # so does r5 (2 < 5): the lower-scored r4 is r0's partner
+    pairs = build_ibo_pairs(scores, rows, top_k=2)
+    assert [(p["rejected"]["id"], p["chosen"]["id"]) for p in pairs] == [("r0", "r4"), ("r2", "r3"), ("r2", "r6")]
+    assert [p["gap"] for p in pairs] == [5.0, 7.0, 5.0]
+    across = build_ibo_pairs(scores, rows, top_k=2, same_prompt=False)
+    assert [(p["rejected"]["id"], p["chosen"]["id"]) for p in across] == [("r0", "r3"), ("r2", "r6")]
+    # two dispreferred rows of one prompt share its lower-scored answer (a dispreferred row is never a partner)
+    rows[2] = {**rows[2], "input_ids": [107, 7, 7]}  # now r2 answers r7's prompt, and r7 scores 1 < 3
+    rows[7] = {**rows[7], "input_ids": [107, 6, 6]}
+    rows[0] = {**rows[0], "input_ids": [107, 5, 5]}
+    rows[4] = {**rows[4], "input_ids": [104, 9, 9]}
+    rows[5] = {**rows[5], "input_ids": [105, 8, 8]}
+    got = [(p["rejected"]["id"], p["chosen"]["id"]) for p in build_ibo_pairs(scores, rows, top_k=2)]
+    assert got == [("r0", "r7"), ("r2", "r7")]
+    assert prompt_key(rows[0]) == (107,) and prompt_key({"input_ids": [1, 2], "labels": [-100, -100]}) == (1, 2)
 
 
 def test_rank_pairs_gap_weights_and_iqs():
@@ -475,3 +498,103 @@ def test_correct_refuses_missing_inputs(tmp_path, tiny_setup):
                 train_args=TrainArgs(output_dir=str(tmp_path / "o"), progress=False))
     with pytest.raises(LancetError, match="12 training rows"):
         correct(str(f["model"]), TRAIN, SCORES[:5], method="ibo", train_args=targs)
+
+
+# ---- utility anchors of IBO (docs/method.md §3.6) -------------------------------------------------------------------
+def _anchored(tmp_path, tok, model, **kw):
+    return IBOTrainer(model, tok, _args(tmp_path), _ibo_pairs(tok), beta=0.5, retain_rows=_rows(tok, NEUTRAL), **kw)
+
+
+def test_coarse_kl_is_the_full_kl_when_the_top_k_holds_every_token_and_a_lower_bound_otherwise():
+    from lancet.correct.trainers import _log_rest, coarse_kl
+
+    torch.manual_seed(0)
+    ref_logits, logits = torch.randn(2, 5, 7, dtype=torch.float64), torch.randn(2, 5, 7, dtype=torch.float64)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    ref_lp = torch.log_softmax(ref_logits, -1)
+    full = (ref_lp.exp() * (ref_lp - torch.log_softmax(logits, -1))).sum(-1)
+    for k in (7, 3):
+        top, ids = ref_lp.topk(k, -1)
+        ref = {"ids": ids, "logp": top, "rest": _log_rest(top)}
+        got = coarse_kl(logits, ref, mask)
+        if k == 7:  # everything in the top: the rest bucket is empty, the coarse KL is the KL
+            assert float(got) == pytest.approx(float((full * mask).sum()), rel=1e-5)
+        else:
+            assert 0 < float(got) < float((full * mask).sum())
+    same = {"ids": ref_lp.topk(3, -1)[1], "logp": ref_lp.topk(3, -1)[0], "rest": _log_rest(ref_lp.topk(3, -1)[0])}
+    assert abs(float(coarse_kl(ref_logits, same, mask))) < 1e-5  # the reference against itself
+
+
+@pytest.mark.parametrize("options", [{"chosen_nll_weight": 1.0}, {"retain": "nll", "retain_weight": 0.5},
+                                     {"retain": "kl", "retain_weight": 2.0}])
+def test_each_anchor_adds_its_term_to_the_pair_loss(tmp_path, tiny_tokenizer, options):
+    tok = tiny_tokenizer
+    model = tiny_llama(len(tok))
+    plain = IBOTrainer(model, tok, _args(tmp_path / "a"), _ibo_pairs(tok), beta=0.5)
+    anchored = _anchored(tmp_path / "b", tok, copy.deepcopy(model), **options)
+    # retain rows are cycled into the items: more items than pairs only when there are more retain rows
+    items = anchored.items[: len(plain.items)]
+    batch = anchored.collate(items)
+    with torch.no_grad():
+        loss, logs = anchored.compute_loss(batch)
+        base, _ = plain.compute_loss(plain.collate(plain.items[: len(items)]))
+    n = len(items)
+    if "chosen_nll_weight" in options:
+        rows = [it["chosen"] for it in items]
+        nll = -sum(_explicit_logp(model, r) for r in rows) / sum(sum(t != -100 for t in r["labels"][1:]) for r in rows)
+        assert logs["chosen_nll"] == pytest.approx(nll, rel=1e-4)
+        assert float(loss) == pytest.approx(float(base) + nll, rel=1e-4)
+    elif options["retain"] == "nll":
+        rows = [it["retain"] for it in items]
+        nll = -sum(_explicit_logp(model, r) for r in rows) / sum(sum(t != -100 for t in r["labels"][1:]) for r in rows)
+        assert logs["retain_nll"] == pytest.approx(nll, rel=1e-4)
+        assert float(loss) == pytest.approx(float(base) + 0.5 * nll, rel=1e-4)
+    else:  # the policy is the reference at the start: the KL anchor is zero and adds nothing
+        assert abs(logs["retain_kl"]) < 1e-5 and float(loss) == pytest.approx(float(base), abs=1e-5)
+    assert n == len(plain.items)
+
+
+@pytest.mark.parametrize("options", [{"chosen_nll_weight": 1.0, "retain": "kl", "retain_weight": 1.0},
+                                     {"retain": "nll", "retain_weight": 1.0}])
+def test_anchored_ibo_moves_every_parameter_and_the_kl_anchor_grows_from_zero(tmp_path, tiny_tokenizer, options):
+    trainer = _anchored(tmp_path, tiny_tokenizer, tiny_llama(len(tiny_tokenizer)), **options)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert [n for n, p in before.items() if torch.equal(p, after[n])] == []
+    logs = [json.loads(x) for x in (tmp_path / "out" / LOG_FILE).read_text().splitlines()]
+    key = f"retain_{options['retain']}"
+    assert all(key in r for r in logs)
+    if options["retain"] == "kl":
+        assert abs(logs[0][key]) < 1e-5 < logs[-1][key]
+
+
+def test_anchor_options_enter_the_fingerprint_and_bad_ones_fail(tmp_path, tiny_tokenizer):
+    tok, model = tiny_tokenizer, tiny_llama(len(tiny_tokenizer))
+    plain = IBOTrainer(model, tok, _args(tmp_path), _ibo_pairs(tok), beta=0.5).fingerprint
+    prints = {_anchored(tmp_path, tok, model, **o).fingerprint
+              for o in ({"chosen_nll_weight": 1.0}, {"retain": "nll"}, {"retain": "kl"},
+                        {"retain": "kl", "retain_weight": 2.0})}
+    assert len(prints) == 4 and plain not in prints
+    with pytest.raises(LancetError, match="retain term"):
+        _anchored(tmp_path, tok, model, retain="l2")
+    with pytest.raises(LancetError, match="needs retain rows"):
+        IBOTrainer(model, tok, _args(tmp_path), _ibo_pairs(tok), retain="nll")
+
+
+def test_cli_ibo_with_anchors_retains_the_uninvolved_rows(tmp_path, tiny_setup):
+    from lancet.cli import main
+    from lancet.correct import uninvolved_rows
+
+    f = tiny_setup
+    out = tmp_path / "anchored"
+    assert main(["-q", "correct", str(f["model"]), "--train", str(f["train"]), "--scores", str(f["run"]),
+                 "--out", str(out), "--max-steps", "2", "--top-k", "3", "--retain", "kl", "--retain-rows", "2",
+                 "--chosen-nll-weight", "1", "--batch-size", "2"]) == 0
+    summary = json.loads((out / "lancet_correction.json").read_text())
+    # neutral rows score 0.3, -0.2, 0.1, 0.0: the two closest to zero, outside the pairs' rows
+    assert summary["retain_ids"] == [TRAIN[7].id, TRAIN[6].id]
+    assert summary["correction_args"]["retain"] == "kl" and summary["correction_args"]["chosen_nll_weight"] == 1.0
+    logs = [json.loads(x) for x in (out / LOG_FILE).read_text().splitlines()]
+    assert all("retain_kl" in r and "chosen_nll" in r for r in logs)
+    assert uninvolved_rows(SCORES, 3, {7}) == [6, 5, 4]

@@ -22,6 +22,7 @@ from lancet.artifacts import atomic_write_json, load_tensors
 from lancet.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
 from lancet.correct.losses import GENERATORS
 from lancet.correct.pairs import PAIRINGS, build_ibo_pairs, forget_items, preference_items, select_rows
+from lancet.correct.trainers import RETAIN_TERMS
 from lancet.data.records import Record
 from lancet.errors import ArtifactError, LancetError
 from lancet.train import TrainArgs
@@ -36,8 +37,13 @@ SUMMARY_FILE = "lancet_correction.json"
 class CorrectionArgs:
     """Options of a correction run; validated on creation and JSON round-trippable (``to_json``/``from_json``).
 
-    ``retain_weight`` weighs the retain NLL of ``ga_retain`` and of ``npo`` when safe rows are given (NPO+RT);
-    ``ga`` is always plain gradient ascent. ``max_pairs`` caps the IBO pairs (seeded subsample).
+    ``retain_weight`` weighs the retain NLL of ``ga_retain`` and of ``npo`` when safe rows are given (NPO+RT), and
+    IBO's retain term; ``ga`` is always plain gradient ascent. ``max_pairs`` caps the IBO pairs (seeded subsample).
+
+    IBO's utility anchors (docs/method.md §3.6; off by default until the correction frontier has measured them):
+    ``chosen_nll_weight`` × the preferred rows' mean token NLL (RPO); ``retain`` = ``nll`` or ``kl`` on the
+    ``retain_rows`` rows the ranking calls uninvolved (smallest |score|; default ``top_k`` of them).
+    ``same_prompt`` pairs a dispreferred row with a lower-scored answer to its own prompt when the data has one.
     """
 
     method: str = "ibo"
@@ -50,6 +56,10 @@ class CorrectionArgs:
     include_iqs: bool = True
     retain_weight: float = 1.0
     max_pairs: int | None = None
+    chosen_nll_weight: float = 0.0
+    retain: str = "none"
+    retain_rows: int | None = None
+    same_prompt: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,11 +76,17 @@ class CorrectionArgs:
             "retain_weight": isinstance(self.retain_weight, int | float) and math.isfinite(self.retain_weight)
             and self.retain_weight >= 0,
             "max_pairs": self.max_pairs is None or (isinstance(self.max_pairs, int) and self.max_pairs >= 1),
+            "chosen_nll_weight": isinstance(self.chosen_nll_weight, int | float)
+            and math.isfinite(self.chosen_nll_weight) and self.chosen_nll_weight >= 0,
+            "retain": self.retain in RETAIN_TERMS,
+            "retain_rows": self.retain_rows is None or (isinstance(self.retain_rows, int) and self.retain_rows >= 1),
+            "same_prompt": isinstance(self.same_prompt, bool),
             "seed": isinstance(self.seed, int),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            choices = {"method": METHODS, "generator": GENERATORS, "pairing": PAIRINGS}.get(bad[0])
+            choices = {"method": METHODS, "generator": GENERATORS, "pairing": PAIRINGS,
+                       "retain": RETAIN_TERMS}.get(bad[0])
             hint = f" (choose from {', '.join(choices)})" if choices else ""
             raise LancetError(f"invalid correction option {bad[0]}={getattr(self, bad[0])!r}{hint}")
 
@@ -135,6 +151,16 @@ def _encode(records: Sequence[Record], tokenizer, max_length: int, progress: boo
             raise LancetError(f"{record.source or what}:{record.line}: {what} row has no response tokens "
                               f"(prompt-only or truncated to {max_length} tokens)")
     return rows
+
+
+def uninvolved_rows(scores: torch.Tensor, k: int, exclude: set[int]) -> list[int]:
+    """The ``k`` rows with the smallest |aggregated score| outside ``exclude`` (the pairs' rows): the ones the ranking
+    says neither drive nor counter the behaviour, so keeping them as they are should not undo the correction."""
+    order = torch.argsort(scores.abs(), stable=True).tolist()
+    keep = [i for i in order if i not in exclude][:k]
+    if not keep:
+        raise LancetError("no training rows left for the retain term (every row is in a pair)")
+    return keep
 
 
 def correct(
@@ -203,9 +229,17 @@ def correct(
                                     include_iqs=cargs.include_iqs, seed=cargs.seed, max_pairs=cargs.max_pairs,
                                     selection=(bad, good),
                                     target_temperature=0.0 if method == "ibo_random" else cargs.target_temperature,
-                                    weighting="uniform" if method == "ibo_random" else "gap")
+                                    weighting="uniform" if method == "ibo_random" else "gap",
+                                    same_prompt=cargs.same_prompt)
+            retain_rows = None
+            if cargs.retain != "none":
+                retain_idx = uninvolved_rows(sub, cargs.retain_rows or cargs.top_k, set(bad) | set(good))
+                retain_rows = [rows[i] for i in retain_idx]
+                summary["retain_ids"] = [r["id"] for r in retain_rows]
             trainer = IBOTrainer(model, tokenizer, train_args, pairs, beta=cargs.beta, generator=cargs.generator,
-                                 alpha=cargs.alpha, name=method, **common)
+                                 alpha=cargs.alpha, name=method, chosen_nll_weight=cargs.chosen_nll_weight,
+                                 retain=cargs.retain, retain_weight=cargs.retain_weight, retain_rows=retain_rows,
+                                 **common)
         else:
             forget = [rows[i] for i in bad] + iq_rows
             retain = (_encode(safe_records, tokenizer, max_length, progress, "safe")

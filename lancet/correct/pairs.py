@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lancet.constants import IGNORE_INDEX
 from lancet.data.records import Record
 from lancet.errors import DataError, LancetError
 
@@ -63,6 +64,29 @@ def select_rows(scores_agg: torch.Tensor, k: int, mode: str = "influence", culpr
     return order[:k], order[::-1][:k]
 
 
+def prompt_key(row: dict[str, Any]) -> tuple[int, ...]:
+    """The row's prompt tokens (everything before its first labelled token): rows with equal keys answer one
+    prompt."""
+    labels = list(row["labels"])
+    start = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+    return tuple(int(t) for t in list(row["input_ids"])[:start])
+
+
+def same_prompt_partners(scores: torch.Tensor, train_rows: Sequence[dict[str, Any]],
+                         rejected: Sequence[tuple[dict[str, Any], float]], taken: set[int]) -> list[int | None]:
+    """For each dispreferred row, the lowest-scored training row that answers the same prompt with a lower score
+    and is not itself dispreferred (``taken``); None where there is none."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for j, row in enumerate(train_rows):
+        if j not in taken:
+            by_prompt.setdefault(prompt_key(row), []).append(j)
+    partners = []
+    for row, z in rejected:
+        cands = [j for j in by_prompt.get(prompt_key(row), []) if float(scores[j]) < z]
+        partners.append(min(cands, key=lambda j: (float(scores[j]), j)) if cands else None)
+    return partners
+
+
 def build_ibo_pairs(
     scores_agg: torch.Tensor,
     train_rows: Sequence[dict[str, Any]],
@@ -76,6 +100,7 @@ def build_ibo_pairs(
     max_pairs: int | None = None,
     selection: tuple[Sequence[int], Sequence[int]] | None = None,
     weighting: str = "gap",
+    same_prompt: bool = True,
 ) -> list[dict[str, Any]]:
     """IBO pairs ``{"chosen", "rejected", "weight", "target", "gap"}`` (chosen/rejected are encoded rows).
 
@@ -85,7 +110,9 @@ def build_ibo_pairs(
 
     Pairing: ``rank`` pairs the i-th most positive with the i-th most negative, cycling the shorter list; ``random``
     a seeded random matching with the same multiplicities; ``all`` the cartesian product. ``max_pairs`` caps the
-    count by a seeded subsample (order kept).
+    count by a seeded subsample (order kept). With ``same_prompt``, a dispreferred row whose prompt is also answered
+    by a lower-scored training row (not dispreferred) is paired with the lowest-scored such row instead, as DPO's
+    pairs are (docs/method.md §3.6); the other dispreferred rows are paired as above.
 
     Gap g = z_l − z_w (z: aggregated scores). Weight w = g / mean(g), clipped at 0 (``weighting="gap"``; uniform 1
     when the mean gap is not positive, with a warning) or 1 (``"uniform"``); target p* = 1 when
@@ -110,14 +137,29 @@ def build_ibo_pairs(
         raise LancetError("no rows to pair (empty dispreferred or preferred set)")
 
     gen = _generator(seed)
-    if pairing == "all":
-        index = [(i, j) for i in range(len(rejected)) for j in range(len(chosen))]
+    n_chosen = len(chosen)  # the ranking's preferred rows; same-prompt partners are appended after them
+    within: list[tuple[int, int]] = []
+    cross = list(range(len(rejected)))
+    if same_prompt:
+        partners = same_prompt_partners(scores, train_rows, rejected, set(bad_idx))
+        extra = {}
+        for i, j in enumerate(partners):
+            if j is not None:
+                extra.setdefault(j, len(chosen) + len(extra))
+                within.append((i, extra[j]))
+        chosen += [(train_rows[j], float(scores[j])) for j in sorted(extra, key=extra.get)]
+        cross = [i for i, j in enumerate(partners) if j is None]
+    if not cross:
+        index = []
+    elif pairing == "all":
+        index = [(i, j) for i in cross for j in range(n_chosen)]
     else:
-        n = max(len(rejected), len(chosen))
-        js = [j % len(chosen) for j in range(n)]
+        n = max(len(cross), n_chosen)
+        js = [j % n_chosen for j in range(n)]
         if pairing == "random":
             js = [js[p] for p in torch.randperm(n, generator=gen).tolist()]
-        index = [(i % len(rejected), js[i]) for i in range(n)]
+        index = [(cross[i % len(cross)], js[i]) for i in range(n)]
+    index = within + index
     if max_pairs is not None and len(index) > max_pairs:
         keep = sorted(torch.randperm(len(index), generator=gen)[:max_pairs].tolist())
         index = [index[p] for p in keep]

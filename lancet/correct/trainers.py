@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lancet import distributed as dist
+from lancet.constants import RETAIN_KL_TOP_K
 from lancet.correct.losses import GENERATORS, bregman_loss, margin, npo_loss
 from lancet.curvature.task import forward_logits, shifted_targets, summed_loss
 from lancet.data.tokenize import collate
@@ -93,61 +94,156 @@ class _CorrectionTrainer(Trainer):
                                bf16=args.bf16, progress=args.progress, desc=f"{self.name} reference")
 
 
+RETAIN_TERMS = ("none", "nll", "kl")
+
+
+@torch.no_grad()
+def reference_topk(model, rows: Sequence[dict[str, Any]], *, pad_token_id: int, k: int = RETAIN_KL_TOP_K,
+                   bf16: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Per row, the reference's next-token distribution at each scored position (targets of §1), coarsened to its
+    top-``k`` tokens and one bucket for the rest: ``ids`` [T, k], ``logp`` [T, k] and ``rest`` [T] (log of the
+    remaining mass), zero at unscored positions. Stored with the row, so no reference model stays in memory."""
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(model_device(model), bf16):
+            for row in rows:
+                batch = {key: v.to(model_device(model)) for key, v in collate([row], pad_token_id).items()}
+                lp = torch.log_softmax(forward_logits(model, batch)[0].float(), -1)
+                top, ids = lp.topk(min(k, lp.shape[-1]), -1)
+                _, mask = shifted_targets(batch["labels"])
+                m = mask[0].unsqueeze(-1)
+                rest = _log_rest(top)
+                out.append({"ids": (ids * m).cpu(), "logp": (top * m).cpu(), "rest": (rest * mask[0]).cpu()})
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _log_rest(top_logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum exp(top_logp)) over the last axis, clamped away from log 0 (the top-k can hold all the mass)."""
+    return torch.log1p(-torch.logsumexp(top_logp, -1).exp().clamp_max(1 - 1e-6))
+
+
+def coarse_kl(logits: torch.Tensor, ref: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Summed over scored positions: KL(reference || policy) between the two next-token distributions coarsened to
+    the reference's top-k tokens plus one bucket for the rest (a lower bound of the full KL, exact when the top-k
+    holds all the mass; zero iff the policy agrees with the reference on that partition)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = lp.gather(-1, ref["ids"])
+    rest = _log_rest(top)
+    p_ref = ref["logp"].exp()
+    kl = (p_ref * (ref["logp"] - top)).sum(-1) + ref["rest"].exp() * (ref["rest"] - rest)
+    return (kl * mask).sum()
+
+
 class IBOTrainer(_CorrectionTrainer):
-    """Influence-based Bregman optimisation: weighted mean of D_φ(p* ‖ σ(h)) over pairs (lancet.correct.losses)."""
+    """Influence-based Bregman optimisation: weighted mean of D_φ(p* ‖ σ(h)) over pairs (lancet.correct.losses),
+    plus the utility anchors of docs/method.md §3.6: ``chosen_nll_weight`` × the mean token NLL of the preferred
+    rows (RPO), and ``retain_weight`` × a retain term on ``retain_rows`` (``retain="nll"``: their mean token NLL;
+    ``"kl"``: the mean token KL from the reference's next-token distributions)."""
 
     name = "ibo"
 
     def __init__(self, model, tokenizer, args: TrainArgs, pairs: Sequence[dict[str, Any]], *, beta: float = 0.1,
-                 generator: str = "logistic", alpha: float = 0.5, base_spec: str = "", name: str | None = None):
+                 generator: str = "logistic", alpha: float = 0.5, base_spec: str = "", name: str | None = None,
+                 chosen_nll_weight: float = 0.0, retain: str = "none", retain_weight: float = 1.0,
+                 retain_rows: Sequence[dict[str, Any]] | None = None):
         if generator not in GENERATORS:
             raise LancetError(f"unknown generator {generator!r}; choose from {', '.join(GENERATORS)}")
         if not beta > 0:
             raise LancetError(f"beta must be > 0, got {beta}")
         if generator == "basu" and not alpha > 0:
             raise LancetError(f"alpha must be > 0 for the basu generator, got {alpha}")
+        if retain not in RETAIN_TERMS:
+            raise LancetError(f"unknown retain term {retain!r}; choose from {', '.join(RETAIN_TERMS)}")
+        if retain != "none" and not retain_rows:
+            raise LancetError(f"retain={retain!r} needs retain rows")
+        if chosen_nll_weight < 0 or retain_weight < 0:
+            raise LancetError("chosen_nll_weight and retain_weight must be >= 0")
         self.beta, self.generator, self.alpha = float(beta), generator, float(alpha)
+        self.chosen_nll_weight, self.retain = float(chosen_nll_weight), retain
+        self.retain_weight = float(retain_weight) if retain != "none" else 0.0
         if name:
             self.name = name
         refs = self._reference(model, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], args, tokenizer)
         n = len(pairs)
         items = [{**p, "ref_chosen": refs[i], "ref_rejected": refs[n + i]} for i, p in enumerate(pairs)]
+        if self.retain_weight > 0:  # the shorter list is cycled, so every pair and every retain row appears
+            retain_rows = list(retain_rows)
+            tops = (reference_topk(model, retain_rows, pad_token_id=tokenizer.pad_token_id, bf16=args.bf16)
+                    if retain == "kl" else [None] * len(retain_rows))
+            m = max(len(items), len(retain_rows))
+            items = [{**items[i % len(items)], "retain": retain_rows[i % len(retain_rows)],
+                      "ref_retain": tops[i % len(retain_rows)]} for i in range(m)]
         super().__init__(model, tokenizer, args, items, base_spec=base_spec, name=name)
 
     def extra_fingerprint(self) -> dict[str, Any]:
         return {"beta": self.beta, "generator": self.generator,
-                "alpha": self.alpha if self.generator == "basu" else None}
+                "alpha": self.alpha if self.generator == "basu" else None,
+                **({"chosen_nll_weight": self.chosen_nll_weight} if self.chosen_nll_weight else {}),
+                **({"retain": self.retain, "retain_weight": self.retain_weight} if self.retain_weight else {})}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = collate([it["chosen"] for it in items] + [it["rejected"] for it in items],
+        retain = [it["retain"] for it in items] if self.retain_weight > 0 else []
+        batch = collate([it["chosen"] for it in items] + [it["rejected"] for it in items] + retain,
                         pad_token_id=self.tokenizer.pad_token_id)
         for key in ("weight", "target", "ref_chosen", "ref_rejected"):
             batch[key] = torch.tensor([float(it[key]) for it in items], dtype=torch.float32)
+        if self.retain == "kl" and retain:
+            width = batch["input_ids"].shape[1]
+            for key in ("ids", "logp", "rest"):
+                parts = [it["ref_retain"][key] for it in items]
+                batch[f"ref_retain_{key}"] = torch.stack([torch.nn.functional.pad(
+                    t, (0, 0, 0, width - t.shape[0]) if t.dim() == 2 else (0, width - t.shape[0])) for t in parts])
         return batch
 
     def pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(h, per-pair loss, policy log-probs [2B]) of a collated batch."""
+        """(h, per-pair loss, policy log-probs of chosen and rejected rows [2B]) of a collated batch."""
+        h, per_pair, logp, _, _ = self._terms(batch)
+        return h, per_pair, logp[: 2 * h.numel()]
+
+    def _terms(self, batch: dict[str, torch.Tensor]):
         n = batch["weight"].numel()
-        logp, _ = sequence_logps(self.model, batch)
+        logits = forward_logits(self.model, batch)
+        _, mask = shifted_targets(batch["labels"])
+        logp, ntok = -summed_loss(logits, batch["labels"]), mask.sum(-1)
         ref_c, ref_r, target = (batch[k].to(logp) for k in ("ref_chosen", "ref_rejected", "target"))
-        h = margin(logp[:n], logp[n:], ref_c, ref_r, self.beta)
-        return h, bregman_loss(h, target, self.generator, self.alpha), logp
+        h = margin(logp[:n], logp[n : 2 * n], ref_c, ref_r, self.beta)
+        return h, bregman_loss(h, target, self.generator, self.alpha), logp, ntok, (logits, mask)
 
     def loss_denominators(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"weight": batch["weight"].double().sum(), "pairs": torch.tensor(float(batch["weight"].numel()))}
+        n = batch["weight"].numel()
+        ntok = shifted_targets(batch["labels"])[1].sum(-1).double()
+        return {"weight": batch["weight"].double().sum(), "pairs": torch.tensor(float(n)),
+                "chosen_tokens": ntok[:n].sum(), "retain_tokens": ntok[2 * n:].sum()}
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        h, per_pair, logp = self.pair_terms(batch)
+        h, per_pair, logp, ntok, (logits, mask) = self._terms(batch)
         w = batch["weight"].to(per_pair)
         loss = (w * per_pair).sum() / self.denominator("weight", w.sum()).clamp_min(1e-12)
         n = h.numel()
-        return loss, {
-            "loss": loss.item(),
+        logs = {
             "margin": self.batch_mean(h, "pairs").item(),
             "accuracy": self.batch_mean((h > 0).float(), "pairs").item(),
             "logp_chosen": self.batch_mean(logp[:n], "pairs").item(),
-            "logp_rejected": self.batch_mean(logp[n:], "pairs").item(),
+            "logp_rejected": self.batch_mean(logp[n : 2 * n], "pairs").item(),
         }
+        if self.chosen_nll_weight > 0:
+            nll = _mean_nll(-logp[:n], self.denominator("chosen_tokens", ntok[:n].sum()))
+            logs["chosen_nll"] = nll.item()
+            loss = loss + self.chosen_nll_weight * nll
+        if self.retain_weight > 0:
+            denom = self.denominator("retain_tokens", ntok[2 * n:].sum()).clamp_min(1)
+            if self.retain == "nll":
+                term = -logp[2 * n:].sum() / denom
+            else:
+                ref = {k: batch[f"ref_retain_{k}"] for k in ("ids", "logp", "rest")}
+                term = coarse_kl(logits[2 * n:], ref, mask[2 * n:]) / denom
+            logs[f"retain_{self.retain}"] = term.item()
+            loss = loss + self.retain_weight * term
+        return loss, {"loss": loss.item(), **logs}
 
 
 class DPOTrainer(IBOTrainer):
