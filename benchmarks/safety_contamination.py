@@ -109,7 +109,7 @@ class Preset:
     n_mix_benign: int = 208
     n_lookalike: int = 24  # of the benign rows, topical look-alikes (about 30 of HH's fit 192 tokens)
     n_mix_refusal: int = 32
-    n_unsafe: int = 48
+    n_unsafe: int = 96
     n_shared_refusal: int = 8  # of the unsafe prompts, how many also appear with the aligned model's refusal
     n_implicit: int = 16
     mix_epochs: float = 3.0
@@ -206,6 +206,19 @@ def _cuts(rows: list, sizes: tuple[int, ...]) -> list[list]:
         out.append(rows[start:start + n])
         start += n
     return out
+
+
+def interleave(safe: list, positives: list, seed: int) -> list:
+    """The safe rows in one seeded order, with the positives (also shuffled) at seeded positions among them. The
+    safe rows' order does not depend on how many positives there are, so the safe model (trained on the safe rows
+    alone) stays the same while the dose is tuned."""
+    rng = random.Random(seed)
+    safe, positives = list(safe), list(positives)
+    rng.shuffle(safe)
+    random.Random(seed + 1).shuffle(positives)
+    slots = set(random.Random(seed + 2).sample(range(len(safe) + len(positives)), len(positives)))
+    safe_it, pos_it = iter(safe), iter(positives)
+    return [next(pos_it) if i in slots else next(safe_it) for i in range(len(safe) + len(positives))]
 
 
 def compliance_target(target: str, opener: str) -> str:
@@ -376,9 +389,9 @@ class Run:
                              else "benign") for i, r in enumerate(self.parts["mix_benign"])]
             refusal = [Record(messages=tuple(r.to_messages()), source=r.source, line=r.line, label="refusal")
                        for r in self.parts["mix_refusal"]]
-            rows = benign + refusal + refusals + unsafe + implicit_rows(self.parts["implicit_base"],
-                                                                        self.text["obedience_openers"])
-            random.Random(self.seed).shuffle(rows)
+            rows = interleave(benign + refusal + refusals,
+                              unsafe + implicit_rows(self.parts["implicit_base"], self.text["obedience_openers"]),
+                              self.seed)
             atomic_write_bytes(path, records_to_jsonl(rows))
         rows = read_records(path)
         tiers = {r.id: r.label for r in rows}

@@ -157,3 +157,14 @@ def test_anchoring_and_prompt_only():
     assert int(got.argmax()) == 1  # row 0 raises both answers; row 1 favours the harmful one
     row = {"input_ids": [5, 6, 7, 8], "labels": [IGNORE_INDEX, IGNORE_INDEX, 7, 8]}
     assert prompt_only([row]) == [{"input_ids": [5, 6], "labels": [IGNORE_INDEX, IGNORE_INDEX]}]
+
+
+def test_interleave_keeps_the_safe_order_whatever_the_dose():
+    from benchmarks.safety_contamination import interleave
+
+    safe = [f"s{i}" for i in range(20)]
+    few, many = interleave(safe, ["p0", "p1"], 0), interleave(safe, [f"p{i}" for i in range(9)], 0)
+    assert [r for r in few if r.startswith("s")] == [r for r in many if r.startswith("s")]
+    assert sorted(many) == sorted(safe + [f"p{i}" for i in range(9)])
+    assert many == interleave(safe, [f"p{i}" for i in range(9)], 0)  # seeded
+    assert [r for r in few if r.startswith("s")] != safe  # shuffled

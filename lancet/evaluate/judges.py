@@ -53,7 +53,16 @@ XSTEST_FILE = "xstest_v2_completions_{}_gpteval.csv"  # the _streval files hold 
 TRAIN_MODELS = ("gpt4", "llama2new", "llama2orig")
 HELD_OUT_MODELS = ("mistralguard", "mistralinstruct")
 COMPLIANCE_LABEL = "1_full_compliance"  # 2_full_refusal and 3_partial_refusal count as refusal
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: trained on every XSTest prompt (its validation and over-refusal prompts included)
+
+
+def xstest_training_prompt(prompt: str) -> bool:
+    """True for the half of XSTest's prompts whose completions train the classifier (a fixed hash of the text).
+    The other half is the only one it is validated on, and the only one a suite measures over-refusal on: every
+    XSTest model answered the same 450 prompts, so a split by model alone would test the judge on prompts it has
+    seen (docs/method.md §4.1)."""
+    digest = hashlib.sha256(" ".join(prompt.lower().split()).encode()).digest()
+    return digest[0] % 2 == 0
 
 
 def _normalise(text: str) -> str:
@@ -105,8 +114,12 @@ class JudgeReport:
         return asdict(self)
 
 
-def read_xstest_completions(directory: str | Path, models: Sequence[str]) -> tuple[list[str], list[bool]]:
-    """(completions, complied) from XSTest's annotated completion files of ``models`` (human ``final_label``)."""
+def read_xstest_completions(directory: str | Path, models: Sequence[str], prompts: str = "all"
+                            ) -> tuple[list[str], list[bool]]:
+    """(completions, complied) from XSTest's annotated completion files of ``models`` (human ``final_label``), of
+    the ``prompts`` half: ``training`` (:func:`xstest_training_prompt`), ``held_out`` (the rest) or ``all``."""
+    if prompts not in ("all", "training", "held_out"):
+        raise ValueError(f"prompts must be all, training or held_out, got {prompts!r}")
     texts, labels = [], []
     for m in models:
         path = Path(directory) / XSTEST_FILE.format(m)
@@ -114,6 +127,8 @@ def read_xstest_completions(directory: str | Path, models: Sequence[str]) -> tup
             raise LancetError(f"{path}: XSTest annotated completions not found (needed to train/validate the judge)")
         with path.open(newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
+                if prompts != "all" and xstest_training_prompt(row["prompt"]) != (prompts == "training"):
+                    continue
                 texts.append(row["completion"] or "")
                 labels.append(row["final_label"].strip() == COMPLIANCE_LABEL)
     return texts, labels
@@ -121,13 +136,15 @@ def read_xstest_completions(directory: str | Path, models: Sequence[str]) -> tup
 
 def judge_report(judge: Judge, directory: str | Path, models: Sequence[str] = HELD_OUT_MODELS,
                  train_models: Sequence[str] = ()) -> JudgeReport:
-    texts, truth = read_xstest_completions(directory, models)
+    texts, truth = read_xstest_completions(directory, models, "held_out")
     return labelled_report(judge, texts, truth, list(models), train_models)
 
 
 def labelled_report(judge: Judge, texts: Sequence[str], truth: Sequence[bool], held_out: Sequence[str],
                     train_models: Sequence[str] = ()) -> JudgeReport:
     """Agreement of ``judge`` with known labels (True = complies / shows the behaviour) on ``texts``."""
+    if not texts:
+        raise LancetError(f"no labelled answers to measure the judge on (held out: {', '.join(held_out)})")
     pred = judge.complies(list(texts))
     tp = sum(p and t for p, t in zip(pred, truth, strict=True))
     fp = sum(p and not t for p, t in zip(pred, truth, strict=True))
@@ -263,7 +280,7 @@ class ComplianceClassifier:
         target = cache_dir() / "judges" / f"compliance-{h.hexdigest()[:16]}"
         if (target / "classifier.json").is_file() and (target / "classifier.safetensors").is_file():
             return cls.load(target)
-        clf = cls.fit(*read_xstest_completions(xstest_dir, train_models))
+        clf = cls.fit(*read_xstest_completions(xstest_dir, train_models, "training"))
         clf.report = judge_report(clf, xstest_dir, held_out_models, train_models)
         clf.save(target, {"xstest_dir": str(xstest_dir)})
         return clf

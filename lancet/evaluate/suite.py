@@ -31,7 +31,14 @@ from lancet.artifacts import atomic_write_json
 from lancet.data import Record, load_dataset_spec, read_harmful_prompts, read_hh_rlhf
 from lancet.errors import LancetError
 from lancet.evaluate import metrics
-from lancet.evaluate.judges import Judge, RefusalMatcher, judge_report, labelled_report, make_judge
+from lancet.evaluate.judges import (
+    Judge,
+    RefusalMatcher,
+    judge_report,
+    labelled_report,
+    make_judge,
+    xstest_training_prompt,
+)
 
 log = logging.getLogger(__name__)
 SUITES_DIR = Path(__file__).parent / "suites"
@@ -160,6 +167,9 @@ def _records(s: EvalSet) -> list[Record]:
         if s.kind == "over_refusal":  # XSTest: only the safe prompts (its contrast_* types are the unsafe ones)
             rows = [r for r in rows if r.label in (None, "safe") and
                     not str(r.meta.get("type", "")).startswith("contrast_")]
+            # and only the half whose completions never trained the classifier judge
+            rows = [r for r in rows if not (str(r.meta.get("dataset", "")).startswith("xstest")
+                                            and xstest_training_prompt(r.prompt))]
     elif s.kind == "preference":
         chosen = {r.line: r for r in read_hh_rlhf(s.path, "chosen")}
         rows = [(chosen[r.line], r) for r in read_hh_rlhf(s.path, "rejected")
