@@ -131,6 +131,8 @@ class Preset:
     # retrain without each ranking's top-|positives| rows (the stage "counterfactual"; seed 0 in full)
     counterfactual: tuple[str, ...] = ("random", "bm25", "repsim", "linfac")
     lambda_max_rows: int = 128
+    # rank of each preconditioned IQ gradient: full rank would hold 425 MB per query (74 queries: 31 GB)
+    query_rank: int | None = 32
 
 
 PRESETS = {
@@ -456,7 +458,7 @@ class Run:
         record("bm25_prompt", bm25_scores(prompt_only(train), prompt_only(iq_rows)), time.perf_counter() - t0)
         # per_layer: which blocks carry the signal (AP per transformer block, the diagnosis the issue asks for)
         args = InfluenceArgs(bf16=BF16, batch_size=8, lambda_max_rows=self.p.lambda_max_rows, per_layer=True,
-                             progress=self.progress)
+                             query_rank=self.p.query_rank, progress=self.progress)
         fit_seconds = {}
         for method in self.p.methods:
             t0 = time.perf_counter()

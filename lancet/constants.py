@@ -25,3 +25,5 @@ JOINT_SCORING_MAX_BYTES = 8 * 1024**3
 # IBO's retain KL (lancet.correct.trainers): the reference's next-token distribution is kept as its top this-many
 # tokens plus one bucket for the rest, and the KL is taken between the two distributions so coarsened
 RETAIN_KL_TOP_K = 32
+# Influence.preconditioned_queries: with query_rank set, the query gradients are formed this many queries at a time
+QUERY_CHUNK = 8

@@ -98,3 +98,23 @@ def test_scores_unchanged_by_the_refactor(tiny_tokenizer):
     every = run.scores(train, queries, methods=list(pinned))
     for method, expected in pinned.items():
         close(every[method]["scores"], torch.tensor(expected, dtype=torch.float64), 1e-6)
+
+
+def test_low_rank_queries_formed_in_chunks_equal_one_pass(monkeypatch, tiny_tokenizer):
+    """With query_rank set, queries are differentiated QUERY_CHUNK at a time; the scores do not depend on it."""
+    from conftest import tiny_llama
+
+    import lancet.influence as influence_module
+    from lancet.influence import Influence, InfluenceArgs
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(3, 64, (9,), generator=g).tolist()), "labels": [-100] * 3 + ids[3:]}
+            for _ in range(10)]
+    model = tiny_llama(64, dtype=torch.float64)
+    for method in ("linfac", "cosine"):
+        args = InfluenceArgs(method=method, dtype="float64", query_rank=4, batch_size=4, progress=False)
+        monkeypatch.setattr(influence_module, "QUERY_CHUNK", 100)
+        whole = Influence(model, args).scores(rows, rows[:7])["scores"]
+        monkeypatch.setattr(influence_module, "QUERY_CHUNK", 3)
+        chunked = Influence(model, args).scores(rows, rows[:7])["scores"]
+        assert torch.allclose(whole, chunked, rtol=1e-10, atol=1e-12), method

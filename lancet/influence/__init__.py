@@ -19,7 +19,7 @@ import torch
 
 from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, check_or_write_meta, hash_json, load_tensors, model_fingerprint
-from lancet.constants import DEFAULT_MAX_LENGTH, JOINT_SCORING_MAX_BYTES
+from lancet.constants import DEFAULT_MAX_LENGTH, JOINT_SCORING_MAX_BYTES, QUERY_CHUNK
 from lancet.curvature.estimators import GRADIENT_FREE_METHODS, METHODS
 from lancet.curvature.fit import Curvature, data_fingerprint, fit_curvature
 from lancet.curvature.modules import find_tracked_layers
@@ -147,8 +147,14 @@ class Influence:
         if self._curvature is None:
             raise LancetError("call fit(train) before scoring")
         layers = self._curvature.layers
-        grads = query_gradients(self.model, layers, self._rows(queries, "queries"), self.args, self.measurement)
-        return precondition_queries(self._curvature, grads, self.args)
+        rows = self._rows(queries, "queries")
+        # with low-rank queries, QUERY_CHUNK at a time: the raw gradients of all queries at once ([Q, out, in] per
+        # layer) would need what the low rank saves (74 queries of SmolLM2-135M: 31 GB)
+        step = QUERY_CHUNK if self.args.query_rank is not None else max(1, len(rows))
+        parts = [precondition_queries(self._curvature, query_gradients(self.model, layers, rows[i:i + step],
+                                                                       self.args, self.measurement), self.args)
+                 for i in range(0, len(rows), step)]
+        return parts[0] if len(parts) == 1 else _concat(parts)
 
     def _rows(self, data, what: str) -> list[dict[str, Any]]:
         return as_rows(data, what, self.tokenizer, self.max_length)
