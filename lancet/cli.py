@@ -340,6 +340,12 @@ COMMANDS = {
 }
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text
+            or "can't allocate memory" in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     import contextlib
     import os
@@ -387,6 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lancet: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        if ns.debug or not _out_of_memory(exc):
+            raise
+        where = "GPU" if "cuda" in str(exc).lower() else "host"
+        print(f"lancet: error: out of {where} memory ({str(exc).splitlines()[0][:120]}); lower --batch-size, "
+              "use --query-rank R (low-rank queries) or fewer --modules, or --precision bf16; finished chunks are "
+              "kept, so the rerun resumes", file=sys.stderr)
+        return 2
     finally:
         dist.shutdown()
 

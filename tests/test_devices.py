@@ -128,3 +128,23 @@ def test_cuda_scores_equal_cpu_scores_in_float64(method):
     cpu, cuda = scores_on("cpu", method), scores_on("cuda", method)
     assert cuda.device.type == "cpu"
     assert float((cpu - cuda).norm() / cpu.norm()) <= 1e-8
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                                                "allocate memory: you tried to allocate 34359738368 bytes")])
+def test_out_of_memory_is_one_line_naming_the_knobs(monkeypatch, capsys, error):
+    import lancet.cli as cli
+
+    def boom(ns):
+        raise error
+
+    monkeypatch.setitem(cli.COMMANDS, "attribute", boom)
+    rc = main(["-q", "attribute", "m", "--train", "t", "--queries", "q", "--out", "o"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert all(k in err for k in ("--batch-size", "--query-rank", "--modules", "resumes"))
+    assert ("GPU" in err) == isinstance(error, torch.cuda.OutOfMemoryError)
+    monkeypatch.setitem(cli.COMMANDS, "attribute", lambda ns: (_ for _ in ()).throw(RuntimeError("other bug")))
+    with pytest.raises(RuntimeError, match="other bug"):  # any other error keeps its traceback
+        main(["-q", "attribute", "m", "--train", "t", "--queries", "q", "--out", "o"])
