@@ -22,8 +22,7 @@ def finetune(
 ) -> Path:
     """Fine-tune ``model_spec`` on ``train`` (loss on response tokens only) and save an HF directory to
     ``args.output_dir``. Resumes from the last checkpoint there; reuses a finished run with the same inputs."""
-    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code,
-                                  device=args.device if args.device is not None else "auto")
+    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code, device=args.load_device)
     encoded = encode_records(list(train), tokenizer, max_length, progress=args.progress)
     trainer = Trainer(model, tokenizer, args, encoded, base_spec=model_spec)
     return trainer.train()

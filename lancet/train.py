@@ -115,6 +115,11 @@ class TrainArgs:
     def fingerprint_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_json().items() if k not in self._UNHASHED}
 
+    @property
+    def load_device(self) -> str:
+        """Where a function that loads the model itself (``finetune``, ``correct``) puts it: ``device``, else auto."""
+        return self.device if self.device is not None else "auto"
+
 
 class Trainer:
     """Shared loop: batching, bf16 autocast, accumulation, clipping, schedule, checkpoint/resume, logging.

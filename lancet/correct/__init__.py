@@ -205,7 +205,7 @@ def correct(
     if not torch.isfinite(scores).all():
         raise LancetError("influence scores contain NaN or infinite values")
 
-    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code, device=train_args.device)
+    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code, device=train_args.load_device)
     progress = train_args.progress
     summary: dict[str, Any] = {"method": method, "base": model_spec, "correction_args": cargs.to_json()}
     common = {"base_spec": model_spec}

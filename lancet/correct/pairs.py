@@ -142,12 +142,13 @@ def build_ibo_pairs(
     cross = list(range(len(rejected)))
     if same_prompt:
         partners = same_prompt_partners(scores, train_rows, rejected, set(bad_idx))
-        extra = {}
+        slot: dict[int, int] = {}  # training row -> its index in ``chosen``
         for i, j in enumerate(partners):
             if j is not None:
-                extra.setdefault(j, len(chosen) + len(extra))
-                within.append((i, extra[j]))
-        chosen += [(train_rows[j], float(scores[j])) for j in sorted(extra, key=extra.get)]
+                if j not in slot:
+                    slot[j] = len(chosen)
+                    chosen.append((train_rows[j], float(scores[j])))
+                within.append((i, slot[j]))
         cross = [i for i, j in enumerate(partners) if j is None]
     if not cross:
         index = []

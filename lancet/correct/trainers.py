@@ -28,13 +28,19 @@ from lancet.train import TrainArgs, Trainer
 SFTTrainer = Trainer  # supervised fine-tuning on safe data is the base loop itself
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed log-probability of the response tokens (labels != -100) and the number of those tokens."""
+def sequence_terms(model, batch: dict[str, torch.Tensor]):
+    """(per-row summed log-probability of the response tokens, their count, the logits, the mask of scored
+    positions) from one forward pass, the batch moved to the model's device."""
     dev = model_device(model)
     batch = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask", "labels")}
     logits = forward_logits(model, batch)
     _, mask = shifted_targets(batch["labels"])
-    return -summed_loss(logits, batch["labels"]), mask.sum(-1)
+    return -summed_loss(logits, batch["labels"]), mask.sum(-1), logits, mask
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed log-probability of the response tokens (labels != -100) and the number of those tokens."""
+    return sequence_terms(model, batch)[:2]
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
@@ -206,9 +212,7 @@ class IBOTrainer(_CorrectionTrainer):
 
     def _terms(self, batch: dict[str, torch.Tensor]):
         n = batch["weight"].numel()
-        logits = forward_logits(self.model, batch)
-        _, mask = shifted_targets(batch["labels"])
-        logp, ntok = -summed_loss(logits, batch["labels"]), mask.sum(-1)
+        logp, ntok, logits, mask = sequence_terms(self.model, batch)
         ref_c, ref_r, target = (batch[k].to(logp) for k in ("ref_chosen", "ref_rejected", "target"))
         h = margin(logp[:n], logp[n : 2 * n], ref_c, ref_r, self.beta)
         return h, bregman_loss(h, target, self.generator, self.alpha), logp, ntok, (logits, mask)
