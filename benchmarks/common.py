@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -100,3 +101,28 @@ def rows_that_fit(records: list, tokenizer, max_length: int) -> list:
         encoded = encode_records(records, tokenizer, max_length + 1, progress=False)
     return [r for r, row in zip(records, encoded, strict=True)
             if len(row["input_ids"]) <= max_length and any(t != IGNORE_INDEX for t in row["labels"][1:])]
+
+
+def sync_clock(device: torch.device | None = None) -> float:
+    """perf_counter after the device's queued work has finished (CUDA runs asynchronously)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def raw_forward_backward(model, rows, batch_size: int, device: torch.device | None = None, bf16: bool = False
+                         ) -> float:
+    """Seconds of a plain training step's forward+backward (every weight gradient), no optimizer, on a copy of the
+    model: the ceiling scoring is compared with."""
+    from lancet.curvature.fit import batches
+    from lancet.curvature.task import data_cotangent, forward_logits
+    from lancet.hardware import autocast
+
+    model = copy.deepcopy(model).train()
+    t0 = sync_clock(device)
+    for _, batch in batches(rows, batch_size, device=device):
+        with autocast(device or "cpu", bf16):
+            logits = forward_logits(model, batch)
+        logits.backward(data_cotangent(logits, batch["labels"]))
+        model.zero_grad(set_to_none=True)
+    return sync_clock(device) - t0

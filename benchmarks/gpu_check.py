@@ -35,10 +35,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import raw_forward_backward, sync_clock  # noqa: E402
 from lancet.artifacts import atomic_write_json  # noqa: E402
-from lancet.curvature.fit import batches  # noqa: E402
-from lancet.curvature.task import data_cotangent, forward_logits  # noqa: E402
-from lancet.hardware import autocast, resolve_device  # noqa: E402
+from lancet.hardware import resolve_device  # noqa: E402
 from lancet.influence import Influence, InfluenceArgs  # noqa: E402
 from lancet.influence.scoring import score_rows  # noqa: E402
 from lancet.train import TrainArgs, Trainer  # noqa: E402
@@ -70,12 +69,6 @@ def random_rows(n: int, length: int, vocab: int, seed: int, prompt: int | None =
         ids = torch.randint(3, vocab, (length,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     return rows
-
-
-def sync_clock(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def peak_gib(device) -> float | None:
@@ -159,20 +152,6 @@ def stage_resume(device, dry: bool, tmp: Path) -> dict:
                for a, b in zip(straight.parameters(), resumed.parameters(), strict=True))
     return {"max_abs_param_diff": diff, "goal": RESUME_GOAL, "passed": diff <= RESUME_GOAL,
             "bit_identical": diff == 0.0}
-
-
-def raw_forward_backward(model, rows, batch_size: int, device, bf16: bool) -> float:
-    """Seconds of a plain training step's forward+backward (every weight gradient), no optimizer."""
-    model = copy.deepcopy(model).train()
-    t0 = sync_clock(device)
-    for _, batch in batches(rows, batch_size, device=device):
-        with autocast(device, bf16):
-            logits = forward_logits(model, batch)
-        logits.backward(data_cotangent(logits, batch["labels"]))
-        model.zero_grad(set_to_none=True)
-    seconds = sync_clock(device) - t0
-    del model
-    return seconds
 
 
 def lancet_run(model, rows, queries, device, **options) -> dict:

@@ -27,23 +27,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, measure, write_result
-from lancet.curvature.fit import batches
-from lancet.curvature.task import data_cotangent, forward_logits
+from benchmarks.common import environment, measure, raw_forward_backward, write_result
 from lancet.data import encode_records
 from lancet.data.demo import build_demo_dataset
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.scoring import score_rows
 from lancet.models.loading import load_model
-
-
-def raw_forward_backward(model, rows, batch_size: int) -> None:
-    """A plain training step's forward+backward (all weight gradients), no optimizer: the ceiling for scoring."""
-    model = copy.deepcopy(model).train()
-    for _, batch in batches(rows, batch_size):
-        logits = forward_logits(model, batch)
-        logits.backward(data_cotangent(logits, batch["labels"]))
-        model.zero_grad(set_to_none=True)
 
 
 def correlations(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
@@ -106,9 +95,7 @@ def main() -> None:
     # slows a 2-core machine by a few %), then one on a plain clock, whose time is the one reported
     with measure(result, "raw_memory"):
         raw_forward_backward(model, rows, ns.batch_size)
-    t0 = time.perf_counter()
-    raw_forward_backward(model, rows, ns.batch_size)
-    raw = n_tokens / (time.perf_counter() - t0)
+    raw = n_tokens / raw_forward_backward(model, rows, ns.batch_size)
     result["raw_forward_backward_tokens_per_s"] = round(raw, 1)
     print(f"raw forward+backward: {raw:.1f} tokens/s")
 
