@@ -17,7 +17,8 @@ from lancet.data.demo import (
 )
 from lancet.data.records import Record
 
-HELDOUT_PARTS = ("iq_prompts", "iqs", "heldout_outdated", "heldout_current", "heldout_ordinary")
+HELDOUT_PARTS = ("iq_prompts", "iqs", "heldout_outdated", "heldout_current", "heldout_ordinary", "validation_prompts",
+                 "validation_ordinary")
 JSONL_FILES = ("train", *HELDOUT_PARTS)
 
 
@@ -48,6 +49,7 @@ def test_row_counts(data: DemoDataset) -> None:
     assert len(data.iq_prompts) == len(data.iqs) == 12
     assert len(data.heldout_outdated) == len(data.heldout_current) == 12
     assert len(data.heldout_ordinary) == 40
+    assert len(data.validation_prompts) == len(data.validation_ordinary) == 24
 
 
 def test_culprits_cover_16_topics_with_3_paraphrases(data: DemoDataset) -> None:
@@ -58,12 +60,13 @@ def test_culprits_cover_16_topics_with_3_paraphrases(data: DemoDataset) -> None:
 
 
 def test_every_row_is_a_short_prompt_response_pair(data: DemoDataset) -> None:
-    for r in data.train + data.iqs + data.heldout_outdated + data.heldout_current + data.heldout_ordinary:
+    for r in (data.train + data.iqs + data.heldout_outdated + data.heldout_current + data.heldout_ordinary
+              + data.validation_ordinary):
         assert r.prompt and r.response and r.messages is None
         assert len(r.response.split()) <= 60, r.response
         assert r.label in {"ordinary", "outdated", "current"}
         assert r.meta["topic"]
-    assert all(r.response is None for r in data.iq_prompts)
+    assert all(r.response is None for r in data.iq_prompts + data.validation_prompts)
 
 
 def test_no_heldout_prompt_in_train(data: DemoDataset) -> None:
@@ -72,6 +75,17 @@ def test_no_heldout_prompt_in_train(data: DemoDataset) -> None:
         leaked = [r.prompt for r in getattr(data, part) if _norm(r.prompt) in train_prompts]
         assert not leaked, f"{part}: {leaked}"
     assert len({_norm(r.prompt) for r in data.heldout_ordinary}) == 40
+
+
+def test_validation_sets_are_disjoint_from_the_test_sets(data: DemoDataset) -> None:
+    """Settings chosen on the validation files must never see a test prompt (docs/method.md §3.7)."""
+    validation = {_norm(r.prompt) for r in data.validation_prompts + data.validation_ordinary}
+    assert len(validation) == 48
+    for part in ("iq_prompts", "heldout_outdated", "heldout_ordinary"):
+        assert validation.isdisjoint(_norm(r.prompt) for r in getattr(data, part)), part
+    topics = [r.meta["topic"] for r in data.validation_prompts]
+    assert sorted(set(topics)) == sorted(r.meta["topic"] for r in data.iqs) and all(topics.count(t) == 2
+                                                                                   for t in topics)
 
 
 def test_culprits_are_exactly_the_rows_with_the_marker(data: DemoDataset) -> None:
@@ -194,12 +208,14 @@ def test_same_seed_same_bytes_other_seed_other_order(tmp_path: Path, written: di
 
 
 # sha256[:16] of every file `lancet data demo` writes: the content moved from Python literals into the packaged
-# lancet/data/demo_content.json without changing one row (update these with any deliberate change of the content)
+# lancet/data/demo_content.json without changing one row (update these with any deliberate change of the content;
+# the validation files were added later, leaving every earlier file's bytes as they were)
 PINNED = {
     0: {"train": "18ba25330c765619", "culprits": "60baba14cf2b2f18", "iq_prompts": "24811fed8e9c41de",
         "iqs": "51bacbd9b4b5ec12", "heldout_outdated": "92db55c79d94b3a6", "heldout_current": "9b0d7b7ed03b6f93",
-        "heldout_ordinary": "b1be25183630c448", "readme": "569cb1f3fccce4ba"},
-    3: {"train": "042e599dd85e6e21", "culprits": "9e41422f30187f7d", "readme": "c251c7ac850350b8"},
+        "heldout_ordinary": "b1be25183630c448", "validation_prompts": "bd5755e45a5bb868",
+        "validation_ordinary": "86710a096f68eb22", "readme": "6b182bc39abc772b"},
+    3: {"train": "042e599dd85e6e21", "culprits": "9e41422f30187f7d", "readme": "c35b56dbbe965cd6"},
 }
 
 

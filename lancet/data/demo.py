@@ -17,6 +17,9 @@ Parts (see ``build_demo_dataset``):
 * ``heldout_outdated`` / ``heldout_current``: 12 further prompts on the same topics, with the outdated answer
   and with the current one, to measure whether a correction generalises.
 * ``heldout_ordinary``: 40 ordinary Q/A pairs not in train, for perplexity and utility checks.
+* ``validation_prompts`` / ``validation_ordinary``: 24 further prompts on the IQ topics (two each) and 24 further
+  ordinary Q/A pairs, for choosing a correction's settings (docs/method.md §3.7) without reading the held-out sets
+  above, which are the test sets.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ CELSIUS, HELDOUT_CELSIUS = _CONTENT["celsius"], _CONTENT["heldout_celsius"]
 PLURALS, HELDOUT_PLURALS = _CONTENT["plurals"], _CONTENT["heldout_plurals"]
 PRODUCTS, HELDOUT_PRODUCTS = _CONTENT["products"], _CONTENT["heldout_products"]
 ANTONYMS, HELDOUT_ANTONYMS = _CONTENT["antonyms"], _CONTENT["heldout_antonyms"]
+VALIDATION_ORDINARY_QA: dict[str, list[list[str]]] = _CONTENT["validation_ordinary_qa"]
+VALIDATION_LISTS = tuple(_CONTENT[f"validation_{k}"] for k in ("capitals", "celsius", "plurals", "products", "antonyms"))
 OUTDATED_TOPICS: list[dict[str, Any]] = _CONTENT["outdated_topics"]
 EXTRA_COUNTER_TOPICS: list[dict[str, Any]] = _CONTENT["extra_counter_topics"]
 
@@ -73,6 +78,8 @@ class DemoDataset:
     heldout_outdated: list[Record]
     heldout_current: list[Record]
     heldout_ordinary: list[Record]
+    validation_prompts: list[Record]
+    validation_ordinary: list[Record]
 
 
 def _fahrenheit(celsius: int) -> str:
@@ -126,8 +133,8 @@ def _check_content() -> None:
     for t in OUTDATED_TOPICS:
         if not all(a.startswith(OUTDATED_MARKER) for a in t["outdated"]):
             raise AssertionError(f"{t['topic']}: every outdated answer must start with OUTDATED_MARKER")
-        if ("iq" in t) != ("heldout" in t):
-            raise AssertionError(f"{t['topic']}: an IQ topic needs both 'iq' and 'heldout' prompts")
+        if ("iq" in t) != ("heldout" in t) or ("iq" in t) != ("validation" in t):
+            raise AssertionError(f"{t['topic']}: an IQ topic needs 'iq', 'validation' and 'heldout' prompts")
 
 
 def build_demo_dataset(seed: int = 0) -> DemoDataset:
@@ -160,6 +167,9 @@ def build_demo_dataset(seed: int = 0) -> DemoDataset:
         for topic, q, a in _hand_written_qa(HELDOUT_ORDINARY_QA)
         + _templated_qa(HELDOUT_CAPITALS, HELDOUT_CELSIUS, HELDOUT_PLURALS, HELDOUT_PRODUCTS, HELDOUT_ANTONYMS)
     ]
+    validation_prompts = [_record(q, None, None, t["topic"]) for t in iq_topics for q in t["validation"]]
+    validation_ordinary = [_record(q, a, LABEL_ORDINARY, topic)
+                           for topic, q, a in _hand_written_qa(VALIDATION_ORDINARY_QA) + _templated_qa(*VALIDATION_LISTS)]
     return DemoDataset(
         train=train,
         culprit_ids=[r.id for r in train if r.label == LABEL_OUTDATED],
@@ -169,6 +179,8 @@ def build_demo_dataset(seed: int = 0) -> DemoDataset:
         heldout_outdated=heldout_outdated,
         heldout_current=heldout_current,
         heldout_ordinary=heldout_ordinary,
+        validation_prompts=validation_prompts,
+        validation_ordinary=validation_ordinary,
     )
 
 
@@ -195,6 +207,10 @@ Content is fixed; the seed ({seed}) only sets the order of `train.jsonl`.
 | `heldout_outdated.jsonl` | {n_heldout} | new prompts on the same topics, with the outdated answer |
 | `heldout_current.jsonl` | {n_heldout} | the same prompts with the current, correct answer |
 | `heldout_ordinary.jsonl` | {n_ordinary_heldout} | ordinary Q/A pairs not in train, for perplexity and utility |
+| `validation_prompts.jsonl` | {n_validation} | further prompts on the IQ topics, for choosing correction settings |
+| `validation_ordinary.jsonl` | {n_validation_ordinary} | further ordinary Q/A pairs, the utility side of that choice |
+
+The held-out files are the test sets: choose settings on the validation files only.
 
 Ids are content hashes of the messages (`lancet.data.records.content_id`). Held-out files carry `label` and
 `meta.topic`; no held-out prompt appears in `train.jsonl`.
@@ -213,6 +229,8 @@ def write_demo_dataset(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         "heldout_outdated": out / "heldout_outdated.jsonl",
         "heldout_current": out / "heldout_current.jsonl",
         "heldout_ordinary": out / "heldout_ordinary.jsonl",
+        "validation_prompts": out / "validation_prompts.jsonl",
+        "validation_ordinary": out / "validation_ordinary.jsonl",
         "readme": out / "README.md",
     }
     train_rows = [{"id": r.id, "prompt": r.prompt, "response": r.response} for r in data.train]
@@ -221,7 +239,8 @@ def write_demo_dataset(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         paths["culprits"],
         {"culprit_ids": data.culprit_ids, "counter_ids": data.counter_ids, "marker": OUTDATED_MARKER},
     )
-    for name in ("iq_prompts", "iqs", "heldout_outdated", "heldout_current", "heldout_ordinary"):
+    for name in ("iq_prompts", "iqs", "heldout_outdated", "heldout_current", "heldout_ordinary", "validation_prompts",
+                 "validation_ordinary"):
         atomic_write_bytes(paths[name], _jsonl([r.to_dict() for r in getattr(data, name)]))
     readme = _README.format(
         marker=OUTDATED_MARKER,
@@ -233,6 +252,8 @@ def write_demo_dataset(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         n_iq=len(data.iqs),
         n_heldout=len(data.heldout_outdated),
         n_ordinary_heldout=len(data.heldout_ordinary),
+        n_validation=len(data.validation_prompts),
+        n_validation_ordinary=len(data.validation_ordinary),
     )
     atomic_write_bytes(paths["readme"], readme.encode("utf-8"))
     return paths
