@@ -36,6 +36,7 @@ from lancet.hardware import settings
 log = logging.getLogger(__name__)
 
 PATH_FIELDS = ("train", "iqs", "iq_prompts", "labels", "safe", "pairs", "evaluate", "shared")
+SELECT_PATH_FIELDS = ("prompts", "ordinary")
 # what the correction trains with unless the config says otherwise: a short, gentle IBO run (docs/method.md §3);
 # its precision comes from the config's "precision" like every stage's
 DEFAULT_CORRECTION_TRAIN = {"max_steps": 30, "batch_size": 8, "lr": 1e-5, "save_every": 10}
@@ -66,6 +67,9 @@ class RunConfig:
     top_k: int = 10
     token_rows: int = 3
     contrast_response: str | None = None
+    # choose the correction's checkpoint on validation prompts (``SelectArgs``; docs/method.md §3.7); the suite in
+    # "evaluate" is then the test set, read once, on the chosen model
+    select: dict[str, Any] | None = None
     trust_remote_code: bool = False
     # where and how every stage computes (lancet.hardware): "auto" = CUDA when available; precision "auto" = bf16
     # on CUDA and on CPUs with native bf16, else fp32. A stage's own "bf16" key (finetune, influence, ...) wins.
@@ -99,6 +103,10 @@ class RunConfig:
         TrainArgs.from_json({**self.correction_train, "output_dir": "-"})
         InfluenceArgs.from_json(self.influence)
         CorrectionArgs.from_json(self.correction)
+        if self.select is not None:
+            from lancet.correct.select import SelectArgs
+
+            SelectArgs.from_json(self.select)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,6 +128,9 @@ class RunConfig:
                 if isinstance(value, str) and not (key == "evaluate" and "/" not in value
                                                    and not value.endswith(".json")):
                     data[key] = _resolve(value, base)
+            if isinstance(data.get("select"), dict):
+                data["select"] = {k: _resolve(v, base) if k in SELECT_PATH_FIELDS and isinstance(v, str) else v
+                                  for k, v in data["select"].items()}
         return cls(**data)
 
     @classmethod
@@ -179,7 +190,11 @@ class Pipeline:
         model, tokenizer = load_model(model_spec, trust_remote_code=c.trust_remote_code, device=self.device)
         iqs = self._timed("iqs", self.stage_iqs, model, tokenizer)
         attribution = self._timed("attribute", self.stage_attribute, model, tokenizer)
-        corrected = self._timed("correct", self.stage_correct, model_spec, train)
+        selection = self._selection(model, tokenizer, model_spec) if c.select else None
+        corrected = self._timed("correct", self.stage_correct, model_spec, train, selection)
+        chosen = None
+        if selection is not None:
+            corrected, chosen = selection.finish(corrected, model_spec, self._correction_steps)
         metrics = {}
         if c.evaluate:
             metrics["before"] = self._timed("evaluate_before", self.stage_evaluate, model, tokenizer, "before")
@@ -192,6 +207,8 @@ class Pipeline:
         summary = {"model": model_spec, "corrected_model": str(corrected), "n_iqs": len(iqs),
                    "attribution": attribution, "metrics": metrics, "report": str(html), "seconds": self.seconds,
                    "hardware": settings(self.device, self.precision)}
+        if chosen is not None:
+            summary["selection"] = chosen
         atomic_write_json(self.out / "run_summary.json", summary)
         return summary
 
@@ -276,7 +293,31 @@ class Pipeline:
         atomic_write_json(path, {"method": args.method, "rows": out_rows,
                                  "note": "score of position t, carried by token t's activations"})
 
-    def stage_correct(self, model_spec: str, train) -> Path:
+    def _selection(self, model, tokenizer, model_spec: str):
+        """The checkpoint selection of the correction stage, with the model before correction measured (step 0)."""
+        from lancet.artifacts import hash_json
+        from lancet.correct.select import SELECTION_DIR, CheckpointSelection, SelectArgs
+        from lancet.data import load_dataset_spec
+        from lancet.evaluate.judges import make_judge
+        from lancet.train import TrainArgs
+
+        c = self.config
+        args = SelectArgs.from_json(c.select)
+        prompts, ordinary = load_dataset_spec(args.prompts), load_dataset_spec(args.ordinary)
+        judge = args.judge or c.iq_judge
+        train_args = TrainArgs.from_json(self._train_json(c.correction_train, self.out / "corrected"))
+        fingerprint = hash_json({"select": {**args.to_json(), "judge": judge}, "model": model_spec,
+                                 "prompts": [r.id for r in prompts], "ordinary": [r.id for r in ordinary],
+                                 "correction": c.correction, "train": train_args.fingerprint_dict(),
+                                 "max_new_tokens": c.max_new_tokens, "max_length": c.max_length})
+        selection = CheckpointSelection(self.out / SELECTION_DIR, tokenizer, prompts, ordinary, make_judge(judge),
+                                        fingerprint=fingerprint, max_utility_loss=args.max_utility_loss,
+                                        max_new_tokens=c.max_new_tokens, max_length=c.max_length,
+                                        batch_size=args.batch_size)
+        self._timed("select_reference", selection.reference, model)
+        return selection
+
+    def stage_correct(self, model_spec: str, train, selection=None) -> Path:
         from lancet.correct import CorrectionArgs, correct, load_run_scores
         from lancet.data import load_dataset_spec
         from lancet.train import TrainArgs
@@ -296,10 +337,13 @@ class Pipeline:
 
             pairs = read_preference_pairs(c.pairs)
         targs = TrainArgs.from_json(self._train_json(c.correction_train, self.out / "corrected"))
-        return correct(model_spec, train, scores, method=cargs.method, train_args=targs, correction_args=cargs,
-                       iq_records=load_dataset_spec(str(self.out / "iqs.jsonl")),
-                       safe_records=load_dataset_spec(c.safe) if c.safe else None, pref_pairs=pairs,
-                       culprit_mask=culprits, max_length=c.max_length, trust_remote_code=c.trust_remote_code)
+        out = correct(model_spec, train, scores, method=cargs.method, train_args=targs, correction_args=cargs,
+                      iq_records=load_dataset_spec(str(self.out / "iqs.jsonl")),
+                      safe_records=load_dataset_spec(c.safe) if c.safe else None, pref_pairs=pairs,
+                      culprit_mask=culprits, max_length=c.max_length, trust_remote_code=c.trust_remote_code,
+                      on_checkpoint=selection)
+        self._correction_steps = json.loads((out / "lancet_correction.json").read_text())["steps"]
+        return out
 
     def stage_evaluate(self, model, tokenizer, side: str) -> dict[str, Any]:
         """Metrics of ``model`` on the suite; reused when the file is complete for the same model and suite."""

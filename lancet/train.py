@@ -18,7 +18,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -275,8 +275,15 @@ class Trainer:
         span = max(1, self.total_steps - a.warmup_steps)
         return a.lr * max(0.0, 1.0 - (step - a.warmup_steps) / span)
 
-    def train(self) -> Path:
-        """Train to ``total_steps`` (resuming if a matching checkpoint exists) and save the model. Returns its dir."""
+    def train(self, on_checkpoint: Callable[[int, Trainer], None] | None = None) -> Path:
+        """Train to ``total_steps`` (resuming if a matching checkpoint exists) and save the model. Returns its dir.
+
+        ``on_checkpoint(step, trainer)`` runs every ``save_every`` steps and after the last step, before that step's
+        checkpoint is written, so a run killed inside it repeats the step and calls it again on resume (checkpoint
+        selection, lancet/correct/select.py). It must leave the model's parameters and the RNG as it found them."""
+        if on_checkpoint is not None and self.world > 1:
+            raise LancetError("checkpoint selection is not supported under torchrun yet; run the correction in one "
+                              "process or leave out 'select'")
         done = self.out / DONE_FILE
         if done.is_file():
             meta = json.loads(done.read_text())
@@ -335,6 +342,9 @@ class Trainer:
                     log_fh.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+                if on_checkpoint is not None and (step % self.args.save_every == 0 or step == self.total_steps):
+                    on_checkpoint(step, self)
+                    self.model.train()
                 if step % self.args.save_every == 0 and step < self.total_steps:
                     self._save_checkpoint(step)
         except LancetError:
@@ -352,6 +362,23 @@ class Trainer:
         self._save_final()
         dist.barrier()  # the saved model is complete before any rank returns
         return self.out
+
+    def save_model(self, directory: Path, *, merge: bool = False, state_dict: dict | None = None) -> None:
+        """The model as ``from_pretrained`` reads it (a LoRA adapter naming its base, or merged when ``merge``) and
+        the tokenizer, written to a temporary directory first, then moved into ``directory`` file by file."""
+        model = self.module
+        if self.args.lora and merge:
+            model = model.merge_and_unload()  # changes the module: only when training is over
+        elif self.args.lora:
+            model.peft_config["default"].base_model_name_or_path = self.base_spec or None
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / ".save.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        self.tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            f.replace(directory / f.name)
+        tmp.rmdir()
 
     def _no_sync(self, skip: bool):
         """DDP: no gradient all-reduce on the micro-batches before the last of an optimizer step."""
@@ -429,18 +456,7 @@ class Trainer:
                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not dist.is_main():
             return
-        model = self.module
-        if self.args.lora and self.args.merge_lora:
-            model = model.merge_and_unload()
-        tmp = self.out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if self.args.lora and not self.args.merge_lora:
-            model.peft_config["default"].base_model_name_or_path = self.base_spec or None
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if self.fsdp else {}))
-        self.tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            f.replace(self.out / f.name)
-        tmp.rmdir()
+        self.save_model(self.out, merge=self.args.merge_lora, state_dict=state_dict)
         atomic_write_json(
             self.out / "lancet_train_args.json",
             {"trainer": self.name, "base": self.base_spec, "args": self.args.to_json()},

@@ -137,3 +137,55 @@ def test_resumed_evaluation_keeps_the_answers_a_later_diversity_set_reads(tmp_pa
     resumed = evaluate(model, tiny_tokenizer, s, progress=False, done={"iq_prompts": full["sets"]["iq_prompts"]})
     assert resumed["sets"]["iq_diversity"]["distinct_2"] == full["sets"]["iq_diversity"]["distinct_2"]
     assert resumed["sets"]["iq_diversity"]["n"] == 12
+
+
+def test_run_chooses_a_checkpoint_on_validation_before_reading_the_test_suite(tmp_path: Path, tiny_tokenizer,
+                                                                             monkeypatch) -> None:
+    """With "select", the correction's checkpoints are measured on the validation files; the test suite is read
+    only after the choice, and "after" is the chosen model."""
+    import lancet.correct.select as select
+    import lancet.pipeline as pipeline
+
+    write_demo_dataset(tmp_path / "data")
+    model_dir = tmp_path / "base"
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    suite = demo_suite(tmp_path / "data")
+    suite["max_new_tokens"] = 4
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    events: list[str] = []
+    finish, run_evaluate = select.CheckpointSelection.finish, pipeline.Pipeline.stage_evaluate
+
+    def logged_finish(self, *args, **kwargs):
+        events.append("finish")
+        return finish(self, *args, **kwargs)
+
+    def logged_evaluate(self, model, tokenizer, side):
+        events.append(f"evaluate_{side}")
+        return run_evaluate(self, model, tokenizer, side)
+
+    monkeypatch.setattr(select.CheckpointSelection, "finish", logged_finish)
+    monkeypatch.setattr(pipeline.Pipeline, "stage_evaluate", logged_evaluate)
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({
+        "model": str(model_dir), "train": "data/train.jsonl", "out": "run", "iqs": "data/iqs.jsonl",
+        "influence": {"method": "kfac", "batch_size": 16}, "correction": {"method": "ibo", "top_k": 8},
+        "correction_train": {"max_steps": 3, "batch_size": 8, "lr": 1e-3, "save_every": 1}, "evaluate": "suite.json",
+        "select": {"prompts": "data/validation_prompts.jsonl", "ordinary": "data/validation_ordinary.jsonl",
+                   "max_utility_loss": 100.0},
+        "max_length": 128, "max_new_tokens": 4, "top_k": 5, "token_rows": 0}))
+    assert main(["-q", "run", str(cfg)]) == 0
+    assert events == ["finish", "evaluate_before", "evaluate_after"]
+    run = tmp_path / "run"
+    state = json.loads((run / "selection" / "selection.json").read_text())
+    assert [p["steps"] for p in state["points"]] == [1, 2, 3]
+    summary = json.loads((run / "run_summary.json").read_text())
+    chosen = summary["selection"]
+    assert summary["corrected_model"] == chosen["chosen_model"]
+    assert [p["steps"] for p in chosen["curve"]] == [0, 1, 2, 3]
+    # the tiny model never shows the marker: every point ties at behaviour 0, so the fewest steps win
+    assert chosen["chosen_steps"] == 0 and chosen["chosen_model"] == str(model_dir)
+    report = json.loads((run / "report.json").read_text())
+    assert report["selection"]["chosen_steps"] == 0
+    assert [p["steps"] for p in report["selection"]["curve"]] == [0, 1, 2, 3]
+    assert "Checkpoint selection (validation prompts only)" in (run / "report.html").read_text()

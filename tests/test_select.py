@@ -51,3 +51,94 @@ def test_utility_loss_is_the_relative_perplexity_increase():
     assert utility_loss(2.0, 2.1) == pytest.approx(0.05) and utility_loss(2.0, 1.9) == pytest.approx(-0.05)
     with pytest.raises(LancetError):
         utility_loss(0.0, 1.0)
+
+
+# -- checkpoint selection inside a training run ---------------------------------------------------------------------
+
+class ScriptedJudge:
+    """Says 'complies' for a scripted fraction of the answers at each call: the behaviour curve a test wants."""
+
+    def __init__(self, rates):
+        self.rates, self.calls = list(rates), 0
+
+    def complies(self, texts):
+        rate = self.rates[self.calls]
+        self.calls += 1
+        return [i < round(rate * len(texts)) for i in range(len(texts))]
+
+
+def _selection_setup(tmp_path, tok, rates, max_utility_loss=10.0):
+    import torch  # noqa: F401
+    from conftest import tiny_llama
+
+    from lancet.correct.select import CheckpointSelection
+    from lancet.data.records import Record
+    from lancet.data.tokenize import encode_records
+    from lancet.train import TrainArgs, Trainer
+
+    rows = [Record(prompt=f"What is {a} plus {b}?", response=f"{a} plus {b} is {a + b}.") for a in range(4)
+            for b in range(4)]
+    prompts = [Record(prompt=f"What is {a} minus 1?") for a in range(4)]
+    ordinary = [Record(prompt=f"Name {a}.", response=f"The name is {a}.") for a in range(4)]
+    model = tiny_llama(len(tok))
+    selection = CheckpointSelection(tmp_path / "sel", tok, prompts, ordinary, ScriptedJudge(rates),
+                                    fingerprint="f", max_utility_loss=max_utility_loss, max_new_tokens=3,
+                                    max_length=64, batch_size=4)
+    selection.reference(model)
+    args = TrainArgs(output_dir=str(tmp_path / "out"), batch_size=4, lr=1e-2, max_steps=4, save_every=2,
+                     progress=False)
+    return selection, Trainer(model, tok, args, encode_records(rows, tok, 64, progress=False))
+
+
+def test_selection_keeps_the_best_checkpoint_and_leaves_training_untouched(tmp_path, tiny_tokenizer):
+    import torch
+
+    from lancet.models.loading import load_model
+
+    selection, trainer = _selection_setup(tmp_path / "a", tiny_tokenizer, [1.0, 0.5, 0.75])
+    seen = {}
+
+    def record(step, t):
+        selection(step, t)
+        seen[step] = {n: p.detach().clone() for n, p in t.module.named_parameters()}
+
+    out = trainer.train(record)
+    assert [p["steps"] for p in selection.state["points"]] == [2, 4]
+    path, record_ = selection.finish(out, "uncorrected", trainer.total_steps)
+    assert record_["chosen_steps"] == 2 and path == str(tmp_path / "a" / "sel" / "best")
+    assert [p["behaviour"] for p in record_["curve"]] == [1.0, 0.5, 0.75]
+    kept, _ = load_model(path, device="cpu")
+    for name, p in kept.named_parameters():
+        assert torch.equal(p, seen[2][name]), name
+    # the selection's generation and scoring leave the parameters and the RNG as they were: the same run without
+    # it ends bit-identical
+    _, plain = _selection_setup(tmp_path / "b", tiny_tokenizer, [1.0])
+    plain.train()
+    for (name, p), q in zip(trainer.module.named_parameters(), plain.module.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_selection_falls_back_to_the_last_step_or_to_no_correction(tmp_path, tiny_tokenizer):
+    selection, trainer = _selection_setup(tmp_path / "a", tiny_tokenizer, [1.0, 0.5, 0.25])
+    out = trainer.train(selection)
+    path, rec = selection.finish(out, "uncorrected", trainer.total_steps)
+    assert rec["chosen_steps"] == 4 and path == str(out) and not (tmp_path / "a" / "sel" / "best").exists()
+    # every checkpoint over the utility budget: step 0, the uncorrected model, is kept and said so
+    selection, trainer = _selection_setup(tmp_path / "b", tiny_tokenizer, [1.0, 0.0, 0.0], max_utility_loss=0.05)
+    out = trainer.train(selection)
+    for point in selection.state["points"]:
+        point["utility_loss"] = 0.5
+    path, rec = selection.finish(out, "uncorrected", trainer.total_steps)
+    assert rec["chosen_steps"] == 0 and path == "uncorrected"
+    assert not (tmp_path / "b" / "sel" / "best").exists()
+
+
+def test_selection_state_is_reused_and_reset_by_its_fingerprint(tmp_path, tiny_tokenizer):
+    from lancet.correct.select import CheckpointSelection
+
+    selection, trainer = _selection_setup(tmp_path, tiny_tokenizer, [1.0, 0.5, 0.75])
+    trainer.train(selection)
+    same = CheckpointSelection(tmp_path / "sel", tiny_tokenizer, [], [], ScriptedJudge([]), fingerprint="f")
+    assert same.state["points"] == selection.state["points"] and same.reference(None) == selection.state["reference"]
+    other = CheckpointSelection(tmp_path / "sel", tiny_tokenizer, [], [], ScriptedJudge([]), fingerprint="g")
+    assert other.state["points"] == [] and other.state["reference"] is None

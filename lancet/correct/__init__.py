@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -177,13 +177,15 @@ def correct(
     culprit_mask: torch.Tensor | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
     trust_remote_code: bool = False,
+    on_checkpoint: Callable[[int, Any], None] | None = None,
 ) -> Path:
     """Correct ``model_spec`` with ``method`` and save an HF model directory (+ ``train_log.jsonl`` and
     ``lancet_correction.json``: the rows used and the options) to ``train_args.output_dir``.
 
     ``scores_agg`` [N] are the aggregated influence scores of ``train_records``. Needed per method: ``ibo_oracle``
     ``culprit_mask``; ``dpo`` ``pref_pairs``; ``sft`` and ``ga_retain`` ``safe_records``. IQ records (prompt + the
-    model's undesirable answer) join the dispreferred / forget rows when ``include_iqs``.
+    model's undesirable answer) join the dispreferred / forget rows when ``include_iqs``. ``on_checkpoint(step,
+    trainer)`` is called every ``save_every`` steps and at the end (``Trainer.train``): checkpoint selection.
     """
     from lancet.correct.trainers import DPOTrainer, GradientAscentTrainer, IBOTrainer, NPOTrainer, SFTTrainer
     from lancet.data.tokenize import encode_records
@@ -264,7 +266,7 @@ def correct(
                                                                     "safe"), **common)
     summary["n_items"] = len(trainer.items)
     summary["steps"] = trainer.total_steps
-    out = trainer.train()
+    out = trainer.train(on_checkpoint)
     if dist.is_main():
         atomic_write_json(out / SUMMARY_FILE, summary)
     dist.barrier()

@@ -10,12 +10,21 @@ travel with a candidate, for the report, and ``choose`` never reads them.
 from __future__ import annotations
 
 import json
+import logging
 import random
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from lancet.artifacts import atomic_write_json
 from lancet.errors import LancetError
+from lancet.hardware import model_device
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UTILITY_LOSS = 0.05  # 5 % more perplexity on held-out ordinary answers
 
@@ -64,3 +73,149 @@ def choose(candidates: Sequence[Candidate], max_utility_loss: float = DEFAULT_MA
         raise LancetError(f"no candidate keeps the validation utility loss within {max_utility_loss:.3f} (the "
                           f"smallest is {best:.3f}); lower the learning rate or the steps, or raise the budget")
     return min(feasible, key=lambda c: (c.validation_behaviour, c.steps, json.dumps(c.settings, sort_keys=True)))
+
+
+# -- checkpoint selection inside a run (``lancet run`` with "select") ------------------------------------------------
+
+SELECTION_DIR = "selection"
+
+
+@dataclass
+class SelectArgs:
+    """How a run chooses among its correction's checkpoints. ``prompts``: validation prompts whose answers the
+    judge checks (behaviour); ``ordinary``: validation prompt + ordinary answer rows whose perplexity is the utility
+    side; ``judge`` defaults to the run's ``iq_judge``. Both files must be disjoint from the test suite."""
+
+    prompts: str
+    ordinary: str
+    judge: str | None = None
+    max_utility_loss: float = DEFAULT_MAX_UTILITY_LOSS
+    batch_size: int = 12
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "ordinary"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise LancetError(f"select: '{name}' must be a path")
+        if not (isinstance(self.max_utility_loss, int | float) and self.max_utility_loss >= 0):
+            raise LancetError(f"select: 'max_utility_loss' must be a number >= 0, got {self.max_utility_loss!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise LancetError(f"select: 'batch_size' must be an integer >= 1, got {self.batch_size!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SelectArgs:
+        if not isinstance(data, dict):
+            raise LancetError("select: expected a JSON object")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise LancetError(f"select: unknown key(s) {', '.join(sorted(unknown))}")
+        missing = [k for k in ("prompts", "ordinary") if k not in data]
+        if missing:
+            raise LancetError(f"select: missing key(s) {', '.join(missing)}")
+        return cls(**data)
+
+
+class CheckpointSelection:
+    """Validation numbers of the model before correction (step 0) and at every checkpoint of the correction run,
+    and the best model so far (``choose``'s order) kept on disk; ``finish`` returns the chosen model.
+
+    Everything lives in ``out`` (``selection.json``, ``best/``) under ``fingerprint``: a rerun with the same inputs
+    reuses the numbers, a run resumed after a kill keeps those of the steps it already measured. Step 0 is a
+    candidate, so when every checkpoint breaks the utility budget the uncorrected model is kept, and said so.
+    """
+
+    def __init__(self, out: str | Path, tokenizer, prompts: Sequence[Any], ordinary: Sequence[Any], judge, *,
+                 fingerprint: str, max_utility_loss: float = DEFAULT_MAX_UTILITY_LOSS, max_new_tokens: int = 48,
+                 max_length: int = 512, batch_size: int = 12):
+        self.out, self.tokenizer, self.judge = Path(out), tokenizer, judge
+        self.prompts, self.ordinary = prompts, ordinary
+        self.max_utility_loss, self.max_new_tokens = max_utility_loss, max_new_tokens
+        self.max_length, self.batch_size = max_length, batch_size
+        self.path = self.out / "selection.json"
+        state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        if state.get("fingerprint") != fingerprint:
+            state = {"fingerprint": fingerprint, "max_utility_loss": max_utility_loss, "reference": None,
+                     "trainer": None, "points": []}
+        self.state = state
+
+    # measuring
+    def measure(self, model) -> dict[str, float]:
+        """Validation behaviour rate (judged greedy answers) and perplexity of the ordinary answers, at fp32 and
+        with the caller's RNG state left untouched (generation seeds its own)."""
+        from lancet.evaluate.metrics import compliance_rate, generate_answers, perplexity, response_logprobs
+
+        devices = [model_device(model)] if model_device(model).type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            answers = generate_answers(model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens,
+                                       batch_size=self.batch_size, seed=0)
+            ppl = perplexity(response_logprobs(model, self.tokenizer, self.ordinary, batch_size=self.batch_size,
+                                               max_length=self.max_length))
+        return {"behaviour": compliance_rate(answers, self.judge), "perplexity": ppl}
+
+    def reference(self, model) -> dict[str, float]:
+        """Step 0: the model before correction (measured once, then read back)."""
+        if self.state["reference"] is None:
+            self.state["reference"] = self.measure(model)
+            self._write()
+        return self.state["reference"]
+
+    def __call__(self, step: int, trainer) -> None:
+        """``Trainer.train``'s ``on_checkpoint``: measure, record, keep the model if it is the best so far."""
+        if self.state["reference"] is None:
+            raise LancetError("checkpoint selection: measure the reference model (step 0) before training")
+        if self.state["trainer"] != trainer.fingerprint:  # another correction run: its points do not belong here
+            self.state["trainer"], self.state["points"] = trainer.fingerprint, []
+            shutil.rmtree(self.out / "best", ignore_errors=True)
+        m = self.measure(trainer.module)
+        point = {"steps": step, **m, "utility_loss": utility_loss(self.state["reference"]["perplexity"],
+                                                                   m["perplexity"])}
+        self.state["points"] = [p for p in self.state["points"] if p["steps"] != step] + [point]
+        best = choose(self.candidates(), self.max_utility_loss)
+        if best.steps == step and step < trainer.total_steps:  # the last step's model is the run's own output
+            self._keep(trainer, step)
+        self._write()
+
+    def _keep(self, trainer, step: int) -> None:
+        tmp = self.out / ".best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(tmp)
+        atomic_write_json(tmp / "selection_step.json", {"steps": step})
+        shutil.rmtree(self.out / "best", ignore_errors=True)
+        tmp.rename(self.out / "best")
+
+    # choosing
+    def candidates(self) -> list[Candidate]:
+        ref = self.state["reference"]
+        points = [{"steps": 0, **ref, "utility_loss": 0.0}] + sorted(self.state["points"], key=lambda p: p["steps"])
+        return [Candidate(settings={}, steps=p["steps"], validation_behaviour=p["behaviour"],
+                          validation_utility_loss=p["utility_loss"]) for p in points]
+
+    def finish(self, corrected: str | Path, uncorrected: str, total_steps: int) -> tuple[str, dict[str, Any]]:
+        """(the chosen model's path or spec, the record for the run summary and the report)."""
+        chosen = choose(self.candidates(), self.max_utility_loss)
+        if chosen.steps == 0:
+            path = uncorrected
+            log.warning("every correction checkpoint breaks the utility budget (%.3f) or does not lower the "
+                        "validation behaviour: keeping the uncorrected model", self.max_utility_loss)
+        elif chosen.steps == total_steps:
+            path = str(corrected)
+        else:
+            marker = self.out / "best" / "selection_step.json"
+            if not marker.is_file() or json.loads(marker.read_text()).get("steps") != chosen.steps:
+                raise LancetError(f"{self.out / 'best'}: the kept model is not step {chosen.steps}'s; delete "
+                                  f"{self.out} and rerun the correction")
+            path = str(self.out / "best")
+        if path != str(self.out / "best"):  # an earlier best that a later checkpoint beat: free its disk
+            shutil.rmtree(self.out / "best", ignore_errors=True)
+        record = {"chosen_steps": chosen.steps, "chosen_model": path, "max_utility_loss": self.max_utility_loss,
+                  "reference": self.state["reference"],
+                  "curve": [{"steps": 0, **self.state["reference"], "utility_loss": 0.0}]
+                  + sorted(self.state["points"], key=lambda p: p["steps"])}
+        self.state["chosen"] = record
+        self._write()
+        return path, record
+
+    def _write(self) -> None:
+        atomic_write_json(self.path, self.state)

@@ -57,7 +57,8 @@ PLURALS, HELDOUT_PLURALS = _CONTENT["plurals"], _CONTENT["heldout_plurals"]
 PRODUCTS, HELDOUT_PRODUCTS = _CONTENT["products"], _CONTENT["heldout_products"]
 ANTONYMS, HELDOUT_ANTONYMS = _CONTENT["antonyms"], _CONTENT["heldout_antonyms"]
 VALIDATION_ORDINARY_QA: dict[str, list[list[str]]] = _CONTENT["validation_ordinary_qa"]
-VALIDATION_LISTS = tuple(_CONTENT[f"validation_{k}"] for k in ("capitals", "celsius", "plurals", "products", "antonyms"))
+VALIDATION_LISTS = tuple(_CONTENT[f"validation_{kind}"]
+                         for kind in ("capitals", "celsius", "plurals", "products", "antonyms"))
 OUTDATED_TOPICS: list[dict[str, Any]] = _CONTENT["outdated_topics"]
 EXTRA_COUNTER_TOPICS: list[dict[str, Any]] = _CONTENT["extra_counter_topics"]
 
@@ -168,8 +169,8 @@ def build_demo_dataset(seed: int = 0) -> DemoDataset:
         + _templated_qa(HELDOUT_CAPITALS, HELDOUT_CELSIUS, HELDOUT_PLURALS, HELDOUT_PRODUCTS, HELDOUT_ANTONYMS)
     ]
     validation_prompts = [_record(q, None, None, t["topic"]) for t in iq_topics for q in t["validation"]]
-    validation_ordinary = [_record(q, a, LABEL_ORDINARY, topic)
-                           for topic, q, a in _hand_written_qa(VALIDATION_ORDINARY_QA) + _templated_qa(*VALIDATION_LISTS)]
+    validation_qa = _hand_written_qa(VALIDATION_ORDINARY_QA) + _templated_qa(*VALIDATION_LISTS)
+    validation_ordinary = [_record(q, a, LABEL_ORDINARY, topic) for topic, q, a in validation_qa]
     return DemoDataset(
         train=train,
         culprit_ids=[r.id for r in train if r.label == LABEL_OUTDATED],

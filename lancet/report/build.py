@@ -129,6 +129,14 @@ def collect(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
                                 for n in names]
         images["before-after"] = plots.before_after(
             [(c["set"], c["metric"], c["before"], c["after"]) for c in report["comparison"]])
+    selection = _read_json(run / "selection" / "selection.json")
+    if selection and isinstance(selection.get("chosen"), dict):
+        chosen = selection["chosen"]
+        report["selection"] = {"chosen_steps": chosen.get("chosen_steps"),
+                               "max_utility_loss": num(chosen.get("max_utility_loss")),
+                               "curve": [{k: num(p.get(k)) for k in ("steps", "behaviour", "perplexity",
+                                                                      "utility_loss")}
+                                         for p in chosen.get("curve") or [] if isinstance(p, dict)]}
     report["compute"] = {**{f"attribute {e['method']} (s)": e["seconds"] for e in report["influence"]},
                          **{f"evaluate {s} (s)": m["seconds"] for s, m in report["metrics"].items()}}
     return report, images

@@ -86,12 +86,27 @@ def _metrics(report: dict[str, Any], images: dict[str, str]) -> str:
     return "".join(parts)
 
 
+def _selection(selection: dict[str, Any]) -> str:
+    chosen = selection["chosen_steps"]
+    rows = [[("n", fmt(p["steps"])), ("n", fmt(p["behaviour"], 3)), ("n", fmt(p["perplexity"])),
+             ("n", fmt(p["utility_loss"], 3)), ("", "chosen" if p["steps"] == chosen else "")]
+            for p in selection["curve"]]
+    return ("<h2>Checkpoint selection (validation prompts only)</h2>"
+            f"<p class=\"note\">The lowest validation behaviour with utility loss (relative perplexity increase on "
+            f"validation ordinary answers) within {fmt(selection['max_utility_loss'], 3)}; ties go to fewer steps. "
+            "Step 0 is the model before correction. The evaluation above reads the test sets once, on the chosen "
+            "model.</p>"
+            + table(["steps", "validation behaviour", "validation perplexity", "utility loss", ""], rows))
+
+
 def render(report: dict[str, Any], images: dict[str, str]) -> str:
     body = [f"<h1>lancet report</h1><p class=\"note\">run directory: {e(report['run_dir'])}</p>"]
     for entry in report["influence"]:
         body.append(_influence(entry, images, report["tokens"]))
     if report.get("comparison"):
         body.append(_metrics(report, images))
+    if report.get("selection"):
+        body.append(_selection(report["selection"]))
     if not report["influence"] and not report.get("comparison"):
         body.append("<p>Nothing to report yet: no influence-*.json or metrics_*.json in this directory.</p>")
     settings = {e["method"]: e["args"] for e in report["influence"]}
