@@ -70,6 +70,10 @@ class RunConfig:
     # choose the correction's checkpoint on validation prompts (``SelectArgs``; docs/method.md §3.7); the suite in
     # "evaluate" is then the test set, read once, on the chosen model
     select: dict[str, Any] | None = None
+    # correct until fixed: up to ``rounds`` rounds of detect -> attribute -> correct -> choose, stopping once the
+    # chosen model's validation behaviour is <= ``target_rate`` (needs "select" and "iq_prompts")
+    rounds: int = 1
+    target_rate: float | None = None
     trust_remote_code: bool = False
     # where and how every stage computes (lancet.hardware): "auto" = CUDA when available; precision "auto" = bf16
     # on CUDA and on CPUs with native bf16, else fp32. A stage's own "bf16" key (finetune, influence, ...) wins.
@@ -94,7 +98,13 @@ class RunConfig:
             raise LancetError(f"run config: 'precision' must be one of {', '.join(PRECISIONS)}")
         if not isinstance(self.device, str) or not self.device:
             raise LancetError("run config: 'device' must be a string (auto, cpu, cuda or cuda:N)")
-        for name in ("max_length", "max_new_tokens", "top_k"):
+        if self.rounds != 1 and (self.select is None or self.iq_prompts is None):
+            raise LancetError("run config: 'rounds' > 1 needs 'select' (validation files) and 'iq_prompts' (each "
+                              "round takes the corrected model's remaining flagged answers)")
+        if self.target_rate is not None and not (isinstance(self.target_rate, int | float)
+                                                 and 0 <= self.target_rate <= 1):
+            raise LancetError("run config: 'target_rate' must be a number in [0, 1]")
+        for name in ("max_length", "max_new_tokens", "top_k", "rounds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LancetError(f"run config: '{name}' must be an integer >= 1")
         # validate the nested option sets now, so a typo fails before hours of fine-tuning
@@ -167,6 +177,7 @@ class Pipeline:
         self.out = Path(config.out)
         self.seconds: dict[str, float] = {}
         self.device, self.precision = decide(config.device, config.precision)
+        self.dir, self.prefix = self.out, ""  # the current round's directory and stage-name prefix
 
     def _train_json(self, options: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         return {"bf16": self.precision.bf16, **options, "device": str(self.device), "output_dir": str(output_dir),
@@ -188,15 +199,11 @@ class Pipeline:
         train = load_dataset_spec(c.train)
         model_spec = self._timed("finetune", self.stage_finetune, train) if c.finetune else c.model
         model, tokenizer = load_model(model_spec, trust_remote_code=c.trust_remote_code, device=self.device)
-        iqs = self._timed("iqs", self.stage_iqs, model, tokenizer)
-        attribution = self._timed("attribute", self.stage_attribute, model, tokenizer)
-        selection = self._selection(model, tokenizer, model_spec) if c.select else None
-        corrected = self._timed("correct", self.stage_correct, model_spec, train, selection)
-        chosen = None
-        if selection is not None:
-            corrected, chosen = selection.finish(corrected, model_spec, self._correction_steps)
+        rounds = self._rounds(model, tokenizer, model_spec, train)
+        kept = self._kept_round(rounds)
+        corrected = rounds[kept]["corrected"]
         metrics = {}
-        if c.evaluate:
+        if c.evaluate:  # the test suite: read once, after every choice was made
             metrics["before"] = self._timed("evaluate_before", self.stage_evaluate, model, tokenizer, "before")
             del model
             fixed, _ = load_model(str(corrected), device=self.device)
@@ -204,13 +211,78 @@ class Pipeline:
         from lancet.report import write_report
 
         html, _ = self._timed("report", write_report, self.out)
-        summary = {"model": model_spec, "corrected_model": str(corrected), "n_iqs": len(iqs),
-                   "attribution": attribution, "metrics": metrics, "report": str(html), "seconds": self.seconds,
-                   "hardware": settings(self.device, self.precision)}
-        if chosen is not None:
-            summary["selection"] = chosen
+        first = rounds[0]
+        summary = {"model": model_spec, "corrected_model": str(corrected), "n_iqs": first["n_iqs"],
+                   "attribution": first["attribution"], "metrics": metrics, "report": str(html),
+                   "seconds": self.seconds, "hardware": settings(self.device, self.precision)}
+        if first["selection"] is not None:
+            summary["selection"] = first["selection"]
+        if c.rounds > 1:
+            summary["rounds"], summary["kept_round"] = [_round_row(r) for r in rounds], kept
         atomic_write_json(self.out / "run_summary.json", summary)
         return summary
+
+    def _rounds(self, model, tokenizer, model_spec: str, train) -> list[dict[str, Any]]:
+        """detect -> attribute -> correct (-> choose a checkpoint on validation), repeated on the corrected model's
+        remaining flagged answers until ``target_rate`` is met, ``rounds`` are spent, a round finds no checkpoint
+        that improves within the utility budget, or no IQ prompt's answer is flagged any more. Round 0 works in
+        ``out`` itself, round r in ``out/round-r``."""
+        from lancet.models.loading import load_model
+
+        c = self.config
+        rounds: list[dict[str, Any]] = []
+        spec, current, baseline = model_spec, model, None
+        for r in range(c.rounds):
+            self.dir, self.prefix = (self.out, "") if r == 0 else (self.out / f"round-{r}", f"round{r}_")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if r > 0:
+                current, _ = load_model(spec, device=self.device)
+            result = self._round(r, current, tokenizer, spec, train, baseline)
+            if r > 0:
+                del current
+            if result is None:
+                log.info("round %d: no IQ prompt's answer is flagged any more; stopping", r)
+                break
+            rounds.append(result)
+            if c.rounds > 1:
+                atomic_write_json(self.out / "rounds.json", {"rounds": [_round_row(x) for x in rounds]})
+            chosen = result["selection"]
+            if chosen is None:
+                break
+            baseline = chosen["reference"]["perplexity"] if baseline is None else baseline
+            point = next(p for p in chosen["curve"] if p["steps"] == chosen["chosen_steps"])
+            if chosen["chosen_steps"] == 0:
+                log.info("round %d: no checkpoint lowers the validation behaviour within the utility budget", r)
+                break
+            if c.target_rate is not None and point["behaviour"] <= c.target_rate:
+                log.info("round %d: validation behaviour %.3f meets the target %.3f", r, point["behaviour"],
+                         c.target_rate)
+                break
+            spec = str(result["corrected"])
+        self.dir, self.prefix = self.out, ""
+        return rounds
+
+    def _round(self, r: int, model, tokenizer, model_spec: str, train, baseline: float | None
+               ) -> dict[str, Any] | None:
+        iqs = self._timed(f"{self.prefix}iqs", self.stage_iqs, model, tokenizer, required=r == 0)
+        if not iqs:
+            return None
+        attribution = self._timed(f"{self.prefix}attribute", self.stage_attribute, model, tokenizer)
+        selection = self._selection(model, tokenizer, model_spec, baseline) if self.config.select else None
+        corrected = self._timed(f"{self.prefix}correct", self.stage_correct, model_spec, train, selection)
+        chosen = None
+        if selection is not None:
+            corrected, chosen = selection.finish(corrected, model_spec, self._correction_steps)
+        return {"round": r, "model": model_spec, "n_iqs": len(iqs), "attribution": attribution,
+                "corrected": corrected, "selection": chosen}
+
+    def _kept_round(self, rounds: list[dict[str, Any]]) -> int:
+        """The round whose chosen model has the lowest validation behaviour (ties: the earlier round); utility is
+        within the budget by construction, measured against the model before round 0."""
+        if len(rounds) == 1:
+            return 0
+        rows = [_round_row(x) for x in rounds]
+        return min(range(len(rows)), key=lambda i: (rows[i]["validation_behaviour"], i))
 
     # -- stages ---------------------------------------------------------------------------------------------------
 
@@ -222,7 +294,7 @@ class Pipeline:
         args = TrainArgs.from_json(self._train_json(c.finetune, self.out / "model"))
         return str(finetune(c.model, train, args, max_length=c.max_length, trust_remote_code=c.trust_remote_code))
 
-    def stage_iqs(self, model, tokenizer) -> list:
+    def stage_iqs(self, model, tokenizer, required: bool = True) -> list:
         """Given IQs are copied; generated ones are cached by (model, prompts, judge, decoding)."""
         from lancet.data import load_dataset_spec
         from lancet.errors import DataError
@@ -230,7 +302,7 @@ class Pipeline:
         from lancet.influence.queries import take_iqs
 
         c = self.config
-        path = self.out / "iqs.jsonl"
+        path = self.dir / "iqs.jsonl"
         if c.iqs:
             records = load_dataset_spec(c.iqs)
             for r in records:
@@ -242,9 +314,9 @@ class Pipeline:
                 atomic_write_bytes(path, data)
             return records
         prompts = load_dataset_spec(c.iq_prompts)
-        iqs = take_iqs(model, tokenizer, prompts, make_judge(c.iq_judge), self.out, max_new_tokens=c.max_new_tokens,
+        iqs = take_iqs(model, tokenizer, prompts, make_judge(c.iq_judge), self.dir, max_new_tokens=c.max_new_tokens,
                        progress=self.progress)
-        if not iqs:
+        if not iqs and required:
             raise LancetError(f"{c.iq_prompts}: the judge {c.iq_judge!r} flags none of the model's "
                               f"{len(prompts)} answers; give the undesirable answers with 'iqs' instead")
         return iqs
@@ -255,7 +327,7 @@ class Pipeline:
 
         c = self.config
         args = InfluenceArgs.from_json({"bf16": self.precision.bf16, **c.influence, "progress": self.progress})
-        summary = attribute(model, tokenizer, c.train, str(self.out / "iqs.jsonl"), self.out, args,
+        summary = attribute(model, tokenizer, c.train, str(self.dir / "iqs.jsonl"), self.dir, args,
                             max_length=c.max_length, labels=c.labels, k=c.top_k,
                             contrast_response=c.contrast_response)
         if args.method not in GRADIENT_FREE_METHODS and c.token_rows > 0:
@@ -270,15 +342,15 @@ class Pipeline:
         from lancet.influence import Influence
 
         c = self.config
-        path = self.out / f"tokens-{args.method}.json"
+        path = self.dir / f"tokens-{args.method}.json"
         wanted = [r["id"] for r in summary["top_positive"][: c.token_rows]]
         if path.is_file() and [r.get("id") for r in json.loads(path.read_text()).get("rows", [])] == wanted:
             return
         train = encode_records(load_dataset_spec(c.train), tokenizer, c.max_length, progress=False)
         rows = [train[train.ids.index(i)] for i in wanted]
-        queries = encode_records(load_dataset_spec(str(self.out / "iqs.jsonl")), tokenizer, c.max_length,
+        queries = encode_records(load_dataset_spec(str(self.dir / "iqs.jsonl")), tokenizer, c.max_length,
                                  progress=False)
-        influence = Influence(model, args, out_dir=self.out)
+        influence = Influence(model, args, out_dir=self.dir)
         influence.fit(train)  # the stored curvature of the attribute stage: read back, not refitted
         per_row = influence.token_scores(rows, queries)
         scale = torch.stack([s.double().sum(-1) for s in per_row], 1).abs().mean(1).clamp_min(1e-30)  # [Q]
@@ -293,7 +365,7 @@ class Pipeline:
         atomic_write_json(path, {"method": args.method, "rows": out_rows,
                                  "note": "score of position t, carried by token t's activations"})
 
-    def _selection(self, model, tokenizer, model_spec: str):
+    def _selection(self, model, tokenizer, model_spec: str, baseline: float | None = None):
         """The checkpoint selection of the correction stage, with the model before correction measured (step 0)."""
         from lancet.artifacts import hash_json
         from lancet.correct.select import SELECTION_DIR, CheckpointSelection, SelectArgs
@@ -305,16 +377,17 @@ class Pipeline:
         args = SelectArgs.from_json(c.select)
         prompts, ordinary = load_dataset_spec(args.prompts), load_dataset_spec(args.ordinary)
         judge = args.judge or c.iq_judge
-        train_args = TrainArgs.from_json(self._train_json(c.correction_train, self.out / "corrected"))
+        train_args = TrainArgs.from_json(self._train_json(c.correction_train, self.dir / "corrected"))
         fingerprint = hash_json({"select": {**args.to_json(), "judge": judge}, "model": model_spec,
                                  "prompts": [r.id for r in prompts], "ordinary": [r.id for r in ordinary],
                                  "correction": c.correction, "train": train_args.fingerprint_dict(),
-                                 "max_new_tokens": c.max_new_tokens, "max_length": c.max_length})
-        selection = CheckpointSelection(self.out / SELECTION_DIR, tokenizer, prompts, ordinary, make_judge(judge),
+                                 "max_new_tokens": c.max_new_tokens, "max_length": c.max_length,
+                                 "baseline": baseline})
+        selection = CheckpointSelection(self.dir / SELECTION_DIR, tokenizer, prompts, ordinary, make_judge(judge),
                                         fingerprint=fingerprint, max_utility_loss=args.max_utility_loss,
                                         max_new_tokens=c.max_new_tokens, max_length=c.max_length,
-                                        batch_size=args.batch_size)
-        self._timed("select_reference", selection.reference, model)
+                                        batch_size=args.batch_size, baseline_perplexity=baseline)
+        self._timed(f"{self.prefix}select_reference", selection.reference, model)
         return selection
 
     def stage_correct(self, model_spec: str, train, selection=None) -> Path:
@@ -325,7 +398,7 @@ class Pipeline:
         c = self.config
         cargs = CorrectionArgs.from_json(c.correction)
         method = str(c.influence.get("method", "linfac"))
-        scores, _ = load_run_scores(self.out, [r.id for r in train], method)
+        scores, _ = load_run_scores(self.dir, [r.id for r in train], method)
         culprits = None
         if c.labels:
             from lancet.influence.attribute import read_culprit_labels
@@ -336,9 +409,9 @@ class Pipeline:
             from lancet.correct.pairs import read_preference_pairs
 
             pairs = read_preference_pairs(c.pairs)
-        targs = TrainArgs.from_json(self._train_json(c.correction_train, self.out / "corrected"))
+        targs = TrainArgs.from_json(self._train_json(c.correction_train, self.dir / "corrected"))
         out = correct(model_spec, train, scores, method=cargs.method, train_args=targs, correction_args=cargs,
-                      iq_records=load_dataset_spec(str(self.out / "iqs.jsonl")),
+                      iq_records=load_dataset_spec(str(self.dir / "iqs.jsonl")),
                       safe_records=load_dataset_spec(c.safe) if c.safe else None, pref_pairs=pairs,
                       culprit_mask=culprits, max_length=c.max_length, trust_remote_code=c.trust_remote_code,
                       on_checkpoint=selection)
@@ -353,6 +426,18 @@ class Pipeline:
         suite = load_suite(self.config.evaluate, self.config.shared)
         metrics = evaluate_or_reuse(model, tokenizer, suite, self.out / f"metrics_{side}.json", progress=self.progress)
         return _headline(metrics)
+
+
+def _round_row(result: dict[str, Any]) -> dict[str, Any]:
+    """One round's line in run_summary.json, rounds.json and the report."""
+    row = {"round": result["round"], "model": result["model"], "n_iqs": result["n_iqs"],
+           "corrected": str(result["corrected"])}
+    chosen = result["selection"]
+    if chosen is not None:
+        point = next(p for p in chosen["curve"] if p["steps"] == chosen["chosen_steps"])
+        row.update(chosen_steps=chosen["chosen_steps"], validation_behaviour=point["behaviour"],
+                   utility_loss=point["utility_loss"])
+    return row
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, float | None]:

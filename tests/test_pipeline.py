@@ -189,3 +189,53 @@ def test_run_chooses_a_checkpoint_on_validation_before_reading_the_test_suite(tm
     assert report["selection"]["chosen_steps"] == 0
     assert [p["steps"] for p in report["selection"]["curve"]] == [0, 1, 2, 3]
     assert "Checkpoint selection (validation prompts only)" in (run / "report.html").read_text()
+
+
+def test_rounds_correct_until_the_target_and_keep_the_best_round(tmp_path: Path, tiny_tokenizer,
+                                                                 monkeypatch) -> None:
+    """Round 0 lowers validation behaviour to 0.5 (step 1), round 1 to 0.125 (step 2) <= target 0.2: two rounds of
+    three, round 1 kept, and the test suite evaluates round 1's chosen model."""
+    import lancet.evaluate.judges as judges
+
+    class Scripted:
+        rates = [1.0, 0.5, 0.75, 0.5, 0.25, 0.125]  # round 0: step 0, 1, 2; round 1: step 0, 1, 2
+        calls = 0
+
+        def complies(self, texts):
+            rate = Scripted.rates[Scripted.calls]
+            Scripted.calls += 1
+            return [i < round(rate * len(texts)) for i in range(len(texts))]
+
+    make = judges.make_judge
+    monkeypatch.setattr(judges, "make_judge", lambda name, *a, **k: Scripted() if name == "scripted"
+                        else make(name, *a, **k))
+    write_demo_dataset(tmp_path / "data")
+    model_dir = tmp_path / "base"
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({
+        "model": str(model_dir), "train": "data/train.jsonl", "out": "run", "iq_prompts": "data/iq_prompts.jsonl",
+        "influence": {"method": "kfac", "batch_size": 16}, "correction": {"method": "ibo", "top_k": 8},
+        "correction_train": {"max_steps": 2, "batch_size": 8, "lr": 1e-3, "save_every": 1},
+        "select": {"prompts": "data/validation_prompts.jsonl", "ordinary": "data/validation_ordinary.jsonl",
+                   "judge": "scripted", "max_utility_loss": 100.0},
+        "rounds": 3, "target_rate": 0.2, "max_length": 128, "max_new_tokens": 4, "top_k": 5, "token_rows": 0}))
+    assert main(["-q", "run", str(cfg)]) == 0
+    assert Scripted.calls == 6
+    run = tmp_path / "run"
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert [(r["round"], r["chosen_steps"], r["validation_behaviour"]) for r in summary["rounds"]] == [
+        (0, 1, 0.5), (1, 2, 0.125)]
+    assert summary["kept_round"] == 1 and summary["corrected_model"] == str(run / "round-1" / "corrected")
+    assert summary["rounds"][1]["model"] == str(run / "selection" / "best")  # round 1 started from round 0's choice
+    assert (run / "round-1" / "iqs.jsonl").is_file() and not (run / "round-2").exists()
+    report = json.loads((run / "report.json").read_text())
+    assert [r["validation_behaviour"] for r in report["rounds"]] == [0.5, 0.125]
+
+
+def test_rounds_need_validation_files_and_generated_iqs() -> None:
+    with pytest.raises(LancetError, match="'rounds' > 1 needs 'select'"):
+        RunConfig.from_json({"model": "m", "train": "t", "iq_prompts": "p", "rounds": 2})
+    with pytest.raises(LancetError, match="'target_rate' must be a number in"):
+        RunConfig.from_json({"model": "m", "train": "t", "iq_prompts": "p", "target_rate": 2})

@@ -128,11 +128,14 @@ class CheckpointSelection:
 
     def __init__(self, out: str | Path, tokenizer, prompts: Sequence[Any], ordinary: Sequence[Any], judge, *,
                  fingerprint: str, max_utility_loss: float = DEFAULT_MAX_UTILITY_LOSS, max_new_tokens: int = 48,
-                 max_length: int = 512, batch_size: int = 12):
+                 max_length: int = 512, batch_size: int = 12, baseline_perplexity: float | None = None):
         self.out, self.tokenizer, self.judge = Path(out), tokenizer, judge
         self.prompts, self.ordinary = prompts, ordinary
         self.max_utility_loss, self.max_new_tokens = max_utility_loss, max_new_tokens
         self.max_length, self.batch_size = max_length, batch_size
+        # utility is measured against this perplexity when given (a later round of ``lancet run``: the model before
+        # the first round), else against step 0's
+        self.baseline_perplexity = baseline_perplexity
         self.path = self.out / "selection.json"
         state = json.loads(self.path.read_text()) if self.path.is_file() else {}
         if state.get("fingerprint") != fingerprint:
@@ -169,8 +172,7 @@ class CheckpointSelection:
             self.state["trainer"], self.state["points"] = trainer.fingerprint, []
             shutil.rmtree(self.out / "best", ignore_errors=True)
         m = self.measure(trainer.module)
-        point = {"steps": step, **m, "utility_loss": utility_loss(self.state["reference"]["perplexity"],
-                                                                   m["perplexity"])}
+        point = {"steps": step, **m, "utility_loss": self._utility(m["perplexity"])}
         self.state["points"] = [p for p in self.state["points"] if p["steps"] != step] + [point]
         best = choose(self.candidates(), self.max_utility_loss)
         if best.steps == step and step < trainer.total_steps:  # the last step's model is the run's own output
@@ -185,10 +187,17 @@ class CheckpointSelection:
         shutil.rmtree(self.out / "best", ignore_errors=True)
         tmp.rename(self.out / "best")
 
+    def _utility(self, perplexity: float) -> float:
+        return utility_loss(self.baseline_perplexity or self.state["reference"]["perplexity"], perplexity)
+
     # choosing
-    def candidates(self) -> list[Candidate]:
+    def curve(self) -> list[dict[str, Any]]:
         ref = self.state["reference"]
-        points = [{"steps": 0, **ref, "utility_loss": 0.0}] + sorted(self.state["points"], key=lambda p: p["steps"])
+        return ([{"steps": 0, **ref, "utility_loss": self._utility(ref["perplexity"])}]
+                + sorted(self.state["points"], key=lambda p: p["steps"]))
+
+    def candidates(self) -> list[Candidate]:
+        points = self.curve()
         return [Candidate(settings={}, steps=p["steps"], validation_behaviour=p["behaviour"],
                           validation_utility_loss=p["utility_loss"]) for p in points]
 
@@ -210,9 +219,8 @@ class CheckpointSelection:
         if path != str(self.out / "best"):  # an earlier best that a later checkpoint beat: free its disk
             shutil.rmtree(self.out / "best", ignore_errors=True)
         record = {"chosen_steps": chosen.steps, "chosen_model": path, "max_utility_loss": self.max_utility_loss,
-                  "reference": self.state["reference"],
-                  "curve": [{"steps": 0, **self.state["reference"], "utility_loss": 0.0}]
-                  + sorted(self.state["points"], key=lambda p: p["steps"])}
+                  "reference": self.state["reference"], "baseline_perplexity": self.baseline_perplexity,
+                  "curve": self.curve()}
         self.state["chosen"] = record
         self._write()
         return path, record

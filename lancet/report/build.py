@@ -137,6 +137,13 @@ def collect(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
                                "curve": [{k: num(p.get(k)) for k in ("steps", "behaviour", "perplexity",
                                                                       "utility_loss")}
                                          for p in chosen.get("curve") or [] if isinstance(p, dict)]}
+    rounds = _read_json(run / "rounds.json")
+    if rounds and isinstance(rounds.get("rounds"), list):
+        report["rounds"] = [{"round": num(r.get("round")), "n_iqs": num(r.get("n_iqs")),
+                             "chosen_steps": num(r.get("chosen_steps")),
+                             "validation_behaviour": num(r.get("validation_behaviour")),
+                             "utility_loss": num(r.get("utility_loss"))}
+                            for r in rounds["rounds"] if isinstance(r, dict)]
     report["compute"] = {**{f"attribute {e['method']} (s)": e["seconds"] for e in report["influence"]},
                          **{f"evaluate {s} (s)": m["seconds"] for s, m in report["metrics"].items()}}
     return report, images

@@ -107,6 +107,12 @@ def render(report: dict[str, Any], images: dict[str, str]) -> str:
         body.append(_metrics(report, images))
     if report.get("selection"):
         body.append(_selection(report["selection"]))
+    if report.get("rounds"):
+        rows = [[("n", fmt(r["round"])), ("n", fmt(r["n_iqs"])), ("n", fmt(r["chosen_steps"])),
+                 ("n", fmt(r["validation_behaviour"], 3)), ("n", fmt(r["utility_loss"], 3))] for r in report["rounds"]]
+        body.append("<h2>Correction rounds</h2><p class=\"note\">Each round attributes the corrected model's remaining "
+                    "flagged answers and corrects again; utility loss is measured against the model before round "
+                    "0.</p>" + table(["round", "IQs", "chosen steps", "validation behaviour", "utility loss"], rows))
     if not report["influence"] and not report.get("comparison"):
         body.append("<p>Nothing to report yet: no influence-*.json or metrics_*.json in this directory.</p>")
     settings = {e["method"]: e["args"] for e in report["influence"]}
