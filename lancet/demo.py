@@ -99,6 +99,9 @@ def demo_config(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None
             # the eigenvalue correction on 128 of the 304 rows keeps the demo inside its time budget
             "influence": {"method": "linfac", "batch_size": 8, "lambda_max_rows": 128},
             "correction": DEMO_CORRECTION, "correction_train": dict(DEMO_CORRECTION_TRAIN),
+            # the checkpoint is chosen on the validation files; the demo suite's sets are the test sets
+            "select": {"prompts": str(d / "validation_prompts.jsonl"), "ordinary": str(d / "validation_ordinary.jsonl"),
+                       "max_utility_loss": 0.05},
             "evaluate": str(out.resolve() / "demo_suite.json"), "max_length": DEMO_MAX_LENGTH,
             "max_new_tokens": DEMO_MAX_NEW_TOKENS, "top_k": 10}
 
@@ -136,11 +139,19 @@ def _print_summary(summary: dict, iqs: list[Record]) -> None:
         r = att["recall"]
         print(f"\nrecall of the {r['n_culprits']} planted culprit rows: average precision "
               f"{r['average_precision']:.3f}, recall@50 {r['recall@50']:.2f}")
+    chosen = summary.get("selection")
+    if chosen:
+        print(f"\ncheckpoint chosen on the validation prompts (the lowest outdated rate within "
+              f"{chosen['max_utility_loss']:.0%} more validation perplexity): step {chosen['chosen_steps']}")
+        for p in chosen["curve"]:
+            print(f"  step {p['steps']:>3}: outdated on {p['behaviour']:.0%} of validation prompts, validation "
+                  f"perplexity {p['utility_loss']:+.1%}")
     before, after = summary["metrics"].get("before", {}), summary["metrics"].get("after", {})
     if before and after:
-        print("\nbefore -> after IBO correction:")
+        print("\nbefore -> after IBO correction, on test sets never used for choosing:")
         for name in before:
             b, a = before[name], after.get(name)
-            print(f"  {name:<26} {b:>10.4g} -> {a:>10.4g}")
+            change = f"  ({a / b - 1:+.1%})" if name == "heldout_ordinary" and b else ""
+            print(f"  {name:<26} {b:>10.4g} -> {a:>10.4g}{change}")
     print(f"\nreport: {summary['report']}")
     print("seconds per stage: " + json.dumps(summary["seconds"]))
