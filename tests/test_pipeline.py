@@ -239,3 +239,17 @@ def test_rounds_need_validation_files_and_generated_iqs() -> None:
         RunConfig.from_json({"model": "m", "train": "t", "iq_prompts": "p", "rounds": 2})
     with pytest.raises(LancetError, match="'target_rate' must be a number in"):
         RunConfig.from_json({"model": "m", "train": "t", "iq_prompts": "p", "target_rate": 2})
+
+
+def test_demo_config_chooses_on_validation_files_disjoint_from_its_test_suite(tmp_path: Path) -> None:
+    from lancet.data.readers import read_records
+    from lancet.demo import demo_config
+
+    write_demo_dataset(tmp_path / "data")
+    config = RunConfig.from_json(demo_config(tmp_path))
+    suite = demo_suite(tmp_path / "data")
+    validation = {r.prompt for key in ("prompts", "ordinary") for r in read_records(config.select[key])}
+    test = {r.prompt for s in suite["sets"] for r in read_records(s["path"])}
+    assert len(validation) == 48 and validation.isdisjoint(test)
+    assert config.select["max_utility_loss"] == 0.05 and config.correction_train["save_every"] < \
+        config.correction_train["max_steps"]
