@@ -236,7 +236,7 @@ class Pipeline:
             self.dir, self.prefix = (self.out, "") if r == 0 else (self.out / f"round-{r}", f"round{r}_")
             self.dir.mkdir(parents=True, exist_ok=True)
             if r > 0:
-                current, _ = load_model(spec, device=self.device)
+                current, _ = load_model(spec, trust_remote_code=c.trust_remote_code, device=self.device)
             result = self._round(r, current, tokenizer, spec, train, baseline)
             if r > 0:
                 del current
@@ -272,7 +272,7 @@ class Pipeline:
         corrected = self._timed(f"{self.prefix}correct", self.stage_correct, model_spec, train, selection)
         chosen = None
         if selection is not None:
-            corrected, chosen = selection.finish(corrected, model_spec, self._correction_steps)
+            corrected, chosen = selection.finish(corrected, model_spec)
         return {"round": r, "model": model_spec, "n_iqs": len(iqs), "attribution": attribution,
                 "corrected": corrected, "selection": chosen}
 
@@ -410,13 +410,11 @@ class Pipeline:
 
             pairs = read_preference_pairs(c.pairs)
         targs = TrainArgs.from_json(self._train_json(c.correction_train, self.dir / "corrected"))
-        out = correct(model_spec, train, scores, method=cargs.method, train_args=targs, correction_args=cargs,
-                      iq_records=load_dataset_spec(str(self.dir / "iqs.jsonl")),
-                      safe_records=load_dataset_spec(c.safe) if c.safe else None, pref_pairs=pairs,
-                      culprit_mask=culprits, max_length=c.max_length, trust_remote_code=c.trust_remote_code,
-                      on_checkpoint=selection)
-        self._correction_steps = json.loads((out / "lancet_correction.json").read_text())["steps"]
-        return out
+        return correct(model_spec, train, scores, method=cargs.method, train_args=targs, correction_args=cargs,
+                       iq_records=load_dataset_spec(str(self.dir / "iqs.jsonl")),
+                       safe_records=load_dataset_spec(c.safe) if c.safe else None, pref_pairs=pairs,
+                       culprit_mask=culprits, max_length=c.max_length, trust_remote_code=c.trust_remote_code,
+                       on_checkpoint=selection)
 
     def stage_evaluate(self, model, tokenizer, side: str) -> dict[str, Any]:
         """Metrics of ``model`` on the suite; reused when the file is complete for the same model and suite."""

@@ -104,7 +104,7 @@ def test_selection_keeps_the_best_checkpoint_and_leaves_training_untouched(tmp_p
 
     out = trainer.train(record)
     assert [p["steps"] for p in selection.state["points"]] == [2, 4]
-    path, record_ = selection.finish(out, "uncorrected", trainer.total_steps)
+    path, record_ = selection.finish(out, "uncorrected")
     assert record_["chosen_steps"] == 2 and path == str(tmp_path / "a" / "sel" / "best")
     assert [p["behaviour"] for p in record_["curve"]] == [1.0, 0.5, 0.75]
     kept, _ = load_model(path, device="cpu")
@@ -121,14 +121,14 @@ def test_selection_keeps_the_best_checkpoint_and_leaves_training_untouched(tmp_p
 def test_selection_falls_back_to_the_last_step_or_to_no_correction(tmp_path, tiny_tokenizer):
     selection, trainer = _selection_setup(tmp_path / "a", tiny_tokenizer, [1.0, 0.5, 0.25])
     out = trainer.train(selection)
-    path, rec = selection.finish(out, "uncorrected", trainer.total_steps)
+    path, rec = selection.finish(out, "uncorrected")
     assert rec["chosen_steps"] == 4 and path == str(out) and not (tmp_path / "a" / "sel" / "best").exists()
     # every checkpoint over the utility budget: step 0, the uncorrected model, is kept and said so
     selection, trainer = _selection_setup(tmp_path / "b", tiny_tokenizer, [1.0, 0.0, 0.0], max_utility_loss=0.05)
     out = trainer.train(selection)
     for point in selection.state["points"]:
         point["utility_loss"] = 0.5
-    path, rec = selection.finish(out, "uncorrected", trainer.total_steps)
+    path, rec = selection.finish(out, "uncorrected")
     assert rec["chosen_steps"] == 0 and path == "uncorrected"
     assert not (tmp_path / "b" / "sel" / "best").exists()
 

@@ -171,6 +171,7 @@ class CheckpointSelection:
         if self.state["trainer"] != trainer.fingerprint:  # another correction run: its points do not belong here
             self.state["trainer"], self.state["points"] = trainer.fingerprint, []
             shutil.rmtree(self.out / "best", ignore_errors=True)
+        self.state["total_steps"] = trainer.total_steps
         m = self.measure(trainer.module)
         point = {"steps": step, **m, "utility_loss": self._utility(m["perplexity"])}
         self.state["points"] = [p for p in self.state["points"] if p["steps"] != step] + [point]
@@ -201,14 +202,14 @@ class CheckpointSelection:
         return [Candidate(settings={}, steps=p["steps"], validation_behaviour=p["behaviour"],
                           validation_utility_loss=p["utility_loss"]) for p in points]
 
-    def finish(self, corrected: str | Path, uncorrected: str, total_steps: int) -> tuple[str, dict[str, Any]]:
+    def finish(self, corrected: str | Path, uncorrected: str) -> tuple[str, dict[str, Any]]:
         """(the chosen model's path or spec, the record for the run summary and the report)."""
         chosen = choose(self.candidates(), self.max_utility_loss)
         if chosen.steps == 0:
             path = uncorrected
             log.warning("every correction checkpoint breaks the utility budget (%.3f) or does not lower the "
                         "validation behaviour: keeping the uncorrected model", self.max_utility_loss)
-        elif chosen.steps == total_steps:
+        elif chosen.steps == self.state.get("total_steps"):
             path = str(corrected)
         else:
             marker = self.out / "best" / "selection_step.json"
