@@ -41,7 +41,7 @@ from lancet.demo import DEMO_MAX_LENGTH
 from lancet.evaluate.judges import MarkerJudge
 from lancet.evaluate.metrics import compliance_rate, generate_answers, mean_logprob, perplexity, response_logprobs
 from lancet.hardware import auto_bf16
-from lancet.models.loading import load_model
+from lancet.models.loading import load_model, load_tokenizer
 from lancet.train import TrainArgs
 
 JUDGE = MarkerJudge(OUTDATED_MARKER)
@@ -93,7 +93,7 @@ def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores,
     if points_file.is_file():
         return json.loads(points_file.read_text())["points"]
     points: list[dict] = []
-    tok = load_model(str(run / "model"), device="cpu")[1]
+    tok = load_tokenizer(str(run / "model"))
     t0 = time.perf_counter()
 
     def on_checkpoint(step: int, trainer) -> None:
