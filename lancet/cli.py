@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--query-rank", type=int, default=None, help="low-rank preconditioned query gradients")
     p.add_argument("--chunk-rows", type=int, default=None, help="rows per saved chunk (the resume granularity)")
+    p.add_argument("--covariance-max-rows", type=int, default=None, metavar="N",
+                   help="fit the covariance pass on a seeded subset of N rows (every row is still scored)")
+    p.add_argument("--lambda-max-rows", type=int, default=None, metavar="N",
+                   help="fit the eigenvalue correction (linfac, ekfac) on a seeded subset of N rows")
     _add_hardware_options(p)
     p.add_argument("--modules", default="blocks", help="'blocks', 'blocks+lm_head' or a regex over module names")
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
@@ -247,7 +251,8 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
     device, precision = _hardware(ns)
     every = [InfluenceArgs(method=m, damping=ns.damping, fisher=ns.fisher, batch_size=ns.batch_size,
                            query_rank=ns.query_rank, bf16=precision.bf16, modules=ns.modules, progress=not ns.quiet,
-                           measurement=ns.measurement, **chunk)
+                           measurement=ns.measurement, covariance_max_rows=ns.covariance_max_rows,
+                           lambda_max_rows=ns.lambda_max_rows, **chunk)
              for m in methods]  # each method's options are validated before the model is loaded
     if len(methods) > 1 and ns.contrast_response is not None:
         raise LancetError("--contrast-response takes one --method")

@@ -467,13 +467,41 @@ def test_bm25_ranks_identical_row_first(llama):
     assert scores.argmax(-1).tolist() == [5, 9]
 
 
+def test_covariance_max_rows_fits_the_covariance_on_a_seeded_subset(llama, monkeypatch):
+    """kfac (one pass) with covariance_max_rows equals fitting on the subset and scoring every row; for the
+    two-pass estimators the covariance pass reads its subset and the eigenvalue correction lambda_max_rows'."""
+    model, train, queries = llama
+    sub = fit_module.subsample(train, 5, 0)
+    assert len(sub) == 5 and sub != train[:5]
+    args = {"fisher": "empirical", **F64}
+    scores = Influence(model, method="kfac", covariance_max_rows=5, **args).scores(train, queries)["scores"]
+    by_hand = Influence(model, method="kfac", **args)
+    by_hand._curvature = fit_module.fit_curvature(model, sub, by_hand.args)
+    close(scores, by_hand.scores(train, queries)["scores"], rtol=1e-12)
+    full = Influence(model, method="kfac", **args).scores(train, queries)["scores"]
+    assert scores.shape == full.shape == (3, len(train))
+    assert (scores - full).abs().max() > 1e-3 * full.abs().max()  # the subset changes the curvature
+
+    seen = {}
+    run_pass = fit_module._run_pass
+
+    def spy(model, layers, estimator, pass_index, pass_name, rows, *rest):
+        seen[pass_name] = rows
+        return run_pass(model, layers, estimator, pass_index, pass_name, rows, *rest)
+
+    monkeypatch.setattr(fit_module, "_run_pass", spy)
+    for method in ("linfac", "ekfac"):
+        Influence(model, method=method, covariance_max_rows=5, lambda_max_rows=7, **args).fit(train)
+        assert seen["covariance"] == sub and seen["lambda"] == fit_module.subsample(train, 7, 0)
+
+
 # 10. options -----------------------------------------------------------------------------------------------------
 
 
 def test_args_json_round_trip():
     args = InfluenceArgs(method="ekfac", damping=1e-3, modules=[r"q_proj", r"down_proj"], fisher="empirical",
                          fisher_samples=2, batch_size=3, query_rank=4, dtype="float64", per_layer=True,
-                         chunk_rows=9, padding_side="left", seed=7, progress=False)
+                         chunk_rows=9, padding_side="left", seed=7, covariance_max_rows=11, progress=False)
     assert InfluenceArgs.from_json(json.loads(json.dumps(args.to_json()))) == args
     assert InfluenceArgs.from_json(InfluenceArgs().to_json()) == InfluenceArgs()
     with pytest.raises(LancetError, match="bogus"):
@@ -483,7 +511,7 @@ def test_args_json_round_trip():
 @pytest.mark.parametrize(("field", "value"), [
     ("method", "tracin"), ("damping", -1.0), ("damping", float("nan")), ("damping", float("inf")),
     ("fisher", "true"), ("dtype", "float16"), ("batch_size", 0), ("chunk_rows", 0), ("fisher_samples", 0),
-    ("padding_side", "middle"), ("query_rank", 0),
+    ("padding_side", "middle"), ("query_rank", 0), ("covariance_max_rows", 0), ("lambda_max_rows", 0),
 ])
 def test_args_reject_invalid_values(field, value):
     with pytest.raises(LancetError, match=field):

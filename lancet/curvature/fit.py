@@ -110,7 +110,8 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
                 "model": model_fp or model_fingerprint(model),
                 "data": data_fingerprint(train), "n_rows": len(train), "layers": [layer.name for layer in layers],
                 "args": args.fingerprint_dict(("method", "modules", "fisher", "fisher_samples", "dtype", "bf16",
-                                               "seed", "batch_size", "lambda_max_rows"))}
+                                               "seed", "batch_size", "covariance_max_rows",
+                                               "lambda_max_rows"))}
         check_or_write_meta(out / "meta.json", meta, write=dist.is_main())
         final = out / "curvature.safetensors"
         found = final.is_file()
@@ -126,7 +127,8 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
         for pass_index, pass_name in enumerate(estimator.passes):
             if pass_index < first:
                 continue
-            rows = train if pass_name != "lambda" else subsample(train, args.lambda_max_rows, args.seed)
+            limit = args.lambda_max_rows if pass_name == "lambda" else args.covariance_max_rows
+            rows = subsample(train, limit, args.seed)
             stats = _run_pass(model, layers, estimator, pass_index, pass_name, rows, state, args, out)
             state = _finish(estimator, pass_name, stats, state)
     except NonFiniteError:
@@ -145,7 +147,8 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
     return curvature
 
 
-FIRST_PASS_ARGS = ("modules", "fisher", "fisher_samples", "dtype", "bf16", "seed", "batch_size")
+FIRST_PASS_ARGS = ("modules", "fisher", "fisher_samples", "dtype", "bf16", "seed", "batch_size",
+                   "covariance_max_rows")
 
 
 def _borrow_first_pass(estimator: Estimator, out: Path, meta: dict, device: torch.device
@@ -169,7 +172,7 @@ def _borrow_first_pass(estimator: Estimator, out: Path, meta: dict, device: torc
         if (other_estimator.first_pass_family != estimator.first_pass_family
                 or other.get("format") != other_estimator.format_version
                 or any(other.get(k) != meta[k] for k in same)
-                or any(other.get("args", {}).get(k) != meta["args"][k] for k in FIRST_PASS_ARGS)):
+                or any(other.get("args", {}).get(k) != meta["args"].get(k) for k in FIRST_PASS_ARGS)):
             continue
         try:
             state = _unflatten(load_tensors(final), device)

@@ -28,6 +28,7 @@ class InfluenceArgs:
     dtype: str = "float32"  # dtype of statistics, factors and scores ("float64" in exactness tests)
     per_layer: bool = False  # also keep scores per tracked layer
     chunk_rows: int = 256  # rows per resumable chunk of a pass over the training data
+    covariance_max_rows: int | None = None  # fit the covariance pass on a seeded subset of this many rows
     lambda_max_rows: int | None = None  # fit the eigenvalue correction on a seeded subset of this many rows
     padding_side: str = "right"  # scores do not depend on it (positions are counted over real tokens)
     # what the query gradient differentiates (lancet.influence.measurement): "answer", "first_tokens:K", or the
@@ -48,8 +49,9 @@ class InfluenceArgs:
             raise LancetError(f"invalid fisher={self.fisher!r}; choose from {', '.join(FISHER_MODES)}")
         if self.dtype not in DTYPES:
             raise LancetError(f"invalid dtype={self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if self.lambda_max_rows is not None and self.lambda_max_rows < 1:
-            raise LancetError(f"invalid lambda_max_rows={self.lambda_max_rows!r}: must be >= 1 or None")
+        for key in ("covariance_max_rows", "lambda_max_rows"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise LancetError(f"invalid {key}={getattr(self, key)!r}: must be >= 1 or None")
         for key in ("fisher_samples", "batch_size", "chunk_rows"):
             if getattr(self, key) < 1:
                 raise LancetError(f"invalid {key}={getattr(self, key)!r}: must be >= 1")
@@ -82,6 +84,9 @@ class InfluenceArgs:
 
     def fingerprint_dict(self, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
         data = {k: v for k, v in self.to_json().items() if k not in self._UNHASHED}
-        if data["measurement"] == "answer":  # the default: artifacts stored before the option existed stay valid
+        # defaults of options added later are not hashed: artifacts stored before they existed stay valid
+        if data["measurement"] == "answer":
             del data["measurement"]
-        return data if keys is None else {k: data[k] for k in keys}
+        if data["covariance_max_rows"] is None:
+            del data["covariance_max_rows"]
+        return data if keys is None else {k: data[k] for k in keys if k in data}
