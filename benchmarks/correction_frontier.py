@@ -88,10 +88,13 @@ def measure(model, tok, sets: Sets) -> dict[str, float]:
 
 
 def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores, train, iqs) -> list[dict]:
-    out = run / "frontier" / f"{name}-lr{lr:g}"
+    out = run / "frontier" / (f"{name}-lr{lr:g}" + (f"-seed{ns.seed}" if ns.seed else ""))
     points_file = out / "points.json"
+    settings = {"steps": ns.steps, "every": ns.every, "batch_size": ns.batch_size, "beta": ns.beta, "top_k": ns.top_k}
     if points_file.is_file():
-        return json.loads(points_file.read_text())["points"]
+        stored = json.loads(points_file.read_text())
+        if stored.get("settings") == settings:
+            return stored["points"]
     points: list[dict] = []
     tok = load_tokenizer(str(run / "model"))
     t0 = time.perf_counter()
@@ -107,12 +110,12 @@ def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores,
     correct(str(run / "model"), train, scores, method=options["method"], iq_records=iqs, safe_records=safe,
             max_length=DEMO_MAX_LENGTH, on_checkpoint=on_checkpoint,
             correction_args=CorrectionArgs(**options, beta=ns.beta, top_k=ns.top_k),
-            train_args=TrainArgs(output_dir=str(out / "model"), max_steps=ns.steps, batch_size=8, lr=lr, bf16=BF16,
-                                 save_every=ns.every, progress=False, device="cpu"))
+            train_args=TrainArgs(output_dir=str(out / "model"), max_steps=ns.steps, batch_size=ns.batch_size, lr=lr,
+                                 bf16=BF16, save_every=ns.every, progress=False, device="cpu", seed=ns.seed))
     for p in points:
         p["val_utility_loss"] = utility_loss(base["val_ppl"], p["val_ppl"])
         p["test_utility_loss"] = utility_loss(base["test_ppl"], p["test_ppl"])
-    atomic_write_json(points_file, {"method": name, "lr": lr, "points": points})
+    atomic_write_json(points_file, {"method": name, "lr": lr, "settings": settings, "points": points})
     shutil.rmtree(out / "model", ignore_errors=True)  # 0.5 GB a run: the points are what is kept
     return points
 
@@ -161,6 +164,10 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs (or rows) per optimizer step")
+    parser.add_argument("--seed", type=int, default=0, help="the correction's seed (data order, sampling)")
+    parser.add_argument("--name", default="correction_frontier_demo", help="result file name under "
+                        "benchmarks/results (JSON and PNG)")
     ns = parser.parse_args()
     run = Path(ns.run_dir)
     if not (run / "model" / "config.json").is_file() or not (run / "iqs.jsonl").is_file():
@@ -176,7 +183,8 @@ def main() -> None:
         base = measure(model, tok, sets)
         atomic_write_json(base_file, base)
         del model
-    result = {"run_dir": str(run), "steps": ns.steps, "every": ns.every, "batch_size": 8, "beta": ns.beta,
+    result = {"run_dir": str(run), "seed": ns.seed, "steps": ns.steps, "every": ns.every,
+              "batch_size": ns.batch_size, "beta": ns.beta,
               "top_k": ns.top_k, "max_utility_loss": MAX_UTILITY_LOSS, "env": environment(), "contaminated": base,
               "methods": {}}
     for name in ns.methods.split(","):
@@ -199,8 +207,8 @@ def main() -> None:
                     f"{c['test_rate']:.3f} | {c['test_utility_loss']:+.3f} | {c['test_current_logp']:.1f} | "
                     f"{c['seconds']} |")
     result["markdown"] = "\n".join(rows)
-    write_result("correction_frontier_demo", result)
-    plot(result, RESULTS / "correction_frontier_demo.png")
+    write_result(ns.name, result)
+    plot(result, RESULTS / f"{ns.name}.png")
     print(result["markdown"])
 
 
