@@ -322,26 +322,30 @@ class Pipeline:
         return iqs
 
     def stage_attribute(self, model, tokenizer) -> dict[str, Any]:
-        from lancet.influence import InfluenceArgs
+        from lancet.influence import Influence, InfluenceArgs
         from lancet.influence.attribute import attribute
 
         c = self.config
         args = InfluenceArgs.from_json({"bf16": self.precision.bf16, **c.influence, "progress": self.progress})
+        influence = Influence(model, args, out_dir=self.dir)
+        tokens = args.method not in GRADIENT_FREE_METHODS and c.token_rows > 0
+        # the token scores below use the same preconditioned IQs as the ranking (when it is not a contrast)
+        influence.keep_queries = tokens and c.contrast_response is None
         summary = attribute(model, tokenizer, c.train, str(self.dir / "iqs.jsonl"), self.dir, args,
                             max_length=c.max_length, labels=c.labels, k=c.top_k,
-                            contrast_response=c.contrast_response)
-        if args.method not in GRADIENT_FREE_METHODS and c.token_rows > 0:
-            self._token_scores(model, tokenizer, args, summary)
+                            contrast_response=c.contrast_response, influence=influence)
+        if tokens:
+            self._token_scores(tokenizer, influence, summary)
         return {k: summary[k] for k in ("method", "n_train", "n_queries", "seconds", "top_positive", "top_negative")
                 if k in summary} | ({"recall": summary["recall"]} if "recall" in summary else {})
 
-    def _token_scores(self, model, tokenizer, args, summary: dict[str, Any]) -> None:
+    def _token_scores(self, tokenizer, influence, summary: dict[str, Any]) -> None:
         """Per-token scores of the top positive rows, averaged over the IQs (each IQ's scores divided by the
         mean |score| of that IQ over these rows, as the ranking's normalised mean does)."""
         from lancet.data import encode_records, load_dataset_spec
-        from lancet.influence import Influence
 
         c = self.config
+        args = influence.args
         path = self.dir / f"tokens-{args.method}.json"
         wanted = [r["id"] for r in summary["top_positive"][: c.token_rows]]
         if path.is_file() and [r.get("id") for r in json.loads(path.read_text()).get("rows", [])] == wanted:
@@ -350,9 +354,10 @@ class Pipeline:
         rows = [train[train.ids.index(i)] for i in wanted]
         queries = encode_records(load_dataset_spec(str(self.dir / "iqs.jsonl")), tokenizer, c.max_length,
                                  progress=False)
-        influence = Influence(model, args, out_dir=self.dir)
-        influence.fit(train)  # the stored curvature of the attribute stage: read back, not refitted
+        if not influence.fitted:  # the ranking was reused from disk: read the stored curvature back
+            influence.fit(train)
         per_row = influence.token_scores(rows, queries)
+        influence.release_queries()
         scale = torch.stack([s.double().sum(-1) for s in per_row], 1).abs().mean(1).clamp_min(1e-30)  # [Q]
         out_rows = []
         for row, s in zip(rows, per_row, strict=True):

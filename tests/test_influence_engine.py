@@ -18,6 +18,7 @@ from conftest import make_tokenizer, tiny_gpt2, tiny_llama
 from reference import gradient_dot_scores, tracked_modules
 
 import lancet.curvature.fit as fit_module
+import lancet.influence as influence_module
 import lancet.influence.scoring as scoring_module
 from lancet.artifacts import load_tensors
 from lancet.data.records import Record
@@ -389,6 +390,40 @@ def test_token_scores_sum_to_row_scores(setup, method):
     for i, t in zip(rows, per_token, strict=True):
         assert t.shape == (3, len(train[i]["input_ids"]))
         close(t.sum(-1), scores[:, i], rtol=1e-8)
+
+
+def test_kept_queries_are_preconditioned_once_until_a_refit(llama, monkeypatch):
+    """keep_queries: token scores after scores reuse the same preconditioned IQs (and equal a fresh object's);
+    other queries, a refit or release_queries() compute them again."""
+    model, train, queries = llama
+    calls = {"n": 0}
+    real = influence_module.precondition_queries
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(influence_module, "precondition_queries", counted)
+    fresh = Influence(model, method="kfac", query_rank=2, **F64)
+    fresh.scores(train, queries)
+    expected = fresh.token_scores(train[:2], queries)
+    assert calls["n"] == 2  # not kept by default
+    kept = Influence(model, method="kfac", query_rank=2, **F64)
+    kept.keep_queries = True
+    kept.scores(train, queries)
+    got = kept.token_scores(train[:2], queries)
+    assert calls["n"] == 3
+    for a, b in zip(got, expected, strict=True):
+        close(a, b, rtol=1e-12)
+    kept.token_scores(train[:2], queries[:2])  # other queries
+    assert calls["n"] == 4
+    kept.fit(train)
+    kept.token_scores(train[:2], queries[:2])
+    assert calls["n"] == 5
+    kept.release_queries()
+    kept.token_scores(train[:2], queries[:2])
+    kept.token_scores(train[:2], queries[:2])
+    assert calls["n"] == 7
 
 
 # 6. low-rank query gradients -------------------------------------------------------------------------------------

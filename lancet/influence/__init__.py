@@ -126,6 +126,10 @@ class Influence:
         self.out = Path(out_dir) if out_dir is not None else None
         self._curvature: Curvature | None = None
         self._model_fp: str | None = None
+        # keep the last preconditioned query set for the next call on the same queries (scores, then token scores of
+        # their top rows); off by default: at full rank it is Q x the tracked parameters
+        self.keep_queries = False
+        self._kept_queries: tuple[str, PreconditionedQueries] | None = None
 
     @property
     def model_fp(self) -> str:
@@ -139,6 +143,7 @@ class Influence:
         if self.args.method in GRADIENT_FREE_METHODS:
             return None
         cdir = self.out / "curvature" / self.args.method if self.out is not None else None
+        self._kept_queries = None
         self._curvature = fit_curvature(self.model, rows, self.args, out_dir=cdir,
                                         model_fp=self.model_fp if self.out is not None else None)
         return self._curvature
@@ -148,13 +153,26 @@ class Influence:
             raise LancetError("call fit(train) before scoring")
         layers = self._curvature.layers
         rows = self._rows(queries, "queries")
+        key = data_fingerprint(rows)
+        if self._kept_queries is not None and self._kept_queries[0] == key:
+            return self._kept_queries[1]
         # with low-rank queries, QUERY_CHUNK at a time: the raw gradients of all queries at once ([Q, out, in] per
         # layer) would need what the low rank saves (74 queries of SmolLM2-135M: 31 GB)
         step = QUERY_CHUNK if self.args.query_rank is not None else max(1, len(rows))
         parts = [precondition_queries(self._curvature, query_gradients(self.model, layers, rows[i:i + step],
                                                                        self.args, self.measurement), self.args)
                  for i in range(0, len(rows), step)]
-        return parts[0] if len(parts) == 1 else _concat(parts)
+        pre = parts[0] if len(parts) == 1 else _concat(parts)
+        self._kept_queries = (key, pre) if self.keep_queries else None
+        return pre
+
+    @property
+    def fitted(self) -> bool:
+        return self._curvature is not None
+
+    def release_queries(self) -> None:
+        """Stop keeping preconditioned queries (``keep_queries``) and free the kept set."""
+        self.keep_queries, self._kept_queries = False, None
 
     def _rows(self, data, what: str) -> list[dict[str, Any]]:
         return as_rows(data, what, self.tokenizer, self.max_length)

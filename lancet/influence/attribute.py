@@ -71,14 +71,18 @@ def _load(tokenizer, train_spec: str, queries_spec: str, max_length: int, progre
 
 def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path, args: InfluenceArgs, *,
               max_length: int = DEFAULT_MAX_LENGTH, labels: str | None = None, k: int = 10,
-              contrast_response: str | None = None) -> dict[str, Any]:
+              contrast_response: str | None = None, influence: Influence | None = None) -> dict[str, Any]:
     """Rank ``train_spec`` rows by influence on the IQs of ``queries_spec``; with ``contrast_response``, by
-    influence on the margin over that answer (``contrast_scores``)."""
+    influence on the margin over that answer (``contrast_scores``). ``influence``: an entry object on the same
+    model, options and ``out_dir`` to use (and keep its curvature for the caller), instead of a new one."""
     out = Path(out_dir)
     train_records, query_records, train, queries, culprits = _load(tokenizer, train_spec, queries_spec, max_length,
                                                                    args.progress, labels)
     t0 = time.perf_counter()
-    influence = Influence(model, args, out_dir=out)
+    if influence is None:
+        influence = Influence(model, args, out_dir=out)
+    elif influence.model is not model or influence.args != args or influence.out != out:
+        raise LancetError("attribute(influence=...) must be built on the same model, options and out_dir")
     if contrast_response is None:
         scores = queries_scores(influence, train, queries)
     else:
