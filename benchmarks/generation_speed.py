@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--name", default="generation_speed", help="result file under benchmarks/results (one per machine sort)")
     ns = parser.parse_args()
     device, precision = decide(ns.device, ns.precision)
     model, tok = load_model("smollm2-135m-instruct", device=device)
@@ -64,7 +65,7 @@ def main() -> None:
         print(batch_size, result["batches"][str(batch_size)], flush=True)
     one, sixteen = (result["batches"][b]["tokens_per_s"] for b in ("1", "16"))
     result["batch16_over_batch1"] = round(sixteen / one, 2)
-    write_result("generation_speed", result)
+    write_result(ns.name, result)
 
 
 if __name__ == "__main__":

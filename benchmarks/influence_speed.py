@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--no-kronfluence", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="also time lancet linfac with bf16 autocast")
     parser.add_argument("--query-rank", type=int, default=None, help="also time linfac with rank-R queries")
+    parser.add_argument("--name", default="influence_speed", help="result file under benchmarks/results (one per machine sort)")
     ns = parser.parse_args()
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m-instruct")
@@ -146,7 +147,7 @@ def main() -> None:
                 run_record["fraction_of_kronfluence_time"] = round(run_record["fit_plus_score_s"] / kf, 3)
         a, b = scores["lancet_ekfac"].flatten().double(), scores["kronfluence_ekfac"].flatten().double()
         result["ekfac_pearson_lancet_vs_kronfluence"] = round(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), 4)
-    write_result("influence_speed", result)
+    write_result(ns.name, result)
 
 
 if __name__ == "__main__":

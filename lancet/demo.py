@@ -98,13 +98,14 @@ def demo_config(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None
     d = out.resolve() / "data"
     return {"model": model_spec, "train": str(d / "train.jsonl"), "out": str(out.resolve()),
             "device": device, "precision": precision,
+            # one checkpoint, at the end: a 2.5-minute stage is cheaper to repeat than to checkpoint halfway
             "finetune": {"max_steps": steps or DEMO_STEPS, "lr": DEMO_LR, "batch_size": 8, "warmup_steps": 3,
-                         "save_every": 20},
+                         "save_every": DEMO_STEPS},
             "iq_prompts": str(d / "iq_prompts.jsonl"), "iq_judge": f"marker:{OUTDATED_MARKER}",
             "labels": str(d / "culprits.json"),
-            # the covariance on 128 of the 304 rows, the eigenvalue correction on 64, rank-16 queries and per-token
+            # the covariance on 96 of the 304 rows, the eigenvalue correction on 32, rank-16 queries and per-token
             # scores of the top row only keep the demo inside its 10-minute budget (docs/scaling.md)
-            "influence": {"method": "linfac", "batch_size": 8, "covariance_max_rows": 128, "lambda_max_rows": 64,
+            "influence": {"method": "linfac", "batch_size": 8, "covariance_max_rows": 96, "lambda_max_rows": 32,
                           "query_rank": 16}, "token_rows": 1,
             "correction": DEMO_CORRECTION, "correction_train": dict(DEMO_CORRECTION_TRAIN),
             # the checkpoint is chosen on the validation files; the demo suite's sets are the test sets

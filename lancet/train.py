@@ -121,6 +121,10 @@ class TrainArgs:
         return self.device if self.device is not None else "auto"
 
 
+def _fused_adam_supported(params: list[torch.nn.Parameter]) -> bool:
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+
+
 class Trainer:
     """Shared loop: batching, bf16 autocast, accumulation, clipping, schedule, checkpoint/resume, logging.
 
@@ -158,7 +162,10 @@ class Trainer:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self._denominators: dict[str, torch.Tensor] | None = None  # set per micro-batch under torchrun
-        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        # the fused kernel: one pass over each parameter instead of a dozen (a step of SmolLM2-135M on 2 CPU cores:
+        # 0.33 s -> 0.09 s); not under FSDP, whose sharded parameters it does not take
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay,
+                                           fused=not self.fsdp and _fused_adam_supported(self.params))
         self.micro_per_epoch = math.ceil(len(train_items) / args.batch_size)
         self.total_steps = args.max_steps or max(1, math.ceil(args.epochs * self.micro_per_epoch / args.grad_accum))
         self.fingerprint = hash_json(
