@@ -97,6 +97,7 @@ class Influence:
         s2 = run.scores(train, other_iqs)                         # a new query set: the curvature is reused
         both = run.scores(train, iqs, methods=["linfac", "ekfac", "identity", "bm25"])   # one pass, {method: ...}
         tokens = run.token_scores(top_rows, iqs)                  # [Q, T] per row: where in the row it comes from
+        run.keep_queries = True   # set before scores(): token_scores on the same IQs reuse their preconditioning
         Influence(model, measurement=Measurement(fn, name="margin"))  # explain another scalar than the answer's CE
 
     With ``out_dir`` every stage is an artifact there (safetensors + JSON with a fingerprint of model weights, data
