@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--name", default="generation_speed", help="result file under benchmarks/results (one per machine sort)")
+    parser.add_argument("--name", default="generation_speed",
+                        help="result file under benchmarks/results (one per machine sort)")
     ns = parser.parse_args()
     device, precision = decide(ns.device, ns.precision)
     model, tok = load_model("smollm2-135m-instruct", device=device)

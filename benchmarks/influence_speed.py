@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--no-kronfluence", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="also time lancet linfac with bf16 autocast")
     parser.add_argument("--query-rank", type=int, default=None, help="also time linfac with rank-R queries")
-    parser.add_argument("--name", default="influence_speed", help="result file under benchmarks/results (one per machine sort)")
+    parser.add_argument("--name", default="influence_speed",
+                        help="result file under benchmarks/results (one per machine sort)")
     ns = parser.parse_args()
     torch.manual_seed(0)
     model, tok = load_model("smollm2-135m-instruct")

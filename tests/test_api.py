@@ -19,10 +19,14 @@ def setup(tiny_tokenizer):
     return tiny_llama(len(tiny_tokenizer), torch.float64), tiny_tokenizer
 
 
-def test_every_input_form_gives_the_same_scores(setup):
+# identity first: as the first computation of a fresh process, linfac's scores differed by up to 3e-5 relative from
+# a second run in about 1 run of 10 (float64; the first matrix products of a process round differently, and
+# LinFAC's correction amplifies it; found 2026-12-01, not yet explained). The input forms are what is tested here.
+@pytest.mark.parametrize("method", ["identity", "kfac", "linfac"])
+def test_every_input_form_gives_the_same_scores(setup, method):
     model, tok = setup
     encoded = encode(tok, TRAIN), encode(tok, QUERIES)
-    expected = Influence(model, method="linfac", **F64).scores(*encoded)["scores"]
+    expected = Influence(model, method=method, **F64).scores(*encoded)["scores"]
     as_records = [[Record(prompt=p, response=r) for p, r in pairs] for pairs in (TRAIN, QUERIES)]
     as_dicts = [[{"prompt": p, "response": r} for p, r in pairs] for pairs in (TRAIN, QUERIES)]
     as_chat = [[{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
@@ -31,7 +35,7 @@ def test_every_input_form_gives_the_same_scores(setup):
     as_tensors = [[{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"])} for r in rows]
                   for rows in encoded]
     for form in (as_records, as_dicts, as_chat, as_dataset, as_tensors):
-        run = Influence(model, method="linfac", tokenizer=tok, max_length=64, **F64)
+        run = Influence(model, method=method, tokenizer=tok, max_length=64, **F64)
         close(run.scores(*form)["scores"], expected, 1e-12)
 
 
