@@ -83,3 +83,16 @@ def llama_model(tiny_tokenizer):
 @pytest.fixture()
 def gpt2_model(plain_tokenizer):
     return tiny_gpt2(len(plain_tokenizer))
+
+
+def call_counter(monkeypatch, module, name: str) -> dict:
+    """Wrap ``module.<name>`` with a counter: the returned dict's "n" is the number of calls so far."""
+    calls = {"n": 0}
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+    return calls

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_gpt2, tiny_llama
+from conftest import call_counter, make_tokenizer, tiny_gpt2, tiny_llama
 from reference import gradient_dot_scores, tracked_modules
 
 import lancet.curvature.fit as fit_module
@@ -396,14 +396,7 @@ def test_kept_queries_are_preconditioned_once_until_a_refit(llama, monkeypatch):
     """keep_queries: token scores after scores reuse the same preconditioned IQs (and equal a fresh object's);
     other queries, a refit or release_queries() compute them again."""
     model, train, queries = llama
-    calls = {"n": 0}
-    real = influence_module.precondition_queries
-
-    def counted(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(influence_module, "precondition_queries", counted)
+    calls = call_counter(monkeypatch, influence_module, "precondition_queries")
     fresh = Influence(model, method="kfac", query_rank=2, **F64)
     fresh.scores(train, queries)
     expected = fresh.token_scores(train[:2], queries)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import call_counter
 
 import lancet.influence.queries as queries_module
 from lancet.data.records import Record
@@ -31,15 +32,7 @@ class Nothing(EveryOther):
 
 @pytest.fixture()
 def counted(monkeypatch):
-    calls = {"n": 0}
-    real = queries_module.generate
-
-    def wrapped(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(queries_module, "generate", wrapped)
-    return calls
+    return call_counter(monkeypatch, queries_module, "generate")
 
 
 def test_take_iqs_flags_stores_and_reuses(llama_model, tiny_tokenizer, tmp_path, counted):
