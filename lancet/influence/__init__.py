@@ -154,8 +154,8 @@ class Influence:
             raise LancetError("call fit(train) before scoring")
         layers = self._curvature.layers
         rows = self._rows(queries, "queries")
-        key = data_fingerprint(rows)
-        if self._kept_queries is not None and self._kept_queries[0] == key:
+        key = data_fingerprint(rows) if self.keep_queries else None  # hashed only when something is kept
+        if key is not None and self._kept_queries is not None and self._kept_queries[0] == key:
             return self._kept_queries[1]
         # with low-rank queries, QUERY_CHUNK at a time: the raw gradients of all queries at once ([Q, out, in] per
         # layer) would need what the low rank saves (74 queries of SmolLM2-135M: 31 GB)
@@ -164,7 +164,7 @@ class Influence:
                                                                        self.args, self.measurement), self.args)
                  for i in range(0, len(rows), step)]
         pre = parts[0] if len(parts) == 1 else _concat(parts)
-        self._kept_queries = (key, pre) if self.keep_queries else None
+        self._kept_queries = (key, pre) if key is not None else None
         return pre
 
     @property
