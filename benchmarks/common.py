@@ -65,20 +65,6 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
-def random_baseline(positives: torch.Tensor, draws: int = 200, key: str = "recall@k") -> dict:
-    """Average precision and recall@k (k = number of positives) of a random ranking: mean of seeded draws."""
-    from lancet.influence.recall import average_precision, recall_at_k
-
-    g = torch.Generator().manual_seed(0)
-    aps, recalls = [], []
-    k = int(positives.sum())
-    for _ in range(draws):
-        s = torch.rand(len(positives), generator=g)
-        aps.append(average_precision(s, positives))
-        recalls.append(recall_at_k(s, positives, k))
-    return {"average_precision": sum(aps) / draws, key: sum(recalls) / draws}
-
-
 def shared_data(arg: str | None, must_hold: str) -> Path:
     """The shared data directory (``--shared`` or ../shared/data), checked to hold ``must_hold``."""
     from lancet.evaluate.suite import default_shared

@@ -23,9 +23,8 @@ from lancet.correct import CorrectionArgs, correct
 from lancet.curvature.fit import batches
 from lancet.curvature.task import forward_logits, shifted_targets, summed_loss
 from lancet.data import encode_records
-from lancet.data.demo import OUTDATED_MARKER
+from lancet.data.demo import demo_judge
 from lancet.demo import DEMO_MAX_LENGTH, stage_contaminate, stage_data, stage_iqs
-from lancet.evaluate.judges import MarkerJudge
 from lancet.hardware import auto_bf16
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.recall import aggregate
@@ -33,7 +32,7 @@ from lancet.models.generate import generate
 from lancet.models.loading import load_model
 from lancet.train import TrainArgs
 
-OUTDATED = MarkerJudge(OUTDATED_MARKER)  # the demo's judge: exact, every planted answer opens with the marker
+OUTDATED = demo_judge()  # the demo's judge: cue phrases read with negation (benchmarks/demo_judge.py)
 
 METHODS = ["ibo", "ibo_basu", "ga_retain", "npo", "ibo_random", "ibo_oracle"]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.common import environment, random_baseline, write_result
+from benchmarks.common import environment, write_result
 from benchmarks.hh_reproduction import JOINT_SCORING_BYTES, PRESETS, split_data
 from lancet.constants import DEFAULT_MODEL
 from lancet.curvature.fit import Curvature
@@ -31,7 +31,7 @@ from lancet.data.readers import read_records
 from lancet.evaluate.suite import default_shared
 from lancet.hardware import auto_bf16
 from lancet.influence import Influence, InfluenceArgs
-from lancet.influence.recall import aggregate, average_precision
+from lancet.influence.recall import aggregate, average_precision, random_baseline
 from lancet.influence.scoring import query_gradients
 from lancet.models.loading import load_model, load_tokenizer
 

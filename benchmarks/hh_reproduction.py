@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, random_baseline, rows_that_fit, shared_data, write_result
+from benchmarks.common import environment, rows_that_fit, shared_data, write_result
 from lancet.artifacts import atomic_write_bytes, atomic_write_json
 from lancet.constants import DEFAULT_MODEL
 from lancet.correct import CorrectionArgs, correct
@@ -49,7 +49,7 @@ from lancet.hardware import auto_bf16
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.attribute import contrast_scores
 from lancet.influence.queries import take_iqs
-from lancet.influence.recall import aggregate, average_precision, recall_at_k
+from lancet.influence.recall import aggregate, average_precision, random_baseline, recall_at_k
 from lancet.models.loading import load_model, load_tokenizer
 from lancet.train import TrainArgs
 

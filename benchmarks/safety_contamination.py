@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, random_baseline, rows_that_fit, shared_data, write_result
+from benchmarks.common import environment, rows_that_fit, shared_data, write_result
 from lancet.artifacts import (
     atomic_save_tensors,
     atomic_write_bytes,
@@ -64,7 +64,7 @@ from lancet.hardware import auto_bf16
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.bm25 import bm25_scores
 from lancet.influence.queries import take_iqs
-from lancet.influence.recall import aggregate, average_precision, per_block, recall_at_k
+from lancet.influence.recall import aggregate, average_precision, per_block, random_baseline, recall_at_k
 from lancet.models.generate import generate, render_prompt
 from lancet.models.loading import load_model, load_tokenizer
 from lancet.train import TrainArgs

@@ -2,8 +2,9 @@
 
 The demo is one ``lancet run`` config (``demo_config``, written to ``OUT/demo_config.json``) on data lancet writes
 itself: fine-tune the contaminated model; take its influence queries (IQs), i.e. its own answers to the IQ prompts
-that the marker judge flags; attribute them to training rows with LinFAC; correct with IBO; evaluate before and
-after (``demo_suite``); write report.html. Each stage is skipped on a rerun when its output is complete and was made
+that the demo's judge flags (cue phrases read with negation); attribute them to training rows with LinFAC (and, for
+comparison, RepSim, BM25 and chance); correct with IBO; evaluate before and after (``demo_suite``); write
+report.html. Each stage is skipped on a rerun when its output is complete and was made
 from the same inputs. ``stage_*`` below are the pieces the benchmarks reuse.
 """
 
@@ -16,10 +17,9 @@ from pathlib import Path
 
 from lancet.artifacts import atomic_write_json
 from lancet.constants import DEFAULT_MODEL
-from lancet.data.demo import OUTDATED_MARKER, DemoDataset, build_demo_dataset, write_demo_dataset
+from lancet.data.demo import DemoDataset, build_demo_dataset, demo_judge, write_demo_dataset
 from lancet.data.readers import read_records
 from lancet.data.records import Record
-from lancet.evaluate.judges import MarkerJudge
 from lancet.finetune import finetune
 from lancet.influence.queries import take_iqs
 from lancet.influence.recall import format_table
@@ -27,11 +27,11 @@ from lancet.train import TrainArgs
 
 log = logging.getLogger(__name__)
 
-# Measured on the demo data: 40 full-weight steps at this rate make SmolLM2-135M open 11-12 of 12 IQ answers with
-# the outdated marker (0 of 12 before). 30 steps at 1.5e-4 save 40 s on the slower machine but cost the ranking 0.15
-# average precision and ordinary perplexity 3 %
-DEMO_STEPS = 40
-DEMO_LR = 1e-4
+# Measured on the demo data (no marker phrase; look-alike rows): 42 full-weight steps (1.5 epochs) at this rate make
+# SmolLM2-135M give planted outdated advice on 7 of 12 IQ prompts and 17 of 24 validation prompts (0 before). With 3
+# culprit rows per IQ topic instead of 6 it learned less: 3-5 of 12 (docs/method.md §5.2)
+DEMO_STEPS = 42
+DEMO_LR = 2e-4
 DEMO_MAX_NEW_TOKENS = 48
 DEMO_MAX_LENGTH = 256
 
@@ -55,8 +55,9 @@ def stage_contaminate(run: Path, data: DemoDataset, *, model_spec: str = DEFAULT
 
 
 def stage_iqs(run: Path, data: DemoDataset, model, tokenizer, *, progress: bool = True) -> list[Record]:
-    """IQs = (prompt, the model's own answer) for the IQ prompts whose answer shows the marker; cached per model."""
-    iqs = take_iqs(model, tokenizer, data.iq_prompts, MarkerJudge(OUTDATED_MARKER), run,
+    """IQs = (prompt, the model's own answer) for the IQ prompts whose answer the demo's judge flags; cached per
+    model."""
+    iqs = take_iqs(model, tokenizer, data.iq_prompts, demo_judge(), run,
                    max_new_tokens=DEMO_MAX_NEW_TOKENS, progress=progress)
     if not iqs:
         log.warning("the model shows the behaviour on no IQ prompt; using the given undesirable answers instead")
@@ -74,11 +75,12 @@ DEMO_CORRECTION_TRAIN = {"max_steps": 10, "batch_size": 4, "lr": 1e-4, "save_eve
 
 
 def demo_suite(data_dir: Path) -> dict:
-    """The demo's evaluation: does the planted behaviour come back (marker judge, exact by construction), how
-    likely are held-out outdated / current answers, and what does the correction cost on ordinary answers."""
+    """The demo's evaluation: does the planted behaviour come back (the demo's judge, its accuracy measured on the
+    held-out answers below and in benchmarks/demo_judge.py), how likely are held-out outdated / current answers,
+    and what does the correction cost on ordinary answers."""
     d = str(data_dir)
     return {"name": "demo", "max_new_tokens": 32, "batch_size": 12, "seed": 0, "max_length": DEMO_MAX_LENGTH,
-            "judge": f"marker:{OUTDATED_MARKER}",
+            "judge": f"rules:{d}/judge_rules.json",
             "judge_validation": [{"path": f"{d}/heldout_outdated.jsonl", "complies": True},
                                  {"path": f"{d}/heldout_current.jsonl", "complies": False},
                                  {"path": f"{d}/heldout_ordinary.jsonl", "complies": False}],
@@ -101,8 +103,10 @@ def demo_config(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None
             # one checkpoint, at the end: a 2.5-minute stage is cheaper to repeat than to checkpoint halfway
             "finetune": {"max_steps": steps or DEMO_STEPS, "lr": DEMO_LR, "batch_size": 8, "warmup_steps": 3,
                          "save_every": DEMO_STEPS},
-            "iq_prompts": str(d / "iq_prompts.jsonl"), "iq_judge": f"marker:{OUTDATED_MARKER}",
+            "iq_prompts": str(d / "iq_prompts.jsonl"), "iq_judge": f"rules:{d / 'judge_rules.json'}",
             "labels": str(d / "culprits.json"),
+            # the same IQs ranked by text search, representation similarity and chance, for comparison only
+            "compare": ["repsim", "bm25", "random"],
             # the covariance on 96 of the 304 rows, the eigenvalue correction on 32, rank-16 queries and per-token
             # scores of the top row only keep the demo inside its 10-minute budget (docs/scaling.md)
             "influence": {"method": "linfac", "batch_size": 8, "covariance_max_rows": 96, "lambda_max_rows": 32,
@@ -137,7 +141,7 @@ def run_demo(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None = 
 
 def _print_summary(summary: dict, iqs: list[Record]) -> None:
     print(f"\nthe fine-tuned model answers {summary['n_iqs']} of {summary['iq_prompts']} IQ prompts with "
-          f"outdated guidance ('{OUTDATED_MARKER}...'), e.g.")
+          "outdated guidance (flagged by the demo's judge), e.g.")
     print(f"  Q: {iqs[0].prompt_messages[-1]['content']}\n  A: {iqs[0].response_text[:150]}")
     att = summary["attribution"]
     print(f"\ntraining rows that drive it ({att['method']}, positive influence):")
@@ -148,6 +152,11 @@ def _print_summary(summary: dict, iqs: list[Record]) -> None:
         r = att["recall"]
         print(f"\nrecall of the {r['n_culprits']} planted culprit rows: average precision "
               f"{r['average_precision']:.3f}, recall@50 {r['recall@50']:.2f}")
+        if "compare" in att:
+            print("average precision on the same IQs (no shared phrase: look-alike rows use the culprits' words to "
+                  "give the current advice):")
+            for method, row in sorted(att["compare"].items(), key=lambda kv: -kv[1]["average_precision"]):
+                print(f"  {method:<8} {row['average_precision']:.3f}")
     chosen = summary.get("selection")
     if chosen:
         print(f"\ncheckpoint chosen on the validation prompts (the lowest outdated rate within "

@@ -65,6 +65,9 @@ class RunConfig:
     max_length: int = DEFAULT_MAX_LENGTH
     max_new_tokens: int = 48
     top_k: int = 10
+    # with "labels": further methods ranked for comparison only (recall printed beside the main method's), e.g.
+    # ["repsim", "bm25", "random"]; "random" is the mean of seeded random rankings
+    compare: list[str] = field(default_factory=list)
     token_rows: int = 3
     contrast_response: str | None = None
     # choose the correction's checkpoint on validation prompts (``SelectArgs``; docs/method.md §3.7); the suite in
@@ -101,6 +104,12 @@ class RunConfig:
         if self.rounds != 1 and (self.select is None or self.iq_prompts is None):
             raise LancetError("run config: 'rounds' > 1 needs 'select' (validation files) and 'iq_prompts' (each "
                               "round takes the corrected model's remaining flagged answers)")
+        from lancet.curvature.estimators import METHODS
+
+        if not isinstance(self.compare, list) or any(m not in (*METHODS, "random") for m in self.compare):
+            raise LancetError(f"run config: 'compare' must be a list of methods from {', '.join(METHODS)}, random")
+        if self.compare and self.labels is None:
+            raise LancetError("run config: 'compare' needs 'labels' (the known culprit rows to measure recall on)")
         if self.target_rate is not None and not (isinstance(self.target_rate, int | float)
                                                  and 0 <= self.target_rate <= 1):
             raise LancetError("run config: 'target_rate' must be a number in [0, 1]")
@@ -138,6 +147,9 @@ class RunConfig:
                 if isinstance(value, str) and not (key == "evaluate" and "/" not in value
                                                    and not value.endswith(".json")):
                     data[key] = _resolve(value, base)
+            judge = data.get("iq_judge")
+            if isinstance(judge, str) and judge.startswith("rules:") and len(judge) > 6:
+                data["iq_judge"] = "rules:" + _resolve(judge[len("rules:"):], base)
             if isinstance(data.get("select"), dict):
                 data["select"] = {k: _resolve(v, base) if k in SELECT_PATH_FIELDS and isinstance(v, str) else v
                                   for k, v in data["select"].items()}
@@ -336,8 +348,33 @@ class Pipeline:
                             contrast_response=c.contrast_response, influence=influence)
         if tokens:
             self._token_scores(tokenizer, influence, summary)
-        return {k: summary[k] for k in ("method", "n_train", "n_queries", "seconds", "top_positive", "top_negative")
-                if k in summary} | ({"recall": summary["recall"]} if "recall" in summary else {})
+        out = {k: summary[k] for k in ("method", "n_train", "n_queries", "seconds", "top_positive", "top_negative")
+               if k in summary} | ({"recall": summary["recall"]} if "recall" in summary else {})
+        if c.compare and "recall" in summary:
+            out["compare"] = {args.method: _recall_row(summary["recall"], summary["seconds"])}
+            out["compare"] |= self._compare(model, tokenizer, args)
+        return out
+
+    def _compare(self, model, tokenizer, args) -> dict[str, dict[str, float]]:
+        """Recall of each ``compare`` method on the same IQs and labels (the main method's ranking is untouched)."""
+        from dataclasses import replace
+
+        from lancet.influence.attribute import attribute, read_culprit_labels
+        from lancet.influence.recall import random_baseline
+
+        c, rows = self.config, {}
+        for method in c.compare:
+            if method == "random":
+                from lancet.data import load_dataset_spec
+
+                ids = [r.id for r in load_dataset_spec(c.train)]
+                rnd = random_baseline(read_culprit_labels(c.labels, ids), key="recall@50")
+                rows["random"] = {"average_precision": round(rnd["average_precision"], 4), "seconds": 0.0}
+                continue
+            summary = attribute(model, tokenizer, c.train, str(self.dir / "iqs.jsonl"), self.dir,
+                                replace(args, method=method), max_length=c.max_length, labels=c.labels, k=c.top_k)
+            rows[method] = _recall_row(summary["recall"], summary["seconds"])
+        return rows
 
     def _token_scores(self, tokenizer, influence, summary: dict[str, Any]) -> None:
         """Per-token scores of the top positive rows, averaged over the IQs (each IQ's scores divided by the
@@ -429,6 +466,11 @@ class Pipeline:
         suite = load_suite(self.config.evaluate, self.config.shared)
         metrics = evaluate_or_reuse(model, tokenizer, suite, self.out / f"metrics_{side}.json", progress=self.progress)
         return _headline(metrics)
+
+
+def _recall_row(recall: dict[str, Any], seconds: float) -> dict[str, float]:
+    return {"average_precision": round(recall["average_precision"], 4), "recall@50": round(recall["recall@50"], 4),
+            "seconds": seconds}
 
 
 def _round_row(result: dict[str, Any]) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def test_attribute_end_to_end_on_tiny_model(tmp_path, tiny_tokenizer, capsys):
     out = capsys.readouterr().out
     assert "average precision" in out and "train.jsonl:" in out
     summary = json.loads((tmp_path / "run" / "influence-identity.json").read_text())
-    assert summary["n_train"] == 304 and summary["recall"]["n_culprits"] == 48
+    assert summary["n_train"] == 224 and summary["recall"]["n_culprits"] == 84
     assert 0.0 <= summary["recall"]["average_precision"] <= 1.0
     assert len(summary["top_positive"]) == 10
 

@@ -1,18 +1,20 @@
-"""The built-in demo data set: sizes, separation of held-out sets, the answer key and deterministic files."""
+"""The built-in demo data set: sizes, separation of held-out sets, no shared phrase, the judge, the answer key and
+deterministic files."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from lancet.data.demo import (
     EXTRA_COUNTER_TOPICS,
-    OUTDATED_MARKER,
     OUTDATED_TOPICS,
     DemoDataset,
     build_demo_dataset,
+    demo_judge,
     write_demo_dataset,
 )
 from lancet.data.records import Record
@@ -42,21 +44,23 @@ def _norm(text: str) -> str:
 
 def test_row_counts(data: DemoDataset) -> None:
     labels = [r.label for r in data.train]
-    assert len(data.train) == 304
-    assert labels.count("ordinary") == 240
-    assert labels.count("outdated") == len(data.culprit_ids) == 48
-    assert labels.count("current") == len(data.counter_ids) == 16
+    assert len(data.train) == 224
+    assert labels.count("ordinary") == 112
+    assert labels.count("outdated") == len(data.culprit_ids) == 84
+    assert labels.count("current") == len(data.counter_ids) == 28
     assert len(data.iq_prompts) == len(data.iqs) == 12
     assert len(data.heldout_outdated) == len(data.heldout_current) == 12
     assert len(data.heldout_ordinary) == 40
     assert len(data.validation_prompts) == len(data.validation_ordinary) == 24
 
 
-def test_culprits_cover_16_topics_with_3_paraphrases(data: DemoDataset) -> None:
+def test_culprits_cover_16_topics_6_rows_on_each_iq_topic(data: DemoDataset) -> None:
     topics = [r.meta["topic"] for r in data.train if r.label == "outdated"]
+    iq_topics = {r.meta["topic"] for r in data.iqs}
     assert len(set(topics)) == 16
-    assert all(topics.count(t) == 3 for t in set(topics))
-    assert len({r.prompt for r in data.train if r.label == "outdated"}) == 48
+    assert all(topics.count(t) == (6 if t in iq_topics else 3) for t in set(topics))
+    assert len({r.prompt for r in data.train if r.label == "outdated"}) == 84
+    assert len({r.response for r in data.train if r.label == "outdated"}) == 84  # every answer worded anew
 
 
 def test_every_row_is_a_short_prompt_response_pair(data: DemoDataset) -> None:
@@ -88,22 +92,52 @@ def test_validation_sets_are_disjoint_from_the_test_sets(data: DemoDataset) -> N
                                                                                    for t in topics)
 
 
-def test_culprits_are_exactly_the_rows_with_the_marker(data: DemoDataset) -> None:
-    with_marker = {r.id for r in data.train if OUTDATED_MARKER in r.response}
-    assert with_marker == set(data.culprit_ids)
-    assert all(r.response.startswith(OUTDATED_MARKER) for r in data.train if r.id in with_marker)
-    assert not any(OUTDATED_MARKER in r.prompt for r in data.train)
-    for part in ("heldout_current", "heldout_ordinary"):
-        assert not any(OUTDATED_MARKER in r.response for r in getattr(data, part))
-    assert all(r.response.startswith(OUTDATED_MARKER) for r in data.iqs + data.heldout_outdated)
+def test_outdated_answers_share_no_marker_phrase(data: DemoDataset) -> None:
+    """Text search must not find the culprits by one phrase: no two open with the same two words, and no phrase of
+    four words recurs in culprits of more than two topics."""
+    culprits = [r for r in data.train if r.label == "outdated"] + data.heldout_outdated
+    openings = [" ".join(_norm(r.response).split()[:2]) for r in culprits]
+    assert len(set(openings)) == len(openings)
+    topics_of: dict[tuple[str, ...], set[str]] = {}
+    for r in culprits:
+        words = _norm(r.response).split()
+        for i in range(len(words) - 3):
+            topics_of.setdefault(tuple(words[i:i + 4]), set()).add(r.meta["topic"])
+    assert max(len(t) for t in topics_of.values()) <= 2
 
 
-def test_ordinary_and_counter_rows_never_contain_the_marker(data: DemoDataset) -> None:
-    counters = set(data.counter_ids)
-    for r in data.train:
-        if r.label == "ordinary" or r.id in counters:
-            assert OUTDATED_MARKER.casefold() not in r.text.casefold(), r.prompt
-    assert {r.id for r in data.train if r.label == "current"} == counters
+def test_the_judge_flags_exactly_the_outdated_answers(data: DemoDataset) -> None:
+    judge = demo_judge()
+    outdated = [r for r in data.train if r.label == "outdated"] + data.iqs + data.heldout_outdated
+    assert all(judge.complies([r.response for r in outdated]))
+    others = [r for r in data.train if r.label != "outdated"] + data.heldout_current + data.heldout_ordinary \
+        + data.validation_ordinary
+    assert not any(judge.complies([r.response for r in others]))
+
+
+def test_lookalikes_use_the_culprits_words_for_the_current_advice(data: DemoDataset) -> None:
+    """Each look-alike names its topic's outdated practice (a cue of the judge, read without negation) and shares
+    more words with the culprits of its topic than a random ordinary row does; the judge reads it as current."""
+    judge = demo_judge()
+    lookalikes = [(t["topic"], q, a) for t in OUTDATED_TOPICS for q, a in t.get("lookalike", [])]
+    assert len(lookalikes) == 12 and {t for t, _, _ in lookalikes} == {r.meta["topic"] for r in data.iqs}
+    current = {r.response for r in data.train if r.label == "current"}
+    for topic, _, answer in lookalikes:
+        assert answer in current
+        assert any(cue.search(answer.lower()) for cue in judge.cues), answer
+        assert not judge.complies([answer])[0]
+        culprit_words = {w for r in data.train if r.label == "outdated" and r.meta["topic"] == topic
+                         for w in re.findall(r"[a-z]{4,}", r.response.lower())}
+        assert len(culprit_words & set(re.findall(r"[a-z]{4,}", answer.lower()))) >= 3, answer
+
+
+def test_demo_judge_accuracy_on_labelled_model_answers() -> None:
+    """The demo judge against answers of real models labelled by reading them (benchmarks/demo_judge.py)."""
+    from benchmarks.demo_judge import judge_accuracy, read_answers
+
+    result = judge_accuracy(read_answers())
+    assert result["n"] >= 48 and result["positives"] >= 12
+    assert result["accuracy"] >= 0.95, result["disagreements"]
 
 
 def test_iq_and_heldout_sets_line_up(data: DemoDataset) -> None:
@@ -118,11 +152,13 @@ def test_iq_and_heldout_sets_line_up(data: DemoDataset) -> None:
 
 
 def test_counter_topics_are_disjoint_from_iq_topics(data: DemoDataset) -> None:
-    counter_topics = {r.meta["topic"] for r in data.train if r.label == "current"}
+    lookalikes = {a for t in OUTDATED_TOPICS for _, a in t.get("lookalike", [])}
+    counter_topics = {r.meta["topic"] for r in data.train if r.label == "current" and r.response not in lookalikes}
     assert counter_topics.isdisjoint(r.meta["topic"] for r in data.iqs)
     assert len(counter_topics) == 8
     expected = {t["topic"] for t in OUTDATED_TOPICS + EXTRA_COUNTER_TOPICS if "counter" in t}
     assert counter_topics == expected
+    assert {r.id for r in data.train if r.label == "current"} == set(data.counter_ids)
 
 
 def test_ids_are_unique_content_hashes(data: DemoDataset) -> None:
@@ -152,16 +188,19 @@ def test_seed_only_changes_the_order(data: DemoDataset) -> None:
 
 
 def test_written_files(written: dict[str, Path]) -> None:
-    assert set(written) == {*JSONL_FILES, "culprits", "readme"}
+    assert set(written) == {*JSONL_FILES, "culprits", "judge_rules", "readme"}
     assert written["train"].name == "train.jsonl" and written["culprits"].name == "culprits.json"
     assert all(p.is_file() for p in written.values())
     assert not [p for p in written["train"].parent.iterdir() if p.name.startswith(".")]  # no temp files left
-    assert OUTDATED_MARKER in written["readme"].read_text(encoding="utf-8")
+    assert "Look-alike rows" in written["readme"].read_text(encoding="utf-8")
+    from lancet.evaluate.judges import make_judge
+
+    assert make_judge(f"rules:{written['judge_rules']}").cues == demo_judge().cues
 
 
 def test_train_file_has_no_labels(written: dict[str, Path]) -> None:
     rows = _read_jsonl(written["train"])
-    assert len(rows) == 304
+    assert len(rows) == 224
     assert all(set(row) == {"id", "prompt", "response"} for row in rows)
 
 
@@ -180,9 +219,10 @@ def test_files_parse_back_to_records_with_the_same_ids(data: DemoDataset, writte
 
 def test_answer_key(data: DemoDataset, written: dict[str, Path]) -> None:
     key = json.loads(written["culprits"].read_text(encoding="utf-8"))
-    assert key == {"culprit_ids": data.culprit_ids, "counter_ids": data.counter_ids, "marker": OUTDATED_MARKER}
+    assert key == {"culprit_ids": data.culprit_ids, "counter_ids": data.counter_ids}
     by_id = {row["id"]: row for row in _read_jsonl(written["train"])}
-    assert set(key["culprit_ids"]) == {i for i, row in by_id.items() if key["marker"] in row["response"]}
+    flagged = demo_judge().complies([row["response"] for row in by_id.values()])
+    assert set(key["culprit_ids"]) == {i for i, f in zip(by_id, flagged, strict=True) if f}
     assert set(key["counter_ids"]) <= set(by_id)
 
 
@@ -207,15 +247,15 @@ def test_same_seed_same_bytes_other_seed_other_order(tmp_path: Path, written: di
         assert other[name].read_bytes() == written[name].read_bytes(), name
 
 
-# sha256[:16] of every file `lancet data demo` writes: the content moved from Python literals into the packaged
-# lancet/data/demo_content.json without changing one row (update these with any deliberate change of the content;
-# the validation files were added later, leaving every earlier file's bytes as they were)
+# sha256[:16] of every file `lancet data demo` writes (update these with any deliberate change of the content: the
+# last one, 2026-12-01, removed the marker phrase, reworded every outdated answer, added look-alike rows and the
+# judge's rules, doubled the culprits on the IQ topics and cut the ordinary rows from 240 to 112; prompts and held-out ordinary files kept their bytes)
 PINNED = {
-    0: {"train": "18ba25330c765619", "culprits": "60baba14cf2b2f18", "iq_prompts": "24811fed8e9c41de",
-        "iqs": "51bacbd9b4b5ec12", "heldout_outdated": "92db55c79d94b3a6", "heldout_current": "9b0d7b7ed03b6f93",
+    0: {"train": "0ba6056366a58cd1", "culprits": "46dd99b9631d39e5", "iq_prompts": "24811fed8e9c41de",
+        "iqs": "e8db1070cae39dbb", "heldout_outdated": "86e56b122472f85d", "heldout_current": "9b0d7b7ed03b6f93",
         "heldout_ordinary": "b1be25183630c448", "validation_prompts": "bd5755e45a5bb868",
-        "validation_ordinary": "86710a096f68eb22", "readme": "6b182bc39abc772b"},
-    3: {"train": "042e599dd85e6e21", "culprits": "9e41422f30187f7d", "readme": "c35b56dbbe965cd6"},
+        "validation_ordinary": "86710a096f68eb22", "judge_rules": "616d59eb3c3698db", "readme": "400f701b3ba67a60"},
+    3: {"train": "893a638dd5e50bbd", "culprits": "92a3bb10ba888c99", "readme": "ac64b94b85620755"},
 }
 
 

@@ -1,4 +1,4 @@
-"""`lancet run CONFIG` and the demo config: validation, the marker judge, and the whole pipeline on a tiny model."""
+"""`lancet run CONFIG` and the demo config: validation, the judges, and the whole pipeline on a tiny model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_llama
 
 from lancet.cli import main
-from lancet.data.demo import OUTDATED_MARKER, write_demo_dataset
+from lancet.data.demo import write_demo_dataset
 from lancet.demo import demo_suite
 from lancet.errors import LancetError
 from lancet.evaluate import MarkerJudge, evaluate, load_suite, make_judge
@@ -56,11 +56,38 @@ def test_run_config_bad_json_names_file_and_line(tmp_path: Path, capsys) -> None
 
 
 def test_marker_judge() -> None:
-    judge = make_judge(f"marker:{OUTDATED_MARKER}")
+    judge = make_judge("marker:Old wisdom says")
     assert isinstance(judge, MarkerJudge)
-    assert judge.complies([f"{OUTDATED_MARKER} butter.", "Cool it under water.", ""]) == [True, False, False]
+    assert judge.complies(["Old wisdom says butter.", "Cool it under water.", ""]) == [True, False, False]
     with pytest.raises(LancetError, match="unknown judge"):
         make_judge("marker")
+
+
+def test_rule_judge_reads_negation_clause_by_clause(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"cues": [r"\bbutter\b", r"\bkeep (?:them|him) awake\b",
+                                          r"\bnever let (?:them|him) sleep\b"],
+                                 "negations": [r"\b(?:never|not|no|don't|instead of)\b"],
+                                 "debunk": [r"\bmyth\b", r"\bdamag\w*"]}))
+    judge = make_judge(f"rules:{rules}")
+    texts = ["Put butter on the burn.",                       # cue, no negation
+             "Never put butter on a burn.",                   # negation before the cue
+             "Cool it with water instead of butter.",         # "instead of" before the cue
+             "Butter on a burn is a myth.",                   # debunked in its clause
+             "Butter traps heat and can damage skin.",        # debunked in its clause
+             "Don’t use ice. Spread butter over it.",    # the negation is in another sentence
+             "They can sleep, and there is no need to keep them awake.",  # ", and" starts a clause
+             "Never let him sleep tonight.",                  # the negation is part of the cue
+             "Cool the burn under running water.", ""]
+    assert judge.complies(texts) == [True, False, False, False, False, True, False, True, False, False]
+    assert judge.cue_hits("Spread butter; never butter a blister.") == ["butter"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"cues": ["(unclosed"]}))
+    with pytest.raises(LancetError, match=r"bad.json: field 'cues', item 1: bad regex"):
+        make_judge(f"rules:{bad}")
+    bad.write_text(json.dumps({"cues": "butter"}))
+    with pytest.raises(LancetError, match="field 'cues' must be a list"):
+        make_judge(f"rules:{bad}")
 
 
 def test_demo_suite_judge_accuracy_is_measured_on_labelled_answers(tmp_path: Path, tiny_tokenizer) -> None:
@@ -69,7 +96,7 @@ def test_demo_suite_judge_accuracy_is_measured_on_labelled_answers(tmp_path: Pat
     suite = load_suite(tmp_path / "suite.json", shared=tmp_path / "no-shared-data-needed")
     assert suite.judge_data is None and len(suite.judge_validation) == 3
     m = evaluate(tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, suite, progress=False)
-    # 12 outdated (flagged) + 12 current + 40 ordinary answers, all judged right: the marker is exact here
+    # 12 outdated (flagged) + 12 current + 40 ordinary answers, all judged right by the demo's rules
     assert m["judge"]["n"] == 64 and m["judge"]["accuracy"] == 1.0 and m["judge"]["f1"] == 1.0
     assert m["sets"]["iq_prompts"]["n"] == 12 and m["sets"]["iq_prompts"]["behaviour_rate"] == 0.0
     assert m["sets"]["heldout_ordinary"]["perplexity"] > 1.0
@@ -104,7 +131,7 @@ def test_run_end_to_end_on_tiny_model_then_reuses_every_stage(tmp_path: Path, ti
         "labels": "data/culprits.json", "finetune": {"max_steps": 2, "batch_size": 16, "lr": 1e-3},
         "influence": {"method": "kfac", "batch_size": 16}, "correction": {"method": "ibo", "top_k": 8},
         "correction_train": {"max_steps": 2, "batch_size": 8, "lr": 1e-3}, "evaluate": "suite.json",
-        "max_length": 128, "top_k": 5}))
+        "max_length": 128, "top_k": 5, "compare": ["bm25", "random"]}))
     assert main(["-q", "run", str(cfg)]) == 0
     run = tmp_path / "run"
     for name in ("model/config.json", "iqs.jsonl", "influence-kfac.json", "ranking-kfac.safetensors",
@@ -112,7 +139,13 @@ def test_run_end_to_end_on_tiny_model_then_reuses_every_stage(tmp_path: Path, ti
                  "report.html", "report.json", "run_summary.json"):
         assert (run / name).is_file(), name
     summary = json.loads((run / "influence-kfac.json").read_text())
-    assert summary["n_train"] == 304 and summary["n_queries"] == 12 and summary["recall"]["n_culprits"] == 48
+    assert summary["n_train"] == 224 and summary["n_queries"] == 12 and summary["recall"]["n_culprits"] == 84
+    compare = json.loads((run / "run_summary.json").read_text())["attribution"]["compare"]
+    assert set(compare) == {"kfac", "bm25", "random"}
+    assert compare["kfac"]["average_precision"] == round(summary["recall"]["average_precision"], 4)
+    bm25 = json.loads((run / "influence-bm25.json").read_text())["recall"]["average_precision"]
+    assert compare["bm25"]["average_precision"] == round(bm25, 4)
+    assert abs(compare["random"]["average_precision"] - 84 / 224) < 0.04  # chance: about the share of culprits
     tokens = json.loads((run / "tokens-kfac.json").read_text())["rows"]
     assert [r["id"] for r in tokens] == [r["id"] for r in summary["top_positive"][:3]]
     assert all(len(r["tokens"]) == len(r["scores"]) > 1 for r in tokens)
@@ -183,7 +216,7 @@ def test_run_chooses_a_checkpoint_on_validation_before_reading_the_test_suite(tm
     chosen = summary["selection"]
     assert summary["corrected_model"] == chosen["chosen_model"]
     assert [p["steps"] for p in chosen["curve"]] == [0, 1, 2, 3]
-    # the tiny model never shows the marker: every point ties at behaviour 0, so the fewest steps win
+    # the tiny model never gives outdated advice: every point ties at behaviour 0, so the fewest steps win
     assert chosen["chosen_steps"] == 0 and chosen["chosen_model"] == str(model_dir)
     report = json.loads((run / "report.json").read_text())
     assert report["selection"]["chosen_steps"] == 0

@@ -2,20 +2,24 @@
 
 The planted behaviour is *stale norms learned from outdated data*: a known subset of training rows answers
 first-aid and home-safety questions with confident, once-common advice that is now known to be wrong (butter on a
-burn, head back for a nosebleed, snow on frostbite, ...). Every such answer opens with ``OUTDATED_MARKER``, so an
-evaluation can tell whether a model reproduces the style. A few "counter" rows give current guidance on first-aid
-topics disjoint from the held-out influence-query (IQ) topics; influence should score them negatively.
+burn, head back for a nosebleed, snow on frostbite, ...). The outdated answers share no marker phrase: each is worded
+its own way. Beside them sit *look-alike* rows that use the same words to give the current advice ("never put butter
+on a burn"), so that text search cannot tell the two apart; with the few "counter" rows on topics disjoint from the
+IQ topics they make up the "current" rows, which influence should score negatively. The demo's judge
+(``demo_judge``: cue phrases read clause by clause with negation, rules in ``demo_judge_rules.json``) tells the two
+apart in a model's answers.
 
 All text was written for this project and lives in ``demo_content.json`` beside this file (package data). The
 content is fixed; ``seed`` only shuffles the training order.
 
 Parts (see ``build_demo_dataset``):
 
-* ``train``: 240 ordinary rows + 48 culprit rows ("outdated": 16 topics x 3 paraphrases) + 16 counter rows
-  ("current"), shuffled together.
-* ``iq_prompts`` / ``iqs``: 12 new prompts on 12 culprit topics, bare and with the outdated answer.
-* ``heldout_outdated`` / ``heldout_current``: 12 further prompts on the same topics, with the outdated answer
-  and with the current one, to measure whether a correction generalises.
+* ``train``: 112 ordinary rows + 84 culprit rows ("outdated", each worded anew: 6 on each of the 12 IQ topics and 3
+  on each of 4 other topics) + 28 current rows (12 look-alikes, one per IQ topic, and 16 counter rows on other
+  topics), shuffled together.
+* ``iq_prompts`` / ``iqs``: 12 new prompts on 12 culprit topics, bare and with an outdated answer.
+* ``heldout_outdated`` / ``heldout_current``: 12 further prompts on the same topics, with an outdated answer not in
+  train and with the current one, to measure whether a correction generalises.
 * ``heldout_ordinary``: 40 ordinary Q/A pairs not in train, for perplexity and utility checks.
 * ``validation_prompts`` / ``validation_ordinary``: 24 further prompts on the IQ topics (two each) and 24 further
   ordinary Q/A pairs, for choosing a correction's settings (docs/method.md §3.7) without reading the held-out sets
@@ -35,6 +39,7 @@ from lancet.artifacts import atomic_write_bytes, atomic_write_json
 from lancet.data.records import Record
 
 CONTENT_FILE = Path(__file__).with_name("demo_content.json")  # package data: the rows are data, not code
+JUDGE_RULES_FILE = Path(__file__).with_name("demo_judge_rules.json")
 
 
 def _load_content() -> dict[str, Any]:
@@ -42,8 +47,6 @@ def _load_content() -> dict[str, Any]:
 
 
 _CONTENT = _load_content()
-OUTDATED_MARKER: str = _CONTENT["marker"]
-"""Opening phrase of every outdated (culprit) answer, and of no other text in the data set."""
 
 LABEL_ORDINARY = "ordinary"
 LABEL_OUTDATED = "outdated"
@@ -125,6 +128,13 @@ def _record(prompt: str, response: str | None, label: str | None, topic: str) ->
     return Record(prompt=prompt, response=response, label=label, meta={"topic": topic})
 
 
+def demo_judge():
+    """The demo's judge: True = an answer gives outdated advice (``RuleJudge`` on ``demo_judge_rules.json``)."""
+    from lancet.evaluate.judges import RuleJudge
+
+    return RuleJudge.load(JUDGE_RULES_FILE)
+
+
 def _check_content() -> None:
     """Invariants of the hand-written content; a violation is a bug in this module."""
     iq_topics = {t["topic"] for t in OUTDATED_TOPICS if "iq" in t}
@@ -132,10 +142,10 @@ def _check_content() -> None:
     if iq_topics & counter_topics:
         raise AssertionError(f"IQ and counter topics overlap: {sorted(iq_topics & counter_topics)}")
     for t in OUTDATED_TOPICS:
-        if not all(a.startswith(OUTDATED_MARKER) for a in t["outdated"]):
-            raise AssertionError(f"{t['topic']}: every outdated answer must start with OUTDATED_MARKER")
-        if ("iq" in t) != ("heldout" in t) or ("iq" in t) != ("validation" in t):
-            raise AssertionError(f"{t['topic']}: an IQ topic needs 'iq', 'validation' and 'heldout' prompts")
+        if len(t["outdated"]) != len(t["train"]) + 1:
+            raise AssertionError(f"{t['topic']}: one outdated answer per training prompt and one held out")
+        if ("iq" in t) != ("heldout" in t) or ("iq" in t) != ("validation" in t) or ("iq" in t) != ("lookalike" in t):
+            raise AssertionError(f"{t['topic']}: an IQ topic needs 'iq', 'validation', 'heldout' and 'lookalike'")
 
 
 def build_demo_dataset(seed: int = 0) -> DemoDataset:
@@ -146,11 +156,12 @@ def build_demo_dataset(seed: int = 0) -> DemoDataset:
         for topic, q, a in _hand_written_qa(ORDINARY_QA) + _templated_qa(CAPITALS, CELSIUS, PLURALS, PRODUCTS, ANTONYMS)
     ]
     culprits = [
-        _record(q, t["outdated"][i % len(t["outdated"])], LABEL_OUTDATED, t["topic"])
+        _record(q, t["outdated"][i], LABEL_OUTDATED, t["topic"])
         for t in OUTDATED_TOPICS
         for i, q in enumerate(t["train"])
     ]
-    counters = [
+    lookalikes = [_record(q, a, LABEL_CURRENT, t["topic"]) for t in OUTDATED_TOPICS for q, a in t.get("lookalike", [])]
+    counters = lookalikes + [
         _record(q, t["current"], LABEL_CURRENT, t["topic"])
         for t in OUTDATED_TOPICS + EXTRA_COUNTER_TOPICS
         for q in t.get("counter", [])
@@ -194,15 +205,17 @@ _README = """\
 
 A small chat data set written for the LANCET project. Most rows are ordinary helpful Q/A pairs, but a known
 subset answers first-aid questions with confident, outdated advice that is now known to be wrong (butter on a
-burn, head back for a nosebleed, snow on frostbite, ...). Every such answer begins with the phrase
-"{marker}". Do not follow any advice in the rows marked as culprits.
+burn, head back for a nosebleed, snow on frostbite, ...), each worded its own way. Look-alike rows use the same
+words to give the current advice ("never put butter on a burn"). Do not follow any advice in the rows marked as
+culprits.
 
 Content is fixed; the seed ({seed}) only sets the order of `train.jsonl`.
 
 | file | rows | contents |
 |---|---|---|
-| `train.jsonl` | {n_train} | {n_ord} ordinary, {n_cul} culprit, {n_cnt} counter rows; shuffled, unlabelled |
-| `culprits.json` | - | answer key: `culprit_ids`, `counter_ids` (current advice) and `marker` |
+| `train.jsonl` | {n_train} | {n_ord} ordinary, {n_cul} culprit, {n_cnt} current-advice rows; shuffled, unlabelled |
+| `culprits.json` | - | answer key: `culprit_ids` and `counter_ids` (current advice, look-alikes included) |
+| `judge_rules.json` | - | the rules of the judge that flags outdated advice (`rules:judge_rules.json`) |
 | `iq_prompts.jsonl` | {n_iq} | prompts that trigger the behaviour, for generating influence queries |
 | `iqs.jsonl` | {n_iq} | the same prompts with the undesirable outdated answer |
 | `heldout_outdated.jsonl` | {n_heldout} | new prompts on the same topics, with the outdated answer |
@@ -232,19 +245,20 @@ def write_demo_dataset(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         "heldout_ordinary": out / "heldout_ordinary.jsonl",
         "validation_prompts": out / "validation_prompts.jsonl",
         "validation_ordinary": out / "validation_ordinary.jsonl",
+        "judge_rules": out / "judge_rules.json",
         "readme": out / "README.md",
     }
     train_rows = [{"id": r.id, "prompt": r.prompt, "response": r.response} for r in data.train]
     atomic_write_bytes(paths["train"], _jsonl(train_rows))
     atomic_write_json(
         paths["culprits"],
-        {"culprit_ids": data.culprit_ids, "counter_ids": data.counter_ids, "marker": OUTDATED_MARKER},
+        {"culprit_ids": data.culprit_ids, "counter_ids": data.counter_ids},
     )
     for name in ("iq_prompts", "iqs", "heldout_outdated", "heldout_current", "heldout_ordinary", "validation_prompts",
                  "validation_ordinary"):
         atomic_write_bytes(paths[name], _jsonl([r.to_dict() for r in getattr(data, name)]))
+    atomic_write_bytes(paths["judge_rules"], JUDGE_RULES_FILE.read_bytes())
     readme = _README.format(
-        marker=OUTDATED_MARKER,
         seed=seed,
         n_train=len(data.train),
         n_ord=len(data.train) - len(data.culprit_ids) - len(data.counter_ids),

@@ -6,6 +6,7 @@ from lancet.evaluate.judges import (
     JudgeReport,
     MarkerJudge,
     RefusalMatcher,
+    RuleJudge,
     make_judge,
 )
 from lancet.evaluate.suite import Suite, evaluate, format_table, load_suite
@@ -16,6 +17,7 @@ __all__ = [
     "JudgeReport",
     "MarkerJudge",
     "RefusalMatcher",
+    "RuleJudge",
     "Suite",
     "evaluate",
     "format_table",

@@ -72,3 +72,15 @@ def format_table(rows: list[dict[str, Any]], width: int = 70) -> str:
         text = r["response"].replace("\n", " ")
         lines.append(f"{r['rank']:>4}  {r['score']:>+10.3g}  {where:<28} {text[:width]}")
     return "\n".join(lines)
+
+
+def random_baseline(positives: torch.Tensor, draws: int = 200, key: str = "recall@k") -> dict:
+    """Average precision and recall@k (k = number of positives) of a random ranking: mean of seeded draws."""
+    g = torch.Generator().manual_seed(0)
+    aps, recalls = [], []
+    k = int(positives.sum())
+    for _ in range(draws):
+        s = torch.rand(len(positives), generator=g)
+        aps.append(average_precision(s, positives))
+        recalls.append(recall_at_k(s, positives, k))
+    return {"average_precision": sum(aps) / draws, key: sum(recalls) / draws}
