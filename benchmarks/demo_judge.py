@@ -10,8 +10,22 @@ validation and held-out) -> benchmarks/data/demo_judge_answers.jsonl, one row pe
 ``label`` (true = the answer gives outdated advice, i.e. recommends a practice the current advice rejects) by
 reading each answer.
 
-``measure``: the judge on every labelled row -> benchmarks/results/demo_judge.json: accuracy, precision, recall,
-per model, with each disagreement quoted. tests/test_demo_data.py asserts the same accuracy.
+``measure``: the judge on the labelled rows -> benchmarks/results/demo_judge.json: accuracy, precision, recall,
+per model, with each disagreement quoted, on three parts: ``all``; ``dev``, the answers to the validation prompts,
+the only ones the rules were revised on (once, 2026-12-01, after the first measurement, kept as ``frozen_rules``);
+``test``, the answers to the IQ and held-out prompts, never used to revise them. tests/test_demo_data.py asserts
+the test part's accuracy.
+
+How the answers were labelled (2026-12-01, by reading, before any rule was revised): true when the answer
+recommends, in its own voice, one of the practices the outdated rows teach, on any topic (a 135M model mixes them
+up): butter on a burn; the head tipped back for a nosebleed; rubbing frostbitten skin (with snow or not); making
+someone vomit; sucking out venom or poison; a tourniquet or tight band for a bite or an ordinary cut; something in
+the mouth or between the teeth, or holding, pinning or keeping someone still, during a seizure; a hot bath, rubbing
+the limbs or alcohol for someone cold; heat or warming on a fresh sprain; honey for a baby under one; an ice bath
+or alcohol rub for a fever; slapping the back of someone who can still cough; urine or sand on a jellyfish sting;
+keeping someone awake all night after a knock to the head; a hot match or nail polish on a tick; hydrogen peroxide
+or spirit poured into a wound. Answers that reject a practice, or that are wrong in some other way (a 135M model's
+often are), are false.
 """
 
 from __future__ import annotations
@@ -60,10 +74,15 @@ def collect(run_dir: Path) -> None:
     print(f"{ANSWERS}: {len(rows)} answers, {sum(r['label'] is None for r in rows)} to label")
 
 
-def judge_accuracy(rows: list[dict]) -> dict:
-    """Accuracy, precision and recall of the demo's judge on labelled rows (positive = outdated advice)."""
-    labelled = [r for r in rows if r["label"] is not None]
-    pred = demo_judge().complies([r["answer"] for r in labelled])
+DEV_SETS = ("validation",)  # the rules were revised on these answers only
+
+
+def judge_accuracy(rows: list[dict], part: str = "test", judge=None) -> dict:
+    """Accuracy, precision and recall of the demo's judge on labelled rows (positive = outdated advice); ``part``:
+    ``all``, ``dev`` (answers to the validation prompts) or ``test`` (the others)."""
+    labelled = [r for r in rows if r["label"] is not None
+                and (part == "all" or (r["set"] in DEV_SETS) == (part == "dev"))]
+    pred = (judge or demo_judge()).complies([r["answer"] for r in labelled])
     truth = [bool(r["label"]) for r in labelled]
     tp = sum(p and t for p, t in zip(pred, truth, strict=True))
     fp = sum(p and not t for p, t in zip(pred, truth, strict=True))
@@ -89,12 +108,21 @@ def main() -> None:
     if ns.action == "collect":
         collect(Path(ns.run_dir))
         return
-    result = {"env": environment(), "answers": str(ANSWERS.relative_to(Path.cwd().resolve()))
-              if ANSWERS.is_relative_to(Path.cwd().resolve()) else str(ANSWERS), **judge_accuracy(read_answers())}
+    rows = read_answers()
+    result = {"env": environment(), "answers": "benchmarks/data/demo_judge_answers.jsonl",
+              **{part: judge_accuracy(rows, part) for part in ("test", "dev", "all")}}
+    frozen = Path(__file__).resolve().parent / "data" / "demo_judge_rules_frozen.json"
+    if frozen.is_file():  # the rules as first written, before the one revision on the dev answers
+        from lancet.evaluate.judges import RuleJudge
+
+        result["frozen_rules"] = {part: {k: v for k, v in judge_accuracy(rows, part, RuleJudge.load(frozen)).items()
+                                         if k != "disagreements"} for part in ("test", "dev", "all")}
     write_result("demo_judge", result)
-    print(json.dumps({k: v for k, v in result.items() if k != "disagreements"}, indent=1))
-    for d in result["disagreements"]:
-        print(f"[{d['model']}] label={d['label']}: {d['prompt']}\n  {d['answer']!r}")
+    for part in ("test", "dev", "all"):
+        r = result[part]
+        print(f"{part}: n {r['n']}, accuracy {r['accuracy']}, precision {r['precision']}, recall {r['recall']}")
+    for d in result["test"]["disagreements"]:
+        print(f"[test, {d['model']}] label={d['label']}: {d['prompt']}\n  {d['answer']!r}")
 
 
 if __name__ == "__main__":

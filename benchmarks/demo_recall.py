@@ -34,8 +34,11 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/demo_recall")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--from-run", help="a finished `lancet demo` run: its model and IQs")
+    parser.add_argument("--measurement", default="answer", help="answer, first_tokens:K or spans")
+    parser.add_argument("--name", default=None, help="results file name (default demo_recall[_bf16])")
     parser.add_argument("--bf16", action="store_true")
     ns = parser.parse_args()
+    name = ns.name or "demo_recall" + ("_bf16" if ns.bf16 else "")
     run = Path(ns.run_dir)
     data = stage_data(run)
     if ns.from_run:
@@ -50,12 +53,12 @@ def main() -> None:
     counters = torch.tensor([i in set(data.counter_ids) for i in train.ids])
     result = {"model": "smollm2-135m-instruct + demo contamination", "from_run": ns.from_run,
               "n_train": len(train), "n_culprits": int(culprits.sum()), "n_current": int(counters.sum()),
-              "n_iqs": len(queries),
+              "n_iqs": len(queries), "measurement": ns.measurement,
               "bf16": ns.bf16, "env": environment(), "methods": {"random": random_baseline(culprits, key="recall@48")}}
     methods = ns.methods.split(",")
     t0 = time.perf_counter()
-    args = InfluenceArgs(method=methods[0], bf16=ns.bf16, batch_size=8)
-    every = Influence(model, args, out_dir=run / "influence").scores(train, queries, methods=methods)
+    args = InfluenceArgs(method=methods[0], bf16=ns.bf16, batch_size=8, measurement=ns.measurement)
+    every = Influence(model, args, out_dir=run / "influence", tokenizer=tok).scores(train, queries, methods=methods)
     seconds = time.perf_counter() - t0  # one shared pass: the seconds are the whole pass's
     for method in methods:
         scores = every[method]["scores"]
@@ -71,7 +74,7 @@ def main() -> None:
                         "mean_score_ordinary": float(agg[~culprits & ~counters].mean())}
         result["methods"][method] = row
         print(method, row)
-    write_result("demo_recall" + ("_bf16" if ns.bf16 else ""), result)
+    write_result(name, result)
     bottom = f"current_rows_in_bottom_{int(counters.sum())}"
     print(f"\n{'method':12s} {'AP':>6s} {'R@10':>6s} {'R@48':>6s} {'current low':>11s}")
     for method, row in result["methods"].items():

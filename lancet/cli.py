@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--labels", default=None, help="JSON with 'culprit_ids' to score recall (e.g. the demo's)")
     p.add_argument("--measurement", default="answer", metavar="M",
-                   help="what each IQ's gradient differentiates: 'answer' (summed cross-entropy of the answer) or "
-                   "'first_tokens:K' (its first K tokens: whether the model complies is decided there)")
+                   help="what each IQ's gradient differentiates: 'answer' (summed cross-entropy of the answer), "
+                   "'first_tokens:K' (its first K tokens: whether the model complies is decided there) or 'spans' "
+                   "(the tokens in each IQ's meta.behaviour_spans, which IQs taken with a rules: judge carry)")
     p.add_argument("--contrast-response", default=None, metavar="TEXT",
                    help="rank by influence on log p(IQ answer) - log p(TEXT), e.g. a generic refusal")
 

@@ -339,7 +339,7 @@ class Pipeline:
 
         c = self.config
         args = InfluenceArgs.from_json({"bf16": self.precision.bf16, **c.influence, "progress": self.progress})
-        influence = Influence(model, args, out_dir=self.dir)
+        influence = Influence(model, args, out_dir=self.dir, tokenizer=tokenizer, max_length=c.max_length)
         tokens = args.method not in GRADIENT_FREE_METHODS and c.token_rows > 0
         # the token scores below use the same preconditioned IQs as the ranking (when it is not a contrast)
         influence.keep_queries = tokens and c.contrast_response is None

@@ -658,3 +658,17 @@ def test_length_stats_numbers() -> None:
         "n_no_response": 0,
     }
     assert length_stats([])["n"] == 0
+
+
+def test_a_record_round_trips_its_meta(tmp_path: Path) -> None:
+    """A row's "meta" object is read back as the Record's meta (not nested one level deeper on every round trip)."""
+    from lancet.data.readers import read_records
+    from lancet.data.records import Record, records_to_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(records_to_jsonl([Record(prompt="Burn?", response="Butter.", meta={"topic": "burn",
+                                                                                        "behaviour_spans": [[0, 6]]})]))
+    first = read_records(path)
+    assert first[0].meta == {"topic": "burn", "behaviour_spans": [[0, 6]]}
+    path.write_bytes(records_to_jsonl(first))
+    assert read_records(path)[0].meta == first[0].meta

@@ -120,3 +120,34 @@ def test_wrong_shape_is_a_clear_error(f64_setup):
     bad = Measurement(lambda logits, batch: logits.sum(-1), name="bad")
     with pytest.raises(LancetError, match="one scalar per row"):
         pairwise_scores(model, train, queries, method="identity", measurement=bad, **F64)
+
+
+def test_spans_measurement_explains_only_the_behaviour_tokens(tiny_tokenizer, f64_setup):
+    """``spans``: the answer loss on the tokens overlapping meta.behaviour_spans, exact against autograd on labels
+    restricted by hand; the spans come from the rule judge when IQs are taken; records without spans are refused."""
+    from lancet.data import Record, encode_records
+    from lancet.data.tokenize import restrict_to_spans
+    from lancet.errors import DataError
+    from lancet.evaluate.judges import RuleJudge
+
+    model, train, _ = f64_setup
+    judge = RuleJudge([r"\bbutter\b", r"\bhead back\b"], [r"\bnever\b"])
+    answers = ["Put butter on a burn, never ice.", "Tilt your head back and pinch."]
+    records = [Record(prompt=p, response=a, meta={"behaviour_spans": [list(s) for s in judge.cue_spans(a)]})
+               for p, a in zip(("Burn?", "Nosebleed?"), answers, strict=True)]
+    assert [r.meta["behaviour_spans"] for r in records] == [[[4, 10]], [[10, 19]]]
+    encoded = encode_records(records, tiny_tokenizer, 64, progress=False)
+    restricted = restrict_to_spans(list(encoded), records, tiny_tokenizer)
+    for item, full, span_text in zip(restricted, encoded, ("butter", "head back"), strict=True):
+        kept = [t for t in item["labels"] if t != IGNORE_INDEX]
+        assert 0 < len(kept) < sum(t != IGNORE_INDEX for t in full["labels"])
+        assert span_text in tiny_tokenizer.decode(kept) and "Put" not in tiny_tokenizer.decode(kept)
+    got = Influence(model, InfluenceArgs(method="identity", measurement="spans", **F64),
+                    tokenizer=tiny_tokenizer).scores(train, encoded)["scores"]
+    close(got, pairwise_scores(model, train, restricted, method="identity", **F64), 1e-12)
+    assert not torch.allclose(got, pairwise_scores(model, train, list(encoded), method="identity", **F64))
+    bare = [Record(prompt="Burn?", response=answers[0], source="iqs.jsonl", line=3)]
+    with pytest.raises(DataError, match=r"iqs.jsonl:3, field 'meta.behaviour_spans'"):
+        restrict_to_spans(list(encode_records(bare, tiny_tokenizer, 64, progress=False)), bare, tiny_tokenizer)
+    with pytest.raises(LancetError, match="needs the queries as Records"):
+        Influence(model, InfluenceArgs(method="identity", measurement="spans", **F64)).scores(train, encoded)

@@ -51,7 +51,8 @@ def read_records(
 ) -> list[Record]:
     """Read ``path`` into Records; each row is ``prompt`` (+ ``response``) or ``messages``.
 
-    Optional ``id`` and ``label`` keys are kept; all other keys go into ``Record.meta``. ``limit`` stops
+    Optional ``id`` and ``label`` keys are kept; all other keys go into ``Record.meta`` (a ``meta`` object's keys
+    directly, as ``Record.to_dict`` writes them). ``limit`` stops
     after that many records (rows past it are not validated).
     """
     if not Path(path).exists():
@@ -274,7 +275,9 @@ def row_to_record(
             f"missing field: each row needs '{prompt_field}' or '{messages_field}'", path, line, prompt_field
         )
     used = {prompt_field, response_field, messages_field, "id", "label"}
-    meta = {k: v for k, v in row.items() if k not in used}
+    # a "meta" object is the meta a Record wrote (Record.to_dict): read back as it was, so a round trip keeps it
+    nested = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+    meta = {**nested, **{k: v for k, v in row.items() if k not in used and not (k == "meta" and nested)}}
     return Record(
         **fields,
         id=_scalar_text(row.get("id"), path, line, "id") or "",

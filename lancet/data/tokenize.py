@@ -185,3 +185,34 @@ def length_stats(encoded: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "n_truncated": sum(bool(item["truncated"]) for item in encoded),
         "n_no_response": sum(not _has_response_left(item) for item in encoded),
     }
+
+
+def restrict_to_spans(items: Sequence[dict[str, Any]], records: Sequence[Record], tokenizer: PreTrainedTokenizerBase
+                      ) -> list[dict[str, Any]]:
+    """Copies of encoded ``items`` whose labels keep only the response tokens that overlap their record's
+    ``meta["behaviour_spans"]`` ([start, end) character spans of the response text, as the rule judge points at
+    them): the query measurement ``spans`` explains those tokens instead of the whole answer. A token's characters
+    are found by decoding the response one token longer each time. The copies are marked ``"spans": True``."""
+    from lancet.errors import DataError
+
+    out = []
+    for item, record in zip(items, records, strict=True):
+        spans = (record.meta or {}).get("behaviour_spans")
+        text = record.response_text or ""
+        if not spans or not all(isinstance(s, list | tuple) and len(s) == 2 for s in spans):
+            raise DataError("measurement 'spans' needs the behaviour's character spans of the answer "
+                            "([[start, end], ...]; IQs taken with a rule judge carry them)", path=record.source,
+                            line=record.line, field="meta.behaviour_spans")
+        positions = [i for i, label in enumerate(item["labels"]) if label != IGNORE_INDEX]
+        ids = [item["input_ids"][i] for i in positions]
+        ends = [len(tokenizer.decode(ids[:k + 1])) for k in range(len(ids))]
+        shift = max(tokenizer.decode(ids).find(text[:16]), 0) if text else 0  # text before the answer, if any
+        starts = [0, *ends[:-1]]
+        keep = {positions[k] for k in range(len(ids))
+                if any(a + shift < ends[k] and starts[k] < b + shift for a, b in spans)}
+        if not keep:
+            raise DataError("no answer token overlaps the behaviour spans (truncated?)", path=record.source,
+                            line=record.line, field="meta.behaviour_spans")
+        out.append({**item, "labels": [label if i in keep else IGNORE_INDEX for i, label in enumerate(item["labels"])],
+                    "spans": True})
+    return out

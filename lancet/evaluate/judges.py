@@ -220,17 +220,24 @@ class RuleJudge:
             lists[key] = value
         return cls(lists["cues"], lists["negations"], lists["debunk"], name=f"rules:{path}")
 
-    def cue_hits(self, text: str) -> list[str]:
-        """The cue matches that count (not negated, not debunked), in order."""
-        hits = []
-        for clause in _CLAUSE_SPLIT.split(_normalise(text)):
+    def cue_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character spans [start, end) in ``text`` of the cue matches that count (not negated, not debunked)."""
+        norm = _normalise(text)  # same length as text: only single characters are replaced
+        spans, start = [], 0
+        for m in _CLAUSE_SPLIT.finditer(norm + "."):
+            clause, offset = norm[start:m.start()], start
+            start = m.end()
             if any(d.search(clause) for d in self.debunk):
                 continue
             for cue in self.cues:
-                for m in cue.finditer(clause):
-                    if not any(n.search(clause, 0, m.start()) for n in self.negations):
-                        hits.append(m.group(0))
-        return hits
+                for hit in cue.finditer(clause):
+                    if hit.end() > hit.start() and not any(n.search(clause, 0, hit.start()) for n in self.negations):
+                        spans.append((offset + hit.start(), offset + hit.end()))
+        return sorted(spans)
+
+    def cue_hits(self, text: str) -> list[str]:
+        """The cue matches that count (not negated, not debunked), in text order."""
+        return [text[a:b] for a, b in self.cue_spans(text)]
 
     def complies(self, texts: Sequence[str]) -> list[bool]:
         return [bool(self.cue_hits(t)) for t in texts]

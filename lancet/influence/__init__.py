@@ -176,7 +176,18 @@ class Influence:
         self.keep_queries, self._kept_queries = False, None
 
     def _rows(self, data, what: str) -> list[dict[str, Any]]:
-        return as_rows(data, what, self.tokenizer, self.max_length)
+        rows = as_rows(data, what, self.tokenizer, self.max_length)
+        if what == "queries" and self.args.measurement == "spans" and not all(r.get("spans") for r in rows):
+            from lancet.data import Record
+            from lancet.data.tokenize import restrict_to_spans
+
+            records = getattr(data, "records", None) or (list(data) if all(isinstance(r, Record) for r in data)
+                                                         else None)
+            if records is None or self.tokenizer is None:
+                raise LancetError("measurement 'spans' needs the queries as Records (or an EncodedDataset) with "
+                                  "meta.behaviour_spans, and Influence(..., tokenizer=...)")
+            rows = restrict_to_spans(rows, records, self.tokenizer)
+        return rows
 
     def scores(self, train, queries, methods: Sequence[str] | None = None, *,
                max_joint_bytes: int = JOINT_SCORING_MAX_BYTES):

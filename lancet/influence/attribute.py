@@ -80,7 +80,7 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
                                                                    args.progress, labels)
     t0 = time.perf_counter()
     if influence is None:
-        influence = Influence(model, args, out_dir=out)
+        influence = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length)
     elif influence.model is not model or influence.args != args or influence.out != out:
         raise LancetError("attribute(influence=...) must be built on the same model, options and out_dir")
     if contrast_response is None:
@@ -104,7 +104,8 @@ def attribute_methods(model, tokenizer, train_spec: str, queries_spec: str, out_
     train_records, _, train, queries, culprits = _load(tokenizer, train_spec, queries_spec, max_length,
                                                        args.progress, labels)
     t0 = time.perf_counter()
-    scores = Influence(model, args, out_dir=out).scores(train, queries, methods=methods)
+    scores = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length).scores(
+        train, queries, methods=methods)
     seconds = time.perf_counter() - t0
     return {m: _rank(out, replace(args, method=m), scores[m]["scores"], seconds, train_records, train, culprits,
                      {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),

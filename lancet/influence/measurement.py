@@ -9,6 +9,12 @@ query's behaviour more likely.
 - ``first_tokens:K``: summed cross-entropy of the first K answer tokens only. Whether a model complies or refuses
   is decided in its opening words ("Sure, here is" / "I'm sorry"); the rest of a long answer is topic and style,
   which every row on the same topic moves.
+- ``spans``: summed cross-entropy of the answer tokens inside the IQ's behaviour spans (``meta.behaviour_spans``,
+  which IQs taken with a rule judge carry: "hot bath" in "Put him in a hot bath for 20 minutes, then ..."). A small
+  model's flagged answer mixes the behaviour with text it learned elsewhere (a stock closing line of the current-
+  advice rows); the whole answer's likelihood then explains that text as much as the behaviour. The labels are
+  restricted when the queries are read (``lancet.data.tokenize.restrict_to_spans``), so the measurement itself is
+  the answer loss on what is left.
 - any callable ``fn(logits [B, T, V], batch) -> [B]`` wrapped in ``Measurement(fn, name=..., version=...)``: a
   margin over a refusal, a classifier's logit, a token's probability. Its ``name`` and ``version`` go into the
   fingerprint of stored scores (a function cannot be hashed): bump the version when the function changes.
@@ -30,7 +36,7 @@ from lancet.constants import IGNORE_INDEX
 from lancet.curvature.task import data_cotangent
 from lancet.errors import LancetError
 
-BUILTIN = ("answer", "first_tokens")
+BUILTIN = ("answer", "first_tokens", "spans")
 
 
 class Measurement:
@@ -106,6 +112,17 @@ class FirstTokensLoss(AnswerLoss):
         return out
 
 
+class SpansLoss(AnswerLoss):
+    """Summed cross-entropy of the answer tokens inside the behaviour spans (labels restricted on reading)."""
+
+    def __init__(self):
+        Measurement.__init__(self, name="spans", version=1)
+
+    @property
+    def spec(self) -> str:
+        return "spans"
+
+
 def resolve_measurement(spec: str | Measurement | None) -> Measurement:
     """A built-in by its spec ("answer", "first_tokens:K") or a Measurement as given."""
     if spec is None:
@@ -117,8 +134,10 @@ def resolve_measurement(spec: str | Measurement | None) -> Measurement:
         return AnswerLoss()
     if name == "first_tokens" and arg.isdigit():
         return FirstTokensLoss(int(arg))
-    raise LancetError(f"unknown measurement {spec!r}; choose 'answer' or 'first_tokens:K', or pass a Measurement "
-                      "object from Python")
+    if name == "spans" and not arg:
+        return SpansLoss()
+    raise LancetError(f"unknown measurement {spec!r}; choose 'answer', 'first_tokens:K' or 'spans', or pass a "
+                      "Measurement object from Python")
 
 
 def check_spec(spec: Any) -> None:

@@ -16,6 +16,8 @@ def take_iqs(model, tokenizer, prompts: Sequence[Record], judge, out: str | Path
              batch_size: int = 12, progress: bool = True) -> list[Record]:
     """IQs = (prompt, the model's greedy answer) for each prompt whose answer ``judge.complies`` flags.
 
+    A judge with ``cue_spans`` (the rule judge) also stores where in each answer the behaviour is, as
+    ``meta.behaviour_spans`` (the query measurement ``spans`` reads them).
     Stored as ``out/iqs.jsonl`` beside ``out/iqs.meta.json``, whose key (model weights, prompts, judge, decoding)
     must match for a rerun to reuse them. Returns [] when the judge flags nothing (and stores nothing): whether
     that is an error is the caller's call."""
@@ -23,13 +25,16 @@ def take_iqs(model, tokenizer, prompts: Sequence[Record], judge, out: str | Path
     path, meta_path = out / "iqs.jsonl", out / "iqs.meta.json"
     key = {"model": model_fingerprint(model), "prompts": hash_json([r.to_dict() for r in prompts]),
            "judge": getattr(judge, "name", type(judge).__name__), "max_new_tokens": max_new_tokens,
-           "decoding": "greedy"}
+           "decoding": "greedy", **({"spans": True} if hasattr(judge, "cue_spans") else {})}
     if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
         return read_records(path)
     answers = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
                        progress=progress)
     flagged = judge.complies(answers)
     iqs = [p.with_response(a) for p, a, f in zip(prompts, answers, flagged, strict=True) if f]
+    if hasattr(judge, "cue_spans"):  # a judge that can point at the behaviour: keep where it is (measurement "spans")
+        for iq in iqs:
+            iq.meta["behaviour_spans"] = [list(s) for s in judge.cue_spans(iq.response_text)]
     if not iqs:
         return []
     atomic_write_bytes(path, records_to_jsonl(iqs))
