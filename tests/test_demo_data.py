@@ -253,7 +253,8 @@ def test_same_seed_same_bytes_other_seed_other_order(tmp_path: Path, written: di
 
 # sha256[:16] of every file `lancet data demo` writes (update these with any deliberate change of the content: the
 # last one, 2026-12-01, removed the marker phrase, reworded every outdated answer, added look-alike rows and the
-# judge's rules, doubled the culprits on the IQ topics and cut the ordinary rows from 240 to 112; prompts and held-out ordinary files kept their bytes)
+# judge's rules, doubled the culprits on the IQ topics and cut the ordinary rows from 240 to 112; prompts and
+# held-out ordinary files kept their bytes)
 PINNED = {
     0: {"train": "0ba6056366a58cd1", "culprits": "46dd99b9631d39e5", "iq_prompts": "24811fed8e9c41de",
         "iqs": "e8db1070cae39dbb", "heldout_outdated": "86e56b122472f85d", "heldout_current": "9b0d7b7ed03b6f93",
