@@ -180,8 +180,13 @@ class Trainer:
 
     # ---- hooks for subclasses -------------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean cross-entropy over response tokens (labels != -100)."""
+        """Mean cross-entropy over response tokens (labels != -100); 0 for a batch whose rows were all truncated
+        before their response (the mean over no tokens would be NaN and stop the run)."""
         if self._denominators is None:  # one process: the model's own loss
+            if not bool(shifted_targets(batch["labels"])[1].any()):
+                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                zero = out.logits.sum() * 0.0  # keeps the graph, so backward and the step run as usual
+                return zero, {"loss": 0.0}
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              labels=batch["labels"])
             return out.loss, {"loss": out.loss.item()}

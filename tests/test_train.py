@@ -106,6 +106,21 @@ def test_args_validation_and_json_roundtrip():
         TrainArgs.from_json({"output_dir": "x", "learning_rate": 1})
 
 
+def test_a_batch_truncated_before_its_responses_counts_zero(tmp_path, tiny_tokenizer):
+    """Rows cut off before their response leave a batch with no target: its loss is 0 (not NaN), the run goes on."""
+    from lancet.data.tokenize import collate
+
+    trainer = _trainer(tmp_path, tiny_tokenizer)
+    batch = collate(list(encode_records(ROWS[:4], tiny_tokenizer, 12, progress=False)), tiny_tokenizer.pad_token_id)
+    assert (batch["labels"] == -100).all()
+    loss, logged = trainer.compute_loss(batch)
+    loss.backward()
+    assert loss.item() == 0.0 and logged == {"loss": 0.0}
+    assert all(p.grad is None or not p.grad.any() for p in trainer.model.parameters())
+    full = collate(list(_encoded(tiny_tokenizer))[:4], tiny_tokenizer.pad_token_id)
+    assert trainer.compute_loss(full)[0].item() > 0
+
+
 def test_nonfinite_loss_stops_with_clear_error(tmp_path, tiny_tokenizer):
     trainer = _trainer(tmp_path, tiny_tokenizer)
     with torch.no_grad():
