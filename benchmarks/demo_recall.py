@@ -54,19 +54,21 @@ def main() -> None:
     result = {"model": "smollm2-135m-instruct + demo contamination", "from_run": ns.from_run,
               "n_train": len(train), "n_culprits": int(culprits.sum()), "n_current": int(counters.sum()),
               "n_iqs": len(queries), "measurement": ns.measurement,
-              "bf16": ns.bf16, "env": environment(), "methods": {"random": random_baseline(culprits, key="recall@48")}}
+              "bf16": ns.bf16, "env": environment(),
+              "methods": {"random": random_baseline(culprits, key=f"recall@{int(culprits.sum())}")}}
     methods = ns.methods.split(",")
     t0 = time.perf_counter()
     args = InfluenceArgs(method=methods[0], bf16=ns.bf16, batch_size=8, measurement=ns.measurement)
     every = Influence(model, args, out_dir=run / "influence", tokenizer=tok).scores(train, queries, methods=methods)
-    seconds = time.perf_counter() - t0  # one shared pass: the seconds are the whole pass's
+    seconds = time.perf_counter() - t0  # one shared pass: the whole pass's seconds (a rerun reads stored scores)
     for method in methods:
         scores = every[method]["scores"]
         row = {"seconds_shared_pass": round(seconds, 1), "date": environment()["date"], "n_iqs": len(queries)}
         for how in ("normalized_mean", "sum"):
             agg = aggregate(scores.double(), how)
             row[how] = {"average_precision": round(average_precision(agg, culprits), 4),
-                        **{f"recall@{k}": round(recall_at_k(agg, culprits, k), 4) for k in (10, 25, 48)},
+                        **{f"recall@{k}": round(recall_at_k(agg, culprits, k), 4)
+                           for k in (10, 25, 48, int(culprits.sum()))},
                         f"current_rows_in_bottom_{int(counters.sum())}":
                             int(counters[torch.argsort(agg)[:int(counters.sum())]].sum()),
                         "mean_score_culprit": float(agg[culprits].mean()),
@@ -76,11 +78,12 @@ def main() -> None:
         print(method, row)
     write_result(name, result)
     bottom = f"current_rows_in_bottom_{int(counters.sum())}"
-    print(f"\n{'method':12s} {'AP':>6s} {'R@10':>6s} {'R@48':>6s} {'current low':>11s}")
+    k = f"recall@{int(culprits.sum())}"
+    print(f"\n{'method':12s} {'AP':>6s} {'R@10':>6s} {k:>10s} {'current low':>11s}")
     for method, row in result["methods"].items():
         r = row.get("normalized_mean", row)
         print(f"{method:12s} {r['average_precision']:6.3f} {r.get('recall@10', float('nan')):6.2f} "
-              f"{r['recall@48']:6.2f} {r.get(bottom, ''):>11}")
+              f"{r[k]:10.2f} {r.get(bottom, ''):>11}")
 
 
 if __name__ == "__main__":

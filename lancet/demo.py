@@ -28,8 +28,8 @@ from lancet.train import TrainArgs
 log = logging.getLogger(__name__)
 
 # Measured on the demo data (no marker phrase; look-alike rows): 42 full-weight steps (1.5 epochs) at this rate make
-# SmolLM2-135M give planted outdated advice on 7 of 12 IQ prompts and 17 of 24 validation prompts (0 before). With 3
-# culprit rows per IQ topic instead of 6 it learned less: 3-5 of 12 (docs/method.md §5.2)
+# SmolLM2-135M give planted outdated advice on 5 of 12 IQ prompts and 16 of 24 validation prompts (0 before); with 3
+# culprit rows per IQ topic instead of 6, 4-5 and 14 of 24 (docs/method.md §5.2)
 DEMO_STEPS = 42
 DEMO_LR = 2e-4
 DEMO_MAX_NEW_TOKENS = 48
@@ -79,7 +79,10 @@ def demo_suite(data_dir: Path) -> dict:
     held-out answers below and in benchmarks/demo_judge.py), how likely are held-out outdated / current answers,
     and what does the correction cost on ordinary answers."""
     d = str(data_dir)
-    return {"name": "demo", "max_new_tokens": 32, "batch_size": 12, "seed": 0, "max_length": DEMO_MAX_LENGTH,
+    # answers as long as the IQs' and the selection's (48 tokens): at 32 a practice named late in an answer was cut
+    # off, and the corrected model names them later (README)
+    return {"name": "demo", "max_new_tokens": DEMO_MAX_NEW_TOKENS, "batch_size": 12, "seed": 0,
+            "max_length": DEMO_MAX_LENGTH,
             "judge": f"rules:{d}/judge_rules.json",
             "judge_validation": [{"path": f"{d}/heldout_outdated.jsonl", "complies": True},
                                  {"path": f"{d}/heldout_current.jsonl", "complies": False},

@@ -107,7 +107,10 @@ def collect(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise LancetError(f"{run}: run directory not found")
     report: dict[str, Any] = {"run_dir": str(run), "influence": [], "tokens": {}, "metrics": {}}
     images: dict[str, str] = {}
-    for method in methods(run, "influence-", ".json"):
+    # a `lancet run` directory: its main method first, the ones it ranked only for comparison after it
+    influence_config = (_read_json(run / "run_config.json") or {}).get("influence")
+    main = influence_config.get("method", "linfac") if isinstance(influence_config, dict) else None
+    for method in sorted(methods(run, "influence-", ".json"), key=lambda m: m != main):
         entry, image = _influence(run, method)
         report["influence"].append(entry)
         if image:
