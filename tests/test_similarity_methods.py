@@ -99,6 +99,9 @@ def test_repsim_known_answer(f64_setup):
         r_train = torch.stack([manual_representation(model, r) for r in train])
         r_query = torch.stack([manual_representation(model, r) for r in queries])
     close(representations(model, train, batch_size=5, dtype=torch.float64), r_train, 1e-10)
+    model.get_decoder = None  # a model without a decoder accessor: the full forward's last hidden state, the same
+    close(representations(model, train, batch_size=5, dtype=torch.float64), r_train, 1e-10)
+    del model.get_decoder
     centre = r_train.mean(0)
     expected = torch.nn.functional.normalize(r_query - centre, dim=1) @ torch.nn.functional.normalize(
         r_train - centre, dim=1).T

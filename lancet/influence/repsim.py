@@ -30,12 +30,19 @@ def representations(model, rows: Sequence[dict[str, Any]], *, batch_size: int = 
     model.eval()
     out = []
     device = model_device(model)
+    # the decoder stack alone: its last hidden state is the full model's last (post-norm) one, without computing
+    # logits over the vocabulary (a fifth of a 135M model's forward, and a [B, T, vocab] tensor per batch)
+    get_decoder = getattr(model, "get_decoder", None)
+    body = get_decoder() if callable(get_decoder) else None
     for _, batch in tqdm(batches(rows, batch_size, device=device), total=-(-len(rows) // batch_size), desc="repsim",
                          disable=not progress):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                  "position_ids": position_ids(batch["attention_mask"]), "use_cache": False}
         with autocast(device, bf16):
-            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=position_ids(batch["attention_mask"]), output_hidden_states=True,
-                           use_cache=False).hidden_states[-1]
+            if body is not None:
+                hidden = body(**inputs).last_hidden_state
+            else:
+                hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
         mask = (batch["labels"] != IGNORE_INDEX) & batch["attention_mask"].bool()
         empty = ~mask.any(1)
         mask[empty] = batch["attention_mask"][empty].bool()
