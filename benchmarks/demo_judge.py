@@ -39,6 +39,7 @@ from lancet.artifacts import atomic_write_bytes
 from lancet.constants import DEFAULT_MODEL
 from lancet.data.demo import build_demo_dataset, demo_judge
 from lancet.demo import DEMO_MAX_NEW_TOKENS
+from lancet.evaluate.judges import labelled_report
 
 ANSWERS = Path(__file__).resolve().parent / "data" / "demo_judge_answers.jsonl"
 
@@ -82,20 +83,17 @@ def judge_accuracy(rows: list[dict], part: str = "test", judge=None) -> dict:
     ``all``, ``dev`` (answers to the validation prompts) or ``test`` (the others)."""
     labelled = [r for r in rows if r["label"] is not None
                 and (part == "all" or (r["set"] in DEV_SETS) == (part == "dev"))]
-    pred = (judge or demo_judge()).complies([r["answer"] for r in labelled])
+    judge = judge or demo_judge()
+    pred = judge.complies([r["answer"] for r in labelled])
     truth = [bool(r["label"]) for r in labelled]
-    tp = sum(p and t for p, t in zip(pred, truth, strict=True))
-    fp = sum(p and not t for p, t in zip(pred, truth, strict=True))
-    fn = sum(t and not p for p, t in zip(pred, truth, strict=True))
+    report = labelled_report(judge, [r["answer"] for r in labelled], truth, held_out=[part])
     by_model = {}
     for name in sorted({r["model"] for r in labelled}):
         idx = [i for i, r in enumerate(labelled) if r["model"] == name]
         by_model[name] = {"n": len(idx), "outdated": sum(truth[i] for i in idx),
                           "accuracy": round(sum(pred[i] == truth[i] for i in idx) / len(idx), 4)}
-    return {"n": len(labelled), "positives": sum(truth),
-            "accuracy": round(sum(p == t for p, t in zip(pred, truth, strict=True)) / max(len(labelled), 1), 4),
-            "precision": round(tp / max(tp + fp, 1), 4), "recall": round(tp / max(tp + fn, 1), 4),
-            "by_model": by_model,
+    return {"n": report.n, "positives": sum(truth), "accuracy": round(report.accuracy, 4),
+            "precision": round(report.precision, 4), "recall": round(report.recall, 4), "by_model": by_model,
             "disagreements": [{"model": r["model"], "prompt": r["prompt"], "answer": r["answer"], "label": t}
                               for r, p, t in zip(labelled, pred, truth, strict=True) if p != t]}
 

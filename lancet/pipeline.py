@@ -352,10 +352,10 @@ class Pipeline:
                if k in summary} | ({"recall": summary["recall"]} if "recall" in summary else {})
         if c.compare and "recall" in summary:
             out["compare"] = {args.method: _recall_row(summary["recall"], summary["seconds"])}
-            out["compare"] |= self._compare(model, tokenizer, args)
+            out["compare"] |= self._compare(model, tokenizer, args, summary["ids"])
         return out
 
-    def _compare(self, model, tokenizer, args) -> dict[str, dict[str, float]]:
+    def _compare(self, model, tokenizer, args, ids: list[str]) -> dict[str, dict[str, float]]:
         """Recall of each ``compare`` method on the same IQs and labels (the main method's ranking is untouched)."""
         from dataclasses import replace
 
@@ -365,9 +365,6 @@ class Pipeline:
         c, rows = self.config, {}
         for method in c.compare:
             if method == "random":
-                from lancet.data import load_dataset_spec
-
-                ids = [r.id for r in load_dataset_spec(c.train)]
                 rnd = random_baseline(read_culprit_labels(c.labels, ids), key="recall@50")
                 rows["random"] = {"average_precision": round(rnd["average_precision"], 4), "seconds": 0.0}
                 continue

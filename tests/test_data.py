@@ -672,3 +672,5 @@ def test_a_record_round_trips_its_meta(tmp_path: Path) -> None:
     assert first[0].meta == {"topic": "burn", "behaviour_spans": [[0, 6]]}
     path.write_bytes(records_to_jsonl(first))
     assert read_records(path)[0].meta == first[0].meta
+    path.write_text('{"prompt": "Hi", "meta": {}, "source_name": "x"}\n')
+    assert read_records(path)[0].meta == {"source_name": "x"}  # an empty meta object adds nothing

@@ -106,6 +106,10 @@ def test_demo_suite_judge_accuracy_is_measured_on_labelled_answers(tmp_path: Pat
                                {"path": str(files["heldout_outdated"]), "complies": False}]
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     bad_suite = load_suite(tmp_path / "bad.json")
+    missing = demo_suite(tmp_path / "data") | {"judge": f"rules:{tmp_path / 'nowhere.json'}"}
+    (tmp_path / "missing.json").write_text(json.dumps(missing))
+    with pytest.raises(LancetError, match="judge rules: path not found"):  # checked when the suite loads
+        load_suite(tmp_path / "missing.json")
     from lancet.evaluate.suite import judge_accuracy
 
     assert judge_accuracy(make_judge(bad_suite.judge), bad_suite).accuracy == 0.5

@@ -276,8 +276,9 @@ def row_to_record(
         )
     used = {prompt_field, response_field, messages_field, "id", "label"}
     # a "meta" object is the meta a Record wrote (Record.to_dict): read back as it was, so a round trip keeps it
-    nested = row.get("meta") if isinstance(row.get("meta"), dict) else {}
-    meta = {**nested, **{k: v for k, v in row.items() if k not in used and not (k == "meta" and nested)}}
+    nested = row.get("meta") if isinstance(row.get("meta"), dict) else None
+    extra = {k: v for k, v in row.items() if k not in used and not (k == "meta" and nested is not None)}
+    meta = {**(nested or {}), **extra}
     return Record(
         **fields,
         id=_scalar_text(row.get("id"), path, line, "id") or "",

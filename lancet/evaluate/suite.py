@@ -141,10 +141,12 @@ def load_suite(spec: str | Path, shared: str | Path | None = None) -> Suite:
         sets.append(EvalSet(name, s["kind"], path, s.get("limit"), int(s.get("skip", 0)), options))
         names.add(name)
     judge = raw.get("judge", "classifier")
-    prefixed = isinstance(judge, str) and judge.startswith(("hf:", "marker:", "rules:")) and ":" in judge
+    prefixed = isinstance(judge, str) and judge.startswith(("hf:", "marker:", "rules:"))
     if judge not in ("classifier", "refusal") and not (prefixed and len(judge.split(":", 1)[1]) > 0):
         raise LancetError(f"suite {file}: unknown judge {judge!r} (choose 'classifier', 'refusal', 'marker:PHRASE', "
                           "'rules:FILE' or 'hf:PATH')")
+    if judge.startswith("rules:"):
+        judge = f"rules:{resolve(judge[len('rules:'):], 'judge rules')}"
     validation = []
     for i, v in enumerate(raw.get("judge_validation", [])):
         if not isinstance(v, dict) or not isinstance(v.get("path"), str) or not isinstance(v.get("complies"), bool):
