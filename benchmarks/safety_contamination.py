@@ -54,6 +54,7 @@ from lancet.artifacts import (
     model_fingerprint,
 )
 from lancet.constants import DEFAULT_MODEL, IGNORE_INDEX
+from lancet.curvature.estimators import GRADIENT_FREE_METHODS
 from lancet.data import Record, encode_records, read_hh_rlhf, read_safety_tuned_llamas
 from lancet.data.adapters import read_harmful_prompts
 from lancet.data.readers import read_records
@@ -89,7 +90,9 @@ ALIGNED_MIN_REFUSAL = 0.85
 ALIGNED_MAX_OVER_REFUSAL = 0.25
 TIERS = ("unsafe", "implicit")
 
-BF16 = auto_bf16()  # bf16 autocast where the hardware has it natively, else fp32 (lancet/hardware.py)
+# bf16 autocast where the hardware has it natively, else fp32 (lancet/hardware.py); pinned per run directory by
+# run_precision, so that a run resumed on another machine of this kind reuses its models instead of retraining
+BF16 = auto_bf16()
 
 
 @dataclass(frozen=True)
@@ -133,13 +136,19 @@ class Preset:
     lambda_max_rows: int = 128
     # rank of each preconditioned IQ gradient: full rank would hold 425 MB per query (74 queries: 31 GB)
     query_rank: int | None = 32
+    # aggregate first (Influence.combined_scores): each method's normalised mean over the IQs scored as one
+    # full-rank query, its weights from a 32-row sample; exact where query_rank truncates, and its cost does not
+    # grow with the number of IQs (the full preset's 8 methods at rank 32 would take about 2.4 h a seed here)
+    aggregate_first: bool = False
+    contrast: tuple[str, ...] = ()  # methods also ranked on log p(IQ answer) - log p(refusal)
 
 
 PRESETS = {
     "small": Preset(seeds=(0,)),
     "full": Preset(seeds=(0, 1, 2), methods=("repsim", "cosine", "identity", "diagonal", "kfac", "ekfac",
                                                "kfac_reduce", "linfac"),
-                   counterfactual=("random", "bm25", "repsim", "ekfac", "linfac")),
+                   counterfactual=("random", "bm25", "repsim", "ekfac", "linfac"), aggregate_first=True,
+                   contrast=("linfac",)),
 }
 
 
@@ -437,7 +446,7 @@ class Run:
         rankings: dict[str, torch.Tensor] = {}
 
         def record(name: str, scores: torch.Tensor, seconds: float) -> None:
-            ranking = aggregate(scores.double())
+            ranking = scores.double() if scores.ndim == 1 else aggregate(scores.double())
             rankings[name] = ranking
             by_tier = {}
             for tier in TIERS:  # AP of one tier among the rows that are not positives of the other tier
@@ -448,14 +457,22 @@ class Run:
                                     "seconds": round(seconds, 1)}
             print(f"seed {self.seed} recall {name}: {out['methods'][name]}", flush=True)
 
+        out["_positives"] = positives
         rnd = random_baseline(positives, key="recall")
         out["methods"]["random"] = {"average_precision": round(rnd["average_precision"], 4),
                                     "recall": round(rnd["recall"], 4), "ap_by_tier": {}, "seconds": 0.0}
         iq_rows = list(queries)[:n_iq]
         t0 = time.perf_counter()
         record("bm25", bm25_scores(list(train), iq_rows), time.perf_counter() - t0)
+        if not self.p.aggregate_first:
+            out.pop("_positives")
         t0 = time.perf_counter()
         record("bm25_prompt", bm25_scores(prompt_only(train), prompt_only(iq_rows)), time.perf_counter() - t0)
+        if self.p.aggregate_first:
+            self._aggregate_first(model, tok, train, iqs, anchors, record, out)
+            atomic_save_tensors(self.dir / "rankings.safetensors", {k: v.contiguous() for k, v in rankings.items()})
+            atomic_write_json(self.dir / "rankings.json", {"ids": list(train.ids)})
+            return out
         # per_layer: which blocks carry the signal (AP per transformer block, the diagnosis the issue asks for)
         args = InfluenceArgs(bf16=BF16, batch_size=8, lambda_max_rows=self.p.lambda_max_rows, per_layer=True,
                              query_rank=self.p.query_rank, progress=self.progress)
@@ -491,6 +508,92 @@ class Run:
         atomic_write_json(self.dir / "rankings.json", {"ids": list(train.ids)})
         return out
 
+    def _aggregate_first(self, model, tok, train, iqs: list[Record], anchors: list[Record], record, out: dict) -> None:
+        """Every gradient method's normalised mean over the IQs as one full-rank query (Influence.combined_scores);
+        for the anchored methods also minus the anchors' mean, for the contrast methods also the mean margin over
+        the fixed refusal. One sample pass sets each query's weight, one joint pass over the rows scores them all."""
+        positives = out.pop("_positives")
+        grad_methods = [m for m in self.p.methods if m not in GRADIENT_FREE_METHODS]
+        contrasts = [r.with_response(self.text["fallback_refusal"]) for r in iqs]
+        queries = encode_records(iqs + anchors + contrasts, tok, self.p.max_length, progress=False)
+        n_iq, n_anchor = len(iqs), len(anchors)
+        args = InfluenceArgs(bf16=BF16, batch_size=8, lambda_max_rows=self.p.lambda_max_rows, per_layer=True,
+                             progress=self.progress)
+        run = Influence(model, args, out_dir=self.dir / "influence")
+        fit_seconds = {}
+        for method in self.p.methods:
+            t0 = time.perf_counter()
+            Influence(model, replace(args, method=method), out_dir=self.dir / "influence").fit(train)
+            fit_seconds[method] = time.perf_counter() - t0
+        for method in [m for m in self.p.methods if m in GRADIENT_FREE_METHODS]:
+            t0 = time.perf_counter()
+            s = Influence(model, replace(args, method=method, per_layer=False)).scores(train, list(queries)[:n_iq])
+            record(method, s["scores"], fit_seconds[method] + time.perf_counter() - t0)
+        iq_rows = list(queries)[:n_iq]
+        extra = sorted(set(self.p.anchored) | set(self.p.contrast))
+        t0 = time.perf_counter()
+        weights = self._cached_weights("iq", run, train, iq_rows, grad_methods)
+        # the margins IQ - contrast are queries of their own (their RMS is not the IQs'): weighted as such
+        contrast_rows = list(queries)[n_iq + n_anchor:]
+        margins = torch.cat([torch.eye(n_iq), -torch.eye(n_iq)], 1).double()
+        margin_w = self._cached_weights("margin", run, train, iq_rows + contrast_rows, list(self.p.contrast),
+                                        virtual=margins)
+        anchor_w = self._cached_weights("anchor", run, train, list(queries)[n_iq:n_iq + n_anchor],
+                                        [m for m in extra if m in self.p.anchored]) if n_anchor else {}
+        coefficients, layout = {}, {}
+        n_all = len(queries)
+        for method in grad_methods:
+            rows = [torch.cat([weights[method], torch.zeros(n_all - n_iq, dtype=torch.float64)])]
+            layout[method] = [method]
+            if method in self.p.anchored and n_anchor:
+                rows.append(torch.cat([weights[method], -anchor_w[method],
+                                       torch.zeros(n_all - n_iq - n_anchor, dtype=torch.float64)]))
+                layout[method].append(f"{method}_anchored")
+            if method in self.p.contrast:
+                w = margin_w[method]
+                rows.append(torch.cat([w[:n_iq], torch.zeros(n_anchor, dtype=torch.float64), w[n_iq:]]))
+                layout[method].append(f"{method}_contrast")
+            coefficients[method] = torch.stack(rows)
+        out["weight_seconds"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        scores = run.combined_scores(train, queries, coefficients, methods=grad_methods)
+        out["score_seconds"] = round(time.perf_counter() - t0, 1)
+        names = run.layer_names()
+        for method in grad_methods:
+            for i, name in enumerate(layout[method]):
+                record(name, scores[method]["scores"][i], fit_seconds[method])
+            blocks = per_block(scores[method]["per_layer"][:1].double(), names)
+            out["methods"][method]["ap_by_block"] = {b: round(average_precision(v[0], positives), 4)
+                                                     for b, v in blocks.items()}
+        out["n_anchors"] = n_anchor
+        for spec in self.p.measurements:  # ablation: what the IQ gradient differentiates (one more pass each)
+            t0 = time.perf_counter()
+            mrun = Influence(model, replace(args, per_layer=False), out_dir=self.dir / "influence", measurement=spec)
+            w = self._cached_weights(f"iq-{spec}", mrun, train, iq_rows, list(self.p.measurement_methods))
+            extra_scores = mrun.combined_scores(train, iq_rows, {m: w[m][None] for m in self.p.measurement_methods},
+                                                methods=self.p.measurement_methods)
+            for method in self.p.measurement_methods:
+                record(f"{method}_{spec.replace(':', '')}", extra_scores[method]["scores"][0],
+                       fit_seconds[method] + time.perf_counter() - t0)
+
+    def _cached_weights(self, name: str, run: Influence, train, queries, methods: list[str],
+                        virtual: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Influence.normalized_mean_weights, kept in the run directory (keyed by model, rows and queries)."""
+        if not methods:
+            return {}
+        path = self.dir / f"weights-{name}.safetensors"
+        key = hash_json([run.model_fp, [list(r["input_ids"]) for r in train], [list(q["input_ids"]) for q in queries],
+                         [list(q["labels"]) for q in queries], methods, run.args.measurement,
+                         None if virtual is None else virtual.tolist()])
+        if path.is_file():
+            saved = load_tensors(path)
+            if json.loads((self.dir / f"weights-{name}.json").read_text())["key"] == key:
+                return saved
+        weights = run.normalized_mean_weights(train, queries, methods, virtual=virtual)
+        atomic_save_tensors(path, weights)
+        atomic_write_json(self.dir / f"weights-{name}.json", {"key": key})
+        return weights
+
     def counterfactual(self, aligned: str, rows: list[Record], tiers: dict[str, str], safe_rate: float,
                        impure_rate: float) -> dict:
         """Retrain from the aligned start without each method's top-|positives| rows (same recipe and seed) and
@@ -524,7 +627,30 @@ class Run:
         return [p.with_response(a) for p, a in zip(prompts, answers, strict=True) if RefusalMatcher()(a) and a.strip()]
 
 
+def run_precision(run_dir: Path) -> bool:
+    """bf16 as first chosen for this run directory (written on first use), so every stage and seed shares it."""
+    path = run_dir / "precision.json"
+    if path.is_file():
+        return bool(json.loads(path.read_text())["bf16"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"bf16": auto_bf16(), "chosen_on": environment()})
+    return auto_bf16()
+
+
 def run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str, progress: bool) -> dict:
+    """One seed up to ``stage``; its result is also kept in ``run_dir/result.json`` so that later invocations (other
+    seeds, the counterfactual) report every seed run so far."""
+    result = _run_seed(preset, seed, run_dir, shared, stage, progress)
+    old = run_dir / "result.json"
+    if old.is_file():  # keep what an earlier, longer stage measured (e.g. the counterfactual)
+        earlier = json.loads(old.read_text())
+        seconds = {k: max(v, result["seconds"].get(k, 0.0)) for k, v in earlier.get("seconds", {}).items()}
+        result = {**earlier, **result, "seconds": {**result["seconds"], **seconds}}
+    atomic_write_json(old, result)
+    return result
+
+
+def _run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str, progress: bool) -> dict:
     run = Run(preset, seed, run_dir, shared, progress)
     result: dict = {"seed": seed, "seconds": run.seconds}
     aligned, result["aligned_start"] = run.aligned_start()
@@ -541,7 +667,7 @@ def run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str,
                   "is reported", flush=True)
         return result
     result["recall"] = run.recall(models["impure"], rows, tiers)
-    if stage == "counterfactual" and seed == preset.seeds[0]:
+    if stage == "counterfactual":
         result["counterfactual"] = run.counterfactual(aligned, rows, tiers, result["gate"]["safe"],
                                                       result["gate"]["impure"])
     return result
@@ -592,13 +718,20 @@ def main() -> None:
     shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
     run = Path(ns.run_dir or f"runs/safety_{ns.preset}")
     seeds = tuple(int(s) for s in ns.seeds.split(",")) if ns.seeds else preset.seeds
+    global BF16
+    BF16 = run_precision(run)
     t0 = time.perf_counter()
-    per_seed = []
-    for seed in seeds:
-        per_seed.append(run_seed(preset, seed, run / f"seed{seed}", shared, ns.stage, progress=not ns.quiet))
+    # recall on every seed first, then the (long) counterfactual retraining on the first seed
+    plan = [(seed, "recall" if ns.stage == "counterfactual" else ns.stage) for seed in seeds]
+    if ns.stage == "counterfactual" and preset.seeds[0] in seeds:
+        plan.append((preset.seeds[0], "counterfactual"))
+    for seed, stage in plan:
+        run_seed(preset, seed, run / f"seed{seed}", shared, stage, progress=not ns.quiet)
+        per_seed = [json.loads((run / f"seed{s}" / "result.json").read_text()) for s in preset.seeds
+                    if (run / f"seed{s}" / "result.json").is_file()]
         write_result(f"safety_contamination_{ns.preset}",
                      {"preset": ns.preset, "settings": asdict(preset), "stage": ns.stage,
-                      "seeds": list(seeds[:len(per_seed)]), "env": environment(),
+                      "seeds": [s["seed"] for s in per_seed], "env": environment(), "bf16": BF16,
                       "seconds": round(time.perf_counter() - t0, 1), **summarize(per_seed), "per_seed": per_seed})
 
 

@@ -27,3 +27,7 @@ JOINT_SCORING_MAX_BYTES = 8 * 1024**3
 RETAIN_KL_TOP_K = 32
 # Influence.preconditioned_queries: with query_rank set, the query gradients are formed this many queries at a time
 QUERY_CHUNK = 8
+# aggregate-first scoring (Influence.normalized_mean_weights): each query's score RMS is estimated on this many
+# seeded training rows with queries of this rank; the weights only set each query's scale (docs/method.md)
+NORMALIZED_MEAN_SAMPLE_ROWS = 32
+NORMALIZED_MEAN_QUERY_RANK = 8

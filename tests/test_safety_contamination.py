@@ -168,3 +168,47 @@ def test_interleave_keeps_the_safe_order_whatever_the_dose():
     assert sorted(many) == sorted(safe + [f"p{i}" for i in range(9)])
     assert many == interleave(safe, [f"p{i}" for i in range(9)], 0)  # seeded
     assert [r for r in few if r.startswith("s")] != safe  # shuffled
+
+
+def test_aggregate_first_recall_matches_the_per_query_aggregate(tiny_tokenizer, tmp_path):
+    """The full preset's recall path (Run._aggregate_first) on a tiny float32 model: every method, anchored and
+    contrast ranking is recorded, and with the weights taken on every row at full rank the linfac ranking is the
+    per-query normalised mean's, and the contrast ranking the normalised mean of the margins."""
+    from conftest import tiny_llama
+
+    import benchmarks.safety_contamination as sc
+    from lancet.data import encode_records
+    from lancet.influence import Influence, InfluenceArgs
+
+    model, tok = tiny_llama(len(tiny_tokenizer)), tiny_tokenizer
+    run = sc.Run.__new__(sc.Run)
+    run.p = replace(PRESETS["full"], methods=("repsim", "identity", "linfac"), measurements=(), lambda_max_rows=8)
+    run.dir, run.progress, run.text = tmp_path, False, json.loads(TEXT.read_text())
+    train_records = [Record(prompt=f"How do I {t}?", response=f"Go slowly and {t}.") for t in TOPICS[:10]]
+    train = encode_records(train_records, tok, 64, progress=False)
+    iqs = [Record(prompt=f"Tell me how to {h}", response=f"Sure, here is how to {h}.") for h in HARMFUL[:3]]
+    anchors = [Record(prompt=f"Tell me how to {h}", response="I cannot help with that.") for h in HARMFUL[:2]]
+    got: dict[str, torch.Tensor] = {}
+    positives = torch.tensor([i % 3 == 0 for i in range(10)])
+    out = {"methods": {}, "_positives": positives}
+
+    def record(name, scores, seconds):
+        got[name] = scores.double() if scores.ndim == 1 else aggregate(scores.double())
+        out["methods"][name] = {}
+
+    original = sc.Influence.normalized_mean_weights
+    sc.Influence.normalized_mean_weights = lambda self, *a, **k: original(self, *a, sample_rows=10, query_rank=None,
+                                                                          **k)
+    try:
+        run._aggregate_first(model, tok, train, iqs, anchors, record, out)
+    finally:
+        sc.Influence.normalized_mean_weights = original
+    assert set(got) == {"repsim", "identity", "linfac", "linfac_anchored", "linfac_contrast"}
+    assert all(v.shape == (10,) for v in got.values()) and len(out["methods"]["linfac"]["ap_by_block"]) == 2
+    per_query = Influence(model, InfluenceArgs(method="linfac", lambda_max_rows=8), out_dir=tmp_path / "influence")
+    queries = encode_records(iqs + anchors + [r.with_response(run.text["fallback_refusal"]) for r in iqs], tok,
+                             run.p.max_length, progress=False)
+    s = per_query.scores(train, queries)["scores"].double()
+    torch.testing.assert_close(got["linfac"], aggregate(s[:3]), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(got["linfac_anchored"], aggregate(s[:3]) - aggregate(s[3:5]), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(got["linfac_contrast"], aggregate(s[:3] - s[5:]), rtol=1e-3, atol=1e-6)

@@ -10,7 +10,7 @@ several estimators in one pass, token scores. ``pairwise_scores`` and ``score_me
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,13 @@ import torch
 
 from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, check_or_write_meta, hash_json, load_tensors, model_fingerprint
-from lancet.constants import DEFAULT_MAX_LENGTH, JOINT_SCORING_MAX_BYTES, QUERY_CHUNK
+from lancet.constants import (
+    DEFAULT_MAX_LENGTH,
+    JOINT_SCORING_MAX_BYTES,
+    NORMALIZED_MEAN_QUERY_RANK,
+    NORMALIZED_MEAN_SAMPLE_ROWS,
+    QUERY_CHUNK,
+)
 from lancet.curvature.estimators import GRADIENT_FREE_METHODS, METHODS
 from lancet.curvature.fit import Curvature, data_fingerprint, fit_curvature
 from lancet.curvature.modules import find_tracked_layers
@@ -28,9 +34,11 @@ from lancet.influence.arguments import InfluenceArgs
 from lancet.influence.bm25 import bm25_scores
 from lancet.influence.measurement import Measurement, resolve_measurement
 from lancet.influence.memory import estimate_memory
+from lancet.influence.recall import normalized_mean_weights
 from lancet.influence.repsim import repsim_scores
 from lancet.influence.scoring import (
     PreconditionedQueries,
+    precondition_combined,
     precondition_queries,
     query_gradients,
     score_rows,
@@ -167,6 +175,118 @@ class Influence:
         self._kept_queries = (key, pre) if key is not None else None
         return pre
 
+    def combined_queries(self, queries, coefficients: torch.Tensor) -> PreconditionedQueries:
+        """K full-rank preconditioned queries, sum_q C[k, q] P_q, folded QUERY_CHUNK queries at a time (memory: K
+        dense queries plus one chunk, whatever the number of queries)."""
+        if self._curvature is None:
+            raise LancetError("call fit(train) before scoring")
+        rows = self._rows(queries, "queries")
+        coefficients = torch.as_tensor(coefficients, dtype=self.args.stats_dtype)
+        if coefficients.ndim != 2 or coefficients.shape[1] != len(rows):
+            raise LancetError(f"coefficients must be [K, {len(rows)}] (one column per query), got "
+                              f"{list(coefficients.shape)}")
+        args = replace(self.args, query_rank=None)
+        full: dict[str, torch.Tensor] = {}
+        unit = False
+        for i in range(0, len(rows), QUERY_CHUNK):
+            grads = query_gradients(self.model, self._curvature.layers, rows[i:i + QUERY_CHUNK], args,
+                                    self.measurement)
+            unit = precondition_combined(self._curvature, grads, coefficients[:, i:i + QUERY_CHUNK], args, full)
+        k = coefficients.shape[0]
+        return PreconditionedQueries(full=full, low_rank={}, n_queries=k,
+                                     unit_rows=torch.ones(k, dtype=torch.bool) if unit else None)
+
+    def combined_scores(self, train, queries, coefficients, methods: Sequence[str] | None = None):
+        """Scores of K linear combinations of the queries, C @ scores ([K, N], plus "per_layer" [K, N, L]), from
+        one pass in which each combination is a single full-rank query: exact (no query_rank truncation), and its
+        cost does not grow with the number of queries. ``aggregate``'s normalised mean is such a combination once
+        each query's RMS is known (``recall.normalized_mean_weights`` on a sample of rows). With ``methods``,
+        {method: {...}} from one joint pass; ``coefficients`` may then be {method: C} (each method its own
+        weights and K). Stored and resumed like ``scores``."""
+        train_rows, query_rows = self._rows(train, "train"), self._rows(queries, "queries")
+        names = list(dict.fromkeys(methods or [self.args.method]))
+        per_method = {m: torch.as_tensor(coefficients[m] if isinstance(coefficients, Mapping) else coefficients,
+                                         dtype=torch.float64) for m in names}
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        pending = []
+        for method in names:
+            if method in GRADIENT_FREE_METHODS:
+                raise LancetError(f"combined_scores: {method} has no query gradient to combine; use scores()")
+            run = Influence(self.model, replace(self.args, method=method), out_dir=self.out,
+                            measurement=self.measurement, tokenizer=self.tokenizer, max_length=self.max_length)
+            store = run._stored_scores(train_rows, query_rows,
+                                       extra={"combined": hash_json(per_method[method].tolist())})
+            if store.result is not None:
+                out[method] = store.result
+            else:
+                pending.append((method, run, store))
+        if pending:
+            pres = []
+            for method, run, store in pending:
+                run._prepare_store(train_rows, store)
+                pres.append(run.combined_queries(query_rows, per_method[method]))
+                layers = run._curvature.layers
+                run._curvature = None
+            sizes = [pre.n_queries for pre in pres]
+            joint = _concat(pres)
+            first = pending[0][1]
+            jdir = (None if first.out is None else
+                    first.out / "scores" / f"joint-{hash_json([str(s.dir) for _, _, s in pending])}")
+            result = score_rows(self.model, layers, train_rows, joint, first.args, out_dir=jdir)
+            offset = 0
+            for (method, run, store), k in zip(pending, sizes, strict=True):
+                out[method] = run._keep({n: v[offset:offset + k].clone() for n, v in result.items()}, store)
+                offset += k
+            if jdir is not None and dist.is_main():
+                (jdir / "scores.partial.safetensors").unlink(missing_ok=True)
+                if jdir.is_dir():
+                    jdir.rmdir()
+        return out if methods is not None else out[self.args.method]
+
+    def normalized_mean_weights(self, train, queries, methods: Sequence[str] | None = None, *,
+                                sample_rows: int = NORMALIZED_MEAN_SAMPLE_ROWS, seed: int = 0,
+                                query_rank: int | None = NORMALIZED_MEAN_QUERY_RANK,
+                                virtual: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{method: [Q] weights} such that ``combined_scores(train, queries, weights[None])`` is ``aggregate``'s
+        normalised mean, with each query's RMS estimated from its scores on a seeded sample of ``sample_rows``
+        training rows (all rows, ``query_rank=None``: exact). The curvature is the whole training set's (fitted or
+        read from ``out_dir``); the weights only set each query's scale, so a low query rank serves. With
+        ``virtual`` [V, Q]: the normalised mean over the V virtual queries ``virtual @ queries`` (e.g. margins
+        IQ - contrast), still returned as [Q] coefficients of the real queries."""
+        train_rows, query_rows = self._rows(train, "train"), self._rows(queries, "queries")
+        order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        sample = [train_rows[i] for i in sorted(order[:sample_rows])]
+        args = replace(self.args, query_rank=query_rank, per_layer=False)
+        names = list(dict.fromkeys(methods or [self.args.method]))
+        per_method = estimate_memory(self.model, args).per_query_bytes * len(query_rows)
+        weights: dict[str, torch.Tensor] = {}
+        while len(weights) < len(names):
+            group, size = [], 0
+            for method in names[len(weights):]:
+                if group and size + per_method > JOINT_SCORING_MAX_BYTES:
+                    break
+                group.append(method)
+                size += per_method
+            pres = []
+            for method in group:
+                if method in GRADIENT_FREE_METHODS:
+                    raise LancetError(f"normalized_mean_weights: {method} has no query gradient; use scores()")
+                run = Influence(self.model, replace(args, method=method), out_dir=self.out,
+                                measurement=self.measurement, tokenizer=self.tokenizer, max_length=self.max_length)
+                run.fit(train_rows)
+                pres.append(run.preconditioned_queries(query_rows))
+                layers = run._curvature.layers
+                run._curvature = None
+            sample_scores = score_rows(self.model, layers, sample, _concat(pres), args)["scores"]
+            for i, method in enumerate(group):
+                part = sample_scores[i * len(query_rows):(i + 1) * len(query_rows)].double()
+                if virtual is None:
+                    weights[method] = normalized_mean_weights(part)
+                else:
+                    v = torch.as_tensor(virtual, dtype=torch.float64)
+                    weights[method] = normalized_mean_weights(v @ part) @ v
+        return weights
+
     @property
     def fitted(self) -> bool:
         return self._curvature is not None
@@ -211,16 +331,17 @@ class Influence:
         result = score_rows(self.model, self._curvature.layers, train_rows, pre, self.args, out_dir=store.dir)
         return self._keep(result, store)
 
-    def _stored_scores(self, train_rows, query_rows) -> _ScoreStore:
+    def _stored_scores(self, train_rows, query_rows, extra: dict[str, Any] | None = None) -> _ScoreStore:
         """Where this method's scores for these rows and queries live, and the stored result if finished."""
         if self.out is None:
             return _ScoreStore(None, {}, None)
         key = hash_json([self.args.to_json()["method"], data_fingerprint(query_rows)]
-                        + ([self.args.measurement] if self.args.measurement != "answer" else []))
+                        + ([self.args.measurement] if self.args.measurement != "answer" else [])
+                        + ([extra] if extra else []))
         sdir = self.out / "scores" / f"{self.args.method}-{key}"
         meta = {"kind": "scores", "method": self.args.method, "model": self.model_fp,
                 "train": data_fingerprint(train_rows), "queries": data_fingerprint(query_rows),
-                "args": self.args.fingerprint_dict()}
+                "args": self.args.fingerprint_dict(), **(extra or {})}
         # checked now, written once the curvature is fitted: a refused or failed fit leaves no scores directory
         check_or_write_meta(sdir / "meta.json", meta, write=False)
         final = sdir / "scores.safetensors"
@@ -229,11 +350,14 @@ class Influence:
         return _ScoreStore(sdir, meta, load_tensors(final) if found else None)
 
     def _prepare(self, train_rows, query_rows, store: _ScoreStore) -> PreconditionedQueries:
+        self._prepare_store(train_rows, store)
+        return self.preconditioned_queries(query_rows)
+
+    def _prepare_store(self, train_rows, store: _ScoreStore) -> None:
         if self._curvature is None:
             self.fit(train_rows)
         if store.dir is not None:
             check_or_write_meta(store.dir / "meta.json", store.meta, write=dist.is_main())
-        return self.preconditioned_queries(query_rows)
 
     def _keep(self, result: dict[str, torch.Tensor], store: _ScoreStore) -> dict[str, torch.Tensor]:
         """Refuse non-finite scores (storing nothing), else store them atomically."""

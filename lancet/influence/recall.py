@@ -25,6 +25,14 @@ def aggregate(scores: torch.Tensor, how: str = "normalized_mean") -> torch.Tenso
     return (scores / rms).mean(0)
 
 
+def normalized_mean_weights(sample_scores: torch.Tensor) -> torch.Tensor:
+    """[Q] weights w with w @ scores = aggregate(scores, "normalized_mean"): 1 / (Q * RMS of each query's scores),
+    the RMS taken over ``sample_scores`` [Q, n] (all rows: exact; a seeded sample: an estimate, for
+    ``Influence.combined_scores``, which then scores the weighted sum as one query)."""
+    rms = sample_scores.pow(2).mean(1).sqrt().clamp_min(torch.finfo(sample_scores.dtype).tiny)
+    return 1.0 / (rms * sample_scores.shape[0])
+
+
 def top_k(records: Sequence[Record], scores: torch.Tensor, k: int = 10, *, negative: bool = False,
           text_chars: int = 200) -> list[dict[str, Any]]:
     """The k rows with the highest aggregated score (or the lowest with ``negative``): where they came from, what

@@ -121,6 +121,24 @@ def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], a
                                  unit_rows=torch.ones(n, dtype=torch.bool) if unit else None)
 
 
+def precondition_combined(curvature: Curvature, grads: dict[str, torch.Tensor], coefficients: torch.Tensor, args,
+                          into: dict[str, torch.Tensor]) -> bool:
+    """Add sum_q C[k, q] P_q to ``into[name]`` ([K, out, in]) for one chunk of queries (``grads`` [c, out, in] per
+    layer, ``coefficients`` [K, c]), layer by layer at full rank, each raw and preconditioned gradient dropped as
+    soon as it is folded in. Scores are linear in P_q, so scoring the K sums gives C @ (per-query scores) exactly,
+    at the cost of K queries however many were folded. Returns whether the estimator uses unit query gradients."""
+    unit = curvature.estimator.unit_gradients
+    if unit:
+        scale = gradient_sq_norms(grads).sqrt().clamp_min(torch.finfo(args.stats_dtype).tiny).view(-1, 1, 1)
+    for name in list(grads):
+        p = curvature.estimator.precondition(curvature.state[name], grads.pop(name), args.damping)
+        if unit:
+            p = p / scale
+        part = (coefficients.to(p) @ p.reshape(p.shape[0], -1)).reshape(-1, *p.shape[1:])
+        into[name] = into[name] + part if name in into else part
+    return unit
+
+
 def _contract(pre: PreconditionedQueries, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """[Q, B] scores of one layer for one batch."""
     if name in pre.low_rank:
