@@ -275,6 +275,26 @@ def test_suite_unknown_kind_and_bad_names(tmp_path):
         load_suite(str(suite), shared=tmp_path)
 
 
+def test_jailbreak_wrap_puts_each_prompt_inside_its_template(tmp_path):
+    from lancet.evaluate.suite import _records, jailbreak_templates
+
+    write_fake_xstest(tmp_path / "xstest" / "annotated_completions")
+    harmful = tmp_path / "h.csv"
+    harmful.write_text("goal\nDo harm\nSteal a car\n")
+    templates = jailbreak_templates()
+    assert set(templates) == {"role_play", "prefix_injection", "refusal_suppression"}
+    assert all(t.count("{prompt}") == 1 for t in templates.values())
+    sets = [{"name": w, "kind": "harmful_prompts", "path": str(harmful), "wrap": w} for w in templates]
+    suite = load_suite(str(_write_suite(tmp_path / "s.json", sets, judge="refusal")), shared=tmp_path)
+    for s in suite.sets:
+        rows = _records(s)
+        head, tail = templates[s.name].split("{prompt}")
+        assert [r.prompt for r in rows] == [head + "Do harm" + tail, head + "Steal a car" + tail]
+    _write_suite(tmp_path / "s.json", [{**sets[0], "wrap": "grandma"}], judge="refusal")
+    with pytest.raises(LancetError, match="set 'role_play': 'wrap' needs kind harmful_prompts and one of"):
+        load_suite(str(tmp_path / "s.json"), shared=tmp_path)
+
+
 @needs_shared
 def test_shipped_suites_resolve_against_shared_data():
     for name in ("small", "default"):

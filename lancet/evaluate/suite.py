@@ -6,7 +6,9 @@
 
 Set keys: ``name``, ``kind`` (see KINDS), ``path`` (``{shared}`` is replaced by the shared data directory),
 ``limit`` (rows used: evenly spaced over the file after filtering), ``skip`` (rows dropped first), ``side``
-(HH: chosen/rejected), ``harmbench_category``, and for ``diversity`` either ``path`` or ``of`` (reuse another
+(HH: chosen/rejected), ``harmbench_category``, ``wrap`` (harmful prompts only: a jailbreak template of
+``lancet/evaluate/jailbreaks.json``, ``role_play``, ``prefix_injection`` or ``refusal_suppression``, applied to each
+prompt), and for ``diversity`` either ``path`` or ``of`` (reuse another
 set's generations).
 Suite keys besides those above: ``max_length`` (tokens for likelihood metrics), ``judge`` (``classifier``,
 ``refusal``, ``marker:PHRASE`` or ``hf:MODEL``), ``judge_data`` (XSTest's annotated completions, which train and
@@ -47,7 +49,19 @@ KINDS = {"harmful_prompts": "compliance_rate", "behaviour": "behaviour_rate", "o
          "diversity": "distinct_2",
          "answer_logprob": "mean_logprob", "preference": "accuracy", "perplexity": "perplexity"}
 JUDGED = ("harmful_prompts", "over_refusal", "behaviour")
-SET_KEYS = {"name", "kind", "path", "limit", "skip", "side", "harmbench_category", "of"}
+SET_KEYS = {"name", "kind", "path", "limit", "skip", "side", "harmbench_category", "of", "wrap"}
+JAILBREAKS = Path(__file__).parent / "jailbreaks.json"
+
+
+def jailbreak_templates() -> dict[str, str]:
+    """{name: template with {prompt}}: the packaged jailbreak wrappers."""
+    return json.loads(JAILBREAKS.read_text())["templates"]
+
+
+def wrap_prompts(rows: list[Record], template: str) -> list[Record]:
+    """The same rows with each user prompt put inside ``template`` (its ``{prompt}``)."""
+    return [Record(prompt=template.replace("{prompt}", r.prompt_messages[-1]["content"]), id=r.id, label=r.label,
+                   meta=r.meta, source=r.source, line=r.line) for r in rows]
 
 
 @dataclass
@@ -129,6 +143,9 @@ def load_suite(spec: str | Path, shared: str | Path | None = None) -> Suite:
         for key, least in (("limit", 1), ("skip", 0)):
             if key in s and (not isinstance(s[key], int) or s[key] < least):
                 raise LancetError(f"suite {file}: set '{name}': '{key}' must be an integer >= {least}")
+        if "wrap" in s and (s["kind"] != "harmful_prompts" or s["wrap"] not in jailbreak_templates()):
+            raise LancetError(f"suite {file}: set '{name}': 'wrap' needs kind harmful_prompts and one of "
+                              f"{', '.join(jailbreak_templates())}, got {s['wrap']!r}")
         if s["kind"] == "diversity" and "of" in s:
             if s["of"] not in names or next(x for x in sets if x.name == s["of"]).kind not in JUDGED:
                 raise LancetError(f"suite {file}: set '{name}': 'of' must name an earlier generated set")
@@ -185,6 +202,8 @@ def _records(s: EvalSet) -> list[Record]:
         rows = [rows[i * len(rows) // s.limit] for i in range(s.limit)]
     if not rows:
         raise LancetError(f"set '{s.name}': no rows left in {s.path} after filtering")
+    if "wrap" in s.options:
+        rows = wrap_prompts(rows, jailbreak_templates()[s.options["wrap"]])
     return rows
 
 
