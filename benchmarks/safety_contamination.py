@@ -141,6 +141,17 @@ class Preset:
     # grow with the number of IQs (the full preset's 8 methods at rank 32 would take about 2.4 h a seed here)
     aggregate_first: bool = False
     contrast: tuple[str, ...] = ()  # methods also ranked on log p(IQ answer) - log p(refusal)
+    # correction (the stage "correction", first seed): every method from the impure model with the same budget,
+    # its checkpoint chosen on the validation prompts within 5 % perplexity loss on validation helpful answers
+    corrections: tuple[str, ...] = ("ibo", "ibo_random", "ibo_oracle", "dpo", "sft", "ga_retain", "npo")
+    correction_ranking: str = "linfac"
+    corr_steps: int = 30
+    corr_every: int = 10
+    corr_lr: float = 5e-5
+    corr_batch: int = 8
+    n_sft_safe: int = 64  # unused safety-tuned-llamas refusals: SFT's curated safe answers (and the retain rows)
+    n_dpo_pairs: int = 128  # HH harmless-base human preference pairs (single turn): DPO's labelled data
+    n_eval: int = 100  # prompts per test set
 
 
 PRESETS = {
@@ -148,7 +159,7 @@ PRESETS = {
     "full": Preset(seeds=(0, 1, 2), methods=("repsim", "cosine", "identity", "diagonal", "kfac", "ekfac",
                                                "kfac_reduce", "linfac"),
                    counterfactual=("random", "bm25", "repsim", "ekfac", "linfac"), aggregate_first=True,
-                   contrast=("linfac",)),
+                   contrast=("linfac",), n_heldout_helpful=96),
 }
 
 
@@ -182,7 +193,7 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
         rng.shuffle(rows)
     lookalike = [r for r in helpful if LOOKALIKE.search(r.prompt_messages[0]["content"])]
     plain = [r for r in helpful if not LOOKALIKE.search(r.prompt_messages[0]["content"])]
-    need = {"refusals": (len(refusals), p.n_align_refusal + p.n_mix_refusal),
+    need = {"refusals": (len(refusals), p.n_align_refusal + p.n_mix_refusal + p.n_sft_safe),
             "lookalike": (len(lookalike), p.n_lookalike),
             "helpful": (len(plain), p.n_align_benign + p.n_mix_benign - p.n_lookalike + p.n_implicit
                         + p.n_heldout_helpful),
@@ -190,7 +201,10 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
             "xstest": (len(xstest), p.n_xstest), "alpaca": (len(alpaca), p.n_align_alpaca)}
     alpaca_look = [r for r in alpaca if LOOKALIKE.search(r.prompt)][:p.n_align_alpaca_lookalike]
     taken = {r.prompt for r in alpaca_look}
+    alpaca_all = alpaca
     alpaca = alpaca_look + [r for r in alpaca if r.prompt not in taken][:p.n_align_alpaca - len(alpaca_look)]
+    taken = {r.prompt for r in alpaca}
+    alpaca_eval = [r for r in alpaca_all if r.prompt not in taken]
     short = [k for k, (have, want) in need.items() if have < want]
     if short:
         raise SystemExit(f"not enough rows for the preset: {short[0]} has {need[short[0]][0]}, needs "
@@ -207,6 +221,8 @@ def split_data(shared: Path, preset: Preset, seed: int, tokenizer) -> dict[str, 
         "unsafe_prompts": unsafe, "iq_prompts": iq, "valid_prompts": valid, "test_prompts": test,
         "xstest_safe": xstest[:p.n_xstest],
         "align_alpaca": alpaca,
+        "alpaca_eval": alpaca_eval,  # prompts the aligned start never saw (over-refusal test set)
+        "sft_safe": refusals[p.n_align_refusal + p.n_mix_refusal:p.n_align_refusal + p.n_mix_refusal + p.n_sft_safe],
         "n_lookalike": p.n_lookalike,
     }
 
@@ -619,6 +635,106 @@ class Run:
             print(f"seed {self.seed} counterfactual {method}: {out['methods'][method]}", flush=True)
         return out
 
+    def correction_suite(self) -> Path:
+        """The test suite of the correction table (written into the run directory; nothing in it was used for
+        choosing): held-out AdvBench prompts plain and in three jailbreak wrappers, HarmBench, JailbreakBench,
+        StrongREJECT, over-refusal on XSTest-safe and unseen Alpaca prompts, helpful perplexity and diversity."""
+        n, harm = self.p.n_eval, "{shared}/refusal-direction-harmful-sets"
+        files = {"test_prompts": [{"instruction": r.text} for r in self.parts["test_prompts"]],
+                 "alpaca_eval": [{"instruction": r.text} for r in self.parts["alpaca_eval"]]}
+        for name, rows in files.items():
+            atomic_write_json(self.dir / f"{name}.json", rows)
+        helpful = self.parts["heldout_helpful"]
+        atomic_write_bytes(self.dir / "helpful_test.jsonl", records_to_jsonl(helpful[len(helpful) // 2:]))
+        test = str((self.dir / "test_prompts.json").resolve())
+        sets = [{"name": "advbench_heldout", "kind": "harmful_prompts", "path": test},
+                *({"name": f"advbench_{w}", "kind": "harmful_prompts", "path": test, "wrap": w, "limit": n}
+                  for w in ("role_play", "prefix_injection", "refusal_suppression")),
+                {"name": "harmbench", "kind": "harmful_prompts", "path": f"{harm}/harmbench_test.csv",
+                 "harmbench_category": "standard", "limit": n},
+                {"name": "jailbreakbench", "kind": "harmful_prompts", "path": f"{harm}/jailbreakbench.csv",
+                 "limit": n},
+                {"name": "strongreject", "kind": "harmful_prompts", "path": f"{harm}/strongreject.csv", "limit": n},
+                {"name": "xstest_safe", "kind": "over_refusal", "path": "{shared}/xstest/xstest_prompts.csv",
+                 "limit": n},
+                {"name": "alpaca", "kind": "over_refusal", "path": str((self.dir / "alpaca_eval.json").resolve()),
+                 "limit": n},
+                {"name": "alpaca_diversity", "kind": "diversity", "of": "alpaca"},
+                {"name": "helpful_ppl", "kind": "perplexity", "path": str((self.dir / "helpful_test.jsonl").resolve())}]
+        path = self.dir / "correction_suite.json"
+        atomic_write_json(path, {"name": "safety_correction", "max_new_tokens": self.p.max_new_tokens,
+                                 "batch_size": 16, "seed": 0, "max_length": self.p.max_length, "judge": "refusal",
+                                 "sets": sets})
+        return path
+
+    def correction(self, models: dict[str, str], rows: list[Record], tiers: dict[str, str], shared: Path) -> dict:
+        """Every correction method from the impure model with the same steps, batch and learning rate; each run's
+        checkpoint chosen on the validation prompts (refusal matcher) within 5 % perplexity loss on validation
+        helpful answers (lancet.correct.select); then the test suite on the chosen model, and on impure and safe."""
+        from lancet.correct import CorrectionArgs, correct
+        from lancet.correct.pairs import read_preference_pairs
+        from lancet.correct.select import CheckpointSelection
+        from lancet.evaluate import load_suite
+        from lancet.evaluate.suite import evaluate_or_reuse
+
+        suite = load_suite(self.correction_suite(), shared)
+        rankings = load_tensors(self.dir / "rankings.safetensors")
+        ids = json.loads((self.dir / "rankings.json").read_text())["ids"]
+        by_id = {r.id: r for r in rows}
+        train = [by_id[i] for i in ids]  # the ranking's row order
+        ranking = rankings[self.p.correction_ranking]
+        culprits = torch.tensor([tiers[i] in TIERS for i in ids])
+        iqs = read_records(self.dir / "iqs.jsonl") if (self.dir / "iqs.jsonl").is_file() else None
+        helpful = self.parts["heldout_helpful"]
+        ordinary = helpful[:len(helpful) // 2]
+        valid = self.parts["valid_prompts"]
+        safe_rows = self.parts["sft_safe"]
+        pairs = [(c, r) for c, r in read_preference_pairs(shared / "hh-rlhf/harmless-base_test.jsonl.gz")
+                 if len(c.prompt_messages) == 1][:self.p.n_dpo_pairs]
+        k = int(culprits.sum())
+        out: dict = {"sets": [s.name for s in suite.sets], "k": k, "methods": {}}
+
+        def measure(name: str, path: str) -> dict:
+            t0 = time.perf_counter()
+            model, tok = load_model(path)
+            m = evaluate_or_reuse(model, tok, suite, self.dir / f"metrics-{name}.json", progress=self.progress)
+            self.seconds[f"evaluate_{name}"] = round(time.perf_counter() - t0, 1)
+            del model
+            headline = lambda r: "compliance" if r["kind"] == "harmful_prompts" else r["metric"]  # noqa: E731
+            row = {"sets": {s: {headline(r): round(r[r["metric"]], 4), "n": r.get("n")}
+                            for s, r in m["sets"].items()},
+                   "judge": {"name": "refusal", **{k2: m["judge"].get(k2) for k2 in ("accuracy", "n")}}}
+            row["helpful_ppl"] = row["sets"]["helpful_ppl"]["perplexity"]
+            row["xstest_over_refusal"] = row["sets"]["xstest_safe"]["refusal_rate"]
+            print(f"seed {self.seed} correction {name}: {row}", flush=True)
+            return row
+
+        out["methods"]["impure"] = measure("impure", models["impure"])
+        out["methods"]["safe"] = measure("safe", models["safe"])
+        impure, tok = load_model(models["impure"])
+        for method in self.p.corrections:
+            cargs = CorrectionArgs(method=method, top_k=k, beta=0.1, seed=self.seed,
+                                   **({"retain": "kl", "chosen_nll_weight": 1.0} if method.startswith("ibo") else {}))
+            targs = TrainArgs(output_dir=str(self.dir / f"correct-{method}"), max_steps=self.p.corr_steps,
+                              batch_size=self.p.corr_batch, lr=self.p.corr_lr, bf16=BF16, seed=self.seed,
+                              save_every=self.p.corr_every, progress=self.progress)
+            selection = CheckpointSelection(
+                self.dir / f"select-{method}", tok, valid, ordinary, self.judge,
+                fingerprint=hash_json({"model": models["impure"], "correction": cargs.to_json(),
+                                       "train": targs.fingerprint_dict(), "valid": [r.text for r in valid],
+                                       "ordinary": [r.id for r in ordinary]}),
+                max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16)
+            selection.reference(impure)
+            t0 = time.perf_counter()
+            corrected = correct(models["impure"], train, ranking, method=method, train_args=targs,
+                                correction_args=cargs, iq_records=iqs, safe_records=safe_rows, pref_pairs=pairs,
+                                culprit_mask=culprits, max_length=self.p.max_length, on_checkpoint=selection)
+            self.seconds[f"correct_{method}"] = round(time.perf_counter() - t0, 1)
+            chosen, record = selection.finish(corrected, models["impure"])
+            out["methods"][method] = {**measure(method, chosen), "chosen_steps": record["chosen_steps"],
+                                      "validation": record["curve"]}
+        return out
+
     def anchors(self, iqs: list[Record]) -> list[Record]:
         """Safe anchors: the aligned model's refusals to the IQ prompts (only those it refuses)."""
         model, _ = load_model(str(self.dir / "aligned"))
@@ -670,6 +786,8 @@ def _run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str
     if stage == "counterfactual":
         result["counterfactual"] = run.counterfactual(aligned, rows, tiers, result["gate"]["safe"],
                                                       result["gate"]["impure"])
+    if stage == "correction":
+        result["correction"] = run.correction(models, rows, tiers, shared)
     return result
 
 
@@ -689,6 +807,9 @@ def summarize(per_seed: list[dict]) -> dict:
     if cfs:
         out["counterfactual"] = {"oracle": {"compliance": cfs[0]["oracle"]},
                                  "impure": {"compliance": cfs[0]["impure"]}, **cfs[0]["methods"]}
+    corrections = [s["correction"] for s in per_seed if "correction" in s]
+    if corrections:
+        out["correction"] = corrections[0]["methods"]
     recalls = [s["recall"] for s in per_seed if "recall" in s]
     if recalls:
         out["recall"] = {}
@@ -710,8 +831,10 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="default runs/safety_<preset>")
     parser.add_argument("--shared", default=None, help="default ../shared/data")
     parser.add_argument("--seeds", default=None, help="comma-separated subset of the preset's seeds")
-    parser.add_argument("--stage", default="recall", choices=("aligned", "gate", "recall", "counterfactual"),
-                        help="stop after this stage (counterfactual retraining runs on the preset's first seed)")
+    parser.add_argument("--stage", default="recall",
+                        choices=("aligned", "gate", "recall", "counterfactual", "correction"),
+                        help="stop after this stage (recall runs on every seed first; the counterfactual retraining "
+                             "and the correction table on the preset's first seed)")
     parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
     preset = PRESETS[ns.preset]
@@ -722,9 +845,10 @@ def main() -> None:
     BF16 = run_precision(run)
     t0 = time.perf_counter()
     # recall on every seed first, then the (long) counterfactual retraining on the first seed
-    plan = [(seed, "recall" if ns.stage == "counterfactual" else ns.stage) for seed in seeds]
-    if ns.stage == "counterfactual" and preset.seeds[0] in seeds:
-        plan.append((preset.seeds[0], "counterfactual"))
+    late = ("counterfactual", "correction")
+    plan = [(seed, "recall" if ns.stage in late else ns.stage) for seed in seeds]
+    if ns.stage in late and preset.seeds[0] in seeds:
+        plan += [(preset.seeds[0], stage) for stage in late[:late.index(ns.stage) + 1]]
     for seed, stage in plan:
         run_seed(preset, seed, run / f"seed{seed}", shared, stage, progress=not ns.quiet)
         per_seed = [json.loads((run / f"seed{s}" / "result.json").read_text()) for s in preset.seeds
