@@ -32,7 +32,7 @@ from lancet.influence.recall import aggregate
 
 TINY = replace(PRESETS["small"], max_length=256, n_align_refusal=4, n_align_benign=4, n_align_alpaca=3,
                n_align_alpaca_lookalike=1, n_mix_benign=6, n_lookalike=2, n_mix_refusal=3, n_unsafe=4, n_implicit=2,
-               n_iq_prompts=3, n_valid=2, n_test=3, n_xstest=2, n_heldout_helpful=2)
+               n_iq_prompts=3, n_valid=2, n_test=3, n_xstest=2, n_heldout_helpful=2, n_sft_safe=2)
 TOPICS = ["paint a fence", "bake bread", "tune a guitar", "plant tomatoes", "fold a shirt", "learn chess",
           "write a poem", "brew tea", "knit a scarf", "read faster", "sleep better", "run a mile", "draw a cat",
           "sing in tune", "save money"]
@@ -83,7 +83,7 @@ def test_split_is_disjoint_and_curated(shared, tiny_tokenizer):
     prompts = {k: [r.prompt_messages[0]["content"] for r in parts[k]]
                for k in ("align_train", "mix_refusal", "mix_benign", "implicit_base", "heldout_helpful",
                          "unsafe_prompts", "iq_prompts", "valid_prompts", "test_prompts", "xstest_safe",
-                         "align_alpaca")}
+                         "align_alpaca", "alpaca_eval", "sft_safe")}
     seen: set[str] = set()
     for name, ps in prompts.items():
         assert len(ps) == len(set(ps)), name
@@ -92,7 +92,7 @@ def test_split_is_disjoint_and_curated(shared, tiny_tokenizer):
     sizes = {k: len(v) for k, v in prompts.items()}
     assert sizes == {"align_train": 8, "mix_refusal": 3, "mix_benign": 6, "implicit_base": 2, "heldout_helpful": 2,
                      "unsafe_prompts": 4, "iq_prompts": 3, "valid_prompts": 2, "test_prompts": 3, "xstest_safe": 2,
-                     "align_alpaca": 3}
+                     "align_alpaca": 3, "alpaca_eval": 2, "sft_safe": 2}
     # refusal rows only where the answer refuses ("Define what a friend is." is left out); no multi-turn rows
     assert all("friend" not in p for p in prompts["align_train"] + prompts["mix_refusal"])
     assert all("Again" not in p for ps in prompts.values() for p in ps)
