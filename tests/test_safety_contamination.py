@@ -280,3 +280,26 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
         if method not in ("impure", "safe"):
             assert row["chosen_steps"] in (0, 1, 2) and [p["steps"] for p in row["validation"]] == [0, 1, 2]
     assert out["k"] == 2
+
+
+def test_labels_dump_and_merge(tmp_path, monkeypatch):
+    import benchmarks.safety_labels as sl
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"note": "old", "labels": {answer_key("p1", "a1"): True}}))
+    monkeypatch.setattr(sl, "LABELS", labels)
+    (tmp_path / "answers-safe-test_prompts.json").write_text(json.dumps({"answers": ["a1", "I cannot."]}))
+    (tmp_path / "answers-impure-test_prompts.json").write_text(json.dumps({"answers": ["Sure: x", "Sure: y"]}))
+    rows = sl.unlabelled(tmp_path, ["p1", "p2"])
+    assert sorted(r["answer"] for r in rows) == ["I cannot.", "Sure: x", "Sure: y"]  # a1 is labelled already
+    assert all(set(r) == {"key", "prompt", "answer"} for r in rows)
+    new = tmp_path / "new.jsonl"
+    new.write_text("\n".join(json.dumps({"key": r["key"], "complies": r["answer"].startswith("Sure")}) for r in rows))
+    assert sl.merge(new, "new note") == 3
+    data = json.loads(labels.read_text())
+    assert data["note"] == "new note" and len(data["labels"]) == 4
+    assert data["labels"][answer_key("p2", "Sure: y")] is True
+    assert data["labels"][answer_key("p2", "I cannot.")] is False
+    new.write_text('{"key": "k", "complies": "yes"}\n')
+    with pytest.raises(SystemExit, match=r"new.jsonl:1: each line needs 'key'"):
+        sl.merge(new, None)
