@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the tokens in each IQ's meta.behaviour_spans, which IQs taken with a rules: judge carry)")
     p.add_argument("--contrast-response", default=None, metavar="TEXT",
                    help="rank by influence on log p(IQ answer) - log p(TEXT), e.g. a generic refusal")
+    p.add_argument("--aggregate-first", action="store_true",
+                   help="score the normalised mean over all IQs as one full-rank query (its weights estimated on 32 "
+                   "rows): the cost of one IQ however many there are; no per-IQ scores (docs/method.md 2.5)")
 
     p = sub.add_parser("correct", help="post-train with IBO (or a baseline) from influence scores")
     p.add_argument("model", help="the model to correct (the contaminated one the scores were computed on)")
@@ -255,14 +258,15 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
                            measurement=ns.measurement, covariance_max_rows=ns.covariance_max_rows,
                            lambda_max_rows=ns.lambda_max_rows, **chunk)
              for m in methods]  # each method's options are validated before the model is loaded
-    if len(methods) > 1 and ns.contrast_response is not None:
-        raise LancetError("--contrast-response takes one --method")
+    if len(methods) > 1 and (ns.contrast_response is not None or ns.aggregate_first):
+        raise LancetError("--contrast-response and --aggregate-first take one --method")
     model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code, device=device)
     for args in every:
         logging.getLogger("lancet").info(estimate_memory(model, args).describe())
     if len(methods) == 1:
         summaries = [attribute(model, tokenizer, ns.train, ns.queries, ns.out, every[0], max_length=ns.max_length,
-                               labels=ns.labels, k=ns.top_k, contrast_response=ns.contrast_response)]
+                               labels=ns.labels, k=ns.top_k, contrast_response=ns.contrast_response,
+                               aggregate_first=ns.aggregate_first)]
     else:
         summaries = list(attribute_methods(model, tokenizer, ns.train, ns.queries, ns.out, every[0], methods,
                                            max_length=ns.max_length, labels=ns.labels, k=ns.top_k).values())

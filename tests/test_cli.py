@@ -121,6 +121,33 @@ def test_attribute_contrast_response(tmp_path, tiny_tokenizer):
     assert summary["contrast_response"] == "I cannot answer."
 
 
+def test_attribute_aggregate_first(tmp_path, tiny_tokenizer):
+    """``--aggregate-first`` scores the normalised mean as one query: with one IQ it is that IQ's scores times a
+    positive weight (alone and with a contrast response), the ranking file holds only the aggregate, and
+    ``lancet correct`` reads it like any other."""
+    from lancet.artifacts import load_tensors
+    from lancet.correct import load_run_scores
+
+    model_dir, train, queries = _sums_run(tmp_path, tiny_tokenizer)
+    base = ["-q", "attribute", str(model_dir), "--train", str(train), "--queries", str(queries), "--method", "kfac"]
+    for name, extra in (("plain", []), ("contrast", ["--contrast-response", "I cannot answer."])):
+        assert main([*base, "--out", str(tmp_path / name), *extra]) == 0
+        assert main([*base, "--out", str(tmp_path / f"{name}-first"), "--aggregate-first", *extra]) == 0
+        per_query = load_tensors(tmp_path / name / "ranking-kfac.safetensors")["scores"][0].double()
+        first = load_tensors(tmp_path / f"{name}-first" / "ranking-kfac.safetensors")
+        assert set(first) == {"aggregate_normalized_mean"}
+        agg = first["aggregate_normalized_mean"].double()
+        cosine = float(agg @ per_query / (agg.norm() * per_query.norm()))
+        assert cosine > 1 - 1e-6, (name, cosine)
+        summary = json.loads((tmp_path / f"{name}-first" / "influence-kfac.json").read_text())
+        assert summary["aggregate_first"] is True and summary["n_queries"] == 1
+        ids = summary["ids"]
+        scores, method = load_run_scores(tmp_path / f"{name}-first", ids)
+        assert method == "kfac" and scores.shape == (8,)
+    assert main([*base, "--out", str(tmp_path / "x"), "--method", "bm25", "--aggregate-first"]) == 2
+    assert main([*base, "--out", str(tmp_path / "x"), "--method", "kfac,identity", "--aggregate-first"]) == 2
+
+
 def test_attribute_several_methods_share_one_pass(tmp_path, tiny_tokenizer, capsys):
     """``--method linfac,identity,bm25`` writes each method's files, with the scores a run of that method alone
     gives, and prints each summary."""

@@ -71,10 +71,13 @@ def _load(tokenizer, train_spec: str, queries_spec: str, max_length: int, progre
 
 def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path, args: InfluenceArgs, *,
               max_length: int = DEFAULT_MAX_LENGTH, labels: str | None = None, k: int = 10,
-              contrast_response: str | None = None, influence: Influence | None = None) -> dict[str, Any]:
+              contrast_response: str | None = None, influence: Influence | None = None,
+              aggregate_first: bool = False) -> dict[str, Any]:
     """Rank ``train_spec`` rows by influence on the IQs of ``queries_spec``; with ``contrast_response``, by
     influence on the margin over that answer (``contrast_scores``). ``influence``: an entry object on the same
-    model, options and ``out_dir`` to use (and keep its curvature for the caller), instead of a new one."""
+    model, options and ``out_dir`` to use (and keep its curvature for the caller), instead of a new one.
+    ``aggregate_first``: score the normalised mean over the IQs as one full-rank query (``combined_scores``; its
+    weights estimated on a sample of rows): the cost of one IQ however many there are, and no per-IQ scores."""
     out = Path(out_dir)
     train_records, query_records, train, queries, culprits = _load(tokenizer, train_spec, queries_spec, max_length,
                                                                    args.progress, labels)
@@ -83,6 +86,20 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
         influence = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length)
     elif influence.model is not model or influence.args != args or influence.out != out:
         raise LancetError("attribute(influence=...) must be built on the same model, options and out_dir")
+    if aggregate_first:
+        if args.method in GRADIENT_FREE_METHODS:
+            raise LancetError(f"--aggregate-first needs a gradient method ({args.method} has no query gradient)")
+        both, virtual = queries, None
+        if contrast_response is not None:  # each margin IQ - contrast is one query of the normalised mean
+            contrast = encode_records([r.with_response(contrast_response) for r in query_records], tokenizer,
+                                      max_length, progress=False)
+            both = list(queries) + list(contrast)
+            virtual = torch.cat([torch.eye(len(queries)), -torch.eye(len(queries))], 1).double()
+        weights = influence.normalized_mean_weights(train, both, virtual=virtual)[args.method]
+        aggregated = influence.combined_scores(train, both, weights[None])["scores"][0]
+        return _rank(out, args, None, time.perf_counter() - t0, train_records, train, culprits,
+                     {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),
+                      "contrast_response": contrast_response, "aggregate_first": True}, k, aggregated=aggregated)
     if contrast_response is None:
         scores = queries_scores(influence, train, queries)
     else:
@@ -113,17 +130,23 @@ def attribute_methods(model, tokenizer, train_spec: str, queries_spec: str, out_
             for m in methods}
 
 
-def _rank(out: Path, args: InfluenceArgs, scores: torch.Tensor, seconds: float, train_records, train, culprits,
-          extra: dict[str, Any], k: int) -> dict[str, Any]:
-    """Aggregate, write ``ranking-<method>.safetensors`` and ``influence-<method>.json``, return the summary."""
-    if not torch.isfinite(scores).all():
-        bad = int((~torch.isfinite(scores)).sum())
-        raise NonFiniteError(f"{bad} of {scores.numel()} influence scores are NaN or infinite (non-finite gradients: "
-                             "check the model's weights and the data); nothing was ranked")
-    agg = {how: aggregate(scores, how) for how in ("normalized_mean", "sum")}
+def _rank(out: Path, args: InfluenceArgs, scores: torch.Tensor | None, seconds: float, train_records, train, culprits,
+          extra: dict[str, Any], k: int, aggregated: torch.Tensor | None = None) -> dict[str, Any]:
+    """Aggregate, write ``ranking-<method>.safetensors`` and ``influence-<method>.json``, return the summary.
+    ``aggregated``: the normalised mean, already aggregated (``--aggregate-first``; no per-IQ ``scores``)."""
+    checked = scores if scores is not None else aggregated
+    if not torch.isfinite(checked).all():
+        bad = int((~torch.isfinite(checked)).sum())
+        raise NonFiniteError(f"{bad} of {checked.numel()} influence scores are NaN or infinite (non-finite "
+                             "gradients: check the model's weights and the data); nothing was ranked")
+    if scores is not None:
+        agg = {how: aggregate(scores, how) for how in ("normalized_mean", "sum")}
+        tensors = {"scores": scores, **{f"aggregate_{h}": v for h, v in agg.items()}}
+    else:
+        agg = {"normalized_mean": aggregated}
+        tensors = {"aggregate_normalized_mean": aggregated}
     if dist.is_main():
-        atomic_save_tensors(out / f"ranking-{args.method}.safetensors",
-                            {"scores": scores, **{f"aggregate_{h}": v for h, v in agg.items()}})
+        atomic_save_tensors(out / f"ranking-{args.method}.safetensors", tensors)
     summary: dict[str, Any] = {
         "method": args.method, "train": extra["train"], "queries": extra["queries"], "n_train": len(train),
         "n_queries": extra["n_queries"], "seconds": round(seconds, 2), "ids": train.ids,
@@ -132,8 +155,9 @@ def _rank(out: Path, args: InfluenceArgs, scores: torch.Tensor, seconds: float, 
         "top_negative": top_k(train_records, agg["normalized_mean"], k, negative=True),
         "args": args.to_json(),
     }
-    if "shared_pass" in extra:
-        summary["shared_pass"] = extra["shared_pass"]
+    for key in ("shared_pass", "aggregate_first"):
+        if key in extra:
+            summary[key] = extra[key]
     if culprits is not None:
         summary["recall"] = {
             "n_culprits": int(culprits.sum()),
