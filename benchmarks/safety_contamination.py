@@ -318,6 +318,23 @@ def anchored(harmful: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
     return (aggregate(harmful) - aggregate(safe)).unsqueeze(0)
 
 
+def lambda_subset_check(ranking: torch.Tensor, positives: torch.Tensor, limit: int, seed: int = 0) -> dict:
+    """Are the rows outside the eigenvalue-correction subset (``lambda_max_rows``, the same seeded choice as
+    lancet.curvature.fit.subsample) scored differently from those inside? Mean aggregated score of positives and of
+    the other rows on each side, and AP within each side: a systematic inflation outside would show as a higher
+    mean for the other rows there and a lower AP."""
+    n = len(ranking)
+    inside = torch.zeros(n, dtype=torch.bool)
+    inside[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]] = True
+    out = {}
+    for side, mask in (("inside", inside), ("outside", ~inside)):
+        r, pos = ranking[mask], positives[mask]
+        out[side] = {"n": int(mask.sum()), "mean_positive": round(float(r[pos].mean()), 4) if pos.any() else None,
+                     "mean_other": round(float(r[~pos].mean()), 4) if (~pos).any() else None,
+                     "ap": round(average_precision(r, pos), 4) if pos.any() and (~pos).any() else None}
+    return out
+
+
 def prompt_only(rows) -> list[dict]:
     """Rows cut to their prompt tokens (BM25 over prompts only)."""
     out = []
@@ -578,6 +595,9 @@ class Run:
         for method in grad_methods:
             for i, name in enumerate(layout[method]):
                 record(name, scores[method]["scores"][i], fit_seconds[method])
+            if method in ("linfac", "ekfac") and self.p.lambda_max_rows < len(train):
+                out["methods"][method]["lambda_subset"] = lambda_subset_check(
+                    scores[method]["scores"][0].double(), positives, self.p.lambda_max_rows)
             blocks = per_block(scores[method]["per_layer"][:1].double(), names)
             out["methods"][method]["ap_by_block"] = {b: round(average_precision(v[0], positives), 4)
                                                      for b, v in blocks.items()}

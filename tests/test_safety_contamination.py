@@ -159,6 +159,20 @@ def test_anchoring_and_prompt_only():
     assert prompt_only([row]) == [{"input_ids": [5, 6], "labels": [IGNORE_INDEX, IGNORE_INDEX]}]
 
 
+def test_lambda_subset_check_finds_inflation_outside_the_subset():
+    from benchmarks.safety_contamination import lambda_subset_check
+
+    n, limit = 40, 16
+    inside = torch.zeros(n, dtype=torch.bool)
+    inside[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit]] = True
+    positives = torch.arange(n) % 4 == 0
+    ranking = positives.double() + 5.0 * (~inside).double()  # every row outside the subset inflated by 5
+    got = lambda_subset_check(ranking, positives, limit)
+    assert got["inside"]["n"] == limit and got["outside"]["n"] == n - limit
+    assert got["outside"]["mean_other"] == 5.0 and got["inside"]["mean_other"] == 0.0
+    assert got["inside"]["ap"] == got["outside"]["ap"] == 1.0  # within a side the order is still right
+
+
 def test_interleave_keeps_the_safe_order_whatever_the_dose():
     from benchmarks.safety_contamination import interleave
 
