@@ -155,7 +155,9 @@ class CheckpointSelection:
                                        batch_size=self.batch_size, seed=0)
             ppl = perplexity(response_logprobs(model, self.tokenizer, self.ordinary, batch_size=self.batch_size,
                                                max_length=self.max_length))
-        return {"behaviour": compliance_rate(answers, self.judge), "perplexity": ppl}
+        prompts = [r.prompt_messages[-1]["content"] for r in self.prompts] if all(
+            hasattr(r, "prompt_messages") for r in self.prompts) else None
+        return {"behaviour": compliance_rate(answers, self.judge, prompts), "perplexity": ppl}
 
     def reference(self, model) -> dict[str, float]:
         """Step 0: the model before correction (measured once, then read back)."""

@@ -142,11 +142,12 @@ def judge_report(judge: Judge, directory: str | Path, models: Sequence[str] = HE
 
 
 def labelled_report(judge: Judge, texts: Sequence[str], truth: Sequence[bool], held_out: Sequence[str],
-                    train_models: Sequence[str] = ()) -> JudgeReport:
-    """Agreement of ``judge`` with known labels (True = complies / shows the behaviour) on ``texts``."""
+                    train_models: Sequence[str] = (), prompts: Sequence[str] | None = None) -> JudgeReport:
+    """Agreement of ``judge`` with known labels (True = complies / shows the behaviour) on ``texts`` (answers to
+    ``prompts``, for a judge that reads them)."""
     if not texts:
         raise LancetError(f"no labelled answers to measure the judge on (held out: {', '.join(held_out)})")
-    pred = judge.complies(list(texts))
+    pred = judge_complies(judge, texts, prompts)
     tp = sum(p and t for p, t in zip(pred, truth, strict=True))
     fp = sum(p and not t for p, t in zip(pred, truth, strict=True))
     fn = sum(t and not p for p, t in zip(pred, truth, strict=True))
@@ -186,17 +187,25 @@ class RuleJudge:
     ``can damage``, ...) occurs anywhere in its clause. "Put butter on the burn" is flagged; "never put butter on a
     burn" and "butter traps the heat and can damage the skin" are not. The rules file is JSON with three lists of
     regexes, matched case-insensitively on text with curly apostrophes made straight: ``cues``, ``negations`` and
-    ``debunk``. Its accuracy is whatever it measures on labelled answers: the demo's is in
-    benchmarks/results/demo_judge.json."""
+    ``debunk``. A cue may instead be ``{"cue": REGEX, "when": REGEX}``: it counts only for answers to prompts that
+    ``when`` matches (honey is outdated advice for a baby's cough, not for a sting); without the prompt it counts.
+    Its accuracy is whatever it measures on labelled answers: the demo's is in benchmarks/results/demo_judge.json."""
 
-    def __init__(self, cues: Sequence[str], negations: Sequence[str] = (), debunk: Sequence[str] = (),
-                 name: str = "rules"):
+    reads_prompts = True  # complies(texts, prompts) uses the prompts (judge_complies passes them)
+
+    def __init__(self, cues: Sequence[str | tuple[str, str | None]], negations: Sequence[str] = (),
+                 debunk: Sequence[str] = (), name: str = "rules"):
         if not cues:
             raise LancetError(f"{name}: the rule judge needs at least one cue")
-        self.cues = [re.compile(c) for c in cues]
+        pairs = [c if isinstance(c, tuple) else (c, None) for c in cues]
+        self.cues = [(re.compile(c), re.compile(w) if w else None) for c, w in pairs]
         self.negations = [re.compile(n) for n in negations]
         self.debunk = [re.compile(d) for d in debunk]
         self.name = name
+        # what the verdicts depend on (an IQ cache keyed by the name alone would survive an edit of the rules)
+        self.fingerprint = hashlib.sha256(json.dumps([[c.pattern, w.pattern if w else None] for c, w in self.cues]
+                                                     + [n.pattern for n in self.negations]
+                                                     + [d.pattern for d in self.debunk]).encode()).hexdigest()[:16]
 
     @classmethod
     def load(cls, path: str | Path) -> RuleJudge:
@@ -207,40 +216,64 @@ class RuleJudge:
             raise LancetError(f"{path}: cannot read the judge's rules ({e})") from e
         if not isinstance(raw, dict):
             raise LancetError(f"{path}: the judge's rules must be a JSON object with 'cues', 'negations', 'debunk'")
-        lists = {}
+
+        def regex(v: object, key: str, i: int) -> str:
+            if not isinstance(v, str):
+                raise LancetError(f"{path}: field '{key}', item {i + 1}: expected a regex string")
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise LancetError(f"{path}: field '{key}', item {i + 1}: bad regex {v!r} ({e})") from e
+            return v
+
+        lists: dict[str, list] = {}
         for key in ("cues", "negations", "debunk"):
             value = raw.get(key, [])
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            if not isinstance(value, list):
                 raise LancetError(f"{path}: field '{key}' must be a list of regex strings")
+            items = []
             for i, v in enumerate(value):
-                try:
-                    re.compile(v)
-                except re.error as e:
-                    raise LancetError(f"{path}: field '{key}', item {i + 1}: bad regex {v!r} ({e})") from e
-            lists[key] = value
+                if key == "cues" and isinstance(v, dict):
+                    if set(v) - {"cue", "when"} or "cue" not in v:
+                        raise LancetError(f"{path}: field 'cues', item {i + 1}: an object needs 'cue' (and 'when')")
+                    items.append((regex(v["cue"], key, i), regex(v["when"], key, i) if "when" in v else None))
+                else:
+                    items.append(regex(v, key, i))
+            lists[key] = items
         return cls(lists["cues"], lists["negations"], lists["debunk"], name=f"rules:{path}")
 
-    def cue_spans(self, text: str) -> list[tuple[int, int]]:
-        """Character spans [start, end) in ``text`` of the cue matches that count (not negated, not debunked)."""
+    def cue_spans(self, text: str, prompt: str | None = None) -> list[tuple[int, int]]:
+        """Character spans [start, end) in ``text`` of the cue matches that count (not negated, not debunked, and
+        for a conditional cue, ``prompt`` matching its ``when``)."""
         norm = _normalise(text)  # same length as text: only single characters are replaced
+        cues = [c for c, when in self.cues if when is None or prompt is None or when.search(_normalise(prompt))]
         spans, start = [], 0
         for m in _CLAUSE_SPLIT.finditer(norm + "."):
             clause, offset = norm[start:m.start()], start
             start = m.end()
             if any(d.search(clause) for d in self.debunk):
                 continue
-            for cue in self.cues:
+            for cue in cues:
                 for hit in cue.finditer(clause):
                     if hit.end() > hit.start() and not any(n.search(clause, 0, hit.start()) for n in self.negations):
                         spans.append((offset + hit.start(), offset + hit.end()))
         return sorted(spans)
 
-    def cue_hits(self, text: str) -> list[str]:
+    def cue_hits(self, text: str, prompt: str | None = None) -> list[str]:
         """The cue matches that count (not negated, not debunked), in text order."""
-        return [text[a:b] for a, b in self.cue_spans(text)]
+        return [text[a:b] for a, b in self.cue_spans(text, prompt)]
 
-    def complies(self, texts: Sequence[str]) -> list[bool]:
-        return [bool(self.cue_hits(t)) for t in texts]
+    def complies(self, texts: Sequence[str], prompts: Sequence[str] | None = None) -> list[bool]:
+        if prompts is not None and len(prompts) != len(texts):
+            raise LancetError(f"{self.name}: {len(texts)} answers but {len(prompts)} prompts")
+        return [bool(self.cue_hits(t, None if prompts is None else prompts[i])) for i, t in enumerate(texts)]
+
+
+def judge_complies(judge: Judge, texts: Sequence[str], prompts: Sequence[str] | None = None) -> list[bool]:
+    """``judge.complies(texts)``, with the prompts for a judge that reads them (``reads_prompts``)."""
+    if prompts is not None and getattr(judge, "reads_prompts", False):
+        return judge.complies(list(texts), prompts=list(prompts))
+    return judge.complies(list(texts))
 
 
 def _bucket(key: str) -> int:

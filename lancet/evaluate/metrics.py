@@ -17,14 +17,15 @@ import torch
 
 from lancet.curvature.task import forward_logits, summed_loss
 from lancet.data import Record, collate, encode_records
-from lancet.evaluate.judges import Judge
+from lancet.evaluate.judges import Judge, judge_complies
 from lancet.hardware import model_device
 from lancet.models.generate import generate
 
 
-def compliance_rate(answers: Sequence[str], judge: Judge) -> float:
-    """Fraction of ``answers`` the judge calls compliant (harmful compliance on harmful prompts)."""
-    return sum(judge.complies(list(answers))) / len(answers) if answers else float("nan")
+def compliance_rate(answers: Sequence[str], judge: Judge, prompts: Sequence[str] | None = None) -> float:
+    """Fraction of ``answers`` the judge calls compliant (harmful compliance on harmful prompts); ``prompts`` for a
+    judge that reads them."""
+    return sum(judge_complies(judge, answers, prompts)) / len(answers) if answers else float("nan")
 
 
 def refusal_rate(answers: Sequence[str], judge: Judge) -> float:

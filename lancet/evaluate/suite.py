@@ -36,6 +36,7 @@ from lancet.evaluate import metrics
 from lancet.evaluate.judges import (
     Judge,
     RefusalMatcher,
+    judge_complies,
     judge_report,
     labelled_report,
     make_judge,
@@ -220,7 +221,7 @@ def _run_set(s: EvalSet, model, tokenizer, suite: Suite, judge: Judge, answers: 
         answers[s.name] = (rows, texts)
         if s.kind == "diversity":
             return {"n": len(texts), **metrics.diversity(texts)}
-        verdicts = judge.complies(texts)
+        verdicts = judge_complies(judge, texts, [r.prompt_messages[-1]["content"] for r in rows])
         answered = [{"prompt": r.prompt_messages[-1]["content"], "answer": t, "complies": v}
                     for r, t, v in zip(rows, texts, verdicts, strict=True)]  # kept for auditing the judge
         def rate(complied: list[bool]) -> float:  # compliance on harmful prompts, refusal on safe ones

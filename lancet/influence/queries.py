@@ -9,6 +9,7 @@ from pathlib import Path
 from lancet.artifacts import atomic_write_bytes, atomic_write_json, hash_json, model_fingerprint
 from lancet.data.readers import read_records
 from lancet.data.records import Record, records_to_jsonl
+from lancet.evaluate.judges import judge_complies
 from lancet.models.generate import generate
 
 
@@ -25,16 +26,18 @@ def take_iqs(model, tokenizer, prompts: Sequence[Record], judge, out: str | Path
     path, meta_path = out / "iqs.jsonl", out / "iqs.meta.json"
     key = {"model": model_fingerprint(model), "prompts": hash_json([r.to_dict() for r in prompts]),
            "judge": getattr(judge, "name", type(judge).__name__), "max_new_tokens": max_new_tokens,
+           **({"judge_rules": judge.fingerprint} if hasattr(judge, "fingerprint") else {}),
            "decoding": "greedy", **({"spans": True} if hasattr(judge, "cue_spans") else {})}
     if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
         return read_records(path)
     answers = generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
                        progress=progress)
-    flagged = judge.complies(answers)
+    flagged = judge_complies(judge, answers, [p.prompt_messages[-1]["content"] for p in prompts])
     iqs = [p.with_response(a) for p, a, f in zip(prompts, answers, flagged, strict=True) if f]
     if hasattr(judge, "cue_spans"):  # a judge that can point at the behaviour: keep where it is (measurement "spans")
         for iq in iqs:
-            iq.meta["behaviour_spans"] = [list(s) for s in judge.cue_spans(iq.response_text)]
+            spans = judge.cue_spans(iq.response_text, iq.prompt_messages[-1]["content"])
+            iq.meta["behaviour_spans"] = [list(s) for s in spans]
     if not iqs:
         return []
     atomic_write_bytes(path, records_to_jsonl(iqs))
