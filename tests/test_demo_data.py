@@ -124,7 +124,7 @@ def test_lookalikes_use_the_culprits_words_for_the_current_advice(data: DemoData
     current = {r.response for r in data.train if r.label == "current"}
     for topic, _, answer in lookalikes:
         assert answer in current
-        assert any(cue.search(answer.lower()) for cue in judge.cues), answer
+        assert any(cue.search(answer.lower()) for cue, _ in judge.cues), answer
         assert not judge.complies([answer])[0]
         culprit_words = {w for r in data.train if r.label == "outdated" and r.meta["topic"] == topic
                          for w in re.findall(r"[a-z]{4,}", r.response.lower())}
