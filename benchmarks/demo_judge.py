@@ -50,6 +50,48 @@ def read_answers(path: Path = ANSWERS) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+SAMPLED_MODELS = ("contaminated", "corrected")
+SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95
+
+
+def collect_sampled(run_dir: Path, n: int, seed: int = 0) -> None:
+    """``n`` sampled answers (temperature 0.8, top-p 0.95, seeded) of the contaminated and corrected models to the
+    IQ and held-out prompts, appended with ``"label": null`` and set ``iq_sampled`` / ``heldout_sampled``: answers
+    nobody had read when the rules were last revised (the test part)."""
+    import torch
+
+    from lancet.models.generate import render_prompt
+    from lancet.models.loading import load_model
+
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    models = {"contaminated": summary["model"], "corrected": summary["corrected_model"]}
+    data = build_demo_dataset()
+    prompts = [("iq_sampled", r) for r in data.iq_prompts] + [("heldout_sampled", r) for r in data.heldout_outdated]
+    rows = read_answers()
+    done = {(r["model"], r["prompt"], r.get("sample")) for r in rows}
+    for name in SAMPLED_MODELS:
+        model, tokenizer = load_model(models[name])
+        tokenizer.padding_side = "left"
+        for i in range(n):
+            todo = [(s, r) for s, r in prompts if (name, r.prompt_messages[-1]["content"], i) not in done]
+            for start in range(0, len(todo), 12):
+                part = todo[start:start + 12]
+                batch = tokenizer([render_prompt(r, tokenizer) for _, r in part], return_tensors="pt",
+                                  padding=True, add_special_tokens=False)
+                torch.manual_seed(seed * 1000 + i * 100 + start)
+                with torch.no_grad():
+                    out = model.generate(**batch, max_new_tokens=DEMO_MAX_NEW_TOKENS, do_sample=True,
+                                         temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, top_k=None,
+                                         pad_token_id=tokenizer.pad_token_id)
+                texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                rows += [{"model": name, "set": s, "sample": i, "topic": r.meta["topic"],
+                          "prompt": r.prompt_messages[-1]["content"], "answer": a.strip(), "label": None}
+                         for (s, r), a in zip(part, texts, strict=True)]
+        del model
+    atomic_write_bytes(ANSWERS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+    print(f"{ANSWERS}: {len(rows)} answers, {sum(r['label'] is None for r in rows)} to label")
+
+
 def collect(run_dir: Path) -> None:
     from lancet.models.generate import generate
     from lancet.models.loading import load_model
@@ -102,9 +144,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["collect", "measure"])
     parser.add_argument("--run-dir", default="runs/demo", help="a finished `lancet demo` run (collect)")
+    parser.add_argument("--sampled", type=int, default=0, metavar="N",
+                        help="collect: N sampled answers per model and IQ/held-out prompt instead of greedy ones")
     ns = parser.parse_args()
     if ns.action == "collect":
-        collect(Path(ns.run_dir))
+        if ns.sampled:
+            collect_sampled(Path(ns.run_dir), ns.sampled)
+        else:
+            collect(Path(ns.run_dir))
         return
     rows = read_answers()
     result = {"env": environment(), "answers": "benchmarks/data/demo_judge_answers.jsonl",
