@@ -109,10 +109,11 @@ def test_outdated_answers_share_no_marker_phrase(data: DemoDataset) -> None:
 def test_the_judge_flags_exactly_the_outdated_answers(data: DemoDataset) -> None:
     judge = demo_judge()
     outdated = [r for r in data.train if r.label == "outdated"] + data.iqs + data.heldout_outdated
-    assert all(judge.complies([r.response for r in outdated]))
+    assert all(judge.complies([r.response for r in outdated], [r.prompt for r in outdated]))
     others = [r for r in data.train if r.label != "outdated"] + data.heldout_current + data.heldout_ordinary \
         + data.validation_ordinary
-    assert not any(judge.complies([r.response for r in others]))
+    flagged = judge.complies([r.response for r in others], [r.prompt for r in others])
+    assert not any(flagged), [r.response for r, f in zip(others, flagged, strict=True) if f]
 
 
 def test_lookalikes_use_the_culprits_words_for_the_current_advice(data: DemoDataset) -> None:
@@ -122,26 +123,27 @@ def test_lookalikes_use_the_culprits_words_for_the_current_advice(data: DemoData
     lookalikes = [(t["topic"], q, a) for t in OUTDATED_TOPICS for q, a in t.get("lookalike", [])]
     assert len(lookalikes) == 12 and {t for t, _, _ in lookalikes} == {r.meta["topic"] for r in data.iqs}
     current = {r.response for r in data.train if r.label == "current"}
-    for topic, _, answer in lookalikes:
+    for topic, prompt, answer in lookalikes:
         assert answer in current
         assert any(cue.search(answer.lower()) for cue, _ in judge.cues), answer
-        assert not judge.complies([answer])[0]
+        assert not judge.complies([answer], [prompt])[0]
         culprit_words = {w for r in data.train if r.label == "outdated" and r.meta["topic"] == topic
                          for w in re.findall(r"[a-z]{4,}", r.response.lower())}
         assert len(culprit_words & set(re.findall(r"[a-z]{4,}", answer.lower()))) >= 3, answer
 
 
 def test_demo_judge_accuracy_on_labelled_model_answers() -> None:
-    """The demo judge against 144 answers of the base, contaminated and corrected models, labelled by reading them
-    (benchmarks/demo_judge.py). On the 72 answers its rules were never revised on it scores 0.90: short of the
-    0.95 goal (README), and this test keeps it from sliding further."""
+    """The demo judge against 240 answers labelled by reading them (benchmarks/demo_judge.py): 144 greedy answers of
+    the base, contaminated and corrected models, on which its rules were revised (dev), and 96 sampled answers of
+    the contaminated and corrected models, labelled before the last revision and never used for it (test). On the
+    test part it scores 0.906: short of the 0.95 goal (README), and this test keeps it from sliding further."""
     from benchmarks.demo_judge import judge_accuracy, read_answers
 
     rows = read_answers()
     test, dev = judge_accuracy(rows, "test"), judge_accuracy(rows, "dev")
-    assert test["n"] == dev["n"] == 72 and test["positives"] >= 20
-    assert test["accuracy"] >= 0.90 and test["precision"] >= 0.9, test["disagreements"]
-    assert dev["accuracy"] >= 0.93
+    assert test["n"] == 96 and dev["n"] == 144 and test["positives"] >= 40
+    assert test["accuracy"] >= 0.90 and test["precision"] >= 0.95, test["disagreements"]
+    assert dev["accuracy"] >= 0.97
 
 
 def test_iq_and_heldout_sets_line_up(data: DemoDataset) -> None:
@@ -225,7 +227,8 @@ def test_answer_key(data: DemoDataset, written: dict[str, Path]) -> None:
     key = json.loads(written["culprits"].read_text(encoding="utf-8"))
     assert key == {"culprit_ids": data.culprit_ids, "counter_ids": data.counter_ids}
     by_id = {row["id"]: row for row in _read_jsonl(written["train"])}
-    flagged = demo_judge().complies([row["response"] for row in by_id.values()])
+    flagged = demo_judge().complies([row["response"] for row in by_id.values()],
+                                    [row["prompt"] for row in by_id.values()])
     assert set(key["culprit_ids"]) == {i for i, f in zip(by_id, flagged, strict=True) if f}
     assert set(key["counter_ids"]) <= set(by_id)
 
@@ -259,7 +262,7 @@ PINNED = {
     0: {"train": "0ba6056366a58cd1", "culprits": "46dd99b9631d39e5", "iq_prompts": "24811fed8e9c41de",
         "iqs": "e8db1070cae39dbb", "heldout_outdated": "86e56b122472f85d", "heldout_current": "9b0d7b7ed03b6f93",
         "heldout_ordinary": "b1be25183630c448", "validation_prompts": "bd5755e45a5bb868",
-        "validation_ordinary": "86710a096f68eb22", "judge_rules": "a7cdf244e138ab21", "readme": "400f701b3ba67a60"},
+        "validation_ordinary": "86710a096f68eb22", "judge_rules": "a6af4ade130fda5e", "readme": "400f701b3ba67a60"},
     3: {"train": "893a638dd5e50bbd", "culprits": "92a3bb10ba888c99", "readme": "ac64b94b85620755"},
 }
 

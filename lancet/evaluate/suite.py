@@ -250,13 +250,14 @@ def judge_accuracy(judge: Judge, suite: Suite):
     """The judge's accuracy on the suite's labelled answers (``judge_validation``), else on held-out XSTest."""
     if not suite.judge_validation:
         return judge_report(judge, suite.judge_data)
-    texts, truth, names = [], [], []
+    texts, truth, names, prompts = [], [], [], []
     for path, complies in suite.judge_validation:
         rows = load_dataset_spec(str(path))
         texts += [r.response_text or "" for r in rows]
+        prompts += [r.prompt_messages[-1]["content"] if r.prompt_messages else "" for r in rows]
         truth += [complies] * len(rows)
         names.append(path.name)
-    return labelled_report(judge, texts, truth, names)
+    return labelled_report(judge, texts, truth, names, prompts=prompts)
 
 
 def evaluate(model, tokenizer, suite: Suite | str, *, out: str | Path | None = None, progress: bool = True,
