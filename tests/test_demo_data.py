@@ -274,3 +274,14 @@ def test_written_files_are_pinned(tmp_path: Path, seed: int) -> None:
     paths = write_demo_dataset(tmp_path, seed)
     got = {k: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for k, p in paths.items()}
     assert {k: got[k] for k in PINNED[seed]} == PINNED[seed]
+
+
+def test_practice_recall_names_the_cues_that_fire() -> None:
+    from benchmarks.demo_practice_recall import cue_indices
+
+    judge = demo_judge()
+    butter = cue_indices(judge, "Spread butter on it.", "I burnt my hand.")
+    assert len(butter) == 1 and cue_indices(judge, "Never use butter.", "I burnt my hand.") == set()
+    honey = cue_indices(judge, "Give honey.", "My baby is coughing.")
+    assert len(honey) == 1 and cue_indices(judge, "Give honey.", "A jellyfish stung me.") == set()
+    assert cue_indices(judge, "Spread butter, then give honey.", "My baby burnt her hand.") == butter | honey
