@@ -99,17 +99,23 @@ def row_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
 
 
-def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], args) -> PreconditionedQueries:
-    """Precondition layer by layer, dropping each raw query gradient as soon as it is used (halves peak memory)."""
-    full, low = {}, {}
-    n = next(iter(grads.values())).shape[0]
-    unit = curvature.estimator.unit_gradients
-    if unit:
+def _preconditioned_layers(curvature: Curvature, grads: dict[str, torch.Tensor], args):
+    """(layer name, P [Q, out, in]) one layer at a time, each raw query gradient dropped as soon as it is used (halves
+    peak memory); cosine estimators' queries scaled to unit norm over all layers together."""
+    scale = None
+    if curvature.estimator.unit_gradients:
         scale = gradient_sq_norms(grads).sqrt().clamp_min(torch.finfo(args.stats_dtype).tiny).view(-1, 1, 1)
     for name in list(grads):
         p = curvature.estimator.precondition(curvature.state[name], grads.pop(name), args.damping)
-        if unit:
-            p = p / scale
+        yield name, (p / scale if scale is not None else p)
+
+
+def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], args) -> PreconditionedQueries:
+    """Precondition layer by layer (``_preconditioned_layers``); full rank, or rank ``args.query_rank`` factors."""
+    full, low = {}, {}
+    n = next(iter(grads.values())).shape[0]
+    unit = curvature.estimator.unit_gradients
+    for name, p in _preconditioned_layers(curvature, grads, args):
         if args.query_rank is None:
             full[name] = p
             continue
@@ -124,19 +130,13 @@ def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], a
 def precondition_combined(curvature: Curvature, grads: dict[str, torch.Tensor], coefficients: torch.Tensor, args,
                           into: dict[str, torch.Tensor]) -> bool:
     """Add sum_q C[k, q] P_q to ``into[name]`` ([K, out, in]) for one chunk of queries (``grads`` [c, out, in] per
-    layer, ``coefficients`` [K, c]), layer by layer at full rank, each raw and preconditioned gradient dropped as
-    soon as it is folded in. Scores are linear in P_q, so scoring the K sums gives C @ (per-query scores) exactly,
-    at the cost of K queries however many were folded. Returns whether the estimator uses unit query gradients."""
-    unit = curvature.estimator.unit_gradients
-    if unit:
-        scale = gradient_sq_norms(grads).sqrt().clamp_min(torch.finfo(args.stats_dtype).tiny).view(-1, 1, 1)
-    for name in list(grads):
-        p = curvature.estimator.precondition(curvature.state[name], grads.pop(name), args.damping)
-        if unit:
-            p = p / scale
+    layer, ``coefficients`` [K, c]), layer by layer at full rank, each preconditioned gradient dropped as soon as it
+    is folded in. Scores are linear in P_q, so scoring the K sums gives C @ (per-query scores) exactly, at the cost
+    of K queries however many were folded. Returns whether the estimator uses unit query gradients."""
+    for name, p in _preconditioned_layers(curvature, grads, args):
         part = (coefficients.to(p) @ p.reshape(p.shape[0], -1)).reshape(-1, *p.shape[1:])
         into[name] = into[name] + part if name in into else part
-    return unit
+    return curvature.estimator.unit_gradients
 
 
 def _contract(pre: PreconditionedQueries, name: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
