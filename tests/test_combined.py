@@ -39,6 +39,11 @@ def test_combined_scores_equal_the_combination_of_per_query_scores(setup, tmp_pa
         close(combined[method]["scores"], expected, 1e-9)
         layers = torch.einsum("kq,qnl->knl", coefficients, per_query[method]["per_layer"])
         close(combined[method]["per_layer"], layers, 1e-9)
+    # a query that no combination uses is skipped (its gradient is never formed) without changing the result
+    skip = torch.tensor([[1.0, 0.0, 2.0], [0.5, 0.0, -3.0]], dtype=torch.float64)
+    skipped = Influence(model, args, tokenizer=tok, max_length=64).combined_scores(train, queries, skip,
+                                                                                   methods=["linfac"])
+    close(skipped["linfac"]["scores"], skip @ per_query["linfac"]["scores"], 1e-9)
     # each method its own coefficients (and K), in one joint pass
     own = {"kfac": coefficients[:1], "linfac": coefficients}
     mixed = run.combined_scores(train, queries, own, methods=["kfac", "linfac"])
@@ -81,5 +86,7 @@ def test_combined_scores_refuse_bad_coefficients_and_gradient_free_methods(setup
     run = Influence(model, InfluenceArgs(method="identity", **F64), tokenizer=tok, max_length=64)
     with pytest.raises(LancetError, match=r"coefficients must be \[K, 3\]"):
         run.combined_scores(train, queries, torch.ones(1, 2))
+    with pytest.raises(LancetError, match="coefficients are all zero"):
+        run.combined_scores(train, queries, torch.zeros(1, 3))
     with pytest.raises(LancetError, match="bm25 has no query gradient"):
         run.combined_scores(train, queries, torch.ones(1, 3), methods=["bm25"])

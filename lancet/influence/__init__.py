@@ -186,12 +186,16 @@ class Influence:
             raise LancetError(f"coefficients must be [K, {len(rows)}] (one column per query), got "
                               f"{list(coefficients.shape)}")
         args = replace(self.args, query_rank=None)
+        used = coefficients.ne(0).any(0).nonzero().flatten().tolist()  # a query no combination uses costs nothing
+        if not used:
+            raise LancetError("coefficients are all zero: no query to combine")
+        rows, coefficients = [rows[i] for i in used], coefficients[:, used]
         full: dict[str, torch.Tensor] = {}
-        unit = False
+        unit = self._curvature.estimator.unit_gradients
         for i in range(0, len(rows), QUERY_CHUNK):
             grads = query_gradients(self.model, self._curvature.layers, rows[i:i + QUERY_CHUNK], args,
                                     self.measurement)
-            unit = precondition_combined(self._curvature, grads, coefficients[:, i:i + QUERY_CHUNK], args, full)
+            precondition_combined(self._curvature, grads, coefficients[:, i:i + QUERY_CHUNK], args, full)
         k = coefficients.shape[0]
         return PreconditionedQueries(full=full, low_rank={}, n_queries=k,
                                      unit_rows=torch.ones(k, dtype=torch.bool) if unit else None)
