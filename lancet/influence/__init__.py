@@ -231,20 +231,7 @@ class Influence:
                 pres.append(run.combined_queries(query_rows, per_method[method]))
                 layers = run._curvature.layers
                 run._curvature = None
-            sizes = [pre.n_queries for pre in pres]
-            joint = _concat(pres)
-            first = pending[0][1]
-            jdir = (None if first.out is None else
-                    first.out / "scores" / f"joint-{hash_json([str(s.dir) for _, _, s in pending])}")
-            result = score_rows(self.model, layers, train_rows, joint, first.args, out_dir=jdir)
-            offset = 0
-            for (method, run, store), k in zip(pending, sizes, strict=True):
-                out[method] = run._keep({n: v[offset:offset + k].clone() for n, v in result.items()}, store)
-                offset += k
-            if jdir is not None and dist.is_main():
-                (jdir / "scores.partial.safetensors").unlink(missing_ok=True)
-                if jdir.is_dir():
-                    jdir.rmdir()
+            out.update(_joint_pass(self.model, layers, train_rows, pending, pres))
         return out if methods is not None else out[self.args.method]
 
     def normalized_mean_weights(self, train, queries, methods: Sequence[str] | None = None, *,
@@ -441,23 +428,28 @@ def _score_methods(model, train, queries, methods: Sequence[str], args: Influenc
             pres.append(run._prepare(train_rows, query_rows, store))
             layers = run._curvature.layers
             run._curvature = None  # the preconditioned queries are all the pass needs: free the factors
-        n_queries = [pre.n_queries for pre in pres]
-        joint = _concat(pres)
-        first = group[0][1]
-        stores = [store.dir for _, _, store in group]
-        jdir = (None if first.out is None
-                else first.out / "scores" / f"joint-{hash_json([str(d) for d in stores])}")
-        result = score_rows(model, layers, train_rows, joint, first.args, out_dir=jdir)
-        offset = 0
-        for (method, run, store), n in zip(group, n_queries, strict=True):
-            part = {k: v[offset:offset + n].clone() for k, v in result.items()}
-            offset += n
-            out[method] = run._keep(part, store)
-        if jdir is not None and dist.is_main():
-            (jdir / "scores.partial.safetensors").unlink(missing_ok=True)
-            if jdir.is_dir():
-                jdir.rmdir()
+        out.update(_joint_pass(model, layers, train_rows, group, pres))
     return {method: out[method] for method in dict.fromkeys(methods)}
+
+
+def _joint_pass(model, layers, train_rows, group: list, pres: list[PreconditionedQueries]) -> dict:
+    """One scoring pass for several methods' preconditioned queries (``group``: (method, run, store) in the order of
+    ``pres``): their queries joined, scored together (resumable under ``scores/joint-<key>/``), split back and
+    stored per method."""
+    sizes = [pre.n_queries for pre in pres]
+    first = group[0][1]
+    jdir = (None if first.out is None
+            else first.out / "scores" / f"joint-{hash_json([str(store.dir) for _, _, store in group])}")
+    result = score_rows(model, layers, train_rows, _concat(pres), first.args, out_dir=jdir)
+    out, offset = {}, 0
+    for (method, run, store), n in zip(group, sizes, strict=True):
+        out[method] = run._keep({k: v[offset:offset + n].clone() for k, v in result.items()}, store)
+        offset += n
+    if jdir is not None and dist.is_main():
+        (jdir / "scores.partial.safetensors").unlink(missing_ok=True)
+        if jdir.is_dir():
+            jdir.rmdir()
+    return out
 
 
 def _concat(pres: list[PreconditionedQueries]) -> PreconditionedQueries:
