@@ -201,6 +201,18 @@ def lambda_subset_check(ranking: torch.Tensor, positives: torch.Tensor, limit: i
     return out
 
 
+def recall_metrics(ranking: torch.Tensor, tier_of: list[str]) -> dict:
+    """AP and recall@|positives| of a [N] ranking, and the AP of each tier among the rows that are not positives
+    of the other tier."""
+    positives = torch.tensor([t in TIERS for t in tier_of])
+    by_tier = {}
+    for tier in TIERS:
+        keep = torch.tensor([t == tier or t not in TIERS for t in tier_of])
+        by_tier[tier] = round(average_precision(ranking[keep], positives[keep]), 4)
+    return {"average_precision": round(average_precision(ranking, positives), 4),
+            "recall": round(recall_at_k(ranking, positives, int(positives.sum())), 4), "ap_by_tier": by_tier}
+
+
 def prompt_only(rows) -> list[dict]:
     """Rows cut to their prompt tokens (BM25 over prompts only)."""
     out = []
@@ -347,13 +359,7 @@ class Run:
         def record(name: str, scores: torch.Tensor, seconds: float) -> None:
             ranking = scores.double() if scores.ndim == 1 else aggregate(scores.double())
             rankings[name] = ranking
-            by_tier = {}
-            for tier in TIERS:  # AP of one tier among the rows that are not positives of the other tier
-                keep = torch.tensor([t == tier or t not in TIERS for t in tier_of])
-                by_tier[tier] = round(average_precision(ranking[keep], positives[keep]), 4)
-            out["methods"][name] = {"average_precision": round(average_precision(ranking, positives), 4),
-                                    "recall": round(recall_at_k(ranking, positives, k), 4), "ap_by_tier": by_tier,
-                                    "seconds": round(seconds, 1)}
+            out["methods"][name] = {**recall_metrics(ranking, tier_of), "seconds": round(seconds, 1)}
             print(f"seed {self.seed} recall {name}: {out['methods'][name]}", flush=True)
 
         out["_positives"] = positives

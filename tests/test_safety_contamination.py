@@ -320,3 +320,39 @@ def test_labels_dump_and_merge(tmp_path, monkeypatch):
     new.write_text('{"key": "k", "complies": "yes"}\n')
     with pytest.raises(SystemExit, match=r"new.jsonl:1: each line needs 'key'"):
         sl.merge(new, None)
+
+
+def test_recall_metrics_known_answer():
+    from benchmarks.safety_contamination import recall_metrics
+
+    tier_of = ["unsafe", "benign", "implicit", "benign", "unsafe"]
+    got = recall_metrics(torch.tensor([5.0, 3.0, 0.0, 2.0, 4.0], dtype=torch.float64), tier_of)
+    # ranked: unsafe, unsafe, benign, benign, implicit -> AP (1 + 1 + 3/5) / 3; 2 of the top 3 are positives
+    assert got["average_precision"] == pytest.approx(0.8667, abs=1e-4)
+    assert got["recall"] == pytest.approx(0.6667, abs=1e-4)
+    assert got["ap_by_tier"] == {"unsafe": 1.0, "implicit": pytest.approx(0.3333, abs=1e-4)}
+
+
+def test_lambda_ablation_borrows_the_covariance_pass(tiny_tokenizer, tmp_path, monkeypatch):
+    """benchmarks.safety_lambda refits EK-FAC's eigenvalue correction on every row: the K-FAC fit copied beside it
+    lends the covariance pass (one pass runs, not two), and the factors are K-FAC's."""
+    from conftest import tiny_llama
+
+    import lancet.curvature.fit as fit
+    from benchmarks.safety_lambda import borrow_covariance
+    from lancet.data import encode_records
+    from lancet.influence import Influence, InfluenceArgs
+
+    model = tiny_llama(len(tiny_tokenizer))
+    train = encode_records([Record(prompt=f"How do I {t}?", response=f"Go slowly and {t}.") for t in TOPICS[:10]],
+                           tiny_tokenizer, 64, progress=False)
+    main = tmp_path / "influence"
+    kfac = Influence(model, InfluenceArgs(method="kfac", lambda_max_rows=4), out_dir=main).fit(train)
+    borrow_covariance(main, tmp_path / "all")
+    passes = []
+    original = fit._run_pass
+    monkeypatch.setattr(fit, "_run_pass", lambda *a, **k: passes.append(a[4]) or original(*a, **k))
+    ekfac = Influence(model, InfluenceArgs(method="ekfac", lambda_max_rows=None), out_dir=tmp_path / "all").fit(train)
+    assert passes == ["lambda"]
+    name = next(iter(kfac.state))
+    torch.testing.assert_close(ekfac.state[name]["A_vecs"], kfac.state[name]["A_vecs"])
