@@ -356,3 +356,18 @@ def test_lambda_ablation_borrows_the_covariance_pass(tiny_tokenizer, tmp_path, m
     assert passes == ["lambda"]
     name = next(iter(kfac.state))
     torch.testing.assert_close(ekfac.state[name]["A_vecs"], kfac.state[name]["A_vecs"])
+
+
+def test_layer_variants_known_answer():
+    """benchmarks.safety_layers: a layer with a huge scale and no signal outvotes the summed ranking; standardising
+    each layer first puts the signal's top row first; the last third keeps only blocks 2 of 0..2."""
+    from benchmarks.safety_layers import variants
+
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    signal = torch.tensor([3.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    noise = torch.tensor([0.0, 100.0, -100.0, 300.0], dtype=torch.float64)
+    per_layer = torch.stack([signal, noise, signal * 0.1], 1)
+    got = variants(per_layer, names)
+    assert got["sum"].argmax() == 3 and got["layer_standardized"].argmax() == 0
+    torch.testing.assert_close(got["last_third"], signal * 0.1)
+    torch.testing.assert_close(got["kind_down_proj"], noise + signal * 0.1)

@@ -1,0 +1,100 @@
+"""Diagnosis: does re-weighting layers against each other change who wins? Read from the stored per-layer scores of
+the safety benchmark's aggregate-first ranking (no model pass; seconds).
+
+    .venv/bin/python -m benchmarks.safety_layers --preset full
+
+For every seed with scores under runs/safety_<preset>/seedN/influence/scores and every method with per-layer
+scores, the AP of:
+- ``sum``: the layers' scores added (what every estimator reports: the influence on the whole model);
+- ``layer_standardized``: each layer's scores divided by their standard deviation over the rows first, so that no
+  layer outvotes the others by scale (the preconditioner decides scale per layer; this undoes it between layers);
+- ``last_third``: only the blocks in the last third of the depth (the small preset put the signal in blocks
+  20-28 of 30, before this preset ran), and the same standardised;
+- ``by_kind``: each projection kind alone (q, k, v, o, gate, up, down).
+Seed 0's numbers were read before these variants were written down (they are diagnoses there); seeds 1 and 2 are
+the held-out check. Writes benchmarks/results/safety_layers_<preset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import write_result
+from benchmarks.safety_contamination import TIERS
+from lancet.artifacts import load_tensors
+from lancet.data.readers import read_records
+from lancet.influence.recall import average_precision
+
+KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def block_of(name: str) -> int:
+    m = re.search(r"(layers|h|blocks|block)\.(\d+)\.", name)
+    if m is None:
+        raise ValueError(f"{name}: no block index")
+    return int(m.group(2))
+
+
+def variants(per_layer: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    """[N, L] per-layer scores -> {variant: [N] ranking}."""
+    scale = per_layer.std(0).clamp_min(torch.finfo(per_layer.dtype).tiny)
+    blocks = torch.tensor([block_of(n) for n in names])
+    late = blocks >= (2 * (int(blocks.max()) + 1)) // 3
+    out = {"sum": per_layer.sum(1), "layer_standardized": (per_layer / scale).sum(1),
+           "last_third": per_layer[:, late].sum(1),
+           "last_third_standardized": (per_layer[:, late] / scale[late]).sum(1)}
+    for kind in KINDS:
+        cols = torch.tensor([n.endswith(kind) for n in names])
+        if cols.any():
+            out[f"kind_{kind}"] = per_layer[:, cols].sum(1)
+    return out
+
+
+def seed_table(seed_dir: Path, names: list[str]) -> dict:
+    ids = json.loads((seed_dir / "rankings.json").read_text())["ids"]
+    tier = {r.id: r.label for r in read_records(seed_dir / "mix.jsonl")}
+    positives = torch.tensor([tier[i] in TIERS for i in ids])
+    out = {}
+    for d in sorted((seed_dir / "influence" / "scores").iterdir()):
+        tensors = load_tensors(d / "scores.safetensors")
+        if "per_layer" not in tensors:  # the first-tokens measurement: no per-layer scores kept
+            continue
+        method = json.loads((d / "meta.json").read_text())["method"]
+        per_layer = tensors["per_layer"][0].double()  # row 0: the method's normalised mean over the IQs
+        if per_layer.shape[1] != len(names):
+            raise SystemExit(f"{d}: {per_layer.shape[1]} layers, expected {len(names)}")
+        out[method] = {k: round(average_precision(v, positives), 4) for k, v in variants(per_layer, names).items()}
+        print(f"{seed_dir.name} {method}: {out[method]}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="full")
+    parser.add_argument("--run-dir", default=None, help="default runs/safety_<preset>")
+    ns = parser.parse_args()
+    from lancet.constants import DEFAULT_MODEL
+    from lancet.curvature.modules import find_tracked_layers
+    from lancet.models.loading import load_model
+
+    model, _ = load_model(DEFAULT_MODEL)  # the layer names only (every fine-tune shares the architecture)
+    names = [layer.name for layer in find_tracked_layers(model, "blocks")]
+    del model
+    run = Path(ns.run_dir or f"runs/safety_{ns.preset}")
+    seeds = {}
+    for seed_dir in sorted(run.glob("seed*")):
+        if (seed_dir / "rankings.json").is_file() and (seed_dir / "influence" / "scores").is_dir():
+            seeds[seed_dir.name] = seed_table(seed_dir, names)
+    if not seeds:
+        raise SystemExit(f"{run}: no seed with stored scores; run benchmarks.safety_contamination first")
+    write_result(f"safety_layers_{ns.preset}", {"preset": ns.preset, "seeds": seeds,
+                                                "note": "seed0 was read before the variants were written down"})
+
+
+if __name__ == "__main__":
+    main()
