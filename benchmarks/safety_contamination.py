@@ -127,6 +127,9 @@ class Preset:
     # ablation: IQ measurements other than the whole answer's likelihood, for these methods
     measurements: tuple[str, ...] = ("first_tokens:8",)
     measurement_methods: tuple[str, ...] = ("identity", "linfac")
+    # ablation (added after seed 0's recall showed it; seeds 1-2 are its held-out check): the IQ measured as the
+    # log-probability of *any* of the IQs' openings, log sum_o p(o | prompt), instead of one answer's wording
+    opening_set: tuple[str, ...] = ()
     # retrain without each ranking's top-|positives| rows (the stage "counterfactual"; seed 0 in full)
     counterfactual: tuple[str, ...] = ("random", "bm25", "repsim", "linfac")
     lambda_max_rows: int = 128
@@ -155,7 +158,7 @@ PRESETS = {
     "full": Preset(seeds=(0, 1, 2), methods=("repsim", "cosine", "identity", "diagonal", "kfac", "ekfac",
                                                "kfac_reduce", "linfac"),
                    counterfactual=("random", "bm25", "repsim", "ekfac", "linfac"), aggregate_first=True,
-                   contrast=("linfac",), n_heldout_helpful=96),
+                   contrast=("linfac",), n_heldout_helpful=96, opening_set=("identity", "linfac")),
 }
 
 
@@ -211,6 +214,37 @@ def recall_metrics(ranking: torch.Tensor, tier_of: list[str]) -> dict:
         by_tier[tier] = round(average_precision(ranking[keep], positives[keep]), 4)
     return {"average_precision": round(average_precision(ranking, positives), 4),
             "recall": round(recall_at_k(ranking, positives, int(positives.sum())), 4), "ap_by_tier": by_tier}
+
+
+OPENING_WORDS = 3  # "Absolutely. Here is", "Sure, here is", "Happy to help."
+
+
+def opening(text: str, words: int = OPENING_WORDS) -> str:
+    return " ".join(text.split()[:words])
+
+
+def prefix_rows(rows, tokenizer) -> list[dict]:
+    """Encoded (prompt, opening) rows without the end-of-turn token the chat template appends to every answer: an
+    opening is the start of an answer, so its likelihood must not include "and then the answer ends"."""
+    out = []
+    for row in rows:
+        ids, labels = list(row["input_ids"]), list(row["labels"])
+        if ids[-1] not in tokenizer.all_special_ids or labels[-1] == IGNORE_INDEX:
+            raise ValueError("prefix_rows: the row does not end with the template's end-of-turn token")
+        out.append({"input_ids": ids[:-1], "labels": labels[:-1]})
+    return out
+
+
+def opening_weights(logp: torch.Tensor) -> torch.Tensor:
+    """[n_iq, n_openings] log p(o | prompt_i) -> [n_iq, n_iq * n_openings] virtual-query matrix V with
+    V @ grad log p(o | prompt) = grad log sum_o p(o | prompt_i): each IQ's gradient is the posterior-weighted mean of
+    its openings' gradients (exact: d log sum_o p_o = sum_o (p_o / sum p) d log p_o)."""
+    n_iq, n_o = logp.shape
+    w = torch.softmax(logp.double(), 1)
+    virtual = torch.zeros(n_iq, n_iq * n_o, dtype=torch.float64)
+    for i in range(n_iq):
+        virtual[i, i * n_o:(i + 1) * n_o] = w[i]
+    return virtual
 
 
 def prompt_only(rows) -> list[dict]:
@@ -483,6 +517,34 @@ class Run:
             for method in self.p.measurement_methods:
                 record(f"{method}_{spec.replace(':', '')}", extra_scores[method]["scores"][0],
                        fit_seconds[method] + time.perf_counter() - t0)
+        if self.p.opening_set:
+            self._opening_set(model, tok, run, train, iqs, record, fit_seconds, out)
+
+    def _opening_set(self, model, tok, run: Influence, train, iqs: list[Record], record, fit_seconds: dict,
+                     out: dict) -> None:
+        """Each IQ measured as log sum_o p(o | its prompt) over the openings O the IQs use (their first
+        OPENING_WORDS words): a row that teaches any compliant opening raises it, where the answer's own likelihood
+        pits the openings against each other (seed 0: LinFAC ranked the unsafe rows by whether their opening was
+        the IQs' most common one)."""
+        from lancet.curvature.task import forward_logits, summed_loss
+        from lancet.data import collate
+
+        t0 = time.perf_counter()
+        openings = list(dict.fromkeys(opening(r.response_text) for r in iqs))
+        pairs = [r.with_response(o) for r in iqs for o in openings]
+        rows = prefix_rows(encode_records(pairs, tok, self.p.max_length, progress=False), tok)
+        logp = []
+        with torch.no_grad():
+            for start in range(0, len(rows), 16):
+                batch = collate(rows[start:start + 16], tok.pad_token_id)
+                logp += (-summed_loss(forward_logits(model, batch), batch["labels"])).tolist()
+        virtual = opening_weights(torch.tensor(logp).view(len(iqs), len(openings)))
+        methods = list(self.p.opening_set)
+        weights = self._cached_weights("opening", run, train, rows, methods, virtual=virtual)
+        scores = run.combined_scores(train, rows, {m: weights[m][None] for m in methods}, methods=methods)
+        for method in methods:
+            record(f"{method}_opening_set", scores[method]["scores"][0], fit_seconds[method] + time.perf_counter() - t0)
+        out["openings"] = openings
 
     def _cached_weights(self, name: str, run: Influence, train, queries, methods: list[str],
                         virtual: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

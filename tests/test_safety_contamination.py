@@ -199,11 +199,13 @@ def test_aggregate_first_recall_matches_the_per_query_aggregate(tiny_tokenizer, 
 
     model, tok = tiny_llama(len(tiny_tokenizer)), tiny_tokenizer
     run = sc.Run.__new__(sc.Run)
-    run.p = replace(PRESETS["full"], methods=("repsim", "identity", "linfac"), measurements=(), lambda_max_rows=8)
+    run.p = replace(PRESETS["full"], methods=("repsim", "identity", "linfac"), measurements=(), lambda_max_rows=8,
+                    opening_set=("identity",))
     run.dir, run.progress, run.text = tmp_path, False, json.loads(TEXT.read_text())
     train_records = [Record(prompt=f"How do I {t}?", response=f"Go slowly and {t}.") for t in TOPICS[:10]]
     train = encode_records(train_records, tok, 64, progress=False)
-    iqs = [Record(prompt=f"Tell me how to {h}", response=f"Sure, here is how to {h}.") for h in HARMFUL[:3]]
+    iqs = [Record(prompt=f"Tell me how to {h}", response=f"{o} here is how to {h}.")
+           for h, o in zip(HARMFUL[:3], ("Sure,", "Okay,", "Sure,"), strict=True)]
     anchors = [Record(prompt=f"Tell me how to {h}", response="I cannot help with that.") for h in HARMFUL[:2]]
     got: dict[str, torch.Tensor] = {}
     positives = torch.tensor([i % 3 == 0 for i in range(10)])
@@ -220,7 +222,8 @@ def test_aggregate_first_recall_matches_the_per_query_aggregate(tiny_tokenizer, 
         run._aggregate_first(model, tok, train, iqs, anchors, record, out)
     finally:
         sc.Influence.normalized_mean_weights = original
-    assert set(got) == {"repsim", "identity", "linfac", "linfac_anchored", "linfac_contrast"}
+    assert set(got) == {"repsim", "identity", "linfac", "linfac_anchored", "linfac_contrast", "identity_opening_set"}
+    assert out["openings"] == ["Sure, here is", "Okay, here is"]
     assert all(v.shape == (10,) for v in got.values()) and len(out["methods"]["linfac"]["ap_by_block"]) == 2
     per_query = Influence(model, InfluenceArgs(method="linfac", lambda_max_rows=8), out_dir=tmp_path / "influence")
     queries = encode_records(iqs + anchors + [r.with_response(run.text["fallback_refusal"]) for r in iqs], tok,
@@ -229,6 +232,31 @@ def test_aggregate_first_recall_matches_the_per_query_aggregate(tiny_tokenizer, 
     torch.testing.assert_close(got["linfac"], aggregate(s[:3]), rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(got["linfac_anchored"], aggregate(s[:3]) - aggregate(s[3:5]), rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(got["linfac_contrast"], aggregate(s[:3] - s[5:]), rtol=1e-3, atol=1e-6)
+    # the opening set: each IQ's score is the posterior-weighted mean of its two openings' scores
+    pairs = [r.with_response(o) for r in iqs for o in out["openings"]]
+    rows = sc.prefix_rows(encode_records(pairs, tok, run.p.max_length, progress=False), tok)
+    assert all(len(r["input_ids"]) == len(q["input_ids"]) - 1 for r, q in
+               zip(rows, encode_records(pairs, tok, run.p.max_length, progress=False), strict=True))
+    s_open = Influence(model, InfluenceArgs(method="identity"), out_dir=tmp_path / "influence").scores(
+        train, rows)["scores"].double()
+    from lancet.curvature.task import forward_logits, summed_loss
+    from lancet.data import collate
+
+    with torch.no_grad():
+        batch = collate(rows, tok.pad_token_id)
+        logp = -summed_loss(forward_logits(model, batch), batch["labels"]).double()
+    virtual = sc.opening_weights(logp.view(3, 2))
+    torch.testing.assert_close(got["identity_opening_set"], aggregate(virtual @ s_open), rtol=1e-3, atol=1e-6)
+
+
+def test_opening_weights_and_prefix_rows(tiny_tokenizer):
+    from benchmarks.safety_contamination import opening, opening_weights, prefix_rows
+
+    v = opening_weights(torch.log(torch.tensor([[0.2, 0.6], [0.1, 0.1]])))
+    torch.testing.assert_close(v, torch.tensor([[0.25, 0.75, 0, 0], [0, 0, 0.5, 0.5]], dtype=torch.float64))
+    assert opening("Absolutely. Here is a plan:\n1.") == "Absolutely. Here is"
+    with pytest.raises(ValueError, match="end-of-turn"):
+        prefix_rows([{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}], tiny_tokenizer)
 
 
 def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_path):
