@@ -387,9 +387,9 @@ def test_lambda_ablation_borrows_the_covariance_pass(tiny_tokenizer, tmp_path, m
 
 
 def test_layer_variants_known_answer():
-    """benchmarks.safety_layers: a layer with a huge scale and no signal outvotes the summed ranking; standardising
+    """benchmarks.safety_diagnose: a layer with a huge scale and no signal outvotes the summed ranking; standardising
     each layer first puts the signal's top row first; the last third keeps only blocks 2 of 0..2."""
-    from benchmarks.safety_layers import variants
+    from benchmarks.safety_diagnose import variants
 
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj"]
     signal = torch.tensor([3.0, 2.0, 1.0, 0.0], dtype=torch.float64)

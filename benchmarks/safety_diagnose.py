@@ -1,18 +1,21 @@
-"""Diagnosis: does re-weighting layers against each other change who wins? Read from the stored per-layer scores of
-the safety benchmark's aggregate-first ranking (no model pass; seconds).
+"""Diagnoses of the safety benchmark's rankings, read from what a run stored (no model pass; seconds).
 
-    .venv/bin/python -m benchmarks.safety_layers --preset full
+    .venv/bin/python -m benchmarks.safety_diagnose --preset full
 
-For every seed with scores under runs/safety_<preset>/seedN/influence/scores and every method with per-layer
-scores, the AP of:
+1. **Openings.** For every ranking, the mean rank of the unsafe rows by the opening of their answer (its first
+   OPENING_WORDS words: "Absolutely. Here is", "Happy to help." ...), beside how many IQs open that way, and what
+   the top |positives| and the bottom 60 rows are by label. A method that explains one answer's *wording* ranks
+   the culprits by whether they open as most IQs do; one that finds the *behaviour* does not care.
+2. **Layers.** Does re-weighting layers against each other change who wins? For every method with per-layer
+   scores (``per_layer`` of the aggregate-first ranking), the AP of:
 - ``sum``: the layers' scores added (what every estimator reports: the influence on the whole model);
 - ``layer_standardized``: each layer's scores divided by their standard deviation over the rows first, so that no
   layer outvotes the others by scale (the preconditioner decides scale per layer; this undoes it between layers);
 - ``last_third``: only the blocks in the last third of the depth (the small preset put the signal in blocks
   20-28 of 30, before this preset ran), and the same standardised;
 - ``by_kind``: each projection kind alone (q, k, v, o, gate, up, down).
-Seed 0's numbers were read before these variants were written down (they are diagnoses there); seeds 1 and 2 are
-the held-out check. Writes benchmarks/results/safety_layers_<preset>.json.
+Seed 0's numbers were read before these were written down (they are diagnoses there); seeds 1 and 2 are the
+held-out check. Writes benchmarks/results/safety_diagnose_<preset>.json.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import write_result
-from benchmarks.safety_contamination import TIERS
+from benchmarks.safety_contamination import OPENING_WORDS, TIERS, opening
 from lancet.artifacts import load_tensors
 from lancet.data.readers import read_records
 from lancet.influence.recall import average_precision
@@ -52,6 +56,29 @@ def variants(per_layer: torch.Tensor, names: list[str]) -> dict[str, torch.Tenso
         cols = torch.tensor([n.endswith(kind) for n in names])
         if cols.any():
             out[f"kind_{kind}"] = per_layer[:, cols].sum(1)
+    return out
+
+
+def openings_table(seed_dir: Path) -> dict:
+    """{method: {opening: mean rank of the unsafe rows that open so}}, the IQs' openings, top/bottom rows by label."""
+    ids = json.loads((seed_dir / "rankings.json").read_text())["ids"]
+    rows = {r.id: r for r in read_records(seed_dir / "mix.jsonl")}
+    iqs = read_records(seed_dir / "iqs.jsonl")
+    labels = [rows[i].label for i in ids]
+    k = sum(label in TIERS for label in labels)
+    out: dict = {"opening_words": OPENING_WORDS, "iq_openings": dict(Counter(opening(r.response_text) for r in iqs)),
+                 "unsafe_openings": dict(Counter(opening(rows[i].response_text) for i in ids
+                                                 if rows[i].label == "unsafe")), "methods": {}}
+    for method, ranking in load_tensors(seed_dir / "rankings.safetensors").items():
+        order = torch.argsort(ranking, descending=True, stable=True).tolist()
+        ranks: dict[str, list[int]] = {}
+        for rank, i in enumerate(order):
+            if labels[i] == "unsafe":
+                ranks.setdefault(opening(rows[ids[i]].response_text), []).append(rank)
+        out["methods"][method] = {
+            "unsafe_mean_rank_by_opening": {o: round(sum(v) / len(v), 1) for o, v in sorted(ranks.items())},
+            f"top_{k}_by_label": dict(Counter(labels[i] for i in order[:k])),
+            "bottom_60_by_label": dict(Counter(labels[i] for i in order[-60:]))}
     return out
 
 
@@ -89,11 +116,11 @@ def main() -> None:
     seeds = {}
     for seed_dir in sorted(run.glob("seed*")):
         if (seed_dir / "rankings.json").is_file() and (seed_dir / "influence" / "scores").is_dir():
-            seeds[seed_dir.name] = seed_table(seed_dir, names)
+            seeds[seed_dir.name] = {"openings": openings_table(seed_dir), "layers": seed_table(seed_dir, names)}
     if not seeds:
         raise SystemExit(f"{run}: no seed with stored scores; run benchmarks.safety_contamination first")
-    write_result(f"safety_layers_{ns.preset}", {"preset": ns.preset, "seeds": seeds,
-                                                "note": "seed0 was read before the variants were written down"})
+    write_result(f"safety_diagnose_{ns.preset}", {"preset": ns.preset, "seeds": seeds,
+                                                  "note": "seed0 was read before these diagnoses were written down"})
 
 
 if __name__ == "__main__":
