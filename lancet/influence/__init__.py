@@ -32,6 +32,7 @@ from lancet.curvature.modules import find_tracked_layers
 from lancet.errors import LancetError, NonFiniteError
 from lancet.influence.arguments import InfluenceArgs
 from lancet.influence.bm25 import bm25_scores
+from lancet.influence.index import IndexArgs
 from lancet.influence.measurement import Measurement, resolve_measurement
 from lancet.influence.memory import estimate_memory
 from lancet.influence.recall import normalized_mean_weights
@@ -45,7 +46,7 @@ from lancet.influence.scoring import (
     token_scores,
 )
 
-__all__ = ["METHODS", "Influence", "InfluenceArgs", "Measurement", "pairwise_scores", "score_methods"]
+__all__ = ["METHODS", "IndexArgs", "Influence", "InfluenceArgs", "Measurement", "pairwise_scores", "score_methods"]
 
 
 def _as_list(values: Any) -> Any:
@@ -277,6 +278,40 @@ class Influence:
                     v = torch.as_tensor(virtual, dtype=torch.float64)
                     weights[method] = normalized_mean_weights(v @ part) @ v
         return weights
+
+    def build_index(self, train, index_dir: str | Path, index_args: IndexArgs | None = None) -> dict[str, Any]:
+        """Store every training row's projected gradient under ``index_dir`` (lancet.influence.index), with the
+        curvature (fitted here on the first build, in this run's out_dir if it has one; kept in the index). Rerun
+        with more rows to append them (projected with the index's curvature); a killed build resumes at its last
+        finished shard. Returns the index's metadata."""
+        from lancet.influence.index import build_index, index_curvature, read_meta
+
+        rows = self._rows(train, "train")
+        if self.args.method in GRADIENT_FREE_METHODS:
+            raise LancetError(f"{self.args.method} has no gradients to index")
+        index_args = index_args or IndexArgs(bf16=self.args.bf16, batch_size=self.args.batch_size,
+                                             progress=self.args.progress)
+        if (Path(index_dir) / "index.json").is_file():
+            if read_meta(index_dir)["curvature"] != self.args.method:
+                raise LancetError(f"{index_dir}: an index of another curvature ({read_meta(index_dir)['curvature']}) "
+                                  "is there; use a new --out")
+            curvature = index_curvature(index_dir, self.model, self.args.modules)
+        else:
+            curvature = self.fit(rows)
+        return build_index(self.model, rows, index_dir, index_args, curvature=curvature, model_fp=self.model_fp)
+
+    def index_scores(self, queries, index_dir: str | Path, train=None) -> dict[str, torch.Tensor]:
+        """{"scores": [Q, N]} of new queries from a gradient index (``build_index``), with the index's own
+        curvature and no pass over the training rows; ``train``, when given, is checked against the indexed rows."""
+        from lancet.influence.index import check_index, index_curvature, query_index
+
+        query_rows = self._rows(queries, "queries")
+        meta = check_index(index_dir, self.model_fp, self._rows(train, "train") if train is not None else None)
+        if meta["curvature"] != self.args.method:
+            raise LancetError(f"{index_dir}: the index was built with the {meta['curvature']} curvature, this run "
+                              f"uses {self.args.method}")
+        curvature = index_curvature(index_dir, self.model, self.args.modules)
+        return {"scores": query_index(self.model, curvature, query_rows, index_dir, self.args, self.measurement)}
 
     @property
     def fitted(self) -> bool:

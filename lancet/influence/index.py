@@ -1,0 +1,353 @@
+"""A compressed gradient index of the training set (``lancet index``): each row's gradient is projected once and
+stored, so that a new set of IQs is answered from the index without another pass over the training data.
+
+Per tracked layer, two projections with orthonormal columns, P_S [out, r] and P_A [in, r], and per training row
+the r x r matrix G~_n = P_S^T G_n P_A, computed from the row's (a, g) pairs as sum_t (P_S^T g_t)(P_A^T a_t)^T
+without forming G_n. A query's preconditioned gradient P_q = (F + damping I)^-1 G_q (full space, the fitted
+curvature) is projected the same way, and
+
+    score(q, n) ~ sum over layers <P_S^T P_q P_A, G~_n>,
+
+exact when P_S P_S^T = I and P_A P_A^T = I (r equal to the layer's widths). The preconditioning is done before the
+projection: for the eigen projection of K-FAC/EK-FAC (and of LinFAC's ranges) the two orders are the same thing, since
+the kept directions are eigendirections of the preconditioner; for a random projection it keeps the full curvature
+instead of an approximation of it inside the projected space.
+
+Projections (``IndexArgs.projection``):
+- ``eigen``: the r eigenvectors of each Kronecker factor of the fitted curvature (A and S; for LinFAC their ranges)
+  with the largest *factor* eigenvalues (``rank_by="factor"``), or with the largest marginals of the corrected
+  eigenvalues (``rank_by="corrected"``, EK-FAC and LinFAC: the row and column sums of lambda, i.e. the mean squared
+  per-sequence gradient along that direction). Where a factor has fewer than r directions (LinFAC's range with few
+  rows), seeded random orthonormal directions of its complement fill the rest, so that r = width is complete.
+- ``random``: seeded Gaussian matrices, orthonormalised (LoGra-style); no curvature needed to build.
+
+The index keeps the curvature it was built with (``curvature.safetensors``), so new queries need neither the
+training rows nor a refit; rows appended later are projected and preconditioned with that curvature.
+
+Storage: shards of ``shard_rows`` rows in safetensors (memory-mapped when read): per layer [n, r, r] in fp16 or
+bf16, each (row, layer) block divided by its largest magnitude first (kept in float32 beside it), so neither
+overflow nor underflow of the half-precision format can occur; a non-finite gradient stops the build naming the
+row. Each shard records the fingerprint of its rows: a rerun reuses the shards whose rows are unchanged (resume),
+computes the rows after them (append), and refuses an index whose rows or model differ. Size per row:
+layers x r^2 x 2 bytes (+ 4 bytes x layers for the scales).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from lancet.artifacts import atomic_save_tensors, atomic_write_json, load_tensors, model_fingerprint
+from lancet.constants import INDEX_FORMAT
+from lancet.curvature.estimators import per_sequence_grads
+from lancet.curvature.fit import Curvature, batches, data_fingerprint
+from lancet.curvature.modules import Capture, TrackedLayer
+from lancet.curvature.task import data_cotangent, forward_logits
+from lancet.errors import LancetError
+from lancet.hardware import autocast, model_device
+
+log = logging.getLogger(__name__)
+
+PROJECTIONS = ("eigen", "random")
+RANK_BY = ("factor", "corrected")
+# half precision for size; float32/float64 for exactness checks (a float64 tiny model at full rank is exact)
+STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                "float64": torch.float64}
+
+
+@dataclass
+class IndexArgs:
+    rank: int = 16
+    projection: str = "eigen"
+    rank_by: str = "factor"  # eigen projection: which eigendirections are kept (see the module docstring)
+    dtype: str = "float16"  # storage dtype of the projected gradients
+    shard_rows: int = 256
+    batch_size: int = 8
+    bf16: bool = False  # bf16 autocast for the forward/backward
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise LancetError(f"invalid rank={self.rank!r}: must be >= 1")
+        if self.projection not in PROJECTIONS:
+            raise LancetError(f"invalid projection={self.projection!r}; choose from {', '.join(PROJECTIONS)}")
+        if self.rank_by not in RANK_BY:
+            raise LancetError(f"invalid rank_by={self.rank_by!r}; choose from {', '.join(RANK_BY)}")
+        if self.dtype not in STORE_DTYPES:
+            raise LancetError(f"invalid dtype={self.dtype!r}; choose from {', '.join(STORE_DTYPES)}")
+        for key in ("shard_rows", "batch_size"):
+            if getattr(self, key) < 1:
+                raise LancetError(f"invalid {key}={getattr(self, key)!r}: must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IndexArgs:
+        return cls(**d)
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """What the stored numbers depend on (not batching or progress bars)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("shard_rows", "batch_size", "progress")}
+
+
+def _orthonormal(d: int, r: int, seed: int, against: torch.Tensor | None = None) -> torch.Tensor:
+    """[d, r] seeded random orthonormal columns, orthogonal to ``against``'s columns when given."""
+    x = torch.randn(d, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if against is not None and against.shape[1]:
+        b = against.double()
+        x = x - b @ (b.T @ x)
+        x = x - b @ (b.T @ x)  # twice: one Gram-Schmidt step loses orthogonality to rounding
+    return torch.linalg.qr(x)[0]
+
+
+def _eigen_side(vecs: torch.Tensor, score: torch.Tensor, r: int, seed: int) -> torch.Tensor:
+    """The r columns of ``vecs`` with the largest ``score``, completed with random orthonormal directions of their
+    complement when there are fewer than r."""
+    d = vecs.shape[0]
+    keep = torch.argsort(score.double(), descending=True, stable=True)[: min(r, vecs.shape[1])]
+    chosen = vecs[:, keep].double()
+    if chosen.shape[1] < min(r, d):
+        chosen = torch.cat([chosen, _orthonormal(d, min(r, d) - chosen.shape[1], seed, chosen)], 1)
+    return chosen
+
+
+def make_projections(layers: Sequence[TrackedLayer], args: IndexArgs, curvature: Curvature | None = None
+                     ) -> dict[str, dict[str, torch.Tensor]]:
+    """{layer: {"S": [out, r_S], "A": [in, r_A]}} (float64; r_* = min(rank, width))."""
+    out = {}
+    for i, layer in enumerate(layers):
+        d_out, d_in = layer.shape
+        if args.projection == "random":
+            out[layer.name] = {"S": _orthonormal(d_out, min(args.rank, d_out), args.seed * 100_003 + 2 * i),
+                               "A": _orthonormal(d_in, min(args.rank, d_in), args.seed * 100_003 + 2 * i + 1)}
+            continue
+        if curvature is None:
+            raise LancetError("the eigen projection needs a fitted curvature (kfac, ekfac, kfac_reduce or linfac)")
+        state = curvature.state[layer.name]
+        if "S_vecs" not in state:
+            raise LancetError(f"the eigen projection needs Kronecker eigenbases; {curvature.estimator.name} has none "
+                              "(use kfac, ekfac, kfac_reduce or linfac, or --projection random)")
+        if args.rank_by == "corrected":
+            if "lambda" not in state:
+                raise LancetError(f"rank_by='corrected' needs corrected eigenvalues; {curvature.estimator.name} has "
+                                  "none (use ekfac or linfac)")
+            s_score, a_score = state["lambda"].sum(1), state["lambda"].sum(0)
+        else:
+            s_score, a_score = state["S_vals"], state["A_vals"]
+        out[layer.name] = {"S": _eigen_side(state["S_vecs"], s_score, args.rank, args.seed),
+                           "A": _eigen_side(state["A_vecs"], a_score, args.rank, args.seed + 1)}
+    return {name: {k: v.double().contiguous() for k, v in sides.items()} for name, sides in out.items()}
+
+
+def _meta_path(index_dir: Path) -> Path:
+    return index_dir / "index.json"
+
+
+def read_meta(index_dir: str | Path) -> dict[str, Any]:
+    path = _meta_path(Path(index_dir))
+    if not path.is_file():
+        raise LancetError(f"{index_dir}: not a lancet index (no index.json); build one with `lancet index`")
+    return json.loads(path.read_text())
+
+
+def build_index(model, rows: Sequence[dict[str, Any]], index_dir: str | Path, args: IndexArgs, *,
+                curvature: Curvature | None = None, layers: Sequence[TrackedLayer] | None = None,
+                model_fp: str | None = None) -> dict[str, Any]:
+    """Project and store every row's gradient under ``index_dir``; returns the index's metadata. Shards whose rows
+    are unchanged are kept (resume); rows past the last stored shard are added (append)."""
+    index_dir = Path(index_dir)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    layers = list(layers if layers is not None else curvature.layers if curvature is not None else [])
+    if not layers:
+        raise LancetError("build_index needs the tracked layers (or a fitted curvature, which holds them)")
+    model_fp = model_fp or model_fingerprint(model)
+    names = [layer.name for layer in layers]
+    options = {"kind": "index", "format": INDEX_FORMAT, "model": model_fp, "layers": names,
+               "args": args.fingerprint_dict(), "curvature": curvature.estimator.name if curvature else None}
+    meta_path = _meta_path(index_dir)
+    if meta_path.is_file():
+        meta = read_meta(index_dir)
+        if {k: meta.get(k) for k in options} != options:
+            differs = [k for k in options if meta.get(k) != options[k]]
+            raise LancetError(f"{index_dir}: an index of another {'/'.join(differs)} is there; use a new --out")
+        projections = load_projections(index_dir)
+    else:
+        projections = make_projections(layers, args, curvature)
+        atomic_save_tensors(index_dir / "projections.safetensors",
+                            {f"{n}::{s}": t for n, sides in projections.items() for s, t in sides.items()})
+        if curvature is not None:  # the index answers queries on its own: it keeps the curvature it was built with
+            atomic_save_tensors(index_dir / "curvature.safetensors",
+                                {k: v.contiguous() for k, v in curvature.to_tensors().items()})
+        meta = {**options, "shards": [], "n_rows": 0}
+        atomic_write_json(meta_path, meta)
+    pos = 0
+    for shard in meta["shards"]:
+        start, stop = shard["start"], shard["stop"]
+        if stop > len(rows) or data_fingerprint(rows[start:stop]) != shard["data"]:
+            raise LancetError(f"{index_dir}: rows {start}-{stop - 1} differ from the rows this index was built on "
+                              "(another training set); use a new --out")
+        pos = stop
+    device = model_device(model)
+    work = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    proj = {n: {s: t.to(device, work) for s, t in sides.items()} for n, sides in projections.items()}
+    bar = tqdm(total=len(rows), initial=pos, desc="index", disable=not args.progress)
+    while pos < len(rows):
+        stop = min(pos + args.shard_rows, len(rows))
+        tensors = _project_rows(model, layers, rows[pos:stop], proj, args, first_row=pos, bar=bar)
+        file = f"shard-{len(meta['shards']):05d}.safetensors"
+        atomic_save_tensors(index_dir / file, tensors)
+        meta["shards"].append({"file": file, "start": pos, "stop": stop, "data": data_fingerprint(rows[pos:stop])})
+        meta["n_rows"] = stop
+        atomic_write_json(meta_path, meta)
+        pos = stop
+    bar.close()
+    return meta
+
+
+def _project_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, Any]],
+                  proj: dict[str, dict[str, torch.Tensor]], args: IndexArgs, *, first_row: int, bar
+                  ) -> dict[str, torch.Tensor]:
+    """One shard: per layer the projected gradients scaled to unit max-magnitude in the storage dtype, the scales,
+    and each row's squared gradient norm over all layers (for cosine estimators)."""
+    device = model_device(model)
+    n = len(rows)
+    work = next(iter(proj.values()))["S"].dtype
+    acc = {layer.name: torch.zeros(n, proj[layer.name]["S"].shape[1], proj[layer.name]["A"].shape[1],
+                                   dtype=work, device=device) for layer in layers}
+    sq_norm = torch.zeros(n, dtype=torch.float64, device=device)
+    where: dict[str, int] = {}
+
+    def on_grad(layer, a, g):
+        start = where["start"]
+        a, g = a.to(work), g.to(work)
+        acc[layer.name][start:start + a.shape[0]] += per_sequence_grads(a @ proj[layer.name]["A"],
+                                                                        g @ proj[layer.name]["S"])
+        sq_norm[start:start + a.shape[0]] += ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2)).double()
+
+    model.eval()
+    with Capture(model, layers, on_grad):
+        for start, batch in batches(rows, args.batch_size, device=device):
+            where["start"] = start
+            with autocast(device, args.bf16):
+                logits = forward_logits(model, batch)
+            logits.backward(data_cotangent(logits, batch["labels"]))
+            bar.update(batch["input_ids"].shape[0])
+    store = STORE_DTYPES[args.dtype]
+    out: dict[str, torch.Tensor] = {"sq_norm": sq_norm.cpu()}
+    for name, x in acc.items():
+        x = x.cpu()
+        bad = ~torch.isfinite(x).flatten(1).all(1)
+        if bad.any():
+            row = first_row + int(bad.nonzero()[0])
+            raise LancetError(f"index: non-finite gradient in layer {name} for training row {row}")
+        scale = x.abs().flatten(1).amax(1).clamp_min(torch.finfo(x.dtype).tiny)
+        out[f"{name}::grad"] = (x / scale.view(-1, 1, 1)).to(store).contiguous()
+        out[f"{name}::scale"] = scale.to(torch.float64 if store == torch.float64 else torch.float32).contiguous()
+    return out
+
+
+def index_curvature(index_dir: str | Path, model, modules="blocks") -> Curvature:
+    """The curvature the index was built with (stored beside it), on ``model``'s tracked layers."""
+    from lancet.curvature.estimators import get_estimator
+    from lancet.curvature.fit import _unflatten
+    from lancet.curvature.modules import find_tracked_layers
+
+    meta = read_meta(index_dir)
+    layers = [layer for layer in find_tracked_layers(model, modules) if layer.name in set(meta["layers"])]
+    if [layer.name for layer in layers] != meta["layers"]:
+        raise LancetError(f"{index_dir}: the model's tracked layers are not the index's")
+    estimator = get_estimator(meta["curvature"] or "identity")
+    path = Path(index_dir) / "curvature.safetensors"
+    state = _unflatten(load_tensors(path), model_device(model)) if path.is_file() else {}
+    return Curvature(estimator, layers, {n: state.get(n, {}) for n in meta["layers"]})  # identity: no state
+
+
+def check_index(index_dir: str | Path, model_fp: str, rows: Sequence[dict[str, Any]] | None = None) -> dict:
+    """The index's metadata, after refusing (one line) an index of another model or of other training rows."""
+    meta = read_meta(index_dir)
+    if meta["model"] != model_fp:
+        raise LancetError(f"{index_dir}: this index was built on another model (fingerprint {meta['model']}, this one "
+                          f"{model_fp}); rebuild it with `lancet index`")
+    if rows is not None:
+        if len(rows) != meta["n_rows"]:
+            raise LancetError(f"{index_dir}: the index holds {meta['n_rows']} rows, the training data {len(rows)}; "
+                              "rebuild or append with `lancet index`")
+        for shard in meta["shards"]:
+            if data_fingerprint(rows[shard["start"]:shard["stop"]]) != shard["data"]:
+                raise LancetError(f"{index_dir}: training rows {shard['start']}-{shard['stop'] - 1} differ from the "
+                                  "indexed ones; rebuild it with `lancet index`")
+    return meta
+
+
+def project(p: torch.Tensor, sides: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[Q, r_S, r_A] = P_S^T P_q P_A for preconditioned queries p [Q, out, in] of one layer."""
+    return sides["S"].to(p).T @ p @ sides["A"].to(p)
+
+
+def query_index(model, curvature: Curvature, query_rows: Sequence[dict[str, Any]], index_dir: str | Path, args,
+                measurement=None) -> torch.Tensor:
+    """[Q, N] scores of the queries against the indexed rows: query gradients (QUERY_CHUNK at a time: a full-rank
+    gradient of every layer is as large as the model), preconditioned in full space layer by layer, projected, and
+    contracted with the stored rows."""
+    from dataclasses import replace
+
+    from lancet.constants import QUERY_CHUNK
+    from lancet.influence.scoring import _preconditioned_layers, query_gradients
+
+    projections = load_projections(index_dir)
+    args = replace(args, query_rank=None)
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in projections}
+    for i in range(0, len(query_rows), QUERY_CHUNK):
+        grads = query_gradients(model, curvature.layers, query_rows[i:i + QUERY_CHUNK], args, measurement)
+        for name, p in _preconditioned_layers(curvature, grads, args):
+            parts[name].append(project(p, projections[name]).cpu())
+    queries = {name: torch.cat(v) for name, v in parts.items()}
+    unit = torch.ones(len(query_rows), dtype=torch.bool) if curvature.estimator.unit_gradients else None
+    return index_scores(index_dir, queries, unit_rows=unit, progress=args.progress)
+
+
+def index_scores(index_dir: str | Path, queries: dict[str, torch.Tensor], *, unit_rows: torch.Tensor | None = None,
+                 progress: bool = False) -> torch.Tensor:
+    """[Q, N] scores of projected queries (``project_queries``) against every indexed row, shard by shard, each
+    shard memory-mapped. ``unit_rows`` [Q] bool: divide those queries' scores by each row's gradient norm (the
+    cosine estimators; their query side is unit-norm already)."""
+    index_dir = Path(index_dir)
+    meta = read_meta(index_dir)
+    names = meta["layers"]
+    n_q = next(iter(queries.values())).shape[0]
+    work = torch.float64 if meta["args"]["dtype"] == "float64" else torch.float32
+    flat = {name: queries[name].reshape(n_q, -1).to(work) for name in names}
+    scores = torch.zeros(n_q, meta["n_rows"], dtype=work)
+    for shard in tqdm(meta["shards"], desc="index lookup", disable=not progress):
+        with safe_open(str(index_dir / shard["file"]), framework="pt") as f:
+            part = scores[:, shard["start"]:shard["stop"]]
+            for name in names:
+                x = f.get_tensor(f"{name}::grad").to(work) * f.get_tensor(f"{name}::scale").to(work).view(-1, 1, 1)
+                part += flat[name] @ x.reshape(x.shape[0], -1).T
+            if unit_rows is not None and bool(unit_rows.any()):
+                inv = f.get_tensor("sq_norm").sqrt().clamp_min(torch.finfo(torch.float64).tiny).reciprocal().to(work)
+                part[unit_rows] *= inv
+    return scores
+
+
+def load_projections(index_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    meta = read_meta(index_dir)
+    saved = load_tensors(Path(index_dir) / "projections.safetensors")
+    return {n: {"S": saved[f"{n}::S"], "A": saved[f"{n}::A"]} for n in meta["layers"]}
+
+
+def bytes_per_row(meta: dict[str, Any], projections: dict[str, dict[str, torch.Tensor]]) -> int:
+    """Storage of one row: r_S x r_A values in the storage dtype per layer, one float32 scale per layer, one float64
+    squared norm."""
+    item = STORE_DTYPES[meta["args"]["dtype"]].itemsize
+    return sum(p["S"].shape[1] * p["A"].shape[1] * item + 4 for p in projections.values()) + 8

@@ -1,0 +1,143 @@
+"""The gradient index (lancet.influence.index) on tiny float64 models: exact at full rank against ordinary scoring,
+resumed and appended shard by shard, stale indexes refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from lancet.data import Record, encode_records
+from lancet.errors import LancetError
+from lancet.influence import IndexArgs, Influence, InfluenceArgs
+from lancet.influence.index import bytes_per_row, load_projections, make_projections, read_meta
+
+TOPICS = ["paint a fence", "bake bread", "tune a guitar", "plant tomatoes", "fold a shirt", "learn chess",
+          "write a poem", "brew tea", "knit a scarf", "read faster"]
+FULL = 64  # at least every tracked width of the tiny model (16 and 32): the projections are complete
+
+
+@pytest.fixture()
+def setup(tiny_tokenizer):
+    model = tiny_llama(len(tiny_tokenizer), torch.float64)
+    train = list(encode_records([Record(prompt=f"How do I {t}?", response=f"Go slowly and {t}, then rest.")
+                                 for t in TOPICS], tiny_tokenizer, 64, progress=False))
+    queries = list(encode_records([Record(prompt="How do I bake a cake?", response="Go slowly and bake it."),
+                                   Record(prompt="Tell me a poem", response="Roses are red.")],
+                                  tiny_tokenizer, 64, progress=False))
+    return model, train, queries
+
+
+def args(method: str) -> InfluenceArgs:
+    return InfluenceArgs(method=method, dtype="float64", batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize(("method", "projection"), [("ekfac", "eigen"), ("kfac", "eigen"), ("linfac", "eigen"),
+                                                    ("linfac", "random"), ("identity", "random"),
+                                                    ("cosine", "random")])
+def test_full_rank_index_is_exact(setup, tmp_path, method, projection):
+    """r = the widths: every projection is a complete orthonormal basis, so the index scores are the ordinary
+    scores (LinFAC's range has at most 10 directions here, fewer than the widths: the complement completes it)."""
+    model, train, queries = setup
+    run = Influence(model, args(method), out_dir=tmp_path / "run")
+    want = run.scores(train, queries)["scores"]
+    run.build_index(train, tmp_path / "index", IndexArgs(rank=FULL, projection=projection, dtype="float64",
+                                                         shard_rows=4, batch_size=4, progress=False))
+    got = run.index_scores(queries, tmp_path / "index")["scores"]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_half_precision_storage_and_truncation(setup, tmp_path):
+    """fp16 storage (each block scaled to unit max first) keeps scores to ~1e-3; rank 4 of widths 16/32 keeps the
+    ranking's top rows only approximately, and the size formula matches the shards on disk."""
+    model, train, queries = setup
+    run = Influence(model, args("ekfac"), out_dir=tmp_path / "run")
+    want = run.scores(train, queries)["scores"]
+    run.build_index(train, tmp_path / "half", IndexArgs(rank=FULL, dtype="float16", progress=False))
+    half = run.index_scores(queries, tmp_path / "half")["scores"]
+    torch.testing.assert_close(half.double(), want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+    run.build_index(train, tmp_path / "r4", IndexArgs(rank=4, dtype="float16", progress=False))
+    low = run.index_scores(queries, tmp_path / "r4")["scores"]
+    assert not torch.allclose(low.double(), want, rtol=1e-2)
+    corr = torch.corrcoef(torch.stack([low.double().flatten(), want.flatten()]))[0, 1]
+    assert corr > 0.5
+    meta = read_meta(tmp_path / "r4")
+    per_row = bytes_per_row(meta, load_projections(tmp_path / "r4"))
+    assert per_row == len(meta["layers"]) * (4 * 4 * 2 + 4) + 8
+
+
+def test_eigen_projection_keeps_the_largest_eigendirections(setup, tmp_path):
+    model, train, _ = setup
+    run = Influence(model, args("ekfac"), out_dir=tmp_path / "run")
+    curvature = run.fit(train)
+    name = curvature.layers[0].name
+    state = curvature.state[name]
+    by_factor = make_projections(curvature.layers, IndexArgs(rank=3), curvature)[name]
+    top = torch.argsort(state["S_vals"], descending=True)[:3]
+    torch.testing.assert_close(by_factor["S"], state["S_vecs"][:, top].double())
+    by_corrected = make_projections(curvature.layers, IndexArgs(rank=3, rank_by="corrected"), curvature)[name]
+    top = torch.argsort(state["lambda"].sum(0), descending=True)[:3]
+    torch.testing.assert_close(by_corrected["A"], state["A_vecs"][:, top].double())
+    with pytest.raises(LancetError, match="corrected eigenvalues"):
+        kfac = Influence(model, args("kfac"), out_dir=tmp_path / "run").fit(train)
+        make_projections(kfac.layers, IndexArgs(rank_by="corrected"), kfac)
+
+
+def test_resume_is_bit_identical_and_append_adds_rows(setup, tmp_path):
+    from lancet.influence.index import build_index, index_curvature
+
+    model, train, queries = setup
+    run = Influence(model, args("linfac"), out_dir=tmp_path / "run")
+    opts = IndexArgs(rank=8, dtype="float32", shard_rows=4, batch_size=4, progress=False)
+    whole = run.build_index(train, tmp_path / "whole", opts)
+    assert [(s["start"], s["stop"]) for s in whole["shards"]] == [(0, 4), (4, 8), (8, 10)]
+    # a build killed after its first shard: index.json lists one shard, the later files were never written
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "whole", killed)
+    meta = json.loads((killed / "index.json").read_text())
+    for shard in meta["shards"][1:]:
+        (killed / shard["file"]).unlink()
+    meta["shards"], meta["n_rows"] = meta["shards"][:1], 4
+    (killed / "index.json").write_text(json.dumps(meta))
+    run.build_index(train, killed, opts)
+    for shard in whole["shards"]:
+        assert (killed / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()
+    # append: an index of 6 rows grown to 10 keeps its curvature and its shards (4..6 stays a short shard)
+    small = Influence(model, args("linfac"), out_dir=tmp_path / "run6")
+    grown = tmp_path / "grown"
+    small.build_index(train[:6], grown, opts)
+    meta = small.build_index(train, grown, opts)
+    assert [(s["start"], s["stop"]) for s in meta["shards"]] == [(0, 4), (4, 6), (6, 10)]
+    reference = build_index(model, train, tmp_path / "ref", opts, curvature=index_curvature(grown, model))
+    assert reference["n_rows"] == 10
+    torch.testing.assert_close(small.index_scores(queries, grown)["scores"],
+                               small.index_scores(queries, tmp_path / "ref")["scores"], rtol=1e-5, atol=1e-9)
+
+
+def test_stale_index_is_refused(setup, tiny_tokenizer, tmp_path):
+    model, train, queries = setup
+    run = Influence(model, args("ekfac"), out_dir=tmp_path / "run")
+    run.build_index(train, tmp_path / "index", IndexArgs(rank=4, progress=False))
+    with pytest.raises(LancetError, match="differ from the indexed"):
+        run.index_scores(queries, tmp_path / "index", train=list(reversed(train)))
+    with pytest.raises(LancetError, match="holds 10 rows"):
+        run.index_scores(queries, tmp_path / "index", train=train[:9])
+    other = Influence(tiny_llama(len(tiny_tokenizer), torch.float64, seed=1), args("ekfac"), out_dir=tmp_path / "run")
+    with pytest.raises(LancetError, match="another model"):
+        other.index_scores(queries, tmp_path / "index")
+    with pytest.raises(LancetError, match="another"):
+        run.build_index(train, tmp_path / "index", IndexArgs(rank=8, progress=False))
+    with pytest.raises(LancetError, match="differ from the rows"):
+        run.build_index(list(reversed(train)), tmp_path / "index", IndexArgs(rank=4, progress=False))
+    assert json.loads((tmp_path / "index" / "index.json").read_text())["n_rows"] == 10
+
+
+def test_index_args_validate_and_round_trip():
+    a = IndexArgs(rank=8, projection="random", dtype="bfloat16")
+    assert IndexArgs.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    for bad in ({"rank": 0}, {"projection": "pca"}, {"rank_by": "size"}, {"dtype": "int8"}, {"shard_rows": 0}):
+        with pytest.raises(LancetError):
+            IndexArgs(**bad)
