@@ -122,6 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the normalised mean over all IQs as one full-rank query (its weights estimated on 32 "
                    "rows): the cost of one IQ however many there are; no per-IQ scores (docs/method.md 2.5)")
 
+    p.add_argument("--index", default=None, metavar="DIR",
+                   help="score the IQs from a gradient index built by `lancet index` (no pass over the training "
+                   "rows; --method must be the index's)")
+
+    p = sub.add_parser("index", help="store every training row's projected gradient once, so that new IQs are "
+                       "answered from it in seconds (`lancet attribute --index`)")
+    p.add_argument("model")
+    p.add_argument("--train", required=True)
+    p.add_argument("--out", required=True, help="index directory (resumed after a kill; rerun with more rows to "
+                   "append them)")
+    p.add_argument("--method", default="linfac", help="the curvature: linfac, ekfac, kfac, kfac_reduce, diagonal, "
+                   "identity, cosine (eigen projection: a Kronecker method)")
+    p.add_argument("--rank", type=int, default=16, help="r: each layer's gradient is kept as r x r")
+    p.add_argument("--projection", default="eigen", choices=["eigen", "random"])
+    p.add_argument("--rank-by", default="factor", choices=["factor", "corrected"],
+                   help="eigen: keep the directions with the largest factor eigenvalues, or corrected-eigenvalue "
+                   "marginals (ekfac, linfac)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--shard-rows", type=int, default=256, help="rows per shard (the resume granularity)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--covariance-max-rows", type=int, default=None, metavar="N")
+    p.add_argument("--lambda-max-rows", type=int, default=None, metavar="N")
+    p.add_argument("--modules", default="blocks")
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
+    _add_hardware_options(p)
+
     p = sub.add_parser("correct", help="post-train with IBO (or a baseline) from influence scores")
     p.add_argument("model", help="the model to correct (the contaminated one the scores were computed on)")
     p.add_argument("--train", required=True, help="the training data given to `lancet attribute`")
@@ -258,20 +284,46 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
                            measurement=ns.measurement, covariance_max_rows=ns.covariance_max_rows,
                            lambda_max_rows=ns.lambda_max_rows, **chunk)
              for m in methods]  # each method's options are validated before the model is loaded
-    if len(methods) > 1 and (ns.contrast_response is not None or ns.aggregate_first):
-        raise LancetError("--contrast-response and --aggregate-first take one --method")
+    if len(methods) > 1 and (ns.contrast_response is not None or ns.aggregate_first or ns.index):
+        raise LancetError("--contrast-response, --aggregate-first and --index take one --method")
     model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code, device=device)
     for args in every:
         logging.getLogger("lancet").info(estimate_memory(model, args).describe())
     if len(methods) == 1:
         summaries = [attribute(model, tokenizer, ns.train, ns.queries, ns.out, every[0], max_length=ns.max_length,
                                labels=ns.labels, k=ns.top_k, contrast_response=ns.contrast_response,
-                               aggregate_first=ns.aggregate_first)]
+                               aggregate_first=ns.aggregate_first, index=ns.index)]
     else:
         summaries = list(attribute_methods(model, tokenizer, ns.train, ns.queries, ns.out, every[0], methods,
                                            max_length=ns.max_length, labels=ns.labels, k=ns.top_k).values())
     for summary in summaries:
         print_summary(summary)
+    return 0
+
+
+def cmd_index(ns: argparse.Namespace) -> int:
+    import time
+
+    from lancet.data import encode_records, load_dataset_spec
+    from lancet.influence import IndexArgs, Influence, InfluenceArgs
+    from lancet.influence.index import bytes_per_row, load_projections
+    from lancet.models.loading import load_model
+
+    device, precision = _hardware(ns)
+    args = InfluenceArgs(method=ns.method, batch_size=ns.batch_size, bf16=precision.bf16, modules=ns.modules,
+                         covariance_max_rows=ns.covariance_max_rows, lambda_max_rows=ns.lambda_max_rows,
+                         progress=not ns.quiet)
+    index_args = IndexArgs(rank=ns.rank, projection=ns.projection, rank_by=ns.rank_by, dtype=ns.dtype,
+                           shard_rows=ns.shard_rows, batch_size=ns.batch_size, bf16=precision.bf16,
+                           progress=not ns.quiet)  # both validated before the model is loaded
+    model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code, device=device)
+    train = encode_records(load_dataset_spec(ns.train), tokenizer, ns.max_length, progress=not ns.quiet)
+    t0 = time.perf_counter()
+    meta = Influence(model, args, out_dir=ns.out).build_index(train, ns.out, index_args)
+    per_row = bytes_per_row(meta, load_projections(ns.out))
+    print(json.dumps({"index": ns.out, "rows": meta["n_rows"], "shards": len(meta["shards"]),
+                      "bytes_per_row": per_row, "mib": round(per_row * meta["n_rows"] / 2**20, 2),
+                      "seconds": round(time.perf_counter() - t0, 1)}, indent=2))
     return 0
 
 
@@ -344,6 +396,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "run": cmd_run,
     "attribute": cmd_attribute,
+    "index": cmd_index,
     "correct": cmd_correct,
     "evaluate": cmd_evaluate,
     "report": cmd_report,

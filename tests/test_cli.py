@@ -205,3 +205,36 @@ def test_attribute_measurement_option(tmp_path, tiny_tokenizer):
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(expected, pairwise_scores(model, rows[0], rows[1], method="identity", progress=False))
     assert main([*base, "--out", str(tmp_path / "x"), "--measurement", "first_tokens:0"]) == 2
+
+
+def test_index_then_attribute_from_the_index(tmp_path, tiny_tokenizer, capsys):
+    """``lancet index`` at full rank (float32 storage), then ``attribute --index``: the same ranking as an ordinary
+    ``attribute`` run without a pass over the rows; a second ``index`` run reuses every shard; a stale index (other
+    rows) is refused with one line."""
+    from lancet.artifacts import load_tensors
+
+    model_dir, train, queries = _sums_run(tmp_path, tiny_tokenizer)
+    build = ["-q", "index", str(model_dir), "--train", str(train), "--out", str(tmp_path / "idx"), "--method", "ekfac",
+             "--rank", "64", "--dtype", "float32", "--shard-rows", "3"]
+    assert main(build) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["rows"] == 8 and first["shards"] == 3
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "idx").glob("shard-*")}
+    assert main(build) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "idx").glob("shard-*")} == mtimes
+    base = ["-q", "attribute", str(model_dir), "--train", str(train), "--queries", str(queries), "--method", "ekfac"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--out", str(tmp_path / "from-index"), "--index", str(tmp_path / "idx")]) == 0
+    plain = load_tensors(tmp_path / "plain" / "ranking-ekfac.safetensors")["scores"].double()
+    indexed = load_tensors(tmp_path / "from-index" / "ranking-ekfac.safetensors")["scores"].double()
+    torch.testing.assert_close(indexed, plain, rtol=1e-4, atol=1e-6 * float(plain.abs().max()))
+    assert json.loads((tmp_path / "from-index" / "influence-ekfac.json").read_text())["index"] == str(tmp_path / "idx")
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"prompt": f"What is {i}?", "response": "A number."}) + "\n"
+                             for i in range(8)))
+    capsys.readouterr()
+    assert main([*base[:3], "--train", str(other), "--queries", str(queries), "--method", "ekfac",
+                 "--out", str(tmp_path / "x"), "--index", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differ from the indexed" in err[0]
+    assert main([*base, "--out", str(tmp_path / "y"), "--index", str(tmp_path / "idx"), "--method", "kfac"]) == 2

@@ -72,12 +72,13 @@ def _load(tokenizer, train_spec: str, queries_spec: str, max_length: int, progre
 def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path, args: InfluenceArgs, *,
               max_length: int = DEFAULT_MAX_LENGTH, labels: str | None = None, k: int = 10,
               contrast_response: str | None = None, influence: Influence | None = None,
-              aggregate_first: bool = False) -> dict[str, Any]:
+              aggregate_first: bool = False, index: str | Path | None = None) -> dict[str, Any]:
     """Rank ``train_spec`` rows by influence on the IQs of ``queries_spec``; with ``contrast_response``, by
     influence on the margin over that answer (``contrast_scores``). ``influence``: an entry object on the same
     model, options and ``out_dir`` to use (and keep its curvature for the caller), instead of a new one.
     ``aggregate_first``: score the normalised mean over the IQs as one full-rank query (``combined_scores``; its
-    weights estimated on a sample of rows): the cost of one IQ however many there are, and no per-IQ scores."""
+    weights estimated on a sample of rows): the cost of one IQ however many there are, and no per-IQ scores.
+    ``index``: score the IQs from a gradient index (``Influence.index_scores``), no pass over the training rows."""
     out = Path(out_dir)
     train_records, query_records, train, queries, culprits = _load(tokenizer, train_spec, queries_spec, max_length,
                                                                    args.progress, labels)
@@ -100,6 +101,13 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
         return _rank(out, args, None, time.perf_counter() - t0, train_records, train, culprits,
                      {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),
                       "contrast_response": contrast_response, "aggregate_first": True}, k, aggregated=aggregated)
+    if index is not None:
+        if aggregate_first or contrast_response is not None:
+            raise LancetError("--index scores the IQs themselves: no --aggregate-first or --contrast-response")
+        scores = influence.index_scores(queries, index, train=train)["scores"]
+        return _rank(out, args, scores, time.perf_counter() - t0, train_records, train, culprits,
+                     {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),
+                      "contrast_response": None, "index": str(index)}, k)
     if contrast_response is None:
         scores = queries_scores(influence, train, queries)
     else:
@@ -155,7 +163,7 @@ def _rank(out: Path, args: InfluenceArgs, scores: torch.Tensor | None, seconds: 
         "top_negative": top_k(train_records, agg["normalized_mean"], k, negative=True),
         "args": args.to_json(),
     }
-    for key in ("shared_pass", "aggregate_first"):
+    for key in ("shared_pass", "aggregate_first", "index"):
         if key in extra:
             summary[key] = extra[key]
     if culprits is not None:
