@@ -176,3 +176,40 @@ def test_cli_attribute_under_torchrun(tmp_path, capsys):
     summaries = [json.loads((tmp_path / d / "influence-ekfac.json").read_text()) for d in ("two", "one")]
     assert summaries[0]["ids"] == summaries[1]["ids"]
     assert not list((tmp_path / "two").rglob("*.tmp"))
+
+
+def test_cli_index_under_torchrun(tmp_path, capsys):
+    """`lancet index` under torchrun: the shards still to do are dealt to the two ranks; the index holds the same
+    shards and projected gradients as a one-process build (float32: to rounding), and answers the same queries."""
+    from conftest import tiny_llama
+
+    from lancet.cli import main
+
+    tok = tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_llama(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    files = {}
+    for name, pairs in (("train", TRAIN), ("queries", QUERIES)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    args = ["index", str(model_dir), "--train", str(files["train"]), "--method", "ekfac", "--batch-size", "2",
+            "--max-length", "64", "--rank", "8", "--dtype", "float32", "--shard-rows", "3"]
+    done = torchrun("-m", "lancet.cli", "-q", *args, "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count('"shards": 4') == 1
+    assert main(["-q", *args, "--out", str(tmp_path / "one")]) == 0
+    metas = [json.loads((tmp_path / d / "index.json").read_text()) for d in ("two", "one")]
+    assert [s["data"] for s in metas[0]["shards"]] == [s["data"] for s in metas[1]["shards"]]
+    for shard in metas[1]["shards"]:
+        two, one = (load_tensors(tmp_path / d / shard["file"]) for d in ("two", "one"))
+        for key, value in one.items():
+            close(two[key].double(), value.double(), rtol=1e-4)
+    query = ["-q", "attribute", str(model_dir), "--train", str(files["train"]), "--queries", str(files["queries"]),
+             "--method", "ekfac", "--max-length", "64"]
+    for d in ("two", "one"):
+        assert main([*query, "--out", str(tmp_path / f"q-{d}"), "--index", str(tmp_path / d)]) == 0
+    capsys.readouterr()
+    two, one = (load_tensors(tmp_path / f"q-{d}" / "ranking-ekfac.safetensors")["scores"] for d in ("two", "one"))
+    close(two, one, rtol=1e-4)
+    assert not list((tmp_path / "two").rglob("*.tmp"))

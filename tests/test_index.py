@@ -94,14 +94,18 @@ def test_resume_is_bit_identical_and_append_adds_rows(setup, tmp_path):
     opts = IndexArgs(rank=8, dtype="float32", shard_rows=4, batch_size=4, progress=False)
     whole = run.build_index(train, tmp_path / "whole", opts)
     assert [(s["start"], s["stop"]) for s in whole["shards"]] == [(0, 4), (4, 8), (8, 10)]
-    # a build killed after its first shard: index.json lists one shard, the later files were never written
+    # a build killed after its first shard: the later shards and their sidecars were never written, nor the
+    # final index.json (it still lists no shard); until the rerun, the index refuses to answer
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "whole", killed)
     meta = json.loads((killed / "index.json").read_text())
     for shard in meta["shards"][1:]:
         (killed / shard["file"]).unlink()
-    meta["shards"], meta["n_rows"] = meta["shards"][:1], 4
+        (killed / shard["file"].replace(".safetensors", ".json")).unlink()
+    meta["shards"], meta["n_rows"] = [], 0
     (killed / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(LancetError, match="holds 0 rows"):
+        run.index_scores(queries, killed, train=train)
     run.build_index(train, killed, opts)
     for shard in whole["shards"]:
         assert (killed / shard["file"]).read_bytes() == (tmp_path / "whole" / shard["file"]).read_bytes()

@@ -27,8 +27,9 @@ training rows nor a refit; rows appended later are projected and preconditioned 
 Storage: shards of ``shard_rows`` rows in safetensors (memory-mapped when read): per layer [n, r, r] in fp16 or
 bf16, each (row, layer) block divided by its largest magnitude first (kept in float32 beside it), so neither
 overflow nor underflow of the half-precision format can occur; a non-finite gradient stops the build naming the
-row. Each shard records the fingerprint of its rows: a rerun reuses the shards whose rows are unchanged (resume),
-computes the rows after them (append), and refuses an index whose rows or model differ. Size per row:
+row. Each shard has a JSON sidecar, written after its tensors, with the fingerprint of its rows: a rerun reuses the
+shards whose rows are unchanged (resume), computes the rows in the gaps and after them (append), and refuses an
+index whose rows or model differ. Under torchrun the shards still to do are dealt to the ranks in turn. Size per row:
 layers x r^2 x 2 bytes (+ 4 bytes x layers for the scales).
 """
 
@@ -45,6 +46,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, atomic_write_json, load_tensors, model_fingerprint
 from lancet.constants import INDEX_FORMAT
 from lancet.curvature.estimators import per_sequence_grads
@@ -160,11 +162,45 @@ def read_meta(index_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _sidecars(index_dir: Path, rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """{start: shard info} of the finished shards (each shard's JSON sidecar is written after its tensors), each
+    checked against ``rows``: a shard of other rows is a stale index, refused."""
+    found = {}
+    for path in sorted(index_dir.glob("shard-*.json")):
+        info = json.loads(path.read_text())
+        start, stop = info["start"], info["stop"]
+        if not (index_dir / info["file"]).is_file():
+            continue  # never happens with atomic writes in this order; a hand-deleted file is recomputed
+        if stop > len(rows) or data_fingerprint(rows[start:stop]) != info["data"]:
+            raise LancetError(f"{index_dir}: rows {start}-{stop - 1} differ from the rows this index was built on "
+                              "(another training set); use a new --out")
+        found[start] = info
+    return found
+
+
+def _plan(done: dict[int, dict[str, Any]], n: int, shard_rows: int) -> list[tuple[int, int]]:
+    """The row ranges still to project: the gaps between finished shards and the rows after them, in shards of at
+    most ``shard_rows`` (a finished shard keeps its own bounds, so an appended index keeps its short last shard)."""
+    todo, pos = [], 0
+    starts = sorted(done)
+    while pos < n:
+        if pos in done:
+            pos = done[pos]["stop"]
+            continue
+        nxt = min((s for s in starts if s > pos), default=n)
+        stop = min(pos + shard_rows, nxt)
+        todo.append((pos, stop))
+        pos = stop
+    return todo
+
+
 def build_index(model, rows: Sequence[dict[str, Any]], index_dir: str | Path, args: IndexArgs, *,
                 curvature: Curvature | None = None, layers: Sequence[TrackedLayer] | None = None,
                 model_fp: str | None = None) -> dict[str, Any]:
-    """Project and store every row's gradient under ``index_dir``; returns the index's metadata. Shards whose rows
-    are unchanged are kept (resume); rows past the last stored shard are added (append)."""
+    """Project and store every row's gradient under ``index_dir``; returns the index's metadata. Finished shards
+    whose rows are unchanged are kept (resume); rows past them are added (append). Under torchrun the shards still
+    to do are dealt to the ranks in turn; each rank writes its own, rank 0 the metadata."""
+    dist.init_from_env()
     index_dir = Path(index_dir)
     index_dir.mkdir(parents=True, exist_ok=True)
     layers = list(layers if layers is not None else curvature.layers if curvature is not None else [])
@@ -180,38 +216,35 @@ def build_index(model, rows: Sequence[dict[str, Any]], index_dir: str | Path, ar
         if {k: meta.get(k) for k in options} != options:
             differs = [k for k in options if meta.get(k) != options[k]]
             raise LancetError(f"{index_dir}: an index of another {'/'.join(differs)} is there; use a new --out")
-        projections = load_projections(index_dir)
-    else:
+    elif dist.is_main():
         projections = make_projections(layers, args, curvature)
         atomic_save_tensors(index_dir / "projections.safetensors",
                             {f"{n}::{s}": t for n, sides in projections.items() for s, t in sides.items()})
         if curvature is not None:  # the index answers queries on its own: it keeps the curvature it was built with
             atomic_save_tensors(index_dir / "curvature.safetensors",
                                 {k: v.contiguous() for k, v in curvature.to_tensors().items()})
-        meta = {**options, "shards": [], "n_rows": 0}
-        atomic_write_json(meta_path, meta)
-    pos = 0
-    for shard in meta["shards"]:
-        start, stop = shard["start"], shard["stop"]
-        if stop > len(rows) or data_fingerprint(rows[start:stop]) != shard["data"]:
-            raise LancetError(f"{index_dir}: rows {start}-{stop - 1} differ from the rows this index was built on "
-                              "(another training set); use a new --out")
-        pos = stop
+        atomic_write_json(meta_path, {**options, "shards": [], "n_rows": 0})
+    dist.barrier()  # rank 0 has written the projections every rank reads
+    projections = load_projections(index_dir)
+    done = _sidecars(index_dir, rows)
+    mine = _plan(done, len(rows), args.shard_rows)[dist.rank()::dist.world_size()]
     device = model_device(model)
     work = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     proj = {n: {s: t.to(device, work) for s, t in sides.items()} for n, sides in projections.items()}
-    bar = tqdm(total=len(rows), initial=pos, desc="index", disable=not args.progress)
-    while pos < len(rows):
-        stop = min(pos + args.shard_rows, len(rows))
-        tensors = _project_rows(model, layers, rows[pos:stop], proj, args, first_row=pos, bar=bar)
-        file = f"shard-{len(meta['shards']):05d}.safetensors"
+    bar = tqdm(total=sum(b - a for a, b in mine), desc="index", disable=not args.progress or not dist.is_main())
+    for start, stop in mine:
+        tensors = _project_rows(model, layers, rows[start:stop], proj, args, first_row=start, bar=bar)
+        file = f"shard-{start:09d}.safetensors"
         atomic_save_tensors(index_dir / file, tensors)
-        meta["shards"].append({"file": file, "start": pos, "stop": stop, "data": data_fingerprint(rows[pos:stop])})
-        meta["n_rows"] = stop
-        atomic_write_json(meta_path, meta)
-        pos = stop
+        atomic_write_json(index_dir / f"shard-{start:09d}.json",  # after the tensors: a sidecar means finished
+                          {"file": file, "start": start, "stop": stop, "data": data_fingerprint(rows[start:stop])})
     bar.close()
-    return meta
+    dist.barrier()  # every rank's shards are on disk
+    if dist.is_main():
+        shards = [info for _, info in sorted(_sidecars(index_dir, rows).items())]
+        atomic_write_json(meta_path, {**options, "shards": shards, "n_rows": len(rows)})
+    dist.barrier()
+    return read_meta(index_dir)
 
 
 def _project_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, Any]],
