@@ -145,3 +145,14 @@ def test_index_args_validate_and_round_trip():
     for bad in ({"rank": 0}, {"projection": "pca"}, {"rank_by": "size"}, {"dtype": "int8"}, {"shard_rows": 0}):
         with pytest.raises(LancetError):
             IndexArgs(**bad)
+
+
+def test_lower_rank_at_query_time_equals_an_index_of_that_rank(setup, tmp_path):
+    """The eigen projection's columns are sorted by the ranking rule, so an index of rank 8 read at rank 4 is the
+    rank-4 index (to the fp rounding of its per-block scale)."""
+    model, train, queries = setup
+    run = Influence(model, args("ekfac"), out_dir=tmp_path / "run")
+    run.build_index(train, tmp_path / "r8", IndexArgs(rank=8, dtype="float64", progress=False))
+    run.build_index(train, tmp_path / "r4", IndexArgs(rank=4, dtype="float64", progress=False))
+    torch.testing.assert_close(run.index_scores(queries, tmp_path / "r8", rank=4)["scores"],
+                               run.index_scores(queries, tmp_path / "r4")["scores"], rtol=1e-9, atol=1e-12)

@@ -300,9 +300,11 @@ class Influence:
             curvature = self.fit(rows)
         return build_index(self.model, rows, index_dir, index_args, curvature=curvature, model_fp=self.model_fp)
 
-    def index_scores(self, queries, index_dir: str | Path, train=None) -> dict[str, torch.Tensor]:
+    def index_scores(self, queries, index_dir: str | Path, train=None, rank: int | None = None
+                     ) -> dict[str, torch.Tensor]:
         """{"scores": [Q, N]} of new queries from a gradient index (``build_index``), with the index's own
-        curvature and no pass over the training rows; ``train``, when given, is checked against the indexed rows."""
+        curvature and no pass over the training rows; ``train``, when given, is checked against the indexed rows;
+        ``rank``: answer as an index of that lower rank (its leading directions)."""
         from lancet.influence.index import check_index, index_curvature, query_index
 
         query_rows = self._rows(queries, "queries")
@@ -311,7 +313,8 @@ class Influence:
             raise LancetError(f"{index_dir}: the index was built with the {meta['curvature']} curvature, this run "
                               f"uses {self.args.method}")
         curvature = index_curvature(index_dir, self.model, self.args.modules)
-        return {"scores": query_index(self.model, curvature, query_rows, index_dir, self.args, self.measurement)}
+        return {"scores": query_index(self.model, curvature, query_rows, index_dir, self.args, self.measurement,
+                                      rank)}
 
     @property
     def fitted(self) -> bool:

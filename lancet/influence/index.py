@@ -327,24 +327,38 @@ def project(p: torch.Tensor, sides: dict[str, torch.Tensor]) -> torch.Tensor:
     return sides["S"].to(p).T @ p @ sides["A"].to(p)
 
 
-def query_index(model, curvature: Curvature, query_rows: Sequence[dict[str, Any]], index_dir: str | Path, args,
-                measurement=None) -> torch.Tensor:
-    """[Q, N] scores of the queries against the indexed rows: query gradients (QUERY_CHUNK at a time: a full-rank
-    gradient of every layer is as large as the model), preconditioned in full space layer by layer, projected, and
-    contracted with the stored rows."""
+def project_queries(model, curvature: Curvature, query_rows: Sequence[dict[str, Any]], index_dir: str | Path, args,
+                    measurement=None, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """{layer: [Q, r, r]}: the queries' gradients (QUERY_CHUNK at a time: a full-rank gradient of every layer is as
+    large as the model), preconditioned in full space layer by layer, and projected onto the index's directions
+    (their leading ``rank`` only, when given: the index then answers as one built at that rank)."""
     from dataclasses import replace
 
     from lancet.constants import QUERY_CHUNK
     from lancet.influence.scoring import _preconditioned_layers, query_gradients
 
-    projections = load_projections(index_dir)
+    projections = _leading(load_projections(index_dir), rank)
     args = replace(args, query_rank=None)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in projections}
     for i in range(0, len(query_rows), QUERY_CHUNK):
         grads = query_gradients(model, curvature.layers, query_rows[i:i + QUERY_CHUNK], args, measurement)
         for name, p in _preconditioned_layers(curvature, grads, args):
             parts[name].append(project(p, projections[name]).cpu())
-    queries = {name: torch.cat(v) for name, v in parts.items()}
+    return {name: torch.cat(v) for name, v in parts.items()}
+
+
+def _leading(projections: dict[str, dict[str, torch.Tensor]], rank: int | None) -> dict[str, dict[str, torch.Tensor]]:
+    """The first ``rank`` directions of each side (the eigen projection's columns are sorted by the ranking rule, so
+    these are its top ``rank``; a random projection's first columns are a random projection too)."""
+    if rank is None:
+        return projections
+    return {n: {k: v[:, :rank] for k, v in sides.items()} for n, sides in projections.items()}
+
+
+def query_index(model, curvature: Curvature, query_rows: Sequence[dict[str, Any]], index_dir: str | Path, args,
+                measurement=None, rank: int | None = None) -> torch.Tensor:
+    """[Q, N] scores of the queries against the indexed rows (``project_queries``, then ``index_scores``)."""
+    queries = project_queries(model, curvature, query_rows, index_dir, args, measurement, rank)
     unit = torch.ones(len(query_rows), dtype=torch.bool) if curvature.estimator.unit_gradients else None
     return index_scores(index_dir, queries, unit_rows=unit, progress=args.progress)
 
@@ -352,8 +366,9 @@ def query_index(model, curvature: Curvature, query_rows: Sequence[dict[str, Any]
 def index_scores(index_dir: str | Path, queries: dict[str, torch.Tensor], *, unit_rows: torch.Tensor | None = None,
                  progress: bool = False) -> torch.Tensor:
     """[Q, N] scores of projected queries (``project_queries``) against every indexed row, shard by shard, each
-    shard memory-mapped. ``unit_rows`` [Q] bool: divide those queries' scores by each row's gradient norm (the
-    cosine estimators; their query side is unit-norm already)."""
+    shard memory-mapped; queries projected onto fewer directions than stored read the leading block. ``unit_rows``
+    [Q] bool: divide those queries' scores by each row's gradient norm (the cosine estimators; their query side is
+    unit-norm already)."""
     index_dir = Path(index_dir)
     meta = read_meta(index_dir)
     names = meta["layers"]
@@ -365,7 +380,9 @@ def index_scores(index_dir: str | Path, queries: dict[str, torch.Tensor], *, uni
         with safe_open(str(index_dir / shard["file"]), framework="pt") as f:
             part = scores[:, shard["start"]:shard["stop"]]
             for name in names:
-                x = f.get_tensor(f"{name}::grad").to(work) * f.get_tensor(f"{name}::scale").to(work).view(-1, 1, 1)
+                r_s, r_a = queries[name].shape[1:]
+                x = f.get_slice(f"{name}::grad")[:, :r_s, :r_a].to(work)
+                x = x * f.get_tensor(f"{name}::scale").to(work).view(-1, 1, 1)
                 part += flat[name] @ x.reshape(x.shape[0], -1).T
             if unit_rows is not None and bool(unit_rows.any()):
                 inv = f.get_tensor("sq_norm").sqrt().clamp_min(torch.finfo(torch.float64).tiny).reciprocal().to(work)
