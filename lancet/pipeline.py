@@ -77,6 +77,11 @@ class RunConfig:
     # chosen model's validation behaviour is <= ``target_rate`` (needs "select" and "iq_prompts")
     rounds: int = 1
     target_rate: float | None = None
+    # rank the IQs from a gradient index (lancet.influence.index; ``IndexArgs`` keys: rank, projection, rank_by,
+    # dtype, shard_rows) instead of a scoring pass; with rounds, "reuse": true answers later rounds' IQs from round
+    # 0's index (the corrected model's query gradients against the original model's rows), and "check_overlap": true
+    # also runs a fresh pass on the corrected model and reports the top-100 overlap of the two rankings
+    index: dict[str, Any] | None = None
     trust_remote_code: bool = False
     # where and how every stage computes (lancet.hardware): "auto" = CUDA when available; precision "auto" = bf16
     # on CUDA and on CPUs with native bf16, else fp32. A stage's own "bf16" key (finetune, influence, ...) wins.
@@ -126,6 +131,15 @@ class RunConfig:
             from lancet.correct.select import SelectArgs
 
             SelectArgs.from_json(self.select)
+        if self.index is not None:
+            from lancet.influence import IndexArgs
+
+            if not isinstance(self.index, dict):
+                raise LancetError("run config: 'index' must be an object (rank, projection, ..., reuse)")
+            for key in INDEX_RUN_KEYS:
+                if key in self.index and not isinstance(self.index[key], bool):
+                    raise LancetError(f"run config: 'index.{key}' must be true or false")
+            IndexArgs(**{k: v for k, v in self.index.items() if k not in INDEX_RUN_KEYS})
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -343,17 +357,56 @@ class Pipeline:
         tokens = args.method not in GRADIENT_FREE_METHODS and c.token_rows > 0
         # the token scores below use the same preconditioned IQs as the ranking (when it is not a contrast)
         influence.keep_queries = tokens and c.contrast_response is None
+        index_dir, index_note = self._index(influence, tokenizer) if c.index else (None, None)
         summary = attribute(model, tokenizer, c.train, str(self.dir / "iqs.jsonl"), self.dir, args,
                             max_length=c.max_length, labels=c.labels, k=c.top_k,
-                            contrast_response=c.contrast_response, influence=influence)
+                            contrast_response=c.contrast_response, influence=influence, index=index_dir,
+                            index_any_model=bool(index_note and index_note["reused"]))
+        if index_note and index_note["reused"] and c.index.get("check_overlap", False):
+            index_note["top100_overlap_vs_fresh"] = self._fresh_overlap(model, tokenizer, args, summary)
         if tokens:
             self._token_scores(tokenizer, influence, summary)
         out = {k: summary[k] for k in ("method", "n_train", "n_queries", "seconds", "top_positive", "top_negative")
                if k in summary} | ({"recall": summary["recall"]} if "recall" in summary else {})
+        if index_note:
+            out["index"] = index_note
         if c.compare and "recall" in summary:
             out["compare"] = {args.method: _recall_row(summary["recall"], summary["seconds"])}
             out["compare"] |= self._compare(model, tokenizer, args, summary["ids"])
         return out
+
+    def _index(self, influence, tokenizer) -> tuple[Path, dict[str, Any]]:
+        """The gradient index this round ranks from: round 0's (built here on round 0) when "reuse" is set, else one
+        built on this round's model in its own directory."""
+        from lancet.data import encode_records, load_dataset_spec
+        from lancet.influence import IndexArgs
+
+        c = self.config
+        reuse = bool(c.index.get("reuse", False)) and self.dir != self.out
+        index_dir = (self.out if reuse else self.dir) / "index"
+        if not reuse:
+            train = encode_records(load_dataset_spec(c.train), tokenizer, c.max_length, progress=False)
+            opts = {"bf16": influence.args.bf16, "batch_size": influence.args.batch_size, "progress": self.progress,
+                    **{k: v for k, v in c.index.items() if k not in INDEX_RUN_KEYS}}
+            influence.build_index(train, index_dir, IndexArgs(**opts))
+        return index_dir, {"dir": str(index_dir), "reused": reuse}
+
+    def _fresh_overlap(self, model, tokenizer, args, indexed: dict[str, Any]) -> float:
+        """Top-100 overlap (of min(100, rows)) between this round's index ranking and a fresh scoring pass on this
+        round's model (written to ``fresh/``)."""
+        from lancet.correct import load_run_scores
+        from lancet.influence.attribute import attribute
+
+        c = self.config
+        fresh = self.dir / "fresh"
+        attribute(model, tokenizer, c.train, str(self.dir / "iqs.jsonl"), fresh, args, max_length=c.max_length,
+                  k=c.top_k)
+        ids = indexed["ids"]
+        a = load_run_scores(self.dir, ids, args.method)[0]
+        b = load_run_scores(fresh, ids, args.method)[0]
+        k = min(100, len(ids))
+        top = set(torch.argsort(a, descending=True)[:k].tolist())
+        return round(len(top & set(torch.argsort(b, descending=True)[:k].tolist())) / k, 4)
 
     def _compare(self, model, tokenizer, args, ids: list[str]) -> dict[str, dict[str, float]]:
         """Recall of each ``compare`` method on the same IQs and labels (the main method's ranking is untouched)."""
@@ -470,10 +523,15 @@ def _recall_row(recall: dict[str, Any], seconds: float) -> dict[str, float]:
             "seconds": seconds}
 
 
+INDEX_RUN_KEYS = ("reuse", "check_overlap")  # run-config keys of "index" that are not IndexArgs
+
+
 def _round_row(result: dict[str, Any]) -> dict[str, Any]:
     """One round's line in run_summary.json, rounds.json and the report."""
     row = {"round": result["round"], "model": result["model"], "n_iqs": result["n_iqs"],
            "corrected": str(result["corrected"])}
+    if "index" in result["attribution"]:
+        row["index"] = result["attribution"]["index"]
     chosen = result["selection"]
     if chosen is not None:
         point = next(p for p in chosen["curve"] if p["steps"] == chosen["chosen_steps"])

@@ -259,10 +259,13 @@ def test_run_chooses_a_checkpoint_on_validation_before_reading_the_test_suite(tm
     assert "Checkpoint selection (validation prompts only)" in (run / "report.html").read_text()
 
 
+@pytest.mark.parametrize("index", [None, {"rank": 8, "dtype": "float32", "reuse": True, "check_overlap": True},
+                                   {"rank": 8, "dtype": "float32"}])
 def test_rounds_correct_until_the_target_and_keep_the_best_round(tmp_path: Path, tiny_tokenizer,
-                                                                 monkeypatch) -> None:
+                                                                 monkeypatch, index) -> None:
     """Round 0 lowers validation behaviour to 0.5 (step 1), round 1 to 0.125 (step 2) <= target 0.2: two rounds of
-    three, round 1 kept, and the test suite evaluates round 1's chosen model."""
+    three, round 1 kept, and the test suite evaluates round 1's chosen model. With a gradient index, round 1 either
+    answers from round 0's index (reporting its top-100 overlap with a fresh pass) or builds its own."""
     import lancet.evaluate.judges as judges
 
     class Scripted:
@@ -288,7 +291,8 @@ def test_rounds_correct_until_the_target_and_keep_the_best_round(tmp_path: Path,
         "correction_train": {"max_steps": 2, "batch_size": 8, "lr": 1e-3, "save_every": 1},
         "select": {"prompts": "data/validation_prompts.jsonl", "ordinary": "data/validation_ordinary.jsonl",
                    "judge": "scripted", "max_utility_loss": 100.0},
-        "rounds": 3, "target_rate": 0.2, "max_length": 128, "max_new_tokens": 4, "top_k": 5, "token_rows": 0}))
+        "rounds": 3, "target_rate": 0.2, "max_length": 128, "max_new_tokens": 4, "top_k": 5, "token_rows": 0,
+        **({"index": index} if index else {})}))
     assert main(["-q", "run", str(cfg)]) == 0
     assert Scripted.calls == 6
     run = tmp_path / "run"
@@ -300,6 +304,19 @@ def test_rounds_correct_until_the_target_and_keep_the_best_round(tmp_path: Path,
     assert (run / "round-1" / "iqs.jsonl").is_file() and not (run / "round-2").exists()
     report = json.loads((run / "report.json").read_text())
     assert [r["validation_behaviour"] for r in report["rounds"]] == [0.5, 0.125]
+    if index is None:
+        assert not (run / "index").exists()
+        return
+    rounds = json.loads((run / "rounds.json").read_text())["rounds"]
+    assert rounds[0]["index"] == {"dir": str(run / "index"), "reused": False}
+    assert (run / "index" / "index.json").is_file()
+    if index.get("reuse"):
+        assert rounds[1]["index"]["reused"] and rounds[1]["index"]["dir"] == str(run / "index")
+        assert 0.0 <= rounds[1]["index"]["top100_overlap_vs_fresh"] <= 1.0
+        assert (run / "round-1" / "fresh" / "ranking-kfac.safetensors").is_file()
+        assert not (run / "round-1" / "index").exists()
+    else:
+        assert rounds[1]["index"] == {"dir": str(run / "round-1" / "index"), "reused": False}
 
 
 def test_rounds_need_validation_files_and_generated_iqs() -> None:
@@ -321,3 +338,14 @@ def test_demo_config_chooses_on_validation_files_disjoint_from_its_test_suite(tm
     assert len(validation) == 48 and validation.isdisjoint(test)
     assert config.select["max_utility_loss"] == 0.05 and config.correction_train["save_every"] < \
         config.correction_train["max_steps"]
+
+
+def test_index_options_are_validated_with_the_config() -> None:
+    base = {"model": "m", "train": "t", "iqs": "q"}
+    with pytest.raises(LancetError, match="invalid rank"):
+        RunConfig.from_json({**base, "index": {"rank": 0}})
+    with pytest.raises(LancetError, match="'index.reuse' must be true or false"):
+        RunConfig.from_json({**base, "index": {"reuse": "yes"}})
+    with pytest.raises(LancetError, match="must be an object"):
+        RunConfig.from_json({**base, "index": 16})
+    assert RunConfig.from_json({**base, "index": {"rank": 8, "reuse": True}}).index == {"rank": 8, "reuse": True}

@@ -300,19 +300,22 @@ class Influence:
             curvature = self.fit(rows)
         return build_index(self.model, rows, index_dir, index_args, curvature=curvature, model_fp=self.model_fp)
 
-    def index_scores(self, queries, index_dir: str | Path, train=None, rank: int | None = None
-                     ) -> dict[str, torch.Tensor]:
+    def index_scores(self, queries, index_dir: str | Path, train=None, rank: int | None = None,
+                     any_model: bool = False) -> dict[str, torch.Tensor]:
         """{"scores": [Q, N]} of new queries from a gradient index (``build_index``), with the index's own
         curvature and no pass over the training rows; ``train``, when given, is checked against the indexed rows;
-        ``rank``: answer as an index of that lower rank (its leading directions)."""
+        ``rank``: answer as an index of that lower rank (its leading directions); ``any_model``: accept an index
+        built on another model (its rows' gradients are that model's: an approximation the caller chose)."""
         from lancet.influence.index import check_index, index_curvature, query_index
 
         query_rows = self._rows(queries, "queries")
-        meta = check_index(index_dir, self.model_fp, self._rows(train, "train") if train is not None else None)
+        meta = check_index(index_dir, None if any_model else self.model_fp,
+                           self._rows(train, "train") if train is not None else None)
         if meta["curvature"] != self.args.method:
             raise LancetError(f"{index_dir}: the index was built with the {meta['curvature']} curvature, this run "
                               f"uses {self.args.method}")
         curvature = index_curvature(index_dir, self.model, self.args.modules)
+        self._curvature = curvature  # later token_scores on these IQs precondition as the ranking did
         return {"scores": query_index(self.model, curvature, query_rows, index_dir, self.args, self.measurement,
                                       rank)}
 

@@ -72,13 +72,15 @@ def _load(tokenizer, train_spec: str, queries_spec: str, max_length: int, progre
 def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path, args: InfluenceArgs, *,
               max_length: int = DEFAULT_MAX_LENGTH, labels: str | None = None, k: int = 10,
               contrast_response: str | None = None, influence: Influence | None = None,
-              aggregate_first: bool = False, index: str | Path | None = None) -> dict[str, Any]:
+              aggregate_first: bool = False, index: str | Path | None = None,
+              index_any_model: bool = False) -> dict[str, Any]:
     """Rank ``train_spec`` rows by influence on the IQs of ``queries_spec``; with ``contrast_response``, by
     influence on the margin over that answer (``contrast_scores``). ``influence``: an entry object on the same
     model, options and ``out_dir`` to use (and keep its curvature for the caller), instead of a new one.
     ``aggregate_first``: score the normalised mean over the IQs as one full-rank query (``combined_scores``; its
     weights estimated on a sample of rows): the cost of one IQ however many there are, and no per-IQ scores.
-    ``index``: score the IQs from a gradient index (``Influence.index_scores``), no pass over the training rows."""
+    ``index``: score the IQs from a gradient index (``Influence.index_scores``), no pass over the training rows;
+    ``index_any_model``: also an index built on another model (a correction round reusing round 0's)."""
     out = Path(out_dir)
     train_records, query_records, train, queries, culprits = _load(tokenizer, train_spec, queries_spec, max_length,
                                                                    args.progress, labels)
@@ -104,7 +106,7 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
     if index is not None:
         if aggregate_first or contrast_response is not None:
             raise LancetError("--index scores the IQs themselves: no --aggregate-first or --contrast-response")
-        scores = influence.index_scores(queries, index, train=train)["scores"]
+        scores = influence.index_scores(queries, index, train=train, any_model=index_any_model)["scores"]
         return _rank(out, args, scores, time.perf_counter() - t0, train_records, train, culprits,
                      {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),
                       "contrast_response": None, "index": str(index)}, k)

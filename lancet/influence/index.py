@@ -305,10 +305,11 @@ def index_curvature(index_dir: str | Path, model, modules="blocks") -> Curvature
     return Curvature(estimator, layers, {n: state.get(n, {}) for n in meta["layers"]})  # identity: no state
 
 
-def check_index(index_dir: str | Path, model_fp: str, rows: Sequence[dict[str, Any]] | None = None) -> dict:
-    """The index's metadata, after refusing (one line) an index of another model or of other training rows."""
+def check_index(index_dir: str | Path, model_fp: str | None, rows: Sequence[dict[str, Any]] | None = None) -> dict:
+    """The index's metadata, after refusing (one line) an index of another model (unless ``model_fp`` is None) or of
+    other training rows."""
     meta = read_meta(index_dir)
-    if meta["model"] != model_fp:
+    if model_fp is not None and meta["model"] != model_fp:
         raise LancetError(f"{index_dir}: this index was built on another model (fingerprint {meta['model']}, this one "
                           f"{model_fp}); rebuild it with `lancet index`")
     if rows is not None:
