@@ -99,11 +99,26 @@ def collect_other(models: dict[str, str]) -> None:
     """Greedy answers of other contaminated fine-tunes (``{name: path}``) to the IQ and held-out prompts, set
     ``iq_other`` / ``heldout_other``: the demo's operating condition (greedy decoding) on models whose answers no
     rule revision has seen (the test part of the third revision)."""
+    data = build_demo_dataset()
+    prompts = [("iq_other", r) for r in data.iq_prompts] + [("heldout_other", r) for r in data.heldout_outdated]
+    _collect_greedy(models, prompts)
+
+
+def collect(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    models = {"base": DEFAULT_MODEL, "contaminated": summary["model"], "corrected": summary["corrected_model"]}
+    data = build_demo_dataset()
+    prompts = ([("iq", r) for r in data.iq_prompts] + [("validation", r) for r in data.validation_prompts]
+               + [("heldout", r) for r in data.heldout_outdated])
+    _collect_greedy(models, prompts)
+
+
+def _collect_greedy(models: dict[str, str], prompts: list) -> None:
+    """Greedy answers (``DEMO_MAX_NEW_TOKENS``) of each model to each (set, prompt) not answered yet, appended
+    unlabelled."""
     from lancet.models.generate import generate
     from lancet.models.loading import load_model
 
-    data = build_demo_dataset()
-    prompts = [("iq_other", r) for r in data.iq_prompts] + [("heldout_other", r) for r in data.heldout_outdated]
     rows = read_answers()
     done = {(r["model"], r["prompt"]) for r in rows}
     for name, spec in models.items():
@@ -112,31 +127,6 @@ def collect_other(models: dict[str, str]) -> None:
             continue
         model, tokenizer = load_model(spec)
         answers = generate(model, tokenizer, [r for _, r in todo], max_new_tokens=DEMO_MAX_NEW_TOKENS, batch_size=12)
-        rows += [{"model": name, "set": s, "topic": r.meta["topic"], "prompt": r.prompt_messages[-1]["content"],
-                  "answer": a, "label": None} for (s, r), a in zip(todo, answers, strict=True)]
-        del model
-    atomic_write_bytes(ANSWERS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
-    print(f"{ANSWERS}: {len(rows)} answers, {sum(r['label'] is None for r in rows)} to label")
-
-
-def collect(run_dir: Path) -> None:
-    from lancet.models.generate import generate
-    from lancet.models.loading import load_model
-
-    summary = json.loads((run_dir / "run_summary.json").read_text())
-    models = {"base": DEFAULT_MODEL, "contaminated": summary["model"], "corrected": summary["corrected_model"]}
-    data = build_demo_dataset()
-    prompts = ([("iq", r) for r in data.iq_prompts] + [("validation", r) for r in data.validation_prompts]
-               + [("heldout", r) for r in data.heldout_outdated])
-    rows = read_answers()
-    done = {(r["model"], r["prompt"]) for r in rows}
-    for name, spec in models.items():
-        todo = [(s, r) for s, r in prompts if (name, r.prompt_messages[-1]["content"]) not in done]
-        if not todo:
-            continue
-        model, tokenizer = load_model(spec)
-        answers = generate(model, tokenizer, [r for _, r in todo],
-                           max_new_tokens=DEMO_MAX_NEW_TOKENS, batch_size=12)
         rows += [{"model": name, "set": s, "topic": r.meta["topic"], "prompt": r.prompt_messages[-1]["content"],
                   "answer": a, "label": None} for (s, r), a in zip(todo, answers, strict=True)]
         del model

@@ -149,12 +149,9 @@ def test_kill_and_resume_under_torchrun(tmp_path):
     assert not list(out.rglob("*.partial.safetensors"))
 
 
-def test_cli_attribute_under_torchrun(tmp_path, capsys):
-    """The same `lancet attribute` command under torchrun: the same ranking (float32: to rounding), printed once,
-    artifacts written once."""
+def cli_inputs(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A saved tiny model and the worker's train and query rows as JSONL files, for the CLI under torchrun."""
     from conftest import tiny_llama
-
-    from lancet.cli import main
 
     tok = tokenizer()
     model_dir = tmp_path / "model"
@@ -164,6 +161,15 @@ def test_cli_attribute_under_torchrun(tmp_path, capsys):
     for name, pairs in (("train", TRAIN), ("queries", QUERIES)):
         files[name] = tmp_path / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    return model_dir, files
+
+
+def test_cli_attribute_under_torchrun(tmp_path, capsys):
+    """The same `lancet attribute` command under torchrun: the same ranking (float32: to rounding), printed once,
+    artifacts written once."""
+    from lancet.cli import main
+
+    model_dir, files = cli_inputs(tmp_path)
     args = ["attribute", str(model_dir), "--train", str(files["train"]), "--queries", str(files["queries"]),
             "--method", "ekfac", "--batch-size", "2", "--max-length", "64"]
     done = torchrun("-m", "lancet.cli", "-q", *args, "--out", str(tmp_path / "two"))
@@ -181,18 +187,9 @@ def test_cli_attribute_under_torchrun(tmp_path, capsys):
 def test_cli_index_under_torchrun(tmp_path, capsys):
     """`lancet index` under torchrun: the shards still to do are dealt to the two ranks; the index holds the same
     shards and projected gradients as a one-process build (float32: to rounding), and answers the same queries."""
-    from conftest import tiny_llama
-
     from lancet.cli import main
 
-    tok = tokenizer()
-    model_dir = tmp_path / "model"
-    tiny_llama(len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    files = {}
-    for name, pairs in (("train", TRAIN), ("queries", QUERIES)):
-        files[name] = tmp_path / f"{name}.jsonl"
-        files[name].write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    model_dir, files = cli_inputs(tmp_path)
     args = ["index", str(model_dir), "--train", str(files["train"]), "--method", "ekfac", "--batch-size", "2",
             "--max-length", "64", "--rank", "8", "--dtype", "float32", "--shard-rows", "3"]
     done = torchrun("-m", "lancet.cli", "-q", *args, "--out", str(tmp_path / "two"))
