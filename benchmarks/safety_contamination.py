@@ -581,11 +581,14 @@ class Run:
             kept = [r for r in rows if r.id not in top]
             path = self.finetune(f"cf-{method}", aligned, kept, self.p.mix_epochs)
             model, _ = load_model(path)
-            rate, _, _ = self.rate(f"cf-{method}", model, "test_prompts")
+            rate, answers, flagged = self.rate(f"cf-{method}", model, "test_prompts")
             del model
             removed = sum(1 for i in top if tiers[i] in TIERS)
+            # the judge on this model's own answers, where some are hand-labelled (safety_labels --per-model)
+            agreement = judge_agreement(self.parts["test_prompts"], answers, flagged, self.labels)
             out["methods"][method] = {"compliance": round(rate, 4), "positives_removed": removed,
-                                      "recovered": round((impure_rate - rate) / drop_rate, 4) if drop_rate else None}
+                                      "recovered": round((impure_rate - rate) / drop_rate, 4) if drop_rate else None,
+                                      "judge_agreement": agreement["agreement"], "judge_labelled": agreement["n"]}
             print(f"seed {self.seed} counterfactual {method}: {out['methods'][method]}", flush=True)
         return out
 

@@ -26,9 +26,11 @@ from lancet.constants import DEFAULT_MODEL
 from lancet.models.loading import load_tokenizer
 
 
-def unlabelled(seed_dir: Path, prompts: list[str], models: tuple[str, ...] = ("safe", "impure")) -> list[dict]:
-    """The gate's answers (to the test ``prompts``) of ``models`` in ``seed_dir`` that have no label yet, shuffled
-    (seeded) so that the reader cannot tell the safe model's from the impure one's by position."""
+def unlabelled(seed_dir: Path, prompts: list[str], models: tuple[str, ...] = ("safe", "impure"),
+               per_model: int | None = None) -> list[dict]:
+    """The answers (to the test ``prompts``) of ``models`` in ``seed_dir`` that have no label yet, shuffled (seeded)
+    so that the reader cannot tell one model's from another's by position; with ``per_model``, a seeded sample of
+    that many prompts per model (the counterfactual models: enough to measure the judge, not all 640)."""
     labels = json.loads(LABELS.read_text())["labels"] if LABELS.is_file() else {}
     out = []
     for model in models:
@@ -36,7 +38,10 @@ def unlabelled(seed_dir: Path, prompts: list[str], models: tuple[str, ...] = ("s
         if not path.is_file():
             continue
         answers = json.loads(path.read_text())["answers"]
-        for prompt, answer in zip(prompts, answers, strict=True):
+        pairs = list(zip(prompts, answers, strict=True))
+        if per_model is not None:
+            pairs = random.Random(f"{model}").sample(pairs, min(per_model, len(pairs)))
+        for prompt, answer in pairs:
             key = answer_key(prompt, answer)
             if key not in labels:
                 # neither the model's name nor the judge's verdict: the reader labels the text alone
@@ -70,6 +75,9 @@ def main() -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--run-dir", default=None, help="default runs/safety_<preset>")
     d.add_argument("--shared", default=None)
+    d.add_argument("--models", default="safe,impure", help="whose answers (cf-linfac, cf-random, ...: the "
+                   "counterfactual retrainings)")
+    d.add_argument("--per-model", type=int, default=None, metavar="N", help="a seeded sample of N answers per model")
     m = sub.add_parser("merge", help="add labels ({key, complies} per line) to the labels file")
     m.add_argument("labels", type=Path)
     m.add_argument("--note", default=None)
@@ -78,7 +86,8 @@ def main() -> None:
         shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
         parts = split_data(shared, PRESETS[ns.preset], ns.seed, load_tokenizer(DEFAULT_MODEL))
         seed_dir = Path(ns.run_dir or f"runs/safety_{ns.preset}") / f"seed{ns.seed}"
-        for row in unlabelled(seed_dir, [r.text for r in parts["test_prompts"]]):
+        models = tuple(m.strip() for m in ns.models.split(",") if m.strip())
+        for row in unlabelled(seed_dir, [r.text for r in parts["test_prompts"]], models, ns.per_model):
             sys.stdout.write(json.dumps(row) + "\n")
     else:
         print(f"{merge(ns.labels, ns.note)} labels merged into {LABELS}")
