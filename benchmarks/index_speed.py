@@ -17,7 +17,8 @@ Steps, each timed and cached under --run-dir (a rerun resumes):
    which is the index of that rank (tests/test_index.py). With --rank-by-corrected, one more eigen index.
 4. Per (projection, rank): ``query_seconds`` (query gradients, preconditioning, projection, lookup) and
    ``lookup_seconds`` (the lookup alone) for the IQs; their scores aggregated with the reference's weights;
-   ``top100_overlap`` and Spearman against the reference; AP on the benchmark's rows against the reference's AP.
+   ``top100_overlap`` and Spearman against the reference; AP on the benchmark's rows against the reference's AP;
+   ``query_energy_kept``, the share of the preconditioned queries' squared norm inside the kept blocks.
 5. Size: bytes per row, MiB on disk.
 Writes benchmarks/results/index_speed.json.
 """
@@ -141,7 +142,8 @@ def main() -> None:
         for rank in ranks:
             row: dict = {}
             t0 = time.perf_counter()  # queries are not cached: these two are measured on every run
-            queries = project_queries(model, curvature, iqs, index_dir, args, rank=rank)
+            energy: dict[str, float] = {}
+            queries = project_queries(model, curvature, iqs, index_dir, args, rank=rank, kept=energy)
             t1 = time.perf_counter()
             scores = index_scores(index_dir, queries)
             row["lookup_seconds"] = round(time.perf_counter() - t1, 2)
@@ -153,6 +155,9 @@ def main() -> None:
                         "bytes_per_row": sum(min(rank, p["S"].shape[1]) * min(rank, p["A"].shape[1]) * 2 + 4
                                              for p in load_projections(index_dir).values()) + 8})
             row["ap_minus_reference"] = round(row["ap"] - out["reference_ap"], 4)
+            # the share of the preconditioned queries' squared norm inside the kept r x r blocks (what the index
+            # drops, LinFAC's null blocks included, is the rest)
+            row["query_energy_kept"] = round(energy["kept"] / energy["total"], 4)
             built[f"rank_{rank}"] = row
             print(f"{name} r={rank}: {row}", flush=True)
         out["indexes"][name] = built

@@ -48,6 +48,15 @@ def test_full_rank_index_is_exact(setup, tmp_path, method, projection):
                                                          shard_rows=4, batch_size=4, progress=False))
     got = run.index_scores(queries, tmp_path / "index")["scores"]
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    if method == "linfac":  # a complete basis keeps all of the preconditioned queries; rank 2 keeps part
+        from lancet.influence.index import index_curvature, project_queries
+
+        curvature = index_curvature(tmp_path / "index", model)
+        for rank, expect in ((None, 1.0), (2, None)):
+            energy: dict[str, float] = {}
+            project_queries(model, curvature, queries, tmp_path / "index", run.args, rank=rank, kept=energy)
+            share = energy["kept"] / energy["total"]
+            assert share == pytest.approx(1.0, abs=1e-9) if expect else 0 < share < 0.9
 
 
 def test_half_precision_storage_and_truncation(setup, tmp_path):

@@ -329,10 +329,13 @@ def project(p: torch.Tensor, sides: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def project_queries(model, curvature: Curvature, query_rows: Sequence[dict[str, Any]], index_dir: str | Path, args,
-                    measurement=None, rank: int | None = None) -> dict[str, torch.Tensor]:
+                    measurement=None, rank: int | None = None, kept: dict[str, float] | None = None
+                    ) -> dict[str, torch.Tensor]:
     """{layer: [Q, r, r]}: the queries' gradients (QUERY_CHUNK at a time: a full-rank gradient of every layer is as
     large as the model), preconditioned in full space layer by layer, and projected onto the index's directions
-    (their leading ``rank`` only, when given: the index then answers as one built at that rank)."""
+    (their leading ``rank`` only, when given: the index then answers as one built at that rank). ``kept``, when
+    given, receives the squared norm of the preconditioned queries before ("total") and after ("kept") projection:
+    the share of the preconditioned query the index keeps (what it drops, LinFAC's null blocks included, is lost)."""
     from dataclasses import replace
 
     from lancet.constants import QUERY_CHUNK
@@ -344,7 +347,11 @@ def project_queries(model, curvature: Curvature, query_rows: Sequence[dict[str, 
     for i in range(0, len(query_rows), QUERY_CHUNK):
         grads = query_gradients(model, curvature.layers, query_rows[i:i + QUERY_CHUNK], args, measurement)
         for name, p in _preconditioned_layers(curvature, grads, args):
-            parts[name].append(project(p, projections[name]).cpu())
+            small = project(p, projections[name])
+            parts[name].append(small.cpu())
+            if kept is not None:
+                kept["total"] = kept.get("total", 0.0) + float(p.double().pow(2).sum())
+                kept["kept"] = kept.get("kept", 0.0) + float(small.double().pow(2).sum())
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
