@@ -75,7 +75,7 @@ def test_half_precision_storage_and_truncation(setup, tmp_path):
     assert corr > 0.5
     meta = read_meta(tmp_path / "r4")
     per_row = bytes_per_row(meta, load_projections(tmp_path / "r4"))
-    assert per_row == len(meta["layers"]) * (4 * 4 * 2 + 4) + 8
+    assert per_row == len(meta["layers"]) * (4 * 4 * 2 + 4)
 
 
 def test_eigen_projection_keeps_the_largest_eigendirections(setup, tmp_path):

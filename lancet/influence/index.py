@@ -30,7 +30,7 @@ overflow nor underflow of the half-precision format can occur; a non-finite grad
 row. Each shard has a JSON sidecar, written after its tensors, with the fingerprint of its rows: a rerun reuses the
 shards whose rows are unchanged (resume), computes the rows in the gaps and after them (append), and refuses an
 index whose rows or model differ. Under torchrun the shards still to do are dealt to the ranks in turn. Size per row:
-layers x r^2 x 2 bytes (+ 4 bytes x layers for the scales).
+layers x (r^2 x 2 + 4) bytes (+ 8 for the cosine curvature's row norm).
 """
 
 from __future__ import annotations
@@ -233,7 +233,8 @@ def build_index(model, rows: Sequence[dict[str, Any]], index_dir: str | Path, ar
     proj = {n: {s: t.to(device, work) for s, t in sides.items()} for n, sides in projections.items()}
     bar = tqdm(total=sum(b - a for a, b in mine), desc="index", disable=not args.progress or not dist.is_main())
     for start, stop in mine:
-        tensors = _project_rows(model, layers, rows[start:stop], proj, args, first_row=start, bar=bar)
+        tensors = _project_rows(model, layers, rows[start:stop], proj, args, first_row=start, bar=bar,
+                                norms=bool(curvature is not None and curvature.estimator.unit_gradients))
         file = f"shard-{start:09d}.safetensors"
         atomic_save_tensors(index_dir / file, tensors)
         atomic_write_json(index_dir / f"shard-{start:09d}.json",  # after the tensors: a sidecar means finished
@@ -248,10 +249,11 @@ def build_index(model, rows: Sequence[dict[str, Any]], index_dir: str | Path, ar
 
 
 def _project_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, Any]],
-                  proj: dict[str, dict[str, torch.Tensor]], args: IndexArgs, *, first_row: int, bar
-                  ) -> dict[str, torch.Tensor]:
+                  proj: dict[str, dict[str, torch.Tensor]], args: IndexArgs, *, first_row: int, bar,
+                  norms: bool = False) -> dict[str, torch.Tensor]:
     """One shard: per layer the projected gradients scaled to unit max-magnitude in the storage dtype, the scales,
-    and each row's squared gradient norm over all layers (for cosine estimators)."""
+    and with ``norms`` each row's squared gradient norm over all layers (cosine estimators divide by it; its token
+    Gram matrices cost about a sixth of the pass, so other estimators skip it)."""
     device = model_device(model)
     n = len(rows)
     work = next(iter(proj.values()))["S"].dtype
@@ -265,7 +267,9 @@ def _project_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str
         a, g = a.to(work), g.to(work)
         acc[layer.name][start:start + a.shape[0]] += per_sequence_grads(a @ proj[layer.name]["A"],
                                                                         g @ proj[layer.name]["S"])
-        sq_norm[start:start + a.shape[0]] += ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2)).double()
+        if norms:
+            gram = (g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))
+            sq_norm[start:start + a.shape[0]] += gram.sum((1, 2)).double()
 
     model.eval()
     with Capture(model, layers, on_grad):
@@ -276,7 +280,7 @@ def _project_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str
             logits.backward(data_cotangent(logits, batch["labels"]))
             bar.update(batch["input_ids"].shape[0])
     store = STORE_DTYPES[args.dtype]
-    out: dict[str, torch.Tensor] = {"sq_norm": sq_norm.cpu()}
+    out: dict[str, torch.Tensor] = {"sq_norm": sq_norm.cpu()} if norms else {}
     for name, x in acc.items():
         x = x.cpu()
         bad = ~torch.isfinite(x).flatten(1).all(1)
@@ -393,6 +397,9 @@ def index_scores(index_dir: str | Path, queries: dict[str, torch.Tensor], *, uni
                 x = x * f.get_tensor(f"{name}::scale").to(work).view(-1, 1, 1)
                 part += flat[name] @ x.reshape(x.shape[0], -1).T
             if unit_rows is not None and bool(unit_rows.any()):
+                if "sq_norm" not in f.keys():
+                    raise LancetError(f"{index_dir}: built without row norms; a cosine query needs an index built "
+                                      "with the cosine curvature")
                 inv = f.get_tensor("sq_norm").sqrt().clamp_min(torch.finfo(torch.float64).tiny).reciprocal().to(work)
                 part[unit_rows] *= inv
     return scores
@@ -405,7 +412,8 @@ def load_projections(index_dir: str | Path) -> dict[str, dict[str, torch.Tensor]
 
 
 def bytes_per_row(meta: dict[str, Any], projections: dict[str, dict[str, torch.Tensor]]) -> int:
-    """Storage of one row: r_S x r_A values in the storage dtype per layer, one float32 scale per layer, one float64
-    squared norm."""
+    """Storage of one row: r_S x r_A values in the storage dtype per layer, one float32 scale per layer (and one
+    float64 squared norm for the cosine curvature)."""
     item = STORE_DTYPES[meta["args"]["dtype"]].itemsize
-    return sum(p["S"].shape[1] * p["A"].shape[1] * item + 4 for p in projections.values()) + 8
+    return (sum(p["S"].shape[1] * p["A"].shape[1] * item + 4 for p in projections.values())
+            + (8 if meta["curvature"] == "cosine" else 0))
