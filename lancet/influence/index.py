@@ -252,8 +252,8 @@ def _project_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str
                   proj: dict[str, dict[str, torch.Tensor]], args: IndexArgs, *, first_row: int, bar,
                   norms: bool = False) -> dict[str, torch.Tensor]:
     """One shard: per layer the projected gradients scaled to unit max-magnitude in the storage dtype, the scales,
-    and with ``norms`` each row's squared gradient norm over all layers (cosine estimators divide by it; its token
-    Gram matrices cost about a sixth of the pass, so other estimators skip it)."""
+    and with ``norms`` each row's squared gradient norm over all layers (cosine estimators divide by it; it costs two
+    token Gram matrices per layer and batch, so other estimators skip it)."""
     device = model_device(model)
     n = len(rows)
     work = next(iter(proj.values()))["S"].dtype
