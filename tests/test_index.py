@@ -165,3 +165,43 @@ def test_lower_rank_at_query_time_equals_an_index_of_that_rank(setup, tmp_path):
     run.build_index(train, tmp_path / "r4", IndexArgs(rank=4, dtype="float64", progress=False))
     torch.testing.assert_close(run.index_scores(queries, tmp_path / "r8", rank=4)["scores"],
                                run.index_scores(queries, tmp_path / "r4")["scores"], rtol=1e-9, atol=1e-12)
+
+
+def test_index_speed_benchmark_runs_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
+    """benchmarks/index_speed.py on a tiny model and a fake safety run: every (projection, rank) row is written, at
+    the largest rank of a complete basis the index agrees with full LinFAC, and a rerun reuses the stored timings."""
+    import gzip
+    import sys
+
+    import benchmarks.common as common
+    import benchmarks.index_speed as bench
+    from lancet.data.records import records_to_jsonl
+
+    safety = tmp_path / "safety"
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(safety / "impure")
+    tiny_tokenizer.save_pretrained(safety / "impure")
+    mix = [Record(prompt=f"How do I {t}?", response=f"Go slowly and {t}.", label="unsafe" if i % 3 == 0 else "benign")
+           for i, t in enumerate(TOPICS)]
+    (safety / "mix.jsonl").write_bytes(records_to_jsonl(mix))
+    (safety / "iqs.jsonl").write_bytes(records_to_jsonl([Record(prompt="How do I bake a cake?", response="Slowly."),
+                                                         Record(prompt="Tell me a poem", response="Roses.")]))
+    shared = tmp_path / "data" / "hh-rlhf"
+    shared.mkdir(parents=True)
+    with gzip.open(shared / "helpful-base_test.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps({"chosen": f"\n\nHuman: Why {t}?\n\nAssistant: Because {t} helps.",
+                                  "rejected": "\n\nHuman: x\n\nAssistant: y"}) + "\n" for t in TOPICS[:6])
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    argv = ["index_speed", "--safety-run", str(safety), "--run-dir", str(tmp_path / "run"), "--shared",
+            str(tmp_path / "data"), "--hh-rows", "4", "--iqs", "2", "--ranks", "2,64", "--lambda-rows", "8",
+            "--quiet"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    out = json.loads((tmp_path / "results" / "index_speed.json").read_text())
+    assert out["n_rows"] == 14 and set(out["indexes"]) == {"eigen", "random"}
+    for name in ("eigen", "random"):
+        full = out["indexes"][name]["rank_64"]
+        assert full["spearman"] > 0.999 and full["query_energy_kept"] == pytest.approx(1.0, abs=1e-6)
+        assert out["indexes"][name]["rank_2"]["query_energy_kept"] < 1.0
+    seen = json.loads((tmp_path / "run" / "timings.json").read_text())
+    bench.main()
+    assert json.loads((tmp_path / "run" / "timings.json").read_text()) == seen
