@@ -39,20 +39,10 @@ from lancet.data.adapters import read_hh_rlhf
 from lancet.data.readers import read_records
 from lancet.influence import IndexArgs, Influence, InfluenceArgs
 from lancet.influence.index import bytes_per_row, index_curvature, index_scores, load_projections, project_queries
-from lancet.influence.recall import average_precision
+from lancet.influence.recall import average_precision, spearman, top_overlap
 from lancet.models.loading import load_model
 
 MAX_LENGTH = 192
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = (x.double().argsort().argsort().double() for x in (a, b))
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
-def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 100) -> float:
-    ta = set(torch.argsort(a, descending=True)[:k].tolist())
-    return len(ta & set(torch.argsort(b, descending=True)[:k].tolist())) / k
 
 
 def training_rows(shared: Path, tok, n_hh: int, mix: list) -> list:
@@ -152,8 +142,7 @@ def main() -> None:
             agg = agg.double()
             row.update({"top100_overlap": top_overlap(agg, reference), "spearman": round(spearman(agg, reference), 4),
                         "ap": round(average_precision(agg[bench], positives), 4),
-                        "bytes_per_row": sum(min(rank, p["S"].shape[1]) * min(rank, p["A"].shape[1]) * 2 + 4
-                                             for p in load_projections(index_dir).values())})
+                        "bytes_per_row": bytes_per_row(meta, load_projections(index_dir), rank)})
             row["ap_minus_reference"] = round(row["ap"] - out["reference_ap"], 4)
             # the share of the preconditioned queries' squared norm inside the kept r x r blocks (what the index
             # drops, LinFAC's null blocks included, is the rest)

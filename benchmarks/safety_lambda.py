@@ -29,6 +29,7 @@ from lancet.artifacts import load_tensors
 from lancet.data import encode_records
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.queries import take_iqs
+from lancet.influence.recall import spearman
 from lancet.models.loading import load_model
 
 
@@ -88,14 +89,12 @@ def main() -> None:
                     "score_seconds": score_seconds, "env": environment(), "bf16": sc.BF16, "methods": {}}
     for method in methods:
         ranking = scores[method]["scores"][0].double()
-        spearman = torch.corrcoef(torch.stack([ranking.argsort().argsort().double(),
-                                               old[method].argsort().argsort().double()]))[0, 1]
         result["methods"][method] = {
             "all_rows": {**sc.recall_metrics(ranking, tier_of), "fit_seconds": fit_seconds[method],
                          "lambda_subset": sc.lambda_subset_check(ranking, positives, preset.lambda_max_rows)},
             f"subset_{preset.lambda_max_rows}": {k: subset[method][k] for k in
                                                  ("average_precision", "recall", "ap_by_tier", "lambda_subset")},
-            "spearman_vs_subset": round(float(spearman), 4)}
+            "spearman_vs_subset": round(spearman(ranking, old[method]), 4)}
         print(f"{method}: {result['methods'][method]}", flush=True)
     write_result(f"safety_lambda_{ns.preset}", result)
 

@@ -136,6 +136,8 @@ class RunConfig:
 
             if not isinstance(self.index, dict):
                 raise LancetError("run config: 'index' must be an object (rank, projection, ..., reuse)")
+            if self.contrast_response is not None:
+                raise LancetError("run config: 'index' scores the IQs themselves; drop 'contrast_response' or 'index'")
             for key in INDEX_RUN_KEYS:
                 if key in self.index and not isinstance(self.index[key], bool):
                     raise LancetError(f"run config: 'index.{key}' must be true or false")
@@ -396,17 +398,15 @@ class Pipeline:
         round's model (written to ``fresh/``)."""
         from lancet.correct import load_run_scores
         from lancet.influence.attribute import attribute
+        from lancet.influence.recall import top_overlap
 
         c = self.config
         fresh = self.dir / "fresh"
         attribute(model, tokenizer, c.train, str(self.dir / "iqs.jsonl"), fresh, args, max_length=c.max_length,
                   k=c.top_k)
         ids = indexed["ids"]
-        a = load_run_scores(self.dir, ids, args.method)[0]
-        b = load_run_scores(fresh, ids, args.method)[0]
-        k = min(100, len(ids))
-        top = set(torch.argsort(a, descending=True)[:k].tolist())
-        return round(len(top & set(torch.argsort(b, descending=True)[:k].tolist())) / k, 4)
+        return round(top_overlap(load_run_scores(self.dir, ids, args.method)[0],
+                                 load_run_scores(fresh, ids, args.method)[0], 100), 4)
 
     def _compare(self, model, tokenizer, args, ids: list[str]) -> dict[str, dict[str, float]]:
         """Recall of each ``compare`` method on the same IQs and labels (the main method's ranking is untouched)."""

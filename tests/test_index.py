@@ -76,6 +76,7 @@ def test_half_precision_storage_and_truncation(setup, tmp_path):
     meta = read_meta(tmp_path / "r4")
     per_row = bytes_per_row(meta, load_projections(tmp_path / "r4"))
     assert per_row == len(meta["layers"]) * (4 * 4 * 2 + 4)
+    assert bytes_per_row(meta, load_projections(tmp_path / "r4"), 2) == len(meta["layers"]) * (2 * 2 * 2 + 4)
 
 
 def test_eigen_projection_keeps_the_largest_eigendirections(setup, tmp_path):
@@ -205,3 +206,12 @@ def test_index_speed_benchmark_runs_end_to_end(tiny_tokenizer, tmp_path, monkeyp
     seen = json.loads((tmp_path / "run" / "timings.json").read_text())
     bench.main()
     assert json.loads((tmp_path / "run" / "timings.json").read_text()) == seen
+
+
+def test_spearman_and_top_overlap_known_answers():
+    from lancet.influence.recall import spearman, top_overlap
+
+    a = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    assert spearman(a, a * 10) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
+    assert top_overlap(a, torch.tensor([4.0, 1.0, 3.0, 2.0]), 2) == 0.5  # tops {0, 1} and {0, 2}
+    assert top_overlap(a, a, 100) == 1.0  # k larger than the rows: every row

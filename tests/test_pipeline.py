@@ -348,4 +348,6 @@ def test_index_options_are_validated_with_the_config() -> None:
         RunConfig.from_json({**base, "index": {"reuse": "yes"}})
     with pytest.raises(LancetError, match="must be an object"):
         RunConfig.from_json({**base, "index": 16})
+    with pytest.raises(LancetError, match="drop 'contrast_response' or 'index'"):
+        RunConfig.from_json({**base, "index": {"rank": 8}, "contrast_response": "I cannot help."})
     assert RunConfig.from_json({**base, "index": {"rank": 8, "reuse": True}}).index == {"rank": 8, "reuse": True}

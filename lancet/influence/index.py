@@ -36,7 +36,6 @@ layers x (r^2 x 2 + 4) bytes (+ 8 for the cosine curvature's row norm).
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,8 +54,7 @@ from lancet.curvature.modules import Capture, TrackedLayer
 from lancet.curvature.task import data_cotangent, forward_logits
 from lancet.errors import LancetError
 from lancet.hardware import autocast, model_device
-
-log = logging.getLogger(__name__)
+from lancet.influence.scoring import row_sq_norms
 
 PROJECTIONS = ("eigen", "random")
 RANK_BY = ("factor", "corrected")
@@ -268,8 +266,7 @@ def _project_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str
         acc[layer.name][start:start + a.shape[0]] += per_sequence_grads(a @ proj[layer.name]["A"],
                                                                         g @ proj[layer.name]["S"])
         if norms:
-            gram = (g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))
-            sq_norm[start:start + a.shape[0]] += gram.sum((1, 2)).double()
+            sq_norm[start:start + a.shape[0]] += row_sq_norms(a, g).double()
 
     model.eval()
     with Capture(model, layers, on_grad):
@@ -411,9 +408,11 @@ def load_projections(index_dir: str | Path) -> dict[str, dict[str, torch.Tensor]
     return {n: {"S": saved[f"{n}::S"], "A": saved[f"{n}::A"]} for n in meta["layers"]}
 
 
-def bytes_per_row(meta: dict[str, Any], projections: dict[str, dict[str, torch.Tensor]]) -> int:
+def bytes_per_row(meta: dict[str, Any], projections: dict[str, dict[str, torch.Tensor]], rank: int | None = None
+                  ) -> int:
     """Storage of one row: r_S x r_A values in the storage dtype per layer, one float32 scale per layer (and one
-    float64 squared norm for the cosine curvature)."""
+    float64 squared norm for the cosine curvature); with ``rank``, of an index built at that lower rank."""
     item = STORE_DTYPES[meta["args"]["dtype"]].itemsize
-    return (sum(p["S"].shape[1] * p["A"].shape[1] * item + 4 for p in projections.values())
+    sides = _leading(projections, rank)
+    return (sum(p["S"].shape[1] * p["A"].shape[1] * item + 4 for p in sides.values())
             + (8 if meta["curvature"] == "cosine" else 0))

@@ -33,6 +33,19 @@ def normalized_mean_weights(sample_scores: torch.Tensor) -> torch.Tensor:
     return 1.0 / (rms * sample_scores.shape[0])
 
 
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two [N] rankings (ties broken by position)."""
+    ra, rb = (x.double().argsort(stable=True).argsort().double() for x in (a, b))
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 100) -> float:
+    """Share of the top min(k, N) rows of ranking ``a`` that are also in ``b``'s."""
+    k = min(k, len(a))
+    top = set(torch.argsort(a, descending=True, stable=True)[:k].tolist())
+    return len(top & set(torch.argsort(b, descending=True, stable=True)[:k].tolist())) / k
+
+
 def top_k(records: Sequence[Record], scores: torch.Tensor, k: int = 10, *, negative: bool = False,
           text_chars: int = 200) -> list[dict[str, Any]]:
     """The k rows with the highest aggregated score (or the lowest with ``negative``): where they came from, what
