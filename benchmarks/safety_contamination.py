@@ -526,18 +526,13 @@ class Run:
         OPENING_WORDS words): a row that teaches any compliant opening raises it, where the answer's own likelihood
         pits the openings against each other (seed 0: LinFAC ranked the unsafe rows by whether their opening was
         the IQs' most common one)."""
-        from lancet.curvature.task import forward_logits, summed_loss
-        from lancet.data import collate
+        from lancet.evaluate.metrics import rows_logprobs
 
         t0 = time.perf_counter()
         openings = list(dict.fromkeys(opening(r.response_text) for r in iqs))
         pairs = [r.with_response(o) for r in iqs for o in openings]
         rows = prefix_rows(encode_records(pairs, tok, self.p.max_length, progress=False), tok)
-        logp = []
-        with torch.no_grad():
-            for start in range(0, len(rows), 16):
-                batch = collate(rows[start:start + 16], tok.pad_token_id)
-                logp += (-summed_loss(forward_logits(model, batch), batch["labels"])).tolist()
+        logp = rows_logprobs(model, rows, tok.pad_token_id, batch_size=16).logp
         virtual = opening_weights(torch.tensor(logp).view(len(iqs), len(openings)))
         methods = list(self.p.opening_set)
         weights = self._cached_weights("opening", run, train, rows, methods, virtual=virtual)

@@ -54,15 +54,24 @@ def response_logprobs(model, tokenizer, records: Sequence[Record], *, batch_size
                       progress: bool = False) -> LogProbs:
     """log p(response | prompt) for each record, from one forward pass per batch of right-padded rows."""
     encoded = encode_records(records, tokenizer, max_length, progress=progress)
+    out = rows_logprobs(model, encoded, tokenizer.pad_token_id, batch_size=batch_size)
+    out.n_truncated = encoded.n_truncated
+    return out
+
+
+@torch.no_grad()
+def rows_logprobs(model, rows: Sequence[dict], pad_token_id: int, *, batch_size: int = 8) -> LogProbs:
+    """The summed log-probability of each encoded row's labelled tokens (rows of input_ids/labels, e.g. a response
+    prefix without its end-of-turn token)."""
     logp, n_tokens = [], []
     model.eval()
     device = model_device(model)
-    for start in range(0, len(encoded), batch_size):
-        batch = {k: v.to(device) for k, v in collate(encoded[start:start + batch_size], tokenizer.pad_token_id).items()}
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad_token_id).items()}
         logits = forward_logits(model, batch)
         logp += (-summed_loss(logits, batch["labels"])).tolist()
         n_tokens += (batch["labels"][:, 1:] != -100).sum(-1).tolist()
-    return LogProbs(logp, n_tokens, encoded.n_truncated)
+    return LogProbs(logp, n_tokens)
 
 
 def mean_logprob(lp: LogProbs) -> dict[str, float]:
