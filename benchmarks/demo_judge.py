@@ -15,8 +15,11 @@ per model, with each disagreement quoted, on the parts in ``PARTS``: ``dev_greed
 (``collect``); ``sampled_01`` and ``sampled_23``, 2 x 96 sampled answers (``collect --sampled 2``, then
 ``--sampled 4``, ``--run-dir runs/demo_spans``: temperature 0.8, the contaminated and corrected models, IQ and
 held-out prompts); ``test``, 72 greedy answers of three other contaminated fine-tunes (``collect --other
-NAME=PATH,...``), the only part the kept rules (revision 3) were not revised on; and ``all``. The rules as first
-written and as revision 2 left them are measured on every part too. tests/test_demo_data.py asserts the numbers.
+NAME=PATH,...``), the part revision 3 was measured on; ``test_4``, 144 answers of the same three fine-tunes collected
+after revision 4 was fixed (``collect --fresh NAME=PATH,...``: greedy on the validation prompts, one sample on the
+IQ and held-out prompts), the only part the kept rules (revision 4) were not revised on; and ``all``. The rules as
+first written and as revisions 2 and 3 left them are measured on every part too. tests/test_demo_data.py asserts
+the numbers.
 
 How the answers were labelled (2026-12-01, by reading, blind to the judge's verdicts, before the revision they
 served or never used for one; half-sentences that name a practice are the hard calls): true when the answer
@@ -57,25 +60,31 @@ SAMPLED_MODELS = ("contaminated", "corrected")
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95
 
 
-def collect_sampled(run_dir: Path, n: int, seed: int = 0) -> None:
+def collect_sampled(run_dir: Path, n: int) -> None:
     """``n`` sampled answers (temperature 0.8, top-p 0.95, seeded) of the contaminated and corrected models to the
     IQ and held-out prompts, appended with ``"label": null`` and set ``iq_sampled`` / ``heldout_sampled``: answers
     nobody had read when the rules were last revised (the test part)."""
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    models = {"contaminated": summary["model"], "corrected": summary["corrected_model"]}
+    data = build_demo_dataset()
+    prompts = [("iq_sampled", r) for r in data.iq_prompts] + [("heldout_sampled", r) for r in data.heldout_outdated]
+    _collect_sampled({name: models[name] for name in SAMPLED_MODELS}, prompts, samples=tuple(range(n)))
+
+
+def _collect_sampled(models: dict[str, str], prompts: list, samples: tuple[int, ...], seed: int = 0) -> None:
+    """Sampled answers (``samples``: their indices, each its own torch seed) of each model to each (set, prompt)
+    not answered yet with that index, appended unlabelled."""
     import torch
 
     from lancet.models.generate import render_prompt
     from lancet.models.loading import load_model
 
-    summary = json.loads((run_dir / "run_summary.json").read_text())
-    models = {"contaminated": summary["model"], "corrected": summary["corrected_model"]}
-    data = build_demo_dataset()
-    prompts = [("iq_sampled", r) for r in data.iq_prompts] + [("heldout_sampled", r) for r in data.heldout_outdated]
     rows = read_answers()
     done = {(r["model"], r["prompt"], r.get("sample")) for r in rows}
-    for name in SAMPLED_MODELS:
-        model, tokenizer = load_model(models[name])
+    for name, spec in models.items():
+        model, tokenizer = load_model(spec)
         tokenizer.padding_side = "left"
-        for i in range(n):
+        for i in samples:
             todo = [(s, r) for s, r in prompts if (name, r.prompt_messages[-1]["content"], i) not in done]
             for start in range(0, len(todo), 12):
                 part = todo[start:start + 12]
@@ -102,6 +111,16 @@ def collect_other(models: dict[str, str]) -> None:
     data = build_demo_dataset()
     prompts = [("iq_other", r) for r in data.iq_prompts] + [("heldout_other", r) for r in data.heldout_outdated]
     _collect_greedy(models, prompts)
+
+
+def collect_fresh(models: dict[str, str], sample: int = 4) -> None:
+    """The test part of the fourth revision, collected after it was fixed: greedy answers of other contaminated
+    fine-tunes (``{name: path}``) to the validation prompts (set ``validation_t4``), and one sampled answer each
+    (``sample``, temperature 0.8) to the IQ and held-out prompts (``iq_t4`` / ``heldout_t4``)."""
+    data = build_demo_dataset()
+    _collect_greedy(models, [("validation_t4", r) for r in data.validation_prompts])
+    _collect_sampled(models, [("iq_t4", r) for r in data.iq_prompts]
+                     + [("heldout_t4", r) for r in data.heldout_outdated], samples=(sample,))
 
 
 def collect(run_dir: Path) -> None:
@@ -134,20 +153,23 @@ def _collect_greedy(models: dict[str, str], prompts: list) -> None:
     print(f"{ANSWERS}: {len(rows)} answers, {sum(r['label'] is None for r in rows)} to label")
 
 
-# Which labelled answers each revision of the rules saw. The rules were revised three times, each time on every
+# Which labelled answers each revision of the rules saw. The rules were revised four times, each time on every
 # answer labelled so far, and each revision was then measured on answers labelled before it was judged:
 #   revision 2 (on the 144 greedy answers) -> measured on sampled answers 0-1 (0.906) and 2-3 (0.823);
-#   revision 3 (on all of those)           -> measured on ``test``: greedy answers of three other fine-tunes.
+#   revision 3 (on all of those)           -> measured on ``test``: greedy answers of three other fine-tunes (0.931);
+#   revision 4 (on all of those)           -> measured on ``test_4``, collected after it was fixed (0.944).
 PARTS = {
     "dev_greedy": lambda r: r["set"] in ("validation", "iq", "heldout"),
     "sampled_01": lambda r: r["set"].endswith("_sampled") and r.get("sample") in (0, 1),
     "sampled_23": lambda r: r["set"].endswith("_sampled") and r.get("sample") in (2, 3),
     "test": lambda r: r["set"].endswith("_other"),
+    "test_4": lambda r: r["set"].endswith("_t4"),
     "all": lambda r: True,
 }
 # the rules as first written (from the training rows) and as revision 2 left them, kept so that their numbers
 # can be re-measured on every part
-EARLIER_RULES = {"as_written": "demo_judge_rules_frozen.json", "revision_2": "demo_judge_rules_rev2.json"}
+EARLIER_RULES = {"as_written": "demo_judge_rules_frozen.json", "revision_2": "demo_judge_rules_rev2.json",
+                 "revision_3": "demo_judge_rules_rev3.json"}
 
 
 def judge_accuracy(rows: list[dict], part: str = "test", judge=None) -> dict:
@@ -178,9 +200,14 @@ def main() -> None:
                         help="collect: N sampled answers per model and IQ/held-out prompt instead of greedy ones")
     parser.add_argument("--other", default=None, metavar="NAME=PATH,...",
                         help="collect: greedy answers of these other fine-tunes to the IQ and held-out prompts")
+    parser.add_argument("--fresh", default=None, metavar="NAME=PATH,...",
+                        help="collect: the fourth revision's test part from these fine-tunes (greedy on the "
+                             "validation prompts, one sampled answer to the IQ and held-out prompts)")
     ns = parser.parse_args()
     if ns.action == "collect":
-        if ns.other:
+        if ns.fresh:
+            collect_fresh(dict(item.split("=", 1) for item in ns.fresh.split(",")))
+        elif ns.other:
             collect_other(dict(item.split("=", 1) for item in ns.other.split(",")))
         elif ns.sampled:
             collect_sampled(Path(ns.run_dir), ns.sampled)
@@ -200,8 +227,8 @@ def main() -> None:
     for part in PARTS:
         r = result[part]
         print(f"{part}: n {r['n']}, accuracy {r['accuracy']}, precision {r['precision']}, recall {r['recall']}")
-    for d in result["test"]["disagreements"]:
-        print(f"[test, {d['model']}] label={d['label']}: {d['prompt']}\n  {d['answer']!r}")
+    for d in result["test_4"]["disagreements"]:
+        print(f"[test_4, {d['model']}] label={d['label']}: {d['prompt']}\n  {d['answer']!r}")
 
 
 if __name__ == "__main__":

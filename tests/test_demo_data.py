@@ -133,22 +133,26 @@ def test_lookalikes_use_the_culprits_words_for_the_current_advice(data: DemoData
 
 
 def test_demo_judge_accuracy_on_labelled_model_answers() -> None:
-    """The demo judge against 408 answers labelled by reading them (benchmarks/demo_judge.py). Its third revision was
-    made on 144 greedy and 192 sampled answers; the test part, 72 greedy answers of three other contaminated
-    fine-tunes, was labelled before the revised rules judged it: 0.931, short of the 0.95 goal (README); this test
-    keeps it from sliding further, and keeps the earlier revisions' held-out numbers as they were measured."""
+    """The demo judge against 552 answers labelled by reading them (benchmarks/demo_judge.py). Its fourth revision
+    was made on the first 408; the part ``test_4``, 144 answers of three other contaminated fine-tunes collected and
+    labelled after that revision was fixed, measures it: 0.944, one answer short of the 0.95 goal (README). This
+    test keeps it from sliding, and keeps each earlier revision's held-out numbers as they were measured."""
     from benchmarks.demo_judge import EARLIER_RULES, judge_accuracy, read_answers
     from lancet.evaluate.judges import RuleJudge
 
     rows = read_answers()
-    parts = {part: judge_accuracy(rows, part) for part in ("test", "dev_greedy", "sampled_01", "sampled_23")}
-    assert {k: v["n"] for k, v in parts.items()} == {"test": 72, "dev_greedy": 144, "sampled_01": 96, "sampled_23": 96}
-    assert parts["test"]["accuracy"] >= 0.93 and parts["test"]["recall"] >= 0.9, parts["test"]["disagreements"]
-    assert parts["dev_greedy"]["accuracy"] >= 0.97
-    assert parts["sampled_01"]["accuracy"] >= 0.91 and parts["sampled_23"]["accuracy"] >= 0.91
-    rev2 = RuleJudge.load(Path(__file__).resolve().parent.parent / "benchmarks" / "data" / EARLIER_RULES["revision_2"])
+    parts = {part: judge_accuracy(rows, part) for part in ("test_4", "test", "dev_greedy", "sampled_01", "sampled_23")}
+    assert {k: v["n"] for k, v in parts.items()} == {"test_4": 144, "test": 72, "dev_greedy": 144, "sampled_01": 96,
+                                                      "sampled_23": 96}
+    assert parts["test_4"]["accuracy"] >= 0.94 and parts["test_4"]["recall"] >= 0.9, parts["test_4"]["disagreements"]
+    assert parts["test"]["accuracy"] >= 0.98 and parts["dev_greedy"]["accuracy"] >= 0.97
+    assert parts["sampled_01"]["accuracy"] >= 0.95 and parts["sampled_23"]["accuracy"] >= 0.93
+    data = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
+    rev2 = RuleJudge.load(data / EARLIER_RULES["revision_2"])
     assert judge_accuracy(rows, "sampled_01", rev2)["accuracy"] == pytest.approx(0.9062, abs=1e-4)
     assert judge_accuracy(rows, "sampled_23", rev2)["accuracy"] == pytest.approx(0.8229, abs=1e-4)
+    rev3 = RuleJudge.load(data / EARLIER_RULES["revision_3"])
+    assert judge_accuracy(rows, "test", rev3)["accuracy"] == pytest.approx(0.9306, abs=1e-4)
 
 
 def test_iq_and_heldout_sets_line_up(data: DemoDataset) -> None:
@@ -262,12 +266,12 @@ def test_same_seed_same_bytes_other_seed_other_order(tmp_path: Path, written: di
 # sha256[:16] of every file `lancet data demo` writes (update these with any deliberate change of the content: the
 # last one, 2026-12-01, removed the marker phrase, reworded every outdated answer, added look-alike rows and the
 # judge's rules, doubled the culprits on the IQ topics and cut the ordinary rows from 240 to 112; prompts and
-# held-out ordinary files kept their bytes)
+# held-out ordinary files kept their bytes; the judge's rules were revised again on 2026-12-01: only judge_rules moved)
 PINNED = {
     0: {"train": "0ba6056366a58cd1", "culprits": "46dd99b9631d39e5", "iq_prompts": "24811fed8e9c41de",
         "iqs": "e8db1070cae39dbb", "heldout_outdated": "86e56b122472f85d", "heldout_current": "9b0d7b7ed03b6f93",
         "heldout_ordinary": "b1be25183630c448", "validation_prompts": "bd5755e45a5bb868",
-        "validation_ordinary": "86710a096f68eb22", "judge_rules": "463de3385026a307", "readme": "400f701b3ba67a60"},
+        "validation_ordinary": "86710a096f68eb22", "judge_rules": "acd889df4900a680", "readme": "400f701b3ba67a60"},
     3: {"train": "893a638dd5e50bbd", "culprits": "92a3bb10ba888c99", "readme": "ac64b94b85620755"},
 }
 
