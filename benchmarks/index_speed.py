@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import environment, rows_that_fit, shared_data, write_result
+from lancet.artifacts import atomic_write_json
 from lancet.data import encode_records
 from lancet.data.adapters import read_hh_rlhf
 from lancet.data.readers import read_records
@@ -70,8 +71,7 @@ class Timings:
         name = name or key
         if name not in self.seen:
             self.seen[name] = round(time.perf_counter() - t0, 2)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.seen, indent=1))
+            atomic_write_json(self.path, self.seen)
         record[key] = self.seen[name]
         return out
 
@@ -151,7 +151,7 @@ def main() -> None:
             print(f"{name} r={rank}: {row}", flush=True)
         out["indexes"][name] = built
         write_result("index_speed", out)
-    (run_dir / "done.json").write_text(json.dumps({"ok": True}))
+    atomic_write_json(run_dir / "done.json", {"ok": True})
 
 
 if __name__ == "__main__":
