@@ -31,5 +31,7 @@ QUERY_CHUNK = 8
 # seeded training rows with queries of this rank; the weights only set each query's scale (docs/method.md)
 NORMALIZED_MEAN_SAMPLE_ROWS = 32
 NORMALIZED_MEAN_QUERY_RANK = 8
+# ... and the preconditioned queries are held this many bytes at a time (the sample is re-scored once per chunk)
+NORMALIZED_MEAN_QUERY_BYTES = 2 * 1024**3
 # lancet.influence.index: bumped when what an index shard stores changes (an index of another format is refused)
 INDEX_FORMAT = 1

@@ -81,6 +81,23 @@ def test_sampled_weights_are_exact_on_every_row_and_close_on_a_sample(setup, tmp
     assert sampled.shape == (3,) and bool((ratio > 0.3).all() and (ratio < 3).all())
 
 
+def test_normalized_mean_weights_do_not_depend_on_the_query_chunk(setup, tmp_path, monkeypatch):
+    """Queries held a few at a time (NORMALIZED_MEAN_QUERY_BYTES) give the weights of all queries at once."""
+    import lancet.influence as influence
+
+    model, tok, train, queries = setup
+    run = Influence(model, InfluenceArgs(method="linfac", **F64), tokenizer=tok, max_length=64, out_dir=tmp_path)
+    margins = torch.tensor([[1.0, -1.0, 0.0], [0.0, 1.0, -1.0]], dtype=torch.float64)
+    whole = run.normalized_mean_weights(train, queries, ["linfac", "identity"], sample_rows=6, query_rank=2,
+                                        virtual=margins)
+    monkeypatch.setattr(influence, "NORMALIZED_MEAN_QUERY_BYTES", 1)  # one query at a time
+    one_by_one = run.normalized_mean_weights(train, queries, ["linfac", "identity"], sample_rows=6, query_rank=2,
+                                             virtual=margins)
+    for method in ("linfac", "identity"):
+        close(one_by_one[method], whole[method], 1e-10)
+    assert not torch.allclose(whole["linfac"], whole["identity"])
+
+
 def test_combined_scores_refuse_bad_coefficients_and_gradient_free_methods(setup):
     model, tok, train, queries = setup
     run = Influence(model, InfluenceArgs(method="identity", **F64), tokenizer=tok, max_length=64)

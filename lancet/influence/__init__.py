@@ -22,6 +22,7 @@ from lancet.artifacts import atomic_save_tensors, check_or_write_meta, hash_json
 from lancet.constants import (
     DEFAULT_MAX_LENGTH,
     JOINT_SCORING_MAX_BYTES,
+    NORMALIZED_MEAN_QUERY_BYTES,
     NORMALIZED_MEAN_QUERY_RANK,
     NORMALIZED_MEAN_SAMPLE_ROWS,
     QUERY_CHUNK,
@@ -250,28 +251,41 @@ class Influence:
         sample = [train_rows[i] for i in sorted(order[:sample_rows])]
         args = replace(self.args, query_rank=query_rank, per_layer=False)
         names = list(dict.fromkeys(methods or [self.args.method]))
-        per_method = estimate_memory(self.model, args).per_query_bytes * len(query_rows)
+        for method in names:
+            if method in GRADIENT_FREE_METHODS:
+                raise LancetError(f"normalized_mean_weights: {method} has no query gradient; use scores()")
+        # methods share one pass over the sample while their curvature states fit half of JOINT_SCORING_MAX_BYTES
+        # together (an estimator keeps its factors' eigenbases beside them); the queries go through in chunks whose
+        # preconditioned copies fit NORMALIZED_MEAN_QUERY_BYTES (600 rank-8 queries of SmolLM2-135M hold 5.9 GB a
+        # method: held at once and joined, they took a 24 GB machine to 23.5 GB)
+        memory = {m: estimate_memory(self.model, replace(args, method=m)) for m in names}
+        groups: list[list[str]] = []
+        for method in names:
+            if groups and sum(memory[m].factors_bytes for m in groups[-1] + [method]) <= JOINT_SCORING_MAX_BYTES // 2:
+                groups[-1].append(method)
+            else:
+                groups.append([method])
         weights: dict[str, torch.Tensor] = {}
-        while len(weights) < len(names):
-            group, size = [], 0
-            for method in names[len(weights):]:
-                if group and size + per_method > JOINT_SCORING_MAX_BYTES:
-                    break
-                group.append(method)
-                size += per_method
-            pres = []
+        for group in groups:
+            runs = []
             for method in group:
-                if method in GRADIENT_FREE_METHODS:
-                    raise LancetError(f"normalized_mean_weights: {method} has no query gradient; use scores()")
                 run = Influence(self.model, replace(args, method=method), out_dir=self.out,
                                 measurement=self.measurement, tokenizer=self.tokenizer, max_length=self.max_length)
                 run.fit(train_rows)
-                pres.append(run.preconditioned_queries(query_rows))
-                layers = run._curvature.layers
+                runs.append(run)
+            layers = runs[0]._curvature.layers
+            chunk = max(1, NORMALIZED_MEAN_QUERY_BYTES // max(1, sum(memory[m].per_query_bytes for m in group)))
+            parts: list[list[torch.Tensor]] = [[] for _ in group]
+            for start in range(0, len(query_rows), chunk):
+                rows = query_rows[start:start + chunk]
+                scores = score_rows(self.model, layers, sample, _concat([r.preconditioned_queries(rows) for r in runs]),
+                                    args)["scores"]
+                for i in range(len(group)):
+                    parts[i].append(scores[i * len(rows):(i + 1) * len(rows)])
+            for run in runs:
                 run._curvature = None
-            sample_scores = score_rows(self.model, layers, sample, _concat(pres), args)["scores"]
-            for i, method in enumerate(group):
-                part = sample_scores[i * len(query_rows):(i + 1) * len(query_rows)].double()
+            for method, part in zip(group, parts, strict=True):
+                part = torch.cat(part).double()
                 if virtual is None:
                     weights[method] = normalized_mean_weights(part)
                 else:
