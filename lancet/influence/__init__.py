@@ -256,7 +256,7 @@ class Influence:
                 raise LancetError(f"normalized_mean_weights: {method} has no query gradient; use scores()")
         # methods share one pass over the sample while their curvature states fit half of JOINT_SCORING_MAX_BYTES
         # together (an estimator keeps its factors' eigenbases beside them); the queries go through in chunks whose
-        # preconditioned copies fit NORMALIZED_MEAN_QUERY_BYTES (600 rank-8 queries of SmolLM2-135M hold 5.9 GB a
+        # preconditioned copies fit NORMALIZED_MEAN_QUERY_BYTES (360 rank-8 queries of SmolLM2-135M hold 3.5 GB a
         # method: held at once and joined, they took a 24 GB machine to 23.5 GB)
         memory = {m: estimate_memory(self.model, replace(args, method=m)) for m in names}
         groups: list[list[str]] = []
