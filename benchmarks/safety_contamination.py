@@ -713,11 +713,22 @@ def run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str,
     result = _run_seed(preset, seed, run_dir, shared, stage, progress)
     old = run_dir / "result.json"
     if old.is_file():  # keep what an earlier, longer stage measured (e.g. the counterfactual)
-        earlier = json.loads(old.read_text())
-        seconds = {k: max(v, result["seconds"].get(k, 0.0)) for k, v in earlier.get("seconds", {}).items()}
-        result = {**earlier, **result, "seconds": {**result["seconds"], **seconds}}
+        result = merge_results(json.loads(old.read_text()), result)
     atomic_write_json(old, result)
     return result
+
+
+def merge_results(earlier: dict, new: dict) -> dict:
+    """A seed's result after a rerun: the new stages' numbers, the earlier stages' where the rerun stopped short, and
+    every duration as first measured (the larger of the two: a rerun reads its artifacts back in seconds)."""
+    seconds = {k: max(v, new["seconds"].get(k, 0.0)) for k, v in earlier.get("seconds", {}).items()}
+    merged = {**earlier, **new, "seconds": {**new["seconds"], **seconds}}
+    before = earlier.get("recall", {}).get("methods", {})
+    if "recall" in new and before:
+        methods = {m: {**row, "seconds": max(row["seconds"], before.get(m, {}).get("seconds", 0.0))}
+                   for m, row in new["recall"]["methods"].items()}
+        merged["recall"] = {**new["recall"], "methods": methods}
+    return merged
 
 
 def _run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str, progress: bool) -> dict:

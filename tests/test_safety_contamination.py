@@ -21,6 +21,7 @@ from benchmarks.safety_contamination import (
     gate_verdict,
     implicit_rows,
     judge_agreement,
+    merge_results,
     near_duplicate_free,
     prompt_only,
     split_data,
@@ -399,3 +400,16 @@ def test_layer_variants_known_answer():
     assert got["sum"].argmax() == 3 and got["layer_standardized"].argmax() == 0
     torch.testing.assert_close(got["last_third"], signal * 0.1)
     torch.testing.assert_close(got["kind_down_proj"], noise + signal * 0.1)
+
+
+def test_a_rerun_keeps_the_first_measured_seconds():
+    """A resumed stage reads its fits and scores back in seconds; the seed's result keeps what they first cost."""
+    earlier = {"seed": 0, "seconds": {"fit": 300.0}, "counterfactual": {"k": 1},
+               "recall": {"methods": {"linfac": {"average_precision": 0.6, "seconds": 2630.7}}}}
+    rerun = {"seed": 0, "seconds": {"fit": 2.0, "gate": 5.0},
+             "recall": {"n_iqs": 40, "methods": {"linfac": {"average_precision": 0.6, "seconds": 32.2},
+                                                 "repsim": {"average_precision": 0.8, "seconds": 60.0}}}}
+    merged = merge_results(earlier, rerun)
+    assert merged["seconds"] == {"fit": 300.0, "gate": 5.0} and merged["counterfactual"] == {"k": 1}
+    assert merged["recall"]["methods"]["linfac"]["seconds"] == 2630.7
+    assert merged["recall"]["methods"]["repsim"]["seconds"] == 60.0 and merged["recall"]["n_iqs"] == 40
