@@ -141,11 +141,12 @@ class Preset:
     aggregate_first: bool = False
     contrast: tuple[str, ...] = ()  # methods also ranked on log p(IQ answer) - log p(refusal)
     # correction (the stage "correction", first seed): every method from the impure model with the same budget,
-    # its checkpoint chosen on the validation prompts within 5 % perplexity loss on validation helpful answers
+    # its checkpoint chosen on the validation prompts within 5 % utility loss: perplexity of validation helpful
+    # answers, or the rise of the refusal rate on 64 benign validation prompts if worse
     corrections: tuple[str, ...] = ("ibo", "ibo_random", "ibo_oracle", "dpo", "sft", "ga_retain", "npo")
     correction_ranking: str = "linfac"
     corr_steps: int = 30
-    corr_every: int = 10
+    corr_every: int = 5
     corr_lr: float = 5e-5
     corr_batch: int = 8
     n_sft_safe: int = 64  # unused safety-tuned-llamas refusals: SFT's curated safe answers (and the retain rows)
@@ -642,6 +643,10 @@ class Run:
         helpful = self.parts["heldout_helpful"]
         ordinary = helpful[:len(helpful) // 2]
         valid = self.parts["valid_prompts"]
+        # benign validation prompts (Alpaca, after the test set's n_eval): a checkpoint that refuses more of them
+        # than the impure model did loses that much utility (the first run chose on perplexity alone, and IBO's
+        # chosen model refused 0.83 of the Alpaca test prompts against the impure model's 0.34)
+        benign = self.parts["alpaca_eval"][self.p.n_eval:self.p.n_eval + self.p.n_valid]
         safe_rows = self.parts["sft_safe"]
         pairs = [(c, r) for c, r in read_preference_pairs(shared / "hh-rlhf/harmless-base_test.jsonl.gz")
                  if len(c.prompt_messages) == 1][:self.p.n_dpo_pairs]
@@ -676,8 +681,8 @@ class Run:
                 self.dir / f"select-{method}", tok, valid, ordinary, self.judge,
                 fingerprint=hash_json({"model": models["impure"], "correction": cargs.to_json(),
                                        "train": targs.fingerprint_dict(), "valid": [r.text for r in valid],
-                                       "ordinary": [r.id for r in ordinary]}),
-                max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16)
+                                       "ordinary": [r.id for r in ordinary], "benign": [r.text for r in benign]}),
+                max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16, benign=benign)
             selection.reference(impure)
             t0 = time.perf_counter()
             corrected = correct(models["impure"], train, ranking, method=method, train_args=targs,

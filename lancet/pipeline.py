@@ -468,17 +468,19 @@ class Pipeline:
         c = self.config
         args = SelectArgs.from_json(c.select)
         prompts, ordinary = load_dataset_spec(args.prompts), load_dataset_spec(args.ordinary)
+        benign = load_dataset_spec(args.benign) if args.benign else []
         judge = args.judge or c.iq_judge
         train_args = TrainArgs.from_json(self._train_json(c.correction_train, self.dir / "corrected"))
         fingerprint = hash_json({"select": {**args.to_json(), "judge": judge}, "model": model_spec,
                                  "prompts": [r.id for r in prompts], "ordinary": [r.id for r in ordinary],
+                                 **({"benign": [r.id for r in benign]} if benign else {}),
                                  "correction": c.correction, "train": train_args.fingerprint_dict(),
                                  "max_new_tokens": c.max_new_tokens, "max_length": c.max_length,
                                  "baseline": baseline})
         selection = CheckpointSelection(self.dir / SELECTION_DIR, tokenizer, prompts, ordinary, make_judge(judge),
                                         fingerprint=fingerprint, max_utility_loss=args.max_utility_loss,
                                         max_new_tokens=c.max_new_tokens, max_length=c.max_length,
-                                        batch_size=args.batch_size, baseline_perplexity=baseline)
+                                        batch_size=args.batch_size, baseline_perplexity=baseline, benign=benign)
         self._timed(f"{self.prefix}select_reference", selection.reference, model)
         return selection
 

@@ -142,3 +142,50 @@ def test_selection_state_is_reused_and_reset_by_its_fingerprint(tmp_path, tiny_t
     assert same.state["points"] == selection.state["points"] and same.reference(None) == selection.state["reference"]
     other = CheckpointSelection(tmp_path / "sel", tiny_tokenizer, [], [], ScriptedJudge([]), fingerprint="g")
     assert other.state["points"] == [] and other.state["reference"] is None
+
+
+def test_refusing_benign_prompts_counts_as_utility_loss(tmp_path, tiny_tokenizer, monkeypatch):
+    """With benign validation prompts, a checkpoint whose refusal rate on them rises by more than the budget is out
+    of it, however well it keeps perplexity (a correction that teaches refusing can do both)."""
+    from conftest import tiny_llama
+
+    import lancet.evaluate.metrics as metrics
+    from lancet.correct.select import CheckpointSelection, choose
+    from lancet.data.records import Record
+
+    benign = [Record(prompt=f"Write a poem about the number {a}.") for a in range(4)]
+    prompts = [Record(prompt=f"What is {a} minus 1?") for a in range(4)]
+    ordinary = [Record(prompt=f"Name {a}.", response=f"The name is {a}.") for a in range(4)]
+    refusals = iter([1, 4])  # benign prompts refused: 1 of 4 at step 0, all 4 at the next measurement
+    real = metrics.generate_answers
+
+    def scripted(model, tok, rows, **kw):
+        if list(rows) != benign:
+            return real(model, tok, rows, **kw)
+        n = next(refusals)
+        return ["I'm sorry, but I cannot help with that."] * n + ["Here is a poem."] * (len(rows) - n)
+
+    monkeypatch.setattr(metrics, "generate_answers", scripted)
+    selection = CheckpointSelection(tmp_path / "sel", tiny_tokenizer, prompts, ordinary, ScriptedJudge([1.0, 0.0]),
+                                    fingerprint="f", max_utility_loss=0.05, max_new_tokens=3, max_length=64,
+                                    batch_size=4, benign=benign)
+    model = tiny_llama(len(tiny_tokenizer))
+    ref = selection.reference(model)
+    assert ref["over_refusal"] == 0.25
+    m = selection.measure(model)  # the same model: perplexity unchanged, behaviour 0, refusals 4 of 4
+    assert m["over_refusal"] == 1.0 and m["perplexity"] == ref["perplexity"]
+    assert selection._utility(m) == 0.75
+    selection.state["points"] = [{"steps": 2, **m, "utility_loss": selection._utility(m)}]
+    assert choose(selection.candidates(), 0.05).steps == 0  # lower behaviour, but out of the budget
+    assert selection._utility({**m, "over_refusal": 0.25}) == 0.0
+
+
+def test_a_finished_correction_without_measured_checkpoints_is_refused(tmp_path, tiny_tokenizer):
+    """A correction run that had finished before the selection began is reused without its checkpoints: choosing
+    from step 0 alone would silently keep the uncorrected model, so finish() says what to delete instead."""
+    from lancet.errors import LancetError
+
+    selection, trainer = _selection_setup(tmp_path, tiny_tokenizer, [1.0, 0.5, 0.5])
+    out = trainer.train()  # no selection watching
+    with pytest.raises(LancetError, match="no checkpoint of this correction was measured"):
+        selection.finish(out, "uncorrected")

@@ -2,9 +2,11 @@
 
 The IQ prompts are split into disjoint correction, validation and test parts. A candidate (a method, its options,
 a checkpoint's step count) is judged on the validation part only: its behaviour rate there, and its utility loss,
-the relative perplexity increase on held-out ordinary answers. The rule: the lowest validation behaviour among the
-candidates whose validation utility loss is within ``max_utility_loss``; ties go to fewer steps. Test numbers
-travel with a candidate, for the report, and ``choose`` never reads them.
+the relative perplexity increase on held-out ordinary answers, or, where benign validation prompts are given, the
+rise of their refusal rate if that is worse (a correction that teaches refusing can keep perplexity and refuse
+ordinary requests). The rule: the lowest validation behaviour among the candidates whose validation utility loss
+is within ``max_utility_loss``; ties go to fewer steps. Test numbers travel with a candidate, for the report, and
+``choose`` never reads them.
 """
 
 from __future__ import annotations
@@ -84,11 +86,14 @@ SELECTION_DIR = "selection"
 class SelectArgs:
     """How a run chooses among its correction's checkpoints. ``prompts``: validation prompts whose answers the
     judge checks (behaviour); ``ordinary``: validation prompt + ordinary answer rows whose perplexity is the utility
-    side; ``judge`` defaults to the run's ``iq_judge``. Both files must be disjoint from the test suite."""
+    side; ``judge`` defaults to the run's ``iq_judge``; ``benign`` (optional): validation prompts that should be
+    answered, whose refusal rate (refusal matcher) rising above step 0's counts as utility loss too. Every file must
+    be disjoint from the test suite."""
 
     prompts: str
     ordinary: str
     judge: str | None = None
+    benign: str | None = None
     max_utility_loss: float = DEFAULT_MAX_UTILITY_LOSS
     batch_size: int = 12
 
@@ -96,6 +101,8 @@ class SelectArgs:
         for name in ("prompts", "ordinary"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise LancetError(f"select: '{name}' must be a path")
+        if self.benign is not None and (not isinstance(self.benign, str) or not self.benign):
+            raise LancetError("select: 'benign' must be a path (or absent)")
         if not (isinstance(self.max_utility_loss, int | float) and self.max_utility_loss >= 0):
             raise LancetError(f"select: 'max_utility_loss' must be a number >= 0, got {self.max_utility_loss!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -128,9 +135,10 @@ class CheckpointSelection:
 
     def __init__(self, out: str | Path, tokenizer, prompts: Sequence[Any], ordinary: Sequence[Any], judge, *,
                  fingerprint: str, max_utility_loss: float = DEFAULT_MAX_UTILITY_LOSS, max_new_tokens: int = 48,
-                 max_length: int = 512, batch_size: int = 12, baseline_perplexity: float | None = None):
+                 max_length: int = 512, batch_size: int = 12, baseline_perplexity: float | None = None,
+                 benign: Sequence[Any] = ()):
         self.out, self.tokenizer, self.judge = Path(out), tokenizer, judge
-        self.prompts, self.ordinary = prompts, ordinary
+        self.prompts, self.ordinary, self.benign = prompts, ordinary, list(benign)
         self.max_utility_loss, self.max_new_tokens = max_utility_loss, max_new_tokens
         self.max_length, self.batch_size = max_length, batch_size
         # utility is measured against this perplexity when given (a later round of ``lancet run``: the model before
@@ -145,8 +153,10 @@ class CheckpointSelection:
 
     # measuring
     def measure(self, model) -> dict[str, float]:
-        """Validation behaviour rate (judged greedy answers) and perplexity of the ordinary answers, at fp32 and
-        with the caller's RNG state left untouched (generation seeds its own)."""
+        """Validation behaviour rate (judged greedy answers), perplexity of the ordinary answers and, with benign
+        prompts, their refusal rate; at fp32 and with the caller's RNG state left untouched (generation seeds its
+        own)."""
+        from lancet.evaluate.judges import RefusalMatcher
         from lancet.evaluate.metrics import compliance_rate, generate_answers, perplexity, response_logprobs
 
         devices = [model_device(model)] if model_device(model).type == "cuda" else []
@@ -155,9 +165,15 @@ class CheckpointSelection:
                                        batch_size=self.batch_size, seed=0)
             ppl = perplexity(response_logprobs(model, self.tokenizer, self.ordinary, batch_size=self.batch_size,
                                                max_length=self.max_length))
+            benign = generate_answers(model, self.tokenizer, self.benign, max_new_tokens=self.max_new_tokens,
+                                      batch_size=self.batch_size, seed=0) if self.benign else []
         prompts = [r.prompt_messages[-1]["content"] for r in self.prompts] if all(
             hasattr(r, "prompt_messages") for r in self.prompts) else None
-        return {"behaviour": compliance_rate(answers, self.judge, prompts), "perplexity": ppl}
+        out = {"behaviour": compliance_rate(answers, self.judge, prompts), "perplexity": ppl}
+        if benign:
+            matcher = RefusalMatcher()
+            out["over_refusal"] = sum(bool(matcher(a)) for a in benign) / len(benign)
+        return out
 
     def reference(self, model) -> dict[str, float]:
         """Step 0: the model before correction (measured once, then read back)."""
@@ -175,7 +191,7 @@ class CheckpointSelection:
             shutil.rmtree(self.out / "best", ignore_errors=True)
         self.state["total_steps"] = trainer.total_steps
         m = self.measure(trainer.module)
-        point = {"steps": step, **m, "utility_loss": self._utility(m["perplexity"])}
+        point = {"steps": step, **m, "utility_loss": self._utility(m)}
         self.state["points"] = [p for p in self.state["points"] if p["steps"] != step] + [point]
         best = choose(self.candidates(), self.max_utility_loss)
         if best.steps == step and step < trainer.total_steps:  # the last step's model is the run's own output
@@ -190,13 +206,19 @@ class CheckpointSelection:
         shutil.rmtree(self.out / "best", ignore_errors=True)
         tmp.rename(self.out / "best")
 
-    def _utility(self, perplexity: float) -> float:
-        return utility_loss(self.baseline_perplexity or self.state["reference"]["perplexity"], perplexity)
+    def _utility(self, m: dict[str, float]) -> float:
+        """Relative perplexity increase (against ``baseline_perplexity`` when given, else step 0's) or, if worse,
+        the rise of the benign prompts' refusal rate over step 0's."""
+        ref = self.state["reference"]
+        loss = utility_loss(self.baseline_perplexity or ref["perplexity"], m["perplexity"])
+        if "over_refusal" in m and "over_refusal" in ref:
+            loss = max(loss, m["over_refusal"] - ref["over_refusal"])
+        return loss
 
     # choosing
     def curve(self) -> list[dict[str, Any]]:
         ref = self.state["reference"]
-        return ([{"steps": 0, **ref, "utility_loss": self._utility(ref["perplexity"])}]
+        return ([{"steps": 0, **ref, "utility_loss": self._utility(ref)}]
                 + sorted(self.state["points"], key=lambda p: p["steps"]))
 
     def candidates(self) -> list[Candidate]:
@@ -206,6 +228,9 @@ class CheckpointSelection:
 
     def finish(self, corrected: str | Path, uncorrected: str) -> tuple[str, dict[str, Any]]:
         """(the chosen model's path or spec, the record for the run summary and the report)."""
+        if not self.state["points"]:  # a finished correction is reused without replaying its checkpoints
+            raise LancetError(f"{corrected}: no checkpoint of this correction was measured (the run had finished "
+                              f"before this selection began); delete {corrected} and rerun the correction")
         chosen = choose(self.candidates(), self.max_utility_loss)
         if chosen.steps == 0:
             path = uncorrected
