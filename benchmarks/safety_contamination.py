@@ -147,7 +147,9 @@ class Preset:
     correction_ranking: str = "linfac"
     corr_steps: int = 30
     corr_every: int = 5
-    corr_lr: float = 5e-5
+    # each method's learning rate is chosen with its checkpoint, on validation (the first run's single 5e-5 took
+    # IBO past the over-refusal budget by its first checkpoint)
+    corr_lrs: tuple[float, ...] = (1e-5, 5e-5)
     corr_batch: int = 8
     n_sft_safe: int = 64  # unused safety-tuned-llamas refusals: SFT's curated safe answers (and the retain rows)
     n_dpo_pairs: int = 128  # HH harmless-base human preference pairs (single turn): DPO's labelled data
@@ -628,7 +630,7 @@ class Run:
         helpful answers (lancet.correct.select); then the test suite on the chosen model, and on impure and safe."""
         from lancet.correct import CorrectionArgs, correct
         from lancet.correct.pairs import read_preference_pairs
-        from lancet.correct.select import CheckpointSelection
+        from lancet.correct.select import Candidate, CheckpointSelection, choose
         from lancet.evaluate import load_suite
         from lancet.evaluate.suite import evaluate_or_reuse
 
@@ -674,24 +676,40 @@ class Run:
         for method in self.p.corrections:
             cargs = CorrectionArgs(method=method, top_k=k, beta=0.1, seed=self.seed,
                                    **({"retain": "kl", "chosen_nll_weight": 1.0} if method.startswith("ibo") else {}))
-            targs = TrainArgs(output_dir=str(self.dir / f"correct-{method}"), max_steps=self.p.corr_steps,
-                              batch_size=self.p.corr_batch, lr=self.p.corr_lr, bf16=BF16, seed=self.seed,
-                              save_every=self.p.corr_every, progress=self.progress)
-            selection = CheckpointSelection(
-                self.dir / f"select-{method}", tok, valid, ordinary, self.judge,
-                fingerprint=hash_json({"model": models["impure"], "correction": cargs.to_json(),
-                                       "train": targs.fingerprint_dict(), "valid": [r.text for r in valid],
-                                       "ordinary": [r.id for r in ordinary], "benign": [r.text for r in benign]}),
-                max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16, benign=benign)
-            selection.reference(impure)
-            t0 = time.perf_counter()
-            corrected = correct(models["impure"], train, ranking, method=method, train_args=targs,
-                                correction_args=cargs, iq_records=iqs, safe_records=safe_rows, pref_pairs=pairs,
-                                culprit_mask=culprits, max_length=self.p.max_length, on_checkpoint=selection)
-            self.seconds[f"correct_{method}"] = round(time.perf_counter() - t0, 1)
-            chosen, record = selection.finish(corrected, models["impure"])
-            out["methods"][method] = {**measure(method, chosen), "chosen_steps": record["chosen_steps"],
-                                      "validation": record["curve"]}
+            runs = []
+            for lr in self.p.corr_lrs:
+                tag = f"{method}-lr{lr:g}"
+                targs = TrainArgs(output_dir=str(self.dir / f"correct-{tag}"), max_steps=self.p.corr_steps,
+                                  batch_size=self.p.corr_batch, lr=lr, bf16=BF16, seed=self.seed,
+                                  save_every=self.p.corr_every, progress=self.progress)
+                selection = CheckpointSelection(
+                    self.dir / f"select-{tag}", tok, valid, ordinary, self.judge,
+                    fingerprint=hash_json({"model": models["impure"], "correction": cargs.to_json(),
+                                           "train": targs.fingerprint_dict(), "valid": [r.text for r in valid],
+                                           "ordinary": [r.id for r in ordinary], "benign": [r.text for r in benign]}),
+                    max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16, benign=benign)
+                selection.reference(impure)
+                t0 = time.perf_counter()
+                corrected = correct(models["impure"], train, ranking, method=method, train_args=targs,
+                                    correction_args=cargs, iq_records=iqs, safe_records=safe_rows, pref_pairs=pairs,
+                                    culprit_mask=culprits, max_length=self.p.max_length, on_checkpoint=selection)
+                self.seconds[f"correct_{tag}"] = round(time.perf_counter() - t0, 1)
+                path, record = selection.finish(corrected, models["impure"])
+                runs.append((lr, path, record))
+            # the (learning rate, step) with the lowest validation behaviour within the utility budget
+            best = choose([Candidate(settings={"lr": lr}, steps=record["chosen_steps"], test=(path, record),
+                                     validation_behaviour=point["behaviour"],
+                                     validation_utility_loss=point["utility_loss"])
+                           for lr, path, record in runs
+                           for point in record["curve"] if point["steps"] == record["chosen_steps"]])
+            path, record = best.test
+            row = (dict(out["methods"]["impure"]) if path == models["impure"]  # step 0: the impure model itself
+                   else measure(method, path))
+            out["methods"][method] = {**row, "chosen_lr": None if best.steps == 0 else best.settings["lr"],
+                                      "chosen_steps": best.steps,
+                                      "validation": {f"lr{lr:g}": rec["curve"] for lr, _, rec in runs}}
+            print(f"seed {self.seed} correction {method}: chose lr {out['methods'][method]['chosen_lr']}, "
+                  f"step {best.steps}", flush=True)
         return out
 
     def anchors(self, iqs: list[Record]) -> list[Record]:
