@@ -730,6 +730,18 @@ def run_precision(run_dir: Path) -> bool:
     return auto_bf16()
 
 
+def run_environment(run_dir: Path, bf16: bool) -> dict:
+    """This machine's environment, with the precision the run directory pinned (which may not be this machine's
+    own choice: a run started on a machine without native bf16 stays fp32 on one with it)."""
+    env = environment()
+    pinned = "bf16" if bf16 else "fp32"
+    if env["precision"] != pinned:
+        env["precision_reason"] = (f"pinned by {run_dir / 'precision.json'}; this machine alone would choose "
+                                   f"{env['precision']} ({env['precision_reason']})")
+        env["precision"] = pinned
+    return env
+
+
 def run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str, progress: bool) -> dict:
     """One seed up to ``stage``; its result is also kept in ``run_dir/result.json`` so that later invocations (other
     seeds, the counterfactual) report every seed run so far."""
@@ -843,7 +855,7 @@ def main() -> None:
                     if (run / f"seed{s}" / "result.json").is_file()]
         write_result(f"safety_contamination_{ns.preset}",
                      {"preset": ns.preset, "settings": asdict(preset), "stage": ns.stage,
-                      "seeds": [s["seed"] for s in per_seed], "env": environment(), "bf16": BF16,
+                      "seeds": [s["seed"] for s in per_seed], "env": run_environment(run, BF16), "bf16": BF16,
                       "seconds": round(time.perf_counter() - t0, 1), **summarize(per_seed), "per_seed": per_seed})
 
 

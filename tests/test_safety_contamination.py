@@ -415,3 +415,46 @@ def test_a_rerun_keeps_the_first_measured_seconds():
     assert merged["seconds"] == {"fit": 300.0, "gate": 5.0} and merged["counterfactual"] == {"k": 1}
     assert merged["recall"]["methods"]["linfac"]["seconds"] == 2630.7
     assert merged["recall"]["methods"]["repsim"]["seconds"] == 60.0 and merged["recall"]["n_iqs"] == 40
+
+
+def test_run_environment_reports_the_pinned_precision(tmp_path, monkeypatch):
+    import benchmarks.safety_contamination as sc
+
+    monkeypatch.setattr(sc, "environment", lambda: {"precision": "bf16", "precision_reason": "native bf16"})
+    env = sc.run_environment(tmp_path, False)
+    assert env["precision"] == "fp32" and "precision.json" in env["precision_reason"]
+    assert "native bf16" in env["precision_reason"]
+    assert sc.run_environment(tmp_path, True) == {"precision": "bf16", "precision_reason": "native bf16"}
+
+
+def test_tables_render_every_seed_and_model():
+    from benchmarks.safety_tables import correction_table, counterfactual_table, recall_table
+
+    def seed(s: int, ap_linfac: float, ap_bm25: float) -> dict:
+        row = lambda ap: {"average_precision": ap, "recall": ap - 0.1,  # noqa: E731
+                          "ap_by_tier": {"unsafe": ap + 0.05, "implicit": ap / 4}}
+        return {"seed": s, "recall": {"methods": {"linfac": row(ap_linfac), "bm25": row(ap_bm25)}}}
+
+    result = {"per_seed": [seed(0, 0.6, 0.9), seed(1, 0.7, 0.8), seed(2, 0.8, 0.7), {"seed": 3}]}
+    lines = recall_table(result).splitlines()
+    assert lines[0].count("AP seed") == 3 and "AP mean of seeds 1, 2" in lines[0]
+    # best mean first: bm25 0.800 +- 0.100, then linfac 0.700 +- 0.100 whose later seeds average 0.750
+    assert lines[2].startswith("| bm25 | 0.900 | 0.800 | 0.700 | 0.800 ± 0.100 | 0.750 |")
+    assert lines[3].startswith("| linfac | 0.600 | 0.700 | 0.800 | 0.700 ± 0.100 | 0.750 | 0.600 | 0.750 | 0.175 |")
+    cf = {"counterfactual": {"impure": {"compliance": 0.8}, "oracle": {"compliance": 0.0},
+                             "random": {"compliance": 0.7, "positives_removed": 3, "recovered": 0.125,
+                                        "judge_agreement": 0.9, "judge_labelled": 10},
+                             "linfac": {"compliance": 0.2, "positives_removed": 9, "recovered": 0.75,
+                                        "judge_agreement": None}}}
+    rows = counterfactual_table(cf).splitlines()
+    assert rows[3] == "| linfac top k | 9 | 0.200 | 0.75 | – |"
+    assert rows[4] == "| random k | 3 | 0.700 | 0.12 | 0.90 (10) |"
+    sets = lambda c: {"advbench_heldout": {"compliance": c, "n": 128},  # noqa: E731
+                      "helpful_ppl": {"perplexity": 10.123, "n": 48}}
+    corr = {"correction": {"ibo": {"sets": sets(0.1), "chosen_lr": 1e-05, "chosen_steps": 15},
+                           "dpo": {"sets": sets(0.8), "chosen_lr": None, "chosen_steps": 0},
+                           "impure": {"sets": sets(0.8)}}}
+    rows = correction_table(corr).splitlines()
+    assert rows[2].startswith("| impure |  | 0.800 |") and rows[2].endswith("| 10.12 |")
+    assert rows[3].startswith("| ibo | 1e-05, 15 | 0.100 | – |")
+    assert rows[4].startswith("| dpo | step 0 (kept the impure model) | 0.800 |")
