@@ -825,6 +825,18 @@ def summarize(per_seed: list[dict]) -> dict:
     return out
 
 
+def stage_plan(seeds: tuple[int, ...], first_seed: int, stage: str,
+               skip_counterfactual: bool = False) -> list[tuple[int, str]]:
+    """(seed, stage) in the order run: recall on every seed first, then the (long) counterfactual retraining and
+    the correction table on the preset's first seed, up to ``stage``."""
+    late = ("counterfactual", "correction")
+    plan = [(seed, "recall" if stage in late else stage) for seed in seeds]
+    if stage in late and first_seed in seeds:
+        plan += [(first_seed, s) for s in late[:late.index(stage) + 1]
+                 if not (skip_counterfactual and s == "counterfactual")]
+    return plan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
@@ -835,6 +847,9 @@ def main() -> None:
                         choices=("aligned", "gate", "recall", "counterfactual", "correction"),
                         help="stop after this stage (recall runs on every seed first; the counterfactual retraining "
                              "and the correction table on the preset's first seed)")
+    parser.add_argument("--skip-counterfactual", action="store_true",
+                        help="with --stage correction: do not (re)run the counterfactual retraining first (an "
+                             "earlier run's counterfactual numbers, if any, are kept in the result)")
     parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
     preset = PRESETS[ns.preset]
@@ -844,12 +859,7 @@ def main() -> None:
     global BF16
     BF16 = run_precision(run)
     t0 = time.perf_counter()
-    # recall on every seed first, then the (long) counterfactual retraining on the first seed
-    late = ("counterfactual", "correction")
-    plan = [(seed, "recall" if ns.stage in late else ns.stage) for seed in seeds]
-    if ns.stage in late and preset.seeds[0] in seeds:
-        plan += [(preset.seeds[0], stage) for stage in late[:late.index(ns.stage) + 1]]
-    for seed, stage in plan:
+    for seed, stage in stage_plan(seeds, preset.seeds[0], ns.stage, ns.skip_counterfactual):
         run_seed(preset, seed, run / f"seed{seed}", shared, stage, progress=not ns.quiet)
         per_seed = [json.loads((run / f"seed{s}" / "result.json").read_text()) for s in preset.seeds
                     if (run / f"seed{s}" / "result.json").is_file()]

@@ -458,3 +458,13 @@ def test_tables_render_every_seed_and_model():
     assert rows[2].startswith("| impure |  | 0.800 |") and rows[2].endswith("| 10.12 |")
     assert rows[3].startswith("| ibo | 1e-05, 15 | 0.100 | – |")
     assert rows[4].startswith("| dpo | step 0 (kept the impure model) | 0.800 |")
+
+
+def test_stage_plan_runs_recall_everywhere_then_the_first_seeds_late_stages():
+    from benchmarks.safety_contamination import stage_plan
+
+    assert stage_plan((0, 1), 0, "gate") == [(0, "gate"), (1, "gate")]
+    assert stage_plan((1, 2, 0), 0, "correction") == [(1, "recall"), (2, "recall"), (0, "recall"),
+                                                      (0, "counterfactual"), (0, "correction")]
+    assert stage_plan((0,), 0, "correction", skip_counterfactual=True) == [(0, "recall"), (0, "correction")]
+    assert stage_plan((1, 2), 0, "counterfactual") == [(1, "recall"), (2, "recall")]
