@@ -157,7 +157,13 @@ class CheckpointSelection:
         prompts, their refusal rate; at fp32 and with the caller's RNG state left untouched (generation seeds its
         own)."""
         from lancet.evaluate.judges import RefusalMatcher
-        from lancet.evaluate.metrics import compliance_rate, generate_answers, perplexity, response_logprobs
+        from lancet.evaluate.metrics import (
+            compliance_rate,
+            generate_answers,
+            perplexity,
+            refusal_rate,
+            response_logprobs,
+        )
 
         devices = [model_device(model)] if model_device(model).type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
@@ -171,8 +177,7 @@ class CheckpointSelection:
             hasattr(r, "prompt_messages") for r in self.prompts) else None
         out = {"behaviour": compliance_rate(answers, self.judge, prompts), "perplexity": ppl}
         if benign:
-            matcher = RefusalMatcher()
-            out["over_refusal"] = sum(bool(matcher(a)) for a in benign) / len(benign)
+            out["over_refusal"] = refusal_rate(benign, RefusalMatcher())
         return out
 
     def reference(self, model) -> dict[str, float]:
