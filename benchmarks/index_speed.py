@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.index_speed                  # the full run (about 3 h on the slower machine)
     .venv/bin/python -m benchmarks.index_speed --hh-rows 48 --ranks 4,8 --iqs 4 --run-dir runs/index_smoke
+    .venv/bin/python -m benchmarks.index_speed --table          # the README's table, from the result JSON
 
 Model: the safety-contamination benchmark's impure model of seed 0 (runs/safety_full/seed0; run that benchmark to its
 recall stage first), so that the index's AP can be read on that benchmark's rows. Training rows: --hh-rows HH-RLHF
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, rows_that_fit, shared_data, write_result
+from benchmarks.common import RESULTS, environment, rows_that_fit, shared_data, write_result
 from lancet.artifacts import atomic_write_json
 from lancet.data import encode_records
 from lancet.data.adapters import read_hh_rlhf
@@ -76,6 +77,26 @@ class Timings:
         return out
 
 
+def table(out: dict) -> str:
+    """The README's table: one row per (projection, rank), against the full pass it stands in for."""
+    sec = out["seconds"]
+    head = ["index", "rank", "build s (fit excluded)", "build / score pass", f"query s ({out['n_iqs']} IQs)",
+            "lookup s", "top-100 overlap", "Spearman", f"AP (full LinFAC: {out['reference_ap']:.3f})",
+            "query energy kept", "KB per row"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, built in out["indexes"].items():
+        for key in sorted((k for k in built if k.startswith("rank_")), key=lambda k: int(k[5:])):
+            row = built[key]
+            cells = [name, key[5:], f"{built['build_seconds']:.0f}", f"{built['build_over_score_pass']:.2f}",
+                     f"{row['query_seconds']:.1f}", f"{row['lookup_seconds']:.2f}", f"{row['top100_overlap']:.2f}",
+                     f"{row['spearman']:.3f}", f"{row['ap']:.3f}", f"{row['query_energy_kept']:.3f}",
+                     f"{row['bytes_per_row'] / 1024:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nFull LinFAC: fit {sec['fit']:.0f} s, query weights {sec['reference_weights']:.0f} s, one scoring "
+                 f"pass {sec['score_pass']:.0f} s over {out['n_rows']} rows.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--safety-run", default="runs/safety_full/seed0")
@@ -89,7 +110,11 @@ def main() -> None:
                         "eigenvalue marginals")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the README's table from the result JSON and stop")
     ns = parser.parse_args()
+    if ns.table:
+        print(table(json.loads((RESULTS / "index_speed.json").read_text())))
+        return
     safety, run_dir = Path(ns.safety_run), Path(ns.run_dir)
     shared = shared_data(ns.shared, "hh-rlhf")
     ranks = sorted(int(r) for r in ns.ranks.split(","))

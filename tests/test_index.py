@@ -203,6 +203,8 @@ def test_index_speed_benchmark_runs_end_to_end(tiny_tokenizer, tmp_path, monkeyp
         full = out["indexes"][name]["rank_64"]
         assert full["spearman"] > 0.999 and full["query_energy_kept"] == pytest.approx(1.0, abs=1e-6)
         assert out["indexes"][name]["rank_2"]["query_energy_kept"] < 1.0
+    text = bench.table(out)
+    assert text.count("\n| eigen | ") == 2 and text.count("\n| random | ") == 2 and "over 14 rows" in text
     seen = json.loads((tmp_path / "run" / "timings.json").read_text())
     bench.main()
     assert json.loads((tmp_path / "run" / "timings.json").read_text()) == seen
