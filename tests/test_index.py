@@ -59,6 +59,34 @@ def test_full_rank_index_is_exact(setup, tmp_path, method, projection):
             assert share == pytest.approx(1.0, abs=1e-9) if expect else 0 < share < 0.9
 
 
+@pytest.mark.parametrize(("method", "rank_by"), [("linfac", "factor"), ("linfac", "corrected"), ("kfac", "factor"),
+                                                 ("ekfac", "corrected")])
+def test_eigen_queries_projected_first_equal_preconditioned_first(setup, tmp_path, method, rank_by):
+    """Below full rank the kept directions of an eigen index are eigendirections of the preconditioner, so the fast
+    path (project the query's (a, g) pairs, divide by the kept eigenvalues + damping) equals preconditioning the
+    full gradient and projecting it (the path ``kept=`` forces), at the built rank and at a lower query rank."""
+    from lancet.influence.index import has_fast_path, index_curvature, project_queries
+
+    model, train, queries = setup
+    run = Influence(model, args(method), out_dir=tmp_path / "run")
+    run.fit(train)
+    run.build_index(train, tmp_path / "index", IndexArgs(rank=4, rank_by=rank_by, dtype="float64", progress=False))
+    curvature = index_curvature(tmp_path / "index", model)
+    assert has_fast_path(curvature, tmp_path / "index", run.args)
+    for rank in (None, 2):
+        fast = project_queries(model, curvature, queries, tmp_path / "index", run.args, rank=rank)
+        slow = project_queries(model, curvature, queries, tmp_path / "index", run.args, rank=rank, kept={})
+        assert set(fast) == set(slow)
+        for name in slow:
+            torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-10 * float(slow[name].abs().max()))
+    # with fewer range directions than the rank, random directions complete LinFAC's: no fast path
+    if method == "linfac":
+        run.build_index(train, tmp_path / "wide", IndexArgs(rank=16, dtype="float64", progress=False))
+        wide = index_curvature(tmp_path / "wide", model)
+        assert not has_fast_path(wide, tmp_path / "wide", run.args) and has_fast_path(wide, tmp_path / "wide",
+                                                                                      run.args, rank=2)
+
+
 def test_half_precision_storage_and_truncation(setup, tmp_path):
     """fp16 storage (each block scaled to unit max first) keeps scores to ~1e-3; rank 4 of widths 16/32 keeps the
     ranking's top rows only approximately, and the size formula matches the shards on disk."""
@@ -203,6 +231,9 @@ def test_index_speed_benchmark_runs_end_to_end(tiny_tokenizer, tmp_path, monkeyp
         full = out["indexes"][name]["rank_64"]
         assert full["spearman"] > 0.999 and full["query_energy_kept"] == pytest.approx(1.0, abs=1e-6)
         assert out["indexes"][name]["rank_2"]["query_energy_kept"] < 1.0
+    low = out["indexes"]["eigen"]["rank_2"]  # LinFAC's range (14 rows) holds 2 directions: projected first
+    assert low["fast_path"] and low["fast_path_max_rel_diff"] < 1e-4
+    assert not out["indexes"]["random"]["rank_2"]["fast_path"]
     text = bench.table(out)
     assert text.count("\n| eigen | ") == 2 and text.count("\n| random | ") == 2 and "over 14 rows" in text
     seen = json.loads((tmp_path / "run" / "timings.json").read_text())

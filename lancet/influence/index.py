@@ -110,11 +110,26 @@ def _orthonormal(d: int, r: int, seed: int, against: torch.Tensor | None = None)
     return torch.linalg.qr(x)[0]
 
 
+def _eigen_keep(score: torch.Tensor, r: int) -> torch.Tensor:
+    """Indices of the (at most) r basis columns with the largest ``score``, best first."""
+    return torch.argsort(score.double(), descending=True, stable=True)[: min(r, score.shape[0])]
+
+
+def _eigen_scores(curvature: Curvature, name: str, rank_by: str) -> tuple[torch.Tensor, torch.Tensor]:
+    state = curvature.state[name]
+    if rank_by == "corrected":
+        if "lambda" not in state:
+            raise LancetError(f"rank_by='corrected' needs corrected eigenvalues; {curvature.estimator.name} has "
+                              "none (use ekfac or linfac)")
+        return state["lambda"].sum(1), state["lambda"].sum(0)
+    return state["S_vals"], state["A_vals"]
+
+
 def _eigen_side(vecs: torch.Tensor, score: torch.Tensor, r: int, seed: int) -> torch.Tensor:
     """The r columns of ``vecs`` with the largest ``score``, completed with random orthonormal directions of their
     complement when there are fewer than r."""
     d = vecs.shape[0]
-    keep = torch.argsort(score.double(), descending=True, stable=True)[: min(r, vecs.shape[1])]
+    keep = _eigen_keep(score, r)
     chosen = vecs[:, keep].double()
     if chosen.shape[1] < min(r, d):
         chosen = torch.cat([chosen, _orthonormal(d, min(r, d) - chosen.shape[1], seed, chosen)], 1)
@@ -137,13 +152,7 @@ def make_projections(layers: Sequence[TrackedLayer], args: IndexArgs, curvature:
         if "S_vecs" not in state:
             raise LancetError(f"the eigen projection needs Kronecker eigenbases; {curvature.estimator.name} has none "
                               "(use kfac, ekfac, kfac_reduce or linfac, or --projection random)")
-        if args.rank_by == "corrected":
-            if "lambda" not in state:
-                raise LancetError(f"rank_by='corrected' needs corrected eigenvalues; {curvature.estimator.name} has "
-                                  "none (use ekfac or linfac)")
-            s_score, a_score = state["lambda"].sum(1), state["lambda"].sum(0)
-        else:
-            s_score, a_score = state["S_vals"], state["A_vals"]
+        s_score, a_score = _eigen_scores(curvature, layer.name, args.rank_by)
         out[layer.name] = {"S": _eigen_side(state["S_vecs"], s_score, args.rank, args.seed),
                            "A": _eigen_side(state["A_vecs"], a_score, args.rank, args.seed + 1)}
     return {name: {k: v.double().contiguous() for k, v in sides.items()} for name, sides in out.items()}
@@ -344,6 +353,10 @@ def project_queries(model, curvature: Curvature, query_rows: Sequence[dict[str, 
 
     projections = _leading(load_projections(index_dir), rank)
     args = replace(args, query_rank=None)
+    blocks = None if kept is not None else eigen_denominators(curvature, read_meta(index_dir), projections, args)
+    if blocks is not None:
+        small = query_gradients(model, curvature.layers, query_rows, args, measurement, projections=projections)
+        return {name: (small[name] / blocks[name].to(small[name])).cpu() for name in projections}
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in projections}
     for i in range(0, len(query_rows), QUERY_CHUNK):
         grads = query_gradients(model, curvature.layers, query_rows[i:i + QUERY_CHUNK], args, measurement)
@@ -354,6 +367,38 @@ def project_queries(model, curvature: Curvature, query_rows: Sequence[dict[str, 
                 kept["total"] = kept.get("total", 0.0) + float(p.double().pow(2).sum())
                 kept["kept"] = kept.get("kept", 0.0) + float(small.double().pow(2).sum())
     return {name: torch.cat(v) for name, v in parts.items()}
+
+
+def eigen_denominators(curvature: Curvature, meta: dict[str, Any], projections: dict[str, dict[str, torch.Tensor]],
+                       args) -> dict[str, torch.Tensor] | None:
+    """{layer: [r_S, r_A] eigenvalue + damping} when every kept direction of an eigen index is an eigendirection of
+    the preconditioner (no random completion), else None. The preconditioner is diagonal in the Kronecker eigenbasis
+    on the (range x range) block these directions span (K-FAC, EK-FAC, K-FAC-reduce; LinFAC's null blocks are
+    orthogonal to them), so P_S^T (F + d)^-1 G P_A = (P_S^T G P_A) / (lambda_kept + d): the query is projected first
+    and divided, with no full-size gradient or preconditioning (``project_queries``'s fast path; tested equal)."""
+    index_args = meta["args"]
+    if index_args["projection"] != "eigen" or curvature.estimator.unit_gradients:
+        return None
+    out = {}
+    for name, sides in projections.items():
+        state = curvature.state[name]
+        vals = curvature.estimator.eigenvalues(state)
+        if vals is None or vals.dim() != 2 or "S_vecs" not in state:
+            return None
+        s_score, a_score = _eigen_scores(curvature, name, index_args["rank_by"])
+        keep_s, keep_a = _eigen_keep(s_score, index_args["rank"]), _eigen_keep(a_score, index_args["rank"])
+        r_s, r_a = sides["S"].shape[1], sides["A"].shape[1]
+        if keep_s.shape[0] < r_s or keep_a.shape[0] < r_a:
+            return None  # completed with random directions: not eigendirections, precondition at full size
+        damping = curvature.estimator.damping_for(state, args.damping)
+        out[name] = vals[keep_s[:r_s]][:, keep_a[:r_a]].double() + damping
+    return out
+
+
+def has_fast_path(curvature: Curvature, index_dir: str | Path, args, rank: int | None = None) -> bool:
+    """Whether ``project_queries`` answers this index at ``rank`` by projecting first (``eigen_denominators``)."""
+    projections = _leading(load_projections(index_dir), rank)
+    return eigen_denominators(curvature, read_meta(index_dir), projections, args) is not None
 
 
 def _leading(projections: dict[str, dict[str, torch.Tensor]], rank: int | None) -> dict[str, dict[str, torch.Tensor]]:
