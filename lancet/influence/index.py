@@ -8,10 +8,12 @@ curvature) is projected the same way, and
 
     score(q, n) ~ sum over layers <P_S^T P_q P_A, G~_n>,
 
-exact when P_S P_S^T = I and P_A P_A^T = I (r equal to the layer's widths). The preconditioning is done before the
-projection: for the eigen projection of K-FAC/EK-FAC (and of LinFAC's ranges) the two orders are the same thing, since
-the kept directions are eigendirections of the preconditioner; for a random projection it keeps the full curvature
-instead of an approximation of it inside the projected space.
+exact when P_S P_S^T = I and P_A P_A^T = I (r equal to the layer's widths). For the eigen projection of K-FAC/EK-FAC
+(and of LinFAC's ranges) the kept directions are eigendirections of the preconditioner, so preconditioning and
+projecting commute: the query's (a, g) pairs are projected first, like a stored row's, and divided by the kept
+eigenvalues + damping (``eigen_denominators``). For a random projection, or random directions completing a side, the
+query is preconditioned at full size first, which keeps the full curvature instead of an approximation of it inside
+the projected space.
 
 Projections (``IndexArgs.projection``):
 - ``eigen``: the r eigenvectors of each Kronecker factor of the fitted curvature (A and S; for LinFAC their ranges)
