@@ -241,6 +241,44 @@ def test_index_speed_benchmark_runs_end_to_end(tiny_tokenizer, tmp_path, monkeyp
     assert json.loads((tmp_path / "run" / "timings.json").read_text()) == seen
 
 
+def test_safety_index_recall_at_full_rank_is_full_linfac(tiny_tokenizer, tmp_path, monkeypatch):
+    """benchmarks/safety_index_recall.py on a fake seed directory: at a rank covering every width the eigen and
+    random indexes rank the rows exactly as LinFAC's aggregated scores do (same AP and tiers); a lower rank runs."""
+    from dataclasses import replace
+
+    import benchmarks.safety_contamination as sc
+    import benchmarks.safety_index_recall as bench
+    from lancet.artifacts import atomic_save_tensors
+    from lancet.data.records import records_to_jsonl
+    from lancet.influence.recall import aggregate
+
+    seed_dir = tmp_path / "seed0"
+    model = tiny_llama(len(tiny_tokenizer))
+    model.save_pretrained(seed_dir / "impure")
+    tiny_tokenizer.save_pretrained(seed_dir / "impure")
+    labels = ["unsafe", "benign", "implicit", "benign", "refusal"]
+    mix = [Record(prompt=f"How do I {t}?", response=f"Go slowly and {t}.", label=labels[i % 5], id=f"r{i}")
+           for i, t in enumerate(TOPICS)]
+    iqs = [Record(prompt="How do I bake a cake?", response="Go slowly and bake."),
+           Record(prompt="Tell me a poem", response="Roses.")]
+    (seed_dir / "mix.jsonl").write_bytes(records_to_jsonl(mix))
+    (seed_dir / "iqs.jsonl").write_bytes(records_to_jsonl(iqs))
+    preset = replace(sc.PRESETS["small"], max_length=64, lambda_max_rows=8)
+    train = encode_records(mix, tiny_tokenizer, 64, progress=False)
+    args = InfluenceArgs(method="linfac", batch_size=8, lambda_max_rows=8, per_layer=True, progress=False)
+    full = Influence(model, args, out_dir=tmp_path / "ref").scores(
+        train, list(encode_records(iqs, tiny_tokenizer, 64, progress=False)))["scores"].double()
+    atomic_save_tensors(seed_dir / "rankings.safetensors", {"linfac": aggregate(full).contiguous()})
+    (seed_dir / "rankings.json").write_text(json.dumps({"ids": list(train.ids)}))
+    out = bench.seed_recall(seed_dir, preset, [2, FULL], bf16=False, progress=False)
+    assert out["n_train"] == 10 and out["n_positives"] == 4
+    for projection in ("eigen", "random"):
+        at_full = out["indexes"][projection][f"rank_{FULL}"]
+        assert at_full["average_precision"] == out["full"]["linfac"]["average_precision"]
+        assert at_full["ap_by_tier"] == out["full"]["linfac"]["ap_by_tier"]
+        assert 0.0 < out["indexes"][projection]["rank_2"]["average_precision"] <= 1.0
+
+
 def test_spearman_and_top_overlap_known_answers():
     from lancet.influence.recall import spearman, top_overlap
 
