@@ -523,13 +523,31 @@ def test_covariance_max_rows_fits_the_covariance_on_a_seeded_subset(llama, monke
         assert seen["covariance"] == sub and seen["lambda"] == fit_module.subsample(train, 7, 0)
 
 
+def test_range_rtol_reaches_linfac_ranges_and_the_curvature_fingerprint(llama, tmp_path):
+    """A coarser LinFAC range cut keeps fewer range directions; the option is hashed into the stored curvature
+    only when set, so curvature stored before it existed stays valid and one stored with another cut is refused."""
+    model, train, _ = llama
+    default = Influence(model, method="linfac", out_dir=tmp_path / "a", **F64).fit(train)
+    coarse = Influence(model, method="linfac", range_rtol=0.3, out_dir=tmp_path / "b", **F64).fit(train)
+    n_default = sum(s["A_vecs"].shape[1] + s["S_vecs"].shape[1] for s in default.state.values())
+    n_coarse = sum(s["A_vecs"].shape[1] + s["S_vecs"].shape[1] for s in coarse.state.values())
+    assert n_coarse < n_default
+    meta = json.loads((tmp_path / "b" / "curvature" / "linfac" / "meta.json").read_text())
+    assert meta["args"]["range_rtol"] == 0.3
+    assert "range_rtol" not in json.loads((tmp_path / "a" / "curvature" / "linfac" / "meta.json").read_text())["args"]
+    assert "range_rtol" not in InfluenceArgs().fingerprint_dict()
+    with pytest.raises(LancetError):
+        Influence(model, method="linfac", range_rtol=0.1, out_dir=tmp_path / "b", **F64).fit(train)
+
+
 # 10. options -----------------------------------------------------------------------------------------------------
 
 
 def test_args_json_round_trip():
     args = InfluenceArgs(method="ekfac", damping=1e-3, modules=[r"q_proj", r"down_proj"], fisher="empirical",
                          fisher_samples=2, batch_size=3, query_rank=4, dtype="float64", per_layer=True,
-                         chunk_rows=9, padding_side="left", seed=7, covariance_max_rows=11, progress=False)
+                         chunk_rows=9, padding_side="left", seed=7, covariance_max_rows=11, range_rtol=1e-6,
+                         progress=False)
     assert InfluenceArgs.from_json(json.loads(json.dumps(args.to_json()))) == args
     assert InfluenceArgs.from_json(InfluenceArgs().to_json()) == InfluenceArgs()
     with pytest.raises(LancetError, match="bogus"):
@@ -540,6 +558,7 @@ def test_args_json_round_trip():
     ("method", "tracin"), ("damping", -1.0), ("damping", float("nan")), ("damping", float("inf")),
     ("fisher", "true"), ("dtype", "float16"), ("batch_size", 0), ("chunk_rows", 0), ("fisher_samples", 0),
     ("padding_side", "middle"), ("query_rank", 0), ("covariance_max_rows", 0), ("lambda_max_rows", 0),
+    ("range_rtol", -0.1), ("range_rtol", 1.0),
 ])
 def test_args_reject_invalid_values(field, value):
     with pytest.raises(LancetError, match=field):

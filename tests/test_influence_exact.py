@@ -177,6 +177,21 @@ def test_range_eigh_recovers_the_range_of_a_low_rank_factor():
     assert torch.allclose(vecs @ torch.diag(vals) @ vecs.T, m, atol=1e-9)
 
 
+@pytest.mark.parametrize("rank_bound", [3, 64])  # the range finder path, and a full eigh
+def test_range_eigh_cut_default_and_rtol(rank_bound):
+    """Eigenvalues 1, 1e-4, 1e-6 in float32 at width 64: the default cut (64 x eps32 x 10 = 7.6e-5 of the largest)
+    keeps two directions, rtol=1e-7 all three, rtol=1e-3 one."""
+    from lancet.curvature.estimators import _range_eigh
+
+    q = _orthonormal(64, 3, 1)
+    m = (q @ torch.diag(torch.tensor([1.0, 1e-4, 1e-6], dtype=torch.float64)) @ q.T).float()
+    for rtol, kept in ((None, 2), (1e-7, 3), (1e-3, 1)):
+        vals, vecs = _range_eigh(m, rank_bound=rank_bound, rtol=rtol)
+        assert vals.shape == (kept,) and vecs.shape == (64, kept)
+        assert torch.allclose(vals.double(), torch.tensor([1e-6, 1e-4, 1.0], dtype=torch.float64)[-kept:],
+                              rtol=1e-3)
+
+
 def test_truncated_svd_is_exact_on_low_rank_and_near_optimal_otherwise():
     """The randomized path (rank + oversampling < min(out, in)): an exactly rank-5 batch is recovered to rounding;
     on a decaying spectrum its rank-5 error is within 1 % of the optimal (Eckart-Young) error."""

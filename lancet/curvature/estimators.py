@@ -41,13 +41,19 @@ def _sym_eigh(m: torch.Tensor, fill: torch.Tensor | None = None) -> tuple[torch.
 RANGE_OVERSAMPLE = 8  # extra columns of the range finder beyond the rank bound (Halko, Martinsson & Tropp 2011)
 
 
-def _range_eigh(m: torch.Tensor, rank_bound: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+RANGE_ROUNDING_FACTOR = 10  # default cut of a range: max eigenvalue x width x eps of the factor's dtype x this
+
+
+def _range_eigh(m: torch.Tensor, rank_bound: int, seed: int = 0, rtol: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenpairs of the range of a PSD factor that is a sum of at most ``rank_bound`` outer products.
 
     When ``rank_bound + RANGE_OVERSAMPLE`` is below the width, a seeded Gaussian range finder gives an orthonormal
     basis Q of the range (exact when the rank is at most the bound: no power iterations are needed) and the
     eigenpairs come from the small matrix Q^T M Q: O(d^2 r) instead of O(d^3). Otherwise a full eigh. Directions
-    with eigenvalue at rounding level are dropped: they are the null space, which LinFAC treats as one block."""
+    with eigenvalue at rounding level are dropped: they are the null space, which LinFAC treats as one block.
+    ``rtol``: drop those below rtol x the largest instead (default: width x eps x RANGE_ROUNDING_FACTOR, which on
+    SmolLM2's steep input factors also drops real directions: docs/method.md §2.3)."""
     m = 0.5 * (m + m.T)
     md, d = m.double(), m.shape[0]
     r = rank_bound + RANGE_OVERSAMPLE
@@ -58,7 +64,8 @@ def _range_eigh(m: torch.Tensor, rank_bound: int, seed: int = 0) -> tuple[torch.
         vecs = q @ small
     else:
         vals, vecs = torch.linalg.eigh(md)
-    tol = float(vals.abs().max()) * d * torch.finfo(m.dtype).eps * 10
+    rel = d * torch.finfo(m.dtype).eps * RANGE_ROUNDING_FACTOR if rtol is None else rtol
+    tol = float(vals.abs().max()) * rel
     keep = vals > tol
     return vals[keep].to(m.dtype), vecs[:, keep].contiguous().to(m.dtype)
 
@@ -71,6 +78,7 @@ class Estimator:
     # bumped when what an estimator stores changes: stored curvature of another format is refused, not misread
     format_version: ClassVar[int] = 1
     uses_gradients: ClassVar[bool] = True
+    range_rtol: float | None = None  # LinFAC's range cut (InfluenceArgs.range_rtol), set by fit_curvature
     # estimators with the same family run the same first pass and keep the same state keys from it, so a fit can
     # take that state from a finished sibling fit (fit.py: _borrow_first_pass) instead of running the pass again
     first_pass_family: ClassVar[str | None] = None
@@ -266,7 +274,7 @@ class LinFAC(KFACReduce):
     format_version = 2  # 1: full eigenbases with a filled null space
 
     def factor_eigh(self, m, stats, side):
-        return _range_eigh(m, int(stats["outer"]))
+        return _range_eigh(m, int(stats["outer"]), rtol=self.range_rtol)
 
     def new_stats(self, pass_name, shape, dtype, state=None):
         if pass_name == "covariance":

@@ -100,6 +100,7 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
     state and each pass's partial sums are stored there and reused on a matching rerun."""
     dist.init_from_env()
     estimator = get_estimator(args.method)
+    estimator.range_rtol = getattr(args, "range_rtol", None)
     layers = find_tracked_layers(model, args.modules)
     state: dict[str, Stats] = {layer.name: {} for layer in layers}
     out = Path(out_dir) if out_dir is not None else None
@@ -111,7 +112,7 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
                 "data": data_fingerprint(train), "n_rows": len(train), "layers": [layer.name for layer in layers],
                 "args": args.fingerprint_dict(("method", "modules", "fisher", "fisher_samples", "dtype", "bf16",
                                                "seed", "batch_size", "covariance_max_rows",
-                                               "lambda_max_rows"))}
+                                               "lambda_max_rows", "range_rtol"))}
         check_or_write_meta(out / "meta.json", meta, write=dist.is_main())
         final = out / "curvature.safetensors"
         found = final.is_file()

@@ -31,6 +31,9 @@ class InfluenceArgs:
     covariance_max_rows: int | None = None  # fit the covariance pass on a seeded subset of this many rows
     lambda_max_rows: int | None = None  # fit the eigenvalue correction on a seeded subset of this many rows
     padding_side: str = "right"  # scores do not depend on it (positions are counted over real tokens)
+    # LinFAC: drop range directions with eigenvalue below this fraction of the largest (None: rounding level,
+    # width x eps x 10, which also drops real directions of steep factors; docs/method.md §2.3)
+    range_rtol: float | None = None
     # what the query gradient differentiates (lancet.influence.measurement): "answer", "first_tokens:K", or the
     # NAME@VERSION of a user Measurement passed to Influence(..., measurement=...)
     measurement: str = "answer"
@@ -57,6 +60,8 @@ class InfluenceArgs:
                 raise LancetError(f"invalid {key}={getattr(self, key)!r}: must be >= 1")
         if self.padding_side not in ("left", "right"):
             raise LancetError(f"invalid padding_side={self.padding_side!r}; choose left or right")
+        if self.range_rtol is not None and not (0 <= self.range_rtol < 1):
+            raise LancetError(f"invalid range_rtol={self.range_rtol!r}: use 0 <= range_rtol < 1, or None")
         if self.query_rank is not None and self.query_rank < 1:
             raise LancetError(f"invalid query_rank={self.query_rank!r}: must be >= 1 or None")
         from lancet.influence.measurement import check_spec
@@ -87,6 +92,7 @@ class InfluenceArgs:
         # defaults of options added later are not hashed: artifacts stored before they existed stay valid
         if data["measurement"] == "answer":
             del data["measurement"]
-        if data["covariance_max_rows"] is None:
-            del data["covariance_max_rows"]
+        for key in ("covariance_max_rows", "range_rtol"):
+            if data[key] is None:
+                del data[key]
         return data if keys is None else {k: data[k] for k in keys if k in data}
