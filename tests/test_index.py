@@ -277,6 +277,13 @@ def test_safety_index_recall_at_full_rank_is_full_linfac(tiny_tokenizer, tmp_pat
         assert at_full["average_precision"] == out["full"]["linfac"]["average_precision"]
         assert at_full["ap_by_tier"] == out["full"]["linfac"]["ap_by_tier"]
         assert 0.0 < out["indexes"][projection]["rank_2"]["average_precision"] <= 1.0
+    ablation = bench.range_ablation(seed_dir, preset, [None, 0.3], bf16=False, progress=False)
+    assert set(ablation) == {"default", "0.3"}
+    coarse, default = ablation["0.3"]["ranges"], ablation["default"]["ranges"]
+    assert coarse["layers"] == default["layers"] and coarse["median_A"] + coarse["median_S"] < (
+        default["median_A"] + default["median_S"])
+    assert all(0.0 < row["average_precision"] <= 1.0 for row in ablation.values())
+    assert (seed_dir / "influence-range-0.3" / "curvature" / "linfac" / "meta.json").is_file()
 
 
 def test_spearman_and_top_overlap_known_answers():
