@@ -49,13 +49,20 @@ def measure(record: dict, key: str):
                        "peak_above_start_gib": round((peak[0] - start_rss) / 1024**3, 3)}
 
 
-def environment() -> dict:
+def environment(bf16: bool | None = None) -> dict:
+    """The machine and library versions; "precision" is this machine's own choice, or with ``bf16`` the one the
+    benchmark was told to use (the machine's choice then kept beside it)."""
     from lancet.hardware import choose_precision
 
     precision = choose_precision("auto")
-    return {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "precision": precision.name, "precision_reason": precision.reason}
+    env = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+           "precision": precision.name, "precision_reason": precision.reason}
+    used = None if bf16 is None else ("bf16" if bf16 else "fp32")
+    if used is not None and used != precision.name:
+        env.update(precision=used, precision_reason=f"set by the benchmark's options; this machine alone would "
+                   f"choose {precision.name} ({precision.reason})")
+    return env
 
 
 def write_result(name: str, payload: dict) -> Path:

@@ -137,7 +137,7 @@ def main() -> None:
                          progress=not ns.quiet)
     run = Influence(model, args, out_dir=run_dir / "influence")
     timed = Timings(run_dir / "timings.json")
-    out: dict = {"env": environment(), "n_rows": len(train), "n_hh": ns.hh_rows, "n_benchmark_rows": len(mix),
+    out: dict = {"env": environment(ns.bf16), "n_rows": len(train), "n_hh": ns.hh_rows, "n_benchmark_rows": len(mix),
                  "n_iqs": len(iqs), "max_length": MAX_LENGTH, "lambda_rows": ns.lambda_rows, "bf16": ns.bf16,
                  "seconds": {}, "indexes": {}}
     sec = out["seconds"]

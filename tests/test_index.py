@@ -227,6 +227,7 @@ def test_index_speed_benchmark_runs_end_to_end(tiny_tokenizer, tmp_path, monkeyp
     bench.main()
     out = json.loads((tmp_path / "results" / "index_speed.json").read_text())
     assert out["n_rows"] == 14 and set(out["indexes"]) == {"eigen", "random"}
+    assert out["env"]["precision"] == "fp32" and out["bf16"] is False  # what ran, whatever this machine prefers
     for name in ("eigen", "random"):
         full = out["indexes"][name]["rank_64"]
         assert full["spearman"] > 0.999 and full["query_energy_kept"] == pytest.approx(1.0, abs=1e-6)
