@@ -65,26 +65,34 @@ def test_eigen_queries_projected_first_equal_preconditioned_first(setup, tmp_pat
     """Below full rank the kept directions of an eigen index are eigendirections of the preconditioner, so the fast
     path (project the query's (a, g) pairs, divide by the kept eigenvalues + damping) equals preconditioning the
     full gradient and projecting it (the path ``kept=`` forces), at the built rank and at a lower query rank."""
-    from lancet.influence.index import has_fast_path, index_curvature, project_queries
+    from lancet.influence.index import fast_path_share, index_curvature, project_queries
 
     model, train, queries = setup
     run = Influence(model, args(method), out_dir=tmp_path / "run")
     run.fit(train)
     run.build_index(train, tmp_path / "index", IndexArgs(rank=4, rank_by=rank_by, dtype="float64", progress=False))
     curvature = index_curvature(tmp_path / "index", model)
-    assert has_fast_path(curvature, tmp_path / "index", run.args)
+    assert fast_path_share(curvature, tmp_path / "index", run.args) == 1.0
     for rank in (None, 2):
         fast = project_queries(model, curvature, queries, tmp_path / "index", run.args, rank=rank)
         slow = project_queries(model, curvature, queries, tmp_path / "index", run.args, rank=rank, kept={})
         assert set(fast) == set(slow)
         for name in slow:
             torch.testing.assert_close(fast[name], slow[name], rtol=1e-8, atol=1e-10 * float(slow[name].abs().max()))
-    # with fewer range directions than the rank, random directions complete LinFAC's: no fast path
-    if method == "linfac":
-        run.build_index(train, tmp_path / "wide", IndexArgs(rank=16, dtype="float64", progress=False))
+    # with fewer range directions than the rank, random directions complete LinFAC's: those layers are
+    # preconditioned at full size, the others projected first, and the two together equal the full-size path
+    if method == "linfac":  # a coarse range cut leaves 3-10 directions per side, so rank 6 completes some layers
+        from dataclasses import replace
+
+        coarse = Influence(model, replace(args(method), range_rtol=0.01), out_dir=tmp_path / "coarse")
+        coarse.build_index(train, tmp_path / "wide", IndexArgs(rank=6, dtype="float64", progress=False))
         wide = index_curvature(tmp_path / "wide", model)
-        assert not has_fast_path(wide, tmp_path / "wide", run.args) and has_fast_path(wide, tmp_path / "wide",
-                                                                                      run.args, rank=2)
+        share = fast_path_share(wide, tmp_path / "wide", run.args)
+        assert 0.0 < share < 1.0 and fast_path_share(wide, tmp_path / "wide", run.args, rank=3) == 1.0
+        mixed = project_queries(model, wide, queries, tmp_path / "wide", run.args)
+        slow = project_queries(model, wide, queries, tmp_path / "wide", run.args, kept={})
+        for name in slow:
+            torch.testing.assert_close(mixed[name], slow[name], rtol=1e-8, atol=1e-10 * float(slow[name].abs().max()))
 
 
 def test_half_precision_storage_and_truncation(setup, tmp_path):
@@ -233,8 +241,8 @@ def test_index_speed_benchmark_runs_end_to_end(tiny_tokenizer, tmp_path, monkeyp
         assert full["spearman"] > 0.999 and full["query_energy_kept"] == pytest.approx(1.0, abs=1e-6)
         assert out["indexes"][name]["rank_2"]["query_energy_kept"] < 1.0
     low = out["indexes"]["eigen"]["rank_2"]  # LinFAC's range (14 rows) holds 2 directions: projected first
-    assert low["fast_path"] and low["fast_path_max_rel_diff"] < 1e-4
-    assert not out["indexes"]["random"]["rank_2"]["fast_path"]
+    assert low["fast_path_share"] == 1.0 and low["fast_path_max_rel_diff"] < 1e-4
+    assert out["indexes"]["random"]["rank_2"]["fast_path_share"] == 0.0
     text = bench.table(out)
     assert text.count("\n| eigen | ") == 2 and text.count("\n| random | ") == 2 and "over 14 rows" in text
     seen = json.loads((tmp_path / "run" / "timings.json").read_text())

@@ -355,13 +355,17 @@ def project_queries(model, curvature: Curvature, query_rows: Sequence[dict[str, 
 
     projections = _leading(load_projections(index_dir), rank)
     args = replace(args, query_rank=None)
-    blocks = None if kept is not None else eigen_denominators(curvature, read_meta(index_dir), projections, args)
-    if blocks is not None:
-        small = query_gradients(model, curvature.layers, query_rows, args, measurement, projections=projections)
-        return {name: (small[name] / blocks[name].to(small[name])).cpu() for name in projections}
+    # layers whose kept directions are all eigendirections are projected first and divided (eigen_denominators);
+    # the others are preconditioned at full size, QUERY_CHUNK queries at a time
+    blocks = {} if kept is not None else eigen_denominators(curvature, read_meta(index_dir), projections, args)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in projections}
-    for i in range(0, len(query_rows), QUERY_CHUNK):
-        grads = query_gradients(model, curvature.layers, query_rows[i:i + QUERY_CHUNK], args, measurement)
+    step = QUERY_CHUNK if len(blocks) < len(projections) else max(len(query_rows), 1)
+    for i in range(0, len(query_rows), step):
+        grads = query_gradients(model, curvature.layers, query_rows[i:i + step], args, measurement,
+                                projections={name: projections[name] for name in blocks})
+        for name, denominator in blocks.items():
+            small = grads.pop(name)
+            parts[name].append((small / denominator.to(small)).cpu())
         for name, p in _preconditioned_layers(curvature, grads, args):
             small = project(p, projections[name])
             parts[name].append(small.cpu())
@@ -372,35 +376,36 @@ def project_queries(model, curvature: Curvature, query_rows: Sequence[dict[str, 
 
 
 def eigen_denominators(curvature: Curvature, meta: dict[str, Any], projections: dict[str, dict[str, torch.Tensor]],
-                       args) -> dict[str, torch.Tensor] | None:
-    """{layer: [r_S, r_A] eigenvalue + damping} when every kept direction of an eigen index is an eigendirection of
-    the preconditioner (no random completion), else None. The preconditioner is diagonal in the Kronecker eigenbasis
-    on the (range x range) block these directions span (K-FAC, EK-FAC, K-FAC-reduce; LinFAC's null blocks are
-    orthogonal to them), so P_S^T (F + d)^-1 G P_A = (P_S^T G P_A) / (lambda_kept + d): the query is projected first
-    and divided, with no full-size gradient or preconditioning (``project_queries``'s fast path; tested equal)."""
+                       args) -> dict[str, torch.Tensor]:
+    """{layer: [r_S, r_A] eigenvalue + damping} for the layers of an eigen index whose kept directions are all
+    eigendirections of the preconditioner (no random completion). The preconditioner is diagonal in the Kronecker
+    eigenbasis on the (range x range) block these directions span (K-FAC, EK-FAC, K-FAC-reduce; LinFAC's null
+    blocks are orthogonal to them), so P_S^T (F + d)^-1 G P_A = (P_S^T G P_A) / (lambda_kept + d): the query is
+    projected first and divided, with no full-size gradient or preconditioning (``project_queries``; tested equal).
+    Empty for a random projection or an estimator without Kronecker eigenbases."""
     index_args = meta["args"]
     if index_args["projection"] != "eigen" or curvature.estimator.unit_gradients:
-        return None
+        return {}
     out = {}
     for name, sides in projections.items():
         state = curvature.state[name]
         vals = curvature.estimator.eigenvalues(state)
         if vals is None or vals.dim() != 2 or "S_vecs" not in state:
-            return None
+            continue
         s_score, a_score = _eigen_scores(curvature, name, index_args["rank_by"])
         keep_s, keep_a = _eigen_keep(s_score, index_args["rank"]), _eigen_keep(a_score, index_args["rank"])
         r_s, r_a = sides["S"].shape[1], sides["A"].shape[1]
         if keep_s.shape[0] < r_s or keep_a.shape[0] < r_a:
-            return None  # completed with random directions: not eigendirections, precondition at full size
+            continue  # completed with random directions: not eigendirections, precondition at full size
         damping = curvature.estimator.damping_for(state, args.damping)
         out[name] = vals[keep_s[:r_s]][:, keep_a[:r_a]].double() + damping
     return out
 
 
-def has_fast_path(curvature: Curvature, index_dir: str | Path, args, rank: int | None = None) -> bool:
-    """Whether ``project_queries`` answers this index at ``rank`` by projecting first (``eigen_denominators``)."""
+def fast_path_share(curvature: Curvature, index_dir: str | Path, args, rank: int | None = None) -> float:
+    """The share of the index's layers that ``project_queries`` answers at ``rank`` by projecting first."""
     projections = _leading(load_projections(index_dir), rank)
-    return eigen_denominators(curvature, read_meta(index_dir), projections, args) is not None
+    return len(eigen_denominators(curvature, read_meta(index_dir), projections, args)) / len(projections)
 
 
 def _leading(projections: dict[str, dict[str, torch.Tensor]], rank: int | None) -> dict[str, dict[str, torch.Tensor]]:

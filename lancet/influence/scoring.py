@@ -49,23 +49,22 @@ def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dic
                     measurement: Measurement | None = None,
                     projections: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:
     """G_q = the gradient of each query's measurement (default: its summed response cross-entropy), per layer:
-    [Q, out, in]; with ``projections`` ({layer: {"S": [out, r_S], "A": [in, r_A]}}) P_S^T G_q P_A [Q, r_S, r_A]
-    instead, from the projected (a, g) pairs, never forming G_q (as the gradient index stores its rows)."""
+    [Q, out, in]; for the layers in ``projections`` ({layer: {"S": [out, r_S], "A": [in, r_A]}}) P_S^T G_q P_A
+    [Q, r_S, r_A] instead, from the projected (a, g) pairs, never forming G_q (as the gradient index stores rows)."""
     measurement = resolve_measurement(measurement if measurement is not None else args.measurement)
     dtype, device = args.stats_dtype, model_device(model)
-    if projections is None:
-        grads = {layer.name: torch.zeros(len(queries), *layer.shape, dtype=dtype, device=device) for layer in layers}
-    else:
-        projections = {name: {k: v.to(device=device, dtype=dtype) for k, v in sides.items()}
-                       for name, sides in projections.items()}
-        grads = {name: torch.zeros(len(queries), sides["S"].shape[1], sides["A"].shape[1], dtype=dtype,
-                                   device=device) for name, sides in projections.items()}
+    projections = {name: {k: v.to(device=device, dtype=dtype) for k, v in sides.items()}
+                   for name, sides in (projections or {}).items()}
+    grads = {layer.name: torch.zeros(len(queries), *((projections[layer.name]["S"].shape[1],
+                                                       projections[layer.name]["A"].shape[1])
+                                                      if layer.name in projections else layer.shape),
+                                     dtype=dtype, device=device) for layer in layers}
     where = {}
 
     def on_grad(layer, a, g):
         start = where["start"]
         a, g = a.to(dtype), g.to(dtype)
-        if projections is not None:
+        if layer.name in projections:
             a, g = a @ projections[layer.name]["A"], g @ projections[layer.name]["S"]
         grads[layer.name][start : start + a.shape[0]] += per_sequence_grads(a, g)
 
