@@ -89,7 +89,7 @@ def table(out: dict) -> str:
     sec = out["seconds"]
     head = ["index", "rank", "build s (fit excluded)", "build / score pass", f"query s ({out['n_iqs']} IQs)",
             "lookup s", "top-100 overlap", "Spearman", f"AP (full LinFAC: {out['reference_ap']:.3f})",
-            "query energy kept", "KB per row"]
+            "query energy kept", "KB per row", "layers projected first"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, built in out["indexes"].items():
         for key in sorted((k for k in built if k.startswith("rank_")), key=lambda k: int(k[5:])):
@@ -97,7 +97,8 @@ def table(out: dict) -> str:
             cells = [name, key[5:], f"{built['build_seconds']:.0f}", f"{built['build_over_score_pass']:.2f}",
                      f"{row['query_seconds']:.1f}", f"{row['lookup_seconds']:.2f}", f"{row['top100_overlap']:.2f}",
                      f"{row['spearman']:.3f}", f"{row['ap']:.3f}", f"{row['query_energy_kept']:.3f}",
-                     f"{row['bytes_per_row'] / 1024:.1f}"]
+                     f"{row['bytes_per_row'] / 1024:.1f}",
+                     f"{row['fast_path_share']:.2f}" if "fast_path_share" in row else "– (all-or-nothing run)"]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\nFull LinFAC: fit {sec['fit']:.0f} s, query weights {sec['reference_weights']:.0f} s, one scoring "
                  f"pass {sec['score_pass']:.0f} s over {out['n_rows']} rows.")
