@@ -65,10 +65,11 @@ def range_sizes(curvature) -> dict:
             "layers_under_8": int((low < 8).sum()), "layers_under_32": int((low < 32).sum())}
 
 
-def range_ablation(seed_dir: Path, preset: sc.Preset, rtols: list[float | None], bf16: bool, progress: bool) -> dict:
+def range_ablation(seed_dir: Path, preset: sc.Preset, rtols: list[float | None], bf16: bool, progress: bool,
+                   loaded=None) -> dict:
     """{rtol: AP, tiers, range sizes, seconds} of LinFAC refitted with each range cut (None: the default, the
-    recall stage's own curvature), scored as the recall stage scores it."""
-    model, train, tier_of, iqs = load_seed(seed_dir, preset)
+    recall stage's own curvature), scored as the recall stage scores it. ``loaded``: ``load_seed``'s result."""
+    model, train, tier_of, iqs = loaded or load_seed(seed_dir, preset)
     out = {}
     for rtol in rtols:
         args = InfluenceArgs(method="linfac", bf16=bf16, batch_size=8, lambda_max_rows=preset.lambda_max_rows,
@@ -85,8 +86,9 @@ def range_ablation(seed_dir: Path, preset: sc.Preset, rtols: list[float | None],
     return out
 
 
-def seed_recall(seed_dir: Path, preset: sc.Preset, ranks: list[int], bf16: bool, progress: bool) -> dict:
-    model, train, tier_of, iqs = load_seed(seed_dir, preset)
+def seed_recall(seed_dir: Path, preset: sc.Preset, ranks: list[int], bf16: bool, progress: bool,
+                loaded=None) -> dict:
+    model, train, tier_of, iqs = loaded or load_seed(seed_dir, preset)
     # the recall stage's own LinFAC arguments, so its cached curvature is reused
     args = InfluenceArgs(method="linfac", bf16=bf16, batch_size=8, lambda_max_rows=preset.lambda_max_rows,
                          per_layer=True, progress=progress)
@@ -134,11 +136,13 @@ def main() -> None:
     path = RESULTS / f"{name}.json"
     result = json.loads(path.read_text()) if path.is_file() else {"seeds": {}}
     entry = result["seeds"].setdefault(str(ns.seed), {})
+    preset = sc.PRESETS[ns.preset]
+    loaded = load_seed(seed_dir, preset)  # once for both measurements
     if not ns.no_index:
-        entry.update(seed_recall(seed_dir, sc.PRESETS[ns.preset], ranks, bf16, not ns.quiet))
+        entry.update(seed_recall(seed_dir, preset, ranks, bf16, not ns.quiet, loaded))
     if ns.range_rtols:
         rtols = [None] + [float(x) for x in ns.range_rtols.split(",")]
-        entry["range_rtol"] = range_ablation(seed_dir, sc.PRESETS[ns.preset], rtols, bf16, not ns.quiet)
+        entry["range_rtol"] = range_ablation(seed_dir, preset, rtols, bf16, not ns.quiet, loaded)
     result.update({"env": sc.run_environment(run, bf16), "bf16": bf16, "ranks": ranks,
                    "design_seed": 1, "note": "index rankings: seed 1 is where the gain was seen (index_speed), "
                    "seeds 0 and 2 test it; range_rtol: seed 0 is the ablation seed, seeds 1-2 its check"})
