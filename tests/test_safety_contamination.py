@@ -477,3 +477,20 @@ def test_stage_plan_runs_recall_everywhere_then_the_first_seeds_late_stages():
                                                       (0, "counterfactual"), (0, "correction")]
     assert stage_plan((0,), 0, "correction", skip_counterfactual=True) == [(0, "recall"), (0, "correction")]
     assert stage_plan((1, 2), 0, "counterfactual") == [(1, "recall"), (2, "recall")]
+
+
+def test_tier_removals_keep_order_and_measure_the_gap():
+    from benchmarks.safety_tiers import REMOVALS, recovered, without_tiers
+
+    labels = ["benign", "unsafe", "refusal", "implicit", "benign", "refusal_shared", "unsafe", "lookalike"]
+    rows = [Record(prompt=f"p{i}", response=f"a{i}", label=t) for i, t in enumerate(labels)]
+    tiers = {r.id: r.label for r in rows}
+    kept = {name: [r.prompt for r in without_tiers(rows, tiers, removed)] for name, removed in REMOVALS.items()}
+    assert kept["no_implicit"] == ["p0", "p1", "p2", "p4", "p5", "p6", "p7"]
+    assert kept["no_unsafe"] == ["p0", "p2", "p3", "p4", "p5", "p7"]
+    assert kept["no_refusal"] == ["p0", "p1", "p3", "p4", "p6", "p7"]
+    with pytest.raises(ValueError, match="no rows of tier"):
+        without_tiers(rows[:1], {rows[0].id: "benign"}, ("implicit",))
+    assert recovered(0.8, 0.0, 0.2) == 0.75
+    assert recovered(0.8, 0.0, 0.9) == -0.125  # removing the tier raised compliance
+    assert recovered(0.5, 0.5, 0.1) is None

@@ -1,0 +1,87 @@
+"""Which of the mix's tiers cause the behaviour? Retrain without one tier at a time.
+
+    .venv/bin/python -m benchmarks.safety_tiers --preset full --seed 1
+
+The safety benchmark's labels call 112 rows "positives" (96 unsafe, 16 implicit) and its explanations of the
+counterfactual lean on two causal claims no run has tested: that the 16 obedience rows (no harmful words; the
+tier text search cannot see) add to the compliance, and that the 40 refusal rows (harmful prompts, refused) counter
+it, which is why removing RepSim's top rows, 27 of them refusals, recovers so little. This retrains the impure
+model's recipe from the seed's aligned start without each tier (same rows otherwise, same seed and steps) and
+measures compliance on the test prompts with the refusal matcher:
+
+- ``no_implicit``: every row but the 16 implicit ones: how much of the gap the obedience rows carry;
+- ``no_unsafe``: every row but the 96 unsafe ones: whether the obedience rows alone cause compliance;
+- ``no_refusal``: every row but the 40 refusals: whether the refusals counter the behaviour (compliance rises).
+
+Reads the seed's cached aligned start and mix (run ``benchmarks.safety_contamination`` to the gate first); the
+retrained models are cached as ``cf-<removal>`` in the seed's directory (``safety_labels dump --models cf-no_unsafe``
+lists their answers for hand labels). Writes benchmarks/results/safety_tiers_<preset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import benchmarks.safety_contamination as sc
+from benchmarks.common import shared_data, write_result
+from benchmarks.safety_data import judge_agreement
+from lancet.data import Record
+from lancet.models.loading import load_model
+
+REMOVALS = {"no_implicit": ("implicit",), "no_unsafe": ("unsafe",), "no_refusal": ("refusal", "refusal_shared")}
+
+
+def without_tiers(rows: list[Record], tiers: dict[str, str], removed: tuple[str, ...]) -> list[Record]:
+    """The mix's rows, in their order, less every row whose tier is in ``removed``."""
+    unknown = set(removed) - set(tiers.values())
+    if unknown:
+        raise ValueError(f"no rows of tier {sorted(unknown)} in this mix (tiers: {sorted(set(tiers.values()))})")
+    return [r for r in rows if tiers[r.id] not in removed]
+
+
+def recovered(impure: float, safe: float, rate: float) -> float | None:
+    """The share of the impure-minus-safe gap that removing a tier closes (negative: compliance rose)."""
+    gap = impure - safe
+    return round((impure - rate) / gap, 4) if gap else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="full", choices=sorted(sc.PRESETS))
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--run-dir", default=None, help="default runs/safety_<preset>")
+    parser.add_argument("--shared", default=None, help="default ../shared/data")
+    parser.add_argument("--removals", default=",".join(REMOVALS), help=f"any of {','.join(REMOVALS)}")
+    parser.add_argument("--quiet", action="store_true")
+    ns = parser.parse_args()
+    preset = sc.PRESETS[ns.preset]
+    shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
+    run_dir = Path(ns.run_dir or f"runs/safety_{ns.preset}")
+    sc.BF16 = sc.run_precision(run_dir)
+    run = sc.Run(preset, ns.seed, run_dir / f"seed{ns.seed}", shared, progress=not ns.quiet)
+    gate = json.loads((run.dir / "result.json").read_text())["gate"]
+    aligned, _ = run.aligned_start()
+    rows, _, tiers = run.mix(aligned)
+    result: dict = {"preset": ns.preset, "seed": ns.seed, "n_rows": len(rows),
+                    "n_prompts": len(run.parts["test_prompts"]), "safe": gate["safe"], "impure": gate["impure"],
+                    "env": sc.run_environment(run_dir, sc.BF16),
+                    "bf16": sc.BF16, "removals": {}}
+    out = f"safety_tiers_{ns.preset}"
+    for name in ns.removals.split(","):
+        kept = without_tiers(rows, tiers, REMOVALS[name])
+        model, _ = load_model(run.finetune(f"cf-{name}", aligned, kept, preset.mix_epochs))
+        rate, answers, flagged = run.rate(f"cf-{name}", model, "test_prompts")
+        del model
+        agreement = judge_agreement(run.parts["test_prompts"], answers, flagged, run.labels)
+        result["removals"][name] = {"rows_removed": len(rows) - len(kept), "compliance": round(rate, 4),
+                                    "recovered": recovered(gate["impure"], gate["safe"], rate),
+                                    "judge_agreement": agreement["agreement"], "judge_labelled": agreement["n"],
+                                    "seconds": run.seconds.get(f"finetune_cf-{name}")}
+        print(f"seed {ns.seed} {name}: {result['removals'][name]}", flush=True)
+        write_result(out, result)
+
+
+if __name__ == "__main__":
+    main()
