@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import RESULTS, write_result
 from benchmarks.safety_contamination import OPENING_WORDS, TIERS, opening
 from lancet.artifacts import load_tensors
 from lancet.data.readers import read_records
@@ -113,11 +113,15 @@ def main() -> None:
     names = [layer.name for layer in find_tracked_layers(model, "blocks")]
     del model
     run = Path(ns.run_dir or f"runs/safety_{ns.preset}")
-    seeds = {}
+    # seeds diagnosed earlier whose run directory is gone (a lost machine) keep their numbers
+    earlier = RESULTS / f"safety_diagnose_{ns.preset}.json"
+    seeds = json.loads(earlier.read_text())["seeds"] if earlier.is_file() else {}
+    found = False
     for seed_dir in sorted(run.glob("seed*")):
         if (seed_dir / "rankings.json").is_file() and (seed_dir / "influence" / "scores").is_dir():
             seeds[seed_dir.name] = {"openings": openings_table(seed_dir), "layers": seed_table(seed_dir, names)}
-    if not seeds:
+            found = True
+    if not found:
         raise SystemExit(f"{run}: no seed with stored scores; run benchmarks.safety_contamination first")
     write_result(f"safety_diagnose_{ns.preset}", {"preset": ns.preset, "seeds": seeds,
                                                   "note": "seed0 was read before these diagnoses were written down"})
