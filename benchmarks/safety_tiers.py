@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 import benchmarks.safety_contamination as sc
-from benchmarks.common import shared_data, write_result
+from benchmarks.common import RESULTS, shared_data, write_result
 from benchmarks.safety_data import judge_agreement
 from lancet.data import Record
 from lancet.models.loading import load_model
@@ -69,6 +69,10 @@ def main() -> None:
                     "env": sc.run_environment(run_dir, sc.BF16),
                     "bf16": sc.BF16, "removals": {}}
     out = f"safety_tiers_{ns.preset}"
+    # a rerun reads the cached models back in seconds: keep each fine-tune's duration as first measured
+    earlier = RESULTS / f"{out}.json"
+    before = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    before = before.get("removals", {}) if before.get("seed") == ns.seed else {}
     for name in ns.removals.split(","):
         kept = without_tiers(rows, tiers, REMOVALS[name])
         model, _ = load_model(run.finetune(f"cf-{name}", aligned, kept, preset.mix_epochs))
@@ -78,7 +82,8 @@ def main() -> None:
         result["removals"][name] = {"rows_removed": len(rows) - len(kept), "compliance": round(rate, 4),
                                     "recovered": recovered(gate["impure"], gate["safe"], rate),
                                     "judge_agreement": agreement["agreement"], "judge_labelled": agreement["n"],
-                                    "seconds": run.seconds.get(f"finetune_cf-{name}")}
+                                    "seconds": max(run.seconds.get(f"finetune_cf-{name}", 0.0),
+                                                   before.get(name, {}).get("seconds") or 0.0)}
         print(f"seed {ns.seed} {name}: {result['removals'][name]}", flush=True)
         write_result(out, result)
 
