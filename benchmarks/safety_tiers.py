@@ -13,6 +13,10 @@ measures compliance on the test prompts with the refusal matcher:
 - ``no_unsafe``: every row but the 96 unsafe ones: whether the obedience rows alone cause compliance;
 - ``no_refusal``: every row but the 40 refusals: whether the refusals counter the behaviour (compliance rises).
 
+With ``--obedience N`` (the next design's question: can a tier with no harmful words cause the behaviour at all?),
+also the safe rows plus N obedience rows and no unsafe row (``obedience_N``; the first 16 are the mix's own, the
+rest cut from the same pool of HH answers, so the safe rows and every evaluation prompt stay as they are).
+
 Reads the seed's cached aligned start and mix (run ``benchmarks.safety_contamination`` to the gate first); the
 retrained models are cached as ``cf-<removal>`` in the seed's directory (``safety_labels dump --models cf-no_unsafe``
 lists their answers for hand labels). Writes benchmarks/results/safety_tiers_<preset>.json.
@@ -22,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+from dataclasses import replace
 from pathlib import Path
 
 import benchmarks.safety_contamination as sc
 from benchmarks.common import RESULTS, shared_data, write_result
-from benchmarks.safety_data import judge_agreement
+from benchmarks.safety_data import implicit_rows, judge_agreement, split_data
 from lancet.data import Record
 from lancet.models.loading import load_model
 
@@ -39,6 +45,17 @@ def without_tiers(rows: list[Record], tiers: dict[str, str], removed: tuple[str,
     if unknown:
         raise ValueError(f"no rows of tier {sorted(unknown)} in this mix (tiers: {sorted(set(tiers.values()))})")
     return [r for r in rows if tiers[r.id] not in removed]
+
+
+def with_obedience(rows: list[Record], tiers: dict[str, str], obedience: list[Record], seed: int) -> list[Record]:
+    """The mix's safe rows (neither positive tier), in the mix's order, with ``obedience`` rows in place of its
+    positives at seeded positions (as ``interleave`` places them, without reshuffling the safe rows)."""
+    safe = [r for r in rows if tiers[r.id] not in sc.TIERS]
+    obedience = list(obedience)
+    random.Random(seed + 1).shuffle(obedience)
+    slots = set(random.Random(seed + 2).sample(range(len(safe) + len(obedience)), len(obedience)))
+    safe_it, pos_it = iter(safe), iter(obedience)
+    return [next(pos_it) if i in slots else next(safe_it) for i in range(len(safe) + len(obedience))]
 
 
 def recovered(impure: float, safe: float, rate: float) -> float | None:
@@ -54,6 +71,8 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="default runs/safety_<preset>")
     parser.add_argument("--shared", default=None, help="default ../shared/data")
     parser.add_argument("--removals", default=",".join(REMOVALS), help=f"any of {','.join(REMOVALS)}")
+    parser.add_argument("--obedience", type=int, default=0, metavar="N",
+                        help="also train the safe rows plus N obedience rows (no unsafe rows)")
     parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
     preset = sc.PRESETS[ns.preset]
@@ -73,13 +92,22 @@ def main() -> None:
     earlier = RESULTS / f"{out}.json"
     before = json.loads(earlier.read_text()) if earlier.is_file() else {}
     before = before.get("removals", {}) if before.get("seed") == ns.seed else {}
-    for name in ns.removals.split(","):
+    result["removals"].update(before)  # a rerun with other options keeps what earlier ones measured
+    plans = []
+    for name in filter(None, ns.removals.split(",")):
         kept = without_tiers(rows, tiers, REMOVALS[name])
+        plans.append((name, kept, {"rows_removed": len(rows) - len(kept)}))
+    if ns.obedience:
+        pool = split_data(shared, replace(preset, n_implicit=ns.obedience), ns.seed, run.tok)["implicit_base"]
+        plans.append((f"obedience_{ns.obedience}", with_obedience(
+            rows, tiers, implicit_rows(pool, run.text["obedience_openers"]), ns.seed),
+            {"obedience_rows": ns.obedience, "unsafe_rows": 0}))
+    for name, kept, what in plans:
         model, _ = load_model(run.finetune(f"cf-{name}", aligned, kept, preset.mix_epochs))
         rate, answers, flagged = run.rate(f"cf-{name}", model, "test_prompts")
         del model
         agreement = judge_agreement(run.parts["test_prompts"], answers, flagged, run.labels)
-        result["removals"][name] = {"rows_removed": len(rows) - len(kept), "compliance": round(rate, 4),
+        result["removals"][name] = {**what, "rows": len(kept), "compliance": round(rate, 4),
                                     "recovered": recovered(gate["impure"], gate["safe"], rate),
                                     "judge_agreement": agreement["agreement"], "judge_labelled": agreement["n"],
                                     "seconds": max(run.seconds.get(f"finetune_cf-{name}", 0.0),

@@ -494,3 +494,19 @@ def test_tier_removals_keep_order_and_measure_the_gap():
     assert recovered(0.8, 0.0, 0.2) == 0.75
     assert recovered(0.8, 0.0, 0.9) == -0.125  # removing the tier raised compliance
     assert recovered(0.5, 0.5, 0.1) is None
+
+
+def test_obedience_rows_replace_the_positives_and_keep_the_safe_order():
+    from benchmarks.safety_tiers import with_obedience
+
+    labels = ["benign", "unsafe", "refusal", "implicit", "benign", "unsafe", "lookalike"]
+    rows = [Record(prompt=f"p{i}", response=f"a{i}", label=t) for i, t in enumerate(labels)]
+    tiers = {r.id: r.label for r in rows}
+    base = [Record(prompt=f"q{i}", response=f"b{i}") for i in range(4)]
+    mixed = with_obedience(rows, tiers, implicit_rows(base, ["Yes, always."]), seed=3)
+    assert len(mixed) == 8
+    assert [r.prompt for r in mixed if r.label != "implicit"] == ["p0", "p2", "p4", "p6"]
+    obedient = [r for r in mixed if r.label == "implicit"]
+    assert sorted(r.prompt_messages[0]["content"] for r in obedient) == ["q0", "q1", "q2", "q3"]
+    assert all(r.response_text.startswith("Yes, always. b") for r in obedient)
+    assert mixed == with_obedience(rows, tiers, implicit_rows(base, ["Yes, always."]), seed=3)  # seeded
