@@ -265,7 +265,7 @@ class Run:
     """One seed's stages, each cached under ``dir`` (models by ``finetune``'s own reuse, answers as JSON)."""
 
     def __init__(self, preset: Preset, seed: int, run_dir: Path, shared: Path, progress: bool):
-        self.p, self.seed, self.dir, self.progress = preset, seed, run_dir, progress
+        self.p, self.seed, self.dir, self.shared, self.progress = preset, seed, run_dir, shared, progress
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tok = load_tokenizer(DEFAULT_MODEL)
         self.parts = split_data(shared, preset, seed, self.tok)
@@ -740,6 +740,26 @@ def run_environment(run_dir: Path, bf16: bool) -> dict:
                                    f"{env['precision']} ({env['precision_reason']})")
         env["precision"] = pinned
     return env
+
+
+def seed_arguments(parser: argparse.ArgumentParser, default_seed: int) -> None:
+    """The options of a script that reads one seed of a run (``open_seed``)."""
+    parser.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=default_seed)
+    parser.add_argument("--run-dir", default=None, help="default runs/safety_<preset>")
+    parser.add_argument("--shared", default=None, help="default ../shared/data")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def open_seed(ns: argparse.Namespace) -> tuple[Preset, Path, Run]:
+    """(preset, run directory, the seed's Run) for ``seed_arguments``' options, at the run directory's pinned
+    precision."""
+    global BF16
+    preset = PRESETS[ns.preset]
+    shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
+    run_dir = Path(ns.run_dir or f"runs/safety_{ns.preset}")
+    BF16 = run_precision(run_dir)
+    return preset, run_dir, Run(preset, ns.seed, run_dir / f"seed{ns.seed}", shared, progress=not ns.quiet)
 
 
 def run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str, progress: bool) -> dict:

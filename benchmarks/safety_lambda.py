@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import benchmarks.safety_contamination as sc
-from benchmarks.common import environment, shared_data, write_result
+from benchmarks.common import environment, write_result
 from lancet.artifacts import load_tensors
 from lancet.data import encode_records
 from lancet.influence import Influence, InfluenceArgs
@@ -44,18 +44,10 @@ def borrow_covariance(main_influence: Path, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="full", choices=sorted(sc.PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--run-dir", default=None, help="default runs/safety_<preset>")
-    parser.add_argument("--shared", default=None, help="default ../shared/data")
+    sc.seed_arguments(parser, default_seed=0)
     parser.add_argument("--methods", default="linfac,ekfac")
-    parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
-    preset = sc.PRESETS[ns.preset]
-    shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
-    run_dir = Path(ns.run_dir or f"runs/safety_{ns.preset}")
-    sc.BF16 = sc.run_precision(run_dir)
-    run = sc.Run(preset, ns.seed, run_dir / f"seed{ns.seed}", shared, progress=not ns.quiet)
+    preset, _, run = sc.open_seed(ns)
     main_rankings = run.dir / "rankings.safetensors"
     if not main_rankings.is_file():
         raise SystemExit(f"{main_rankings}: missing; run benchmarks.safety_contamination --preset {ns.preset} first")

@@ -28,10 +28,9 @@ import argparse
 import json
 import random
 from dataclasses import replace
-from pathlib import Path
 
 import benchmarks.safety_contamination as sc
-from benchmarks.common import RESULTS, shared_data, write_result
+from benchmarks.common import RESULTS, write_result
 from benchmarks.safety_data import implicit_rows, judge_agreement, split_data
 from lancet.data import Record
 from lancet.models.loading import load_model
@@ -66,20 +65,12 @@ def recovered(impure: float, safe: float, rate: float) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="full", choices=sorted(sc.PRESETS))
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--run-dir", default=None, help="default runs/safety_<preset>")
-    parser.add_argument("--shared", default=None, help="default ../shared/data")
+    sc.seed_arguments(parser, default_seed=1)
     parser.add_argument("--removals", default=",".join(REMOVALS), help=f"any of {','.join(REMOVALS)}")
     parser.add_argument("--obedience", type=int, default=0, metavar="N",
                         help="also train the safe rows plus N obedience rows (no unsafe rows)")
-    parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
-    preset = sc.PRESETS[ns.preset]
-    shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
-    run_dir = Path(ns.run_dir or f"runs/safety_{ns.preset}")
-    sc.BF16 = sc.run_precision(run_dir)
-    run = sc.Run(preset, ns.seed, run_dir / f"seed{ns.seed}", shared, progress=not ns.quiet)
+    preset, run_dir, run = sc.open_seed(ns)
     gate = json.loads((run.dir / "result.json").read_text())["gate"]
     aligned, _ = run.aligned_start()
     rows, _, tiers = run.mix(aligned)
@@ -98,7 +89,7 @@ def main() -> None:
         kept = without_tiers(rows, tiers, REMOVALS[name])
         plans.append((name, kept, {"rows_removed": len(rows) - len(kept)}))
     if ns.obedience:
-        pool = split_data(shared, replace(preset, n_implicit=ns.obedience), ns.seed, run.tok)["implicit_base"]
+        pool = split_data(run.shared, replace(preset, n_implicit=ns.obedience), ns.seed, run.tok)["implicit_base"]
         plans.append((f"obedience_{ns.obedience}", with_obedience(
             rows, tiers, implicit_rows(pool, run.text["obedience_openers"]), ns.seed),
             {"obedience_rows": ns.obedience, "unsafe_rows": 0}))
