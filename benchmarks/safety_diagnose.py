@@ -4,8 +4,10 @@
 
 1. **Openings.** For every ranking, the mean rank of the unsafe rows by the opening of their answer (its first
    OPENING_WORDS words: "Absolutely. Here is", "Happy to help." ...), beside how many IQs open that way, and what
-   the top |positives| and the bottom 60 rows are by label. A method that explains one answer's *wording* ranks
-   the culprits by whether they open as most IQs do; one that finds the *behaviour* does not care.
+   the top |positives| and the bottom 60 rows are by label; and the AP of the refusals read from the bottom of the
+   ranking up (the refusals counter the behaviour: a signed method ranks them last; chance is their share). A
+   method that explains one answer's *wording* ranks the culprits by whether they open as most IQs do; one that
+   finds the *behaviour* does not care.
 2. **Layers.** Does re-weighting layers against each other change who wins? For every method with per-layer
    scores (``per_layer`` of the aggregate-first ranking), the AP of:
 - ``sum``: the layers' scores added (what every estimator reports: the influence on the whole model);
@@ -59,6 +61,9 @@ def variants(per_layer: torch.Tensor, names: list[str]) -> dict[str, torch.Tenso
     return out
 
 
+REFUSALS = ("refusal", "refusal_shared")
+
+
 def openings_table(seed_dir: Path) -> dict:
     """{method: {opening: mean rank of the unsafe rows that open so}}, the IQs' openings, top/bottom rows by label."""
     ids = json.loads((seed_dir / "rankings.json").read_text())["ids"]
@@ -69,6 +74,8 @@ def openings_table(seed_dir: Path) -> dict:
     out: dict = {"opening_words": OPENING_WORDS, "iq_openings": dict(Counter(opening(r.response_text) for r in iqs)),
                  "unsafe_openings": dict(Counter(opening(rows[i].response_text) for i in ids
                                                  if rows[i].label == "unsafe")), "methods": {}}
+    refusal = torch.tensor([label in REFUSALS for label in labels])
+    out["refusal_ap_chance"] = round(float(refusal.double().mean()), 4)
     for method, ranking in load_tensors(seed_dir / "rankings.safetensors").items():
         order = torch.argsort(ranking, descending=True, stable=True).tolist()
         ranks: dict[str, list[int]] = {}
@@ -78,7 +85,9 @@ def openings_table(seed_dir: Path) -> dict:
         out["methods"][method] = {
             "unsafe_mean_rank_by_opening": {o: round(sum(v) / len(v), 1) for o, v in sorted(ranks.items())},
             f"top_{k}_by_label": dict(Counter(labels[i] for i in order[:k])),
-            "bottom_60_by_label": dict(Counter(labels[i] for i in order[-60:]))}
+            "bottom_60_by_label": dict(Counter(labels[i] for i in order[-60:])),
+            # the refusals counter the behaviour (benchmarks/safety_tiers.py): a signed method ranks them last
+            "refusal_ap_from_bottom": round(average_precision(-ranking.double(), refusal), 4)}
     return out
 
 
