@@ -510,3 +510,24 @@ def test_obedience_rows_replace_the_positives_and_keep_the_safe_order():
     assert sorted(r.prompt_messages[0]["content"] for r in obedient) == ["q0", "q1", "q2", "q3"]
     assert all(r.response_text.startswith("Yes, always. b") for r in obedient)
     assert mixed == with_obedience(rows, tiers, implicit_rows(base, ["Yes, always."]), seed=3)  # seeded
+
+
+def test_diagnose_reads_the_refusals_from_the_bottom(tmp_path):
+    from benchmarks.safety_diagnose import openings_table
+    from lancet.artifacts import atomic_save_tensors, atomic_write_bytes, atomic_write_json
+    from lancet.data.records import records_to_jsonl
+
+    labels = ["unsafe", "benign", "refusal", "unsafe", "refusal_shared", "benign"]
+    rows = [Record(prompt=f"p{i}", response=f"Sure, here is a{i}", label=t) for i, t in enumerate(labels)]
+    atomic_write_bytes(tmp_path / "mix.jsonl", records_to_jsonl(rows))
+    atomic_write_bytes(tmp_path / "iqs.jsonl", records_to_jsonl([Record(prompt="q", response="Sure, here is x")]))
+    atomic_write_json(tmp_path / "rankings.json", {"ids": [r.id for r in rows]})
+    signed = torch.tensor([5.0, 1.0, -3.0, 4.0, -2.0, 0.0])  # both refusals last
+    unsigned = torch.tensor([5.0, 1.0, 4.5, 4.0, 3.0, 0.0])  # refusals among the top
+    atomic_save_tensors(tmp_path / "rankings.safetensors", {"signed": signed, "unsigned": unsigned})
+    out = openings_table(tmp_path)
+    assert out["refusal_ap_chance"] == pytest.approx(2 / 6, abs=1e-4)
+    assert out["methods"]["signed"]["refusal_ap_from_bottom"] == 1.0
+    # read from the bottom up: 0.0, 1.0, 3.0 (refusal), 4.0, 4.5 (refusal), 5.0
+    assert out["methods"]["unsigned"]["refusal_ap_from_bottom"] == pytest.approx((1 / 3 + 2 / 5) / 2, abs=1e-4)
+    assert out["methods"]["signed"]["top_2_by_label"] == {"unsafe": 2}
