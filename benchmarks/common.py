@@ -58,10 +58,15 @@ def environment(bf16: bool | None = None) -> dict:
     env = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
            "precision": precision.name, "precision_reason": precision.reason}
-    used = None if bf16 is None else ("bf16" if bf16 else "fp32")
-    if used is not None and used != precision.name:
-        env.update(precision=used, precision_reason=f"set by the benchmark's options; this machine alone would "
-                   f"choose {precision.name} ({precision.reason})")
+    return env if bf16 is None else with_precision(env, bf16, "set by the benchmark's options")
+
+
+def with_precision(env: dict, bf16: bool, why: str) -> dict:
+    """``env`` reporting the precision a run used, where that is not the machine's own choice (kept in the reason)."""
+    used = "bf16" if bf16 else "fp32"
+    if env["precision"] != used:
+        env = {**env, "precision": used, "precision_reason": f"{why}; this machine alone would choose "
+                                                              f"{env['precision']} ({env['precision_reason']})"}
     return env
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, shared_data, write_result
+from benchmarks.common import environment, shared_data, with_precision, write_result
 from benchmarks.safety_data import (  # noqa: F401  (re-exported: the tests and safety_labels use them)
     LABELS,
     LOOKALIKE,
@@ -733,13 +733,7 @@ def run_precision(run_dir: Path) -> bool:
 def run_environment(run_dir: Path, bf16: bool) -> dict:
     """This machine's environment, with the precision the run directory pinned (which may not be this machine's
     own choice: a run started on a machine without native bf16 stays fp32 on one with it)."""
-    env = environment()
-    pinned = "bf16" if bf16 else "fp32"
-    if env["precision"] != pinned:
-        env["precision_reason"] = (f"pinned by {run_dir / 'precision.json'}; this machine alone would choose "
-                                   f"{env['precision']} ({env['precision_reason']})")
-        env["precision"] = pinned
-    return env
+    return with_precision(environment(), bf16, f"pinned by {run_dir / 'precision.json'}")
 
 
 def seed_arguments(parser: argparse.ArgumentParser, default_seed: int) -> None:

@@ -531,3 +531,14 @@ def test_diagnose_reads_the_refusals_from_the_bottom(tmp_path):
     # read from the bottom up: 0.0, 1.0, 3.0 (refusal), 4.0, 4.5 (refusal), 5.0
     assert out["methods"]["unsigned"]["refusal_ap_from_bottom"] == pytest.approx((1 / 3 + 2 / 5) / 2, abs=1e-4)
     assert out["methods"]["signed"]["top_2_by_label"] == {"unsafe": 2}
+
+
+def test_with_precision_keeps_the_machines_choice_in_the_reason():
+    from benchmarks.common import with_precision
+
+    env = {"precision": "bf16", "precision_reason": "native bf16", "date": "d"}
+    assert with_precision(env, True, "told") is env
+    told = with_precision(env, False, "told")
+    assert told == {"precision": "fp32", "precision_reason": "told; this machine alone would choose bf16 (native bf16)",
+                    "date": "d"}
+    assert env["precision"] == "bf16"  # the input is not changed
