@@ -55,10 +55,12 @@ def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dic
     dtype, device = args.stats_dtype, model_device(model)
     projections = {name: {k: v.to(device=device, dtype=dtype) for k, v in sides.items()}
                    for name, sides in (projections or {}).items()}
-    grads = {layer.name: torch.zeros(len(queries), *((projections[layer.name]["S"].shape[1],
-                                                       projections[layer.name]["A"].shape[1])
-                                                      if layer.name in projections else layer.shape),
-                                     dtype=dtype, device=device) for layer in layers}
+
+    def shape(layer: TrackedLayer) -> tuple[int, ...]:
+        sides = projections.get(layer.name)
+        return layer.shape if sides is None else (sides["S"].shape[1], sides["A"].shape[1])
+
+    grads = {layer.name: torch.zeros(len(queries), *shape(layer), dtype=dtype, device=device) for layer in layers}
     where = {}
 
     def on_grad(layer, a, g):
