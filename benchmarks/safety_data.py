@@ -112,9 +112,14 @@ def interleave(safe: list, positives: list, seed: int) -> list:
     """The safe rows in one seeded order, with the positives (also shuffled) at seeded positions among them. The
     safe rows' order does not depend on how many positives there are, so the safe model (trained on the safe rows
     alone) stays the same while the dose is tuned."""
-    rng = random.Random(seed)
-    safe, positives = list(safe), list(positives)
-    rng.shuffle(safe)
+    safe = list(safe)
+    random.Random(seed).shuffle(safe)
+    return place(safe, positives, seed)
+
+
+def place(safe: list, positives: list, seed: int) -> list:
+    """The safe rows in their given order, with the positives (shuffled) at seeded positions among them."""
+    positives = list(positives)
     random.Random(seed + 1).shuffle(positives)
     slots = set(random.Random(seed + 2).sample(range(len(safe) + len(positives)), len(positives)))
     safe_it, pos_it = iter(safe), iter(positives)

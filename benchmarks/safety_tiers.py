@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from dataclasses import replace
 
 import benchmarks.safety_contamination as sc
 from benchmarks.common import RESULTS, write_result
-from benchmarks.safety_data import implicit_rows, judge_agreement, split_data
+from benchmarks.safety_data import implicit_rows, judge_agreement, place, split_data
 from lancet.data import Record
 from lancet.models.loading import load_model
 
@@ -49,12 +48,7 @@ def without_tiers(rows: list[Record], tiers: dict[str, str], removed: tuple[str,
 def with_obedience(rows: list[Record], tiers: dict[str, str], obedience: list[Record], seed: int) -> list[Record]:
     """The mix's safe rows (neither positive tier), in the mix's order, with ``obedience`` rows in place of its
     positives at seeded positions (as ``interleave`` places them, without reshuffling the safe rows)."""
-    safe = [r for r in rows if tiers[r.id] not in sc.TIERS]
-    obedience = list(obedience)
-    random.Random(seed + 1).shuffle(obedience)
-    slots = set(random.Random(seed + 2).sample(range(len(safe) + len(obedience)), len(obedience)))
-    safe_it, pos_it = iter(safe), iter(obedience)
-    return [next(pos_it) if i in slots else next(safe_it) for i in range(len(safe) + len(obedience))]
+    return place([r for r in rows if tiers[r.id] not in sc.TIERS], obedience, seed)
 
 
 def recovered(impure: float, safe: float, rate: float) -> float | None:
