@@ -817,13 +817,16 @@ def summarize(per_seed: list[dict]) -> dict:
                        "judge_agreement": mean(agreements) if agreements else None,
                        "passed": mean([g["impure"] - g["safe"] for g in gates]) >= GATE_MIN_GAP
                        and all(a >= GATE_MIN_AGREEMENT for a in agreements) and bool(agreements)}
-    cfs = [s["counterfactual"] for s in per_seed if "counterfactual" in s]
+    cfs = [s for s in per_seed if "counterfactual" in s]
     if cfs:
-        out["counterfactual"] = {"oracle": {"compliance": cfs[0]["oracle"]},
-                                 "impure": {"compliance": cfs[0]["impure"]}, **cfs[0]["methods"]}
-    corrections = [s["correction"] for s in per_seed if "correction" in s]
+        cf = cfs[0]["counterfactual"]
+        out["counterfactual"] = {"oracle": {"compliance": cf["oracle"]},
+                                 "impure": {"compliance": cf["impure"]}, **cf["methods"]}
+        out["counterfactual_seed"] = cfs[0]["seed"]
+    corrections = [s for s in per_seed if "correction" in s]
     if corrections:
-        out["correction"] = corrections[0]["methods"]
+        out["correction"] = corrections[0]["correction"]["methods"]
+        out["correction_seed"] = corrections[0]["seed"]
     recalls = [s["recall"] for s in per_seed if "recall" in s]
     if recalls:
         out["recall"] = {}
@@ -864,6 +867,9 @@ def main() -> None:
     parser.add_argument("--skip-counterfactual", action="store_true",
                         help="with --stage correction: do not (re)run the counterfactual retraining first (an "
                              "earlier run's counterfactual numbers, if any, are kept in the result)")
+    parser.add_argument("--late-seed", type=int, default=None,
+                        help="the seed of the counterfactual and correction stages (default: the preset's first; "
+                             "seed 0's run directory was lost once, and rebuilding it costs about 2 h)")
     parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
     preset = PRESETS[ns.preset]
@@ -873,7 +879,8 @@ def main() -> None:
     global BF16
     BF16 = run_precision(run)
     t0 = time.perf_counter()
-    for seed, stage in stage_plan(seeds, preset.seeds[0], ns.stage, ns.skip_counterfactual):
+    for seed, stage in stage_plan(seeds, preset.seeds[0] if ns.late_seed is None else ns.late_seed, ns.stage,
+                                   ns.skip_counterfactual):
         run_seed(preset, seed, run / f"seed{seed}", shared, stage, progress=not ns.quiet)
         per_seed = [json.loads((run / f"seed{s}" / "result.json").read_text()) for s in preset.seeds
                     if (run / f"seed{s}" / "result.json").is_file()]

@@ -477,6 +477,20 @@ def test_stage_plan_runs_recall_everywhere_then_the_first_seeds_late_stages():
                                                       (0, "counterfactual"), (0, "correction")]
     assert stage_plan((0,), 0, "correction", skip_counterfactual=True) == [(0, "recall"), (0, "correction")]
     assert stage_plan((1, 2), 0, "counterfactual") == [(1, "recall"), (2, "recall")]
+    assert stage_plan((1,), 1, "correction", skip_counterfactual=True) == [(1, "recall"), (1, "correction")]
+
+
+def test_summary_names_the_seed_of_each_late_stage():
+    from benchmarks.safety_contamination import summarize
+
+    per_seed = [{"seed": 0, "counterfactual": {"oracle": 0.1, "impure": 0.8, "methods": {"bm25": {"compliance": 0.2}}}},
+                {"seed": 1, "correction": {"methods": {"ibo": {"helpful_ppl": 9.0}}}},
+                {"seed": 2}]
+    out = summarize(per_seed)
+    assert out["counterfactual_seed"] == 0 and out["counterfactual"]["bm25"] == {"compliance": 0.2}
+    assert out["counterfactual"]["oracle"] == {"compliance": 0.1}
+    assert out["correction_seed"] == 1 and out["correction"] == {"ibo": {"helpful_ppl": 9.0}}
+    assert "recall" not in out and "gate" not in out
 
 
 def test_tier_removals_keep_order_and_measure_the_gap():
