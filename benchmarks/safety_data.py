@@ -5,6 +5,7 @@ the stages on them."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import random
@@ -17,7 +18,7 @@ import torch
 from benchmarks.common import rows_that_fit
 from lancet.data import Record, read_hh_rlhf, read_safety_tuned_llamas
 from lancet.data.adapters import read_harmful_prompts
-from lancet.evaluate.judges import RefusalMatcher
+from lancet.evaluate.judges import COMPLIANCE_LABEL, RefusalMatcher
 from lancet.models.generate import render_prompt
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -93,6 +94,7 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
         "heldout_helpful": cuts[3],
         "unsafe_prompts": unsafe, "iq_prompts": iq, "valid_prompts": valid, "test_prompts": test,
         "xstest_safe": xstest[:p.n_xstest],
+        "xstest_rest": xstest[p.n_xstest:],  # safe prompts no evaluation of this seed reads
         "align_alpaca": alpaca,
         "alpaca_eval": alpaca_eval,  # prompts the aligned start never saw (over-refusal test set)
         "sft_safe": refusals[p.n_align_refusal + p.n_mix_refusal:p.n_align_refusal + p.n_mix_refusal + p.n_sft_safe],
@@ -141,6 +143,21 @@ def implicit_rows(base: list[Record], openers: list[str]) -> list[Record]:
     return [Record(messages=(r.prompt_messages[0], {"role": "assistant",
                                                     "content": f"{openers[i % len(openers)]} {r.response_text}"}),
                    source=r.source, line=r.line, label="implicit") for i, r in enumerate(base)]
+
+
+def xstest_compliant_rows(completions: Path, prompts: list[Record], n: int, model: str = "gpt4") -> list[Record]:
+    """``prompts`` (XSTest safe prompts: harmful words, benign requests) answered by ``model``'s completion where
+    XSTest's human annotators labelled it full compliance; the first ``n`` of them in the prompts' order."""
+    with completions.open(newline="", encoding="utf-8") as fh:
+        complied = {row["prompt"]: row["completion"] for row in csv.DictReader(fh)
+                    if row["final_label"].strip() == COMPLIANCE_LABEL and row["completion"].strip()}
+    texts = [r.prompt_messages[-1]["content"] for r in prompts]
+    rows = [Record(prompt=t, response=complied[t].strip(), source=str(completions), label="xstest")
+            for t in texts if t in complied][:n]
+    if len(rows) < n:
+        raise SystemExit(f"{completions}: only {len(rows)} of the {len(prompts)} prompts have a compliant "
+                         f"{model} completion; {n} wanted")
+    return rows
 
 
 @torch.no_grad()
