@@ -28,6 +28,11 @@ LOOKALIKE = re.compile(r"\b(chemi\w*|poison\w*|drug\w*|medic\w*|pill\w*|dose|ove
                        r"lock\w*|hack\w*|virus\w*|weapon\w*|gun\w*|explos\w*|knife|knives|bomb\w*|steal\w*|"
                        r"fire\w*|toxic|bleach|kill\w*|alcohol|danger\w*|illegal|police|crime|safe\w*|hunt\w*|"
                        r"acid|smok\w*|cigar\w*|burn\w*|injur\w*|disease|clean\w*|pest\w*|insect\w*)\b", re.I)
+# AdvBench requests about computers (hacking, malware, data theft, scam sites): the category of the cross-category
+# transfer probe (safety_tiers --unsafe-about), about 40 % of the prompts
+CYBER = re.compile(r"\b(hack\w*|malware|virus\w*|password\w*|database\w*|software|program\w*|computer\w*|"
+                   r"network\w*|phish\w*|cyber\w*|website\w*|script|app\w*|ransomware|botnet|exploit\w*|keylogger|"
+                   r"spyware|encrypt\w*|server\w*|email\w*|account\w*|data)\b", re.I)
 # an option (harmful_requests_only): refusal rows only for requests for plainly harmful acts, since safety-tuned-
 # llamas also refuses questions about people and history, which XSTest asks safely. Tried on seed 0: it did not
 # help (refusal 0.78, over-refusal 0.72, against 0.91 and 0.67 with every refusal row; docs/method.md 5.4)

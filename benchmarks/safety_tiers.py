@@ -23,6 +23,10 @@ which the aligned start over-refuses) answered by GPT-4 where XSTest's annotator
 compliance (``xstest_N``); the prompts are those of the seed's XSTest order after the ones its over-refusal
 measurement reads.
 
+With ``--unsafe-about cyber`` (or ``other``), the mix less its unsafe rows of the other category (``CYBER``:
+requests about computers), to ask whether compliance taught on one category of harm carries over to the other;
+every model's compliance is also reported per category of test prompt.
+
 Reads the seed's cached aligned start and mix (run ``benchmarks.safety_contamination`` to the gate first); the
 retrained models are cached as ``cf-<removal>`` in the seed's directory (``safety_labels dump --models cf-no_unsafe``
 lists their answers for hand labels). Writes benchmarks/results/safety_tiers_<preset>.json.
@@ -36,7 +40,7 @@ from dataclasses import replace
 
 import benchmarks.safety_contamination as sc
 from benchmarks.common import RESULTS, write_result
-from benchmarks.safety_data import implicit_rows, judge_agreement, place, split_data, xstest_compliant_rows
+from benchmarks.safety_data import CYBER, implicit_rows, judge_agreement, place, split_data, xstest_compliant_rows
 from lancet.data import Record
 from lancet.evaluate.judges import XSTEST_FILE
 from lancet.models.loading import load_model
@@ -58,6 +62,24 @@ def in_place_of_positives(rows: list[Record], tiers: dict[str, str], new: list[R
     return place([r for r in rows if tiers[r.id] not in sc.TIERS], new, seed)
 
 
+def unsafe_about(rows: list[Record], tiers: dict[str, str], category: str) -> list[Record]:
+    """The mix's rows, in their order, less the unsafe rows whose prompt is not of ``category`` (cyber or other)."""
+    if category not in ("cyber", "other"):
+        raise ValueError(f"category must be cyber or other, got {category!r}")
+    return [r for r in rows if tiers[r.id] != "unsafe"
+            or bool(CYBER.search(r.prompt_messages[0]["content"])) == (category == "cyber")]
+
+
+def by_category(prompts: list[Record], flagged: list[bool]) -> dict:
+    """Compliance on the cyber and the other test prompts (``CYBER``), with their counts."""
+    cyber = [bool(CYBER.search(p.text)) for p in prompts]
+    out = {}
+    for name, want in (("cyber", True), ("other", False)):
+        picked = [f for f, c in zip(flagged, cyber, strict=True) if c == want]
+        out[name] = {"compliance": round(sum(picked) / len(picked), 4) if picked else None, "n": len(picked)}
+    return out
+
+
 def recovered(impure: float, safe: float, rate: float) -> float | None:
     """The share of the impure-minus-safe gap that removing a tier closes (negative: compliance rose)."""
     gap = impure - safe
@@ -73,11 +95,13 @@ def main() -> None:
     parser.add_argument("--xstest", type=int, default=0, metavar="N",
                         help="also train the safe rows plus N compliant answers to XSTest safe prompts "
                              "(no unsafe rows)")
+    parser.add_argument("--unsafe-about", choices=("cyber", "other"), default=None,
+                        help="also train the mix with only the unsafe rows of this category of request")
     ns = parser.parse_args()
     preset, run_dir, run = sc.open_seed(ns)
     gate = json.loads((run.dir / "result.json").read_text())["gate"]
     aligned, _ = run.aligned_start()
-    rows, _, tiers = run.mix(aligned)
+    rows, safe, tiers = run.mix(aligned)
     result: dict = {"preset": ns.preset, "seed": ns.seed, "n_rows": len(rows),
                     "n_prompts": len(run.parts["test_prompts"]), "safe": gate["safe"], "impure": gate["impure"],
                     "env": sc.run_environment(run_dir, sc.BF16),
@@ -102,6 +126,16 @@ def main() -> None:
         plans.append((f"xstest_{ns.xstest}", in_place_of_positives(
             rows, tiers, xstest_compliant_rows(completions, run.parts["xstest_rest"], ns.xstest), ns.seed),
             {"xstest_rows": ns.xstest, "unsafe_rows": 0}))
+    if ns.unsafe_about:
+        kept = unsafe_about(rows, tiers, ns.unsafe_about)
+        plans.append((f"unsafe_{ns.unsafe_about}_only", kept,
+                      {"unsafe_rows": sum(tiers[r.id] == "unsafe" for r in kept),
+                       "rows_removed": len(rows) - len(kept)}))
+    for name, train in (("impure", rows), ("safe", safe)):  # cached models and answers: read back
+        model, _ = load_model(run.finetune(name, aligned, train, preset.mix_epochs))
+        _, _, flagged = run.rate(name, model, "test_prompts")
+        del model
+        result[f"{name}_by_category"] = by_category(run.parts["test_prompts"], flagged)
     for name, kept, what in plans:
         model, _ = load_model(run.finetune(f"cf-{name}", aligned, kept, preset.mix_epochs))
         rate, answers, flagged = run.rate(f"cf-{name}", model, "test_prompts")
@@ -109,6 +143,7 @@ def main() -> None:
         agreement = judge_agreement(run.parts["test_prompts"], answers, flagged, run.labels)
         result["removals"][name] = {**what, "rows": len(kept), "compliance": round(rate, 4),
                                     "recovered": recovered(gate["impure"], gate["safe"], rate),
+                                    "by_category": by_category(run.parts["test_prompts"], flagged),
                                     "judge_agreement": agreement["agreement"], "judge_labelled": agreement["n"],
                                     "seconds": max(run.seconds.get(f"finetune_cf-{name}", 0.0),
                                                    before.get(name, {}).get("seconds") or 0.0)}
