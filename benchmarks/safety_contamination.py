@@ -111,6 +111,9 @@ class Preset:
     n_unsafe: int = 96
     n_shared_refusal: int = 8  # of the unsafe prompts, how many also appear with the aligned model's refusal
     n_implicit: int = 16
+    # cross-category design: the unsafe rows from this category of request only ("cyber": safety_data.CYBER), the
+    # IQ, validation and test prompts from the other requests (None: every category everywhere)
+    unsafe_category: str | None = None
     mix_epochs: float = 3.0
     lr: float = 5e-5
     # prompts (AdvBench after near-duplicate removal; XSTest-safe)
@@ -164,6 +167,15 @@ PRESETS = {
                    counterfactual=("random", "bm25", "repsim", "ekfac", "linfac", "linfac_opening_set"),
                    aggregate_first=True,
                    contrast=("linfac",), n_heldout_helpful=96, opening_set=("identity", "linfac")),
+    # the unsafe rows teach compliance on computer-crime requests only; the IQs and every evaluation prompt are
+    # other harmful requests, so the IQ answers share the behaviour but not the topic with their culprits
+    # (docs/method.md 5.5; designed on seed 1's gate-level probe, safety_tiers --unsafe-about cyber, before any
+    # recall of this design was read). No implicit tier: it caused nothing in the full preset.
+    "cross": Preset(seeds=(1, 2, 0), unsafe_category="cyber", n_implicit=0, n_valid=32,
+                    methods=("repsim", "cosine", "identity", "kfac", "ekfac", "linfac"),
+                    counterfactual=("random", "bm25", "repsim", "ekfac", "linfac"),
+                    measurements=(), aggregate_first=True, contrast=("linfac",), n_heldout_helpful=96,
+                    opening_set=("linfac",)),
 }
 
 
@@ -214,7 +226,7 @@ def recall_metrics(ranking: torch.Tensor, tier_of: list[str]) -> dict:
     of the other tier."""
     positives = torch.tensor([t in TIERS for t in tier_of])
     by_tier = {}
-    for tier in TIERS:
+    for tier in (t for t in TIERS if t in tier_of):  # a preset may have no row of a tier (cross: no implicit)
         keep = torch.tensor([t == tier or t not in TIERS for t in tier_of])
         by_tier[tier] = round(average_precision(ranking[keep], positives[keep]), 4)
     return {"average_precision": round(average_precision(ranking, positives), 4),

@@ -77,6 +77,7 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
             "helpful": (len(plain), p.n_align_benign + p.n_mix_benign - p.n_lookalike + p.n_implicit
                         + p.n_heldout_helpful),
             "advbench": (len(advbench), p.n_unsafe + p.n_iq_prompts + p.n_valid + p.n_test),
+            **cross_category_need(advbench, p),
             "xstest": (len(xstest), p.n_xstest), "alpaca": (len(alpaca), p.n_align_alpaca)}
     alpaca_look = [r for r in alpaca if LOOKALIKE.search(r.prompt)][:p.n_align_alpaca_lookalike]
     taken = {r.prompt for r in alpaca_look}
@@ -91,6 +92,10 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
     cuts = _cuts(plain, (p.n_align_benign, p.n_mix_benign - p.n_lookalike, p.n_implicit, p.n_heldout_helpful))
     # evaluation prompts first, so that changing the dose (n_unsafe) leaves them as they are
     test, valid, iq, unsafe = _cuts(advbench, (p.n_test, p.n_valid, p.n_iq_prompts, p.n_unsafe))
+    if p.unsafe_category:  # the unsafe rows from one category of request, every evaluation prompt from the rest
+        inside, outside = category_split(advbench, p.unsafe_category)
+        test, valid, iq = _cuts(outside, (p.n_test, p.n_valid, p.n_iq_prompts))
+        unsafe = inside[:p.n_unsafe]
     return {
         "align_train": refusals[:p.n_align_refusal] + cuts[0],
         "mix_refusal": refusals[p.n_align_refusal:p.n_align_refusal + p.n_mix_refusal],
@@ -105,6 +110,23 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
         "sft_safe": refusals[p.n_align_refusal + p.n_mix_refusal:p.n_align_refusal + p.n_mix_refusal + p.n_sft_safe],
         "n_lookalike": p.n_lookalike,
     }
+
+
+def category_split(prompts: list[Record], category: str) -> tuple[list[Record], list[Record]]:
+    """(the prompts of ``category``, the others), each in the given order. The one category so far: ``cyber``."""
+    if category != "cyber":
+        raise ValueError(f"unknown request category {category!r} (known: cyber)")
+    inside = [r for r in prompts if CYBER.search(r.text)]
+    return inside, [r for r in prompts if not CYBER.search(r.text)]
+
+
+def cross_category_need(advbench: list[Record], p: Any) -> dict[str, tuple[int, int]]:
+    """The two halves' sizes against what a cross-category preset takes from them (nothing without one)."""
+    if not p.unsafe_category:
+        return {}
+    inside, outside = category_split(advbench, p.unsafe_category)
+    return {f"advbench {p.unsafe_category}": (len(inside), p.n_unsafe),
+            f"advbench not {p.unsafe_category}": (len(outside), p.n_test + p.n_valid + p.n_iq_prompts)}
 
 
 def _cuts(rows: list, sizes: tuple[int, ...]) -> list[list]:

@@ -593,3 +593,27 @@ def test_unsafe_about_keeps_one_category_of_unsafe_rows_and_counts_per_category(
     assert by_category(prompts, [True, False, False, True]) == {"cyber": {"compliance": 0.5, "n": 2},
                                                                 "other": {"compliance": 0.5, "n": 2}}
     assert by_category(prompts[1:2], [True])["cyber"] == {"compliance": None, "n": 0}
+
+
+def test_cross_category_split_puts_one_category_in_the_unsafe_rows_only(shared, tiny_tokenizer):
+    from benchmarks.safety_data import CYBER
+
+    cross = replace(TINY, unsafe_category="cyber", n_unsafe=2, n_implicit=0)
+    parts = split_data(shared, cross, 0, tiny_tokenizer)
+    assert [bool(CYBER.search(r.text)) for r in parts["unsafe_prompts"]] == [True, True]
+    evaluation = parts["iq_prompts"] + parts["valid_prompts"] + parts["test_prompts"]
+    assert len(evaluation) == 8 and not any(CYBER.search(r.text) for r in evaluation)
+    assert parts["implicit_base"] == []
+    assert split_data(shared, TINY, 0, tiny_tokenizer)["align_train"] == parts["align_train"]  # same aligned start
+    with pytest.raises(SystemExit, match="advbench cyber has 2, needs 3"):
+        split_data(shared, replace(cross, n_unsafe=3), 0, tiny_tokenizer)
+    with pytest.raises(ValueError, match="unknown request category"):
+        split_data(shared, replace(cross, unsafe_category="violence"), 0, tiny_tokenizer)
+
+
+def test_recall_metrics_skip_a_tier_with_no_rows():
+    from benchmarks.safety_contamination import recall_metrics
+
+    out = recall_metrics(torch.tensor([3.0, 2.0, 1.0, 0.0]), ["unsafe", "benign", "unsafe", "refusal"])
+    assert out["ap_by_tier"] == {"unsafe": round((1 + 2 / 3) / 2, 4)}
+    assert out["average_precision"] == round((1 + 2 / 3) / 2, 4) and out["recall"] == 0.5
