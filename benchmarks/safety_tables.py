@@ -39,7 +39,9 @@ def recall_table(result: dict) -> str:
     later = seeds[1:]
     head = ["method", *(f"AP {n}" for n in names), f"AP mean ± sd ({len(seeds)})"]
     head += [f"AP mean of seeds {', '.join(str(s['seed']) for s in later)}"] if later else []
-    head += ["recall@k (mean)", *(f"AP {t} (mean)" for t in TIERS)]
+    tiers = [t for t in TIERS if any(t in row.get("ap_by_tier", {}) for s in seeds
+                                     for row in s["recall"]["methods"].values())]  # a preset may lack a tier
+    head += ["recall@k (mean)", *(f"AP {t} (mean)" for t in tiers)]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     methods = seeds[0]["recall"]["methods"]
     rows = []
@@ -53,7 +55,7 @@ def recall_table(result: dict) -> str:
         cells = [method, *(_fmt(a) for a in aps), f"{mean:.3f} ± {sd:.3f}" if len(have) > 1 else f"{mean:.3f}"]
         cells += [_fmt(statistics.fmean(later_aps)) if later_aps else "–"] if later else []
         cells.append(_fmt(statistics.fmean(p["recall"] for p in per if p)))
-        for tier in TIERS:
+        for tier in tiers:
             vals = [p["ap_by_tier"][tier] for p in per if p and tier in p.get("ap_by_tier", {})]
             cells.append(_fmt(statistics.fmean(vals)) if vals else "–")
         rows.append((mean, cells))

@@ -450,6 +450,10 @@ def test_tables_render_every_seed_and_model():
     # best mean first: bm25 0.800 +- 0.100, then linfac 0.700 +- 0.100 whose later seeds average 0.750
     assert lines[2].startswith("| bm25 | 0.900 | 0.800 | 0.700 | 0.800 ± 0.100 | 0.750 |")
     assert lines[3].startswith("| linfac | 0.600 | 0.700 | 0.800 | 0.700 ± 0.100 | 0.750 | 0.600 | 0.750 | 0.175 |")
+    one_tier = {"per_seed": [{"seed": 1, "recall": {"methods": {"bm25": {"average_precision": 0.9, "recall": 0.8,
+                                                                     "ap_by_tier": {"unsafe": 0.9}}}}}]}
+    lines = recall_table(one_tier).splitlines()
+    assert lines[0].endswith("| recall@k (mean) | AP unsafe (mean) |") and "implicit" not in lines[0]
     cf = {"counterfactual": {"impure": {"compliance": 0.8}, "oracle": {"compliance": 0.0},
                              "random": {"compliance": 0.7, "positives_removed": 3, "recovered": 0.125,
                                         "judge_agreement": 0.9, "judge_labelled": 10},
