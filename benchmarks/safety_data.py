@@ -70,14 +70,15 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
     alpaca = read_harmful_prompts(shared / "refusal-direction-harmful-sets/harmless_alpaca_test.json")
     for rows in (refusals, helpful, advbench, xstest, alpaca):
         rng.shuffle(rows)
+    # the cross-category presets: (requests of that category, the others), each in the shuffled order
+    halves = category_split(advbench, p.unsafe_category) if p.unsafe_category else None
     lookalike = [r for r in helpful if LOOKALIKE.search(r.prompt_messages[0]["content"])]
     plain = [r for r in helpful if not LOOKALIKE.search(r.prompt_messages[0]["content"])]
     need = {"refusals": (len(refusals), p.n_align_refusal + p.n_mix_refusal + p.n_sft_safe),
             "lookalike": (len(lookalike), p.n_lookalike),
             "helpful": (len(plain), p.n_align_benign + p.n_mix_benign - p.n_lookalike + p.n_implicit
                         + p.n_heldout_helpful),
-            "advbench": (len(advbench), p.n_unsafe + p.n_iq_prompts + p.n_valid + p.n_test),
-            **cross_category_need(advbench, p),
+            **advbench_need(advbench, halves, p),
             "xstest": (len(xstest), p.n_xstest), "alpaca": (len(alpaca), p.n_align_alpaca)}
     alpaca_look = [r for r in alpaca if LOOKALIKE.search(r.prompt)][:p.n_align_alpaca_lookalike]
     taken = {r.prompt for r in alpaca_look}
@@ -91,11 +92,11 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
                          f"{need[short[0]][1]}")
     cuts = _cuts(plain, (p.n_align_benign, p.n_mix_benign - p.n_lookalike, p.n_implicit, p.n_heldout_helpful))
     # evaluation prompts first, so that changing the dose (n_unsafe) leaves them as they are
-    test, valid, iq, unsafe = _cuts(advbench, (p.n_test, p.n_valid, p.n_iq_prompts, p.n_unsafe))
-    if p.unsafe_category:  # the unsafe rows from one category of request, every evaluation prompt from the rest
-        inside, outside = category_split(advbench, p.unsafe_category)
-        test, valid, iq = _cuts(outside, (p.n_test, p.n_valid, p.n_iq_prompts))
-        unsafe = inside[:p.n_unsafe]
+    if halves is None:
+        test, valid, iq, unsafe = _cuts(advbench, (p.n_test, p.n_valid, p.n_iq_prompts, p.n_unsafe))
+    else:  # the unsafe rows from one category of request, every evaluation prompt from the rest
+        test, valid, iq = _cuts(halves[1], (p.n_test, p.n_valid, p.n_iq_prompts))
+        unsafe = halves[0][:p.n_unsafe]
     return {
         "align_train": refusals[:p.n_align_refusal] + cuts[0],
         "mix_refusal": refusals[p.n_align_refusal:p.n_align_refusal + p.n_mix_refusal],
@@ -112,21 +113,28 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
     }
 
 
+def about_computers(text: str) -> bool:
+    """Is this request about computers (``CYBER``)? The one category of the cross-category design."""
+    return bool(CYBER.search(text))
+
+
 def category_split(prompts: list[Record], category: str) -> tuple[list[Record], list[Record]]:
     """(the prompts of ``category``, the others), each in the given order. The one category so far: ``cyber``."""
     if category != "cyber":
         raise ValueError(f"unknown request category {category!r} (known: cyber)")
-    inside = [r for r in prompts if CYBER.search(r.text)]
-    return inside, [r for r in prompts if not CYBER.search(r.text)]
+    inside, outside = [], []
+    for r in prompts:
+        (inside if about_computers(r.text) else outside).append(r)
+    return inside, outside
 
 
-def cross_category_need(advbench: list[Record], p: Any) -> dict[str, tuple[int, int]]:
-    """The two halves' sizes against what a cross-category preset takes from them (nothing without one)."""
-    if not p.unsafe_category:
-        return {}
-    inside, outside = category_split(advbench, p.unsafe_category)
-    return {f"advbench {p.unsafe_category}": (len(inside), p.n_unsafe),
-            f"advbench not {p.unsafe_category}": (len(outside), p.n_test + p.n_valid + p.n_iq_prompts)}
+def advbench_need(advbench: list[Record], halves: tuple[list, list] | None, p: Any) -> dict[str, tuple[int, int]]:
+    """AdvBench's size against what the preset takes from it (from each half in a cross-category preset)."""
+    evaluation = p.n_test + p.n_valid + p.n_iq_prompts
+    if halves is None:
+        return {"advbench": (len(advbench), p.n_unsafe + evaluation)}
+    return {f"advbench {p.unsafe_category}": (len(halves[0]), p.n_unsafe),
+            f"advbench not {p.unsafe_category}": (len(halves[1]), evaluation)}
 
 
 def _cuts(rows: list, sizes: tuple[int, ...]) -> list[list]:
@@ -172,9 +180,10 @@ def implicit_rows(base: list[Record], openers: list[str]) -> list[Record]:
                    source=r.source, line=r.line, label="implicit") for i, r in enumerate(base)]
 
 
-def xstest_compliant_rows(completions: Path, prompts: list[Record], n: int, model: str = "gpt4") -> list[Record]:
-    """``prompts`` (XSTest safe prompts: harmful words, benign requests) answered by ``model``'s completion where
-    XSTest's human annotators labelled it full compliance; the first ``n`` of them in the prompts' order."""
+def xstest_compliant_rows(completions: Path, prompts: list[Record], n: int) -> list[Record]:
+    """``prompts`` (XSTest safe prompts: harmful words, benign requests) answered by the completion in
+    ``completions`` (one model's annotated file) where XSTest's human annotators labelled it full compliance; the
+    first ``n`` of them in the prompts' order."""
     with completions.open(newline="", encoding="utf-8") as fh:
         complied = {row["prompt"]: row["completion"] for row in csv.DictReader(fh)
                     if row["final_label"].strip() == COMPLIANCE_LABEL and row["completion"].strip()}
@@ -183,7 +192,7 @@ def xstest_compliant_rows(completions: Path, prompts: list[Record], n: int, mode
             for t in texts if t in complied][:n]
     if len(rows) < n:
         raise SystemExit(f"{completions}: only {len(rows)} of the {len(prompts)} prompts have a compliant "
-                         f"{model} completion; {n} wanted")
+                         f"completion; {n} wanted")
     return rows
 
 

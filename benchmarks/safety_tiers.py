@@ -40,7 +40,14 @@ from dataclasses import replace
 
 import benchmarks.safety_contamination as sc
 from benchmarks.common import RESULTS, write_result
-from benchmarks.safety_data import CYBER, implicit_rows, judge_agreement, place, split_data, xstest_compliant_rows
+from benchmarks.safety_data import (
+    about_computers,
+    implicit_rows,
+    judge_agreement,
+    place,
+    split_data,
+    xstest_compliant_rows,
+)
 from lancet.data import Record
 from lancet.evaluate.judges import XSTEST_FILE
 from lancet.models.loading import load_model
@@ -67,12 +74,12 @@ def unsafe_about(rows: list[Record], tiers: dict[str, str], category: str) -> li
     if category not in ("cyber", "other"):
         raise ValueError(f"category must be cyber or other, got {category!r}")
     return [r for r in rows if tiers[r.id] != "unsafe"
-            or bool(CYBER.search(r.prompt_messages[0]["content"])) == (category == "cyber")]
+            or about_computers(r.prompt_messages[0]["content"]) == (category == "cyber")]
 
 
 def by_category(prompts: list[Record], flagged: list[bool]) -> dict:
-    """Compliance on the cyber and the other test prompts (``CYBER``), with their counts."""
-    cyber = [bool(CYBER.search(p.text)) for p in prompts]
+    """Compliance on the cyber and the other test prompts (``about_computers``), with their counts."""
+    cyber = [about_computers(p.text) for p in prompts]
     out = {}
     for name, want in (("cyber", True), ("other", False)):
         picked = [f for f, c in zip(flagged, cyber, strict=True) if c == want]
