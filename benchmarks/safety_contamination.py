@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, shared_data, with_precision, write_result
+from benchmarks.common import RESULTS, environment, shared_data, with_precision, write_result
 from benchmarks.safety_data import (  # noqa: F401  (re-exported: the tests and safety_labels use them)
     LABELS,
     LOOKALIKE,
@@ -636,22 +636,49 @@ class Run:
                                  "sets": sets})
         return path
 
-    def correction(self, models: dict[str, str], rows: list[Record], tiers: dict[str, str], shared: Path) -> dict:
+    def correction_key(self, suite_path: Path, ranking: torch.Tensor) -> str:
+        """What a correction row depends on: the impure and safe models' behaviour (their greedy answers to the test
+        prompts: a rebuilt run directory reproduces them where the weights may differ in the last bits), the
+        ranking's order, the test suite and the correction settings."""
+        answers = {m: json.loads((self.dir / f"answers-{m}-test_prompts.json").read_text())["answers"]
+                   for m in ("impure", "safe")}
+        settings = {f: getattr(self.p, f) for f in ("corrections", "correction_ranking", "corr_steps", "corr_every",
+                                                     "corr_lrs", "corr_batch", "n_eval", "n_valid", "n_dpo_pairs",
+                                                     "n_sft_safe", "max_new_tokens", "max_length")}
+        return hash_json({"answers": answers, "order": ranking.argsort(descending=True).tolist(),
+                          "suite": json.loads(suite_path.read_text()), "settings": settings, "bf16": BF16})
+
+    def correction(self, models: dict[str, str], rows: list[Record], tiers: dict[str, str], shared: Path,
+                   rows_path: Path | None = None) -> dict:
         """Every correction method from the impure model with the same steps, batch and learning rate; each run's
         checkpoint chosen on the validation prompts (refusal matcher) within 5 % perplexity loss on validation
-        helpful answers (lancet.correct.select); then the test suite on the chosen model, and on impure and safe."""
+        helpful answers (lancet.correct.select); then the test suite on the chosen model, and on impure and safe.
+
+        Each finished row is also written to ``rows_path`` (default: the run directory) under correction_key, so a
+        run directory that is lost and rebuilt resumes at the first method not yet measured."""
         from lancet.correct import CorrectionArgs, correct
         from lancet.correct.pairs import read_preference_pairs
         from lancet.correct.select import Candidate, CheckpointSelection, choose
         from lancet.evaluate import load_suite
         from lancet.evaluate.suite import evaluate_or_reuse
 
-        suite = load_suite(self.correction_suite(), shared)
+        suite_path = self.correction_suite()
+        suite = load_suite(suite_path, shared)
         rankings = load_tensors(self.dir / "rankings.safetensors")
         ids = json.loads((self.dir / "rankings.json").read_text())["ids"]
         by_id = {r.id: r for r in rows}
         train = [by_id[i] for i in ids]  # the ranking's row order
         ranking = rankings[self.p.correction_ranking]
+        rows_path = rows_path or self.dir / "correction_rows.json"
+        key = self.correction_key(suite_path, ranking)
+        done = kept_rows(rows_path, key)
+        if done:
+            print(f"seed {self.seed} correction: reusing {', '.join(done)} from {rows_path}", flush=True)
+
+        def keep(name: str, row: dict) -> dict:
+            done[name] = row
+            atomic_write_json(rows_path, {"key": key, "seed": self.seed, "rows": done})
+            return row
         culprits = torch.tensor([tiers[i] in TIERS for i in ids])
         iqs = read_records(self.dir / "iqs.jsonl") if (self.dir / "iqs.jsonl").is_file() else None
         helpful = self.parts["heldout_helpful"]
@@ -682,10 +709,13 @@ class Run:
             print(f"seed {self.seed} correction {name}: {row}", flush=True)
             return row
 
-        out["methods"]["impure"] = measure("impure", models["impure"])
-        out["methods"]["safe"] = measure("safe", models["safe"])
+        for name in ("impure", "safe"):
+            out["methods"][name] = done.get(name) or keep(name, measure(name, models[name]))
         impure, tok = load_model(models["impure"])
         for method in self.p.corrections:
+            if method in done:
+                out["methods"][method] = done[method]
+                continue
             cargs = CorrectionArgs(method=method, top_k=k, beta=0.1, seed=self.seed,
                                    **({"retain": "kl", "chosen_nll_weight": 1.0} if method.startswith("ibo") else {}))
             runs = []
@@ -717,9 +747,10 @@ class Run:
             path, record = best.test
             row = (dict(out["methods"]["impure"]) if path == models["impure"]  # step 0: the impure model itself
                    else measure(method, path))
-            out["methods"][method] = {**row, "chosen_lr": None if best.steps == 0 else best.settings["lr"],
-                                      "chosen_steps": best.steps,
-                                      "validation": {f"lr{lr:g}": rec["curve"] for lr, _, rec in runs}}
+            out["methods"][method] = keep(method, {
+                **row, "chosen_lr": None if best.steps == 0 else best.settings["lr"], "chosen_steps": best.steps,
+                "seconds": {f"lr{lr:g}": self.seconds[f"correct_{method}-lr{lr:g}"] for lr in self.p.corr_lrs},
+                "validation": {f"lr{lr:g}": rec["curve"] for lr, _, rec in runs}})
             print(f"seed {self.seed} correction {method}: chose lr {out['methods'][method]['chosen_lr']}, "
                   f"step {best.steps}", flush=True)
         return out
@@ -730,6 +761,17 @@ class Run:
         prompts = [Record(messages=tuple(r.prompt_messages)) for r in iqs]
         answers = self.answers("aligned", model, prompts, "iq_anchor_prompts")
         return [p.with_response(a) for p, a in zip(prompts, answers, strict=True) if RefusalMatcher()(a) and a.strip()]
+
+
+def kept_rows(path: Path, key: str) -> dict:
+    """The correction rows an earlier run wrote to ``path`` under the same key, else none (and why)."""
+    if not path.is_file():
+        return {}
+    kept = json.loads(path.read_text())
+    if kept.get("key") != key:
+        print(f"{path}: its rows belong to other models, rankings or settings; measuring again", flush=True)
+        return {}
+    return dict(kept["rows"])
 
 
 def run_precision(run_dir: Path) -> bool:
@@ -788,8 +830,29 @@ def merge_results(earlier: dict, new: dict) -> dict:
     if "recall" in new and before:
         methods = {m: {**row, "seconds": max(row["seconds"], before.get(m, {}).get("seconds", 0.0))}
                    for m, row in new["recall"]["methods"].items()}
-        merged["recall"] = {**new["recall"], "methods": methods}
+        for m, row in methods.items():  # a rebuilt run directory must reproduce what it re-measures
+            old_ap = before.get(m, {}).get("average_precision")
+            if old_ap is not None and abs(old_ap - row["average_precision"]) > 1e-4:
+                print(f"seed {new['seed']}: {m}'s AP is {row['average_precision']} on this build, "
+                      f"{old_ap} before", flush=True)
+        # a rerun limited to some methods (--recall-methods) keeps the others' earlier numbers
+        merged["recall"] = {**earlier["recall"], **new["recall"], "methods": {**before, **methods}}
+        for key in ("score_seconds", "weight_seconds"):
+            if key in earlier["recall"] or key in new["recall"]:
+                merged["recall"][key] = max(earlier["recall"].get(key, 0.0), new["recall"].get(key, 0.0))
     return merged
+
+
+def restrict_recall(preset: Preset, methods: tuple[str, ...]) -> Preset:
+    """The preset with only these methods' plain rankings (no anchored, contrast, measurement or opening-set
+    ablation): what the correction stage needs when a lost run directory is rebuilt; the other methods' numbers
+    stay those of the seed's earlier result."""
+    unknown = sorted(set(methods) - set(preset.methods))
+    if unknown:
+        raise SystemExit(f"--recall-methods: {', '.join(unknown)} not among the preset's methods "
+                         f"({', '.join(preset.methods)})")
+    return replace(preset, methods=methods, anchored=(), contrast=(), measurements=(), measurement_methods=(),
+                   opening_set=())
 
 
 def _run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str, progress: bool) -> dict:
@@ -813,7 +876,9 @@ def _run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str
         result["counterfactual"] = run.counterfactual(aligned, rows, tiers, result["gate"]["safe"],
                                                       result["gate"]["impure"])
     if stage == "correction":
-        result["correction"] = run.correction(models, rows, tiers, shared)
+        # the finished rows are also kept beside the committed results: a lost run directory, rebuilt, resumes
+        result["correction"] = run.correction(models, rows, tiers, shared,
+                                              RESULTS / f"{run_dir.parent.name}_seed{seed}_correction_rows.json")
     return result
 
 
@@ -882,9 +947,14 @@ def main() -> None:
     parser.add_argument("--late-seed", type=int, default=None,
                         help="the seed of the counterfactual and correction stages (default: the preset's first; "
                              "seed 0's run directory was lost once, and rebuilding it costs about 2 h)")
+    parser.add_argument("--recall-methods", default=None,
+                        help="comma-separated: rank with only these of the preset's methods (plain rankings); the "
+                             "others keep the seed's earlier numbers (to rebuild a lost run directory for a late "
+                             "stage without the whole recall)")
     parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
     preset = PRESETS[ns.preset]
+    run_preset = restrict_recall(preset, tuple(ns.recall_methods.split(","))) if ns.recall_methods else preset
     shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
     run = Path(ns.run_dir or f"runs/safety_{ns.preset}")
     seeds = tuple(int(s) for s in ns.seeds.split(",")) if ns.seeds else preset.seeds
@@ -893,7 +963,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for seed, stage in stage_plan(seeds, preset.seeds[0] if ns.late_seed is None else ns.late_seed, ns.stage,
                                    ns.skip_counterfactual):
-        run_seed(preset, seed, run / f"seed{seed}", shared, stage, progress=not ns.quiet)
+        run_seed(run_preset, seed, run / f"seed{seed}", shared, stage, progress=not ns.quiet)
         per_seed = [json.loads((run / f"seed{s}" / "result.json").read_text()) for s in preset.seeds
                     if (run / f"seed{s}" / "result.json").is_file()]
         write_result(f"safety_contamination_{ns.preset}",

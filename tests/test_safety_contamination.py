@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -326,8 +327,17 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
     atomic_write_json(run.dir / "rankings.json", {"ids": [r.id for r in rows]})
     (run.dir / "iqs.jsonl").write_bytes(records_to_jsonl(
         [Record(prompt=f"Tell me how to {HARMFUL[5]}", response="Sure, here is how.")]))
-    out = run.correction(models, rows, tiers, shared)
+    for name in ("impure", "safe"):  # the gate's answers, part of the rows' key
+        atomic_write_json(run.dir / f"answers-{name}-test_prompts.json", {"answers": [f"{name} answer"] * 3})
+    kept = tmp_path / "kept_rows.json"
+    out = run.correction(models, rows, tiers, shared, kept)
     assert set(out["methods"]) == {"impure", "safe", *TINY.corrections}
+    assert json.loads(kept.read_text())["rows"] == out["methods"]
+    # a lost run directory, rebuilt with the same behaviour: every row read back, nothing trained again
+    for path in run.dir.glob("correct-*"):
+        shutil.rmtree(path)
+    again = run.correction(models, rows, tiers, shared, kept)
+    assert again["methods"] == out["methods"] and not list(run.dir.glob("correct-*"))
     wrapped = {f"advbench_{w}" for w in ("role_play", "prefix_injection", "refusal_suppression")}
     for method, row in out["methods"].items():
         assert wrapped <= set(row["sets"]) and row["sets"]["advbench_heldout"]["n"] == TINY.n_test
@@ -621,3 +631,44 @@ def test_recall_metrics_skip_a_tier_with_no_rows():
     out = recall_metrics(torch.tensor([3.0, 2.0, 1.0, 0.0]), ["unsafe", "benign", "unsafe", "refusal"])
     assert out["ap_by_tier"] == {"unsafe": round((1 + 2 / 3) / 2, 4)}
     assert out["average_precision"] == round((1 + 2 / 3) / 2, 4) and out["recall"] == 0.5
+
+
+def test_a_rerun_limited_to_some_methods_keeps_the_others_and_reports_a_changed_ap(capsys):
+    """--recall-methods rebuilds a lost run directory with one method: the others' numbers stay, and a rebuilt
+    method whose AP moved is said."""
+    earlier = {"seed": 0, "seconds": {},
+               "recall": {"n_iqs": 40, "score_seconds": 900.0,
+                          "methods": {"linfac": {"average_precision": 0.6, "seconds": 250.0},
+                                      "repsim": {"average_precision": 0.8, "seconds": 60.0}}}}
+    rerun = {"seed": 0, "seconds": {},
+             "recall": {"n_iqs": 40, "score_seconds": 100.0,
+                        "methods": {"linfac": {"average_precision": 0.7, "seconds": 240.0}}}}
+    merged = merge_results(earlier, rerun)
+    assert merged["recall"]["methods"]["repsim"] == {"average_precision": 0.8, "seconds": 60.0}
+    assert merged["recall"]["methods"]["linfac"] == {"average_precision": 0.7, "seconds": 250.0}
+    assert merged["recall"]["score_seconds"] == 900.0
+    assert "linfac's AP is 0.7 on this build, 0.6 before" in capsys.readouterr().out
+    merge_results(earlier, {**rerun, "recall": {"methods": {"linfac": {"average_precision": 0.60001,
+                                                                      "seconds": 1.0}}}})
+    assert capsys.readouterr().out == ""
+
+
+def test_restrict_recall_keeps_only_plain_rankings_of_known_methods():
+    from benchmarks.safety_contamination import PRESETS, restrict_recall
+
+    full = PRESETS["full"]
+    only = restrict_recall(full, ("linfac",))
+    assert only.methods == ("linfac",) and only.anchored == () and only.opening_set == ()
+    assert only.measurements == () and only.contrast == () and only.corrections == full.corrections
+    with pytest.raises(SystemExit, match="--recall-methods: nope not among"):
+        restrict_recall(full, ("linfac", "nope"))
+
+
+def test_kept_correction_rows_are_reused_only_under_the_same_key(tmp_path, capsys):
+    from benchmarks.safety_contamination import kept_rows
+
+    path = tmp_path / "rows.json"
+    assert kept_rows(path, "k1") == {}
+    path.write_text(json.dumps({"key": "k1", "seed": 0, "rows": {"impure": {"helpful_ppl": 10.6}}}))
+    assert kept_rows(path, "k1") == {"impure": {"helpful_ppl": 10.6}}
+    assert kept_rows(path, "k2") == {} and "belong to other models" in capsys.readouterr().out
