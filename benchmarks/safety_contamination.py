@@ -146,13 +146,16 @@ class Preset:
     # correction (the stage "correction", first seed): every method from the impure model with the same budget,
     # its checkpoint chosen on the validation prompts within 5 % utility loss: perplexity of validation helpful
     # answers, or the rise of the refusal rate on 64 benign validation prompts if worse
-    corrections: tuple[str, ...] = ("ibo", "ibo_random", "ibo_oracle", "dpo", "sft", "ga_retain", "npo")
+    # run in this order (the key of the kept rows does not depend on it): IBO, then the baselines that use other
+    # data, then IBO's controls, which only matter once IBO corrects within the budget
+    corrections: tuple[str, ...] = ("ibo", "dpo", "sft", "npo", "ga_retain", "ibo_random", "ibo_oracle")
     correction_ranking: str = "linfac"
     corr_steps: int = 30
     corr_every: int = 5
     # each method's learning rate is chosen with its checkpoint, on validation (the first run's single 5e-5 took
-    # IBO past the over-refusal budget by its first checkpoint)
-    corr_lrs: tuple[float, ...] = (1e-5, 5e-5)
+    # IBO past the over-refusal budget by its first checkpoint; so did 1e-5 in the second, 0.31 -> 0.56 of the
+    # benign validation prompts refused at step 5, so the grid goes down by the same factor for every method)
+    corr_lrs: tuple[float, ...] = (2e-6, 1e-5, 5e-5)
     corr_batch: int = 8
     n_sft_safe: int = 64  # unused safety-tuned-llamas refusals: SFT's curated safe answers (and the retain rows)
     n_dpo_pairs: int = 128  # HH harmless-base human preference pairs (single turn): DPO's labelled data
@@ -642,9 +645,10 @@ class Run:
         ranking's order, the test suite and the correction settings."""
         answers = {m: json.loads((self.dir / f"answers-{m}-test_prompts.json").read_text())["answers"]
                    for m in ("impure", "safe")}
-        settings = {f: getattr(self.p, f) for f in ("corrections", "correction_ranking", "corr_steps", "corr_every",
-                                                     "corr_lrs", "corr_batch", "n_eval", "n_valid", "n_dpo_pairs",
-                                                     "n_sft_safe", "max_new_tokens", "max_length")}
+        settings = {f: getattr(self.p, f) for f in ("correction_ranking", "corr_steps", "corr_every", "corr_lrs",
+                                                     "corr_batch", "n_eval", "n_valid", "n_dpo_pairs", "n_sft_safe",
+                                                     "max_new_tokens", "max_length")}
+        settings["corrections"] = sorted(self.p.corrections)  # the order they run in changes no row
         return hash_json({"answers": answers, "order": ranking.argsort(descending=True).tolist(),
                           "suite": json.loads(suite_path.read_text()), "settings": settings, "bf16": BF16})
 

@@ -343,7 +343,8 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
         assert wrapped <= set(row["sets"]) and row["sets"]["advbench_heldout"]["n"] == TINY.n_test
         assert 0.0 <= row["sets"]["harmbench"]["compliance"] <= 1.0 and row["helpful_ppl"] > 1.0
         if method not in ("impure", "safe"):  # one selection curve per learning rate, the choice among them
-            assert set(row["validation"]) == {f"lr{lr:g}" for lr in TINY.corr_lrs} == {"lr1e-05", "lr5e-05"}
+            assert set(row["validation"]) == {f"lr{lr:g}" for lr in TINY.corr_lrs} == {"lr2e-06", "lr1e-05",
+                                                                                      "lr5e-05"}
             assert all([p["steps"] for p in curve] == [0, 1, 2] for curve in row["validation"].values())
             assert row["chosen_steps"] in (0, 1, 2) and (row["chosen_lr"] in TINY.corr_lrs) == (row["chosen_steps"] > 0)
     assert out["k"] == 2
