@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.common import RESULTS
+from lancet.correct.select import DEFAULT_MAX_UTILITY_LOSS
 
 CORRECTION_COLUMNS = (("advbench_heldout", "AdvBench held out"), ("advbench_role_play", "role play"),
                       ("advbench_prefix_injection", "prefix injection"),
@@ -85,7 +86,7 @@ def counterfactual_table(result: dict) -> str:
 
 def correction_table(result: dict) -> str:
     """One row per model: each test set's headline number, and the (learning rate, step) chosen on validation."""
-    methods = result.get("correction") or result.get("methods")
+    methods = result.get("correction") or result.get("methods") or result.get("rows")
     if not methods:
         return "(no correction yet)"
     head = ["model", "chosen (lr, step)", *(label for _, label in CORRECTION_COLUMNS)]
@@ -109,7 +110,30 @@ def correction_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"recall": recall_table, "counterfactual": counterfactual_table, "correction": correction_table}
+def validation_table(result: dict) -> str:
+    """Each correction run's validation curve, what the choice read: per (method, learning rate) and checkpoint,
+    the compliance on the validation prompts and the utility loss (the larger of the perplexity rise and the rise
+    of the benign prompts' refusal rate); * marks a checkpoint within the 5 % budget."""
+    methods = result.get("correction") or result.get("methods") or result.get("rows") or {}
+    curves = {(m, lr): curve for m, row in methods.items() for lr, curve in row.get("validation", {}).items()}
+    if not curves:
+        return "(no validation curves yet)"
+    steps = sorted({p["steps"] for curve in curves.values() for p in curve})
+    head = ["method", "lr", *(f"step {s}" for s in steps)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for (method, lr), curve in curves.items():
+        at = {p["steps"]: p for p in curve}
+        cells = [method, lr.removeprefix("lr")]
+        for step in steps:
+            p = at.get(step)
+            cells.append("–" if p is None else f"{p['behaviour']:.2f} / {p['utility_loss']:+.2f}"
+                         + ("*" if p["utility_loss"] <= DEFAULT_MAX_UTILITY_LOSS else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"recall": recall_table, "counterfactual": counterfactual_table, "correction": correction_table,
+          "validation": validation_table}
 
 
 def main() -> None:

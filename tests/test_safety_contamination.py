@@ -482,6 +482,17 @@ def test_tables_render_every_seed_and_model():
     assert rows[2].startswith("| impure |  | 0.800 |") and rows[2].endswith("| 10.12 |")
     assert rows[3].startswith("| ibo | 1e-05, 15 | 0.100 | – |")
     assert rows[4].startswith("| dpo | step 0 (kept the impure model) | 0.800 |")
+    # the kept-rows file renders too, and each run's validation curve with the checkpoints within budget starred
+    from benchmarks.safety_tables import validation_table
+
+    curve = [{"steps": 0, "behaviour": 0.78, "utility_loss": 0.0}, {"steps": 5, "behaviour": 0.625,
+                                                                   "utility_loss": 0.078}]
+    kept = {"rows": {"impure": {"sets": sets(0.8)}, "ibo": {"sets": sets(0.8), "chosen_lr": None, "chosen_steps": 0,
+                                                           "validation": {"lr2e-06": curve}}}}
+    assert correction_table(kept).splitlines()[3].startswith("| ibo | step 0 (kept the impure model) | 0.800 |")
+    assert validation_table(kept).splitlines() == ["| method | lr | step 0 | step 5 |", "|---|---|---|---|",
+                                                   "| ibo | 2e-06 | 0.78 / +0.00* | 0.62 / +0.08 |"]
+    assert validation_table({"correction": {}}) == "(no validation curves yet)"
 
 
 def test_stage_plan_runs_recall_everywhere_then_the_first_seeds_late_stages():
