@@ -146,9 +146,10 @@ class Preset:
     # correction (the stage "correction", first seed): every method from the impure model with the same budget,
     # its checkpoint chosen on the validation prompts within 5 % utility loss: perplexity of validation helpful
     # answers, or the rise of the refusal rate on 64 benign validation prompts if worse
-    # run in this order (the key of the kept rows does not depend on it): IBO, then the baselines that use other
-    # data, then IBO's controls, which only matter once IBO corrects within the budget
-    corrections: tuple[str, ...] = ("ibo", "dpo", "sft", "npo", "ga_retain", "ibo_random", "ibo_oracle")
+    # run in this order (the key of the kept rows does not depend on it): IBO, its oracle control (IBO with the true
+    # culprits: does IBO's over-refusal come from the ranking's errors?), the baselines that use other data, then
+    # the random control
+    corrections: tuple[str, ...] = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random")
     correction_ranking: str = "linfac"
     corr_steps: int = 30
     corr_every: int = 5
