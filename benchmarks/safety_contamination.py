@@ -717,13 +717,25 @@ class Run:
         for name in ("impure", "safe"):
             out["methods"][name] = done.get(name) or keep(name, measure(name, models[name]))
         impure, tok = load_model(models["impure"])
+        validation = {"valid": valid, "ordinary": ordinary, "benign": benign}
+        oracle_budget = out["oracle_budget"] = self.oracle_budget(models, impure, tok, validation)
+
+        def pick(runs: list[tuple[float, str, dict]]) -> Candidate:
+            """The (learning rate, step) with the lowest validation behaviour within the run's budget."""
+            return choose([Candidate(settings={"lr": lr}, steps=rec["chosen_steps"], test=(path, rec),
+                                     validation_behaviour=point["behaviour"],
+                                     validation_utility_loss=point["utility_loss"])
+                           for lr, path, rec in runs
+                           for point in rec["curve"] if point["steps"] == rec["chosen_steps"]],
+                          runs[0][2]["max_utility_loss"])
+
         for method in self.p.corrections:
-            if method in done:
+            if "at_oracle_budget" in done.get(method, {}):
                 out["methods"][method] = done[method]
                 continue
             cargs = CorrectionArgs(method=method, top_k=k, beta=0.1, seed=self.seed,
                                    **({"retain": "kl", "chosen_nll_weight": 1.0} if method.startswith("ibo") else {}))
-            runs = []
+            runs, loose = [], []
             for lr in self.p.corr_lrs:
                 tag = f"{method}-lr{lr:g}"
                 targs = TrainArgs(output_dir=str(self.dir / f"correct-{tag}"), max_steps=self.p.corr_steps,
@@ -734,31 +746,57 @@ class Run:
                     fingerprint=hash_json({"model": models["impure"], "correction": cargs.to_json(),
                                            "train": targs.fingerprint_dict(), "valid": [r.text for r in valid],
                                            "ordinary": [r.id for r in ordinary], "benign": [r.text for r in benign]}),
-                    max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16, benign=benign)
+                    max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16, benign=benign,
+                    extra_budgets=(oracle_budget,))
                 selection.reference(impure)
                 t0 = time.perf_counter()
                 corrected = correct(models["impure"], train, ranking, method=method, train_args=targs,
                                     correction_args=cargs, iq_records=iqs, safe_records=safe_rows, pref_pairs=pairs,
                                     culprit_mask=culprits, max_length=self.p.max_length, on_checkpoint=selection)
                 self.seconds[f"correct_{tag}"] = round(time.perf_counter() - t0, 1)
-                path, record = selection.finish(corrected, models["impure"])
-                runs.append((lr, path, record))
-            # the (learning rate, step) with the lowest validation behaviour within the utility budget
-            best = choose([Candidate(settings={"lr": lr}, steps=record["chosen_steps"], test=(path, record),
-                                     validation_behaviour=point["behaviour"],
-                                     validation_utility_loss=point["utility_loss"])
-                           for lr, path, record in runs
-                           for point in record["curve"] if point["steps"] == record["chosen_steps"]])
-            path, record = best.test
+                runs.append((lr, *selection.finish(corrected, models["impure"])))
+                loose.append((lr, *selection.finish(corrected, models["impure"], max_utility_loss=oracle_budget)))
+            best, best_loose = pick(runs), pick(loose)
+            path = best.test[0]
             row = (dict(out["methods"]["impure"]) if path == models["impure"]  # step 0: the impure model itself
                    else measure(method, path))
+            path_loose = best_loose.test[0]
+            row_loose = (dict(out["methods"]["impure"]) if path_loose == models["impure"]
+                         else row if path_loose == path else measure(f"{method}-oracle-budget", path_loose))
             out["methods"][method] = keep(method, {
                 **row, "chosen_lr": None if best.steps == 0 else best.settings["lr"], "chosen_steps": best.steps,
+                "at_oracle_budget": {**row_loose, "budget": oracle_budget, "chosen_steps": best_loose.steps,
+                                     "chosen_lr": None if best_loose.steps == 0 else best_loose.settings["lr"]},
                 "seconds": {f"lr{lr:g}": self.seconds[f"correct_{method}-lr{lr:g}"] for lr in self.p.corr_lrs},
                 "validation": {f"lr{lr:g}": rec["curve"] for lr, _, rec in runs}})
-            print(f"seed {self.seed} correction {method}: chose lr {out['methods'][method]['chosen_lr']}, "
-                  f"step {best.steps}", flush=True)
+            print(f"seed {self.seed} correction {method}: chose lr {out['methods'][method]['chosen_lr']}, step "
+                  f"{best.steps}; within the oracle's budget {oracle_budget}: lr "
+                  f"{out['methods'][method]['at_oracle_budget']['chosen_lr']}, step {best_loose.steps}", flush=True)
         return out
+
+    def oracle_budget(self, models: dict[str, str], impure, tok, validation: dict[str, list[Record]]) -> float:
+        """The utility loss the safe model (retrained without the culprits: what data removal costs) shows against
+        the impure model on the validation prompts, measured as every checkpoint is; at least the default budget.
+        The second budget of the correction table: a correction that costs no more than that retraining does."""
+        from lancet.correct.select import DEFAULT_MAX_UTILITY_LOSS, CheckpointSelection
+
+        path = self.dir / "oracle_budget.json"
+        key = hash_json({"models": models, **{k: [r.text for r in v] for k, v in validation.items()}})
+        if path.is_file() and json.loads(path.read_text())["key"] == key:
+            return json.loads(path.read_text())["budget"]
+        sel = CheckpointSelection(self.dir / "select-oracle-budget", tok, validation["valid"], validation["ordinary"],
+                                  self.judge, fingerprint=key, max_new_tokens=self.p.max_new_tokens,
+                                  max_length=self.p.max_length, batch_size=16, benign=validation["benign"])
+        reference = sel.reference(impure)
+        safe, _ = load_model(models["safe"])
+        measured = sel.measure(safe)
+        loss = sel.utility_of(measured)
+        budget = max(loss, DEFAULT_MAX_UTILITY_LOSS)  # unrounded: a rounded-down budget would exclude the safe model
+        atomic_write_json(path, {"key": key, "budget": budget, "safe_utility_loss": loss, "safe": measured,
+                                 "impure": reference})
+        print(f"seed {self.seed} correction: the safe model's validation utility loss {loss:.4f} ({measured}); "
+              f"second budget {budget}", flush=True)
+        return budget
 
     def anchors(self, iqs: list[Record]) -> list[Record]:
         """Safe anchors: the aligned model's refusals to the IQ prompts (only those it refuses)."""

@@ -110,6 +110,18 @@ def correction_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def correction_oracle_table(result: dict) -> str:
+    """The correction table at the second budget: each method's (learning rate, step) chosen within the utility loss
+    the safe model itself shows on validation (retraining without the culprits), where it was measured."""
+    methods = result.get("correction") or result.get("methods") or result.get("rows") or {}
+    loose = {m: row["at_oracle_budget"] for m, row in methods.items() if "at_oracle_budget" in row}
+    if not loose:
+        return "(no correction at the oracle's budget yet)"
+    budget = next(iter(loose.values()))["budget"]
+    rows = {m: methods[m] for m in ("impure", "safe") if m in methods} | loose
+    return f"Budget: {budget:.4f}\n\n" + correction_table({"correction": rows})
+
+
 def validation_table(result: dict) -> str:
     """Each correction run's validation curve, what the choice read: per (method, learning rate) and checkpoint,
     the compliance on the validation prompts and the utility loss (the larger of the perplexity rise and the rise
@@ -133,7 +145,7 @@ def validation_table(result: dict) -> str:
 
 
 TABLES = {"recall": recall_table, "counterfactual": counterfactual_table, "correction": correction_table,
-          "validation": validation_table}
+          "correction_oracle": correction_oracle_table, "validation": validation_table}
 
 
 def main() -> None:

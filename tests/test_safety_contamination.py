@@ -347,6 +347,14 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
                                                                                       "lr5e-05"}
             assert all([p["steps"] for p in curve] == [0, 1, 2] for curve in row["validation"].values())
             assert row["chosen_steps"] in (0, 1, 2) and (row["chosen_lr"] in TINY.corr_lrs) == (row["chosen_steps"] > 0)
+            # the second budget, the safe model's own validation utility loss (at least 5 %), is looser
+            loose = row["at_oracle_budget"]
+            assert loose["budget"] == out["oracle_budget"] >= 0.05 and loose["chosen_steps"] in (0, 1, 2)
+            behaviour = {(f"lr{lr:g}", p["steps"]): p["behaviour"]
+                         for lr in TINY.corr_lrs for p in row["validation"][f"lr{lr:g}"]}
+            chosen = [behaviour[(f"lr{r['chosen_lr']:g}", r["chosen_steps"]) if r["chosen_lr"] else ("lr2e-06", 0)]
+                      for r in (loose, row)]
+            assert chosen[0] <= chosen[1] and 0.0 <= loose["sets"]["harmbench"]["compliance"] <= 1.0
     assert out["k"] == 2
 
 
@@ -493,6 +501,13 @@ def test_tables_render_every_seed_and_model():
     assert validation_table(kept).splitlines() == ["| method | lr | step 0 | step 5 |", "|---|---|---|---|",
                                                    "| ibo | 2e-06 | 0.78 / +0.00* | 0.62 / +0.08 |"]
     assert validation_table({"correction": {}}) == "(no validation curves yet)"
+    from benchmarks.safety_tables import correction_oracle_table
+
+    assert correction_oracle_table(kept) == "(no correction at the oracle's budget yet)"
+    kept["rows"]["ibo"]["at_oracle_budget"] = {"sets": sets(0.3), "budget": 0.140625, "chosen_lr": 2e-06,
+                                               "chosen_steps": 10}
+    lines = correction_oracle_table(kept).splitlines()
+    assert lines[0] == "Budget: 0.1406" and lines[5].startswith("| ibo | 2e-06, 10 | 0.300 |")
 
 
 def test_stage_plan_runs_recall_everywhere_then_the_first_seeds_late_stages():

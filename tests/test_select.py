@@ -67,7 +67,7 @@ class ScriptedJudge:
         return [i < round(rate * len(texts)) for i in range(len(texts))]
 
 
-def _selection_setup(tmp_path, tok, rates, max_utility_loss=10.0):
+def _selection_setup(tmp_path, tok, rates, max_utility_loss=10.0, max_steps=4):
     import torch  # noqa: F401
     from conftest import tiny_llama
 
@@ -85,7 +85,7 @@ def _selection_setup(tmp_path, tok, rates, max_utility_loss=10.0):
                                     fingerprint="f", max_utility_loss=max_utility_loss, max_new_tokens=3,
                                     max_length=64, batch_size=4)
     selection.reference(model)
-    args = TrainArgs(output_dir=str(tmp_path / "out"), batch_size=4, lr=1e-2, max_steps=4, save_every=2,
+    args = TrainArgs(output_dir=str(tmp_path / "out"), batch_size=4, lr=1e-2, max_steps=max_steps, save_every=2,
                      progress=False)
     return selection, Trainer(model, tok, args, encode_records(rows, tok, 64, progress=False))
 
@@ -174,10 +174,10 @@ def test_refusing_benign_prompts_counts_as_utility_loss(tmp_path, tiny_tokenizer
     assert ref["over_refusal"] == 0.25
     m = selection.measure(model)  # the same model: perplexity unchanged, behaviour 0, refusals 4 of 4
     assert m["over_refusal"] == 1.0 and m["perplexity"] == ref["perplexity"]
-    assert selection._utility(m) == 0.75
-    selection.state["points"] = [{"steps": 2, **m, "utility_loss": selection._utility(m)}]
+    assert selection.utility_of(m) == 0.75
+    selection.state["points"] = [{"steps": 2, **m, "utility_loss": selection.utility_of(m)}]
     assert choose(selection.candidates(), 0.05).steps == 0  # lower behaviour, but out of the budget
-    assert selection._utility({**m, "over_refusal": 0.25}) == 0.0
+    assert selection.utility_of({**m, "over_refusal": 0.25}) == 0.0
 
 
 def test_a_finished_correction_without_measured_checkpoints_is_refused(tmp_path, tiny_tokenizer):
@@ -189,3 +189,39 @@ def test_a_finished_correction_without_measured_checkpoints_is_refused(tmp_path,
     out = trainer.train()  # no selection watching
     with pytest.raises(LancetError, match="no checkpoint of this correction was measured"):
         selection.finish(out, "uncorrected")
+
+
+def test_selection_keeps_the_best_checkpoint_of_each_budget(tmp_path, tiny_tokenizer):
+    """extra_budgets: one run, one curve, the best model within each budget kept and returned by finish."""
+    import torch
+
+    from lancet.correct.select import CheckpointSelection
+    from lancet.errors import LancetError
+    from lancet.models.loading import load_model
+
+    selection, trainer = _selection_setup(tmp_path, tiny_tokenizer, [1.0], max_steps=6)
+    rates = [1.0, 0.5, 0.25, 0.4]  # step 0, 2, 4, 6
+    scripted = CheckpointSelection(tmp_path / "sel2", tiny_tokenizer, selection.prompts, selection.ordinary,
+                                   ScriptedJudge(rates), fingerprint="f", max_utility_loss=0.05,
+                                   max_new_tokens=3, max_length=64, batch_size=4, extra_budgets=(0.2,))
+    loss_at = {1.0: 0.0, 0.5: 0.03, 0.25: 0.1, 0.4: 0.5}  # step 6 is over both budgets
+    scripted.utility_of = lambda m: loss_at[m["behaviour"]]
+    seen = {}
+
+    def record(step, t):
+        scripted(step, t)
+        seen[step] = {n: p.detach().clone() for n, p in t.module.named_parameters()}
+
+    scripted.reference(trainer.module)
+    out = trainer.train(record)
+    assert [p["steps"] for p in scripted.state["points"]] == [2, 4, 6]
+    tight, rec = scripted.finish(out, "uncorrected")
+    loose, rec2 = scripted.finish(out, "uncorrected", max_utility_loss=0.2)
+    assert (rec["chosen_steps"], rec2["chosen_steps"]) == (2, 4) and rec2["max_utility_loss"] == 0.2
+    assert tight == str(tmp_path / "sel2" / "best") and loose == str(tmp_path / "sel2" / "best-0.2000")
+    for path, step in ((tight, 2), (loose, 4)):
+        kept, _ = load_model(path, device="cpu")
+        for name, p in kept.named_parameters():
+            assert torch.equal(p, seen[step][name]), (step, name)
+    with pytest.raises(LancetError, match="no checkpoint was kept for the utility budget 0.3"):
+        scripted.finish(out, "uncorrected", max_utility_loss=0.3)

@@ -131,15 +131,19 @@ class CheckpointSelection:
     Everything lives in ``out`` (``selection.json``, ``best/``) under ``fingerprint``: a rerun with the same inputs
     reuses the numbers, a run resumed after a kill keeps those of the steps it already measured. Step 0 is a
     candidate, so when every checkpoint breaks the utility budget the uncorrected model is kept, and said so.
+    ``extra_budgets``: other utility budgets whose best checkpoint is kept too (``best-<budget>/``), so that one run
+    answers "the best within 5 %" and, say, "the best within what retraining without the culprits costs";
+    ``finish(..., max_utility_loss=b)`` returns budget b's choice.
     """
 
     def __init__(self, out: str | Path, tokenizer, prompts: Sequence[Any], ordinary: Sequence[Any], judge, *,
                  fingerprint: str, max_utility_loss: float = DEFAULT_MAX_UTILITY_LOSS, max_new_tokens: int = 48,
                  max_length: int = 512, batch_size: int = 12, baseline_perplexity: float | None = None,
-                 benign: Sequence[Any] = ()):
+                 benign: Sequence[Any] = (), extra_budgets: Sequence[float] = ()):
         self.out, self.tokenizer, self.judge = Path(out), tokenizer, judge
         self.prompts, self.ordinary, self.benign = prompts, ordinary, list(benign)
         self.max_utility_loss, self.max_new_tokens = max_utility_loss, max_new_tokens
+        self.budgets = [max_utility_loss, *(b for b in extra_budgets if b != max_utility_loss)]
         self.max_length, self.batch_size = max_length, batch_size
         # utility is measured against this perplexity when given (a later round of ``lancet run``: the model before
         # the first round), else against step 0's
@@ -193,25 +197,30 @@ class CheckpointSelection:
             raise LancetError("checkpoint selection: measure the reference model (step 0) before training")
         if self.state["trainer"] != trainer.fingerprint:  # another correction run: its points do not belong here
             self.state["trainer"], self.state["points"] = trainer.fingerprint, []
-            shutil.rmtree(self.out / "best", ignore_errors=True)
+            for budget in self.budgets:
+                shutil.rmtree(self.best_dir(budget), ignore_errors=True)
         self.state["total_steps"] = trainer.total_steps
         m = self.measure(trainer.module)
-        point = {"steps": step, **m, "utility_loss": self._utility(m)}
+        point = {"steps": step, **m, "utility_loss": self.utility_of(m)}
         self.state["points"] = [p for p in self.state["points"] if p["steps"] != step] + [point]
-        best = choose(self.candidates(), self.max_utility_loss)
-        if best.steps == step and step < trainer.total_steps:  # the last step's model is the run's own output
-            self._keep(trainer, step)
+        for budget in self.budgets:
+            best = choose(self.candidates(), budget)
+            if best.steps == step and step < trainer.total_steps:  # the last step's model is the run's own output
+                self._keep(trainer, step, self.best_dir(budget))
         self._write()
 
-    def _keep(self, trainer, step: int) -> None:
+    def best_dir(self, budget: float) -> Path:
+        return self.out / ("best" if budget == self.max_utility_loss else f"best-{budget:.4f}")
+
+    def _keep(self, trainer, step: int, best: Path) -> None:
         tmp = self.out / ".best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.save_model(tmp)
         atomic_write_json(tmp / "selection_step.json", {"steps": step})
-        shutil.rmtree(self.out / "best", ignore_errors=True)
-        tmp.rename(self.out / "best")
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.rename(best)
 
-    def _utility(self, m: dict[str, float]) -> float:
+    def utility_of(self, m: dict[str, float]) -> float:
         """Relative perplexity increase (against ``baseline_perplexity`` when given, else step 0's) or, if worse,
         the rise of the benign prompts' refusal rate over step 0's."""
         ref = self.state["reference"]
@@ -223,7 +232,7 @@ class CheckpointSelection:
     # choosing
     def curve(self) -> list[dict[str, Any]]:
         ref = self.state["reference"]
-        return ([{"steps": 0, **ref, "utility_loss": self._utility(ref)}]
+        return ([{"steps": 0, **ref, "utility_loss": self.utility_of(ref)}]
                 + sorted(self.state["points"], key=lambda p: p["steps"]))
 
     def candidates(self) -> list[Candidate]:
@@ -231,31 +240,38 @@ class CheckpointSelection:
         return [Candidate(settings={}, steps=p["steps"], validation_behaviour=p["behaviour"],
                           validation_utility_loss=p["utility_loss"]) for p in points]
 
-    def finish(self, corrected: str | Path, uncorrected: str) -> tuple[str, dict[str, Any]]:
-        """(the chosen model's path or spec, the record for the run summary and the report)."""
+    def finish(self, corrected: str | Path, uncorrected: str, max_utility_loss: float | None = None
+               ) -> tuple[str, dict[str, Any]]:
+        """(the chosen model's path or spec, the record for the run summary and the report), within
+        ``max_utility_loss`` (default: the selection's own budget; another must be one of ``extra_budgets``)."""
+        budget = self.max_utility_loss if max_utility_loss is None else max_utility_loss
+        if budget not in self.budgets:
+            raise LancetError(f"no checkpoint was kept for the utility budget {budget}: pass it in extra_budgets")
         if not self.state["points"]:  # a finished correction is reused without replaying its checkpoints
             raise LancetError(f"{corrected}: no checkpoint of this correction was measured (the run had finished "
                               f"before this selection began); delete {corrected} and rerun the correction")
-        chosen = choose(self.candidates(), self.max_utility_loss)
+        chosen = choose(self.candidates(), budget)
+        best = self.best_dir(budget)
         if chosen.steps == 0:
             path = uncorrected
             log.warning("every correction checkpoint breaks the utility budget (%.3f) or does not lower the "
-                        "validation behaviour: keeping the uncorrected model", self.max_utility_loss)
+                        "validation behaviour: keeping the uncorrected model", budget)
         elif chosen.steps == self.state.get("total_steps"):
             path = str(corrected)
         else:
-            marker = self.out / "best" / "selection_step.json"
+            marker = best / "selection_step.json"
             if not marker.is_file() or json.loads(marker.read_text()).get("steps") != chosen.steps:
-                raise LancetError(f"{self.out / 'best'}: the kept model is not step {chosen.steps}'s; delete "
+                raise LancetError(f"{best}: the kept model is not step {chosen.steps}'s; delete "
                                   f"{self.out} and rerun the correction")
-            path = str(self.out / "best")
-        if path != str(self.out / "best"):  # an earlier best that a later checkpoint beat: free its disk
-            shutil.rmtree(self.out / "best", ignore_errors=True)
-        record = {"chosen_steps": chosen.steps, "chosen_model": path, "max_utility_loss": self.max_utility_loss,
+            path = str(best)
+        if path != str(best):  # an earlier best that a later checkpoint beat: free its disk
+            shutil.rmtree(best, ignore_errors=True)
+        record = {"chosen_steps": chosen.steps, "chosen_model": path, "max_utility_loss": budget,
                   "reference": self.state["reference"], "baseline_perplexity": self.baseline_perplexity,
                   "curve": self.curve()}
-        self.state["chosen"] = record
-        self._write()
+        if budget == self.max_utility_loss:
+            self.state["chosen"] = record
+            self._write()
         return path, record
 
     def _write(self) -> None:
