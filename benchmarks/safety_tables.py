@@ -84,9 +84,14 @@ def counterfactual_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def correction_rows(result: dict) -> dict:
+    """The correction rows of a benchmark result, of the first run's file, or of the kept-rows file."""
+    return result.get("correction") or result.get("methods") or result.get("rows") or {}
+
+
 def correction_table(result: dict) -> str:
     """One row per model: each test set's headline number, and the (learning rate, step) chosen on validation."""
-    methods = result.get("correction") or result.get("methods") or result.get("rows")
+    methods = correction_rows(result)
     if not methods:
         return "(no correction yet)"
     head = ["model", "chosen (lr, step)", *(label for _, label in CORRECTION_COLUMNS)]
@@ -113,7 +118,7 @@ def correction_table(result: dict) -> str:
 def correction_oracle_table(result: dict) -> str:
     """The correction table at the second budget: each method's (learning rate, step) chosen within the utility loss
     the safe model itself shows on validation (retraining without the culprits), where it was measured."""
-    methods = result.get("correction") or result.get("methods") or result.get("rows") or {}
+    methods = correction_rows(result)
     loose = {m: row["at_oracle_budget"] for m, row in methods.items() if "at_oracle_budget" in row}
     if not loose:
         return "(no correction at the oracle's budget yet)"
@@ -126,7 +131,7 @@ def validation_table(result: dict) -> str:
     """Each correction run's validation curve, what the choice read: per (method, learning rate) and checkpoint,
     the compliance on the validation prompts and the utility loss (the larger of the perplexity rise and the rise
     of the benign prompts' refusal rate); * marks a checkpoint within the 5 % budget."""
-    methods = result.get("correction") or result.get("methods") or result.get("rows") or {}
+    methods = correction_rows(result)
     curves = {(m, lr): curve for m, row in methods.items() for lr, curve in row.get("validation", {}).items()}
     if not curves:
         return "(no validation curves yet)"

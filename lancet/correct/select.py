@@ -203,22 +203,26 @@ class CheckpointSelection:
         m = self.measure(trainer.module)
         point = {"steps": step, **m, "utility_loss": self.utility_of(m)}
         self.state["points"] = [p for p in self.state["points"] if p["steps"] != step] + [point]
-        for budget in self.budgets:
-            best = choose(self.candidates(), budget)
-            if best.steps == step and step < trainer.total_steps:  # the last step's model is the run's own output
-                self._keep(trainer, step, self.best_dir(budget))
+        if step < trainer.total_steps:  # the last step's model is the run's own output
+            # the budgets this checkpoint is now the best of: one save, copied to the others
+            dirs = [self.best_dir(b) for b in self.budgets if choose(self.candidates(), b).steps == step]
+            if dirs:
+                self._keep(trainer, step, dirs)
         self._write()
 
     def best_dir(self, budget: float) -> Path:
         return self.out / ("best" if budget == self.max_utility_loss else f"best-{budget:.4f}")
 
-    def _keep(self, trainer, step: int, best: Path) -> None:
+    def _keep(self, trainer, step: int, dirs: list[Path]) -> None:
         tmp = self.out / ".best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.save_model(tmp)
         atomic_write_json(tmp / "selection_step.json", {"steps": step})
-        shutil.rmtree(best, ignore_errors=True)
-        tmp.rename(best)
+        for best in dirs[1:]:
+            shutil.rmtree(best, ignore_errors=True)
+            shutil.copytree(tmp, best)
+        shutil.rmtree(dirs[0], ignore_errors=True)
+        tmp.rename(dirs[0])
 
     def utility_of(self, m: dict[str, float]) -> float:
         """Relative perplexity increase (against ``baseline_perplexity`` when given, else step 0's) or, if worse,
