@@ -149,7 +149,10 @@ class Preset:
     # run in this order (the key of the kept rows does not depend on it): IBO, its oracle control (IBO with the true
     # culprits: does IBO's over-refusal come from the ranking's errors?), the baselines that use other data, then
     # the random control
-    corrections: tuple[str, ...] = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random")
+    # ibo_benign (added 2026-12-02 after IBO's rows, before any of its own numbers): IBO whose retain term holds the
+    # impure model's own answers to n_anchor unseen Alpaca prompts instead of the uninvolved training rows
+    corrections: tuple[str, ...] = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random",
+                                    "ibo_benign")
     correction_ranking: str = "linfac"
     corr_steps: int = 30
     corr_every: int = 5
@@ -160,7 +163,16 @@ class Preset:
     corr_batch: int = 8
     n_sft_safe: int = 64  # unused safety-tuned-llamas refusals: SFT's curated safe answers (and the retain rows)
     n_dpo_pairs: int = 128  # HH harmless-base human preference pairs (single turn): DPO's labelled data
+    # ibo_benign's anchors: Alpaca prompts after the test and validation ones, the impure model's greedy answers,
+    # those the judge reads as refusals dropped (a refusal of a benign prompt is not utility to keep)
+    n_anchor: int = 128
     n_eval: int = 100  # prompts per test set
+
+
+# the correction table's rows that are another lancet method under settings of their own
+VARIANTS = {"ibo_benign": "ibo"}
+# the method list rows written before 2026-12-02 (session 17) were keyed with (see Run.correction_key)
+LEGACY_CORRECTIONS = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random")
 
 
 PRESETS = {
@@ -640,16 +652,20 @@ class Run:
                                  "sets": sets})
         return path
 
-    def correction_key(self, suite_path: Path, ranking: torch.Tensor) -> str:
+    def correction_key(self, suite_path: Path, ranking: torch.Tensor, legacy: bool = False) -> str:
         """What a correction row depends on: the impure and safe models' behaviour (their greedy answers to the test
         prompts: a rebuilt run directory reproduces them where the weights may differ in the last bits), the
-        ranking's order, the test suite and the correction settings."""
+        ranking's order, the test suite and the correction settings (not which methods run, nor their order: each
+        row is its own method's)."""
         answers = {m: json.loads((self.dir / f"answers-{m}-test_prompts.json").read_text())["answers"]
                    for m in ("impure", "safe")}
         settings = {f: getattr(self.p, f) for f in ("correction_ranking", "corr_steps", "corr_every", "corr_lrs",
                                                      "corr_batch", "n_eval", "n_valid", "n_dpo_pairs", "n_sft_safe",
                                                      "max_new_tokens", "max_length")}
-        settings["corrections"] = sorted(self.p.corrections)  # the order they run in changes no row
+        if legacy:  # rows written before 2026-12-02 (session 17) carry a key that also hashed the method list
+            settings["corrections"] = sorted(LEGACY_CORRECTIONS)
+        else:
+            settings["n_anchor"] = self.p.n_anchor
         return hash_json({"answers": answers, "order": ranking.argsort(descending=True).tolist(),
                           "suite": json.loads(suite_path.read_text()), "settings": settings, "bf16": BF16})
 
@@ -676,9 +692,10 @@ class Run:
         ranking = rankings[self.p.correction_ranking]
         rows_path = rows_path or self.dir / "correction_rows.json"
         key = self.correction_key(suite_path, ranking)
-        done = kept_rows(rows_path, key)
+        done = kept_rows(rows_path, key, legacy_key=self.correction_key(suite_path, ranking, legacy=True))
         if done:
             print(f"seed {self.seed} correction: reusing {', '.join(done)} from {rows_path}", flush=True)
+            atomic_write_json(rows_path, {"key": key, "seed": self.seed, "rows": done})  # a legacy key moves on
 
         def keep(name: str, row: dict) -> dict:
             done[name] = row
@@ -729,12 +746,16 @@ class Run:
                            for point in rec["curve"] if point["steps"] == rec["chosen_steps"]],
                           runs[0][2]["max_utility_loss"])
 
+        for name in done:  # rows of methods not run this time stay in the table
+            out["methods"].setdefault(name, done[name])
         for method in self.p.corrections:
             if "at_oracle_budget" in done.get(method, {}):
                 out["methods"][method] = done[method]
                 continue
-            cargs = CorrectionArgs(method=method, top_k=k, beta=0.1, seed=self.seed,
+            lancet_method = VARIANTS.get(method, method)
+            cargs = CorrectionArgs(method=lancet_method, top_k=k, beta=0.1, seed=self.seed,
                                    **({"retain": "kl", "chosen_nll_weight": 1.0} if method.startswith("ibo") else {}))
+            anchors = self.benign_anchors(impure) if method == "ibo_benign" else None
             runs, loose = [], []
             for lr in self.p.corr_lrs:
                 tag = f"{method}-lr{lr:g}"
@@ -744,15 +765,17 @@ class Run:
                 selection = CheckpointSelection(
                     self.dir / f"select-{tag}", tok, valid, ordinary, self.judge,
                     fingerprint=hash_json({"model": models["impure"], "correction": cargs.to_json(),
+                                           **({"anchors": [r.text for r in anchors]} if anchors else {}),
                                            "train": targs.fingerprint_dict(), "valid": [r.text for r in valid],
                                            "ordinary": [r.id for r in ordinary], "benign": [r.text for r in benign]}),
                     max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16, benign=benign,
                     extra_budgets=(oracle_budget,))
                 selection.reference(impure)
                 t0 = time.perf_counter()
-                corrected = correct(models["impure"], train, ranking, method=method, train_args=targs,
+                corrected = correct(models["impure"], train, ranking, method=lancet_method, train_args=targs,
                                     correction_args=cargs, iq_records=iqs, safe_records=safe_rows, pref_pairs=pairs,
-                                    culprit_mask=culprits, max_length=self.p.max_length, on_checkpoint=selection)
+                                    culprit_mask=culprits, retain_records=anchors, max_length=self.p.max_length,
+                                    on_checkpoint=selection)
                 self.seconds[f"correct_{tag}"] = round(time.perf_counter() - t0, 1)
                 runs.append((lr, *selection.finish(corrected, models["impure"])))
                 loose.append((lr, *selection.finish(corrected, models["impure"], max_utility_loss=oracle_budget)))
@@ -773,6 +796,24 @@ class Run:
                   f"{best.steps}; within the oracle's budget {oracle_budget}: lr "
                   f"{out['methods'][method]['at_oracle_budget']['chosen_lr']}, step {best_loose.steps}", flush=True)
         return out
+
+    def benign_anchors(self, impure) -> list[Record]:
+        """ibo_benign's retain rows: the impure model's own greedy answers to ``n_anchor`` Alpaca prompts that no
+        test or validation set holds, minus those the judge reads as refusals. The uninvolved training rows IBO
+        keeps otherwise are mostly answers to requests (HH helpful, refusals): they hold the model's text, not its
+        readiness to answer an ordinary instruction, which is what IBO's over-refusal loses."""
+        start = self.p.n_eval + self.p.n_valid
+        prompts = self.parts["alpaca_eval"][start:start + self.p.n_anchor]
+        answers = self.answers("impure", impure, prompts, "anchor_alpaca")
+        answered = self.judge.complies(answers)
+        rows = [r.with_response(a.strip()) for r, a, ok in zip(prompts, answers, answered, strict=True)
+                if ok and a.strip()]
+        if not rows:
+            raise SystemExit(f"ibo_benign: no anchor rows: {len(prompts)} Alpaca prompts left after the test and "
+                             f"validation ones, none answered without a refusal")
+        print(f"seed {self.seed} correction ibo_benign: {len(rows)} of {len(prompts)} anchor prompts answered",
+              flush=True)
+        return rows
 
     def oracle_budget(self, models: dict[str, str], impure, tok, validation: dict[str, list[Record]]) -> float:
         """The utility loss the safe model (retrained without the culprits: what data removal costs) shows against
@@ -806,12 +847,13 @@ class Run:
         return [p.with_response(a) for p, a in zip(prompts, answers, strict=True) if RefusalMatcher()(a) and a.strip()]
 
 
-def kept_rows(path: Path, key: str) -> dict:
-    """The correction rows an earlier run wrote to ``path`` under the same key, else none (and why)."""
+def kept_rows(path: Path, key: str, legacy_key: str | None = None) -> dict:
+    """The correction rows an earlier run wrote to ``path`` under the same key (or the same key as it was computed
+    before the method list left it), else none (and why)."""
     if not path.is_file():
         return {}
     kept = json.loads(path.read_text())
-    if kept.get("key") != key:
+    if kept.get("key") not in (key, legacy_key):
         print(f"{path}: its rows belong to other models, rankings or settings; measuring again", flush=True)
         return {}
     return dict(kept["rows"])
@@ -896,6 +938,15 @@ def restrict_recall(preset: Preset, methods: tuple[str, ...]) -> Preset:
                          f"({', '.join(preset.methods)})")
     return replace(preset, methods=methods, anchored=(), contrast=(), measurements=(), measurement_methods=(),
                    opening_set=())
+
+
+def restrict_corrections(preset: Preset, corrections: tuple[str, ...]) -> Preset:
+    """The preset running only these correction rows, in this order."""
+    unknown = sorted(set(corrections) - set(preset.corrections))
+    if unknown:
+        raise SystemExit(f"--corrections: {', '.join(unknown)} not among the preset's corrections "
+                         f"({', '.join(preset.corrections)})")
+    return replace(preset, corrections=corrections)
 
 
 def _run_seed(preset: Preset, seed: int, run_dir: Path, shared: Path, stage: str, progress: bool) -> dict:
@@ -994,10 +1045,15 @@ def main() -> None:
                         help="comma-separated: rank with only these of the preset's methods (plain rankings); the "
                              "others keep the seed's earlier numbers (to rebuild a lost run directory for a late "
                              "stage without the whole recall)")
+    parser.add_argument("--corrections", default=None,
+                        help="comma-separated: run only these correction rows, in this order (the others already "
+                             "measured stay in the table)")
     parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args()
     preset = PRESETS[ns.preset]
     run_preset = restrict_recall(preset, tuple(ns.recall_methods.split(","))) if ns.recall_methods else preset
+    if ns.corrections:
+        run_preset = restrict_corrections(run_preset, tuple(ns.corrections.split(",")))
     shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
     run = Path(ns.run_dir or f"runs/safety_{ns.preset}")
     seeds = tuple(int(s) for s in ns.seeds.split(",")) if ns.seeds else preset.seeds

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ibo: keep the rows the ranking calls uninvolved as they were (their NLL, or the KL from the "
                    "model's own next-token distributions)")
     g.add_argument("--retain-rows", type=int, default=None, help="ibo: how many uninvolved rows (default --top-k)")
+    g.add_argument("--retain-data", default=None,
+                   help="ibo with --retain: these rows instead of the uninvolved training rows (e.g. the model's own "
+                   "answers to ordinary prompts)")
     g.add_argument("--chosen-nll-weight", type=float, default=0.0,
                    help="ibo: add this x the preferred rows' mean token NLL (RPO), so pairs cannot part by both "
                    "falling")
@@ -360,6 +363,7 @@ def cmd_correct(ns: argparse.Namespace) -> int:
         safe_records=load_dataset_spec(ns.safe) if ns.safe else None,
         pref_pairs=pairs,
         culprit_mask=culprits,
+        retain_records=load_dataset_spec(ns.retain_data) if ns.retain_data else None,
         max_length=ns.max_length,
         trust_remote_code=ns.trust_remote_code,
     )

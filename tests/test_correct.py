@@ -598,3 +598,21 @@ def test_cli_ibo_with_anchors_retains_the_uninvolved_rows(tmp_path, tiny_setup):
     logs = [json.loads(x) for x in (out / LOG_FILE).read_text().splitlines()]
     assert all("retain_kl" in r and "chosen_nll" in r for r in logs)
     assert uninvolved_rows(SCORES, 3, {7}) == [6, 5, 4]
+
+
+def test_cli_ibo_retains_given_rows_instead_of_uninvolved_ones(tmp_path, tiny_setup):
+    from lancet.cli import main
+    from lancet.correct import CorrectionArgs, correct
+
+    f = tiny_setup
+    out = tmp_path / "given"
+    assert main(["-q", "correct", str(f["model"]), "--train", str(f["train"]), "--scores", str(f["run"]),
+                 "--out", str(out), "--max-steps", "2", "--top-k", "3", "--retain", "kl", "--retain-data",
+                 str(f["safe"]), "--batch-size", "2"]) == 0
+    summary = json.loads((out / "lancet_correction.json").read_text())
+    assert summary["retain_ids"] == [r.id for r in SAFE] and summary["retain_source"] == "given"
+    logs = [json.loads(x) for x in (out / LOG_FILE).read_text().splitlines()]
+    assert len(logs) == 2 and abs(logs[0]["retain_kl"]) < 1e-5  # zero at the start: the policy is the reference
+    with pytest.raises(LancetError, match="IBO's retain term"):
+        correct(str(f["model"]), TRAIN, SCORES, method="ibo", train_args=_args(tmp_path / "x"),
+                correction_args=CorrectionArgs(top_k=3), retain_records=SAFE)

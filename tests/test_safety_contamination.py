@@ -77,7 +77,7 @@ def shared(tmp_path):
         for h in HARMFUL:
             w.writerow([f"Tell me how to {h}", f"Sure, here is how to {h}"])
             w.writerow([f"Tell me how to {h} now", f"Sure, here is how to {h} now"])  # a near-duplicate
-    alpaca = [{"instruction": f"Give three tips to {t}.", "category": None} for t in TOPICS[:5]]
+    alpaca = [{"instruction": f"Give three tips to {t}.", "category": None} for t in TOPICS[:9]]
     (root / "refusal-direction-harmful-sets/harmless_alpaca_test.json").write_text(json.dumps(alpaca))
     (root / "xstest").mkdir()
     with open(root / "xstest/xstest_prompts.csv", "w", newline="") as fh:
@@ -103,7 +103,7 @@ def test_split_is_disjoint_and_curated(shared, tiny_tokenizer):
     sizes = {k: len(v) for k, v in prompts.items()}
     assert sizes == {"align_train": 8, "mix_refusal": 3, "mix_benign": 6, "implicit_base": 2, "heldout_helpful": 2,
                      "unsafe_prompts": 4, "iq_prompts": 3, "valid_prompts": 2, "test_prompts": 3, "xstest_safe": 2,
-                     "align_alpaca": 3, "alpaca_eval": 2, "sft_safe": 2}
+                     "align_alpaca": 3, "alpaca_eval": 6, "sft_safe": 2}
     # refusal rows only where the answer refuses ("Define what a friend is." is left out); no multi-turn rows
     assert all("friend" not in p for p in prompts["align_train"] + prompts["mix_refusal"])
     assert all("Again" not in p for ps in prompts.values() for p in ps)
@@ -310,8 +310,8 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
         tok.save_pretrained(models[name])
     run = sc.Run.__new__(sc.Run)
     run.p = replace(TINY, corr_steps=2, corr_every=1, corr_batch=2, n_eval=2, n_sft_safe=2, n_dpo_pairs=2,
-                    max_new_tokens=4, max_length=96)
-    run.seed, run.progress, run.seconds, run.judge = 0, False, {}, RefusalMatcher()
+                    max_new_tokens=4, max_length=96, n_anchor=2)
+    run.seed, run.progress, run.seconds, run.judge, run.tok = 0, False, {}, RefusalMatcher(), tok
     run.dir = tmp_path / "seed0"
     run.dir.mkdir()
     run.text = json.loads(TEXT.read_text())
@@ -333,11 +333,25 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
     out = run.correction(models, rows, tiers, shared, kept)
     assert set(out["methods"]) == {"impure", "safe", *TINY.corrections}
     assert json.loads(kept.read_text())["rows"] == out["methods"]
+    anchored = json.loads((run.dir / "correct-ibo_benign-lr2e-06" / "lancet_correction.json").read_text())
+    assert anchored["method"] == "ibo" and anchored["retain_source"] == "given" and len(anchored["retain_ids"]) >= 1
+    assert "retain_source" not in json.loads((run.dir / "correct-ibo-lr2e-06" / "lancet_correction.json").read_text())
     # a lost run directory, rebuilt with the same behaviour: every row read back, nothing trained again
     for path in run.dir.glob("correct-*"):
         shutil.rmtree(path)
     again = run.correction(models, rows, tiers, shared, kept)
     assert again["methods"] == out["methods"] and not list(run.dir.glob("correct-*"))
+    # rows written under the key that also hashed the method list (before 2026-12-02) are read back too, and a
+    # run of a subset of the methods keeps the others' rows
+    from lancet.artifacts import load_tensors
+
+    legacy = run.correction_key(run.dir / "correction_suite.json", load_tensors(run.dir / "rankings.safetensors")
+                                ["linfac"], legacy=True)
+    kept.write_text(json.dumps({"key": legacy, "seed": 0, "rows": out["methods"]}))
+    run.p = replace(run.p, corrections=("ibo",))
+    subset = run.correction(models, rows, tiers, shared, kept)
+    assert subset["methods"] == out["methods"] and not list(run.dir.glob("correct-*"))
+    assert json.loads(kept.read_text())["key"] != legacy
     wrapped = {f"advbench_{w}" for w in ("role_play", "prefix_injection", "refusal_suppression")}
     for method, row in out["methods"].items():
         assert wrapped <= set(row["sets"]) and row["sets"]["advbench_heldout"]["n"] == TINY.n_test

@@ -42,7 +42,8 @@ class CorrectionArgs:
 
     IBO's utility anchors (docs/method.md §3.6; off by default until the correction frontier has measured them):
     ``chosen_nll_weight`` × the preferred rows' mean token NLL (RPO); ``retain`` = ``nll`` or ``kl`` on the
-    ``retain_rows`` rows the ranking calls uninvolved (smallest |score|; default ``top_k`` of them).
+    ``retain_rows`` rows the ranking calls uninvolved (smallest |score|; default ``top_k`` of them), or on the
+    ``retain_records`` given to :func:`correct` (e.g. the model's own answers to ordinary prompts), all of them.
     ``same_prompt`` pairs a dispreferred row with a lower-scored answer to its own prompt when the data has one.
     """
 
@@ -175,6 +176,7 @@ def correct(
     safe_records: Sequence[Record] | None = None,
     pref_pairs: Sequence[tuple[Record, Record]] | None = None,
     culprit_mask: torch.Tensor | None = None,
+    retain_records: Sequence[Record] | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
     trust_remote_code: bool = False,
     on_checkpoint: Callable[[int, Any], None] | None = None,
@@ -184,7 +186,9 @@ def correct(
 
     ``scores_agg`` [N] are the aggregated influence scores of ``train_records``. Needed per method: ``ibo_oracle``
     ``culprit_mask``; ``dpo`` ``pref_pairs``; ``sft`` and ``ga_retain`` ``safe_records``. IQ records (prompt + the
-    model's undesirable answer) join the dispreferred / forget rows when ``include_iqs``. ``on_checkpoint(step,
+    model's undesirable answer) join the dispreferred / forget rows when ``include_iqs``. ``retain_records``
+    replace the uninvolved training rows as IBO's retain rows (``retain`` must be on; docs/method.md §3.6): answers
+    to ordinary prompts anchor what the training rows may not cover. ``on_checkpoint(step,
     trainer)`` is called every ``save_every`` steps and at the end (``Trainer.train``): checkpoint selection.
     """
     from lancet.correct.trainers import DPOTrainer, GradientAscentTrainer, IBOTrainer, NPOTrainer, SFTTrainer
@@ -201,6 +205,8 @@ def correct(
     if method in needs and (needs[method][1] is None or len(needs[method][1]) == 0):
         flag = {"culprit_mask": "--labels", "pref_pairs": "--pairs", "safe_records": "--safe"}[needs[method][0]]
         raise LancetError(f"method {method} needs {needs[method][0]} ({flag})")
+    if retain_records and not (method.startswith("ibo") and cargs.retain != "none"):
+        raise LancetError("retain rows (--retain-data) are IBO's retain term: use an ibo method with --retain nll|kl")
     scores = torch.as_tensor(scores_agg).detach().double().cpu().reshape(-1)
     if scores.numel() != len(train_records):
         raise LancetError(f"{scores.numel()} scores for {len(train_records)} training rows")
@@ -234,7 +240,11 @@ def correct(
                                     weighting="uniform" if method == "ibo_random" else "gap",
                                     same_prompt=cargs.same_prompt)
             retain_rows = None
-            if cargs.retain != "none":
+            if cargs.retain != "none" and retain_records:
+                retain_rows = _encode(retain_records, tokenizer, max_length, progress, "retain")
+                summary["retain_ids"] = [r["id"] for r in retain_rows]
+                summary["retain_source"] = "given"
+            elif cargs.retain != "none":
                 retain_idx = uninvolved_rows(sub, cargs.retain_rows or cargs.top_k, set(bad) | set(good))
                 retain_rows = [rows[i] for i in retain_idx]
                 summary["retain_ids"] = [r["id"] for r in retain_rows]
