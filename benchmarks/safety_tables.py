@@ -138,7 +138,7 @@ def validation_table(result: dict) -> str:
     steps = sorted({p["steps"] for curve in curves.values() for p in curve})
     head = ["method", "lr", *(f"step {s}" for s in steps)]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for (method, lr), curve in curves.items():
+    for (method, lr), curve in sorted(curves.items(), key=lambda kv: (kv[0][0], float(kv[0][1].removeprefix("lr")))):
         at = {p["steps"]: p for p in curve}
         cells = [method, lr.removeprefix("lr")]
         for step in steps:
