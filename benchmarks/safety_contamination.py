@@ -151,8 +151,10 @@ class Preset:
     # the random control
     # ibo_benign (added 2026-12-02 after IBO's rows, before any of its own numbers): IBO whose retain term holds the
     # impure model's own answers to n_anchor unseen Alpaca prompts instead of the uninvolved training rows
+    # ibo_benign_seq (added the same day after ibo_benign's first validation curve, at 2e-6, was IBO's own: its
+    # mean token KL was 0.003): the same anchors with the retain term summed over each row's tokens (sequence KL)
     corrections: tuple[str, ...] = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random",
-                                    "ibo_benign")
+                                    "ibo_benign", "ibo_benign_seq")
     correction_ranking: str = "linfac"
     corr_steps: int = 30
     corr_every: int = 5
@@ -170,7 +172,7 @@ class Preset:
 
 
 # the correction table's rows that are another lancet method under settings of their own
-VARIANTS = {"ibo_benign": "ibo"}
+VARIANTS = {"ibo_benign": "ibo", "ibo_benign_seq": "ibo"}
 # the method list rows written before 2026-12-02 (session 17) were keyed with (see Run.correction_key)
 LEGACY_CORRECTIONS = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random")
 
@@ -754,8 +756,9 @@ class Run:
                 continue
             lancet_method = VARIANTS.get(method, method)
             cargs = CorrectionArgs(method=lancet_method, top_k=k, beta=0.1, seed=self.seed,
-                                   **({"retain": "kl", "chosen_nll_weight": 1.0} if method.startswith("ibo") else {}))
-            anchors = self.benign_anchors(impure) if method == "ibo_benign" else None
+                                   **({"retain": "kl", "chosen_nll_weight": 1.0} if method.startswith("ibo") else {}),
+                                   **({"retain_normalize": "rows"} if method == "ibo_benign_seq" else {}))
+            anchors = self.benign_anchors(impure) if method.startswith("ibo_benign") else None
             runs, loose = [], []
             for lr in self.p.corr_lrs:
                 tag = f"{method}-lr{lr:g}"

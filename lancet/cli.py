@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ibo: keep the rows the ranking calls uninvolved as they were (their NLL, or the KL from the "
                    "model's own next-token distributions)")
     g.add_argument("--retain-rows", type=int, default=None, help="ibo: how many uninvolved rows (default --top-k)")
+    g.add_argument("--retain-normalize", default="tokens", choices=["tokens", "rows"],
+                   help="ibo: the retain term's mean over tokens, or its per-row sum averaged over rows (a "
+                   "sequence-level KL, where an answer's opening weighs fully)")
     g.add_argument("--retain-data", default=None,
                    help="ibo with --retain: these rows instead of the uninvolved training rows (e.g. the model's own "
                    "answers to ordinary prompts)")
@@ -337,7 +340,8 @@ def cmd_correct(ns: argparse.Namespace) -> int:
     cargs = CorrectionArgs(method=ns.method, beta=ns.beta, generator=ns.generator, alpha=ns.alpha, top_k=ns.top_k,
                            pairing=ns.pairing, target_temperature=ns.target_temperature, include_iqs=not ns.no_iqs,
                            retain_weight=ns.retain_weight, max_pairs=ns.max_pairs, seed=ns.seed, retain=ns.retain,
-                           retain_rows=ns.retain_rows, chosen_nll_weight=ns.chosen_nll_weight,
+                           retain_rows=ns.retain_rows, retain_normalize=ns.retain_normalize,
+                           chosen_nll_weight=ns.chosen_nll_weight,
                            same_prompt=not ns.no_same_prompt)
     train = load_dataset_spec(ns.train)
     ids = [r.id for r in train]

@@ -616,3 +616,24 @@ def test_cli_ibo_retains_given_rows_instead_of_uninvolved_ones(tmp_path, tiny_se
     with pytest.raises(LancetError, match="IBO's retain term"):
         correct(str(f["model"]), TRAIN, SCORES, method="ibo", train_args=_args(tmp_path / "x"),
                 correction_args=CorrectionArgs(top_k=3), retain_records=SAFE)
+
+
+def test_retain_normalised_by_rows_is_the_summed_term_over_rows(tmp_path, tiny_tokenizer):
+    from lancet.correct.trainers import shifted_targets
+
+    tok, model = tiny_tokenizer, tiny_llama(len(tiny_tokenizer))
+    per_token = _anchored(tmp_path, tok, model, retain="nll")
+    per_row = _anchored(tmp_path, tok, model, retain="nll", retain_normalize="rows")
+    assert per_token.fingerprint != per_row.fingerprint
+    batch = per_token.collate(per_token.items[:3])
+    n = batch["weight"].numel()
+    ntok = shifted_targets(batch["labels"])[1].sum(-1)[2 * n:]
+    with torch.no_grad():
+        by_token = per_token.compute_loss(batch)[1]["retain_nll"]
+        by_row = per_row.compute_loss(batch)[1]["retain_nll"]
+    assert by_row == pytest.approx(by_token * float(ntok.sum()) / ntok.numel(), rel=1e-5)
+    assert by_row > by_token > 0
+    with pytest.raises(LancetError, match="retain normalisation"):
+        _anchored(tmp_path, tok, model, retain="kl", retain_normalize="sum")
+    with pytest.raises(LancetError, match="retain_normalize"):
+        CorrectionArgs(retain_normalize="sum")

@@ -22,7 +22,7 @@ from lancet.artifacts import atomic_write_json, load_tensors
 from lancet.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
 from lancet.correct.losses import GENERATORS
 from lancet.correct.pairs import PAIRINGS, build_ibo_pairs, forget_items, preference_items, select_rows
-from lancet.correct.trainers import RETAIN_TERMS
+from lancet.correct.trainers import RETAIN_NORMALIZATIONS, RETAIN_TERMS
 from lancet.data.records import Record
 from lancet.errors import ArtifactError, LancetError
 from lancet.train import TrainArgs
@@ -43,7 +43,9 @@ class CorrectionArgs:
     IBO's utility anchors (docs/method.md §3.6; off by default until the correction frontier has measured them):
     ``chosen_nll_weight`` × the preferred rows' mean token NLL (RPO); ``retain`` = ``nll`` or ``kl`` on the
     ``retain_rows`` rows the ranking calls uninvolved (smallest |score|; default ``top_k`` of them), or on the
-    ``retain_records`` given to :func:`correct` (e.g. the model's own answers to ordinary prompts), all of them.
+    ``retain_records`` given to :func:`correct` (e.g. the model's own answers to ordinary prompts), all of them;
+    ``retain_normalize`` = ``tokens`` (mean over their tokens) or ``rows`` (summed over each row's tokens, mean over
+    rows: a sequence-level KL).
     ``same_prompt`` pairs a dispreferred row with a lower-scored answer to its own prompt when the data has one.
     """
 
@@ -60,6 +62,7 @@ class CorrectionArgs:
     chosen_nll_weight: float = 0.0
     retain: str = "none"
     retain_rows: int | None = None
+    retain_normalize: str = "tokens"
     same_prompt: bool = True
     seed: int = 0
 
@@ -81,13 +84,14 @@ class CorrectionArgs:
             and math.isfinite(self.chosen_nll_weight) and self.chosen_nll_weight >= 0,
             "retain": self.retain in RETAIN_TERMS,
             "retain_rows": self.retain_rows is None or (isinstance(self.retain_rows, int) and self.retain_rows >= 1),
+            "retain_normalize": self.retain_normalize in RETAIN_NORMALIZATIONS,
             "same_prompt": isinstance(self.same_prompt, bool),
             "seed": isinstance(self.seed, int),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             choices = {"method": METHODS, "generator": GENERATORS, "pairing": PAIRINGS,
-                       "retain": RETAIN_TERMS}.get(bad[0])
+                       "retain": RETAIN_TERMS, "retain_normalize": RETAIN_NORMALIZATIONS}.get(bad[0])
             hint = f" (choose from {', '.join(choices)})" if choices else ""
             raise LancetError(f"invalid correction option {bad[0]}={getattr(self, bad[0])!r}{hint}")
 
@@ -251,6 +255,7 @@ def correct(
             trainer = IBOTrainer(model, tokenizer, train_args, pairs, beta=cargs.beta, generator=cargs.generator,
                                  alpha=cargs.alpha, name=method, chosen_nll_weight=cargs.chosen_nll_weight,
                                  retain=cargs.retain, retain_weight=cargs.retain_weight, retain_rows=retain_rows,
+                                 retain_normalize=cargs.retain_normalize,
                                  **common)
         else:
             forget = [rows[i] for i in bad] + iq_rows

@@ -101,6 +101,7 @@ class _CorrectionTrainer(Trainer):
 
 
 RETAIN_TERMS = ("none", "nll", "kl")
+RETAIN_NORMALIZATIONS = ("tokens", "rows")
 
 
 @torch.no_grad()
@@ -148,14 +149,17 @@ class IBOTrainer(_CorrectionTrainer):
     """Influence-based Bregman optimisation: weighted mean of D_φ(p* ‖ σ(h)) over pairs (lancet.correct.losses),
     plus the utility anchors of docs/method.md §3.6: ``chosen_nll_weight`` × the mean token NLL of the preferred
     rows (RPO), and ``retain_weight`` × a retain term on ``retain_rows`` (``retain="nll"``: their mean token NLL;
-    ``"kl"``: the mean token KL from the reference's next-token distributions)."""
+    ``"kl"``: the mean token KL from the reference's next-token distributions). ``retain_normalize="rows"`` divides
+    the retain term's sum by the retain rows instead of their tokens: per row, the summed token KL is the KL between
+    the two sequence distributions along the row (docs/method.md §3.6), and an answer's opening token weighs as
+    much as in any one row's sequence, not 1/length of a mean."""
 
     name = "ibo"
 
     def __init__(self, model, tokenizer, args: TrainArgs, pairs: Sequence[dict[str, Any]], *, beta: float = 0.1,
                  generator: str = "logistic", alpha: float = 0.5, base_spec: str = "", name: str | None = None,
                  chosen_nll_weight: float = 0.0, retain: str = "none", retain_weight: float = 1.0,
-                 retain_rows: Sequence[dict[str, Any]] | None = None):
+                 retain_rows: Sequence[dict[str, Any]] | None = None, retain_normalize: str = "tokens"):
         if generator not in GENERATORS:
             raise LancetError(f"unknown generator {generator!r}; choose from {', '.join(GENERATORS)}")
         if not beta > 0:
@@ -168,6 +172,10 @@ class IBOTrainer(_CorrectionTrainer):
             raise LancetError(f"retain={retain!r} needs retain rows")
         if chosen_nll_weight < 0 or retain_weight < 0:
             raise LancetError("chosen_nll_weight and retain_weight must be >= 0")
+        if retain_normalize not in RETAIN_NORMALIZATIONS:
+            raise LancetError(f"unknown retain normalisation {retain_normalize!r}; choose from "
+                              f"{', '.join(RETAIN_NORMALIZATIONS)}")
+        self.retain_normalize = retain_normalize
         self.beta, self.generator, self.alpha = float(beta), generator, float(alpha)
         self.chosen_nll_weight, self.retain = float(chosen_nll_weight), retain
         self.retain_weight = float(retain_weight) if retain != "none" else 0.0
@@ -189,7 +197,8 @@ class IBOTrainer(_CorrectionTrainer):
         return {"beta": self.beta, "generator": self.generator,
                 "alpha": self.alpha if self.generator == "basu" else None,
                 **({"chosen_nll_weight": self.chosen_nll_weight} if self.chosen_nll_weight else {}),
-                **({"retain": self.retain, "retain_weight": self.retain_weight} if self.retain_weight else {})}
+                **({"retain": self.retain, "retain_weight": self.retain_weight} if self.retain_weight else {}),
+                **({"retain_normalize": "rows"} if self.retain_weight and self.retain_normalize == "rows" else {})}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         retain = [it["retain"] for it in items] if self.retain_weight > 0 else []
@@ -221,7 +230,8 @@ class IBOTrainer(_CorrectionTrainer):
         n = batch["weight"].numel()
         ntok = shifted_targets(batch["labels"])[1].sum(-1).double()
         return {"weight": batch["weight"].double().sum(), "pairs": torch.tensor(float(n)),
-                "chosen_tokens": ntok[:n].sum(), "retain_tokens": ntok[2 * n:].sum()}
+                "chosen_tokens": ntok[:n].sum(), "retain_tokens": ntok[2 * n:].sum(),
+                "retain_rows": torch.tensor(float(ntok.numel() - 2 * n))}
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         h, per_pair, logp, ntok, (logits, mask) = self._terms(batch)
@@ -239,7 +249,9 @@ class IBOTrainer(_CorrectionTrainer):
             logs["chosen_nll"] = nll.item()
             loss = loss + self.chosen_nll_weight * nll
         if self.retain_weight > 0:
-            denom = self.denominator("retain_tokens", ntok[2 * n:].sum()).clamp_min(1)
+            denom = (self.denominator("retain_rows", torch.tensor(float(ntok.numel() - 2 * n)))
+                     if self.retain_normalize == "rows" else self.denominator("retain_tokens", ntok[2 * n:].sum()))
+            denom = denom.clamp_min(1)
             if self.retain == "nll":
                 term = -logp[2 * n:].sum() / denom
             else:
