@@ -153,8 +153,10 @@ class Preset:
     # impure model's own answers to n_anchor unseen Alpaca prompts instead of the uninvolved training rows
     # ibo_benign_seq (added the same day after ibo_benign's first validation curve, at 2e-6, was IBO's own: its
     # mean token KL was 0.003): the same anchors with the retain term summed over each row's tokens (sequence KL)
+    # ibo_benign_seq_random / _oracle: its random and oracle selection controls (added after its test row, which
+    # the controls of plain IBO cannot speak for)
     corrections: tuple[str, ...] = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random",
-                                    "ibo_benign", "ibo_benign_seq")
+                                    "ibo_benign", "ibo_benign_seq", "ibo_benign_seq_random", "ibo_benign_seq_oracle")
     correction_ranking: str = "linfac"
     corr_steps: int = 30
     corr_every: int = 5
@@ -172,7 +174,11 @@ class Preset:
 
 
 # the correction table's rows that are another lancet method under settings of their own
-VARIANTS = {"ibo_benign": "ibo", "ibo_benign_seq": "ibo"}
+# (the lancet method, whether its retain rows are the benign anchors, its retain normalisation)
+_SEQ = {"anchors": True, "retain_normalize": "rows"}
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "ibo_benign": ("ibo", {"anchors": True}), "ibo_benign_seq": ("ibo", _SEQ),
+    "ibo_benign_seq_random": ("ibo_random", _SEQ), "ibo_benign_seq_oracle": ("ibo_oracle", _SEQ)}
 # the method list rows written before 2026-12-02 (session 17) were keyed with (see Run.correction_key)
 LEGACY_CORRECTIONS = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random")
 
@@ -754,11 +760,11 @@ class Run:
             if "at_oracle_budget" in done.get(method, {}):
                 out["methods"][method] = done[method]
                 continue
-            lancet_method = VARIANTS.get(method, method)
+            lancet_method, variant = VARIANTS.get(method, (method, {}))
             cargs = CorrectionArgs(method=lancet_method, top_k=k, beta=0.1, seed=self.seed,
                                    **({"retain": "kl", "chosen_nll_weight": 1.0} if method.startswith("ibo") else {}),
-                                   **({"retain_normalize": "rows"} if method == "ibo_benign_seq" else {}))
-            anchors = self.benign_anchors(impure) if method.startswith("ibo_benign") else None
+                                   **{o: v for o, v in variant.items() if o != "anchors"})
+            anchors = self.benign_anchors(impure) if variant.get("anchors") else None
             runs, loose = [], []
             for lr in self.p.corr_lrs:
                 tag = f"{method}-lr{lr:g}"
@@ -788,7 +794,8 @@ class Run:
                    else measure(method, path))
             path_loose = best_loose.test[0]
             row_loose = (dict(out["methods"]["impure"]) if path_loose == models["impure"]
-                         else row if path_loose == path else measure(f"{method}-oracle-budget", path_loose))
+                         else row if (best_loose.settings, best_loose.steps) == (best.settings, best.steps)
+                         else measure(f"{method}-oracle-budget", path_loose))  # one checkpoint, kept per budget
             out["methods"][method] = keep(method, {
                 **row, "chosen_lr": None if best.steps == 0 else best.settings["lr"], "chosen_steps": best.steps,
                 "at_oracle_budget": {**row_loose, "budget": oracle_budget, "chosen_steps": best_loose.steps,

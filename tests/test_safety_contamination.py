@@ -336,6 +336,10 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
     anchored = json.loads((run.dir / "correct-ibo_benign-lr2e-06" / "lancet_correction.json").read_text())
     assert anchored["method"] == "ibo" and anchored["retain_source"] == "given" and len(anchored["retain_ids"]) >= 1
     assert "retain_source" not in json.loads((run.dir / "correct-ibo-lr2e-06" / "lancet_correction.json").read_text())
+    for name, (method, options) in sc.VARIANTS.items():  # each variant ran as its lancet method, with its options
+        summary = json.loads((run.dir / f"correct-{name}-lr2e-06" / "lancet_correction.json").read_text())
+        assert summary["method"] == method and summary["retain_source"] == "given"
+        assert summary["correction_args"]["retain_normalize"] == options.get("retain_normalize", "tokens")
     # a lost run directory, rebuilt with the same behaviour: every row read back, nothing trained again
     for path in run.dir.glob("correct-*"):
         shutil.rmtree(path)
