@@ -179,8 +179,6 @@ _SEQ = {"anchors": True, "retain_normalize": "rows"}
 VARIANTS: dict[str, tuple[str, dict]] = {
     "ibo_benign": ("ibo", {"anchors": True}), "ibo_benign_seq": ("ibo", _SEQ),
     "ibo_benign_seq_random": ("ibo_random", _SEQ), "ibo_benign_seq_oracle": ("ibo_oracle", _SEQ)}
-# the method list rows written before 2026-12-02 (session 17) were keyed with (see Run.correction_key)
-LEGACY_CORRECTIONS = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random")
 
 
 PRESETS = {
@@ -660,7 +658,7 @@ class Run:
                                  "sets": sets})
         return path
 
-    def correction_key(self, suite_path: Path, ranking: torch.Tensor, legacy: bool = False) -> str:
+    def correction_key(self, suite_path: Path, ranking: torch.Tensor) -> str:
         """What a correction row depends on: the impure and safe models' behaviour (their greedy answers to the test
         prompts: a rebuilt run directory reproduces them where the weights may differ in the last bits), the
         ranking's order, the test suite and the correction settings (not which methods run, nor their order: each
@@ -670,10 +668,7 @@ class Run:
         settings = {f: getattr(self.p, f) for f in ("correction_ranking", "corr_steps", "corr_every", "corr_lrs",
                                                      "corr_batch", "n_eval", "n_valid", "n_dpo_pairs", "n_sft_safe",
                                                      "max_new_tokens", "max_length")}
-        if legacy:  # rows written before 2026-12-02 (session 17) carry a key that also hashed the method list
-            settings["corrections"] = sorted(LEGACY_CORRECTIONS)
-        else:
-            settings["n_anchor"] = self.p.n_anchor
+        settings["n_anchor"] = self.p.n_anchor
         return hash_json({"answers": answers, "order": ranking.argsort(descending=True).tolist(),
                           "suite": json.loads(suite_path.read_text()), "settings": settings, "bf16": BF16})
 
@@ -700,10 +695,9 @@ class Run:
         ranking = rankings[self.p.correction_ranking]
         rows_path = rows_path or self.dir / "correction_rows.json"
         key = self.correction_key(suite_path, ranking)
-        done = kept_rows(rows_path, key, legacy_key=self.correction_key(suite_path, ranking, legacy=True))
+        done = kept_rows(rows_path, key)
         if done:
             print(f"seed {self.seed} correction: reusing {', '.join(done)} from {rows_path}", flush=True)
-            atomic_write_json(rows_path, {"key": key, "seed": self.seed, "rows": done})  # a legacy key moves on
 
         def keep(name: str, row: dict) -> dict:
             done[name] = row
@@ -758,7 +752,6 @@ class Run:
             out["methods"].setdefault(name, done[name])
         for method in self.p.corrections:
             if "at_oracle_budget" in done.get(method, {}):
-                out["methods"][method] = done[method]
                 continue
             lancet_method, variant = VARIANTS.get(method, (method, {}))
             cargs = CorrectionArgs(method=lancet_method, top_k=k, beta=0.1, seed=self.seed,
@@ -857,13 +850,12 @@ class Run:
         return [p.with_response(a) for p, a in zip(prompts, answers, strict=True) if RefusalMatcher()(a) and a.strip()]
 
 
-def kept_rows(path: Path, key: str, legacy_key: str | None = None) -> dict:
-    """The correction rows an earlier run wrote to ``path`` under the same key (or the same key as it was computed
-    before the method list left it), else none (and why)."""
+def kept_rows(path: Path, key: str) -> dict:
+    """The correction rows an earlier run wrote to ``path`` under the same key, else none (and why)."""
     if not path.is_file():
         return {}
     kept = json.loads(path.read_text())
-    if kept.get("key") not in (key, legacy_key):
+    if kept.get("key") != key:
         print(f"{path}: its rows belong to other models, rankings or settings; measuring again", flush=True)
         return {}
     return dict(kept["rows"])

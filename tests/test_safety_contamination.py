@@ -345,17 +345,10 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
         shutil.rmtree(path)
     again = run.correction(models, rows, tiers, shared, kept)
     assert again["methods"] == out["methods"] and not list(run.dir.glob("correct-*"))
-    # rows written under the key that also hashed the method list (before 2026-12-02) are read back too, and a
-    # run of a subset of the methods keeps the others' rows
-    from lancet.artifacts import load_tensors
-
-    legacy = run.correction_key(run.dir / "correction_suite.json", load_tensors(run.dir / "rankings.safetensors")
-                                ["linfac"], legacy=True)
-    kept.write_text(json.dumps({"key": legacy, "seed": 0, "rows": out["methods"]}))
+    # a run of a subset of the methods keeps the others' rows, under the same key (the method list is not in it)
     run.p = replace(run.p, corrections=("ibo",))
     subset = run.correction(models, rows, tiers, shared, kept)
     assert subset["methods"] == out["methods"] and not list(run.dir.glob("correct-*"))
-    assert json.loads(kept.read_text())["key"] != legacy
     wrapped = {f"advbench_{w}" for w in ("role_play", "prefix_injection", "refusal_suppression")}
     for method, row in out["methods"].items():
         assert wrapped <= set(row["sets"]) and row["sets"]["advbench_heldout"]["n"] == TINY.n_test
