@@ -155,8 +155,11 @@ class Preset:
     # mean token KL was 0.003): the same anchors with the retain term summed over each row's tokens (sequence KL)
     # ibo_benign_seq_random / _oracle: its random and oracle selection controls (added after its test row, which
     # the controls of plain IBO cannot speak for)
+    # dpo_benign_seq (added 2026-12-03 before any of its numbers): DPO on the same human pairs with ibo_benign_seq's
+    # anchor, so the two differ only in the preference signal (influence ranking and IQs against human pairs)
     corrections: tuple[str, ...] = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random",
-                                    "ibo_benign", "ibo_benign_seq", "ibo_benign_seq_random", "ibo_benign_seq_oracle")
+                                    "ibo_benign", "ibo_benign_seq", "ibo_benign_seq_random", "ibo_benign_seq_oracle",
+                                    "dpo_benign_seq")
     correction_ranking: str = "linfac"
     corr_steps: int = 30
     corr_every: int = 5
@@ -178,7 +181,8 @@ class Preset:
 _SEQ = {"anchors": True, "retain_normalize": "rows"}
 VARIANTS: dict[str, tuple[str, dict]] = {
     "ibo_benign": ("ibo", {"anchors": True}), "ibo_benign_seq": ("ibo", _SEQ),
-    "ibo_benign_seq_random": ("ibo_random", _SEQ), "ibo_benign_seq_oracle": ("ibo_oracle", _SEQ)}
+    "ibo_benign_seq_random": ("ibo_random", _SEQ), "ibo_benign_seq_oracle": ("ibo_oracle", _SEQ),
+    "dpo_benign_seq": ("dpo", {**_SEQ, "retain": "kl"})}  # IBO's variants get retain="kl" from the ibo default
 
 
 PRESETS = {

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_llama
+from safetensors.torch import load_file as load_safetensors
 
 from lancet.correct import METHODS, CorrectionArgs, correct, load_run_scores
 from lancet.correct.losses import bregman_grad, bregman_loss, dpo_loss, margin, npo_loss
@@ -613,9 +614,38 @@ def test_cli_ibo_retains_given_rows_instead_of_uninvolved_ones(tmp_path, tiny_se
     assert summary["retain_ids"] == [r.id for r in SAFE] and summary["retain_source"] == "given"
     logs = [json.loads(x) for x in (out / LOG_FILE).read_text().splitlines()]
     assert len(logs) == 2 and abs(logs[0]["retain_kl"]) < 1e-5  # zero at the start: the policy is the reference
-    with pytest.raises(LancetError, match="IBO's retain term"):
+    with pytest.raises(LancetError, match="retain term of ibo and dpo"):
         correct(str(f["model"]), TRAIN, SCORES, method="ibo", train_args=_args(tmp_path / "x"),
                 correction_args=CorrectionArgs(top_k=3), retain_records=SAFE)
+
+
+def test_cli_dpo_takes_the_same_given_retain_rows(tmp_path, tiny_setup):
+    """DPO with IBO's anchor (the fair comparison: only the preference signal differs): the retain term is zero at
+    the start, every trainable parameter moves, the anchor enters the fingerprint, and without rows it fails."""
+    from lancet.cli import main
+    from lancet.correct import CorrectionArgs, correct
+
+    f = tiny_setup
+    common = ["-q", "correct", str(f["model"]), "--train", str(f["train"]), "--scores", str(f["run"]),
+              "--method", "dpo", "--pairs", str(f["pairs"]), "--max-steps", "2", "--batch-size", "2", "--lr", "1e-2"]
+    out, plain = tmp_path / "dpo_anchored", tmp_path / "dpo_plain"
+    assert main([*common, "--out", str(out), "--retain", "kl", "--retain-normalize", "rows",
+                 "--retain-data", str(f["safe"])]) == 0
+    assert main([*common, "--out", str(plain)]) == 0
+    summary = json.loads((out / "lancet_correction.json").read_text())
+    assert summary["retain_ids"] == [r.id for r in SAFE] and summary["retain_source"] == "given"
+    logs = [json.loads(x) for x in (out / LOG_FILE).read_text().splitlines()]
+    assert len(logs) == 2 and abs(logs[0]["retain_kl"]) < 1e-5 < logs[1]["retain_kl"]
+    assert all("retain_kl" not in json.loads(x) for x in (plain / LOG_FILE).read_text().splitlines())
+    base = load_safetensors(f["model"] / "model.safetensors")
+    moved = load_safetensors(out / "model.safetensors")
+    assert [n for n, t in base.items() if torch.equal(t, moved[n])] == []
+    prints = [json.loads((d / DONE_FILE).read_text())["fingerprint"] for d in (out, plain)]
+    assert prints[0] != prints[1]
+    with pytest.raises(LancetError, match="dpo's retain term needs retain rows"):
+        correct(str(f["model"]), TRAIN, SCORES, method="dpo", train_args=_args(tmp_path / "x"),
+                correction_args=CorrectionArgs(method="dpo", retain="kl"),
+                pref_pairs=list(zip(GOOD, BAD, strict=True)))
 
 
 def test_retain_normalised_by_rows_is_the_summed_term_over_rows(tmp_path, tiny_tokenizer):

@@ -340,6 +340,7 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
         summary = json.loads((run.dir / f"correct-{name}-lr2e-06" / "lancet_correction.json").read_text())
         assert summary["method"] == method and summary["retain_source"] == "given"
         assert summary["correction_args"]["retain_normalize"] == options.get("retain_normalize", "tokens")
+        assert summary["correction_args"]["retain"] == "kl"  # dpo_benign_seq: DPO with IBO's anchor
     # a lost run directory, rebuilt with the same behaviour: every row read back, nothing trained again
     for path in run.dir.glob("correct-*"):
         shutil.rmtree(path)

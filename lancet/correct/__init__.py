@@ -45,7 +45,7 @@ class CorrectionArgs:
     ``retain_rows`` rows the ranking calls uninvolved (smallest |score|; default ``top_k`` of them), or on the
     ``retain_records`` given to :func:`correct` (e.g. the model's own answers to ordinary prompts), all of them;
     ``retain_normalize`` = ``tokens`` (mean over their tokens) or ``rows`` (summed over each row's tokens, mean over
-    rows: a sequence-level KL).
+    rows: a sequence-level KL). ``dpo`` takes ``chosen_nll_weight`` and a retain term on given rows too.
     ``same_prompt`` pairs a dispreferred row with a lower-scored answer to its own prompt when the data has one.
     """
 
@@ -192,7 +192,8 @@ def correct(
     ``culprit_mask``; ``dpo`` ``pref_pairs``; ``sft`` and ``ga_retain`` ``safe_records``. IQ records (prompt + the
     model's undesirable answer) join the dispreferred / forget rows when ``include_iqs``. ``retain_records``
     replace the uninvolved training rows as IBO's retain rows (``retain`` must be on; docs/method.md §3.6): answers
-    to ordinary prompts anchor what the training rows may not cover. ``on_checkpoint(step,
+    to ordinary prompts anchor what the training rows may not cover. They are also DPO's retain rows (DPO has no
+    ranking, so its retain term needs them): the same anchor on human pairs, the fair comparison. ``on_checkpoint(step,
     trainer)`` is called every ``save_every`` steps and at the end (``Trainer.train``): checkpoint selection.
     """
     from lancet.correct.trainers import DPOTrainer, GradientAscentTrainer, IBOTrainer, NPOTrainer, SFTTrainer
@@ -209,8 +210,12 @@ def correct(
     if method in needs and (needs[method][1] is None or len(needs[method][1]) == 0):
         flag = {"culprit_mask": "--labels", "pref_pairs": "--pairs", "safe_records": "--safe"}[needs[method][0]]
         raise LancetError(f"method {method} needs {needs[method][0]} ({flag})")
-    if retain_records and not (method.startswith("ibo") and cargs.retain != "none"):
-        raise LancetError("retain rows (--retain-data) are IBO's retain term: use an ibo method with --retain nll|kl")
+    if retain_records and not ((method.startswith("ibo") or method == "dpo") and cargs.retain != "none"):
+        raise LancetError("retain rows (--retain-data) are the retain term of ibo and dpo: use one of them with "
+                          "--retain nll|kl")
+    if method == "dpo" and cargs.retain != "none" and not retain_records:
+        raise LancetError("dpo's retain term needs retain rows (--retain-data): it has no ranking to call training "
+                          "rows uninvolved")
     scores = torch.as_tensor(scores_agg).detach().double().cpu().reshape(-1)
     if scores.numel() != len(train_records):
         raise LancetError(f"{scores.numel()} scores for {len(train_records)} training rows")
@@ -274,8 +279,15 @@ def correct(
     elif method == "dpo":
         chosen = _encode([c for c, _ in pref_pairs], tokenizer, max_length, progress, "chosen")
         rejected = _encode([r for _, r in pref_pairs], tokenizer, max_length, progress, "rejected")
+        retain_rows = None
+        if cargs.retain != "none":
+            retain_rows = _encode(retain_records, tokenizer, max_length, progress, "retain")
+            summary["retain_ids"] = [r["id"] for r in retain_rows]
+            summary["retain_source"] = "given"
         trainer = DPOTrainer(model, tokenizer, train_args, preference_items(chosen, rejected), beta=cargs.beta,
-                             **common)
+                             chosen_nll_weight=cargs.chosen_nll_weight, retain=cargs.retain,
+                             retain_weight=cargs.retain_weight, retain_rows=retain_rows,
+                             retain_normalize=cargs.retain_normalize, **common)
     else:  # sft
         trainer = SFTTrainer(model, tokenizer, train_args, _encode(safe_records, tokenizer, max_length, progress,
                                                                     "safe"), **common)

@@ -263,14 +263,20 @@ class IBOTrainer(_CorrectionTrainer):
 
 
 class DPOTrainer(IBOTrainer):
-    """DPO: IBO with the logistic generator, uniform weights and target 1, on human chosen/rejected pairs."""
+    """DPO: IBO with the logistic generator, uniform weights and target 1, on human chosen/rejected pairs; the same
+    optional anchors as IBO (``chosen_nll_weight``: RPO; a retain term on given rows), so a comparison can hold the
+    anchor fixed and change only the preference signal."""
 
     name = "dpo"
 
     def __init__(self, model, tokenizer, args: TrainArgs, pairs: Sequence[dict[str, Any]], *, beta: float = 0.1,
-                 base_spec: str = ""):
+                 base_spec: str = "", chosen_nll_weight: float = 0.0, retain: str = "none",
+                 retain_weight: float = 1.0, retain_rows: Sequence[dict[str, Any]] | None = None,
+                 retain_normalize: str = "tokens"):
         pairs = [{**p, "weight": 1.0, "target": 1.0} for p in pairs]
-        super().__init__(model, tokenizer, args, pairs, beta=beta, generator="logistic", base_spec=base_spec)
+        super().__init__(model, tokenizer, args, pairs, beta=beta, generator="logistic", base_spec=base_spec,
+                         chosen_nll_weight=chosen_nll_weight, retain=retain, retain_weight=retain_weight,
+                         retain_rows=retain_rows, retain_normalize=retain_normalize)
 
 
 def _mean_nll(nll: torch.Tensor, ntok: torch.Tensor) -> torch.Tensor:
