@@ -323,7 +323,8 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
     rows = read_records(run.dir / "mix.jsonl")
     tiers = {r.id: r.label for r in rows}
     atomic_save_tensors(run.dir / "rankings.safetensors",
-                        {"linfac": torch.tensor([0.0, -1.0, 0.5, 0.1, 2.0, 1.0], dtype=torch.float64)})
+                        {"linfac": torch.tensor([0.0, -1.0, 0.5, 0.1, 2.0, 1.0], dtype=torch.float64),
+                         "bm25": torch.tensor([2.0, 0.0, 0.0, 1.0, 0.5, 0.1], dtype=torch.float64)})
     atomic_write_json(run.dir / "rankings.json", {"ids": [r.id for r in rows]})
     (run.dir / "iqs.jsonl").write_bytes(records_to_jsonl(
         [Record(prompt=f"Tell me how to {HARMFUL[5]}", response="Sure, here is how.")]))
@@ -341,6 +342,10 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
         assert summary["method"] == method and summary["retain_source"] == "given"
         assert summary["correction_args"]["retain_normalize"] == options.get("retain_normalize", "tokens")
         assert summary["correction_args"]["retain"] == "kl"  # dpo_benign_seq: DPO with IBO's anchor
+    # IBO on LinFAC's ranking pushes down LinFAC's top 2 rows; its bm25 variant BM25's top 2
+    for name, top in (("ibo_benign_seq", [4, 5]), ("ibo_benign_seq_bm25", [0, 3])):
+        summary = json.loads((run.dir / f"correct-{name}-lr2e-06" / "lancet_correction.json").read_text())
+        assert summary["dispreferred_ids"] == [rows[i].id for i in top]
     # a lost run directory, rebuilt with the same behaviour: every row read back, nothing trained again
     for path in run.dir.glob("correct-*"):
         shutil.rmtree(path)
