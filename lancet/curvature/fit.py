@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 PAD_ID = 0  # any id works: padded positions are masked out of attention and of every statistic
 
 
+# the InfluenceArgs options that shape a fitted curvature: two runs that agree on these can share one
+CURVATURE_OPTIONS = ("method", "modules", "fisher", "fisher_samples", "dtype", "bf16", "seed", "batch_size",
+                     "covariance_max_rows", "lambda_max_rows", "range_rtol")
+
+
 def batches(rows: Sequence[dict[str, Any]], batch_size: int, start: int = 0, stop: int | None = None,
             padding_side: str = "right", device: torch.device | None = None
             ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -110,9 +115,7 @@ def fit_curvature(model, train: Sequence[dict[str, Any]], args, *, out_dir: str 
         meta = {"kind": "curvature", "method": args.method, "format": estimator.format_version,
                 "model": model_fp or model_fingerprint(model),
                 "data": data_fingerprint(train), "n_rows": len(train), "layers": [layer.name for layer in layers],
-                "args": args.fingerprint_dict(("method", "modules", "fisher", "fisher_samples", "dtype", "bf16",
-                                               "seed", "batch_size", "covariance_max_rows",
-                                               "lambda_max_rows", "range_rtol"))}
+                "args": args.fingerprint_dict(CURVATURE_OPTIONS)}
         check_or_write_meta(out / "meta.json", meta, write=dist.is_main())
         final = out / "curvature.safetensors"
         found = final.is_file()

@@ -28,7 +28,7 @@ from lancet.constants import (
     QUERY_CHUNK,
 )
 from lancet.curvature.estimators import GRADIENT_FREE_METHODS, METHODS
-from lancet.curvature.fit import Curvature, data_fingerprint, fit_curvature
+from lancet.curvature.fit import CURVATURE_OPTIONS, Curvature, data_fingerprint, fit_curvature
 from lancet.curvature.modules import find_tracked_layers
 from lancet.errors import LancetError, NonFiniteError
 from lancet.influence.arguments import InfluenceArgs
@@ -332,6 +332,17 @@ class Influence:
         self._curvature = curvature  # later token_scores on these IQs precondition as the ranking did
         return {"scores": query_index(self.model, curvature, query_rows, index_dir, self.args, self.measurement,
                                       rank)}
+
+    def with_options(self, **changes) -> Influence:
+        """The same run with other options (``query_rank``, ``per_layer``, ...): a new ``Influence`` on the same
+        model, tokenizer, measurement and out_dir that shares this one's fitted curvature when none of the options
+        that shape it (``curvature.fit.CURVATURE_OPTIONS``) changed, and fits its own on first use otherwise."""
+        args = replace(self.args, **changes)
+        other = Influence(self.model, args, out_dir=self.out, measurement=self.measurement, tokenizer=self.tokenizer,
+                          max_length=self.max_length)
+        if self.args.fingerprint_dict(CURVATURE_OPTIONS) == args.fingerprint_dict(CURVATURE_OPTIONS):
+            other._curvature, other._model_fp = self._curvature, self._model_fp
+        return other
 
     @property
     def fitted(self) -> bool:

@@ -1,0 +1,46 @@
+"""Behaviour kept through refactors: tiny-model runs compared with the outputs recorded before them
+(tests/golden/make_golden.py wrote tests/golden/*.json from the code as it was)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from golden.make_golden import build
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+# float64 scores agree to rounding; float32 training a few steps on another CPU to a looser tolerance
+TOLERANCE = {"influence": (1e-7, 1e-9), "correction": (1e-3, 1e-5), "pipeline": (1e-3, 1e-4)}
+
+
+def assert_close(got: Any, want: Any, rel: float, abs_: float, where: str = "") -> None:
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), f"{where}: keys {sorted(got)} != {sorted(want)}"
+        for key in want:
+            assert_close(got[key], want[key], rel, abs_, f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), f"{where}: length {len(got)} != {len(want)}"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close(g, w, rel, abs_, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert math.isclose(got, want, rel_tol=rel, abs_tol=abs_), f"{where}: {got} != {want}"
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+@pytest.mark.parametrize("name", ["influence", "correction", "pipeline"])
+def test_tiny_runs_match_their_golden_outputs(name: str, tmp_path: Path) -> None:
+    want = json.loads((GOLDEN / f"{name}.json").read_text())
+    got = json.loads(json.dumps(build(name, tmp_path)))  # the same JSON types as the stored file
+    rel, abs_ = TOLERANCE[name]
+    assert_close(got, want, rel, abs_, name)
+
+
+def test_assert_close_fails_on_a_changed_number() -> None:
+    with pytest.raises(AssertionError, match=r"x\[1\]"):
+        assert_close({"x": [1.0, 2.0]}, {"x": [1.0, 2.1]}, 1e-6, 0.0)
+    with pytest.raises(AssertionError, match="keys"):
+        assert_close({"x": 1.0}, {"y": 1.0}, 1e-6, 0.0)
