@@ -174,22 +174,21 @@ def kronfluence_run(model, rows, queries, device) -> dict:
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from kronfluence_ref import _ListDataset, _make_task, default_module_names, pad_batch
+    from benchmarks.kronfluence_ref import ListDataset, default_module_names, make_task, pad_batch
 
     reset_peak(device)
-    task = _make_task(default_module_names(model))
+    task = make_task(default_module_names(model))
     wrapped = prepare_model(copy.deepcopy(model).eval(), task)
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer(analysis_name="gpu", model=wrapped, task=task, cpu=device.type == "cpu",
                             disable_tqdm=True, output_dir=tmp)
         analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pad_batch))
         t0 = sync_clock(device)
-        analyzer.fit_all_factors(factors_name="f", dataset=_ListDataset(rows), per_device_batch_size=8,
+        analyzer.fit_all_factors(factors_name="f", dataset=ListDataset(rows), per_device_batch_size=8,
                                  factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
         t1 = sync_clock(device)
-        analyzer.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=_ListDataset(queries),
-                                         train_dataset=_ListDataset(rows), per_device_query_batch_size=8,
+        analyzer.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=ListDataset(queries),
+                                         train_dataset=ListDataset(rows), per_device_query_batch_size=8,
                                          per_device_train_batch_size=8, score_args=ScoreArguments(),
                                          overwrite_output_dir=True)
         t2 = sync_clock(device)

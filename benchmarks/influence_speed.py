@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -53,21 +51,20 @@ def kronfluence_run(model, rows, queries, batch_size: int, record: dict) -> torc
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from kronfluence_ref import _ListDataset, _make_task, default_module_names, pad_batch
+    from benchmarks.kronfluence_ref import ListDataset, default_module_names, make_task, pad_batch
 
-    task = _make_task(default_module_names(model))
+    task = make_task(default_module_names(model))
     wrapped = prepare_model(copy.deepcopy(model).eval(), task)
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer(analysis_name="speed", model=wrapped, task=task, cpu=True, disable_tqdm=False,
                             output_dir=tmp, log_level=logging.WARNING)
         analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pad_batch))
         with measure(record, "fit"):
-            analyzer.fit_all_factors(factors_name="f", dataset=_ListDataset(rows), per_device_batch_size=batch_size,
+            analyzer.fit_all_factors(factors_name="f", dataset=ListDataset(rows), per_device_batch_size=batch_size,
                                      factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
         with measure(record, "score"):
-            analyzer.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=_ListDataset(queries),
-                                             train_dataset=_ListDataset(rows), per_device_query_batch_size=batch_size,
+            analyzer.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=ListDataset(queries),
+                                             train_dataset=ListDataset(rows), per_device_query_batch_size=batch_size,
                                              per_device_train_batch_size=batch_size, score_args=ScoreArguments(),
                                              overwrite_output_dir=True)
         return analyzer.load_pairwise_scores(scores_name="s")["all_modules"]

@@ -454,7 +454,7 @@ def test_per_layer_sums_to_scores(setup, method):
 @pytest.mark.parametrize("damping", [None, 1e-3])
 def test_ekfac_agrees_with_kronfluence(llama, tmp_path, damping):
     pytest.importorskip("kronfluence")
-    from kronfluence_ref import kronfluence_ekfac_scores
+    from benchmarks.kronfluence_ref import kronfluence_ekfac_scores
 
     model, train, queries = llama
     ours = Influence(model, method="ekfac", fisher="empirical", damping=damping, batch_size=4, **F64)

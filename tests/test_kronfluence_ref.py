@@ -6,7 +6,7 @@ from conftest import tiny_llama
 
 pytest.importorskip("kronfluence")
 
-from kronfluence_ref import (  # noqa: E402
+from benchmarks.kronfluence_ref import (  # noqa: E402
     default_module_names,
     kronfluence_ekfac_scores,
     kronfluence_factors,

@@ -1,8 +1,9 @@
-"""Reference EK-FAC influence scores from kronfluence 1.0.1, for comparing lancet's own EK-FAC (tests only).
+"""Reference EK-FAC influence scores from kronfluence 1.0.1, for comparing lancet's own EK-FAC (the tests, and
+the kronfluence runs of benchmarks/influence_speed.py and benchmarks/gpu_check.py).
 
 kronfluence is a test-only dependency: install it with ``tests/requirements-kronfluence.txt`` (``--no-deps``,
-so that pip pulls neither torchvision nor another torch). Import this module only behind
-``pytest.importorskip("kronfluence")``.
+so that pip pulls neither torchvision nor another torch). This module imports kronfluence only inside the
+functions that need it; a test calls them only behind ``pytest.importorskip("kronfluence")``.
 
 How kronfluence 1.0.1 normalises (paths are relative to ``site-packages/kronfluence/``; checked by reading the
 installed source). Notation: a batch of B sequences, T positions each, attention mask m (1 = real token),
@@ -123,7 +124,7 @@ def summed_token_ce(model: nn.Module, batch: dict[str, torch.Tensor], sample: bo
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
 
-def _make_task(module_names: list[str]) -> Any:
+def make_task(module_names: list[str]) -> Any:
     from kronfluence.task import Task
 
     class SummedCETask(Task):
@@ -142,7 +143,7 @@ def _make_task(module_names: list[str]) -> Any:
     return SummedCETask()
 
 
-class _ListDataset(torch.utils.data.Dataset):
+class ListDataset(torch.utils.data.Dataset):
     def __init__(self, examples: list[dict]) -> None:
         self.examples = list(examples)
 
@@ -186,7 +187,7 @@ def _fit(
     names = list(module_names) if module_names is not None else default_module_names(model)
     if not names:
         raise ValueError("no module to track")
-    task = _make_task(names)
+    task = make_task(names)
     wrapped = prepare_model(copy.deepcopy(model).to(FLOAT_DTYPE).eval(), task)
     device = next(wrapped.parameters()).device
     analyzer = Analyzer(
@@ -203,7 +204,7 @@ def _fit(
         torch.manual_seed(seed)
         analyzer.fit_all_factors(
             factors_name=_FACTORS_NAME,
-            dataset=_ListDataset(train),
+            dataset=ListDataset(train),
             per_device_batch_size=batch_size,
             factor_args=_float64_factor_args(use_empirical_fisher),
             overwrite_output_dir=True,
@@ -250,8 +251,8 @@ def kronfluence_ekfac_scores(
     analyzer.compute_pairwise_scores(
         scores_name=_SCORES_NAME,
         factors_name=_FACTORS_NAME,
-        query_dataset=_ListDataset(queries),
-        train_dataset=_ListDataset(train),
+        query_dataset=ListDataset(queries),
+        train_dataset=ListDataset(train),
         per_device_query_batch_size=batch_size,
         per_device_train_batch_size=batch_size,
         score_args=score_args,
