@@ -49,12 +49,13 @@ def main() -> None:
     runs: dict[str, dict] = {}
 
     def run(name: str, reuse: Influence | None = None, out_dir=None, **extra) -> Influence:
-        inf = Influence(model, InfluenceArgs(**opts, **extra), out_dir=out_dir)
-        fit_s = None
         if reuse is None:
+            inf = Influence(model, InfluenceArgs(**opts, **extra), out_dir=out_dir)
             _, fit_s = timed(lambda: inf.fit(rows))
-        else:
-            inf._curvature = reuse._curvature  # same curvature, only the scoring option differs
+        else:  # same curvature, only the scoring option differs
+            inf, fit_s = reuse.with_options(**extra), None
+            if not inf.fitted:
+                raise SystemExit(f"{name}: {extra} shapes the curvature; it cannot reuse {reuse.args.method}'s fit")
         scores, score_s = timed(lambda: inf.scores(rows, queries)["scores"])
         runs[name] = {"options": extra, "fit_s": fit_s, "score_s": score_s, "_scores": scores}
         print(name, {k: v for k, v in runs[name].items() if k != "_scores"}, flush=True)
