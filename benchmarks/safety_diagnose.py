@@ -8,8 +8,9 @@
    ranking up (the refusals counter the behaviour: a signed method ranks them last; chance is their share). A
    method that explains one answer's *wording* ranks the culprits by whether they open as most IQs do; one that
    finds the *behaviour* does not care.
-2. **Layers.** Does re-weighting layers against each other change who wins? For every method with per-layer
-   scores (``per_layer`` of the aggregate-first ranking), the AP of:
+2. **Layers.** Does re-weighting layers against each other change who wins? For every stored ranking with per-layer
+   scores (``per_layer`` of the aggregate-first ranking: a method's own, and its opening-set ranking where the
+   preset has one), the AP of:
 - ``sum``: the layers' scores added (what every estimator reports: the influence on the whole model);
 - ``layer_standardized``: each layer's scores divided by their standard deviation over the rows first, so that no
   layer outvotes the others by scale (the preconditioner decides scale per layer; this undoes it between layers);
@@ -91,21 +92,41 @@ def openings_table(seed_dir: Path) -> dict:
     return out
 
 
+def scored_ranking(total: torch.Tensor, method: str, rankings: dict[str, torch.Tensor]) -> str | None:
+    """Which stored ranking of ``method`` (its own, or one of its ablations: ``<method>_opening_set`` ...) a scores
+    directory holds, by its per-layer scores summed (``total``, [N]): they add up to that ranking, to rounding."""
+    for name in (n for n in rankings if n == method or n.startswith(f"{method}_")):
+        ref = rankings[name].double()
+        if ref.shape == total.shape and float((total - ref).abs().max()) <= 1e-4 * float(ref.abs().max()):
+            return name
+    return None
+
+
 def seed_table(seed_dir: Path, names: list[str]) -> dict:
+    """{ranking: {variant: AP}}, keyed by the stored ranking each scores directory holds: one method has a directory
+    per set of queries (the IQs; the opening set), so its name alone does not say what was scored."""
     ids = json.loads((seed_dir / "rankings.json").read_text())["ids"]
     tier = {r.id: r.label for r in read_records(seed_dir / "mix.jsonl")}
     positives = torch.tensor([tier[i] in TIERS for i in ids])
+    rankings = load_tensors(seed_dir / "rankings.safetensors")
     out = {}
     for d in sorted((seed_dir / "influence" / "scores").iterdir()):
         tensors = load_tensors(d / "scores.safetensors")
         if "per_layer" not in tensors:  # the first-tokens measurement: no per-layer scores kept
             continue
         method = json.loads((d / "meta.json").read_text())["method"]
-        per_layer = tensors["per_layer"][0].double()  # row 0: the method's normalised mean over the IQs
+        per_layer = tensors["per_layer"][0].double()  # row 0: the method's normalised mean over its queries
         if per_layer.shape[1] != len(names):
             raise SystemExit(f"{d}: {per_layer.shape[1]} layers, expected {len(names)}")
-        out[method] = {k: round(average_precision(v, positives), 4) for k, v in variants(per_layer, names).items()}
-        print(f"{seed_dir.name} {method}: {out[method]}", flush=True)
+        name = scored_ranking(per_layer.sum(1), method, rankings)
+        if name is None:
+            print(f"{d}: its scores add up to none of {method}'s stored rankings (an earlier run's?); skipped",
+                  flush=True)
+            continue
+        if name in out:
+            raise SystemExit(f"{d}: a second scores directory for the ranking {name}")
+        out[name] = {k: round(average_precision(v, positives), 4) for k, v in variants(per_layer, names).items()}
+        print(f"{seed_dir.name} {name}: {out[name]}", flush=True)
     return out
 
 

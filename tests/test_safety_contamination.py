@@ -605,6 +605,34 @@ def test_diagnose_reads_the_refusals_from_the_bottom(tmp_path):
     assert out["methods"]["signed"]["top_2_by_label"] == {"unsafe": 2}
 
 
+def test_diagnose_keys_the_layer_table_by_the_ranking_scored(tmp_path):
+    """One method has a scores directory per set of queries (the IQs; the opening set): each is labelled by the stored
+    ranking its per-layer scores add up to, so the opening set's no longer overwrites the method's own entry (it
+    did, by directory order, on seeds 1-2 of the full preset)."""
+    from benchmarks.safety_diagnose import seed_table
+    from lancet.artifacts import atomic_save_tensors, atomic_write_bytes, atomic_write_json
+    from lancet.data.records import records_to_jsonl
+
+    labels = ["unsafe", "benign", "refusal", "unsafe", "benign", "benign"]
+    rows = [Record(prompt=f"p{i}", response=f"a{i}", label=t) for i, t in enumerate(labels)]
+    atomic_write_bytes(tmp_path / "mix.jsonl", records_to_jsonl(rows))
+    atomic_write_json(tmp_path / "rankings.json", {"ids": [r.id for r in rows]})
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    plain = torch.tensor([[5.0, 0.0], [1.0, 0.0], [0.0, 0.0], [4.0, 0.0], [2.0, 0.0], [3.0, 0.0]])  # AP 1
+    opening = torch.tensor([[0.0, 5.0], [0.0, 4.0], [0.0, 0.0], [0.0, 3.0], [0.0, 2.0], [0.0, 1.0]])  # AP < 1
+    atomic_save_tensors(tmp_path / "rankings.safetensors", {"identity": plain.sum(1).double(),
+                                                           "identity_opening_set": opening.sum(1).double()})
+    stale = torch.rand(6, 2, generator=torch.Generator().manual_seed(0))
+    # sorted, the opening set's directory comes last, as on seed 1; the stale one matches no stored ranking
+    for d, per_layer in (("identity-a", plain), ("identity-b", opening), ("identity-c", stale)):
+        atomic_save_tensors(tmp_path / "influence/scores" / d / "scores.safetensors",
+                            {"scores": per_layer.sum(1)[None], "per_layer": per_layer[None]})
+        atomic_write_json(tmp_path / "influence/scores" / d / "meta.json", {"method": "identity"})
+    out = seed_table(tmp_path, names)
+    assert set(out) == {"identity", "identity_opening_set"}
+    assert out["identity"]["sum"] == 1.0 and out["identity_opening_set"]["sum"] < 1.0
+
+
 def test_with_precision_keeps_the_machines_choice_in_the_reason():
     from benchmarks.common import with_precision
 
