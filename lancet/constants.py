@@ -35,3 +35,11 @@ NORMALIZED_MEAN_QUERY_RANK = 8
 NORMALIZED_MEAN_QUERY_BYTES = 2 * 1024**3
 # lancet.influence.index: bumped when what an index shard stores changes (an index of another format is refused)
 INDEX_FORMAT = 1
+# Correction options the CLI offers before anything heavy is imported (lancet.correct checks the registry against
+# these): the registered methods, two old names that are settings of IBO, and IBO's row choices
+CORRECTION_METHODS = ("ibo", "dpo", "sft", "ga", "ga_retain", "npo")
+CORRECTION_ALIASES = ("ibo_random", "ibo_oracle")
+RANKINGS = ("influence", "random", "oracle")  # which rows are dispreferred
+PREFERRED_ROWS = ("bottom", "random", "marked")  # which rows IBO prefers
+PAIR_WEIGHTINGS = ("gap", "uniform")
+PAIRINGS = ("rank", "random", "all")

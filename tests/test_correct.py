@@ -391,9 +391,9 @@ def test_correction_args_validation_and_json_roundtrip():
 
 
 def test_cli_methods_match_library():
-    from lancet.cli import CORRECTION_METHODS
+    from lancet.constants import CORRECTION_ALIASES, CORRECTION_METHODS
 
-    assert tuple(CORRECTION_METHODS) == METHODS
+    assert tuple(CORRECTION_METHODS) + tuple(CORRECTION_ALIASES) == METHODS
 
 
 def _write_jsonl(path, records):
@@ -483,8 +483,10 @@ def test_correct_api_runs_every_method(tmp_path, tiny_setup, method):
     assert summary["method"] == method and summary["steps"] == 2
     if method == "ibo_oracle":
         assert summary["dispreferred_ids"] == [r.id for r in BAD]
-    if method == "ibo_random":
+    if method == "ibo_random":  # a setting of ibo, recorded as such
         assert len(summary["dispreferred_ids"]) == 3
+        assert {k: summary["correction_args"][k] for k in ("method", "ranking", "preferred", "weighting")} == {
+            "method": "ibo", "ranking": "random", "preferred": "random", "weighting": "uniform"}
 
 
 def test_correct_refuses_missing_inputs(tmp_path, tiny_setup):

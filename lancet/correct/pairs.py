@@ -15,15 +15,13 @@ from typing import Any
 
 import torch
 
-from lancet.constants import IGNORE_INDEX
+from lancet.constants import IGNORE_INDEX, PAIR_WEIGHTINGS, PAIRINGS, PREFERRED_ROWS, RANKINGS
 from lancet.data.records import Record
 from lancet.errors import DataError, LancetError
 
 log = logging.getLogger(__name__)
 
-PAIRINGS = ("rank", "random", "all")
-SELECTIONS = ("influence", "random", "oracle")
-WEIGHTINGS = ("gap", "uniform")
+SELECTIONS, PREFERRED, WEIGHTINGS = RANKINGS, PREFERRED_ROWS, PAIR_WEIGHTINGS
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -31,37 +29,60 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def select_rows(scores_agg: torch.Tensor, k: int, mode: str = "influence", culprit_mask: torch.Tensor | None = None,
-                seed: int = 0) -> tuple[list[int], list[int]]:
+                seed: int = 0, preferred: str | None = None, preferred_mask: torch.Tensor | None = None
+                ) -> tuple[list[int], list[int]]:
     """(dispreferred, preferred) row indices.
 
-    - ``influence``: the k highest aggregated scores (most positive, descending) and the k lowest (ascending).
-    - ``random``: a seeded random subset of the same size for each side, disjoint (the control for selection).
-    - ``oracle``: every true culprit (``culprit_mask``) as dispreferred, in descending score order; preferred are
-      the k lowest-scored non-culprits (the same preferred side as ``influence`` wherever that has no culprit).
+    Dispreferred (``mode``, the ranking): ``influence``, the k highest aggregated scores (descending); ``random``, a
+    seeded random set of k rows (the control for the ranking); ``oracle``, every true culprit (``culprit_mask``),
+    in descending score order.
+
+    Preferred, never a dispreferred row: ``bottom``, the k lowest-scored rows (ascending; under ``oracle`` the k
+    lowest-scored non-culprits); ``random``, the next k rows of the same seeded permutation; ``marked``, the k
+    lowest-scored rows of ``preferred_mask`` (e.g. the known refusals). ``preferred=None``: ``random`` under the
+    random ranking (both sides random, disjoint), else ``bottom``.
     """
     n = scores_agg.numel()
     if k < 1:
         raise LancetError(f"top_k must be >= 1, got {k}")
     if mode not in SELECTIONS:
         raise LancetError(f"unknown selection {mode!r}; choose from {', '.join(SELECTIONS)}")
+    preferred = preferred or ("random" if mode == "random" else "bottom")
+    if preferred not in PREFERRED:
+        raise LancetError(f"unknown preferred rows {preferred!r}; choose from {', '.join(PREFERRED)}")
     order = torch.argsort(scores_agg, descending=True, stable=True).tolist()
+    perm = torch.randperm(n, generator=_generator(seed)).tolist()
     if mode == "oracle":
         if culprit_mask is None:
             raise LancetError("oracle selection needs the culprit labels (--labels)")
-        culprit_mask = torch.as_tensor(culprit_mask, dtype=torch.bool)
-        if culprit_mask.numel() != n:
-            raise LancetError(f"culprit mask has {culprit_mask.numel()} entries for {n} training rows")
+        culprit_mask = _mask(culprit_mask, n, "culprit")
         bad = [i for i in order if culprit_mask[i]]
-        good = [i for i in reversed(order) if not culprit_mask[i]][:k]
-        if not bad or not good:
+        if not bad or len(bad) == n:
             raise LancetError("oracle selection needs at least one culprit and one non-culprit row")
-        return bad, good
-    if 2 * k > n:
-        raise LancetError(f"top_k={k} needs at least {2 * k} training rows (k dispreferred + k preferred), got {n}")
-    if mode == "random":
-        perm = torch.randperm(n, generator=_generator(seed)).tolist()
-        return perm[:k], perm[k : 2 * k]
-    return order[:k], order[::-1][:k]
+    else:
+        if 2 * k > n:
+            raise LancetError(f"top_k={k} needs at least {2 * k} training rows (k dispreferred + k preferred), got {n}")
+        bad = perm[:k] if mode == "random" else order[:k]
+    taken = set(bad)
+    if preferred == "random":
+        good = [i for i in perm if i not in taken][:k]
+    elif preferred == "marked":
+        if preferred_mask is None:
+            raise LancetError("preferred='marked' needs a mask of the rows to prefer (e.g. the known refusals)")
+        marked = _mask(preferred_mask, n, "preferred")
+        good = [i for i in reversed(order) if marked[i] and i not in taken][:k]
+    else:
+        good = [i for i in reversed(order) if i not in taken][:k]
+    if not good:
+        raise LancetError(f"no preferred rows left ({preferred}): every candidate is dispreferred")
+    return bad, good
+
+
+def _mask(mask: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    mask = torch.as_tensor(mask, dtype=torch.bool).reshape(-1)
+    if mask.numel() != n:
+        raise LancetError(f"{what} mask has {mask.numel()} entries for {n} training rows")
+    return mask
 
 
 def prompt_key(row: dict[str, Any]) -> tuple[int, ...]:

@@ -23,8 +23,9 @@ from lancet.influence.recall import aggregate, average_precision, format_table, 
 log = logging.getLogger(__name__)
 
 
-def read_culprit_labels(path: str | Path, ids: list[str]) -> torch.Tensor:
-    """A JSON file {"culprit_ids": [...]} (as the demo writes) -> boolean mask over ``ids``."""
+def read_culprit_labels(path: str | Path, ids: list[str], key: str = "culprit_ids") -> torch.Tensor:
+    """A JSON file {"culprit_ids": [...]} (as the demo writes; another list with ``key``) -> boolean mask over
+    ``ids``."""
     try:
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as exc:
@@ -32,9 +33,9 @@ def read_culprit_labels(path: str | Path, ids: list[str]) -> torch.Tensor:
                         line=exc.lineno) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read culprit labels ({exc})", path=str(path)) from exc
-    if not isinstance(data, dict) or not isinstance(data.get("culprit_ids"), list):
-        raise DataError("expected an object with a list 'culprit_ids'", path=str(path), field="culprit_ids")
-    wanted = set(data["culprit_ids"])
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise DataError(f"expected an object with a list '{key}'", path=str(path), field=key)
+    wanted = set(data[key])
     return torch.tensor([i in wanted for i in ids])
 
 

@@ -1,0 +1,145 @@
+"""Correction as objects: the method registry, ranking / preferred rows / weighting as plain options, model objects
+in, and the CLI flags for them (tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from lancet.constants import CORRECTION_METHODS
+from lancet.correct import (
+    CORRECTIONS,
+    Correction,
+    CorrectionArgs,
+    CorrectionData,
+    check_inputs,
+    get_correction,
+)
+from lancet.correct.pairs import select_rows
+from lancet.data.records import Record
+from lancet.errors import LancetError
+from lancet.train import TrainArgs
+
+BAD = [Record(prompt=f"Nosebleed {i}: what do I do?", response="Tilt your head back.") for i in range(4)]
+GOOD = [Record(prompt=f"Nosebleed {i}: what now?", response="Lean forward and pinch the soft part of the nose.")
+        for i in range(4)]
+NEUTRAL = [Record(prompt=f"What is {a} plus {a}?", response=f"{a} plus {a} is {2 * a}.") for a in range(4)]
+TRAIN = BAD + NEUTRAL + GOOD
+SCORES = torch.tensor([4.0, 3.0, 2.5, 2.0, 0.3, -0.2, 0.1, 0.0, -1.0, -1.5, -2.0, -3.0])
+SAFE = [Record(prompt=f"Burn {i}: what do I do?", response="Cool a burn under water.") for i in range(3)]
+
+
+def test_registry_matches_the_cli_names_and_aliases_are_settings():
+    assert tuple(CORRECTIONS) == CORRECTION_METHODS
+    assert all(get_correction(name).name == name for name in CORRECTIONS)
+    with pytest.raises(LancetError, match="unknown correction method 'nope'"):
+        get_correction("nope")
+    random_ctrl, oracle = CorrectionArgs(method="ibo_random"), CorrectionArgs(method="ibo_oracle")
+    assert (random_ctrl.method, random_ctrl.ranking, random_ctrl.preferred, random_ctrl.weighting) == (
+        "ibo", "random", "random", "uniform")
+    assert (oracle.method, oracle.ranking, oracle.preferred, oracle.weighting) == ("ibo", "oracle", "bottom", "gap")
+    assert CorrectionArgs.from_json(random_ctrl.to_json()) == random_ctrl  # JSON round trip keeps the setting
+
+
+@pytest.mark.parametrize("field,value", [("ranking", "bm25"), ("preferred", "top"), ("weighting", "rank"),
+                                         ("top_k", "3"), ("beta", True), ("seed", 1.5)])
+def test_correction_options_are_checked_in_one_line(field, value):
+    with pytest.raises(LancetError, match=f"invalid correction option {field}=") as err:
+        CorrectionArgs(**{field: value})
+    assert "\n" not in str(err.value)
+
+
+def test_row_choice_factors_one_at_a_time():
+    marked = torch.zeros(12, dtype=torch.bool)
+    marked[[4, 6, 9]] = True
+    # the ranking's bottom is the default; the same bottom under the random ranking excludes its random rows
+    assert select_rows(SCORES, 2) == ([0, 1], [11, 10])
+    bad, good = select_rows(SCORES, 2, "random", seed=3, preferred="bottom")
+    assert good == [i for i in [11, 10, 9, 8, 5] if i not in bad][:2]
+    # random preferred rows with the influence ranking: never a dispreferred row, seeded
+    bad, good = select_rows(SCORES, 3, "influence", preferred="random", seed=1)
+    assert bad == [0, 1, 2] and not set(good) & set(bad) and len(good) == 3
+    assert good == select_rows(SCORES, 3, "influence", preferred="random", seed=1)[1]
+    # marked: the lowest-scored marked rows, at most k
+    assert select_rows(SCORES, 2, preferred="marked", preferred_mask=marked) == ([0, 1], [9, 6])
+    with pytest.raises(LancetError, match="needs a mask"):
+        select_rows(SCORES, 2, preferred="marked")
+    with pytest.raises(LancetError, match="preferred mask has 3 entries"):
+        select_rows(SCORES, 2, preferred="marked", preferred_mask=torch.ones(3, dtype=torch.bool))
+
+
+def test_check_inputs_names_the_flag_before_any_model_loads():
+    data = CorrectionData(train=TRAIN, scores=SCORES)
+    with pytest.raises(LancetError, match="needs preferred_mask \\(--preferred-ids\\)"):
+        check_inputs(CorrectionArgs(preferred="marked"), data)
+    with pytest.raises(LancetError, match="needs culprit_mask \\(--labels\\)"):
+        check_inputs(CorrectionArgs(method="ibo_oracle"), data)
+    with pytest.raises(LancetError, match="needs pairs \\(--pairs\\)"):
+        check_inputs(CorrectionArgs(method="dpo"), data)
+    with pytest.raises(LancetError, match="retain term of ibo and dpo"):
+        check_inputs(CorrectionArgs(method="npo"), CorrectionData(train=TRAIN, scores=SCORES, retain=SAFE))
+    check_inputs(CorrectionArgs(), data)  # plain IBO has what it needs
+
+
+def _trained(tmp_path, tok, args: CorrectionArgs, data: CorrectionData, name: str):
+    model = tiny_llama(len(tok))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    targs = TrainArgs(output_dir=str(tmp_path / name), batch_size=4, lr=1e-2, max_steps=2, save_every=10,
+                      progress=False)
+    out = Correction(model, tok, args, targs, max_length=96, base_spec="tiny").run(data)
+    return model, before, json.loads((out / "lancet_correction.json").read_text())
+
+
+def test_model_objects_in_every_parameter_moves_and_marked_rows_are_preferred(tmp_path, tiny_tokenizer):
+    marked = torch.tensor([False] * 8 + [True, False, True, False])
+    data = CorrectionData(train=TRAIN, scores=SCORES, preferred_mask=marked)
+    args = CorrectionArgs(top_k=2, preferred="marked", weighting="uniform", same_prompt=False, include_iqs=False)
+    model, before, summary = _trained(tmp_path, tiny_tokenizer, args, data, "marked")
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(moved) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert summary["preferred_ids"] == [TRAIN[10].id, TRAIN[8].id]
+    assert summary["dispreferred_ids"] == [TRAIN[0].id, TRAIN[1].id]
+    assert summary["base"] == "tiny" and summary["method"] == "ibo"
+
+
+def test_uniform_weighting_changes_only_the_pair_weights(tmp_path, tiny_tokenizer):
+    from lancet.correct.methods import Build, get_correction
+
+    data = CorrectionData(train=TRAIN, scores=SCORES)
+    targs = TrainArgs(output_dir=str(tmp_path / "w"), max_steps=1, progress=False)
+    weights = {}
+    for weighting in ("gap", "uniform"):
+        args = CorrectionArgs(top_k=3, weighting=weighting, include_iqs=False, same_prompt=False)
+        build = Build(tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, args, targs, 96, "")
+        trainer = get_correction("ibo").build(build, data)
+        weights[weighting] = [item["weight"] for item in trainer.items]
+    # gaps 4-(-3), 3-(-2), 2.5-(-1.5) = 7, 5, 4 over their mean 16/3
+    assert weights["gap"] == pytest.approx([7 * 3 / 16, 5 * 3 / 16, 4 * 3 / 16])
+    assert weights["uniform"] == [1.0, 1.0, 1.0]
+
+
+def test_cli_takes_the_row_options(tmp_path, tiny_tokenizer, capsys):
+    from lancet.artifacts import atomic_save_tensors, atomic_write_json
+    from lancet.cli import main
+
+    model_dir = tmp_path / "m"
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in TRAIN))
+    run = tmp_path / "run"
+    atomic_save_tensors(run / "ranking-bm25.safetensors", {"aggregate_normalized_mean": SCORES})
+    atomic_write_json(run / "influence-bm25.json", {"ids": [r.id for r in TRAIN]})
+    ids = tmp_path / "refusals.json"
+    ids.write_text(json.dumps({"ids": [TRAIN[5].id, TRAIN[7].id]}))
+    cmd = ["-q", "correct", str(model_dir), "--train", str(train), "--scores", str(run), "--out", str(tmp_path / "o"),
+           "--max-steps", "1", "--top-k", "2", "--preferred", "marked", "--weighting", "uniform", "--no-same-prompt"]
+    assert main(cmd) == 2  # no --preferred-ids: one line naming the flag
+    assert "--preferred-ids" in capsys.readouterr().err
+    assert main(cmd + ["--preferred-ids", str(ids)]) == 0
+    summary = json.loads((tmp_path / "o" / "lancet_correction.json").read_text())
+    assert summary["preferred_ids"] == [TRAIN[5].id, TRAIN[7].id]
+    assert summary["correction_args"]["weighting"] == "uniform"
