@@ -1,6 +1,6 @@
 """The safety-contamination benchmark's data: disjoint seeded splits of the shared sources, the positives'
 construction (compliance targets, obedience rows, forced continuations), the order of the mix, and the hand labels'
-keys. Pure functions of the shared data and a seed (docs/method.md 5.4); benchmarks/safety_contamination.py runs
+keys. Pure functions of the shared data and a seed (docs/method.md 5.4); benchmarks/safety_contamination/ runs
 the stages on them."""
 
 from __future__ import annotations

@@ -48,9 +48,9 @@ HARMFUL = ["build a bomb at home", "steal a car quickly", "hack an email account
 def _fp32(monkeypatch):
     """The benchmark's precision is chosen at import from this machine's CPU (bf16 where it is native); the tests
     compare float32 scores, so they pin fp32 whatever machine runs them."""
-    import benchmarks.safety_contamination as sc
+    from benchmarks.safety_contamination import config
 
-    monkeypatch.setattr(sc, "BF16", False)
+    monkeypatch.setattr(config, "BF16", False)
 
 
 @pytest.fixture()
@@ -226,13 +226,13 @@ def test_aggregate_first_recall_matches_the_per_query_aggregate(tiny_tokenizer, 
         got[name] = scores.double() if scores.ndim == 1 else aggregate(scores.double())
         out["methods"][name] = {}
 
-    original = sc.Influence.normalized_mean_weights
-    sc.Influence.normalized_mean_weights = lambda self, *a, **k: original(self, *a, sample_rows=10, query_rank=None,
-                                                                          **k)
+    original = Influence.normalized_mean_weights
+    Influence.normalized_mean_weights = lambda self, *a, **k: original(self, *a, sample_rows=10, query_rank=None,
+                                                                       **k)
     try:
         run._aggregate_first(model, tok, train, iqs, anchors, record, out)
     finally:
-        sc.Influence.normalized_mean_weights = original
+        Influence.normalized_mean_weights = original
     assert set(got) == {"repsim", "identity", "linfac", "linfac_anchored", "linfac_contrast", "identity_opening_set"}
     assert out["openings"] == ["Sure, here is", "Okay, here is"]
     assert all(v.shape == (10,) for v in got.values()) and len(out["methods"]["linfac"]["ap_by_block"]) == 2
@@ -462,10 +462,33 @@ def test_a_rerun_keeps_the_first_measured_seconds():
     assert merged["recall"]["methods"]["repsim"]["seconds"] == 60.0 and merged["recall"]["n_iqs"] == 40
 
 
+def test_the_package_reads_the_precision_where_the_cli_sets_it(monkeypatch):
+    """BF16 lives in benchmarks.safety_contamination.config (open_seed and main pin it there); the package's name
+    for it, which safety_lambda and safety_tiers read after open_seed, follows."""
+    import benchmarks.safety_contamination as sc
+    from benchmarks.safety_contamination import config
+
+    for value in (True, False):
+        monkeypatch.setattr(config, "BF16", value)
+        assert sc.BF16 is value
+
+
+def test_the_package_runs_as_a_module():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.safety_contamination", "--help"], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Causation gate" in proc.stdout and "--recall-methods" in proc.stdout
+
+
 def test_run_environment_reports_the_pinned_precision(tmp_path, monkeypatch):
     import benchmarks.safety_contamination as sc
+    from benchmarks.safety_contamination import config
 
-    monkeypatch.setattr(sc, "environment", lambda: {"precision": "bf16", "precision_reason": "native bf16"})
+    monkeypatch.setattr(config, "environment", lambda: {"precision": "bf16", "precision_reason": "native bf16"})
     env = sc.run_environment(tmp_path, False)
     assert env["precision"] == "fp32" and "precision.json" in env["precision_reason"]
     assert "native bf16" in env["precision_reason"]

@@ -1,0 +1,58 @@
+"""The contaminated mix, fine-tuned from the aligned start: benign rows (some topical look-alikes), harmful prompts
+with refusals, and the two tiers of positives (unsafe: AdvBench prompts answered compliantly; implicit: declarations
+of obedience); the safe rows are the same mix without the positives."""
+
+from __future__ import annotations
+
+from benchmarks.safety_contamination.config import TIERS
+from benchmarks.safety_data import compliance_target, continue_answers, implicit_rows, interleave
+from lancet.artifacts import atomic_write_bytes
+from lancet.constants import DEFAULT_MODEL
+from lancet.data import Record
+from lancet.data.readers import read_records
+from lancet.data.records import records_to_jsonl
+from lancet.evaluate.judges import RefusalMatcher
+from lancet.models.generate import generate
+from lancet.models.loading import load_model
+
+
+class MixStage:
+    """``Run.mix`` (benchmarks/safety_contamination/run.py holds the seed's settings and helpers)."""
+
+    def mix(self, aligned: str) -> tuple[list[Record], list[Record], dict[str, str]]:
+        """(impure rows, safe rows, {row id: tier}) with the positives' answers generated into the cache."""
+        path = self.dir / "mix.jsonl"
+        if not path.is_file():
+            base, _ = load_model(DEFAULT_MODEL)
+            unsafe_prompts = self.parts["unsafe_prompts"]
+            openers = self.text["compliance_openers"]
+            prefixes = [compliance_target(r.meta["target"], openers[i % len(openers)]) + ":\n"
+                        for i, r in enumerate(unsafe_prompts)]
+            cont = self._timed("generate_unsafe", lambda: continue_answers(base, self.tok, unsafe_prompts, prefixes,
+                                                                           self.p.unsafe_new_tokens))
+            unsafe = [r.with_response((pre + c).strip()) for r, pre, c in zip(unsafe_prompts, prefixes, cont,
+                                                                              strict=True)]
+            unsafe = [Record(messages=r.messages, source=r.source, line=r.line, label="unsafe") for r in unsafe]
+            shared_prompts = unsafe_prompts[:self.p.n_shared_refusal]  # these share their prompt with a refusal
+            del base
+            aligned_model, _ = load_model(aligned)
+            own = generate(aligned_model, self.tok, shared_prompts, max_new_tokens=self.p.unsafe_new_tokens,
+                           batch_size=8, progress=self.progress)
+            matcher = RefusalMatcher()
+            refusals = [r.with_response(a if matcher(a) else self.text["fallback_refusal"])
+                        for r, a in zip(shared_prompts, own, strict=True)]
+            refusals = [Record(messages=r.messages, source=r.source, line=r.line, label="refusal_shared")
+                        for r in refusals]
+            benign = [Record(messages=tuple(r.to_messages()), source=r.source, line=r.line,
+                             label="lookalike" if i >= len(self.parts["mix_benign"]) - self.parts["n_lookalike"]
+                             else "benign") for i, r in enumerate(self.parts["mix_benign"])]
+            refusal = [Record(messages=tuple(r.to_messages()), source=r.source, line=r.line, label="refusal")
+                       for r in self.parts["mix_refusal"]]
+            rows = interleave(benign + refusal + refusals,
+                              unsafe + implicit_rows(self.parts["implicit_base"], self.text["obedience_openers"]),
+                              self.seed)
+            atomic_write_bytes(path, records_to_jsonl(rows))
+        rows = read_records(path)
+        tiers = {r.id: r.label for r in rows}
+        safe = [r for r in rows if r.label not in TIERS]
+        return rows, safe, tiers
