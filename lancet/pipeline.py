@@ -32,6 +32,7 @@ from lancet.curvature.estimators import GRADIENT_FREE_METHODS
 from lancet.data.records import records_to_jsonl
 from lancet.errors import LancetError
 from lancet.hardware import settings
+from lancet.train import OptionError, check_option_types, short_repr
 
 log = logging.getLogger(__name__)
 
@@ -121,27 +122,34 @@ class RunConfig:
         for name in ("max_length", "max_new_tokens", "top_k", "rounds"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LancetError(f"run config: '{name}' must be an integer >= 1")
+        try:  # every other key against its annotation ("iqs": 3, "finetune": "yes", "token_rows": "3", ...)
+            check_option_types(self, "run config")
+        except OptionError as exc:
+            raise LancetError(f"run config: {exc.option}={short_repr(exc.value)}: {exc.reason}") from exc
         # validate the nested option sets now, so a typo fails before hours of fine-tuning
         if self.finetune is not None:
-            TrainArgs.from_json({**self.finetune, "output_dir": "-"})
-        TrainArgs.from_json({**self.correction_train, "output_dir": "-"})
-        InfluenceArgs.from_json(self.influence)
-        CorrectionArgs.from_json(self.correction)
+            _section("finetune", TrainArgs, self.finetune, lambda v: TrainArgs.from_json({**v, "output_dir": "-"}))
+        _section("correction_train", TrainArgs, self.correction_train,
+                 lambda v: TrainArgs.from_json({**v, "output_dir": "-"}))
+        _section("influence", InfluenceArgs, self.influence, InfluenceArgs.from_json)
+        _section("correction", CorrectionArgs, self.correction, CorrectionArgs.from_json)
         if self.select is not None:
             from lancet.correct.select import SelectArgs
 
-            SelectArgs.from_json(self.select)
+            _section("select", SelectArgs, self.select, SelectArgs.from_json)
         if self.index is not None:
             from lancet.influence import IndexArgs
 
-            if not isinstance(self.index, dict):
-                raise LancetError("run config: 'index' must be an object (rank, projection, ..., reuse)")
             if self.contrast_response is not None:
                 raise LancetError("run config: 'index' scores the IQs themselves; drop 'contrast_response' or 'index'")
             for key in INDEX_RUN_KEYS:
                 if key in self.index and not isinstance(self.index[key], bool):
                     raise LancetError(f"run config: 'index.{key}' must be true or false")
-            IndexArgs(**{k: v for k, v in self.index.items() if k not in INDEX_RUN_KEYS})
+            opts = {k: v for k, v in self.index.items() if k not in INDEX_RUN_KEYS}
+            unknown = set(opts) - {f.name for f in fields(IndexArgs)}
+            if unknown:
+                raise LancetError(f"run config: unknown key(s) of 'index': {', '.join(sorted(unknown))}")
+            _section("index", IndexArgs, opts, lambda v: IndexArgs(**v))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,8 +190,24 @@ class RunConfig:
             raise LancetError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
         try:
             return cls.from_json(data, base=path.resolve().parent)
-        except LancetError as exc:
-            raise LancetError(f"{path}: {exc}") from exc
+        except LancetError as exc:  # "run.json: finetune.lr='1e-5': expected a number"
+            raise LancetError(f"{path}: {str(exc).removeprefix('run config: ')}") from exc
+
+
+def _section(name: str, cls: type, values: dict[str, Any], build) -> None:
+    """Validate the nested option set ``name`` of a run config (``build(values)`` makes the ``cls`` dataclass), its
+    errors worded as the config's keys: ``run config: finetune.lr='1e-5': expected a number``. The values' types are
+    checked against ``cls``'s annotations first, so that a string where a number belongs stops here on one line
+    whatever ``cls`` checks itself."""
+    try:
+        check_option_types(cls, name, values)
+        build(values)
+    except OptionError as exc:
+        raise LancetError(f"run config: {name}.{exc.option}={short_repr(exc.value)}: {exc.reason}") from exc
+    except LancetError as exc:
+        message = str(exc)
+        raise LancetError(f"run config: {message if message.startswith(f'{name}:') else f'{name}: {message}'}") \
+            from exc
 
 
 def _resolve(value: str, base: Path) -> str:

@@ -16,11 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
+import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,92 @@ log = logging.getLogger(__name__)
 DONE_FILE = "lancet_done.json"
 LOG_FILE = "train_log.jsonl"
 CKPT_POINTER = "checkpoint_latest.json"
+
+
+class OptionError(LancetError):
+    """An option set's field with a bad value (wrong type or out of range), as one line that names the option, the
+    value and what was expected: ``invalid training option lr='1e-5': expected a number``. ``what`` names the
+    option set; a run config re-words it as ``finetune.lr='1e-5': expected a number`` (lancet/pipeline.py)."""
+
+    def __init__(self, what: str, option: str, value: Any, reason: str):
+        self.what, self.option, self.value, self.reason = what, option, value, reason
+        super().__init__(f"invalid {what} option {option}={short_repr(value)}: {reason}")
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in fields(cls)}
+
+
+def _type_matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``tp``: strict about what a JSON config can hold wrongly (a str for a
+    number, a bool for an int, a float for an int); an int is a float (as in PEP 484); unknown types pass."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, Sequence):
+        return isinstance(value, list | tuple) and all(_type_matches(v, args[0] if args else Any) for v in value)
+    if origin in (dict, Mapping):
+        return isinstance(value, dict)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # an annotation this check does not know: left to the range checks
+
+
+def _describe_type(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(a) for a in args)
+    if origin in (list, tuple, Sequence):
+        inner = {str: "strings", int: "integers", float: "numbers"}.get(args[0] if args else Any)
+        return f"a list of {inner}" if inner else "a list"
+    if origin in (dict, Mapping):
+        return "an object"
+    return {type(None): "null", bool: "true or false", int: "an integer", float: "a number",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def option_type_problem(cls: type, name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the dataclass ``cls``'s field ``name`` by its annotation (``"expected a number"``), or
+    None when it can (or ``name`` is no field: unknown keys are the caller's to report)."""
+    tp = _field_types(cls).get(name)
+    if tp is None or _type_matches(value, tp):
+        return None
+    return f"expected {_describe_type(tp)}"
+
+
+def check_option_types(options: Any, what: str, values: Mapping[str, Any] | None = None) -> None:
+    """Raise ``OptionError`` for the first field of the dataclass ``options`` (an instance, or a class with
+    ``values``) whose value does not match its annotation: a JSON config's "lr": "1e-5", "batch_size": 8.5, "lora":
+    "yes" or "max_steps": true stop here, on one line, instead of in a comparison's TypeError or, worse, as a
+    truthy string."""
+    cls = options if isinstance(options, type) else type(options)
+    if not is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if values is None:
+        values = {f.name: getattr(options, f.name) for f in fields(cls)}
+    for name, value in values.items():
+        problem = option_type_problem(cls, name, value)
+        if problem is not None:
+            raise OptionError(what, name, value, problem)
 
 
 @dataclass
@@ -84,32 +175,42 @@ class TrainArgs:
     _UNHASHED = ("output_dir", "save_every", "progress", "fsdp", "device")
 
     def __post_init__(self) -> None:
+        if isinstance(self.output_dir, os.PathLike):  # a Path would not survive to_json (the run's done file)
+            self.output_dir = os.fspath(self.output_dir)
+        if isinstance(self.lora_targets, tuple):  # JSON has lists: keeps to_json -> from_json equal
+            self.lora_targets = list(self.lora_targets)
+        check_option_types(self, "training")  # before the range checks: "1e-5" > 0 is a TypeError
         checks = {
-            "epochs": self.epochs > 0,
-            "batch_size": self.batch_size >= 1,
-            "grad_accum": self.grad_accum >= 1,
-            "lr": self.lr > 0 and math.isfinite(self.lr),
-            "weight_decay": self.weight_decay >= 0,
-            "warmup_steps": self.warmup_steps >= 0,
-            "max_grad_norm": self.max_grad_norm > 0,
-            "lora_r": self.lora_r >= 1,
-            "save_every": self.save_every >= 1,
+            "epochs": (self.epochs > 0 and math.isfinite(self.epochs), "must be a finite number > 0"),
+            "batch_size": (self.batch_size >= 1, "must be >= 1"),
+            "grad_accum": (self.grad_accum >= 1, "must be >= 1"),
+            "lr": (self.lr > 0 and math.isfinite(self.lr), "must be a finite number > 0"),
+            "weight_decay": (self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+                             "must be a finite number >= 0"),
+            "warmup_steps": (self.warmup_steps >= 0, "must be >= 0"),
+            "max_grad_norm": (self.max_grad_norm > 0, "must be > 0"),
+            "lora_r": (self.lora_r >= 1, "must be >= 1"),
+            "lora_alpha": (self.lora_alpha >= 1, "must be >= 1"),
+            "save_every": (self.save_every >= 1, "must be >= 1"),
+            "max_steps": (self.max_steps is None or self.max_steps >= 1, "must be >= 1 or null"),
         }
-        if self.max_steps is not None:
-            checks["max_steps"] = self.max_steps >= 1
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise LancetError(f"invalid training option {bad[0]}={getattr(self, bad[0])!r}")
+        for name, (ok, reason) in checks.items():
+            if not ok:
+                raise OptionError("training", name, getattr(self, name), reason)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise LancetError(f"training options: expected a JSON object, got {short_repr(data)}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise LancetError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        if "output_dir" not in data:
+            raise LancetError("training options: 'output_dir' is missing")
         return cls(**data)
 
     def fingerprint_dict(self) -> dict[str, Any]:

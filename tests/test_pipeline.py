@@ -33,8 +33,26 @@ def test_run_config_round_trip_and_relative_paths(tmp_path: Path) -> None:
     ({"iq_prompts": "p.jsonl"}, "exactly one of 'iqs'"),
     ({"influence": {"method": "magic"}}, "unknown influence method 'magic'"),
     ({"correction": {"method": "ibo", "beta": -1}}, "invalid correction option beta=-1"),
-    ({"finetune": {"lr": 0}}, "invalid training option lr=0"),
-    ({"correction_train": {"steps": 3}}, "unknown training option(s): steps"),
+    ({"finetune": {"lr": 0}}, "finetune.lr=0: must be a finite number > 0"),
+    ({"correction_train": {"steps": 3}}, "correction_train: unknown training option(s): steps"),
+    # the wrong types a hand-written config can hold: named by section and key, never a TypeError
+    ({"finetune": {"lr": "1e-5"}}, "finetune.lr='1e-5': expected a number"),
+    ({"correction_train": {"lr": "1e-5"}}, "correction_train.lr='1e-5': expected a number"),
+    ({"finetune": {"lr": None}}, "finetune.lr=None: expected a number"),
+    ({"finetune": {"batch_size": [8]}}, "finetune.batch_size=[8]: expected an integer"),
+    ({"correction_train": {"max_steps": True}}, "correction_train.max_steps=True: expected an integer or null"),
+    ({"finetune": {"lora": "false"}}, "finetune.lora='false': expected true or false"),
+    ({"finetune": "yes"}, "finetune='yes': expected an object or null"),
+    ({"influence": None}, "influence=None: expected an object"),
+    ({"influence": {"damping": "0.1"}}, "influence.damping='0.1': expected a number or null"),
+    ({"influence": {"batch_size": True}}, "influence.batch_size=True: expected an integer"),
+    ({"correction": {"beta": "0.1"}}, "correction.beta='0.1': expected a number"),
+    ({"correction": {"include_iqs": "false"}}, "correction.include_iqs='false': expected true or false"),
+    ({"index": {"rank": "4"}}, "index.rank='4': expected an integer"),
+    ({"index": {"rnk": 4}}, "unknown key(s) of 'index': rnk"),
+    ({"token_rows": "3"}, "token_rows='3': expected an integer"),
+    ({"max_length": True}, "max_length=True: expected an integer"),
+    ({"trust_remote_code": "yes"}, "trust_remote_code='yes': expected true or false"),
     ({"max_length": 0}, "'max_length' must be an integer >= 1"),
     ({"precision": "fp16"}, "'precision' must be one of auto, fp32, bf16"),
     ({"device": 0}, "'device' must be a string"),
@@ -45,6 +63,20 @@ def test_run_config_rejects_bad_options_in_one_line(tmp_path: Path, patch: dict,
     with pytest.raises(LancetError) as err:
         RunConfig.load(cfg)
     assert message in str(err.value) and str(cfg) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_run_config_string_lr_is_one_line_naming_the_file_and_the_section(tmp_path: Path, monkeypatch,
+                                                                           capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("run.json").write_text(json.dumps({"model": "m", "train": "t.jsonl", "iqs": "q.jsonl",
+                                            "finetune": {"lr": "1e-5", "max_steps": 2}}))
+    with pytest.raises(LancetError) as err:
+        RunConfig.load("run.json")
+    assert str(err.value) == "run.json: finetune.lr='1e-5': expected a number"
+    assert main(["-q", "run", "run.json"]) == 2
+    assert capsys.readouterr().err == "lancet: error: run.json: finetune.lr='1e-5': expected a number\n"
+    with pytest.raises(LancetError, match=r"^run config: correction_train.lr='1e-5': expected a number$"):
+        RunConfig.from_json({"model": "m", "train": "t", "iqs": "q", "correction_train": {"lr": "1e-5"}})
 
 
 def test_run_config_bad_json_names_file_and_line(tmp_path: Path, capsys) -> None:
@@ -346,7 +378,7 @@ def test_index_options_are_validated_with_the_config() -> None:
         RunConfig.from_json({**base, "index": {"rank": 0}})
     with pytest.raises(LancetError, match="'index.reuse' must be true or false"):
         RunConfig.from_json({**base, "index": {"reuse": "yes"}})
-    with pytest.raises(LancetError, match="must be an object"):
+    with pytest.raises(LancetError, match="index=16: expected an object or null"):
         RunConfig.from_json({**base, "index": 16})
     with pytest.raises(LancetError, match="drop 'contrast_response' or 'index'"):
         RunConfig.from_json({**base, "index": {"rank": 8}, "contrast_response": "I cannot help."})

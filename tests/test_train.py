@@ -106,6 +106,46 @@ def test_args_validation_and_json_roundtrip():
         TrainArgs.from_json({"output_dir": "x", "learning_rate": 1})
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("lr", "1e-5", "invalid training option lr='1e-5': expected a number"),
+    ("lr", None, "invalid training option lr=None: expected a number"),
+    ("lr", [1e-5], "invalid training option lr=[1e-05]: expected a number"),
+    ("lr", True, "invalid training option lr=True: expected a number"),
+    ("lr", float("nan"), "invalid training option lr=nan: must be a finite number > 0"),
+    ("epochs", float("inf"), "invalid training option epochs=inf: must be a finite number > 0"),
+    ("batch_size", True, "invalid training option batch_size=True: expected an integer"),
+    ("batch_size", 8.0, "invalid training option batch_size=8.0: expected an integer"),
+    ("batch_size", "8", "invalid training option batch_size='8': expected an integer"),
+    ("max_steps", False, "invalid training option max_steps=False: expected an integer or null"),
+    ("max_steps", 0, "invalid training option max_steps=0: must be >= 1 or null"),
+    ("lora", "false", "invalid training option lora='false': expected true or false"),
+    ("lora", 1, "invalid training option lora=1: expected true or false"),
+    ("lora_targets", "q_proj", "invalid training option lora_targets='q_proj': expected a list of strings"),
+    ("lora_alpha", 0, "invalid training option lora_alpha=0: must be >= 1"),
+    ("seed", None, "invalid training option seed=None: expected an integer"),
+    ("device", 0, "invalid training option device=0: expected a string or null"),
+])
+def test_args_reject_wrong_types_in_one_line(option, value, message):
+    """What a JSON config can get wrong (a string for a number, null, a list, a bool for an int) is one line naming
+    the option and the value, not a TypeError from a comparison, and never a truthy string taken as true."""
+    from lancet.train import OptionError
+
+    with pytest.raises(OptionError) as err:
+        TrainArgs.from_json({"output_dir": "x", option: value})
+    assert str(err.value) == message
+    assert (err.value.option, err.value.reason) == (option, message.split(": ", 1)[1])
+    with pytest.raises(LancetError, match="expected a JSON object"):
+        TrainArgs.from_json(["x"])
+
+
+def test_args_take_ints_for_floats_and_paths_for_the_output_dir(tmp_path):
+    import numpy as np
+
+    args = TrainArgs(output_dir=tmp_path / "o", lr=1, epochs=2, batch_size=np.int64(4), lora_targets=("q_proj",))
+    assert args.output_dir == str(tmp_path / "o") and args.lora_targets == ["q_proj"]
+    assert TrainArgs.from_json(json.loads(json.dumps(args.to_json(), default=int))) == args
+
+
 def test_a_batch_truncated_before_its_responses_counts_zero(tmp_path, tiny_tokenizer):
     """Rows cut off before their response leave a batch with no target: its loss is 0 (not NaN), the run goes on."""
     from lancet.data.tokenize import collate
