@@ -238,3 +238,55 @@ def test_index_then_attribute_from_the_index(tmp_path, tiny_tokenizer, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "differ from the indexed" in err[0]
     assert main([*base, "--out", str(tmp_path / "y"), "--index", str(tmp_path / "idx"), "--method", "kfac"]) == 2
+
+
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    from conftest import tiny_llama
+
+    model_dir = tmp_path / "m"
+    tiny_llama(len(tiny_tokenizer)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def _finetune(model_dir, train, out, *extra):
+    return main(["-q", "finetune", str(model_dir), "--train", str(train), "--out", str(out), "--max-steps", "1",
+                 "--batch-size", "2", "--device", "cpu", *extra])
+
+
+def test_finetune_refuses_rows_without_a_response(tmp_path, tiny_model_dir, capsys):
+    """Prompt-only rows train on nothing: one line naming the file (every row) or the first such row's file:line,
+    as the correction's rows do; no model is written and nothing reports success."""
+    train, out = tmp_path / "train.jsonl", tmp_path / "out"
+    train.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "ho"}) + "\n")
+    assert _finetune(tiny_model_dir, train, out) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"lancet: error: {train}: none of the 2 training rows has response tokens (prompt-only "
+                            "rows: give each a 'response', or end its 'messages' with an assistant turn); nothing "
+                            "to train on\n")
+    assert "model saved" not in captured.out and not (out / "lancet_done.json").exists()
+
+    train.write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": "a", "response": "b"}, {"prompt": "hi"},
+                                                           {"prompt": "c", "response": "d"}, {"prompt": "ho"}]))
+    assert _finetune(tiny_model_dir, train, out) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"lancet: error: {train}:2: training row has no response tokens (prompt-only); 1 more "
+                            "of the 4 rows too\n")
+    assert "model saved" not in captured.out and not (out / "lancet_done.json").exists()
+
+
+def test_finetune_refuses_a_response_truncated_away(tmp_path, tiny_model_dir, tiny_tokenizer, capsys):
+    from lancet.data import Record, encode_prompt
+
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "a much longer prompt " * 3, "response": "cut"}]
+    cut = len(encode_prompt(Record(prompt=rows[1]["prompt"]), tiny_tokenizer))  # the prompt fills max_length
+    assert len(encode_prompt(Record(prompt="a"), tiny_tokenizer)) < cut - 1
+    train, out = tmp_path / "train.jsonl", tmp_path / "out"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _finetune(tiny_model_dir, train, out, "--max-length", str(cut)) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"{train}:2: training row has no response tokens (its response is cut off by "
+                        f"max_length={cut} tokens)\n") and err.count("\n") == 1
+    assert _finetune(tiny_model_dir, train, out, "--max-length", str(cut + 2)) == 0  # one response token left
+    assert "model saved" in capsys.readouterr().out and (out / "lancet_done.json").is_file()

@@ -86,6 +86,37 @@ def _has_response_left(item: dict[str, Any]) -> bool:
     return any(t != IGNORE_INDEX for t in item["labels"])
 
 
+def has_response_tokens(item: dict[str, Any]) -> bool:
+    """Whether an encoded row has a response token the model predicts (a labelled position after the first): a row
+    without one (prompt-only, or truncated before its response) adds nothing to a training loss."""
+    return any(t != IGNORE_INDEX for t in item["labels"][1:])
+
+
+def require_response_tokens(encoded: EncodedDataset, what: str = "training") -> None:
+    """Stop, on one line, when a row has no response tokens: naming the first such row's file:line (as the
+    correction's rows do), or the file when no row has any. Training on such rows would report success having
+    learned nothing from them."""
+    from lancet.errors import DataError
+
+    empty = [i for i, item in enumerate(encoded.items) if not has_response_tokens(item)]
+    if not empty:
+        return
+    records, max_length = encoded.records, encoded.max_length
+    if len(empty) == len(records):
+        prompt_only = sum(records[i].response_text is None for i in empty)
+        why = ("prompt-only rows: give each a 'response', or end its 'messages' with an assistant turn"
+               if prompt_only == len(records) else f"prompt-only or truncated to max_length={max_length} tokens")
+        sources = sorted({r.source for r in records if r.source})
+        raise DataError(f"none of the {len(records)} {what} rows has response tokens ({why}); nothing to train on",
+                        path=", ".join(sources) or None)
+    first = records[empty[0]]
+    why = ("prompt-only" if first.response_text is None
+           else f"its response is cut off by max_length={max_length} tokens")
+    others = f"; {len(empty) - 1} more of the {len(records)} rows too" if len(empty) > 1 else ""
+    raise DataError(f"{what} row has no response tokens ({why}){others}", path=first.source or what,
+                    line=first.line)
+
+
 class EncodedDataset(Sequence[dict[str, Any]]):
     """Encoded rows in record order, with the records they came from."""
 
