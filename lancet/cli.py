@@ -75,14 +75,31 @@ def _train_args(ns: argparse.Namespace, out: str):
     )
 
 
+def _add_global_options(p: argparse.ArgumentParser, default: bool | str = False) -> None:
+    g = p.add_argument_group("global options (before or after the command)")
+    g.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+    g.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="no progress bars, warnings only (for logs)")
+    g.add_argument("--trust-remote-code", action="store_true", default=default,
+                   help="allow model repos to run their own code")
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """The parser of a command (and of a command's actions: ``data check``): takes the global options too, so that
+    ``lancet finetune ... -q`` works as ``lancet -q finetune ...`` does. Their default is SUPPRESS: a command that
+    does not repeat a flag leaves the value given before the command (or its False default) as it is."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _add_global_options(self, default=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lancet", description=__doc__, epilog=PIPELINE, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only (for logs)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow model repos to run their own code")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_global_options(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
     p = sub.add_parser("finetune", help="supervised fine-tuning (full or LoRA) with checkpoint/resume")
     p.add_argument("model", help=f"HF id or dir, .gguf file, PEFT adapter dir, or '{DEFAULT_MODEL}'")

@@ -240,6 +240,38 @@ def test_index_then_attribute_from_the_index(tmp_path, tiny_tokenizer, capsys):
     assert main([*base, "--out", str(tmp_path / "y"), "--index", str(tmp_path / "idx"), "--method", "kfac"]) == 2
 
 
+@pytest.mark.parametrize("flags_after", [False, True])
+def test_global_flags_before_or_after_the_verb(flags_after):
+    """-q, --debug and --trust-remote-code are taken before the verb and after it (and after a data action)."""
+    flags = ["-q", "--debug", "--trust-remote-code"]
+    verb = ["finetune", "m", "--train", "t.jsonl", "--out", "o"]
+    ns = build_parser().parse_args(verb + flags if flags_after else flags + verb)
+    assert ns.quiet and ns.debug and ns.trust_remote_code
+    ns = build_parser().parse_args(["data", "check", "t.jsonl", "--quiet"] if flags_after
+                                   else ["--quiet", "data", "check", "t.jsonl"])
+    assert ns.quiet and not ns.debug and not ns.trust_remote_code
+
+
+def test_global_flags_given_before_the_verb_are_not_reset_by_it():
+    ns = build_parser().parse_args(["-q", "--trust-remote-code", "report", "run", "--debug"])
+    assert ns.quiet and ns.debug and ns.trust_remote_code
+    ns = build_parser().parse_args(["report", "run"])
+    assert not (ns.quiet or ns.debug or ns.trust_remote_code)
+
+
+def test_flags_after_the_verb_take_effect(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"response": "x"}) + "\n")
+    argv = ["finetune", "m", "--train", str(data), "--out", str(tmp_path / "o")]
+    assert main([*argv, "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rows.jsonl:1" in err and "unrecognized arguments" not in err
+    from lancet.errors import DataError
+
+    with pytest.raises(DataError, match="rows.jsonl:1"):  # --debug after the verb: the exception, not one line
+        main([*argv, "--debug"])
+
+
 @pytest.fixture()
 def tiny_model_dir(tmp_path, tiny_tokenizer):
     from conftest import tiny_llama
