@@ -782,7 +782,7 @@ API_CASES: list[tuple[str, Callable[[Ctx], Thunk], type[BaseException], str]] = 
     ("influence_foreign_out_dir", api_foreign_out_dir, ArtifactError, r"other inputs \(differs in train\)"),
     ("run_config_conflict", api_run_config_conflict, LancetError, r"exactly one of 'iqs'"),
     ("influence_args_invalid", api_influence_args, LancetError, r"invalid batch_size=0"),
-    ("correct_dpo_without_pairs", api_correct_dpo_without_pairs, LancetError, r"dpo needs pref_pairs \(--pairs\)"),
+    ("correct_dpo_without_pairs", api_correct_dpo_without_pairs, LancetError, r"dpo needs pairs \(--pairs\)"),
 ]
 
 

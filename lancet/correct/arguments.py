@@ -70,12 +70,12 @@ class CorrectionArgs:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method in METHOD_ALIASES:
+        if isinstance(self.method, str) and self.method in METHOD_ALIASES:
             for key, value in METHOD_ALIASES[self.method].items():
                 setattr(self, key, value)
             self.method = "ibo"
         checks = {
-            "method": self.method in METHOD_NAMES,
+            "method": isinstance(self.method, str) and self.method in METHOD_NAMES,
             "beta": _number(self.beta) and self.beta > 0,
             "generator": self.generator in GENERATORS,
             "alpha": _number(self.alpha) and self.alpha > 0,

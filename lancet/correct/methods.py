@@ -116,9 +116,9 @@ class _Ranked(CorrectionMethod):
     def check(self, data: CorrectionData, args: CorrectionArgs) -> None:
         super().check(data, args)
         if args.ranking == "oracle":
-            data.require(self.name, "culprit_mask")
+            data.require(f"{self.name} with ranking oracle (ibo_oracle)", "culprit_mask")
         if args.preferred == "marked":
-            data.require(self.name, "preferred_mask")
+            data.require(f"{self.name} with preferred marked", "preferred_mask")
 
     def ranked_rows(self, b: Build, data: CorrectionData):
         from lancet.data.tokenize import encode_records
