@@ -59,7 +59,7 @@ def main() -> None:
     methods = ns.methods.split(",")
     t0 = time.perf_counter()
     args = InfluenceArgs(method=methods[0], bf16=ns.bf16, batch_size=8, measurement=ns.measurement)
-    every = Influence(model, args, out_dir=run / "influence", tokenizer=tok).scores(train, queries, methods=methods)
+    every = Influence(model, args, out_dir=run / "influence", tokenizer=tok).scores_by_method(train, queries, methods)
     seconds = time.perf_counter() - t0  # one shared pass: the whole pass's seconds (a rerun reads stored scores)
     for method in methods:
         scores = every[method]["scores"]

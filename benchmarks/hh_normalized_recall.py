@@ -67,8 +67,8 @@ def main() -> None:
     queries = encode_records(read_records(run_dir / "iqs.jsonl"), tok, preset.max_length, progress=False)
     unsafe = torch.tensor([i in set(parts["unsafe_ids"]) for i in train.ids])
     args = InfluenceArgs(bf16=BF16, batch_size=8, lambda_max_rows=preset.lambda_max_rows)
-    stored = Influence(model, args, out_dir=run_dir / "influence").scores(  # the stored scores: no pass runs
-        train, queries, methods=METHODS, max_joint_bytes=JOINT_SCORING_BYTES)
+    stored = Influence(model, args, out_dir=run_dir / "influence").scores_by_method(  # the stored scores: no pass runs
+        train, queries, METHODS, max_joint_bytes=JOINT_SCORING_BYTES)
     rows = list(train)
     result = {"run_dir": str(run_dir), "seed": ns.seed, "n_train": len(rows), "n_unsafe": int(unsafe.sum()),
               "n_iqs": len(queries), "env": environment(),

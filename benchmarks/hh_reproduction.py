@@ -212,8 +212,8 @@ def run_seed(preset: Preset, seed: int, run: Path, shared: Path, corrections: tu
             Influence(impure, replace(args, method=method), out_dir=run / "influence").fit(train)
         fit_seconds[method] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    all_scores = Influence(impure, args, out_dir=run / "influence").scores(
-        train, queries, methods=preset.methods, max_joint_bytes=JOINT_SCORING_BYTES)
+    all_scores = Influence(impure, args, out_dir=run / "influence").scores_by_method(
+        train, queries, preset.methods, max_joint_bytes=JOINT_SCORING_BYTES)
     seconds["score_all_methods"] = round(time.perf_counter() - t0, 1)
     for method in preset.methods:
         rankings[method] = aggregate(all_scores[method]["scores"].double())

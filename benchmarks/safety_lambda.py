@@ -72,7 +72,7 @@ def main() -> None:
         fit_seconds[method] = round(time.perf_counter() - t0, 1)
     weights = run._cached_weights("iq-lambda_all", influence, train, iq_rows, methods)
     t0 = time.perf_counter()
-    scores = influence.combined_scores(train, iq_rows, {m: weights[m][None] for m in methods}, methods=methods)
+    scores = influence.combined_scores_by_method(train, iq_rows, {m: weights[m][None] for m in methods}, methods)
     score_seconds = round(time.perf_counter() - t0, 1)
     subset = json.loads((run.dir / "result.json").read_text())["recall"]["methods"]
     old = load_tensors(main_rankings)

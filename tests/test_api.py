@@ -1,5 +1,5 @@
 """The one entry point, ``Influence``: every input form gives the same scores, several estimators share one pass
-through ``scores(..., methods=...)``, bad input is one clear error, and the old functions are deprecated wrappers."""
+through ``scores_by_method``, bad input is one clear error, and the old functions are deprecated wrappers."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_fit_once_score_many_and_several_methods_in_one_pass(setup, tmp_path):
     first = run.scores(train, [Record(prompt=p, response=r) for p, r in QUERIES[:2]])["scores"]
     second = run.scores(train, [Record(prompt=p, response=r) for p, r in QUERIES[2:]])["scores"]
     assert run._curvature is curvature and first.shape == (2, 12) and second.shape == (1, 12)
-    both = run.scores(train, [Record(prompt=p, response=r) for p, r in QUERIES], methods=["linfac", "identity",
+    both = run.scores_by_method(train, [Record(prompt=p, response=r) for p, r in QUERIES], ["linfac", "identity",
                                                                                            "bm25", "repsim"])
     assert set(both) == {"linfac", "identity", "bm25", "repsim"}
     close(both["linfac"]["scores"][:2], first, 1e-10)
@@ -80,7 +80,7 @@ def test_text_needs_a_tokenizer(setup):
 def test_old_functions_are_deprecated_wrappers(setup):
     model, tok = setup
     train, queries = encode(tok, TRAIN), encode(tok, QUERIES)
-    new = Influence(model, method="kfac", **F64).scores(train, queries, methods=["kfac", "identity"])
+    new = Influence(model, method="kfac", **F64).scores_by_method(train, queries, ["kfac", "identity"])
     with pytest.deprecated_call():
         old = pairwise_scores(model, train, queries, method="kfac", **F64)
     close(old, new["kfac"]["scores"], 1e-12)
@@ -99,7 +99,7 @@ def test_scores_unchanged_by_the_refactor(tiny_tokenizer):
     model = tiny_llama(len(tiny_tokenizer), torch.float64)
     train, queries = encode(tiny_tokenizer, TRAIN), encode(tiny_tokenizer, QUERIES)
     run = Influence(model, InfluenceArgs(**F64))
-    every = run.scores(train, queries, methods=list(pinned))
+    every = run.scores_by_method(train, queries, list(pinned))
     for method, expected in pinned.items():
         close(every[method]["scores"], torch.tensor(expected, dtype=torch.float64), 1e-6)
 
@@ -108,7 +108,7 @@ def test_low_rank_queries_formed_in_chunks_equal_one_pass(monkeypatch, tiny_toke
     """With query_rank set, queries are differentiated QUERY_CHUNK at a time; the scores do not depend on it."""
     from conftest import tiny_llama
 
-    import lancet.influence as influence_module
+    import lancet.influence.engine as influence_module
     from lancet.influence import Influence, InfluenceArgs
 
     g = torch.Generator().manual_seed(0)

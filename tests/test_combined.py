@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_llama
 from test_influence_engine import F64, QUERIES, TRAIN, close
 
-import lancet.influence as influence_module
+import lancet.influence.engine as influence_module
 from lancet.data.records import Record
 from lancet.errors import LancetError
 from lancet.influence import Influence, InfluenceArgs
@@ -29,10 +29,10 @@ def setup(tiny_tokenizer, monkeypatch):
 def test_combined_scores_equal_the_combination_of_per_query_scores(setup, tmp_path):
     model, tok, train, queries = setup
     args = InfluenceArgs(per_layer=True, lambda_max_rows=6, **F64)
-    per_query = Influence(model, args, tokenizer=tok, max_length=64).scores(train, queries, methods=METHODS)
+    per_query = Influence(model, args, tokenizer=tok, max_length=64).scores_by_method(train, queries, METHODS)
     coefficients = torch.tensor([[1.0, 0.0, 0.0], [0.5, -2.0, 3.0]], dtype=torch.float64)
     run = Influence(model, args, tokenizer=tok, max_length=64, out_dir=tmp_path)
-    combined = run.combined_scores(train, queries, coefficients, methods=METHODS)
+    combined = run.combined_scores_by_method(train, queries, coefficients, METHODS)
     for method in METHODS:
         expected = coefficients @ per_query[method]["scores"]
         assert combined[method]["scores"].shape == (2, len(train))
@@ -41,17 +41,17 @@ def test_combined_scores_equal_the_combination_of_per_query_scores(setup, tmp_pa
         close(combined[method]["per_layer"], layers, 1e-9)
     # a query that no combination uses is skipped (its gradient is never formed) without changing the result
     skip = torch.tensor([[1.0, 0.0, 2.0], [0.5, 0.0, -3.0]], dtype=torch.float64)
-    skipped = Influence(model, args, tokenizer=tok, max_length=64).combined_scores(train, queries, skip,
-                                                                                   methods=["linfac"])
+    skipped = Influence(model, args, tokenizer=tok, max_length=64).combined_scores_by_method(train, queries, skip,
+                                                                                             ["linfac"])
     close(skipped["linfac"]["scores"], skip @ per_query["linfac"]["scores"], 1e-9)
     # each method its own coefficients (and K), in one joint pass
     own = {"kfac": coefficients[:1], "linfac": coefficients}
-    mixed = run.combined_scores(train, queries, own, methods=["kfac", "linfac"])
+    mixed = run.combined_scores_by_method(train, queries, own, ["kfac", "linfac"])
     close(mixed["kfac"]["scores"], coefficients[:1] @ per_query["kfac"]["scores"], 1e-9)
     close(mixed["linfac"]["scores"], coefficients @ per_query["linfac"]["scores"], 1e-9)
     # stored: a second object reads the artifact without a pass
     again = Influence(model, args, tokenizer=tok, max_length=64, out_dir=tmp_path)
-    close(again.combined_scores(train, queries, coefficients, methods=["linfac"])["linfac"]["scores"],
+    close(again.combined_scores_by_method(train, queries, coefficients, ["linfac"])["linfac"]["scores"],
           combined["linfac"]["scores"], 0.0)
 
 
@@ -83,7 +83,7 @@ def test_sampled_weights_are_exact_on_every_row_and_close_on_a_sample(setup, tmp
 
 def test_normalized_mean_weights_do_not_depend_on_the_query_chunk(setup, tmp_path, monkeypatch):
     """Queries held a few at a time (NORMALIZED_MEAN_QUERY_BYTES) give the weights of all queries at once."""
-    import lancet.influence as influence
+    import lancet.influence.engine as influence
 
     model, tok, train, queries = setup
     run = Influence(model, InfluenceArgs(method="linfac", **F64), tokenizer=tok, max_length=64, out_dir=tmp_path)
@@ -106,4 +106,4 @@ def test_combined_scores_refuse_bad_coefficients_and_gradient_free_methods(setup
     with pytest.raises(LancetError, match="coefficients are all zero"):
         run.combined_scores(train, queries, torch.zeros(1, 3))
     with pytest.raises(LancetError, match="bm25 has no query gradient"):
-        run.combined_scores(train, queries, torch.ones(1, 3), methods=["bm25"])
+        run.combined_scores_by_method(train, queries, torch.ones(1, 3), ["bm25"])

@@ -18,7 +18,7 @@ from conftest import call_counter, make_tokenizer, tiny_gpt2, tiny_llama
 from reference import gradient_dot_scores, tracked_modules
 
 import lancet.curvature.fit as fit_module
-import lancet.influence as influence_module
+import lancet.influence.engine as influence_module
 import lancet.influence.scoring as scoring_module
 from lancet.artifacts import load_tensors
 from lancet.data.records import Record
@@ -504,7 +504,7 @@ def test_covariance_max_rows_fits_the_covariance_on_a_seeded_subset(llama, monke
     args = {"fisher": "empirical", **F64}
     scores = Influence(model, method="kfac", covariance_max_rows=5, **args).scores(train, queries)["scores"]
     by_hand = Influence(model, method="kfac", **args)
-    by_hand._curvature = fit_module.fit_curvature(model, sub, by_hand.args)
+    by_hand._curvatures[by_hand.args.method] = fit_module.fit_curvature(model, sub, by_hand.args)
     close(scores, by_hand.scores(train, queries)["scores"], rtol=1e-12)
     full = Influence(model, method="kfac", **args).scores(train, queries)["scores"]
     assert scores.shape == full.shape == (3, len(train))

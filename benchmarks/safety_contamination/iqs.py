@@ -72,7 +72,7 @@ class IqStage:
         virtual = opening_weights(torch.tensor(logp).view(len(iqs), len(openings)))
         methods = list(self.p.opening_set)
         weights = self._cached_weights("opening", run, train, rows, methods, virtual=virtual)
-        scores = run.combined_scores(train, rows, {m: weights[m][None] for m in methods}, methods=methods)
+        scores = run.combined_scores_by_method(train, rows, {m: weights[m][None] for m in methods}, methods)
         for method in methods:
             record(f"{method}_opening_set", scores[method]["scores"][0], fit_seconds[method] + time.perf_counter() - t0)
         out["openings"] = openings

@@ -120,7 +120,7 @@ class RecallStage:
             Influence(model, replace(args, method=method), out_dir=self.dir / "influence").fit(train)
             fit_seconds[method] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        scores = Influence(model, args, out_dir=self.dir / "influence").scores(train, queries, methods=self.p.methods)
+        scores = Influence(model, args, out_dir=self.dir / "influence").scores_by_method(train, queries, self.p.methods)
         shared_pass = time.perf_counter() - t0
         out["score_seconds"] = round(shared_pass, 1)
         names = Influence(model, args).layer_names()
@@ -138,7 +138,7 @@ class RecallStage:
             t0 = time.perf_counter()
             iq_only = list(queries)[:n_iq]
             extra = Influence(model, replace(args, per_layer=False), out_dir=self.dir / "influence",
-                              measurement=spec).scores(train, iq_only, methods=self.p.measurement_methods)
+                              measurement=spec).scores_by_method(train, iq_only, self.p.measurement_methods)
             for method in self.p.measurement_methods:
                 record(f"{method}_{spec.replace(':', '')}", extra[method]["scores"],
                        fit_seconds[method] + time.perf_counter() - t0)
@@ -194,7 +194,7 @@ class RecallStage:
             coefficients[method] = torch.stack(rows)
         out["weight_seconds"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
-        scores = run.combined_scores(train, queries, coefficients, methods=grad_methods)
+        scores = run.combined_scores_by_method(train, queries, coefficients, grad_methods)
         out["score_seconds"] = round(time.perf_counter() - t0, 1)
         names = run.layer_names()
         for method in grad_methods:
@@ -211,8 +211,8 @@ class RecallStage:
             t0 = time.perf_counter()
             mrun = Influence(model, replace(args, per_layer=False), out_dir=self.dir / "influence", measurement=spec)
             w = self._cached_weights(f"iq-{spec}", mrun, train, iq_rows, list(self.p.measurement_methods))
-            extra_scores = mrun.combined_scores(train, iq_rows, {m: w[m][None] for m in self.p.measurement_methods},
-                                                methods=self.p.measurement_methods)
+            extra_scores = mrun.combined_scores_by_method(
+                train, iq_rows, {m: w[m][None] for m in self.p.measurement_methods}, self.p.measurement_methods)
             for method in self.p.measurement_methods:
                 record(f"{method}_{spec.replace(':', '')}", extra_scores[method]["scores"][0],
                        fit_seconds[method] + time.perf_counter() - t0)

@@ -126,14 +126,14 @@ def attribute_methods(model, tokenizer, train_spec: str, queries_spec: str, out_
                       args: InfluenceArgs, methods: list[str], *, max_length: int = DEFAULT_MAX_LENGTH,
                       labels: str | None = None, k: int = 10) -> dict[str, dict[str, Any]]:
     """``attribute`` for several methods with one scoring pass over the training rows
-    (``Influence.scores(..., methods=...)``): the same files per method (``ranking-<method>.safetensors``,
+    (``Influence.scores_by_method``): the same files per method (``ranking-<method>.safetensors``,
     ``influence-<method>.json``), whose "seconds" is the whole shared run's."""
     out = Path(out_dir)
     train_records, _, train, queries, culprits = _load(tokenizer, train_spec, queries_spec, max_length,
                                                        args.progress, labels)
     t0 = time.perf_counter()
-    scores = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length).scores(
-        train, queries, methods=methods)
+    scores = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length).scores_by_method(
+        train, queries, methods)
     seconds = time.perf_counter() - t0
     return {m: _rank(out, replace(args, method=m), scores[m]["scores"], seconds, train_records, train, culprits,
                      {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),

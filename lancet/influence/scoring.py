@@ -45,6 +45,22 @@ class PreconditionedQueries:
     unit_rows: torch.Tensor | None = None
 
 
+def concat_queries(pres: list[PreconditionedQueries]) -> PreconditionedQueries:
+    """One set of preconditioned queries, method after method (each method's tensors freed as they are joined)."""
+    full, low = {}, {}
+    for name in list(pres[0].full):
+        full[name] = torch.cat([pre.full.pop(name) for pre in pres])
+    for name in list(pres[0].low_rank):
+        parts = [pre.low_rank.pop(name) for pre in pres]
+        low[name] = (torch.cat([u for u, _ in parts], 1), torch.cat([v for _, v in parts], 1))
+    n = sum(pre.n_queries for pre in pres)
+    unit = None
+    if any(pre.unit_rows is not None for pre in pres):
+        unit = torch.cat([pre.unit_rows if pre.unit_rows is not None else torch.zeros(pre.n_queries, dtype=torch.bool)
+                          for pre in pres])
+    return PreconditionedQueries(full=full, low_rank=low, n_queries=n, unit_rows=unit)
+
+
 def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dict[str, Any]], args,
                     measurement: Measurement | None = None,
                     projections: dict[str, dict[str, torch.Tensor]] | None = None) -> dict:

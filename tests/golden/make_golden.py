@@ -47,7 +47,7 @@ def influence_golden() -> dict[str, Any]:
         scores = Influence(model, method=method, tokenizer=tok, progress=False).scores(TRAIN, IQS)["scores"]
         out["single"][method] = scores.tolist()
     gradient = [m for m in METHODS if m not in GRADIENT_FREE_METHODS]
-    joint = Influence(model, method=gradient[0], tokenizer=tok, progress=False).scores(TRAIN, IQS, methods=gradient)
+    joint = Influence(model, method=gradient[0], tokenizer=tok, progress=False).scores_by_method(TRAIN, IQS, gradient)
     out["joint"] = {m: r["scores"].tolist() for m, r in joint.items()}
     return out
 
