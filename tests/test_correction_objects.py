@@ -44,8 +44,8 @@ def test_registry_matches_the_cli_names_and_aliases_are_settings():
     assert CorrectionArgs.from_json(random_ctrl.to_json()) == random_ctrl  # JSON round trip keeps the setting
 
 
-@pytest.mark.parametrize("field,value", [("method", ["ibo"]), ("ranking", "bm25"), ("preferred", "top"), ("weighting", "rank"),
-                                         ("top_k", "3"), ("beta", True), ("seed", 1.5)])
+@pytest.mark.parametrize("field,value", [("method", ["ibo"]), ("ranking", "bm25"), ("preferred", "top"),
+                                         ("weighting", "rank"), ("top_k", "3"), ("beta", True), ("seed", 1.5)])
 def test_correction_options_are_checked_in_one_line(field, value):
     with pytest.raises(LancetError, match=f"invalid correction option {field}=") as err:
         CorrectionArgs(**{field: value})
