@@ -8,10 +8,18 @@ import logging
 import sys
 from pathlib import Path
 
-from lancet.constants import DEFAULT_MAX_LENGTH, DEFAULT_MODEL
+from lancet.constants import (
+    CORRECTION_ALIASES,
+    CORRECTION_METHODS,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_MODEL,
+    PAIR_WEIGHTINGS,
+    PAIRINGS,
+    PREFERRED_ROWS,
+    RANKINGS,
+)
 from lancet.errors import LancetError
 
-CORRECTION_METHODS = ("ibo", "ibo_random", "ibo_oracle", "dpo", "sft", "ga", "ga_retain", "npo")
 PIPELINE = """pipeline: data -> finetune -> attribute (influence) -> correct (IBO) -> evaluate -> report.
 `lancet demo` runs it end to end on the embedded SmolLM2-135M-Instruct and a dataset lancet writes itself."""
 
@@ -170,20 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="the training data given to `lancet attribute`")
     p.add_argument("--scores", required=True, help="run directory written by `lancet attribute`")
     p.add_argument("--scores-method", default=None, help="which ranking-<method> to use when the run has several")
-    p.add_argument("--method", default="ibo", choices=CORRECTION_METHODS)
+    p.add_argument("--method", default="ibo", choices=CORRECTION_METHODS + CORRECTION_ALIASES,
+                   help="ibo_random and ibo_oracle are ibo with --ranking random --preferred random --weighting "
+                   "uniform, and with --ranking oracle")
     p.add_argument("--out", required=True, help="output directory (HF model, train_log.jsonl)")
     p.add_argument("--iqs", default=None, help="IQs (prompt + undesirable answer): dispreferred / forgotten too")
     p.add_argument("--no-iqs", action="store_true", help="do not add the IQs to the dispreferred / forget rows")
     p.add_argument("--safe", default=None, help="safe rows: the data of sft, the retain rows of ga_retain / npo")
     p.add_argument("--pairs", default=None, help="dpo pairs: HH-RLHF file or prompt/chosen/rejected rows")
-    p.add_argument("--labels", default=None, help="JSON with 'culprit_ids' (needed by ibo_oracle)")
+    p.add_argument("--labels", default=None, help="JSON with 'culprit_ids' (needed by --ranking oracle)")
+    p.add_argument("--preferred-ids", default=None, help="JSON with 'ids': the rows --preferred marked prefers")
     g = p.add_argument_group("correction")
+    g.add_argument("--ranking", default=None, choices=RANKINGS,
+                   help="dispreferred rows: the top of the scores (influence), random rows, or the true culprits")
+    g.add_argument("--preferred", default=None, choices=PREFERRED_ROWS,
+                   help="ibo's preferred rows: the bottom of the scores, random rows, or --preferred-ids' rows")
+    g.add_argument("--weighting", default=None, choices=PAIR_WEIGHTINGS,
+                   help="ibo's pair weights: the score gap, or uniform")
     g.add_argument("--beta", type=float, default=0.1, help="IBO/DPO/NPO inverse temperature")
     g.add_argument("--generator", default="logistic", choices=["logistic", "squared", "basu"],
                    help="Bregman generator of IBO (logistic = KL, DPO-like)")
     g.add_argument("--alpha", type=float, default=0.5, help="Basu power (basu generator)")
     g.add_argument("--top-k", type=int, default=50, help="rows taken from each end of the influence ranking")
-    g.add_argument("--pairing", default="rank", choices=["rank", "random", "all"])
+    g.add_argument("--pairing", default="rank", choices=PAIRINGS)
     g.add_argument("--max-pairs", type=int, default=None, help="cap on the IBO pairs (seeded subsample)")
     g.add_argument("--target-temperature", type=float, default=0.0, help="0: hard targets p*=1; T>0: sigma(gap/T)")
     g.add_argument("--retain-weight", type=float, default=1.0,
@@ -351,43 +368,37 @@ def cmd_index(ns: argparse.Namespace) -> int:
 
 
 def cmd_correct(ns: argparse.Namespace) -> int:
-    from lancet.correct import CorrectionArgs, correct, load_run_scores
+    from lancet.correct import Correction, CorrectionArgs, CorrectionData, check_inputs, load_run_scores
     from lancet.data import load_dataset_spec
+    from lancet.models.loading import load_model
 
+    options = {"ranking": ns.ranking, "preferred": ns.preferred, "weighting": ns.weighting}
     cargs = CorrectionArgs(method=ns.method, beta=ns.beta, generator=ns.generator, alpha=ns.alpha, top_k=ns.top_k,
                            pairing=ns.pairing, target_temperature=ns.target_temperature, include_iqs=not ns.no_iqs,
                            retain_weight=ns.retain_weight, max_pairs=ns.max_pairs, seed=ns.seed, retain=ns.retain,
                            retain_rows=ns.retain_rows, retain_normalize=ns.retain_normalize,
-                           chosen_nll_weight=ns.chosen_nll_weight,
-                           same_prompt=not ns.no_same_prompt)
+                           chosen_nll_weight=ns.chosen_nll_weight, same_prompt=not ns.no_same_prompt,
+                           **{k: v for k, v in options.items() if v is not None})
     train = load_dataset_spec(ns.train)
     ids = [r.id for r in train]
     scores, scores_method = load_run_scores(ns.scores, ids, ns.scores_method)
-    culprits = None
-    if ns.labels:
-        from lancet.influence.attribute import read_culprit_labels
+    from lancet.influence.attribute import read_culprit_labels
 
-        culprits = read_culprit_labels(ns.labels, ids)
-    pairs = None
+    data = CorrectionData(
+        train=train, scores=scores,
+        iqs=load_dataset_spec(ns.iqs) if ns.iqs else (),
+        safe=load_dataset_spec(ns.safe) if ns.safe else (),
+        culprit_mask=read_culprit_labels(ns.labels, ids) if ns.labels else None,
+        preferred_mask=read_culprit_labels(ns.preferred_ids, ids, key="ids") if ns.preferred_ids else None,
+        retain=load_dataset_spec(ns.retain_data) if ns.retain_data else ())
     if ns.pairs:
         from lancet.correct.pairs import read_preference_pairs
 
-        pairs = read_preference_pairs(ns.pairs)
-    out = correct(
-        ns.model,
-        train,
-        scores,
-        method=ns.method,
-        train_args=_train_args(ns, ns.out),
-        correction_args=cargs,
-        iq_records=load_dataset_spec(ns.iqs) if ns.iqs else None,
-        safe_records=load_dataset_spec(ns.safe) if ns.safe else None,
-        pref_pairs=pairs,
-        culprit_mask=culprits,
-        retain_records=load_dataset_spec(ns.retain_data) if ns.retain_data else None,
-        max_length=ns.max_length,
-        trust_remote_code=ns.trust_remote_code,
-    )
+        data.pairs = read_preference_pairs(ns.pairs)
+    train_args = _train_args(ns, ns.out)
+    check_inputs(cargs, data)  # a missing input is one line before the model loads
+    model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code, device=train_args.load_device)
+    out = Correction(model, tokenizer, cargs, train_args, max_length=ns.max_length, base_spec=ns.model).run(data)
     print(f"{ns.method} (scores: {scores_method}): model saved to {out}")
     return 0
 

@@ -321,7 +321,8 @@ class Pipeline:
             return None
         attribution = self._timed(f"{self.prefix}attribute", self.stage_attribute, model, tokenizer)
         selection = self._selection(model, tokenizer, model_spec, baseline) if self.config.select else None
-        corrected = self._timed(f"{self.prefix}correct", self.stage_correct, model_spec, train, selection)
+        corrected = self._timed(f"{self.prefix}correct", self.stage_correct, model, tokenizer, model_spec, train,
+                                selection)
         chosen = None
         if selection is not None:
             corrected, chosen = selection.finish(corrected, model_spec)
@@ -508,31 +509,33 @@ class Pipeline:
         self._timed(f"{self.prefix}select_reference", selection.reference, model)
         return selection
 
-    def stage_correct(self, model_spec: str, train, selection=None) -> Path:
-        from lancet.correct import CorrectionArgs, correct, load_run_scores
+    def stage_correct(self, model, tokenizer, model_spec: str, train, selection=None) -> Path:
+        """The correction of a copy of ``model`` (the model itself stays as it was: the later stages read it)."""
+        import copy
+
+        from lancet.correct import Correction, CorrectionArgs, CorrectionData, check_inputs, load_run_scores
         from lancet.data import load_dataset_spec
         from lancet.train import TrainArgs
 
         c = self.config
         cargs = CorrectionArgs.from_json(c.correction)
         method = str(c.influence.get("method", "linfac"))
-        scores, _ = load_run_scores(self.dir, [r.id for r in train], method)
-        culprits = None
+        ids = [r.id for r in train]
+        scores, _ = load_run_scores(self.dir, ids, method)
+        data = CorrectionData(train=train, scores=scores, iqs=load_dataset_spec(str(self.dir / "iqs.jsonl")),
+                              safe=load_dataset_spec(c.safe) if c.safe else ())
         if c.labels:
             from lancet.influence.attribute import read_culprit_labels
 
-            culprits = read_culprit_labels(c.labels, [r.id for r in train])
-        pairs = None
+            data.culprit_mask = read_culprit_labels(c.labels, ids)
         if c.pairs:
             from lancet.correct.pairs import read_preference_pairs
 
-            pairs = read_preference_pairs(c.pairs)
+            data.pairs = read_preference_pairs(c.pairs)
+        check_inputs(cargs, data)
         targs = TrainArgs.from_json(self._train_json(c.correction_train, self.dir / "corrected"))
-        return correct(model_spec, train, scores, method=cargs.method, train_args=targs, correction_args=cargs,
-                       iq_records=load_dataset_spec(str(self.dir / "iqs.jsonl")),
-                       safe_records=load_dataset_spec(c.safe) if c.safe else None, pref_pairs=pairs,
-                       culprit_mask=culprits, max_length=c.max_length, trust_remote_code=c.trust_remote_code,
-                       on_checkpoint=selection)
+        return Correction(copy.deepcopy(model), tokenizer, cargs, targs, max_length=c.max_length,
+                          base_spec=model_spec).run(data, on_checkpoint=selection)
 
     def stage_evaluate(self, model, tokenizer, side: str) -> dict[str, Any]:
         """Metrics of ``model`` on the suite; reused when the file is complete for the same model and suite."""
