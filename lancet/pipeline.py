@@ -228,6 +228,7 @@ class Pipeline:
         self.config, self.progress = config, progress
         self.out = Path(config.out)
         self.seconds: dict[str, float] = {}
+        self.round_data = None  # the current round's rows, read and encoded once (stage_attribute)
         self.device, self.precision = decide(config.device, config.precision)
         self.dir, self.prefix = self.out, ""  # the current round's directory and stage-name prefix
 
@@ -319,7 +320,7 @@ class Pipeline:
         iqs = self._timed(f"{self.prefix}iqs", self.stage_iqs, model, tokenizer, required=r == 0)
         if not iqs:
             return None
-        attribution = self._timed(f"{self.prefix}attribute", self.stage_attribute, model, tokenizer)
+        attribution = self._timed(f"{self.prefix}attribute", self.stage_attribute, model, tokenizer, train)
         selection = self._selection(model, tokenizer, model_spec, baseline) if self.config.select else None
         corrected = self._timed(f"{self.prefix}correct", self.stage_correct, model, tokenizer, model_spec, train,
                                 selection)
@@ -374,51 +375,54 @@ class Pipeline:
                               f"{len(prompts)} answers; give the undesirable answers with 'iqs' instead")
         return iqs
 
-    def stage_attribute(self, model, tokenizer) -> dict[str, Any]:
+    def stage_attribute(self, model, tokenizer, train) -> dict[str, Any]:
+        """Rank the training rows; the round's rows are read and encoded once here (``AttributionData``) and shared by
+        the index, the ranking, the token scores and the compared methods, which are scored in one pass."""
         from lancet.influence import Influence, InfluenceArgs
-        from lancet.influence.attribute import attribute
+        from lancet.influence.attribute import AttributionData, attribute
 
         c = self.config
         args = InfluenceArgs.from_json({"bf16": self.precision.bf16, **c.influence, "progress": self.progress})
+        data = AttributionData.load(tokenizer, c.train, str(self.dir / "iqs.jsonl"), c.max_length, args.progress,
+                                    c.labels, train_records=train)
+        self.round_data = data  # the correction reads the same IQ records
         influence = Influence(model, args, out_dir=self.dir, tokenizer=tokenizer, max_length=c.max_length)
         tokens = args.method not in GRADIENT_FREE_METHODS and c.token_rows > 0
         # the token scores below use the same preconditioned IQs as the ranking (when it is not a contrast)
         influence.keep_queries = tokens and c.contrast_response is None
-        index_dir, index_note = self._index(influence, tokenizer) if c.index else (None, None)
-        summary = attribute(model, tokenizer, c.train, str(self.dir / "iqs.jsonl"), self.dir, args,
+        index_dir, index_note = self._index(influence, data) if c.index else (None, None)
+        summary = attribute(model, tokenizer, c.train, data.queries_spec, self.dir, args,
                             max_length=c.max_length, labels=c.labels, k=c.top_k,
                             contrast_response=c.contrast_response, influence=influence, index=index_dir,
-                            index_any_model=bool(index_note and index_note["reused"]))
+                            index_any_model=bool(index_note and index_note["reused"]), data=data)
         if index_note and index_note["reused"] and c.index.get("check_overlap", False):
-            index_note["top100_overlap_vs_fresh"] = self._fresh_overlap(model, tokenizer, args, summary)
+            index_note["top100_overlap_vs_fresh"] = self._fresh_overlap(model, tokenizer, args, summary, data)
         if tokens:
-            self._token_scores(tokenizer, influence, summary)
+            self._token_scores(tokenizer, influence, summary, data)
         out = {k: summary[k] for k in ("method", "n_train", "n_queries", "seconds", "top_positive", "top_negative")
                if k in summary} | ({"recall": summary["recall"]} if "recall" in summary else {})
         if index_note:
             out["index"] = index_note
         if c.compare and "recall" in summary:
             out["compare"] = {args.method: _recall_row(summary["recall"], summary["seconds"])}
-            out["compare"] |= self._compare(model, tokenizer, args, summary["ids"])
+            out["compare"] |= self._compare(influence, data)
         return out
 
-    def _index(self, influence, tokenizer) -> tuple[Path, dict[str, Any]]:
+    def _index(self, influence, data) -> tuple[Path, dict[str, Any]]:
         """The gradient index this round ranks from: round 0's (built here on round 0) when "reuse" is set, else one
         built on this round's model in its own directory."""
-        from lancet.data import encode_records, load_dataset_spec
         from lancet.influence import IndexArgs
 
         c = self.config
         reuse = bool(c.index.get("reuse", False)) and self.dir != self.out
         index_dir = (self.out if reuse else self.dir) / "index"
         if not reuse:
-            train = encode_records(load_dataset_spec(c.train), tokenizer, c.max_length, progress=False)
             opts = {"bf16": influence.args.bf16, "batch_size": influence.args.batch_size, "progress": self.progress,
                     **{k: v for k, v in c.index.items() if k not in INDEX_RUN_KEYS}}
-            influence.build_index(train, index_dir, IndexArgs(**opts))
+            influence.build_index(data.train, index_dir, IndexArgs(**opts))
         return index_dir, {"dir": str(index_dir), "reused": reuse}
 
-    def _fresh_overlap(self, model, tokenizer, args, indexed: dict[str, Any]) -> float:
+    def _fresh_overlap(self, model, tokenizer, args, indexed: dict[str, Any], data) -> float:
         """Top-100 overlap (of min(100, rows)) between this round's index ranking and a fresh scoring pass on this
         round's model (written to ``fresh/``)."""
         from lancet.correct import load_run_scores
@@ -427,45 +431,43 @@ class Pipeline:
 
         c = self.config
         fresh = self.dir / "fresh"
-        attribute(model, tokenizer, c.train, str(self.dir / "iqs.jsonl"), fresh, args, max_length=c.max_length,
-                  k=c.top_k)
+        attribute(model, tokenizer, c.train, data.queries_spec, fresh, args, max_length=c.max_length, k=c.top_k,
+                  data=data)
         ids = indexed["ids"]
         return round(top_overlap(load_run_scores(self.dir, ids, args.method)[0],
                                  load_run_scores(fresh, ids, args.method)[0], 100), 4)
 
-    def _compare(self, model, tokenizer, args, ids: list[str]) -> dict[str, dict[str, float]]:
-        """Recall of each ``compare`` method on the same IQs and labels (the main method's ranking is untouched)."""
-        from dataclasses import replace
-
-        from lancet.influence.attribute import attribute, read_culprit_labels
+    def _compare(self, influence, data) -> dict[str, dict[str, float]]:
+        """Recall of each ``compare`` method on the same IQs and labels, all of them scored in one pass over the
+        training rows (``attribute_methods``; each row's "seconds" is that shared pass's); the main method's ranking
+        is untouched."""
+        from lancet.influence.attribute import attribute_methods
         from lancet.influence.recall import random_baseline
 
         c, rows = self.config, {}
+        methods = [m for m in c.compare if m != "random"]
+        summaries = (attribute_methods(influence.model, influence.tokenizer, c.train, data.queries_spec, self.dir,
+                                       influence.args, methods, max_length=c.max_length, k=c.top_k, data=data,
+                                       influence=influence) if methods else {})
         for method in c.compare:
             if method == "random":
-                rnd = random_baseline(read_culprit_labels(c.labels, ids), key="recall@50")
+                rnd = random_baseline(data.culprits, key="recall@50")
                 rows["random"] = {"average_precision": round(rnd["average_precision"], 4), "seconds": 0.0}
-                continue
-            summary = attribute(model, tokenizer, c.train, str(self.dir / "iqs.jsonl"), self.dir,
-                                replace(args, method=method), max_length=c.max_length, labels=c.labels, k=c.top_k)
-            rows[method] = _recall_row(summary["recall"], summary["seconds"])
+            else:
+                rows[method] = _recall_row(summaries[method]["recall"], summaries[method]["seconds"])
         return rows
 
-    def _token_scores(self, tokenizer, influence, summary: dict[str, Any]) -> None:
+    def _token_scores(self, tokenizer, influence, summary: dict[str, Any], data) -> None:
         """Per-token scores of the top positive rows, averaged over the IQs (each IQ's scores divided by the
         mean |score| of that IQ over these rows, as the ranking's normalised mean does)."""
-        from lancet.data import encode_records, load_dataset_spec
-
         c = self.config
         args = influence.args
         path = self.dir / f"tokens-{args.method}.json"
         wanted = [r["id"] for r in summary["top_positive"][: c.token_rows]]
         if path.is_file() and [r.get("id") for r in json.loads(path.read_text()).get("rows", [])] == wanted:
             return
-        train = encode_records(load_dataset_spec(c.train), tokenizer, c.max_length, progress=False)
+        train, queries = data.train, data.queries
         rows = [train[train.ids.index(i)] for i in wanted]
-        queries = encode_records(load_dataset_spec(str(self.dir / "iqs.jsonl")), tokenizer, c.max_length,
-                                 progress=False)
         if not influence.fitted:  # the ranking was reused from disk: read the stored curvature back
             influence.fit(train)
         per_row = influence.token_scores(rows, queries)
@@ -522,8 +524,9 @@ class Pipeline:
         method = str(c.influence.get("method", "linfac"))
         ids = [r.id for r in train]
         scores, _ = load_run_scores(self.dir, ids, method)
-        data = CorrectionData(train=train, scores=scores, iqs=load_dataset_spec(str(self.dir / "iqs.jsonl")),
-                              safe=load_dataset_spec(c.safe) if c.safe else ())
+        data = CorrectionData(train=train, scores=scores, iqs=self.round_data.query_records,
+                              safe=load_dataset_spec(c.safe) if c.safe else (), train_rows=self.round_data.train,
+                              iq_rows=self.round_data.queries)
         if c.labels:
             from lancet.influence.attribute import read_culprit_labels
 

@@ -383,3 +383,45 @@ def test_index_options_are_validated_with_the_config() -> None:
     with pytest.raises(LancetError, match="drop 'contrast_response' or 'index'"):
         RunConfig.from_json({**base, "index": {"rank": 8}, "contrast_response": "I cannot help."})
     assert RunConfig.from_json({**base, "index": {"rank": 8, "reuse": True}}).index == {"rank": 8, "reuse": True}
+
+
+def test_a_round_encodes_the_training_rows_once_and_compares_methods_in_one_pass(tmp_path: Path, tiny_tokenizer,
+                                                                                  monkeypatch) -> None:
+    import lancet.data.tokenize as tokenize_module
+    import lancet.influence.attribute as attribute_module
+    from lancet.influence import Influence
+
+    model_dir, _ = _tiny_workspace(tmp_path, tiny_tokenizer)
+    encoded, built, passes = [], [], []
+    real_encode, real_init, real_pass = (attribute_module.encode_records, Influence.__init__,
+                                         Influence.scores_by_method)
+
+    def encode(records, *a, **kw):
+        encoded.append(len(records))
+        return real_encode(records, *a, **kw)
+
+    def init(self, *a, **kw):
+        built.append(1)
+        real_init(self, *a, **kw)
+
+    def one_pass(self, train, queries, methods, **kw):
+        passes.append(list(methods))
+        return real_pass(self, train, queries, methods, **kw)
+
+    monkeypatch.setattr(attribute_module, "encode_records", encode)
+    monkeypatch.setattr(tokenize_module, "encode_records", encode)  # where the correction would encode
+    monkeypatch.setattr(Influence, "__init__", init)
+    monkeypatch.setattr(Influence, "scores_by_method", one_pass)
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({
+        "model": str(model_dir), "train": "data/train.jsonl", "out": "run", "iqs": "data/iqs.jsonl",
+        "labels": "data/culprits.json", "influence": {"method": "kfac", "batch_size": 16},
+        "correction": {"method": "ibo", "top_k": 8}, "correction_train": {"max_steps": 1, "batch_size": 8},
+        "max_length": 128, "compare": ["bm25", "ekfac", "identity", "random"]}))
+    assert main(["-q", "run", str(cfg)]) == 0
+    assert encoded == [224, 12]  # the training rows and the IQs, each encoded once for the round (correction too)
+    assert built == [1]  # one Influence object plans the main method and every compared one
+    assert passes == [["bm25", "ekfac", "identity"]]
+    compare = json.loads((tmp_path / "run" / "run_summary.json").read_text())["attribution"]["compare"]
+    assert set(compare) == {"kfac", "bm25", "ekfac", "identity", "random"}
+    assert compare["ekfac"]["seconds"] == compare["identity"]["seconds"]  # one shared pass

@@ -42,7 +42,8 @@ class CorrectionData:
     positive drives the behaviour); ``culprit_mask`` and ``preferred_mask`` [N] mark training rows (the oracle
     ranking's true culprits; the rows ``preferred="marked"`` prefers); ``iqs`` are prompt + undesirable answer
     rows; ``safe`` the rows SFT and the retain NLLs train on; ``pairs`` human (chosen, rejected) pairs; ``retain``
-    the rows IBO's and DPO's retain term keeps (e.g. the model's own answers to ordinary prompts)."""
+    the rows IBO's and DPO's retain term keeps (e.g. the model's own answers to ordinary prompts); ``train_rows``
+    and ``iq_rows`` the same rows already encoded (by the caller that ranked them), so they are not encoded twice."""
 
     train: Sequence[Record] = ()
     scores: torch.Tensor | None = None
@@ -52,6 +53,8 @@ class CorrectionData:
     culprit_mask: torch.Tensor | None = None
     preferred_mask: torch.Tensor | None = None
     retain: Sequence[Record] = ()
+    train_rows: Sequence[dict] | None = None  # ``train`` already encoded with this tokenizer and max_length
+    iq_rows: Sequence[dict] | None = None  # ``iqs`` already encoded (each with response tokens)
 
     def require(self, method: str, *names: str) -> None:
         for name in names:
@@ -124,14 +127,19 @@ class _Ranked(CorrectionMethod):
         from lancet.data.tokenize import encode_records
 
         scores = _checked_scores(data.scores, len(data.train))
-        train_rows = list(encode_records(data.train, b.tokenizer, b.max_length, progress=b.train_args.progress))
+        train_rows = (list(data.train_rows) if data.train_rows is not None
+                      else list(encode_records(data.train, b.tokenizer, b.max_length, progress=b.train_args.progress)))
+        if len(train_rows) != len(data.train):
+            raise LancetError(f"{len(train_rows)} encoded rows for {len(data.train)} training rows")
         keep = [i for i, row in enumerate(train_rows) if has_response(row)]
         if len(keep) < len(train_rows):
             log.warning("%d training rows have no response tokens; they are not selected", len(train_rows) - len(keep))
         rows, sub = [train_rows[i] for i in keep], scores[keep]
         masks = [None if m is None else torch.as_tensor(m, dtype=torch.bool)[keep]
                  for m in (data.culprit_mask, data.preferred_mask)]
-        iq_rows = b.encode(data.iqs, "IQ") if data.iqs and b.args.include_iqs else []
+        iq_rows = []
+        if data.iqs and b.args.include_iqs:
+            iq_rows = list(data.iq_rows) if data.iq_rows is not None else b.encode(data.iqs, "IQ")
         bad, good = select_rows(sub, b.args.top_k, b.args.ranking, masks[0], seed=b.args.seed,
                                 preferred=b.args.preferred, preferred_mask=masks[1])
         b.summary["dispreferred_ids"] = [rows[i]["id"] for i in bad]

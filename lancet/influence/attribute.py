@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,37 +54,61 @@ def queries_scores(influence: Influence, train, queries) -> torch.Tensor:
     return influence.scores(train, queries)["scores"]
 
 
-def _load(tokenizer, train_spec: str, queries_spec: str, max_length: int, progress: bool, labels: str | None):
-    train_records, query_records = load_dataset_spec(train_spec), load_dataset_spec(queries_spec)
-    for r in query_records:
-        if r.response_text is None:
-            raise DataError("influence queries need the undesirable response", path=r.source, line=r.line,
-                            field="response")
-    train = encode_records(train_records, tokenizer, max_length, progress=progress)
-    queries = encode_records(query_records, tokenizer, max_length, progress=progress)
-    for r, item in zip(query_records, queries, strict=True):  # a query with no scored token has zero gradient
-        if all(t == IGNORE_INDEX for t in item["labels"][1:]):
-            raise DataError(f"no response tokens left after cutting the row to {max_length} tokens (--max-length); "
-                            "shorten the prompt or raise --max-length", path=r.source, line=r.line, field="response")
-    culprits = read_culprit_labels(labels, train.ids) if labels else None  # a bad file fails before any work
-    return train_records, query_records, train, queries, culprits
+@dataclass
+class AttributionData:
+    """One round's rows, read and encoded once and shared by every stage that reads them (ranking, compared
+    methods, token scores, index, correction): the training and IQ Records, their encodings, the culprit mask."""
+
+    train_spec: str
+    queries_spec: str
+    train_records: list
+    query_records: list
+    train: Any  # EncodedDataset
+    queries: Any
+    culprits: torch.Tensor | None
+
+    @classmethod
+    def load(cls, tokenizer, train_spec: str, queries_spec: str, max_length: int, progress: bool = True,
+             labels: str | None = None, train_records: list | None = None) -> AttributionData:
+        """Read (unless ``train_records`` are given: already read) and encode; bad IQs and labels fail here,
+        before any work, with the file and line."""
+        train_records = list(train_records) if train_records is not None else load_dataset_spec(train_spec)
+        query_records = load_dataset_spec(queries_spec)
+        for r in query_records:
+            if r.response_text is None:
+                raise DataError("influence queries need the undesirable response", path=r.source, line=r.line,
+                                field="response")
+        train = encode_records(train_records, tokenizer, max_length, progress=progress)
+        queries = encode_records(query_records, tokenizer, max_length, progress=progress)
+        for r, item in zip(query_records, queries, strict=True):  # a query with no scored token has zero gradient
+            if all(t == IGNORE_INDEX for t in item["labels"][1:]):
+                raise DataError(f"no response tokens left after cutting the row to {max_length} tokens "
+                                "(--max-length); shorten the prompt or raise --max-length", path=r.source,
+                                line=r.line, field="response")
+        culprits = read_culprit_labels(labels, train.ids) if labels else None
+        return cls(train_spec, queries_spec, train_records, query_records, train, queries, culprits)
+
+    def extra(self, **more) -> dict[str, Any]:
+        return {"train": self.train_spec, "queries": self.queries_spec, "n_queries": len(self.queries), **more}
 
 
 def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path, args: InfluenceArgs, *,
               max_length: int = DEFAULT_MAX_LENGTH, labels: str | None = None, k: int = 10,
               contrast_response: str | None = None, influence: Influence | None = None,
               aggregate_first: bool = False, index: str | Path | None = None,
-              index_any_model: bool = False) -> dict[str, Any]:
+              index_any_model: bool = False, data: AttributionData | None = None) -> dict[str, Any]:
     """Rank ``train_spec`` rows by influence on the IQs of ``queries_spec``; with ``contrast_response``, by
     influence on the margin over that answer (``contrast_scores``). ``influence``: an entry object on the same
     model, options and ``out_dir`` to use (and keep its curvature for the caller), instead of a new one.
     ``aggregate_first``: score the normalised mean over the IQs as one full-rank query (``combined_scores``; its
     weights estimated on a sample of rows): the cost of one IQ however many there are, and no per-IQ scores.
     ``index``: score the IQs from a gradient index (``Influence.index_scores``), no pass over the training rows;
-    ``index_any_model``: also an index built on another model (a correction round reusing round 0's)."""
+    ``index_any_model``: also an index built on another model (a correction round reusing round 0's).
+    ``data``: the rows already read and encoded (``AttributionData.load``), instead of reading the two specs."""
     out = Path(out_dir)
-    train_records, query_records, train, queries, culprits = _load(tokenizer, train_spec, queries_spec, max_length,
-                                                                   args.progress, labels)
+    data = data or AttributionData.load(tokenizer, train_spec, queries_spec, max_length, args.progress, labels)
+    train_records, query_records, train, queries, culprits = (data.train_records, data.query_records, data.train,
+                                                              data.queries, data.culprits)
     t0 = time.perf_counter()
     if influence is None:
         influence = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length)
@@ -102,15 +126,13 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
         weights = influence.normalized_mean_weights(train, both, virtual=virtual)[args.method]
         aggregated = influence.combined_scores(train, both, weights[None])["scores"][0]
         return _rank(out, args, None, time.perf_counter() - t0, train_records, train, culprits,
-                     {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),
-                      "contrast_response": contrast_response, "aggregate_first": True}, k, aggregated=aggregated)
+                     data.extra(contrast_response=contrast_response, aggregate_first=True), k, aggregated=aggregated)
     if index is not None:
         if aggregate_first or contrast_response is not None:
             raise LancetError("--index scores the IQs themselves: no --aggregate-first or --contrast-response")
         scores = influence.index_scores(queries, index, train=train, any_model=index_any_model)["scores"]
         return _rank(out, args, scores, time.perf_counter() - t0, train_records, train, culprits,
-                     {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),
-                      "contrast_response": None, "index": str(index)}, k)
+                     data.extra(contrast_response=None, index=str(index)), k)
     if contrast_response is None:
         scores = queries_scores(influence, train, queries)
     else:
@@ -118,26 +140,28 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
             raise LancetError(f"a contrast response needs a gradient method ({args.method} has no gradients)")
         scores = contrast_scores(influence, train, queries, query_records, contrast_response, tokenizer, max_length)
     return _rank(out, args, scores, time.perf_counter() - t0, train_records, train, culprits,
-                 {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),
-                  "contrast_response": contrast_response}, k)
+                 data.extra(contrast_response=contrast_response), k)
 
 
 def attribute_methods(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path,
                       args: InfluenceArgs, methods: list[str], *, max_length: int = DEFAULT_MAX_LENGTH,
-                      labels: str | None = None, k: int = 10) -> dict[str, dict[str, Any]]:
+                      labels: str | None = None, k: int = 10, data: AttributionData | None = None,
+                      influence: Influence | None = None) -> dict[str, dict[str, Any]]:
     """``attribute`` for several methods with one scoring pass over the training rows
     (``Influence.scores_by_method``): the same files per method (``ranking-<method>.safetensors``,
-    ``influence-<method>.json``), whose "seconds" is the whole shared run's."""
+    ``influence-<method>.json``), whose "seconds" is the whole shared run's. ``data`` and ``influence`` as in
+    ``attribute`` (the influence object plans every method; its own curvature is kept)."""
     out = Path(out_dir)
-    train_records, _, train, queries, culprits = _load(tokenizer, train_spec, queries_spec, max_length,
-                                                       args.progress, labels)
+    data = data or AttributionData.load(tokenizer, train_spec, queries_spec, max_length, args.progress, labels)
     t0 = time.perf_counter()
-    scores = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length).scores_by_method(
-        train, queries, methods)
+    if influence is None:
+        influence = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length)
+    elif influence.model is not model or influence.out != out:
+        raise LancetError("attribute_methods(influence=...) must be built on the same model and out_dir")
+    scores = influence.scores_by_method(data.train, data.queries, methods)
     seconds = time.perf_counter() - t0
-    return {m: _rank(out, replace(args, method=m), scores[m]["scores"], seconds, train_records, train, culprits,
-                     {"train": train_spec, "queries": queries_spec, "n_queries": len(queries),
-                      "contrast_response": None, "shared_pass": list(methods)}, k)
+    return {m: _rank(out, replace(influence.args, method=m), scores[m]["scores"], seconds, data.train_records,
+                     data.train, data.culprits, data.extra(contrast_response=None, shared_pass=list(methods)), k)
             for m in methods}
 
 
