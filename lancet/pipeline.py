@@ -32,7 +32,7 @@ from lancet.curvature.estimators import GRADIENT_FREE_METHODS
 from lancet.data.records import records_to_jsonl
 from lancet.errors import LancetError
 from lancet.hardware import settings
-from lancet.train import OptionError, check_option_types, short_repr
+from lancet.options import OptionError, check_option_types, short_repr
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from lancet.correct.losses import GENERATORS
 from lancet.correct.pairs import PAIRINGS, PREFERRED, SELECTIONS, WEIGHTINGS
 from lancet.correct.trainers import RETAIN_NORMALIZATIONS, RETAIN_TERMS
 from lancet.errors import LancetError
+from lancet.options import check_option_types
 
 # the registered methods (lancet.correct.methods.CORRECTIONS; a test checks the two agree)
 METHOD_NAMES = CORRECTION_METHODS
@@ -74,6 +75,7 @@ class CorrectionArgs:
             for key, value in METHOD_ALIASES[self.method].items():
                 setattr(self, key, value)
             self.method = "ibo"
+        check_option_types(self, "correction")
         checks = {
             "method": isinstance(self.method, str) and self.method in METHOD_NAMES,
             "beta": _number(self.beta) and self.beta > 0,

@@ -25,6 +25,7 @@ import torch
 from lancet.artifacts import atomic_write_json
 from lancet.errors import LancetError
 from lancet.hardware import model_device
+from lancet.options import check_option_types
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class SelectArgs:
     batch_size: int = 12
 
     def __post_init__(self) -> None:
+        check_option_types(self, "select")
         for name in ("prompts", "ordinary"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise LancetError(f"select: '{name}' must be a path")

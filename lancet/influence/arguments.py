@@ -11,6 +11,7 @@ import torch
 from lancet.curvature.estimators import METHODS
 from lancet.curvature.task import FISHER_MODES
 from lancet.errors import LancetError
+from lancet.options import check_option_types
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -44,6 +45,7 @@ class InfluenceArgs:
     _UNHASHED = ("progress", "chunk_rows", "padding_side")
 
     def __post_init__(self) -> None:
+        check_option_types(self, "influence")  # before the range checks: "0.1" >= 0 is a TypeError
         if self.method not in METHODS:
             raise LancetError(f"unknown influence method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.damping is not None and not (self.damping >= 0 and math.isfinite(self.damping)):

@@ -57,6 +57,7 @@ from lancet.curvature.task import data_cotangent, forward_logits
 from lancet.errors import LancetError
 from lancet.hardware import autocast, model_device
 from lancet.influence.scoring import row_sq_norms
+from lancet.options import check_option_types
 
 PROJECTIONS = ("eigen", "random")
 RANK_BY = ("factor", "corrected")
@@ -78,6 +79,7 @@ class IndexArgs:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_option_types(self, "index")  # before the range checks: "4" < 1 is a TypeError
         if self.rank < 1:
             raise LancetError(f"invalid rank={self.rank!r}: must be >= 1")
         if self.projection not in PROJECTIONS:
