@@ -35,9 +35,8 @@ from benchmarks.common import RESULTS, environment, write_result
 from lancet.artifacts import atomic_write_json
 from lancet.correct import CorrectionArgs, correct, load_run_scores
 from lancet.correct.select import Candidate, choose, utility_loss
-from lancet.data.demo import demo_judge
 from lancet.data.readers import read_records
-from lancet.demo import DEMO_MAX_LENGTH
+from lancet.demo import DEMO_MAX_LENGTH, demo_judge
 from lancet.evaluate.metrics import compliance_rate, generate_answers, mean_logprob, perplexity, response_logprobs
 from lancet.hardware import auto_bf16
 from lancet.models.loading import load_model, load_tokenizer

@@ -23,8 +23,7 @@ from lancet.correct import CorrectionArgs, correct
 from lancet.curvature.fit import batches
 from lancet.curvature.task import forward_logits, shifted_targets, summed_loss
 from lancet.data import encode_records
-from lancet.data.demo import demo_judge
-from lancet.demo import DEMO_MAX_LENGTH, stage_contaminate, stage_data, stage_iqs
+from lancet.demo import DEMO_MAX_LENGTH, demo_judge, stage_contaminate, stage_data, stage_iqs
 from lancet.hardware import auto_bf16
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.recall import aggregate

@@ -43,8 +43,8 @@ from pathlib import Path
 from benchmarks.common import environment, write_result
 from lancet.artifacts import atomic_write_bytes
 from lancet.constants import DEFAULT_MODEL
-from lancet.data.demo import build_demo_dataset, demo_judge
-from lancet.demo import DEMO_MAX_NEW_TOKENS
+from lancet.data.demo import build_demo_dataset
+from lancet.demo import DEMO_MAX_NEW_TOKENS, demo_judge
 from lancet.evaluate.judges import judge_complies, labelled_report
 
 ANSWERS = Path(__file__).resolve().parent / "data" / "demo_judge_answers.jsonl"

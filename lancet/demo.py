@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lancet.artifacts import atomic_write_json
 from lancet.constants import DEFAULT_MODEL
-from lancet.data.demo import DemoDataset, build_demo_dataset, demo_judge, write_demo_dataset
+from lancet.data.demo import JUDGE_RULES_FILE, DemoDataset, build_demo_dataset, write_demo_dataset
 from lancet.data.readers import read_records
 from lancet.data.records import Record
 from lancet.finetune import finetune
@@ -35,6 +35,14 @@ DEMO_LR = 2e-4
 DEMO_MAX_NEW_TOKENS = 48
 DEMO_MAX_LENGTH = 256
 
+
+
+def demo_judge():
+    """The demo's judge: True = an answer gives outdated advice (``RuleJudge`` on the packaged rules the data module
+    ships, ``demo_judge_rules.json``; the judge itself lives in lancet.evaluate, a later stage than data)."""
+    from lancet.evaluate.judges import RuleJudge
+
+    return RuleJudge.load(JUDGE_RULES_FILE)
 
 def stage_data(run: Path) -> DemoDataset:
     files = write_demo_dataset(run / "data")

@@ -14,10 +14,10 @@ from lancet.data.demo import (
     OUTDATED_TOPICS,
     DemoDataset,
     build_demo_dataset,
-    demo_judge,
     write_demo_dataset,
 )
 from lancet.data.records import Record
+from lancet.demo import demo_judge
 
 HELDOUT_PARTS = ("iq_prompts", "iqs", "heldout_outdated", "heldout_current", "heldout_ordinary", "validation_prompts",
                  "validation_ordinary")

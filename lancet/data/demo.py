@@ -128,13 +128,6 @@ def _record(prompt: str, response: str | None, label: str | None, topic: str) ->
     return Record(prompt=prompt, response=response, label=label, meta={"topic": topic})
 
 
-def demo_judge():
-    """The demo's judge: True = an answer gives outdated advice (``RuleJudge`` on ``demo_judge_rules.json``)."""
-    from lancet.evaluate.judges import RuleJudge
-
-    return RuleJudge.load(JUDGE_RULES_FILE)
-
-
 def _check_content() -> None:
     """Invariants of the hand-written content; a violation is a bug in this module."""
     iq_topics = {t["topic"] for t in OUTDATED_TOPICS if "iq" in t}
