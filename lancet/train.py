@@ -243,6 +243,12 @@ class Trainer:
     def extra_fingerprint(self) -> dict[str, Any]:
         return {}
 
+    def after_step(self, step: int) -> None:
+        """Runs after optimizer step ``step`` (counted from 1) is taken and logged, before that step's resume
+        checkpoint is written: a run killed inside it repeats the step on resume and calls it again, so whatever it
+        writes must be a pure function of the step (lancet/finetune.py keeps checkpoints this way). It must leave the
+        parameters, the optimizer state and the RNG as it found them."""
+
     # ---- the loop ------------------------------------------------------------------------------------------
     def _wrap_lora(self, model):
         from peft import LoraConfig, get_peft_model
@@ -366,6 +372,7 @@ class Trainer:
                     log_fh.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+                self.after_step(step)
                 if on_checkpoint is not None and (step % self.args.save_every == 0 or step == self.total_steps):
                     on_checkpoint(step, self)
                     self.model.train()
