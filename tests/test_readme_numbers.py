@@ -209,7 +209,7 @@ def test_the_demo_tables_render_from_a_demo_run(tmp_path, monkeypatch):
                                                    "before": 7 / 12, "after": 3 / 12, "before_count": 7,
                                                    "after_count": 3}
     assert set(recorded["machine"]) >= {"cpu", "cpu_count", "avx512_bf16"} and recorded["wall_seconds"] is None
-    monkeypatch.setattr(tables, "RESULTS", results)
+    monkeypatch.setattr(tables.core, "RESULTS", results)
     tables.clear_cache()
     try:
         rendered = {name: tables.TABLES[name]() for name in tables.OPTIONAL}
@@ -221,7 +221,7 @@ def test_the_demo_tables_render_from_a_demo_run(tmp_path, monkeypatch):
     assert not unbacked(summary, Backing(json_numbers([results / "demo.json"])))
     # without demo.json the demo's tables are a note, in both modes, and the rest still render
     notes: list[str] = []
-    monkeypatch.setattr(tables, "RESULTS", tmp_path / "empty")
+    monkeypatch.setattr(tables.core, "RESULTS", tmp_path / "empty")
     tables.clear_cache()
     try:
         out = tables.render("<!-- table:demo_summary -->\nold\n<!-- /table:demo_summary -->", notes)

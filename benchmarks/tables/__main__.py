@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.tables import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""The HH reproduction's and the speed benchmarks' tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from benchmarks.tables.core import (
+    TABLES,
+    f,
+    load,
+    made_by,
+    md,
+    table,
+)
+
+# ---- HH reproduction --------------------------------------------------------------------------------------------
+
+def _hh(preset: str) -> Callable[[], str]:
+    def table() -> str:
+        from benchmarks.hh_reproduction import markdown  # the benchmark's own renderer
+
+        d = load(f"hh_reproduction_{preset}")
+        seeds = ", ".join(str(s["seed"]) for s in d["per_seed"])
+        iqs = ", ".join(str(s["n_iqs"]) for s in d["per_seed"])
+        return (f"Seeds {seeds}; IQs flagged per seed: {iqs}. "
+                + made_by(f"python -m benchmarks.hh_reproduction --preset {preset}", d, f"hh_reproduction_{preset}")
+                + "\n\n" + markdown(d["summary"], d["per_seed"]))
+    table.__doc__ = f"The HH reproduction's {preset} preset: recall, then every model's test numbers."
+    return table
+
+
+@table
+def hh_normalized_recall() -> str:
+    d = load("hh_normalized_recall")
+    rows = [[m, f(r["raw"]), f(r["cosine"]), f(r["relatif"]), f(r["self_influence_ap"])]
+            for m, r in d["methods"].items()]
+    rows.append(["random", f(d["random"]), "", "", ""])
+    return (f"{d['n_train']} rows, {d['n_unsafe']} unsafe, {d['n_iqs']} IQs, seed {d['seed']}. "
+            + made_by("python -m benchmarks.hh_normalized_recall", d, "hh_normalized_recall") + "\n\n"
+            + md(["method", "AP raw", "AP cosine", "AP RelatIF", "AP of self-influence"], rows))
+
+
+# ---- speed ------------------------------------------------------------------------------------------------------
+
+def _speed(name: str, command: str) -> Callable[[], str]:
+    def table() -> str:
+        d = load(name)
+        raw = d["raw_forward_backward_tokens_per_s"]
+        labels = {"kronfluence_ekfac": "kronfluence 1.0.1 EK-FAC", "lancet_ekfac": "lancet ekfac",
+                  "lancet_linfac": "lancet linfac"}
+        rows = []
+        for run, r in d["runs"].items():
+            rank = run.removeprefix("lancet_linfac_rank")
+            label = labels.get(run, f"lancet linfac, rank-{rank} queries")
+            rows.append([label, f(r["fit"]["seconds"], 1), f(r.get("score_queries", {}).get("seconds"), 1),
+                         f(r.get("score_rows", {}).get("seconds"), 1), f(r["fit_plus_score_s"], 1),
+                         f(r.get("fraction_of_kronfluence_time"), 2) if "kronfluence_ekfac" in d["runs"] else "",
+                         f(r.get("score_tokens_per_s"), 1) if run != "kronfluence_ekfac" else "–",
+                         f(r.get("score_vs_raw"), 2), f(r.get("score_end_to_end_vs_raw"), 2)])
+        rows.append(["raw forward+backward (ceiling)", "", "", "", "", "", f(raw, 1), "1", ""])
+        head = ["run", "fit s", "queries s", "rows s", "fit + score s", "vs kronfluence", "rows: tokens/s",
+                "rows / raw", "end to end / raw"]
+        return (f"{d['rows']} rows ({d['tokens']} tokens), {d['queries']} queries, batch {d['batch_size']}. "
+                + made_by(command, d, name) + "\n\n" + md(head, rows))
+    table.__doc__ = f"Fit and scoring speed against raw forward+backward ({name}.json)."
+    return table
+
+
+@table
+def generation_speed() -> str:
+    rows = []
+    for name in ("generation_speed", "generation_speed_nobf16"):
+        d = load(name)
+        for batch in sorted(d["batches"], key=int):
+            b = d["batches"][batch]
+            rows.append([name, d["env"]["precision_reason"].split(":")[0], d["prompts"], batch,
+                         f(b["tokens_per_s"], 1)])
+        rows.append([name, "", "", "16 over 1", f"{d['batch16_over_batch1']:.2f}×"])
+    return (f"Greedy, KV cache, {load('generation_speed')['max_new_tokens']} new tokens. "
+            "`PYTHONPATH=. .venv/bin/python benchmarks/generation_speed.py` (and `--precision auto --name "
+            f"generation_speed_nobf16`), {load('generation_speed')['env']['date']}.\n\n"
+            + md(["result file", "machine", "prompts", "batch", "new tokens/s"], rows))
+
+
+@table
+def index_speed() -> str:
+    from benchmarks.index_speed import table  # the benchmark's own renderer
+
+    d = load("index_speed")
+    return (made_by("python -m benchmarks.index_speed --safety-run runs/safety_full/seed1", d, "index_speed")
+            + "\n\n" + table(d))
+
+
+TABLES["hh_small"], TABLES["hh_full"], TABLES["hh_strong"] = _hh("small"), _hh("full"), _hh("strong")
+TABLES["influence_speed"] = _speed("influence_speed", "python -m benchmarks.influence_speed --rows 32 --queries 4 "
+                                   "--query-rank 32")
+TABLES["influence_speed_nobf16"] = _speed("influence_speed_nobf16", "python -m benchmarks.influence_speed --rows 32 "
+                                          "--queries 4 --no-kronfluence --query-rank 16 --name influence_speed_nobf16")
