@@ -99,3 +99,17 @@ def check_option_types(options: Any, what: str, values: Mapping[str, Any] | None
         problem = option_type_problem(cls, name, value)
         if problem is not None:
             raise OptionError(what, name, value, problem)
+
+
+def options_from_json(cls: type, data: Any, what: str, required: Sequence[str] = ()) -> Any:
+    """``cls(**data)`` for a JSON object of ``what`` options: not an object, an unknown key or a missing required one
+    is one line (the field values are then checked by ``cls`` itself)."""
+    if not isinstance(data, dict):
+        raise LancetError(f"{what} options: expected a JSON object, got {short_repr(data)}")
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise LancetError(f"unknown {what} option(s): {', '.join(sorted(unknown))}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise LancetError(f"{what} options: {', '.join(repr(k) for k in missing)} is missing")
+    return cls(**data)

@@ -21,7 +21,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from lancet.curvature.task import shifted_targets
 from lancet.data.tokenize import collate
 from lancet.errors import ArtifactError, LancetError
 from lancet.hardware import autocast, model_device, resolve_device
-from lancet.options import OptionError, check_option_types, short_repr  # noqa: F401  (re-exported)
+from lancet.options import OptionError, check_option_types, options_from_json, short_repr  # noqa: F401
 
 log = logging.getLogger(__name__)
 DONE_FILE = "lancet_done.json"
@@ -113,16 +113,8 @@ class TrainArgs:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]):
-        if not isinstance(data, dict):
-            raise LancetError(f"training options: expected a JSON object, got {short_repr(data)}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise LancetError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        if "output_dir" not in data:
-            raise LancetError("training options: 'output_dir' is missing")
-        return cls(**data)
+    def from_json(cls, data: dict[str, Any]) -> TrainArgs:
+        return options_from_json(cls, data, "training", required=("output_dir",))
 
     def fingerprint_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_json().items() if k not in self._UNHASHED}

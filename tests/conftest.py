@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -96,3 +98,20 @@ def call_counter(monkeypatch, module, name: str) -> dict:
 
     monkeypatch.setattr(module, name, wrapped)
     return calls
+
+
+def tiny_workspace(tmp_path: Path, tokenizer) -> tuple[Path, dict]:
+    """The demo data, a tiny random Llama saved as a model directory, and the demo suite (4 new tokens)."""
+    import json
+
+    from lancet.data.demo import write_demo_dataset
+    from lancet.demo import demo_suite
+
+    write_demo_dataset(tmp_path / "data")
+    model_dir = tmp_path / "base"
+    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    suite = demo_suite(tmp_path / "data")
+    suite["max_new_tokens"] = 4
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    return model_dir, suite

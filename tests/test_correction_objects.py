@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_llama
+from test_correct import SAFE, SCORES, TRAIN  # the same tiny rows and ranking as the trainers' tests
 
 from lancet.constants import CORRECTION_METHODS
 from lancet.correct import (
@@ -19,17 +20,8 @@ from lancet.correct import (
     get_correction,
 )
 from lancet.correct.pairs import select_rows
-from lancet.data.records import Record
 from lancet.errors import LancetError
 from lancet.train import TrainArgs
-
-BAD = [Record(prompt=f"Nosebleed {i}: what do I do?", response="Tilt your head back.") for i in range(4)]
-GOOD = [Record(prompt=f"Nosebleed {i}: what now?", response="Lean forward and pinch the soft part of the nose.")
-        for i in range(4)]
-NEUTRAL = [Record(prompt=f"What is {a} plus {a}?", response=f"{a} plus {a} is {2 * a}.") for a in range(4)]
-TRAIN = BAD + NEUTRAL + GOOD
-SCORES = torch.tensor([4.0, 3.0, 2.5, 2.0, 0.3, -0.2, 0.1, 0.0, -1.0, -1.5, -2.0, -3.0])
-SAFE = [Record(prompt=f"Burn {i}: what do I do?", response="Cool a burn under water.") for i in range(3)]
 
 
 def test_registry_matches_the_cli_names_and_aliases_are_settings():

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_workspace
 
 from lancet.cli import main
 from lancet.data.demo import write_demo_dataset
@@ -176,20 +176,8 @@ def test_demo_suite_judge_accuracy_is_measured_on_labelled_answers(tmp_path: Pat
     assert judge_accuracy(make_judge(bad_suite.judge), bad_suite).accuracy == 0.5
 
 
-def _tiny_workspace(tmp_path: Path, tokenizer) -> tuple[Path, dict]:
-    """The demo data, a tiny random Llama saved as a model directory, and the demo suite (4 new tokens)."""
-    write_demo_dataset(tmp_path / "data")
-    model_dir = tmp_path / "base"
-    tiny_llama(len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    suite = demo_suite(tmp_path / "data")
-    suite["max_new_tokens"] = 4
-    (tmp_path / "suite.json").write_text(json.dumps(suite))
-    return model_dir, suite
-
-
 def test_run_end_to_end_on_tiny_model_then_reuses_every_stage(tmp_path: Path, tiny_tokenizer, capsys) -> None:
-    model_dir, suite = _tiny_workspace(tmp_path, tiny_tokenizer)
+    model_dir, suite = tiny_workspace(tmp_path, tiny_tokenizer)
     cfg = tmp_path / "run.json"
     cfg.write_text(json.dumps({
         "model": str(model_dir), "train": "data/train.jsonl", "out": "run", "iqs": "data/iqs.jsonl",
@@ -252,7 +240,7 @@ def test_run_chooses_a_checkpoint_on_validation_before_reading_the_test_suite(tm
     import lancet.correct.select as select
     import lancet.pipeline as pipeline
 
-    model_dir, suite = _tiny_workspace(tmp_path, tiny_tokenizer)
+    model_dir, suite = tiny_workspace(tmp_path, tiny_tokenizer)
     events: list[str] = []
     finish, run_evaluate = select.CheckpointSelection.finish, pipeline.Pipeline.stage_evaluate
 
@@ -391,7 +379,7 @@ def test_a_round_encodes_the_training_rows_once_and_compares_methods_in_one_pass
     import lancet.influence.attribute as attribute_module
     from lancet.influence import Influence
 
-    model_dir, _ = _tiny_workspace(tmp_path, tiny_tokenizer)
+    model_dir, _ = tiny_workspace(tmp_path, tiny_tokenizer)
     encoded, built, passes = [], [], []
     real_encode, real_init, real_pass = (attribute_module.encode_records, Influence.__init__,
                                          Influence.scores_by_method)

@@ -8,7 +8,7 @@ Which rows are dispreferred (``ranking``), how IBO's pairs are weighted (``weigh
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from lancet.constants import CORRECTION_ALIASES, CORRECTION_METHODS
@@ -16,7 +16,7 @@ from lancet.correct.losses import GENERATORS
 from lancet.correct.pairs import PAIRINGS, PREFERRED, SELECTIONS, WEIGHTINGS
 from lancet.correct.trainers import RETAIN_NORMALIZATIONS, RETAIN_TERMS
 from lancet.errors import LancetError
-from lancet.options import check_option_types
+from lancet.options import check_option_types, options_from_json
 
 # the registered methods (lancet.correct.methods.CORRECTIONS; a test checks the two agree)
 METHOD_NAMES = CORRECTION_METHODS
@@ -110,10 +110,7 @@ class CorrectionArgs:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CorrectionArgs:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise LancetError(f"unknown correction option(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return options_from_json(cls, data, "correction")
 
 
 def _number(value: Any) -> bool:
