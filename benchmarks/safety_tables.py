@@ -89,6 +89,15 @@ def correction_rows(result: dict) -> dict:
     return result.get("correction") or result.get("methods") or result.get("rows") or {}
 
 
+def chosen_label(name: str, row: dict) -> str:
+    """What validation chose for a correction row: "" for the two reference models, else its (lr, step)."""
+    if name in ("impure", "safe"):
+        return ""
+    if row.get("chosen_steps") == 0:
+        return "step 0 (kept the impure model)"
+    return f"{row['chosen_lr']:g}, {row['chosen_steps']}" if row.get("chosen_lr") else str(row.get("chosen_steps", ""))
+
+
 def correction_table(result: dict) -> str:
     """One row per model: each test set's headline number, and the (learning rate, step) chosen on validation."""
     methods = correction_rows(result)
@@ -99,14 +108,7 @@ def correction_table(result: dict) -> str:
     order = [m for m in ("impure", "safe") if m in methods] + [m for m in methods if m not in ("impure", "safe")]
     for name in order:
         row = methods[name]
-        if name in ("impure", "safe"):
-            chosen = ""
-        elif row.get("chosen_steps") == 0:
-            chosen = "step 0 (kept the impure model)"
-        else:
-            chosen = f"{row['chosen_lr']:g}, {row['chosen_steps']}" if row.get("chosen_lr") else str(
-                row.get("chosen_steps", ""))
-        cells = [name, chosen]
+        cells = [name, chosen_label(name, row)]
         for key, _ in CORRECTION_COLUMNS:
             entry = row["sets"].get(key)
             value = None if entry is None else next(v for k, v in entry.items() if k != "n")

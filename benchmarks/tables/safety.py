@@ -273,12 +273,7 @@ def safety_correction_headline() -> str:
     rows = []
     for name in (m for m in order if m in methods):
         row = methods[name]
-        if name in ("impure", "safe"):
-            chosen = ""
-        elif row.get("chosen_steps") == 0:
-            chosen = "step 0 (kept the impure model)"
-        else:
-            chosen = f"{row['chosen_lr']:g}, {row['chosen_steps']}"
+        chosen = safety_tables.chosen_label(name, row)
         cells = []
         for key, _ in cols:
             entry = row["sets"][key]
