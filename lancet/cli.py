@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True)
     p.add_argument("--queries", required=True, help="IQs: prompt + undesirable response rows")
     p.add_argument("--method", default="linfac", help="linfac, ekfac, kfac, kfac_reduce, diagonal, identity, cosine, "
-                   "repsim, bm25; several, comma-separated, share one scoring pass")
+                   "repsim, bm25, probe (needs --counter); several, comma-separated, share one scoring pass")
     p.add_argument("--out", required=True, help="run directory (curvature and scores are stored and reused)")
     p.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean eigenvalue per layer")
     p.add_argument("--fisher", default="sampled", choices=["sampled", "empirical"])
@@ -140,7 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measurement", default="answer", metavar="M",
                    help="what each IQ's gradient differentiates: 'answer' (summed cross-entropy of the answer), "
                    "'first_tokens:K' (its first K tokens: whether the model complies is decided there) or 'spans' "
-                   "(the tokens in each IQ's meta.behaviour_spans, which IQs taken with a rules: judge carry)")
+                   "(the tokens in each IQ's meta.behaviour_spans, which IQs taken with a rules: judge carry) or "
+                   "'behaviour' (minus the IQs' activation along the direction IQs - --counter rows at --layer, "
+                   "scored as one query: docs/method.md 2.10)")
+    p.add_argument("--counter", default=None, metavar="FILE",
+                   help="counter-answer rows (the model's own refusals or current answers, rows marked good): the "
+                   "behaviour direction is mean(IQs) - mean(these) at --layer (for --measurement behaviour and "
+                   "--method probe)")
+    p.add_argument("--layer", type=int, default=None, metavar="L",
+                   help="decoder block whose output holds the behaviour direction (negative: from the end; default: "
+                   "the middle block)")
+    p.add_argument("--position", default="response", choices=["response", "last_prompt"],
+                   help="a row's activation: the mean over its response tokens, or its last prompt token")
     p.add_argument("--contrast-response", default=None, metavar="TEXT",
                    help="rank by influence on log p(IQ answer) - log p(TEXT), e.g. a generic refusal")
     p.add_argument("--aggregate-first", action="store_true",
@@ -326,19 +337,38 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
              for m in methods]  # each method's options are validated before the model is loaded
     if len(methods) > 1 and (ns.contrast_response is not None or ns.aggregate_first or ns.index):
         raise LancetError("--contrast-response, --aggregate-first and --index take one --method")
+    behaviour = _behaviour_args(ns, methods)
     model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code, device=device)
     for args in every:
         logging.getLogger("lancet").info(estimate_memory(model, args).describe())
     if len(methods) == 1:
         summaries = [attribute(model, tokenizer, ns.train, ns.queries, ns.out, every[0], max_length=ns.max_length,
                                labels=ns.labels, k=ns.top_k, contrast_response=ns.contrast_response,
-                               aggregate_first=ns.aggregate_first, index=ns.index)]
+                               aggregate_first=ns.aggregate_first, index=ns.index, behaviour=behaviour)]
     else:
         summaries = list(attribute_methods(model, tokenizer, ns.train, ns.queries, ns.out, every[0], methods,
-                                           max_length=ns.max_length, labels=ns.labels, k=ns.top_k).values())
+                                           max_length=ns.max_length, labels=ns.labels, k=ns.top_k,
+                                           behaviour=behaviour).values())
     for summary in summaries:
         print_summary(summary)
     return 0
+
+
+def _behaviour_args(ns: argparse.Namespace, methods: list[str]):
+    """--counter/--layer/--position as ``BehaviourArgs`` when the measurement or a method uses them; refused when
+    given for nothing (a direction that changes no score would be a silent typo)."""
+    from lancet.curvature.estimators import BEHAVIOUR_METHODS
+    from lancet.influence.behaviour import BehaviourArgs
+
+    needed = ns.measurement == "behaviour" or any(m in BEHAVIOUR_METHODS for m in methods)
+    if not needed:
+        if ns.counter is not None or ns.layer is not None or ns.position != "response":
+            raise LancetError("--counter, --layer and --position are for --measurement behaviour and --method probe")
+        return None
+    if ns.counter is None:
+        raise LancetError("--measurement behaviour and --method probe need --counter FILE (counter-answer rows: the "
+                          "model's own refusals or current answers, or rows marked good)")
+    return BehaviourArgs(counter=ns.counter, layer=ns.layer, position=ns.position)
 
 
 def cmd_index(ns: argparse.Namespace) -> int:

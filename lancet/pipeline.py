@@ -131,7 +131,10 @@ class RunConfig:
             _section("finetune", TrainArgs, self.finetune, lambda v: TrainArgs.from_json({**v, "output_dir": "-"}))
         _section("correction_train", TrainArgs, self.correction_train,
                  lambda v: TrainArgs.from_json({**v, "output_dir": "-"}))
-        _section("influence", InfluenceArgs, self.influence, InfluenceArgs.from_json)
+        from lancet.influence.behaviour import check_config, influence_options
+
+        _section("influence", InfluenceArgs, influence_options(self.influence), InfluenceArgs.from_json)
+        check_config(self.influence, self.compare)  # influence.behaviour: given exactly when it is used
         _section("correction", CorrectionArgs, self.correction, CorrectionArgs.from_json)
         if self.select is not None:
             from lancet.correct.select import SelectArgs
@@ -174,6 +177,10 @@ class RunConfig:
             judge = data.get("iq_judge")
             if isinstance(judge, str) and judge.startswith("rules:") and len(judge) > 6:
                 data["iq_judge"] = "rules:" + _resolve(judge[len("rules:"):], base)
+            behaviour = data["influence"].get("behaviour") if isinstance(data.get("influence"), dict) else None
+            if isinstance(behaviour, dict) and isinstance(behaviour.get("counter"), str):  # influence.behaviour.counter
+                data["influence"] = {**data["influence"], "behaviour": {**behaviour, "counter": _resolve(
+                    behaviour["counter"], base)}}
             if isinstance(data.get("select"), dict):
                 data["select"] = {k: _resolve(v, base) if k in SELECT_PATH_FIELDS and isinstance(v, str) else v
                                   for k, v in data["select"].items()}
@@ -380,13 +387,18 @@ class Pipeline:
         the index, the ranking, the token scores and the compared methods, which are scored in one pass."""
         from lancet.influence import Influence, InfluenceArgs
         from lancet.influence.attribute import AttributionData, attribute
+        from lancet.influence.behaviour import fit_config_direction, influence_options
 
         c = self.config
-        args = InfluenceArgs.from_json({"bf16": self.precision.bf16, **c.influence, "progress": self.progress})
+        args = InfluenceArgs.from_json({"bf16": self.precision.bf16, **influence_options(c.influence),
+                                        "progress": self.progress})
         data = AttributionData.load(tokenizer, c.train, str(self.dir / "iqs.jsonl"), c.max_length, args.progress,
                                     c.labels, train_records=train)
         self.round_data = data  # the correction reads the same IQ records
-        influence = Influence(model, args, out_dir=self.dir, tokenizer=tokenizer, max_length=c.max_length)
+        # influence.behaviour: a direction fitted on this round's model and IQs (docs/method.md 2.10), else None
+        behaviour = fit_config_direction(model, tokenizer, data.queries, c.influence, args, c.max_length)
+        influence = Influence(model, args, out_dir=self.dir, tokenizer=tokenizer, max_length=c.max_length,
+                              behaviour=behaviour)
         tokens = args.method not in GRADIENT_FREE_METHODS and c.token_rows > 0
         # the token scores below use the same preconditioned IQs as the ranking (when it is not a contrast)
         influence.keep_queries = tokens and c.contrast_response is None
@@ -396,7 +408,8 @@ class Pipeline:
                             contrast_response=c.contrast_response, influence=influence, index=index_dir,
                             index_any_model=bool(index_note and index_note["reused"]), data=data)
         if index_note and index_note["reused"] and c.index.get("check_overlap", False):
-            index_note["top100_overlap_vs_fresh"] = self._fresh_overlap(model, tokenizer, args, summary, data)
+            index_note["top100_overlap_vs_fresh"] = self._fresh_overlap(model, tokenizer, args, summary, data,
+                                                                        behaviour)
         if tokens:
             self._token_scores(tokenizer, influence, summary, data)
         out = {k: summary[k] for k in ("method", "n_train", "n_queries", "seconds", "top_positive", "top_negative")
@@ -422,7 +435,7 @@ class Pipeline:
             influence.build_index(data.train, index_dir, IndexArgs(**opts))
         return index_dir, {"dir": str(index_dir), "reused": reuse}
 
-    def _fresh_overlap(self, model, tokenizer, args, indexed: dict[str, Any], data) -> float:
+    def _fresh_overlap(self, model, tokenizer, args, indexed: dict[str, Any], data, behaviour=None) -> float:
         """Top-100 overlap (of min(100, rows)) between this round's index ranking and a fresh scoring pass on this
         round's model (written to ``fresh/``)."""
         from lancet.correct import load_run_scores
@@ -432,7 +445,7 @@ class Pipeline:
         c = self.config
         fresh = self.dir / "fresh"
         attribute(model, tokenizer, c.train, data.queries_spec, fresh, args, max_length=c.max_length, k=c.top_k,
-                  data=data)
+                  data=data, behaviour=behaviour)
         ids = indexed["ids"]
         return round(top_overlap(load_run_scores(self.dir, ids, args.method)[0],
                                  load_run_scores(fresh, ids, args.method)[0], 100), 4)

@@ -359,7 +359,10 @@ ESTIMATORS: dict[str, type[Estimator]] = {
 }
 TEXT_METHODS = ("bm25",)  # text retrieval over token ids: no model
 REPRESENTATION_METHODS = ("repsim",)  # a forward pass, no gradients (lancet.influence.repsim)
-GRADIENT_FREE_METHODS = TEXT_METHODS + REPRESENTATION_METHODS
+# family "behaviour": a forward pass to block l, each row's activation along a behaviour direction
+# (lancet.influence.behaviour; needs the direction: Influence(..., behaviour=...))
+BEHAVIOUR_METHODS = ("probe",)
+GRADIENT_FREE_METHODS = TEXT_METHODS + REPRESENTATION_METHODS + BEHAVIOUR_METHODS
 METHODS = tuple(ESTIMATORS) + GRADIENT_FREE_METHODS
 
 

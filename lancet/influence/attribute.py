@@ -14,7 +14,7 @@ import torch
 from lancet import distributed as dist
 from lancet.artifacts import atomic_save_tensors, atomic_write_json
 from lancet.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
-from lancet.curvature.estimators import GRADIENT_FREE_METHODS
+from lancet.curvature.estimators import BEHAVIOUR_METHODS, GRADIENT_FREE_METHODS
 from lancet.data import encode_records, load_dataset_spec
 from lancet.errors import DataError, LancetError, NonFiniteError
 from lancet.influence import Influence, InfluenceArgs
@@ -96,7 +96,8 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
               max_length: int = DEFAULT_MAX_LENGTH, labels: str | None = None, k: int = 10,
               contrast_response: str | None = None, influence: Influence | None = None,
               aggregate_first: bool = False, index: str | Path | None = None,
-              index_any_model: bool = False, data: AttributionData | None = None) -> dict[str, Any]:
+              index_any_model: bool = False, data: AttributionData | None = None,
+              behaviour: Any = None) -> dict[str, Any]:
     """Rank ``train_spec`` rows by influence on the IQs of ``queries_spec``; with ``contrast_response``, by
     influence on the margin over that answer (``contrast_scores``). ``influence``: an entry object on the same
     model, options and ``out_dir`` to use (and keep its curvature for the caller), instead of a new one.
@@ -104,16 +105,30 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
     weights estimated on a sample of rows): the cost of one IQ however many there are, and no per-IQ scores.
     ``index``: score the IQs from a gradient index (``Influence.index_scores``), no pass over the training rows;
     ``index_any_model``: also an index built on another model (a correction round reusing round 0's).
-    ``data``: the rows already read and encoded (``AttributionData.load``), instead of reading the two specs."""
+    ``data``: the rows already read and encoded (``AttributionData.load``), instead of reading the two specs.
+    ``behaviour``: for ``measurement="behaviour"`` and method ``probe``, a ``BehaviourDirection`` or the
+    ``BehaviourArgs`` to fit one from (the IQs against its counter rows); the measurement is then scored as one
+    query, the mean over the IQs (``behaviour.behaviour_scores``), and the ranking holds that one row."""
     out = Path(out_dir)
     data = data or AttributionData.load(tokenizer, train_spec, queries_spec, max_length, args.progress, labels)
     train_records, query_records, train, queries, culprits = (data.train_records, data.query_records, data.train,
                                                               data.queries, data.culprits)
     t0 = time.perf_counter()
     if influence is None:
-        influence = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length)
+        influence = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length,
+                              behaviour=_direction(model, tokenizer, data, args, behaviour, max_length))
     elif influence.model is not model or influence.args != args or influence.out != out:
         raise LancetError("attribute(influence=...) must be built on the same model, options and out_dir")
+    if args.measurement == "behaviour":
+        if contrast_response is not None or aggregate_first:
+            raise LancetError("the behaviour measurement is one query contrasted with the counter rows already: no "
+                              "--contrast-response or --aggregate-first")
+        if index is None and args.method not in GRADIENT_FREE_METHODS:
+            from lancet.influence.behaviour import behaviour_scores
+
+            scores = behaviour_scores(influence, train, queries)[args.method]["scores"]
+            return _rank(out, args, scores, time.perf_counter() - t0, train_records, train, culprits,
+                         data.extra(contrast_response=None, behaviour=_describe(influence, behaviour)), k)
     if aggregate_first:
         if args.method in GRADIENT_FREE_METHODS:
             raise LancetError(f"--aggregate-first needs a gradient method ({args.method} has no query gradient)")
@@ -131,10 +146,16 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
         if aggregate_first or contrast_response is not None:
             raise LancetError("--index scores the IQs themselves: no --aggregate-first or --contrast-response")
         scores = influence.index_scores(queries, index, train=train, any_model=index_any_model)["scores"]
+        more = {}
+        if args.measurement == "behaviour":  # the mean over the IQs: the behaviour's one query (scores are linear)
+            scores, more = scores.mean(0, keepdim=True), {"behaviour": _describe(influence, behaviour)}
         return _rank(out, args, scores, time.perf_counter() - t0, train_records, train, culprits,
-                     data.extra(contrast_response=None, index=str(index)), k)
+                     data.extra(contrast_response=None, index=str(index), **more), k)
     if contrast_response is None:
         scores = queries_scores(influence, train, queries)
+        if args.method in BEHAVIOUR_METHODS:
+            return _rank(out, args, scores, time.perf_counter() - t0, train_records, train, culprits,
+                         data.extra(contrast_response=None, behaviour=_describe(influence, behaviour)), k)
     else:
         if args.method in GRADIENT_FREE_METHODS:
             raise LancetError(f"a contrast response needs a gradient method ({args.method} has no gradients)")
@@ -146,23 +167,61 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
 def attribute_methods(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path,
                       args: InfluenceArgs, methods: list[str], *, max_length: int = DEFAULT_MAX_LENGTH,
                       labels: str | None = None, k: int = 10, data: AttributionData | None = None,
-                      influence: Influence | None = None) -> dict[str, dict[str, Any]]:
+                      influence: Influence | None = None, behaviour: Any = None) -> dict[str, dict[str, Any]]:
     """``attribute`` for several methods with one scoring pass over the training rows
     (``Influence.scores_by_method``): the same files per method (``ranking-<method>.safetensors``,
     ``influence-<method>.json``), whose "seconds" is the whole shared run's. ``data`` and ``influence`` as in
-    ``attribute`` (the influence object plans every method; its own curvature is kept)."""
+    ``attribute`` (the influence object plans every method; its own curvature is kept), and ``behaviour`` as in
+    ``attribute`` (with ``measurement="behaviour"`` every gradient method scores the behaviour's one query)."""
     out = Path(out_dir)
     data = data or AttributionData.load(tokenizer, train_spec, queries_spec, max_length, args.progress, labels)
     t0 = time.perf_counter()
     if influence is None:
-        influence = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length)
+        needs = args.measurement == "behaviour" or any(m in BEHAVIOUR_METHODS for m in methods)
+        influence = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length,
+                              behaviour=_direction(model, tokenizer, data, args, behaviour, max_length, needs))
     elif influence.model is not model or influence.out != out:
         raise LancetError("attribute_methods(influence=...) must be built on the same model and out_dir")
-    scores = influence.scores_by_method(data.train, data.queries, methods)
+    if influence.args.measurement == "behaviour":
+        from lancet.influence.behaviour import behaviour_scores
+
+        scores = behaviour_scores(influence, data.train, data.queries, methods)
+    else:
+        scores = influence.scores_by_method(data.train, data.queries, methods)
     seconds = time.perf_counter() - t0
+    more = {"behaviour": _describe(influence, behaviour)} if influence.behaviour is not None else {}
+    extra = data.extra(contrast_response=None, shared_pass=list(methods), **more)
     return {m: _rank(out, replace(influence.args, method=m), scores[m]["scores"], seconds, data.train_records,
-                     data.train, data.culprits, data.extra(contrast_response=None, shared_pass=list(methods)), k)
+                     data.train, data.culprits, extra, k)
             for m in methods}
+
+
+def _direction(model, tokenizer, data: AttributionData, args: InfluenceArgs, behaviour: Any, max_length: int,
+               needed: bool | None = None):
+    """The behaviour direction of a run: given, fitted from ``BehaviourArgs`` (the IQs against its counter rows),
+    or None when neither the measurement nor the method needs one."""
+    from lancet.influence.behaviour import BehaviourArgs, fit_direction
+
+    needed = (args.measurement == "behaviour" or args.method in BEHAVIOUR_METHODS) if needed is None else needed
+    if behaviour is None:
+        if needed:
+            raise LancetError("the behaviour measurement and the probe method need counter rows: --counter FILE "
+                              "(\"behaviour\": {\"counter\": FILE} in a run config's \"influence\")")
+        return None
+    if not isinstance(behaviour, BehaviourArgs):
+        return behaviour  # a BehaviourDirection already
+    return fit_direction(model, tokenizer, data.queries, behaviour, max_length=max_length,
+                         batch_size=args.batch_size, bf16=args.bf16, progress=args.progress)
+
+
+def _describe(influence: Influence, behaviour: Any) -> dict[str, Any]:
+    """The direction's provenance for the summary, with the counter rows' data spec when known."""
+    from lancet.influence.behaviour import BehaviourArgs
+
+    out = influence.behaviour.describe()
+    if isinstance(behaviour, BehaviourArgs):
+        out["counter_spec"] = behaviour.counter
+    return out
 
 
 def _rank(out: Path, args: InfluenceArgs, scores: torch.Tensor | None, seconds: float, train_records, train, culprits,
@@ -190,7 +249,7 @@ def _rank(out: Path, args: InfluenceArgs, scores: torch.Tensor | None, seconds: 
         "top_negative": top_k(train_records, agg["normalized_mean"], k, negative=True),
         "args": args.to_json(),
     }
-    for key in ("shared_pass", "aggregate_first", "index"):
+    for key in ("shared_pass", "aggregate_first", "index", "behaviour"):
         if key in extra:
             summary[key] = extra[key]
     if culprits is not None:

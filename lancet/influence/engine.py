@@ -26,7 +26,7 @@ from lancet.constants import (
     NORMALIZED_MEAN_SAMPLE_ROWS,
     QUERY_CHUNK,
 )
-from lancet.curvature.estimators import GRADIENT_FREE_METHODS
+from lancet.curvature.estimators import BEHAVIOUR_METHODS, GRADIENT_FREE_METHODS
 from lancet.curvature.fit import CURVATURE_OPTIONS, Curvature, data_fingerprint, fit_curvature
 from lancet.curvature.modules import find_tracked_layers
 from lancet.errors import LancetError, NonFiniteError
@@ -60,6 +60,8 @@ class Influence:
         tokens = run.token_scores(top_rows, iqs)                  # [Q, T] per row: where in the row it comes from
         run.keep_queries = True   # set before scores(): token_scores on the same IQs reuse their preconditioning
         Influence(model, measurement=Measurement(fn, name="margin"))  # explain another scalar than the answer's CE
+        Influence(model, measurement="behaviour", behaviour=direction)  # the IQs' activation along a direction
+        Influence(model, method="probe", behaviour=direction)          # rows' own activation along it, no gradient
 
     With ``out_dir`` every stage is an artifact there (safetensors + JSON with a fingerprint of model weights, data
     and options): reused on a matching rerun, refused on a mismatch, resumed by chunk after a kill.
@@ -71,7 +73,7 @@ class Influence:
 
     def __init__(self, model, args: InfluenceArgs | None = None, *, out_dir: str | Path | None = None,
                  measurement: Measurement | str | None = None, tokenizer=None,
-                 max_length: int = DEFAULT_MAX_LENGTH,
+                 max_length: int = DEFAULT_MAX_LENGTH, behaviour=None,
                  **options):
         dist.init_from_env()
         self.model = model
@@ -84,7 +86,10 @@ class Influence:
         elif "@" in self.args.measurement:
             raise LancetError(f"measurement {self.args.measurement!r} is a user Measurement: pass the object "
                               "(Influence(..., measurement=...))")
-        self.measurement = resolve_measurement(measurement if measurement is not None else self.args.measurement)
+        # behaviour: a BehaviourDirection (lancet.influence.behaviour), for measurement="behaviour" and method "probe"
+        self.behaviour = behaviour if behaviour is not None else getattr(measurement, "direction", None)
+        self.measurement = resolve_measurement(measurement if measurement is not None else self.args.measurement,
+                                               self.behaviour)
         self.out = Path(out_dir) if out_dir is not None else None
         self._curvatures: dict[str, Curvature] = {}  # fitted (or read) per method
         self._model_fp: str | None = None
@@ -123,7 +128,7 @@ class Influence:
         that shape them (``curvature.fit.CURVATURE_OPTIONS``) changed, and fits its own on first use otherwise."""
         args = replace(self.args, **changes)
         other = Influence(self.model, args, out_dir=self.out, measurement=self.measurement, tokenizer=self.tokenizer,
-                          max_length=self.max_length)
+                          max_length=self.max_length, behaviour=self.behaviour)
         other._model_fp = self._model_fp
         same = [k for k in CURVATURE_OPTIONS if k != "method"]
         if self.args.fingerprint_dict(same) == args.fingerprint_dict(same):
@@ -401,6 +406,14 @@ class Influence:
     def _gradient_free(self, method: str, train_rows, query_rows) -> dict[str, torch.Tensor]:
         if method == "bm25":
             return {"scores": bm25_scores(train_rows, query_rows)}
+        if method in BEHAVIOUR_METHODS:  # [1, N]: one behaviour, whatever the number of IQs
+            from lancet.influence.behaviour import probe_scores
+
+            if self.behaviour is None:
+                raise LancetError(f"method {method!r} needs a behaviour direction: Influence(..., behaviour="
+                                  "BehaviourDirection.fit(model, iqs, counter_rows, layer=L)), or --counter FILE")
+            return {"scores": probe_scores(self.model, train_rows, self.behaviour, batch_size=self.args.batch_size,
+                                           bf16=self.args.bf16, progress=self.args.progress)}
         return {"scores": repsim_scores(self.model, train_rows, query_rows, batch_size=self.args.batch_size,
                                         bf16=self.args.bf16, dtype=self.args.stats_dtype,
                                         progress=self.args.progress)}
@@ -411,13 +424,17 @@ class Influence:
         if self.out is None:
             return _ScoreStore(None, {}, None)
         args = self._args(method)
+        # a measurement defined by more than its spec (a behaviour direction): its "key" names the scores, all of
+        # its fingerprint is checked in meta.json
+        measured = self.measurement.fingerprint()
         key = hash_json([args.to_json()["method"], data_fingerprint(query_rows)]
                         + ([args.measurement] if args.measurement != "answer" else [])
-                        + ([extra] if extra else []))
+                        + ([extra] if extra else []) + ([measured["key"]] if "key" in measured else []))
         sdir = self.out / "scores" / f"{method}-{key}"
         meta = {"kind": "scores", "method": method, "model": self.model_fp,
                 "train": data_fingerprint(train_rows), "queries": data_fingerprint(query_rows),
-                "args": args.fingerprint_dict(), **(extra or {})}
+                "args": args.fingerprint_dict(), **(extra or {}),
+                **({"measurement_fingerprint": measured} if measured else {})}
         # checked now, written once the curvature is fitted: a refused or failed fit leaves no scores directory
         check_or_write_meta(sdir / "meta.json", meta, write=False)
         final = sdir / "scores.safetensors"

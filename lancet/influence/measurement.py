@@ -15,6 +15,10 @@ query's behaviour more likely.
   advice rows); the whole answer's likelihood then explains that text as much as the behaviour. The labels are
   restricted when the queries are read (``lancet.data.tokenize.restrict_to_spans``), so the measurement itself is
   the answer loss on what is left.
+- ``behaviour``: minus the IQ's activation along a behaviour direction v at a decoder block's output
+  (``lancet.influence.behaviour``; the direction is passed as ``Influence(..., behaviour=...)``). It reads the
+  block's output through a forward hook that ``observe`` installs around the query pass, and its fingerprint (the
+  direction's provenance and digest) goes into the stored scores' key and metadata.
 - any callable ``fn(logits [B, T, V], batch) -> [B]`` wrapped in ``Measurement(fn, name=..., version=...)``: a
   margin over a refusal, a classifier's logit, a token's probability. Its ``name`` and ``version`` go into the
   fingerprint of stored scores (a function cannot be hashed): bump the version when the function changes.
@@ -28,6 +32,7 @@ vocabulary); a callable is differentiated by autograd.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -36,7 +41,7 @@ from lancet.constants import IGNORE_INDEX
 from lancet.curvature.task import data_cotangent
 from lancet.errors import LancetError
 
-BUILTIN = ("answer", "first_tokens", "spans")
+BUILTIN = ("answer", "first_tokens", "spans", "behaviour")
 
 
 class Measurement:
@@ -57,6 +62,17 @@ class Measurement:
         if self.fn is None:
             raise NotImplementedError
         return self.fn(logits, batch)
+
+    def observe(self, model) -> AbstractContextManager[Any]:
+        """A context held around the query forward and backward passes: a measurement that reads more than the
+        logits (a block's output: ``BehaviourMeasurement``) installs its hooks here. Nothing by default."""
+        return nullcontext()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies this measurement beyond ``spec`` ({} for most): its "key" entry names the stored scores
+        (a directory per value, as a query set does); all of it is written to the scores' meta.json and checked
+        there, so stored scores of another direction are refused."""
+        return {}
 
     def backward(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         """Backpropagate the measurement of every row (rows are independent, so per-row gradients stay apart)."""
@@ -123,8 +139,9 @@ class SpansLoss(AnswerLoss):
         return "spans"
 
 
-def resolve_measurement(spec: str | Measurement | None) -> Measurement:
-    """A built-in by its spec ("answer", "first_tokens:K") or a Measurement as given."""
+def resolve_measurement(spec: str | Measurement | None, behaviour=None) -> Measurement:
+    """A built-in by its spec ("answer", "first_tokens:K", "behaviour" with its ``BehaviourDirection``) or a
+    Measurement as given."""
     if spec is None:
         return AnswerLoss()
     if isinstance(spec, Measurement):
@@ -136,8 +153,15 @@ def resolve_measurement(spec: str | Measurement | None) -> Measurement:
         return FirstTokensLoss(int(arg))
     if name == "spans" and not arg:
         return SpansLoss()
-    raise LancetError(f"unknown measurement {spec!r}; choose 'answer', 'first_tokens:K' or 'spans', or pass a "
-                      "Measurement object from Python")
+    if name == "behaviour" and not arg:
+        if behaviour is None:
+            raise LancetError("measurement 'behaviour' needs a direction: Influence(..., behaviour="
+                              "BehaviourDirection.fit(model, iqs, counter_rows, layer=L)), or --counter FILE")
+        from lancet.influence.behaviour import BehaviourMeasurement
+
+        return BehaviourMeasurement(behaviour)
+    raise LancetError(f"unknown measurement {spec!r}; choose 'answer', 'first_tokens:K', 'spans' or 'behaviour', "
+                      "or pass a Measurement object from Python")
 
 
 def check_spec(spec: Any) -> None:
@@ -148,5 +172,7 @@ def check_spec(spec: Any) -> None:
         name, _, version = spec.partition("@")
         if not name or not version.isdigit():
             raise LancetError(f"invalid measurement {spec!r}: NAME@VERSION")
+        return
+    if spec == "behaviour":  # its direction is an object, passed beside the options (Influence(..., behaviour=...))
         return
     resolve_measurement(spec)

@@ -86,7 +86,8 @@ def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dic
             a, g = a @ projections[layer.name]["A"], g @ projections[layer.name]["S"]
         grads[layer.name][start : start + a.shape[0]] += per_sequence_grads(a, g)
 
-    with Capture(model, layers, on_grad):
+    # observe: a measurement that reads a block's output (behaviour) hooks it for these passes only
+    with Capture(model, layers, on_grad), measurement.observe(model):
         for start, batch in batches(queries, args.batch_size, padding_side=args.padding_side, device=device):
             where["start"] = start
             with autocast(device, args.bf16):
