@@ -129,7 +129,7 @@ def layer_activations(model, rows: Sequence[dict[str, Any]], layer: int, positio
     return torch.cat(out)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: a tensor field has no truth value to compare by
 class BehaviourDirection:
     """A unit vector at the output of decoder block ``layer``, and where it came from (``provenance``: the counts and
     fingerprints of the flagged and counter sets, or the digest of a vector given directly)."""
