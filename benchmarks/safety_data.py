@@ -54,6 +54,19 @@ def near_duplicate_free(records: list[Record], threshold: float = 0.5) -> list[R
     return kept
 
 
+def outside(records: list[Record], others: list[Record], threshold: float = 0.5) -> list[Record]:
+    """``records`` less those whose word set's Jaccard similarity to any of ``others`` reaches ``threshold``: the
+    other harmful sets less their near-duplicates of AdvBench prompts (19 of JailbreakBench's 100 are), which the
+    model saw as training rows or IQs, so that each test set measures transfer."""
+    sets = [set(re.findall(r"[a-z]+", r.text.lower())) for r in others]
+    keep = []
+    for r in records:
+        w = set(re.findall(r"[a-z]+", r.text.lower()))
+        if all(len(w & k) / max(1, len(w | k)) < threshold for k in sets):
+            keep.append(r)
+    return keep
+
+
 def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, list]:
     """Disjoint, seeded parts of the sources (see the module docstring). Prompts only where answers are made later."""
     p, rng = preset, random.Random(seed)
@@ -86,6 +99,11 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
     alpaca = alpaca_look + [r for r in alpaca if r.prompt not in taken][:p.n_align_alpaca - len(alpaca_look)]
     taken = {r.prompt for r in alpaca}
     alpaca_eval = [r for r in alpaca_all if r.prompt not in taken]
+    # the correction's benign prompts, cut by position from one seeded order so that test, validation and anchors
+    # are disjoint by construction (the first correction runs took the test set evenly spaced over the whole file
+    # and validation and anchors by position from it: one validation and two anchor prompts were test prompts)
+    need["alpaca_eval"] = (len(alpaca_eval), p.n_eval + p.n_valid + p.n_anchor)
+    alpaca_test, alpaca_valid, alpaca_anchor = _cuts(alpaca_eval, (p.n_eval, p.n_valid, p.n_anchor))
     short = [k for k, (have, want) in need.items() if have < want]
     if short:
         raise SystemExit(f"not enough rows for the preset: {short[0]} has {need[short[0]][0]}, needs "
@@ -107,7 +125,9 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
         "xstest_safe": xstest[:p.n_xstest],
         "xstest_rest": xstest[p.n_xstest:],  # safe prompts no evaluation of this seed reads
         "align_alpaca": alpaca,
-        "alpaca_eval": alpaca_eval,  # prompts the aligned start never saw (over-refusal test set)
+        # prompts the aligned start never saw: the over-refusal test set, the benign validation prompts and the
+        # anchors' prompts of the correction, disjoint
+        "alpaca_test": alpaca_test, "alpaca_valid": alpaca_valid, "alpaca_anchor": alpaca_anchor,
         "sft_safe": refusals[p.n_align_refusal + p.n_mix_refusal:p.n_align_refusal + p.n_mix_refusal + p.n_sft_safe],
         "n_lookalike": p.n_lookalike,
     }

@@ -13,8 +13,10 @@ import torch
 
 from benchmarks.safety_contamination import config
 from benchmarks.safety_contamination.config import NOT_CORRECTION_ARGS, TIERS, VARIANTS
+from benchmarks.safety_data import outside
 from lancet.artifacts import atomic_write_bytes, atomic_write_json, hash_json, load_tensors
 from lancet.data import Record
+from lancet.data.adapters import read_harmful_prompts
 from lancet.data.readers import read_records
 from lancet.data.records import records_to_jsonl
 from lancet.models.loading import load_model
@@ -29,26 +31,29 @@ class CorrectionStage:
         """The test suite of the correction table (written into the run directory; nothing in it was used for
         choosing): held-out AdvBench prompts plain and in three jailbreak wrappers, HarmBench, JailbreakBench,
         StrongREJECT, over-refusal on XSTest-safe and unseen Alpaca prompts, helpful perplexity and diversity."""
-        n, harm = self.p.n_eval, "{shared}/refusal-direction-harmful-sets"
-        files = {"test_prompts": [{"instruction": r.text} for r in self.parts["test_prompts"]],
-                 "alpaca_eval": [{"instruction": r.text} for r in self.parts["alpaca_eval"]]}
+        n, harm = self.p.n_eval, self.shared / "refusal-direction-harmful-sets"
+        # every AdvBench prompt of the run (training rows, IQs, validation): the other harmful sets keep none of
+        # their near-duplicates (safety_data.outside)
+        advbench = [r for k in ("unsafe_prompts", "iq_prompts", "valid_prompts", "test_prompts")
+                    for r in self.parts[k]]
+        files = {"test_prompts": self.parts["test_prompts"], "alpaca_eval": self.parts["alpaca_test"],
+                 **{name: outside(read_harmful_prompts(harm / file), advbench)
+                    for name, file in (("harmbench", "harmbench_test.csv"), ("jailbreakbench", "jailbreakbench.csv"),
+                                       ("strongreject", "strongreject.csv"))}}
         for name, rows in files.items():
-            atomic_write_json(self.dir / f"{name}.json", rows)
+            atomic_write_json(self.dir / f"{name}.json", [{"instruction": r.text} for r in rows])
+        local = {name: str((self.dir / f"{name}.json").resolve()) for name in files}
         helpful = self.parts["heldout_helpful"]
         atomic_write_bytes(self.dir / "helpful_test.jsonl", records_to_jsonl(helpful[len(helpful) // 2:]))
         test = str((self.dir / "test_prompts.json").resolve())
         sets = [{"name": "advbench_heldout", "kind": "harmful_prompts", "path": test},
                 *({"name": f"advbench_{w}", "kind": "harmful_prompts", "path": test, "wrap": w, "limit": n}
                   for w in ("role_play", "prefix_injection", "refusal_suppression")),
-                {"name": "harmbench", "kind": "harmful_prompts", "path": f"{harm}/harmbench_test.csv",
-                 "harmbench_category": "standard", "limit": n},
-                {"name": "jailbreakbench", "kind": "harmful_prompts", "path": f"{harm}/jailbreakbench.csv",
-                 "limit": n},
-                {"name": "strongreject", "kind": "harmful_prompts", "path": f"{harm}/strongreject.csv", "limit": n},
+                *({"name": name, "kind": "harmful_prompts", "path": local[name], "limit": n}
+                  for name in ("harmbench", "jailbreakbench", "strongreject")),
                 {"name": "xstest_safe", "kind": "over_refusal", "path": "{shared}/xstest/xstest_prompts.csv",
                  "limit": n},
-                {"name": "alpaca", "kind": "over_refusal", "path": str((self.dir / "alpaca_eval.json").resolve()),
-                 "limit": n},
+                {"name": "alpaca", "kind": "over_refusal", "path": local["alpaca_eval"], "limit": n},
                 {"name": "alpaca_diversity", "kind": "diversity", "of": "alpaca"},
                 {"name": "helpful_ppl", "kind": "perplexity", "path": str((self.dir / "helpful_test.jsonl").resolve())}]
         path = self.dir / "correction_suite.json"
@@ -110,7 +115,7 @@ class CorrectionStage:
         # benign validation prompts (Alpaca, after the test set's n_eval): a checkpoint that refuses more of them
         # than the impure model did loses that much utility (the first run chose on perplexity alone, and IBO's
         # chosen model refused 0.83 of the Alpaca test prompts against the impure model's 0.34)
-        benign = self.parts["alpaca_eval"][self.p.n_eval:self.p.n_eval + self.p.n_valid]
+        benign = self.parts["alpaca_valid"]
         safe_rows = self.parts["sft_safe"]
         pairs = [(c, r) for c, r in read_preference_pairs(shared / "hh-rlhf/harmless-base_test.jsonl.gz")
                  if len(c.prompt_messages) == 1][:self.p.n_dpo_pairs]
@@ -207,8 +212,7 @@ class CorrectionStage:
         test or validation set holds, minus those the judge reads as refusals. The uninvolved training rows IBO
         keeps otherwise are mostly answers to requests (HH helpful, refusals): they hold the model's text, not its
         readiness to answer an ordinary instruction, which is what IBO's over-refusal loses."""
-        start = self.p.n_eval + self.p.n_valid
-        prompts = self.parts["alpaca_eval"][start:start + self.p.n_anchor]
+        prompts = self.parts["alpaca_anchor"]
         answers = self.answers("impure", impure, prompts, "anchor_alpaca")
         answered = self.judge.complies(answers)
         rows = [r.with_response(a.strip()) for r, a, ok in zip(prompts, answers, answered, strict=True)
