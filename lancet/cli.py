@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=f"HF id or dir, .gguf file, PEFT adapter dir, or '{DEFAULT_MODEL}'")
     p.add_argument("--train", required=True, help="training data (jsonl/json/csv/parquet/HF dataset dir)")
     p.add_argument("--out", required=True, help="output directory (HF model, safetensors)")
+    p.add_argument("--keep-checkpoints", type=int, default=None, metavar="K",
+                   help="also keep K models evenly spaced over training in OUT/checkpoints/step-S (each loadable, with "
+                   "Adam's second moment) for `lancet attribute --checkpoints OUT`")
     _add_train_options(p)
     _add_hardware_options(p)
 
@@ -121,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True)
     p.add_argument("--queries", required=True, help="IQs: prompt + undesirable response rows")
     p.add_argument("--method", default="linfac", help="linfac, ekfac, kfac, kfac_reduce, diagonal, identity, cosine, "
-                   "repsim, bm25, probe (needs --counter); several, comma-separated, share one scoring pass")
+                   "repsim, repsim_anchored (needs --anchors), bm25, probe (needs --counter); several, comma-"
+                   "separated, share one scoring pass")
     p.add_argument("--out", required=True, help="run directory (curvature and scores are stored and reused)")
     p.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean eigenvalue per layer")
     p.add_argument("--fisher", default="sampled", choices=["sampled", "empirical"])
@@ -161,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", default=None, metavar="DIR",
                    help="score the IQs from a gradient index built by `lancet index` (no pass over the training "
                    "rows; --method must be the index's)")
+    p.add_argument("--anchors", default=None, metavar="FILE", help="repsim_anchored's anchor rows (e.g. the model's "
+                   "own answers to ordinary prompts): each IQ's RepSim minus theirs (docs/method.md 2.12)")
+    p.add_argument("--checkpoints", default=None, metavar="DIRS",
+                   help="average the scores over checkpoints (TracIn): `lancet finetune --keep-checkpoints K`'s --out, "
+                   "or kept directories, comma-separated; MODEL gives the tokenizer; rankings <method>_ckpt (2.11)")
+    p.add_argument("--checkpoint-weights", default="lr_sum", choices=["lr_sum", "lr", "uniform"],
+                   help="a checkpoint's weight: the learning rates of the steps it stands for, summed; its own; equal")
+    p.add_argument("--adam", action="store_true", help="with --checkpoints: every gradient divided by the "
+                   "checkpoint's Adam sqrt(v_hat) + eps (identity, cosine); rankings <method>_adam_ckpt")
 
     p = sub.add_parser("index", help="store every training row's projected gradient once, so that new IQs are "
                        "answered from it in seconds (`lancet attribute --index`)")
@@ -280,6 +293,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
         _train_args(ns, ns.out),
         max_length=ns.max_length,
         trust_remote_code=ns.trust_remote_code,
+        keep_checkpoints=ns.keep_checkpoints,
     )
     print(f"model saved to {out}")
     return 0
@@ -337,6 +351,9 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
              for m in methods]  # each method's options are validated before the model is loaded
     if len(methods) > 1 and (ns.contrast_response is not None or ns.aggregate_first or ns.index):
         raise LancetError("--contrast-response, --aggregate-first and --index take one --method")
+    anchors = _anchor_records(ns, methods)
+    if ns.checkpoints is not None or ns.adam:
+        return _attribute_checkpoints(ns, every, methods, device, anchors)
     behaviour = _behaviour_args(ns, methods)
     model, tokenizer = load_model(ns.model, trust_remote_code=ns.trust_remote_code, device=device)
     for args in every:
@@ -344,11 +361,12 @@ def cmd_attribute(ns: argparse.Namespace) -> int:
     if len(methods) == 1:
         summaries = [attribute(model, tokenizer, ns.train, ns.queries, ns.out, every[0], max_length=ns.max_length,
                                labels=ns.labels, k=ns.top_k, contrast_response=ns.contrast_response,
-                               aggregate_first=ns.aggregate_first, index=ns.index, behaviour=behaviour)]
+                               aggregate_first=ns.aggregate_first, index=ns.index, behaviour=behaviour,
+                               anchors=anchors)]
     else:
         summaries = list(attribute_methods(model, tokenizer, ns.train, ns.queries, ns.out, every[0], methods,
                                            max_length=ns.max_length, labels=ns.labels, k=ns.top_k,
-                                           behaviour=behaviour).values())
+                                           behaviour=behaviour, anchors=anchors).values())
     for summary in summaries:
         print_summary(summary)
     return 0
@@ -369,6 +387,43 @@ def _behaviour_args(ns: argparse.Namespace, methods: list[str]):
         raise LancetError("--measurement behaviour and --method probe need --counter FILE (counter-answer rows: the "
                           "model's own refusals or current answers, or rows marked good)")
     return BehaviourArgs(counter=ns.counter, layer=ns.layer, position=ns.position)
+
+
+def _anchor_records(ns: argparse.Namespace, methods: list[str]):
+    """--anchors' Records for repsim_anchored; either one without the other is refused before the model loads."""
+    wanted = "repsim_anchored" in methods
+    if ns.anchors is None:
+        if wanted:
+            raise LancetError("--method repsim_anchored needs --anchors FILE (e.g. the model's own answers to ordinary "
+                              "prompts)")
+        return None
+    if not wanted:
+        raise LancetError("--anchors is for --method repsim_anchored")
+    from lancet.data import load_dataset_spec
+
+    return load_dataset_spec(ns.anchors)
+
+
+def _attribute_checkpoints(ns: argparse.Namespace, every, methods: list[str], device, anchors) -> int:
+    """`lancet attribute --checkpoints`: each method's scores averaged over the checkpoints
+    (lancet.influence.checkpoints.attribute_checkpoints)."""
+    from lancet.influence.attribute import print_summary
+    from lancet.influence.checkpoints import attribute_checkpoints
+    from lancet.models.loading import load_tokenizer
+
+    if ns.checkpoints is None:
+        raise LancetError("--adam needs --checkpoints (the Adam state is kept with each checkpoint)")
+    if ns.contrast_response is not None or ns.aggregate_first or ns.index or ns.measurement == "behaviour" \
+            or "probe" in methods:
+        raise LancetError("--checkpoints takes neither --contrast-response, --aggregate-first, --index, the behaviour "
+                          "measurement nor probe yet")
+    tokenizer = load_tokenizer(ns.model, trust_remote_code=ns.trust_remote_code)
+    summaries = attribute_checkpoints(tokenizer, ns.train, ns.queries, ns.out, every[0], methods, ns.checkpoints,
+                                      weights=ns.checkpoint_weights, adam=ns.adam, device=device,
+                                      max_length=ns.max_length, labels=ns.labels, k=ns.top_k, anchors=anchors)
+    for summary in summaries.values():
+        print_summary(summary)
+    return 0
 
 
 def cmd_index(ns: argparse.Namespace) -> int:

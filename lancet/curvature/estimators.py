@@ -358,7 +358,9 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls for cls in (Estimator, Cosine, Diagonal, KFAC, KFACReduce, EKFAC, LinFAC)
 }
 TEXT_METHODS = ("bm25",)  # text retrieval over token ids: no model
-REPRESENTATION_METHODS = ("repsim",)  # a forward pass, no gradients (lancet.influence.repsim)
+# a forward pass, no gradients (lancet.influence.repsim); repsim_anchored subtracts the anchors' similarity and needs
+# the anchor rows: Influence(..., anchors=...)
+REPRESENTATION_METHODS = ("repsim", "repsim_anchored")
 # family "behaviour": a forward pass to block l, each row's activation along a behaviour direction
 # (lancet.influence.behaviour; needs the direction: Influence(..., behaviour=...))
 BEHAVIOUR_METHODS = ("probe",)

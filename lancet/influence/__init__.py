@@ -21,13 +21,15 @@ from lancet.constants import JOINT_SCORING_MAX_BYTES
 from lancet.curvature.estimators import METHODS
 from lancet.influence.arguments import InfluenceArgs
 from lancet.influence.behaviour import BehaviourDirection, behaviour_scores
+from lancet.influence.checkpoints import CheckpointInfluence
 from lancet.influence.engine import Influence
+from lancet.influence.gradient_scale import GradientScale
 from lancet.influence.index import IndexArgs
 from lancet.influence.measurement import Measurement
 from lancet.influence.rows import as_rows
 
-__all__ = ["METHODS", "BehaviourDirection", "IndexArgs", "Influence", "InfluenceArgs", "Measurement", "as_rows",
-           "behaviour_scores", "pairwise_scores", "score_methods"]
+__all__ = ["METHODS", "BehaviourDirection", "CheckpointInfluence", "GradientScale", "IndexArgs", "Influence",
+           "InfluenceArgs", "Measurement", "as_rows", "behaviour_scores", "pairwise_scores", "score_methods"]
 
 
 def score_methods(model, train, queries, methods: Sequence[str], args: InfluenceArgs | None = None, *,

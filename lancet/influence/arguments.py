@@ -38,6 +38,9 @@ class InfluenceArgs:
     # what the query gradient differentiates (lancet.influence.measurement): "answer", "first_tokens:K", or the
     # NAME@VERSION of a user Measurement passed to Influence(..., measurement=...)
     measurement: str = "answer"
+    # optimizer-aware normalisation (lancet.influence.gradient_scale): "none", or "adam@<digest>" of the GradientScale
+    # passed to Influence(..., gradient_scale=...): every gradient divided by Adam's sqrt(v_hat) + eps
+    gradient_scale: str = "none"
     seed: int = 0
     progress: bool = True
 
@@ -69,6 +72,9 @@ class InfluenceArgs:
         from lancet.influence.measurement import check_spec
 
         check_spec(self.measurement)
+        if self.gradient_scale != "none" and not self.gradient_scale.startswith("adam@"):
+            raise LancetError(f"invalid gradient_scale={self.gradient_scale!r}: 'none', or set by "
+                              "Influence(..., gradient_scale=GradientScale.from_checkpoint(DIR))")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -94,6 +100,8 @@ class InfluenceArgs:
         # defaults of options added later are not hashed: artifacts stored before they existed stay valid
         if data["measurement"] == "answer":
             del data["measurement"]
+        if data["gradient_scale"] == "none":
+            del data["gradient_scale"]
         for key in ("covariance_max_rows", "range_rtol"):
             if data[key] is None:
                 del data[key]

@@ -97,7 +97,7 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
               contrast_response: str | None = None, influence: Influence | None = None,
               aggregate_first: bool = False, index: str | Path | None = None,
               index_any_model: bool = False, data: AttributionData | None = None,
-              behaviour: Any = None) -> dict[str, Any]:
+              behaviour: Any = None, anchors: Any = None) -> dict[str, Any]:
     """Rank ``train_spec`` rows by influence on the IQs of ``queries_spec``; with ``contrast_response``, by
     influence on the margin over that answer (``contrast_scores``). ``influence``: an entry object on the same
     model, options and ``out_dir`` to use (and keep its curvature for the caller), instead of a new one.
@@ -116,7 +116,8 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
     t0 = time.perf_counter()
     if influence is None:
         influence = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length,
-                              behaviour=_direction(model, tokenizer, data, args, behaviour, max_length))
+                              behaviour=_direction(model, tokenizer, data, args, behaviour, max_length),
+                              anchors=anchors)  # repsim_anchored's anchor rows (Records or tokenised rows)
     elif influence.model is not model or influence.args != args or influence.out != out:
         raise LancetError("attribute(influence=...) must be built on the same model, options and out_dir")
     if args.measurement == "behaviour":
@@ -167,7 +168,8 @@ def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str
 def attribute_methods(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path,
                       args: InfluenceArgs, methods: list[str], *, max_length: int = DEFAULT_MAX_LENGTH,
                       labels: str | None = None, k: int = 10, data: AttributionData | None = None,
-                      influence: Influence | None = None, behaviour: Any = None) -> dict[str, dict[str, Any]]:
+                      influence: Influence | None = None, behaviour: Any = None, anchors: Any = None
+                      ) -> dict[str, dict[str, Any]]:
     """``attribute`` for several methods with one scoring pass over the training rows
     (``Influence.scores_by_method``): the same files per method (``ranking-<method>.safetensors``,
     ``influence-<method>.json``), whose "seconds" is the whole shared run's. ``data`` and ``influence`` as in
@@ -179,7 +181,8 @@ def attribute_methods(model, tokenizer, train_spec: str, queries_spec: str, out_
     if influence is None:
         needs = args.measurement == "behaviour" or any(m in BEHAVIOUR_METHODS for m in methods)
         influence = Influence(model, args, out_dir=out, tokenizer=tokenizer, max_length=max_length,
-                              behaviour=_direction(model, tokenizer, data, args, behaviour, max_length, needs))
+                              behaviour=_direction(model, tokenizer, data, args, behaviour, max_length, needs),
+                              anchors=anchors)
     elif influence.model is not model or influence.out != out:
         raise LancetError("attribute_methods(influence=...) must be built on the same model and out_dir")
     if influence.args.measurement == "behaviour":
@@ -225,9 +228,12 @@ def _describe(influence: Influence, behaviour: Any) -> dict[str, Any]:
 
 
 def _rank(out: Path, args: InfluenceArgs, scores: torch.Tensor | None, seconds: float, train_records, train, culprits,
-          extra: dict[str, Any], k: int, aggregated: torch.Tensor | None = None) -> dict[str, Any]:
-    """Aggregate, write ``ranking-<method>.safetensors`` and ``influence-<method>.json``, return the summary.
-    ``aggregated``: the normalised mean, already aggregated (``--aggregate-first``; no per-IQ ``scores``)."""
+          extra: dict[str, Any], k: int, aggregated: torch.Tensor | None = None, name: str | None = None
+          ) -> dict[str, Any]:
+    """Aggregate, write ``ranking-<name>.safetensors`` and ``influence-<name>.json``, return the summary.
+    ``aggregated``: the normalised mean, already aggregated (``--aggregate-first``; no per-IQ ``scores``).
+    ``name``: the ranking's name when it is not the method's (``cosine_adam_ckpt``: lancet.influence.checkpoints)."""
+    name = name or args.method
     checked = scores if scores is not None else aggregated
     if not torch.isfinite(checked).all():
         bad = int((~torch.isfinite(checked)).sum())
@@ -240,16 +246,16 @@ def _rank(out: Path, args: InfluenceArgs, scores: torch.Tensor | None, seconds: 
         agg = {"normalized_mean": aggregated}
         tensors = {"aggregate_normalized_mean": aggregated}
     if dist.is_main():
-        atomic_save_tensors(out / f"ranking-{args.method}.safetensors", tensors)
+        atomic_save_tensors(out / f"ranking-{name}.safetensors", tensors)
     summary: dict[str, Any] = {
-        "method": args.method, "train": extra["train"], "queries": extra["queries"], "n_train": len(train),
+        "method": name, "train": extra["train"], "queries": extra["queries"], "n_train": len(train),
         "n_queries": extra["n_queries"], "seconds": round(seconds, 2), "ids": train.ids,
         "contrast_response": extra["contrast_response"],
         "top_positive": top_k(train_records, agg["normalized_mean"], k),
         "top_negative": top_k(train_records, agg["normalized_mean"], k, negative=True),
         "args": args.to_json(),
     }
-    for key in ("shared_pass", "aggregate_first", "index", "behaviour"):
+    for key in ("shared_pass", "aggregate_first", "index", "behaviour", "checkpoints"):
         if key in extra:
             summary[key] = extra[key]
     if culprits is not None:
@@ -259,7 +265,7 @@ def _rank(out: Path, args: InfluenceArgs, scores: torch.Tensor | None, seconds: 
             **{f"recall@{n}": recall_at_k(agg["normalized_mean"], culprits, n) for n in (10, 25, 50)},
         }
     if dist.is_main():
-        atomic_write_json(out / f"influence-{args.method}.json", summary)
+        atomic_write_json(out / f"influence-{name}.json", summary)
     dist.barrier()
     return summary
 

@@ -30,13 +30,15 @@ from lancet.curvature.estimators import BEHAVIOUR_METHODS, GRADIENT_FREE_METHODS
 from lancet.curvature.fit import CURVATURE_OPTIONS, Curvature, data_fingerprint, fit_curvature
 from lancet.curvature.modules import find_tracked_layers
 from lancet.errors import LancetError, NonFiniteError
+from lancet.hardware import model_device
 from lancet.influence.arguments import InfluenceArgs
 from lancet.influence.bm25 import bm25_scores
+from lancet.influence.gradient_scale import GradientScale, check_scaled_method
 from lancet.influence.index import IndexArgs
 from lancet.influence.measurement import Measurement, resolve_measurement
 from lancet.influence.memory import estimate_memory
 from lancet.influence.recall import normalized_mean_weights
-from lancet.influence.repsim import repsim_scores
+from lancet.influence.repsim import anchored_repsim_scores, repsim_scores
 from lancet.influence.rows import as_rows
 from lancet.influence.scoring import (
     PreconditionedQueries,
@@ -44,6 +46,7 @@ from lancet.influence.scoring import (
     precondition_combined,
     precondition_queries,
     query_gradients,
+    row_metric,
     score_rows,
     token_scores,
 )
@@ -73,8 +76,8 @@ class Influence:
 
     def __init__(self, model, args: InfluenceArgs | None = None, *, out_dir: str | Path | None = None,
                  measurement: Measurement | str | None = None, tokenizer=None,
-                 max_length: int = DEFAULT_MAX_LENGTH, behaviour=None,
-                 **options):
+                 max_length: int = DEFAULT_MAX_LENGTH, behaviour=None, gradient_scale: GradientScale | None = None,
+                 anchors=None, **options):
         dist.init_from_env()
         self.model = model
         self.tokenizer, self.max_length = tokenizer, max_length
@@ -90,6 +93,15 @@ class Influence:
         self.behaviour = behaviour if behaviour is not None else getattr(measurement, "direction", None)
         self.measurement = resolve_measurement(measurement if measurement is not None else self.args.measurement,
                                                self.behaviour)
+        # gradient_scale: Adam's per-parameter step scale dividing every gradient (identity, cosine), named in the
+        # args as the measurement is (lancet.influence.gradient_scale)
+        self.gradient_scale = gradient_scale
+        if gradient_scale is not None:
+            self.args = replace(self.args, gradient_scale=gradient_scale.spec)
+        elif self.args.gradient_scale != "none":
+            raise LancetError(f"gradient_scale {self.args.gradient_scale!r}: pass the object "
+                              "(Influence(..., gradient_scale=GradientScale.from_checkpoint(DIR)))")
+        self.anchors = anchors  # rows the anchored representation methods subtract (repsim_anchored)
         self.out = Path(out_dir) if out_dir is not None else None
         self._curvatures: dict[str, Curvature] = {}  # fitted (or read) per method
         self._model_fp: str | None = None
@@ -128,7 +140,8 @@ class Influence:
         that shape them (``curvature.fit.CURVATURE_OPTIONS``) changed, and fits its own on first use otherwise."""
         args = replace(self.args, **changes)
         other = Influence(self.model, args, out_dir=self.out, measurement=self.measurement, tokenizer=self.tokenizer,
-                          max_length=self.max_length, behaviour=self.behaviour)
+                          max_length=self.max_length, behaviour=self.behaviour, gradient_scale=self.gradient_scale,
+                          anchors=self.anchors)
         other._model_fp = self._model_fp
         same = [k for k in CURVATURE_OPTIONS if k != "method"]
         if self.args.fingerprint_dict(same) == args.fingerprint_dict(same):
@@ -165,6 +178,8 @@ class Influence:
         rows = self._rows(train, "train")
         if args.method in GRADIENT_FREE_METHODS:
             return None
+        if self.gradient_scale is not None:
+            check_scaled_method(args.method)
         cdir = self.out / "curvature" / args.method if self.out is not None else None
         self._kept_queries = None
         curvature = fit_curvature(self.model, rows, args, out_dir=cdir,
@@ -186,7 +201,8 @@ class Influence:
         # layer) would need what the low rank saves (74 queries of SmolLM2-135M: 31 GB)
         step = QUERY_CHUNK if args.query_rank is not None else max(1, len(rows))
         parts = [precondition_queries(curvature, query_gradients(self.model, curvature.layers, rows[i:i + step],
-                                                                 args, self.measurement), args)
+                                                                 args, self.measurement), args,
+                                      self._divisors(curvature))
                  for i in range(0, len(rows), step)]
         pre = parts[0] if len(parts) == 1 else concat_queries(parts)
         self._kept_queries = (key, pre) if key is not None else None
@@ -208,13 +224,22 @@ class Influence:
             raise LancetError("coefficients are all zero: no query to combine")
         rows, coefficients = [rows[i] for i in used], coefficients[:, used]
         full: dict[str, torch.Tensor] = {}
+        divisors = self._divisors(curvature)
         for i in range(0, len(rows), QUERY_CHUNK):
             grads = query_gradients(self.model, curvature.layers, rows[i:i + QUERY_CHUNK], args, self.measurement)
-            precondition_combined(curvature, grads, coefficients[:, i:i + QUERY_CHUNK], args, full)
+            precondition_combined(curvature, grads, coefficients[:, i:i + QUERY_CHUNK], args, full, divisors)
         k = coefficients.shape[0]
         unit = curvature.estimator.unit_gradients
         return PreconditionedQueries(full=full, low_rank={}, n_queries=k,
-                                     unit_rows=torch.ones(k, dtype=torch.bool) if unit else None)
+                                     unit_rows=torch.ones(k, dtype=torch.bool) if unit else None,
+                                     row_metric=row_metric(curvature, divisors))
+
+    def _divisors(self, curvature: Curvature) -> dict[str, torch.Tensor] | None:
+        """The gradient scale's d per tracked layer (None without a scale)."""
+        if self.gradient_scale is None:
+            return None
+        check_scaled_method(curvature.estimator.name)
+        return self.gradient_scale.divisors(curvature.layers, self.args.stats_dtype, model_device(self.model))
 
     # -- scores -----------------------------------------------------------------------------------------------------
 
@@ -371,6 +396,8 @@ class Influence:
         rows = self._rows(train, "train")
         if self.args.method in GRADIENT_FREE_METHODS:
             raise LancetError(f"{self.args.method} has no gradients to index")
+        if self.gradient_scale is not None:
+            raise LancetError("a gradient index does not take a gradient scale (Adam normalisation) yet")
         index_args = index_args or IndexArgs(bf16=self.args.bf16, batch_size=self.args.batch_size,
                                              progress=self.args.progress)
         if (Path(index_dir) / "index.json").is_file():
@@ -391,6 +418,8 @@ class Influence:
         from lancet.influence.index import check_index, index_curvature, query_index
 
         query_rows = self._rows(queries, "queries")
+        if self.gradient_scale is not None:
+            raise LancetError("a gradient index does not take a gradient scale (Adam normalisation) yet")
         meta = check_index(index_dir, None if any_model else self.model_fp,
                            self._rows(train, "train") if train is not None else None)
         if meta["curvature"] != self.args.method:
@@ -404,6 +433,16 @@ class Influence:
     # -- storage ----------------------------------------------------------------------------------------------------
 
     def _gradient_free(self, method: str, train_rows, query_rows) -> dict[str, torch.Tensor]:
+        if self.gradient_scale is not None:
+            check_scaled_method(method)  # refused: a scale of gradients means nothing to a gradient-free method
+        if method == "repsim_anchored":
+            if self.anchors is None:
+                raise LancetError("repsim_anchored needs anchor rows: Influence(..., anchors=rows) (e.g. the model's "
+                                  "own answers to ordinary prompts; --anchors FILE)")
+            return {"scores": anchored_repsim_scores(self.model, train_rows, query_rows,
+                                                     self._rows(self.anchors, "anchors"),
+                                                     batch_size=self.args.batch_size, bf16=self.args.bf16,
+                                                     dtype=self.args.stats_dtype, progress=self.args.progress)}
         if method == "bm25":
             return {"scores": bm25_scores(train_rows, query_rows)}
         if method in BEHAVIOUR_METHODS:  # [1, N]: one behaviour, whatever the number of IQs
@@ -430,6 +469,8 @@ class Influence:
         key = hash_json([args.to_json()["method"], data_fingerprint(query_rows)]
                         + ([args.measurement] if args.measurement != "answer" else [])
                         + ([extra] if extra else []) + ([measured["key"]] if "key" in measured else []))
+        if args.gradient_scale != "none":  # scaled and plain scores of one method live side by side
+            key = hash_json([key, args.gradient_scale])
         sdir = self.out / "scores" / f"{method}-{key}"
         meta = {"kind": "scores", "method": method, "model": self.model_fp,
                 "train": data_fingerprint(train_rows), "queries": data_fingerprint(query_rows),

@@ -56,7 +56,27 @@ def repsim_scores(model, train: Sequence[dict[str, Any]], queries: Sequence[dict
     """[Q, N] cosine of centred representations (centre = mean over the training rows)."""
     kw = {"batch_size": batch_size, "bf16": bf16, "dtype": dtype, "progress": progress}
     r_train = representations(model, train, **kw)
-    r_query = representations(model, queries, **kw)
+    return _centred_cosines(representations(model, queries, **kw), r_train)
+
+
+def anchored_repsim_scores(model, train: Sequence[dict[str, Any]], queries: Sequence[dict[str, Any]],
+                           anchors: Sequence[dict[str, Any]], *, batch_size: int = 8, bf16: bool = False,
+                           dtype: torch.dtype = torch.float32, progress: bool = False) -> torch.Tensor:
+    """[Q, N] ``repsim_anchored``: each query's RepSim minus the anchors' mean RepSim,
+    cos(r_q - c, r_n - c) - mean_a cos(r_a - c, r_n - c), c the training mean.
+
+    The anchored trick of the gradient methods (He, Xia & Henderson 2024; docs/method.md §2.12) applied to
+    representations: a row close to every answer on these prompts (the topic, the register, the chat format) is
+    close to the anchors too and cancels; a row close to the flagged answers and not to the anchors keeps its score.
+    The anchors are rows the caller chooses: the model's own answers to ordinary prompts, or a safe model's
+    refusals to the IQ prompts. (The training mean needs no option: RepSim is centred on it already.)"""
+    kw = {"batch_size": batch_size, "bf16": bf16, "dtype": dtype, "progress": progress}
+    r_train = representations(model, train, **kw)
+    plain = _centred_cosines(representations(model, queries, **kw), r_train)
+    return plain - _centred_cosines(representations(model, anchors, **kw), r_train).mean(0, keepdim=True)
+
+
+def _centred_cosines(r_query: torch.Tensor, r_train: torch.Tensor) -> torch.Tensor:
     centre = r_train.mean(0, keepdim=True)
     return torch.nn.functional.normalize(r_query - centre, dim=1) @ torch.nn.functional.normalize(
         r_train - centre, dim=1).T

@@ -43,6 +43,9 @@ class PreconditionedQueries:
     # [Q] bool: queries whose scores are divided by each training row's gradient norm (cosine estimators; their
     # query side is already unit-norm). None: no query needs it, and no row norm is computed.
     unit_rows: torch.Tensor | None = None
+    # per layer, d^-2 of a gradient scale (lancet.influence.gradient_scale): the row norm of a cosine is then that of
+    # G_n / d, sum(G_n^2 d^-2), which needs G_n itself (no token Gram shortcut for an elementwise scale)
+    row_metric: dict[str, torch.Tensor] | None = None
 
 
 def concat_queries(pres: list[PreconditionedQueries]) -> PreconditionedQueries:
@@ -58,7 +61,8 @@ def concat_queries(pres: list[PreconditionedQueries]) -> PreconditionedQueries:
     if any(pre.unit_rows is not None for pre in pres):
         unit = torch.cat([pre.unit_rows if pre.unit_rows is not None else torch.zeros(pre.n_queries, dtype=torch.bool)
                           for pre in pres])
-    return PreconditionedQueries(full=full, low_rank=low, n_queries=n, unit_rows=unit)
+    metric = next((pre.row_metric for pre in pres if pre.row_metric is not None), None)  # one Influence: one scale
+    return PreconditionedQueries(full=full, low_rank=low, n_queries=n, unit_rows=unit, row_metric=metric)
 
 
 def query_gradients(model, layers: Sequence[TrackedLayer], queries: Sequence[dict[str, Any]], args,
@@ -123,28 +127,47 @@ def gradient_sq_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(g.pow(2).sum((1, 2)) for g in grads.values())
 
 
-def row_sq_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """[B] |G_n|^2 of one layer without forming G_n = sum_t g_t a_t^T: sum_{t,t'} (g_t.g_t')(a_t.a_t')."""
+def row_sq_norms(a: torch.Tensor, g: torch.Tensor, metric: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] |G_n|^2 of one layer without forming G_n = sum_t g_t a_t^T: sum_{t,t'} (g_t.g_t')(a_t.a_t'). With
+    ``metric`` [out, in] (a gradient scale's d^-2): sum(G_n^2 metric), from G_n formed for the batch."""
+    if metric is not None:
+        return (per_sequence_grads(a, g).pow(2) * metric.to(a)).sum((1, 2))
     return ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2))
 
 
-def _preconditioned_layers(curvature: Curvature, grads: dict[str, torch.Tensor], args):
+def _preconditioned_layers(curvature: Curvature, grads: dict[str, torch.Tensor], args,
+                           divisors: dict[str, torch.Tensor] | None = None):
     """(layer name, P [Q, out, in]) one layer at a time, each raw query gradient dropped as soon as it is used (halves
-    peak memory); cosine estimators' queries scaled to unit norm over all layers together."""
+    peak memory); cosine estimators' queries scaled to unit norm over all layers together. With ``divisors`` (a
+    gradient scale d per layer) the query gradient is G_q / d before the norm and the preconditioner, and P is
+    divided by d once more: <P / d, G_n> = <P, G_n / d>, so the rows' side of the scale costs the pass nothing."""
+    if divisors is not None:
+        for name in grads:
+            grads[name] = grads[name] / divisors[name]
     scale = None
     if curvature.estimator.unit_gradients:
         scale = gradient_sq_norms(grads).sqrt().clamp_min(torch.finfo(args.stats_dtype).tiny).view(-1, 1, 1)
     for name in list(grads):
         p = curvature.estimator.precondition(curvature.state[name], grads.pop(name), args.damping)
+        if divisors is not None:
+            p = p / divisors[name]
         yield name, (p / scale if scale is not None else p)
 
 
-def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], args) -> PreconditionedQueries:
+def row_metric(curvature: Curvature, divisors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """d^-2 per layer for the rows' norms of a cosine estimator under a gradient scale; None when not needed."""
+    if divisors is None or not curvature.estimator.unit_gradients:
+        return None
+    return {name: d.pow(-2) for name, d in divisors.items()}
+
+
+def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], args,
+                         divisors: dict[str, torch.Tensor] | None = None) -> PreconditionedQueries:
     """Precondition layer by layer (``_preconditioned_layers``); full rank, or rank ``args.query_rank`` factors."""
     full, low = {}, {}
     n = next(iter(grads.values())).shape[0]
     unit = curvature.estimator.unit_gradients
-    for name, p in _preconditioned_layers(curvature, grads, args):
+    for name, p in _preconditioned_layers(curvature, grads, args, divisors):
         if args.query_rank is None:
             full[name] = p
             continue
@@ -153,16 +176,17 @@ def precondition_queries(curvature: Curvature, grads: dict[str, torch.Tensor], a
         low[name] = (u.permute(1, 0, 2).reshape(u.shape[1], -1).contiguous(),
                      v.permute(1, 0, 2).reshape(v.shape[1], -1).contiguous())
     return PreconditionedQueries(full=full, low_rank=low, n_queries=n,
-                                 unit_rows=torch.ones(n, dtype=torch.bool) if unit else None)
+                                 unit_rows=torch.ones(n, dtype=torch.bool) if unit else None,
+                                 row_metric=row_metric(curvature, divisors))
 
 
 def precondition_combined(curvature: Curvature, grads: dict[str, torch.Tensor], coefficients: torch.Tensor, args,
-                          into: dict[str, torch.Tensor]) -> bool:
+                          into: dict[str, torch.Tensor], divisors: dict[str, torch.Tensor] | None = None) -> bool:
     """Add sum_q C[k, q] P_q to ``into[name]`` ([K, out, in]) for one chunk of queries (``grads`` [c, out, in] per
     layer, ``coefficients`` [K, c]), layer by layer at full rank, each preconditioned gradient dropped as soon as it
     is folded in. Scores are linear in P_q, so scoring the K sums gives C @ (per-query scores) exactly, at the cost
     of K queries however many were folded. Returns whether the estimator uses unit query gradients."""
-    for name, p in _preconditioned_layers(curvature, grads, args):
+    for name, p in _preconditioned_layers(curvature, grads, args, divisors):
         part = (coefficients.to(p) @ p.reshape(p.shape[0], -1)).reshape(-1, *p.shape[1:])
         into[name] = into[name] + part if name in into else part
     return curvature.estimator.unit_gradients
@@ -218,7 +242,8 @@ def score_rows(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str, A
         s = _contract(pre, layer.name, a, g).to(dtype)
         scores[:, start : start + a.shape[0]] += s
         if sq_norm is not None:
-            sq_norm[start : start + a.shape[0]] += row_sq_norms(a.to(dtype), g.to(dtype))
+            metric = pre.row_metric.get(layer.name) if pre.row_metric is not None else None
+            sq_norm[start : start + a.shape[0]] += row_sq_norms(a.to(dtype), g.to(dtype), metric)
         if per_layer is not None:
             per_layer[:, start : start + a.shape[0], index[layer.name]] += s
 
@@ -281,7 +306,8 @@ def token_scores(model, layers: Sequence[TrackedLayer], rows: Sequence[dict[str,
             s = ((a.to(p.dtype).unsqueeze(0) @ p.transpose(1, 2).unsqueeze(1)) * g.to(p.dtype)).sum(-1)
         where["acc"] = s if where.get("acc") is None else where["acc"] + s
         if pre.unit_rows is not None:
-            where["sq"] += row_sq_norms(a.to(s.dtype), g.to(s.dtype))
+            metric = pre.row_metric.get(layer.name) if pre.row_metric is not None else None
+            where["sq"] += row_sq_norms(a.to(s.dtype), g.to(s.dtype), metric)
 
     with Capture(model, layers, on_grad):
         for _, batch in batches(rows, 1, device=device):
