@@ -230,15 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retain-weight", type=float, default=1.0,
                    help="weight of the retain term: ga_retain, npo with --safe, ibo and dpo with --retain")
     g.add_argument("--retain", default="none", choices=["none", "nll", "kl"],
-                   help="ibo: keep the rows the ranking calls uninvolved (or --retain-data's rows; dpo: those "
-                   "only) as they were (their NLL, or the KL from the model's own next-token distributions)")
+                   help="ibo: keep the rows the ranking calls uninvolved (or --retain-data's rows; dpo and npo: "
+                   "those only) as they were (their NLL, or the KL from the model's own next-token distributions)")
     g.add_argument("--retain-rows", type=int, default=None, help="ibo: how many uninvolved rows (default --top-k)")
     g.add_argument("--retain-normalize", default="tokens", choices=["tokens", "rows"],
                    help="ibo, dpo: the retain term's mean over tokens, or its per-row sum averaged over rows (a "
                    "sequence-level KL, where an answer's opening weighs fully)")
     g.add_argument("--retain-data", default=None,
-                   help="ibo or dpo with --retain: these rows instead of the uninvolved training rows (e.g. the "
-                   "model's own answers to ordinary prompts)")
+                   help="ibo, dpo or npo with --retain: these rows instead of the uninvolved training rows (e.g. "
+                   "the model's own answers to ordinary prompts; npo: instead of --safe's NLL)")
     g.add_argument("--chosen-nll-weight", type=float, default=0.0,
                    help="ibo, dpo: add this x the preferred rows' mean token NLL (RPO), so pairs cannot part by both "
                    "falling")

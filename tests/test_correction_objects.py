@@ -135,3 +135,35 @@ def test_cli_takes_the_row_options(tmp_path, tiny_tokenizer, capsys):
     summary = json.loads((tmp_path / "o" / "lancet_correction.json").read_text())
     assert summary["preferred_ids"] == [TRAIN[5].id, TRAIN[7].id]
     assert summary["correction_args"]["weighting"] == "uniform"
+
+
+def test_npo_takes_ibos_anchor_and_its_kl_starts_at_zero(tmp_path, tiny_tokenizer):
+    from lancet.correct.methods import Build, get_correction
+    from lancet.correct.trainers import objective
+
+    anchors = SAFE  # stand-ins for the model's own answers to ordinary prompts
+    data = CorrectionData(train=TRAIN, scores=SCORES, retain=anchors)
+    args = CorrectionArgs(method="npo", top_k=2, retain="kl", retain_normalize="rows", include_iqs=False)
+    model = tiny_llama(len(tiny_tokenizer))
+    targs = TrainArgs(output_dir=str(tmp_path / "npo"), batch_size=4, lr=1e-2, max_steps=3, save_every=10,
+                      progress=False)
+    build = Build(model, tiny_tokenizer, args, targs, 96, "tiny")
+    trainer = get_correction("npo").build(build, data)
+    assert build.summary["retain_source"] == "given" and len(build.summary["retain_ids"]) == 3
+    assert trainer.extra_fingerprint() == {"beta": 0.1, "retain_weight": 1.0, "retain": "kl",
+                                           "retain_normalize": "rows"}
+    batch = trainer.collate(list(trainer.items))
+    logs = trainer.compute_loss(batch)[1]
+    assert logs["retain_kl"] == pytest.approx(0.0, abs=1e-6)  # the anchor is the starting model itself
+    before = objective(trainer)
+    trainer.train()
+    logs = trainer.compute_loss(trainer.collate(list(trainer.items)))[1]
+    assert logs["retain_kl"] > 1e-6 and objective(trainer) < before  # NPO moved the model, the anchor resists
+    with pytest.raises(LancetError, match="npo's retain term"):
+        check_inputs(args, CorrectionData(train=TRAIN, scores=SCORES))
+    # without the anchor NPO+RT is unchanged: safe rows' NLL, no KL options in its fingerprint
+    plain = get_correction("npo").build(Build(tiny_llama(len(tiny_tokenizer)), tiny_tokenizer,
+                                              CorrectionArgs(method="npo", top_k=2), targs, 96, ""),
+                                        CorrectionData(train=TRAIN, scores=SCORES, safe=SAFE))
+    assert plain.extra_fingerprint() == {"beta": 0.1, "retain_weight": 1.0}
+    assert "retain_nll" in plain.compute_loss(plain.collate(list(plain.items)))[1]

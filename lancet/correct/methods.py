@@ -192,9 +192,24 @@ class _Forget(_Ranked):
     retain_from_safe: ClassVar[bool] = True
 
     def items(self, b: Build, data: CorrectionData) -> tuple[list[dict], bool]:
+        """The forget items, and whether they carry retain rows: the given anchor rows when the retain term is on
+        (NPO with IBO's anchor), else the safe rows (NPO+RT, GA+retain)."""
         rows, _, iq_rows, bad, _ = self.ranked_rows(b, data)
-        retain = b.encode(data.safe, "safe") if data.safe and self.retain_from_safe else None
+        if self.anchored(b.args, data):
+            retain = b.encode(data.retain, "retain")
+            b.summary["retain_ids"] = [r["id"] for r in retain]
+            b.summary["retain_source"] = "given"
+        else:
+            retain = b.encode(data.safe, "safe") if data.safe and self.retain_from_safe else None
         return forget_items([rows[i] for i in bad] + iq_rows, retain), bool(retain)
+
+    def anchored(self, args: CorrectionArgs, data: CorrectionData) -> bool:
+        return self.takes_retain and args.retain != "none" and bool(data.retain)
+
+    def retain_options(self, args: CorrectionArgs, data: CorrectionData) -> dict[str, str]:
+        if self.anchored(args, data):
+            return {"retain": args.retain, "retain_normalize": args.retain_normalize}
+        return {}
 
 
 class GradientAscent(_Forget):
@@ -218,14 +233,23 @@ class GradientAscentRetain(_Forget):
 
 
 class NPO(_Forget):
-    """Negative preference optimisation; with ``safe`` rows, NPO+RT (their NLL weighted by ``retain_weight``)."""
+    """Negative preference optimisation; with ``safe`` rows, NPO+RT (their NLL weighted by ``retain_weight``); with
+    ``retain`` on and given retain rows, NPO with IBO's anchor (``npo_anchored``: the KL to the starting model on
+    the model's own answers to ordinary prompts)."""
 
     name = "npo"
+    takes_retain = True
+
+    def check(self, data: CorrectionData, args: CorrectionArgs) -> None:
+        super().check(data, args)
+        if args.retain != "none" and not data.retain:
+            raise LancetError("npo's retain term (--retain) needs retain rows (--retain-data); without it, --safe "
+                              "rows give NPO+RT")
 
     def build(self, b: Build, data: CorrectionData) -> Trainer:
         items, retained = self.items(b, data)
-        return b.trainer(NPOTrainer, items, beta=b.args.beta,
-                         retain_weight=b.args.retain_weight if retained else 0.0)
+        return b.trainer(NPOTrainer, items, beta=b.args.beta, retain_weight=b.args.retain_weight if retained else 0.0,
+                         **self.retain_options(b.args, data))
 
 
 class DPO(CorrectionMethod):

@@ -133,6 +133,27 @@ def _log_rest(top_logp: torch.Tensor) -> torch.Tensor:
     return torch.log1p(-torch.logsumexp(top_logp, -1).exp().clamp_max(1 - 1e-6))
 
 
+def stack_reference_topk(parts: Sequence[dict[str, torch.Tensor]], width: int) -> dict[str, torch.Tensor]:
+    """The retain rows' ``reference_topk`` entries padded to the batch's ``width`` and stacked, as
+    ``ref_retain_ids`` / ``ref_retain_logp`` / ``ref_retain_rest``."""
+    out = {}
+    for key in ("ids", "logp", "rest"):
+        out[f"ref_retain_{key}"] = torch.stack([torch.nn.functional.pad(
+            p[key], (0, 0, 0, width - p[key].shape[0]) if p[key].dim() == 2 else (0, width - p[key].shape[0]))
+            for p in parts])
+    return out
+
+
+def check_retain(retain: str, retain_normalize: str, weight: float) -> None:
+    if retain not in RETAIN_TERMS:
+        raise LancetError(f"unknown retain term {retain!r}; choose from {', '.join(RETAIN_TERMS)}")
+    if retain_normalize not in RETAIN_NORMALIZATIONS:
+        raise LancetError(f"unknown retain normalisation {retain_normalize!r}; choose from "
+                          f"{', '.join(RETAIN_NORMALIZATIONS)}")
+    if weight < 0:
+        raise LancetError(f"retain_weight must be >= 0, got {weight}")
+
+
 def coarse_kl(logits: torch.Tensor, ref: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """Summed over scored positions: KL(reference || policy) between the two next-token distributions coarsened to
     the reference's top-k tokens plus one bucket for the rest (a lower bound of the full KL, exact when the top-k
@@ -166,15 +187,11 @@ class IBOTrainer(_CorrectionTrainer):
             raise LancetError(f"beta must be > 0, got {beta}")
         if generator == "basu" and not alpha > 0:
             raise LancetError(f"alpha must be > 0 for the basu generator, got {alpha}")
-        if retain not in RETAIN_TERMS:
-            raise LancetError(f"unknown retain term {retain!r}; choose from {', '.join(RETAIN_TERMS)}")
+        check_retain(retain, retain_normalize, retain_weight)
         if retain != "none" and not retain_rows:
             raise LancetError(f"retain={retain!r} needs retain rows")
-        if chosen_nll_weight < 0 or retain_weight < 0:
-            raise LancetError("chosen_nll_weight and retain_weight must be >= 0")
-        if retain_normalize not in RETAIN_NORMALIZATIONS:
-            raise LancetError(f"unknown retain normalisation {retain_normalize!r}; choose from "
-                              f"{', '.join(RETAIN_NORMALIZATIONS)}")
+        if chosen_nll_weight < 0:
+            raise LancetError("chosen_nll_weight must be >= 0")
         self.retain_normalize = retain_normalize
         self.beta, self.generator, self.alpha = float(beta), generator, float(alpha)
         self.chosen_nll_weight, self.retain = float(chosen_nll_weight), retain
@@ -207,11 +224,7 @@ class IBOTrainer(_CorrectionTrainer):
         for key in ("weight", "target", "ref_chosen", "ref_rejected"):
             batch[key] = torch.tensor([float(it[key]) for it in items], dtype=torch.float32)
         if self.retain == "kl" and retain:
-            width = batch["input_ids"].shape[1]
-            for key in ("ids", "logp", "rest"):
-                parts = [it["ref_retain"][key] for it in items]
-                batch[f"ref_retain_{key}"] = torch.stack([torch.nn.functional.pad(
-                    t, (0, 0, 0, width - t.shape[0]) if t.dim() == 2 else (0, width - t.shape[0])) for t in parts])
+            batch.update(stack_reference_topk([it["ref_retain"] for it in items], batch["input_ids"].shape[1]))
         return batch
 
     def pair_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -286,84 +299,124 @@ def _mean_nll(nll: torch.Tensor, ntok: torch.Tensor) -> torch.Tensor:
 
 
 class _ForgetTrainer(_CorrectionTrainer):
-    """Items ``{"forget": row, "retain": row or None}``; retain rows are only batched when ``retain_weight > 0``."""
+    """Items ``{"forget": row, "retain": row or None}``; retain rows are only batched when ``retain_weight > 0``.
+
+    The retain term is the mean token NLL of the retain rows (NPO+RT, GA+retain: ``retain="nll"``, the default), or
+    IBO's anchor (docs/method.md §3.6): ``retain="kl"``, the KL from the starting model's own next-token
+    distributions on them, and ``retain_normalize="rows"``, summed over each row's tokens and averaged over rows
+    (the sequence-level KL of ``ibo_benign_seq``): NPO and GA with the same anchor as IBO."""
 
     retain_weight = 0.0
+    retain = "nll"
+    retain_normalize = "tokens"
+
+    def _anchor(self, model, tokenizer, args: TrainArgs, items: Sequence[dict[str, Any]], retain: str,
+                retain_weight: float, retain_normalize: str) -> list[dict[str, Any]]:
+        check_retain(retain, retain_normalize, retain_weight)
+        self.retain = "nll" if retain == "none" else retain
+        self.retain_weight, self.retain_normalize = float(retain_weight), retain_normalize
+        items = list(items)
+        if self.retain == "kl" and self.retain_weight > 0:
+            rows = [it["retain"] for it in items if it.get("retain") is not None]
+            if not rows:
+                raise LancetError("retain='kl' needs retain rows")
+            tops = reference_topk(model, rows, pad_token_id=tokenizer.pad_token_id, bf16=args.bf16)
+            it_tops = iter(tops)
+            items = [{**it, "ref_retain": next(it_tops)} if it.get("retain") is not None else it for it in items]
+        return items
+
+    def retain_fingerprint(self) -> dict[str, Any]:
+        """The anchor's options, only where they differ from NPO+RT's (fingerprints of earlier runs stay valid)."""
+        return {**({"retain": "kl"} if self.retain == "kl" and self.retain_weight else {}),
+                **({"retain_normalize": "rows"} if self.retain_weight and self.retain_normalize == "rows" else {})}
 
     def loss_denominators(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n = int(batch["n_forget"])
         ntok = shifted_targets(batch["labels"])[1].sum(-1).double()
-        return {"forget_rows": torch.tensor(float(n)), "forget_tokens": ntok[:n].sum(), "retain_tokens": ntok[n:].sum()}
+        return {"forget_rows": torch.tensor(float(n)), "forget_tokens": ntok[:n].sum(), "retain_tokens": ntok[n:].sum(),
+                "retain_rows": torch.tensor(float(ntok.numel() - n))}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         forget = [it["forget"] for it in items]
-        retain = [it["retain"] for it in items if it.get("retain") is not None] if self.retain_weight > 0 else []
-        batch = collate(forget + retain, pad_token_id=self.tokenizer.pad_token_id)
+        kept = [it for it in items if it.get("retain") is not None] if self.retain_weight > 0 else []
+        batch = collate(forget + [it["retain"] for it in kept], pad_token_id=self.tokenizer.pad_token_id)
         batch["n_forget"] = torch.tensor(len(forget))
         if "ref_forget" in items[0]:
             batch["ref_forget"] = torch.tensor([float(it["ref_forget"]) for it in items], dtype=torch.float32)
+        if self.retain == "kl" and kept:
+            batch.update(stack_reference_topk([it["ref_retain"] for it in kept], batch["input_ids"].shape[1]))
         return batch
 
-    def _retain_term(self, nll: torch.Tensor, ntok: torch.Tensor, n: int, logs: dict[str, float]) -> torch.Tensor:
-        if self.retain_weight > 0 and nll.numel() > n:
-            retain = _mean_nll(nll[n:], self.denominator("retain_tokens", ntok[n:].sum()))
-            logs["retain_nll"] = retain.item()
-            return self.retain_weight * retain
-        return nll.new_zeros(())
+    def _retain_term(self, terms, n: int, logs: dict[str, float], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logp, ntok, logits, mask = terms
+        if not (self.retain_weight > 0 and logp.numel() > n):
+            return logp.new_zeros(())
+        denom = (self.denominator("retain_rows", torch.tensor(float(ntok.numel() - n)))
+                 if self.retain_normalize == "rows" else self.denominator("retain_tokens", ntok[n:].sum()))
+        denom = denom.clamp_min(1)
+        if self.retain == "kl":
+            ref = {k: batch[f"ref_retain_{k}"] for k in ("ids", "logp", "rest")}
+            term = coarse_kl(logits[n:], ref, mask[n:]) / denom
+        else:
+            term = -logp[n:].sum() / denom
+        logs[f"retain_{self.retain}"] = term.item()
+        return self.retain_weight * term
 
 
 class GradientAscentTrainer(_ForgetTrainer):
-    """Gradient ascent on the forget rows: loss = −(mean token NLL of forget rows) + λ·(mean token NLL of retain)."""
+    """Gradient ascent on the forget rows: loss = −(mean token NLL of forget rows) + λ·(the retain term)."""
 
     name = "ga"
 
     def __init__(self, model, tokenizer, args: TrainArgs, items: Sequence[dict[str, Any]], *,
-                 retain_weight: float = 0.0, base_spec: str = "", name: str | None = None):
-        if retain_weight < 0:
-            raise LancetError(f"retain_weight must be >= 0, got {retain_weight}")
-        self.retain_weight = float(retain_weight)
+                 retain_weight: float = 0.0, base_spec: str = "", name: str | None = None, retain: str = "nll",
+                 retain_normalize: str = "tokens"):
+        items = self._anchor(model, tokenizer, args, items, retain, retain_weight, retain_normalize)
         super().__init__(model, tokenizer, args, items, base_spec=base_spec, name=name)
 
     def extra_fingerprint(self) -> dict[str, Any]:
-        return {"retain_weight": self.retain_weight}
+        return {"retain_weight": self.retain_weight, **self.retain_fingerprint()}
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         n = int(batch["n_forget"])
-        logp, ntok = sequence_logps(self.model, batch)
+        terms = sequence_terms(self.model, batch)
+        logp, ntok = terms[:2]
         forget = _mean_nll(-logp[:n], self.denominator("forget_tokens", ntok[:n].sum()))
         logs = {"forget_nll": forget.item()}
-        loss = -forget + self._retain_term(-logp, ntok, n, logs)
+        loss = -forget + self._retain_term(terms, n, logs, batch)
         return loss, {"loss": loss.item(), **logs}
 
 
 class NPOTrainer(_ForgetTrainer):
-    """Negative preference optimisation on the forget rows (mean over rows) + λ·(mean token NLL of retain rows)."""
+    """Negative preference optimisation on the forget rows (mean over rows) + λ·(the retain term): NPO+RT with the
+    NLL of safe rows, or with IBO's anchor (``retain="kl"`` on given rows, ``npo_anchored``)."""
 
     name = "npo"
 
     def __init__(self, model, tokenizer, args: TrainArgs, items: Sequence[dict[str, Any]], *, beta: float = 0.1,
-                 retain_weight: float = 0.0, base_spec: str = "", name: str | None = None):
+                 retain_weight: float = 0.0, base_spec: str = "", name: str | None = None, retain: str = "nll",
+                 retain_normalize: str = "tokens"):
         if not beta > 0:
             raise LancetError(f"beta must be > 0, got {beta}")
-        if retain_weight < 0:
-            raise LancetError(f"retain_weight must be >= 0, got {retain_weight}")
-        self.beta, self.retain_weight = float(beta), float(retain_weight)
+        self.beta = float(beta)
         if name:
             self.name = name
+        items = self._anchor(model, tokenizer, args, items, retain, retain_weight, retain_normalize)
         refs = self._reference(model, [it["forget"] for it in items], args, tokenizer)
         items = [{**it, "ref_forget": ref} for it, ref in zip(items, refs, strict=True)]
         super().__init__(model, tokenizer, args, items, base_spec=base_spec, name=name)
 
     def extra_fingerprint(self) -> dict[str, Any]:
-        return {"beta": self.beta, "retain_weight": self.retain_weight}
+        return {"beta": self.beta, "retain_weight": self.retain_weight, **self.retain_fingerprint()}
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         n = int(batch["n_forget"])
-        logp, ntok = sequence_logps(self.model, batch)
+        terms = sequence_terms(self.model, batch)
+        logp = terms[0]
         ref = batch["ref_forget"].to(logp)
         npo = self.batch_mean(npo_loss(logp[:n], ref, self.beta), "forget_rows")
         logs = {"npo": npo.item(), "logratio": self.batch_mean(logp[:n] - ref, "forget_rows").item()}
-        loss = npo + self._retain_term(-logp, ntok, n, logs)
+        loss = npo + self._retain_term(terms, n, logs, batch)
         return loss, {"loss": loss.item(), **logs}
 
 

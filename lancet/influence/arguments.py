@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from lancet.curvature.estimators import METHODS
 from lancet.curvature.task import FISHER_MODES
 from lancet.errors import LancetError
-from lancet.options import check_option_types
+from lancet.options import check_option_types, options_from_json
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -90,10 +90,7 @@ class InfluenceArgs:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> InfluenceArgs:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise LancetError(f"unknown influence option(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return options_from_json(cls, data, "influence")
 
     def fingerprint_dict(self, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
         data = {k: v for k, v in self.to_json().items() if k not in self._UNHASHED}
