@@ -1,0 +1,41 @@
+"""The contamination suite (issue 35; the design is docs/method.md §5.6): which attribution method finds the rows
+that cause a behaviour, on designs where text search must win (``lexical``), where prompts are shared with
+refusals (``shared_prompt``), where culprits and IQs share no wording (``disjoint``), and on the demo (``demo``),
+with intervals that can tell methods apart.
+
+    .venv/bin/python -m benchmarks.contamination_suite write          # the suite JSON from the committed stages
+    .venv/bin/python -m benchmarks.contamination_suite import-lexical  # stage files of the committed lexical seeds
+
+- ``designs``: the four designs, their validation and reported seeds;
+- ``stats``: the paired bootstrap (AP, recall@|P|, AP per tier), the elbow k, the recovered share's interval;
+- ``overlap``: the opening 4-gram check and the AP without overlapping culprits;
+- ``gate``: a design's causation gate over its reported seeds;
+- ``stages``: the committed per-(design, seed, stage) JSON files a later session resumes from;
+- ``suite``: the selection on validation seeds, the suite JSON and its schema's validator.
+"""
+
+from benchmarks.contamination_suite.designs import DESIGNS, Design
+from benchmarks.contamination_suite.gate import design_gate, gate_stage
+from benchmarks.contamination_suite.overlap import ap_no_overlap, disjoint_openings, opening_grams, overlap_check
+from benchmarks.contamination_suite.stages import (
+    from_committed,
+    read_stage,
+    recall_stage,
+    record_reference,
+    record_retrained,
+    write_stage,
+)
+from benchmarks.contamination_suite.stats import SeedScores, bootstrap, elbow_k, recovered_ci
+from benchmarks.contamination_suite.suite import (
+    build_suite,
+    counterfactual_ks,
+    family,
+    select_on_validation,
+    validate_suite,
+    write_suite,
+)
+
+__all__ = ["DESIGNS", "Design", "SeedScores", "ap_no_overlap", "bootstrap", "build_suite", "counterfactual_ks",
+           "design_gate", "disjoint_openings", "elbow_k", "family", "from_committed", "gate_stage", "opening_grams",
+           "overlap_check", "read_stage", "recall_stage", "record_reference", "record_retrained", "recovered_ci",
+           "select_on_validation", "validate_suite", "write_stage", "write_suite"]

@@ -1,0 +1,33 @@
+"""``python -m benchmarks.contamination_suite {write,import-lexical}`` (the package docstring says what each does)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.common import RESULTS
+from benchmarks.contamination_suite.stages import STAGE_DIR, from_committed, read_stage, write_stage
+from benchmarks.contamination_suite.suite import SUITE, build_suite, write_suite
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.contamination_suite")
+    parser.add_argument("command", choices=("write", "import-lexical"))
+    parser.add_argument("--stages", default=str(STAGE_DIR), help="the stage files' folder")
+    parser.add_argument("--out", default=str(SUITE))
+    ns = parser.parse_args()
+    root = Path(ns.stages)
+    if ns.command == "import-lexical":
+        result = json.loads((RESULTS / "safety_contamination_full.json").read_text())
+        for stage in from_committed(result, "lexical"):
+            if read_stage(root, stage["design"], stage["seed"], stage["stage"]) is None:  # never overwrite a run's
+                print(f"wrote {write_stage(root, stage)}")
+        return
+    suite = build_suite(root)
+    write_suite(suite, Path(ns.out))
+    print(f"wrote {ns.out}: {sorted(suite['designs'])} complete; pending {sorted(suite['pending'])}")
+
+
+if __name__ == "__main__":
+    main()

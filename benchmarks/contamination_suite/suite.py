@@ -1,0 +1,333 @@
+"""benchmarks/results/contamination_suite.json from the committed stage files (docs/method.md §5.6), and the
+validator of its schema.
+
+Per design: the gate over its reported seeds (``gate.design_gate``); the method ``selected`` on its validation
+seeds alone (``select_on_validation``, which refuses any other seed); every method's AP, recall@|P| and AP per
+tier with paired-bootstrap intervals over the reported seeds and their rows (``stats.bootstrap``), its family,
+its AP over the culprits that share no opening 4-gram with an IQ answer, and its AP difference to the selected
+method with the difference's interval; the counterfactual on the first reported seed (recovered share of the
+drop with its interval over retraining seeds and prompts); the best method with the methods the paired intervals
+cannot tell from it; and whether lancet's default ranking is within 0.05 AP of the best. A design whose stage
+files are not all committed yet is listed under ``pending`` with what it lacks, not in ``designs``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.common import RESULTS
+from benchmarks.contamination_suite.designs import (
+    COUNTERFACTUAL_METHODS,
+    DESIGNS,
+    K_ELBOW,
+    K_FULL,
+    K_HALF,
+    Design,
+)
+from benchmarks.contamination_suite.gate import GATE_KEYS, design_gate
+from benchmarks.contamination_suite.overlap import no_overlap_mask, overlap_check
+from benchmarks.contamination_suite.stages import STAGE_DIR, openings, read_stage, seed_scores, stage_path
+from benchmarks.contamination_suite.stats import N_BOOT, bootstrap, elbow_k, recovered_ci
+from lancet.artifacts import atomic_write_json
+
+SUITE = RESULTS / "contamination_suite.json"
+FAMILY_NAMES = ("random", "classifier", "text", "representation", "gradient", "behaviour")
+FAMILIES = {"random": "random", "classifier": "classifier", "bm25": "text", "bm25_prompt": "text",
+            "repsim": "representation", "repsim_anchored": "representation", "probe": "behaviour"}
+GRADIENT = ("identity", "cosine", "diagonal", "kfac", "ekfac", "linfac")
+WITHIN = 0.05  # "lancet's default is within 0.05 AP of the best method"
+
+
+def family(method: str) -> str:
+    """The family of a ranking's name: exact names first, then anything with the behaviour measurement, then a
+    gradient estimator with a variant suffix (``linfac_opening_set``, ``kfac_reduce``, ``cosine_adam_ckpt``)."""
+    if method in FAMILIES:
+        return FAMILIES[method]
+    if "behaviour" in method or method.startswith("probe"):
+        return "behaviour"
+    if method.split("_")[0] in GRADIENT:
+        return "gradient"
+    raise ValueError(f"no family for the ranking {method!r}: add it to FAMILIES")
+
+
+def default_method() -> str:
+    """What ``lancet attribute`` ranks with when no --method is given."""
+    from lancet.influence.arguments import InfluenceArgs
+
+    return InfluenceArgs().method
+
+
+def select_on_validation(stages: list[dict], design: Design, candidates: list[str] | None = None) -> str:
+    """The method with the highest mean AP over the design's validation seeds (ties: the first candidate). Refuses
+    a stage of any other seed, and needs every validation seed: nothing chosen here may see a reported seed.
+    ``candidates``: the methods to choose from (default: every ranking of the stages but ``random``)."""
+    seeds = [s["seed"] for s in stages]
+    outside = sorted(set(seeds) - set(design.validation_seeds))
+    if outside:
+        raise ValueError(f"{design.name}: select_on_validation was given seed(s) {outside}, which are not "
+                         f"validation seeds ({list(design.validation_seeds)}): a method is chosen on validation only")
+    lacking = sorted(set(design.validation_seeds) - set(seeds))
+    if lacking:
+        raise ValueError(f"{design.name}: no recall stage for validation seed(s) {lacking}")
+    runs = [seed_scores(s) for s in stages]
+    means = bootstrap(runs, n_boot=1).point
+    pool = candidates or [m for m in runs[0].methods if m != "random"]
+    return max(pool, key=lambda m: (means[m]["ap"], -pool.index(m)))
+
+
+def counterfactual_ks(stage: dict, method: str, selected: str) -> dict[str, int | None]:
+    """The k of each retraining of ``method`` on the counterfactual seed (its recall stage ``stage``): |P| for every
+    method, and for the selected one also half of it (rounded down) and the elbow of its scores (``stats.elbow_k``;
+    None when the stage kept no per-row scores). The runner and the suite both take k from here."""
+    runs = seed_scores(stage)
+    n_pos = int(runs.positives.sum()) if runs.scores else None
+    if method != selected:
+        return {K_FULL: n_pos}
+    elbow = elbow_k(runs.scores[selected]) if runs.scores else None
+    return {K_FULL: n_pos, K_HALF: None if n_pos is None else n_pos // 2, K_ELBOW: elbow}
+
+
+def _counterfactual_missing(design: Design, stage: dict, selected: str) -> list[str]:
+    """The retrainings (and references) the counterfactual stage still lacks, at each retraining seed."""
+    where = f"{design.name}/seed{design.counterfactual_seed}_counterfactual.json"
+    wanted = [(m, K_FULL) for m in COUNTERFACTUAL_METHODS if m != selected]
+    wanted += [(selected, k) for k in (K_FULL, K_HALF, K_ELBOW)]
+    out = []
+    for r in map(str, design.retrain_seeds):
+        out += [f"{where}: {which} at retraining seed {r}" for which in ("impure", "oracle") if r not in stage[which]]
+        out += [f"{where}: {m} {k} at retraining seed {r}" for m, k in wanted
+                if r not in stage["runs"].get(m, {}).get(k, {}).get("verdicts", {})]
+    return out
+
+
+def _missing(root: Path, design: Design) -> list[str]:
+    want = [(s, "recall") for s in design.validation_seeds + design.seeds]
+    if design.gated:
+        want = [(s, "gate") for s in design.seeds] + want
+    want.append((design.counterfactual_seed, "counterfactual"))
+    return [str(stage_path(root, design.name, s, st).relative_to(root)) for s, st in want
+            if read_stage(root, design.name, s, st) is None]
+
+
+def design_entry(design: Design, root: Path = STAGE_DIR, n_boot: int = N_BOOT, default: str | None = None
+                 ) -> tuple[dict | None, list[str]]:
+    """(the design's object of the suite JSON, or None; what it still lacks). A design whose gate failed is
+    complete with its gate alone: it is reported as failed, with no recall."""
+    gate = {}
+    if design.gated:
+        gates = [read_stage(root, design.name, s, "gate") for s in design.seeds]
+        if any(g is None for g in gates):
+            return None, _missing(root, design)
+        gate = design_gate(gates)
+    entry = {"lexical": design.lexical, "gate": gate, "validation_seeds": list(design.validation_seeds),
+             "seeds": list(design.seeds)}
+    if design.gated and not gate["passed"]:
+        return {**entry, "max_ngram_overlap": None, "selected": None, "recall": {}, "counterfactual": {},
+                "note": "the causation gate failed: " + "; ".join(gate["why_not"])}, []
+    missing = _missing(root, design)
+    if missing:
+        return None, missing
+    validation = [read_stage(root, design.name, s, "recall") for s in design.validation_seeds]
+    selected = select_on_validation(validation, design)
+    reported = [read_stage(root, design.name, s, "recall") for s in design.seeds]
+    cf = read_stage(root, design.name, design.counterfactual_seed, "counterfactual")
+    missing = _counterfactual_missing(design, cf, selected)
+    if missing:
+        return None, missing
+    cf_recall = reported[design.seeds.index(design.counterfactual_seed)]
+    for method, runs in cf["runs"].items():
+        expected = counterfactual_ks(cf_recall, method, selected)
+        wrong = [k for k, run in runs.items() if expected.get(k) is not None and run["k"] != expected[k]]
+        if wrong:
+            raise ValueError(f"{design.name} counterfactual {method} {wrong[0]}: k {runs[wrong[0]]['k']}, but "
+                             f"counterfactual_ks gives {expected[wrong[0]]}")
+    entry.update(_recall(reported, selected, n_boot))
+    entry["selected"] = selected
+    entry["counterfactual"] = _counterfactual(cf, selected, n_boot)
+    entry["best"] = _best(entry["recall"], entry.pop("_boot"))
+    default = default or default_method()
+    rec = entry["recall"]
+    entry["default"] = {"method": default, "best": entry["best"]["method"],
+                        "ap_gap": round(rec[entry["best"]["method"]]["ap_mean"] - rec[default]["ap_mean"], 4)
+                        if default in rec else None}
+    gap = entry["default"]["ap_gap"]
+    entry["default"][f"within_{WITHIN}"] = None if gap is None else gap <= WITHIN
+    return entry, []
+
+
+def _recall(stages: list[dict], selected: str, n_boot: int) -> dict:
+    runs = [seed_scores(s) for s in stages]
+    boot = bootstrap(runs, n_boot=n_boot)
+    checks = [(s, openings(s)) for s in stages]
+    measured = [(s, o) for s, o in checks if o is not None]
+    # AP over the culprits whose opening shares no 4-gram with an IQ answer's: the seeds that kept openings
+    restricted = [r.restrict(no_overlap_mask(r.positives, *o)) for r, (_, o) in zip(runs, checks, strict=True)
+                  if o is not None]
+    restricted = [r for r in restricted if bool(r.positives.any())]
+    clean = bootstrap(restricted, n_boot=n_boot) if restricted else None
+    recall = {}
+    for m in runs[0].methods:
+        row = {"family": family(m), **boot.summary(m)}
+        row["ap_no_overlap"] = round(clean.point[m]["ap"], 4) if clean else None
+        row["ap_no_overlap_ci"] = clean.ap_ci(m) if clean else None
+        row["ap_minus_selected"] = boot.ap_diff_ci(m, selected) if m in boot.point and selected in boot.point \
+            else None
+        recall[m] = row
+    checked = [overlap_check([c for c in o[0] if c is not None], o[1]) for _, o in measured]
+    return {"recall": recall, "_boot": boot,
+            "max_ngram_overlap": max((c["max"] for c in checked), default=None),
+            "ngram_overlap": {str(s["seed"]): c for (s, _), c in zip(measured, checked, strict=True)},
+            "n_iqs": {str(s["seed"]): s.get("n_iqs") for s in stages}}
+
+
+def _best(recall: dict, boot) -> dict:
+    """The method of highest mean AP, and those whose paired AP difference to it has an interval holding 0: the
+    suite calls a method the winner of a design only when that list is empty."""
+    best = max(recall, key=lambda m: recall[m]["ap_mean"])
+    tied = [m for m in recall if m != best and boot.ap_diff_ci(best, m)["ci"][0] <= 0]
+    return {"method": best, "ap_mean": recall[best]["ap_mean"], "indistinguishable": tied}
+
+
+def _counterfactual(stage: dict, selected: str, n_boot: int) -> dict:
+    """{method: {k_name: {"k", "recovered_mean", "recovered_ci", ...}}} for every retraining in the stage."""
+    out: dict = {}
+    for method, runs in stage["runs"].items():
+        for k_name, run in runs.items():
+            seeds = sorted(run["verdicts"])
+            lacking = [r for r in seeds if r not in stage["impure"] or r not in stage["oracle"]]
+            if lacking:
+                raise ValueError(f"counterfactual {method} {k_name}: no impure or oracle verdicts at retraining "
+                                 f"seed(s) {lacking}")
+            result = recovered_ci([stage["impure"][r] for r in seeds], [stage["oracle"][r] for r in seeds],
+                                  [run["verdicts"][r] for r in seeds], n_boot=n_boot)
+            out.setdefault(method, {})[k_name] = {"k": run["k"], **result, "retrain_seeds": [int(r) for r in seeds],
+                                                  "positives_removed": run.get("positives_removed")}
+    return out
+
+
+def build_suite(root: Path = STAGE_DIR, designs: dict[str, Design] | None = None, n_boot: int = N_BOOT,
+                default: str | None = None) -> dict:
+    """The suite JSON from the stage files under ``root``: complete designs in ``designs``, the others in
+    ``pending`` with their missing stage files."""
+    default = default or default_method()
+    out: dict = {"default_method": default, "designs": {}, "pending": {}, "n_boot": n_boot}
+    for name, design in (designs or DESIGNS).items():
+        entry, missing = design_entry(design, Path(root), n_boot, default)
+        if entry is None:
+            out["pending"][name] = missing
+        else:
+            out["designs"][name] = entry
+    return out
+
+
+def write_suite(suite: dict, path: Path = SUITE) -> Path:
+    """Validate, then write atomically."""
+    problems = validate_suite(suite)
+    if problems:
+        raise ValueError("the suite JSON does not match its schema: " + "; ".join(problems))
+    atomic_write_json(path, suite)
+    return path
+
+
+def _number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _interval(x) -> bool:
+    return isinstance(x, list) and len(x) == 2 and all(_number(v) for v in x) and x[0] <= x[1]
+
+
+def validate_suite(suite: dict) -> list[str]:
+    """What in ``suite`` departs from issue 35's schema (empty: it matches). Extra keys are allowed; the issue's
+    are required, with their types; a gate-failed design may have an empty recall and counterfactual."""
+    errors: list[str] = []
+    if not isinstance(suite, dict):
+        return ["the suite is not an object"]
+    if not isinstance(suite.get("default_method"), str):
+        errors.append("default_method: a string is required")
+    designs = suite.get("designs")
+    if not isinstance(designs, dict):
+        return errors + ["designs: an object is required"]
+    for name, d in designs.items():
+        errors += [f"designs.{name}.{e}" for e in _validate_design(name, d)]
+    return errors
+
+
+def _validate_design(name: str, d: dict) -> list[str]:
+    if not isinstance(d, dict):
+        return ["not an object"]
+    errors = [f"{k}: missing" for k in ("lexical", "gate", "max_ngram_overlap", "validation_seeds", "seeds",
+                                        "selected", "recall", "counterfactual") if k not in d]
+    if errors:
+        return errors
+    if d["lexical"] is not (name == "lexical"):
+        errors.append("lexical: true for the design 'lexical' only")
+    seeds_ok = True
+    for key in ("validation_seeds", "seeds"):
+        if not isinstance(d[key], list) or not all(isinstance(s, int) for s in d[key]):
+            errors.append(f"{key}: a list of integers is required")
+            seeds_ok = False
+    if seeds_ok and set(d["seeds"]) & set(d["validation_seeds"]):
+        errors.append("seeds: the reported seeds must be disjoint from validation_seeds")
+    gate = d["gate"]
+    failed = isinstance(gate, dict) and gate.get("passed") is False
+    if not isinstance(gate, dict):
+        errors.append("gate: an object is required")
+    elif gate:
+        errors += [f"gate.{k}: missing" for k in GATE_KEYS if k not in gate]
+        if "passed" in gate and not isinstance(gate["passed"], bool):
+            errors.append("gate.passed: a boolean is required")
+    if d["max_ngram_overlap"] is not None and not _number(d["max_ngram_overlap"]):
+        errors.append("max_ngram_overlap: a number is required")
+    if failed:
+        return errors + ([] if isinstance(d.get("note"), str) else ["note: a failed gate needs a note"])
+    if not isinstance(d["selected"], str):
+        errors.append("selected: a string is required")
+    errors += _validate_recall(d["recall"], d["selected"])
+    errors += _validate_counterfactual(d["counterfactual"], d["selected"])
+    return errors
+
+
+def _validate_recall(recall, selected) -> list[str]:
+    if not isinstance(recall, dict) or not recall:
+        return ["recall: a non-empty object is required"]
+    errors = []
+    for m, row in recall.items():
+        if not isinstance(row, dict):
+            errors.append(f"recall.{m}: an object is required")
+            continue
+        if row.get("family") not in FAMILY_NAMES:
+            errors.append(f"recall.{m}.family: one of {', '.join(FAMILY_NAMES)}")
+        if not _number(row.get("ap_mean")):
+            errors.append(f"recall.{m}.ap_mean: a number is required")
+        if not _interval(row.get("ap_ci")):
+            errors.append(f"recall.{m}.ap_ci: [lo, hi] is required")
+    if isinstance(selected, str) and selected not in recall:
+        errors.append(f"selected: {selected!r} has no recall row")
+    return errors
+
+
+def _validate_counterfactual(cf, selected) -> list[str]:
+    if not isinstance(cf, dict) or not cf:
+        return ["counterfactual: a non-empty object is required"]
+    errors = []
+    for m, runs in cf.items():
+        if not isinstance(runs, dict) or not (set(runs) & {K_FULL, K_HALF}):
+            errors.append(f"counterfactual.{m}: k_full or k_half is required")
+            continue
+        for k_name, r in runs.items():
+            if not isinstance(r, dict) or not isinstance(r.get("k"), int):
+                errors.append(f"counterfactual.{m}.{k_name}.k: an integer is required")
+                continue
+            if r.get("recovered_mean") is not None and not _number(r["recovered_mean"]):
+                errors.append(f"counterfactual.{m}.{k_name}.recovered_mean: a number is required")
+            if not _interval(r.get("recovered_ci")) and r.get("recovered_ci") != [None, None]:
+                errors.append(f"counterfactual.{m}.{k_name}.recovered_ci: [lo, hi] is required")
+    needed = [(m, K_FULL) for m in (*COUNTERFACTUAL_METHODS, selected)] + [(selected, K_HALF)]
+    errors += [f"counterfactual.{m}.{k}: missing" for m, k in needed
+               if isinstance(selected, str) and k not in cf.get(m, {})]
+    return errors
+
+
+__all__ = ["FAMILIES", "FAMILY_NAMES", "SUITE", "build_suite", "counterfactual_ks", "default_method", "design_entry",
+           "family", "select_on_validation", "validate_suite", "write_suite"]
