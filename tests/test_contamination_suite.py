@@ -222,7 +222,8 @@ METHODS = {"random": 0.0, "bm25": 0.6, "repsim": 0.9, "linfac": 1.4, "classifier
 def _stage(seed: int, methods=METHODS) -> dict:
     s = _seed(seed, 120, methods=methods)
     culprits = {i: f"opening{i} w{i} x{i} y{i} z{i}" for i, t in enumerate(s.tiers) if t == "unsafe"}
-    return recall_stage("tiny", seed, s.tiers, ("unsafe",), s.scores, culprits, ["an iq answer unlike any"], 1)
+    regime = {"linfac": {"k": 50, "ngram": 4, "iq_ngram_overlap": 0.1, "bm25_spearman": 0.2, "bm25_top_overlap": 0.3}}
+    return recall_stage("tiny", seed, s.tiers, ("unsafe",), s.scores, culprits, ["an iq answer unlike any"], 1, regime)
 
 
 def test_select_on_validation_refuses_reported_seeds():
@@ -264,6 +265,7 @@ def test_suite_from_stage_files_matches_the_schema(tmp_path):
     assert set(d["counterfactual"]["linfac"]) == {"k_full", "k_half", "k_elbow"}
     assert d["counterfactual"]["linfac"]["k_half"]["k"] == d["counterfactual"]["linfac"]["k_full"]["k"] // 2
     assert d["best"]["method"] == "linfac" and d["default"]["within_0.05"] is True
+    assert d["regime"]["1"]["linfac"]["bm25_top_overlap"] == 0.3
     out = write_suite(suite, tmp_path / "suite.json")
     assert json.loads(out.read_text())["designs"]["tiny"]["selected"] == "linfac"
     # a missing stage file makes the design pending, with the file named; the suite is still valid

@@ -48,10 +48,12 @@ def write_stage(root: Path, stage: dict) -> Path:
 
 def recall_stage(design: str, seed: int, tiers: list[str], positive_tiers: tuple[str, ...],
                  scores: dict[str, torch.Tensor], culprit_answers: dict[int, str] | None = None,
-                 iq_answers: list[str] | None = None, n_iqs: int | None = None) -> dict:
+                 iq_answers: list[str] | None = None, n_iqs: int | None = None,
+                 regime: dict[str, dict] | None = None) -> dict:
     """The recall stage of one seed from its rankings (aggregated [N] scores per method, rows in the mix's order)
     and, for the overlap check, the culprits' answers (by row index) and the IQ answers: only their hashed opening
-    4-grams are kept."""
+    4-grams are kept. ``regime``: {method: lancet.influence.regime's readout of that ranking}, the numbers the
+    suite calibrates the readout with."""
     n = len(tiers)
     bad = [m for m, s in scores.items() if s.shape != (n,)]
     if bad:
@@ -59,6 +61,8 @@ def recall_stage(design: str, seed: int, tiers: list[str], positive_tiers: tuple
     out = {"design": design, "seed": seed, "stage": "recall", "tiers": list(tiers),
            "positive_tiers": list(positive_tiers), "n_iqs": n_iqs,
            "scores": {m: [float(f"{v:.8g}") for v in s.double().tolist()] for m, s in scores.items()}}
+    if regime is not None:
+        out["regime"] = regime
     if culprit_answers is not None and iq_answers is not None:
         out["openings"] = {"culprits": {str(i): sorted(opening_grams(a, hashed=True))
                                         for i, a in sorted(culprit_answers.items())},

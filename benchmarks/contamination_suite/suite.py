@@ -177,7 +177,8 @@ def _recall(stages: list[dict], selected: str, n_boot: int) -> dict:
     return {"recall": recall, "_boot": boot,
             "max_ngram_overlap": max((c["max"] for c in checked), default=None),
             "ngram_overlap": {str(s["seed"]): c for (s, _), c in zip(measured, checked, strict=True)},
-            "n_iqs": {str(s["seed"]): s.get("n_iqs") for s in stages}}
+            "n_iqs": {str(s["seed"]): s.get("n_iqs") for s in stages},
+            "regime": {str(s["seed"]): s["regime"] for s in stages if "regime" in s}}
 
 
 def _best(recall: dict, boot) -> dict:
