@@ -357,3 +357,23 @@ def test_regime_readout_on_identical_and_disjoint_text(tiny_tokenizer):
     other = readout(torch.tensor([0.0, 3.0, 2.0, 1.0]))  # top 2: rows sharing nothing with it
     assert other["iq_ngram_overlap"] == 0.0
     assert readout(readout.bm25())["bm25_spearman"] == pytest.approx(1.0)
+
+
+def test_attribute_summary_carries_the_regime_readout(tmp_path, tiny_tokenizer, llama_model, capsys):
+    from lancet.data.records import Record, records_to_jsonl
+    from lancet.influence import InfluenceArgs
+    from lancet.influence.attribute import attribute_methods, print_summary
+
+    answers = ["the cat sat on the mat", "a dog ran in a park", "quick brown fox jumps over", "the cat sat on a mat"]
+    (tmp_path / "train.jsonl").write_bytes(records_to_jsonl([Record(prompt="What now?", response=a) for a in answers]))
+    (tmp_path / "iqs.jsonl").write_bytes(records_to_jsonl([Record(prompt="What now?", response=answers[0])]))
+    out = attribute_methods(llama_model, tiny_tokenizer, str(tmp_path / "train.jsonl"), str(tmp_path / "iqs.jsonl"),
+                            tmp_path / "run", InfluenceArgs(method="identity", progress=False), ["bm25", "identity"],
+                            max_length=64, k=2)
+    bm25 = out["bm25"]["regime"]
+    assert bm25["bm25_spearman"] == pytest.approx(1.0) and bm25["bm25_top_overlap"] == 1.0
+    assert bm25["k"] == 4 and 0.0 < bm25["iq_ngram_overlap"] < 1.0  # every row: 2 of 4 share the IQ's 4-grams
+    assert set(out["identity"]["regime"]) == set(bm25)
+    assert json.loads((tmp_path / "run" / "influence-identity.json").read_text())["regime"] == out["identity"]["regime"]
+    print_summary(out["bm25"])
+    assert "regime: the top 4 rows" in capsys.readouterr().out

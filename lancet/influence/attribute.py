@@ -19,6 +19,7 @@ from lancet.data import encode_records, load_dataset_spec
 from lancet.errors import DataError, LancetError, NonFiniteError
 from lancet.influence import Influence, InfluenceArgs
 from lancet.influence.recall import aggregate, average_precision, format_table, recall_at_k, top_k
+from lancet.influence.regime import RegimeReadout
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,9 @@ class AttributionData:
         return cls(train_spec, queries_spec, train_records, query_records, train, queries, culprits)
 
     def extra(self, **more) -> dict[str, Any]:
-        return {"train": self.train_spec, "queries": self.queries_spec, "n_queries": len(self.queries), **more}
+        # "regime": which regime am I in (lancet.influence.regime), read by _rank off each ranking
+        return {"train": self.train_spec, "queries": self.queries_spec, "n_queries": len(self.queries),
+                "regime": RegimeReadout(self.train_records, self.query_records, self.train, self.queries), **more}
 
 
 def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path, args: InfluenceArgs, *,
@@ -258,6 +261,8 @@ def _rank(out: Path, args: InfluenceArgs, scores: torch.Tensor | None, seconds: 
     for key in ("shared_pass", "aggregate_first", "index", "behaviour", "checkpoints"):
         if key in extra:
             summary[key] = extra[key]
+    if "regime" in extra:  # would text search do as well? IQ/top-row n-gram overlap, agreement with BM25
+        summary["regime"] = extra["regime"](agg["normalized_mean"])
     if culprits is not None:
         summary["recall"] = {
             "n_culprits": int(culprits.sum()),
@@ -281,3 +286,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         r = summary["recall"]
         print(f"\nknown culprits: {r['n_culprits']}, average precision {r['average_precision']:.3f}, "
               f"recall@10 {r['recall@10']:.2f}, recall@50 {r['recall@50']:.2f}")
+    if "regime" in summary:
+        g = summary["regime"]
+        print(f"\nregime: the top {g['k']} rows share {g['iq_ngram_overlap']:.0%} of their word 4-grams with the IQ "
+              f"answers, and {g['bm25_top_overlap']:.0%} of them are BM25's top {g['k']} too (both high: text search "
+              "may find them as well; lancet.influence.regime)")
