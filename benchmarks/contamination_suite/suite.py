@@ -185,7 +185,7 @@ def _best(recall: dict, boot) -> dict:
     """The method of highest mean AP, and those whose paired AP difference to it has an interval holding 0: the
     suite calls a method the winner of a design only when that list is empty."""
     best = max(recall, key=lambda m: recall[m]["ap_mean"])
-    tied = [m for m in recall if m != best and boot.ap_diff_ci(best, m)["ci"][0] <= 0]
+    tied = [m for m in recall if m != best and (boot.ap_diff_ci(best, m)["ci"][0] or 0.0) <= 0]
     return {"method": best, "ap_mean": recall[best]["ap_mean"], "indistinguishable": tied}
 
 
