@@ -320,7 +320,8 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
         tok.save_pretrained(models[name])
     run = sc.Run.__new__(sc.Run)
     run.p = replace(TINY, corr_steps=2, corr_every=1, corr_batch=2, n_eval=2, n_sft_safe=2, n_dpo_pairs=2,
-                    max_new_tokens=4, max_length=96, n_anchor=2)
+                    max_new_tokens=4, max_length=96, n_anchor=2,
+                    corrections=tuple(c for c in TINY.corrections if not c.startswith("fx_")) + ("fx_random",))
     run.seed, run.progress, run.seconds, run.judge, run.tok = 0, False, {}, RefusalMatcher(), tok
     run.dir, run.shared = tmp_path / "seed0", shared
     run.dir.mkdir()
@@ -342,12 +343,14 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
         atomic_write_json(run.dir / f"answers-{name}-test_prompts.json", {"answers": [f"{name} answer"] * 3})
     kept = tmp_path / "kept_rows.json"
     out = run.correction(models, rows, tiers, shared, kept)
-    assert set(out["methods"]) == {"impure", "safe", *TINY.corrections}
+    assert set(out["methods"]) == {"impure", "safe", *run.p.corrections}
     assert json.loads(kept.read_text())["rows"] == out["methods"]
     anchored = json.loads((run.dir / "correct-ibo_benign-lr2e-06" / "lancet_correction.json").read_text())
     assert anchored["method"] == "ibo" and anchored["retain_source"] == "given" and len(anchored["retain_ids"]) >= 1
     assert "retain_source" not in json.loads((run.dir / "correct-ibo-lr2e-06" / "lancet_correction.json").read_text())
     for name, (method, options) in sc.VARIANTS.items():  # each variant ran as its lancet method, with its options
+        if name not in run.p.corrections:
+            continue
         summary = json.loads((run.dir / f"correct-{name}-lr2e-06" / "lancet_correction.json").read_text())
         assert summary["method"] == method and summary["retain_source"] == "given"
         assert summary["correction_args"]["retain_normalize"] == options.get("retain_normalize", "tokens")
@@ -356,6 +359,12 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
     for name, top in (("ibo_benign_seq", [4, 5]), ("ibo_benign_seq_bm25", [0, 3])):
         summary = json.loads((run.dir / f"correct-{name}-lr2e-06" / "lancet_correction.json").read_text())
         assert summary["dispreferred_ids"] == [rows[i].id for i in top]
+    # the factorial's random cell changes the rows only (gap weights kept); NPO takes the same anchor as IBO
+    cell = json.loads((run.dir / "correct-fx_random-lr2e-06" / "lancet_correction.json").read_text())
+    assert cell["correction_args"]["ranking"] == "random" and cell["correction_args"]["weighting"] == "gap"
+    assert cell["dispreferred_ids"] != [rows[i].id for i in (4, 5)] or cell["preferred_ids"] != [rows[1].id]
+    npo = json.loads((run.dir / "correct-npo_anchored-lr2e-06" / "lancet_correction.json").read_text())
+    assert npo["method"] == "npo" and npo["correction_args"]["retain_normalize"] == "rows"
     # a lost run directory, rebuilt with the same behaviour: every row read back, nothing trained again
     for path in run.dir.glob("correct-*"):
         shutil.rmtree(path)

@@ -94,7 +94,9 @@ class Preset:
     # influence, or does text search serve as well?
     corrections: tuple[str, ...] = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random",
                                     "ibo_benign", "ibo_benign_seq", "ibo_benign_seq_random", "ibo_benign_seq_oracle",
-                                    "dpo_benign_seq", "ibo_benign_seq_bm25")
+                                    "dpo_benign_seq", "ibo_benign_seq_bm25", "npo_anchored", "fx_default", "fx_bm25",
+                                    "fx_repsim", "fx_random", "fx_oracle", "fx_uniform", "fx_preferred_random",
+                                    "fx_preferred_refusals")
     correction_ranking: str = "linfac"
     corr_steps: int = 30
     corr_every: int = 5
@@ -112,15 +114,34 @@ class Preset:
 
 
 # the correction table's rows that are another lancet method under settings of their own
-# (the lancet method, whether its retain rows are the benign anchors, another ranking than correction_ranking, and
-# CorrectionArgs options)
+# (the lancet method, whether its retain rows are the benign anchors, "scores": another method's scores than
+# correction_ranking's, "preferred_tier": the rows preferred="marked" prefers, and CorrectionArgs options)
 _SEQ = {"anchors": True, "retain_normalize": "rows"}
 VARIANTS: dict[str, tuple[str, dict]] = {
     "ibo_benign": ("ibo", {"anchors": True}), "ibo_benign_seq": ("ibo", _SEQ),
     "ibo_benign_seq_random": ("ibo_random", _SEQ), "ibo_benign_seq_oracle": ("ibo_oracle", _SEQ),
     "dpo_benign_seq": ("dpo", {**_SEQ, "retain": "kl"}),  # IBO's variants get retain="kl" from the ibo default
-    "ibo_benign_seq_bm25": ("ibo", {**_SEQ, "ranking": "bm25"})}
-NOT_CORRECTION_ARGS = ("anchors", "ranking")
+    "ibo_benign_seq_bm25": ("ibo", {**_SEQ, "scores": "bm25"}),
+    # issue 37: NPO+RT with IBO's anchor instead of the refusals' NLL (DPO with it is dpo_benign_seq)
+    "npo_anchored": ("npo", {**_SEQ, "retain": "kl"}),
+}
+# issue 37's ranking factorial (docs/method.md §5.4, "The ranking factorial"): ibo_benign_seq's anchor held fixed,
+# one factor changed at a time around the main row (lancet's default ranking, gap weights, the ranking's bottom
+# preferred). The random ranking prefers random rows (the bottom of a random order is random) and keeps gap weights,
+# so it differs from the main row in the rows alone; ibo_benign_seq_random is the old control that also changes the
+# weights.
+FACTORIAL: dict[str, tuple[str, dict]] = {
+    "fx_default": ("ibo", _SEQ),
+    "fx_bm25": ("ibo", {**_SEQ, "scores": "bm25"}),
+    "fx_repsim": ("ibo", {**_SEQ, "scores": "repsim"}),
+    "fx_random": ("ibo", {**_SEQ, "ranking": "random", "preferred": "random"}),
+    "fx_oracle": ("ibo", {**_SEQ, "ranking": "oracle"}),
+    "fx_uniform": ("ibo", {**_SEQ, "weighting": "uniform"}),
+    "fx_preferred_random": ("ibo", {**_SEQ, "preferred": "random"}),
+    "fx_preferred_refusals": ("ibo", {**_SEQ, "preferred": "marked", "preferred_tier": "refusal"}),
+}
+VARIANTS.update(FACTORIAL)
+NOT_CORRECTION_ARGS = ("anchors", "scores", "preferred_tier")
 
 
 PRESETS = {

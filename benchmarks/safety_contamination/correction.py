@@ -158,12 +158,14 @@ class CorrectionStage:
             if "at_oracle_budget" in done.get(method, {}):
                 continue
             lancet_method, variant = VARIANTS.get(method, (method, {}))
-            cargs = CorrectionArgs(method=lancet_method, top_k=k, beta=0.1, seed=self.seed,
-                                   **({"retain": "kl", "chosen_nll_weight": 1.0} if method.startswith("ibo") else {}),
+            ibo_default = {"retain": "kl", "chosen_nll_weight": 1.0} if lancet_method.startswith("ibo") else {}
+            cargs = CorrectionArgs(method=lancet_method, top_k=k, beta=0.1, seed=self.seed, **ibo_default,
                                    **{o: v for o, v in variant.items() if o not in NOT_CORRECTION_ARGS})
             anchors = self.benign_anchors(impure) if variant.get("anchors") else None
             # the LinFAC ranking, or the variant's own (it is a function of the rows and IQs that the key holds)
-            scores = rankings[variant.get("ranking", self.p.correction_ranking)]
+            scores = rankings[variant.get("scores", self.p.correction_ranking)]
+            preferred = (torch.tensor([tiers[i] == variant["preferred_tier"] for i in ids])
+                         if "preferred_tier" in variant else None)
             runs, loose = [], []
             for lr in self.p.corr_lrs:
                 tag = f"{method}-lr{lr:g}"
@@ -174,7 +176,9 @@ class CorrectionStage:
                     self.dir / f"select-{tag}", tok, valid, ordinary, self.judge,
                     fingerprint=hash_json({"model": models["impure"], "correction": cargs.to_json(),
                                            **({"anchors": [r.text for r in anchors]} if anchors else {}),
-                                           **({"ranking": variant["ranking"]} if "ranking" in variant else {}),
+                                           **({"ranking": variant["scores"]} if "scores" in variant else {}),
+                                           **({"preferred_tier": variant["preferred_tier"]}
+                                              if "preferred_tier" in variant else {}),
                                            "train": targs.fingerprint_dict(), "valid": [r.text for r in valid],
                                            "ordinary": [r.id for r in ordinary], "benign": [r.text for r in benign]}),
                     max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16, benign=benign,
@@ -183,7 +187,8 @@ class CorrectionStage:
                 t0 = time.perf_counter()
                 corrected = correct(models["impure"], train, scores, method=lancet_method, train_args=targs,
                                     correction_args=cargs, iq_records=iqs, safe_records=safe_rows, pref_pairs=pairs,
-                                    culprit_mask=culprits, retain_records=anchors, max_length=self.p.max_length,
+                                    culprit_mask=culprits, preferred_mask=preferred, retain_records=anchors,
+                                    max_length=self.p.max_length,
                                     on_checkpoint=selection)
                 self.seconds[f"correct_{tag}"] = round(time.perf_counter() - t0, 1)
                 runs.append((lr, *selection.finish(corrected, models["impure"])))
