@@ -68,7 +68,10 @@ def render(text: str, notes: list[str]) -> str:
 
 
 def files(root: Path = ROOT) -> list[Path]:
-    return [p for pattern in FILES for p in sorted(root.glob(pattern))]
+    found = [p for pattern in FILES for p in sorted(root.glob(pattern))]
+    if root / "README.md" not in found:  # a wrong root would find nothing and check nothing
+        raise FileNotFoundError(f"{root}: no README.md to render tables into")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
