@@ -117,9 +117,12 @@ def stage_agreement(device, dry: bool) -> dict:
 
 
 class _StopAfterFirstCheckpoint(Trainer):
-    def _save_checkpoint(self, step: int) -> None:
-        super()._save_checkpoint(step)
-        raise KeyboardInterrupt
+    """Killed one step after its first resume checkpoint (through the public ``after_step`` hook), as a crash
+    would be: the resumed run repeats that step from the checkpoint."""
+
+    def after_step(self, step: int) -> None:
+        if step == self.args.save_every + 1:
+            raise KeyboardInterrupt
 
 
 def word_tokenizer(vocab: int = 64):

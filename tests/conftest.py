@@ -115,3 +115,12 @@ def tiny_workspace(tmp_path: Path, tokenizer) -> tuple[Path, dict]:
     suite["max_new_tokens"] = 4
     (tmp_path / "suite.json").write_text(json.dumps(suite))
     return model_dir, suite
+
+
+def tiny_run_config(model_dir: Path, compare: list[str]) -> dict:
+    """The `lancet run` config of the tiny end-to-end runs (``tiny_workspace``'s files, relative to it)."""
+    return {"model": str(model_dir), "train": "data/train.jsonl", "out": "run", "iqs": "data/iqs.jsonl",
+            "labels": "data/culprits.json", "finetune": {"max_steps": 2, "batch_size": 16, "lr": 1e-3},
+            "influence": {"method": "kfac", "batch_size": 16}, "correction": {"method": "ibo", "top_k": 8},
+            "correction_train": {"max_steps": 2, "batch_size": 8, "lr": 1e-3}, "evaluate": "suite.json",
+            "max_length": 128, "top_k": 5, "compare": compare}

@@ -192,3 +192,17 @@ def gradient_dot_scores(
     model = _float64_copy(model)
     names = _param_names(model, module_names)
     return _grads(model, queries, names) @ _grads(model, train, names).T
+
+
+def query_grads(model: nn.Module, queries: Sequence[dict], scalar) -> torch.Tensor:
+    """[Q, P]: plain autograd of ``scalar(model, params, input_ids, labels)`` for each unpadded query, over the
+    tracked weights in float64: the reference any measurement's query gradient is checked against."""
+    model = _float64_copy(model)
+    names = _param_names(model, tracked_modules(model))
+    params = _params(model, names)
+    out = []
+    for q in queries:
+        input_ids, labels = _tensors(q)
+        g = grad(lambda p, i=input_ids, y=labels: scalar(model, p, i, y))(params)
+        out.append(torch.cat([g[n].reshape(-1) for n in names]))
+    return torch.stack(out)

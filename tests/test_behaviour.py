@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_llama
-from reference import _float64_copy, _param_names, _params, _tensors, per_example_grads, tracked_modules
+from reference import _tensors, per_example_grads, query_grads, tracked_modules
 from test_influence_engine import F64, QUERIES, TRAIN, close, encode
-from torch.func import functional_call, grad
+from torch.func import functional_call
 
 from lancet.constants import IGNORE_INDEX
 from lancet.errors import ArtifactError, LancetError
@@ -67,16 +67,8 @@ def manual_activations(model, rows, layer: int, position: str = "response") -> t
 
 def reference_query_grads(model, queries, v: torch.Tensor, layer: int, position: str) -> torch.Tensor:
     """[Q, P]: autograd of m(q) = -sum_t w_t <h_t, v> w.r.t. the tracked weights, one unpadded query at a time."""
-    model = _float64_copy(model)
-    names = _param_names(model, tracked_modules(model))
-    params = _params(model, names)
-    out = []
-    for q in queries:
-        input_ids, labels = _tensors(q)
-        w = weights(labels, position)
-        g = grad(lambda p, i=input_ids, w=w: -(w @ (block_output(model, p, i, layer) @ v)))(params)
-        out.append(torch.cat([g[n].reshape(-1) for n in names]))
-    return torch.stack(out)
+    return query_grads(model, queries,
+                       lambda m, p, i, y: -(weights(y, position) @ (block_output(m, p, i, layer) @ v)))
 
 
 def test_direction_is_the_difference_of_mean_activations(setup):

@@ -616,7 +616,7 @@ def test_cli_ibo_retains_given_rows_instead_of_uninvolved_ones(tmp_path, tiny_se
     assert summary["retain_ids"] == [r.id for r in SAFE] and summary["retain_source"] == "given"
     logs = [json.loads(x) for x in (out / LOG_FILE).read_text().splitlines()]
     assert len(logs) == 2 and abs(logs[0]["retain_kl"]) < 1e-5  # zero at the start: the policy is the reference
-    with pytest.raises(LancetError, match="retain term of ibo and dpo"):
+    with pytest.raises(LancetError, match="retain term of ibo, dpo and npo"):
         correct(str(f["model"]), TRAIN, SCORES, method="ibo", train_args=_args(tmp_path / "x"),
                 correction_args=CorrectionArgs(top_k=3), retain_records=SAFE)
 

@@ -71,7 +71,7 @@ def test_check_inputs_names_the_flag_before_any_model_loads():
         check_inputs(CorrectionArgs(method="ibo_oracle"), data)
     with pytest.raises(LancetError, match="needs pairs \\(--pairs\\)"):
         check_inputs(CorrectionArgs(method="dpo"), data)
-    with pytest.raises(LancetError, match="retain term of ibo and dpo"):
+    with pytest.raises(LancetError, match="retain term of ibo, dpo and npo"):
         check_inputs(CorrectionArgs(method="npo"), CorrectionData(train=TRAIN, scores=SCORES, retain=SAFE))
     check_inputs(CorrectionArgs(), data)  # plain IBO has what it needs
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
-from reference import _float64_copy, _logits, _param_names, _params, _tensors, per_example_grads, tracked_modules
+from reference import _logits, per_example_grads, query_grads, tracked_modules
 from test_influence_engine import F64, QUERIES, TRAIN, close, encode
-from torch.func import grad
 
 from lancet.constants import IGNORE_INDEX
 from lancet.errors import LancetError
@@ -19,15 +18,7 @@ from lancet.influence.measurement import FirstTokensLoss, resolve_measurement
 
 def reference_query_grads(model, queries, measure) -> torch.Tensor:
     """[Q, P]: autograd of ``measure(logits [T, V], labels [T])`` for each unpadded query, tracked params only."""
-    model = _float64_copy(model)
-    names = _param_names(model, tracked_modules(model))
-    params = _params(model, names)
-    rows = []
-    for q in queries:
-        input_ids, labels = _tensors(q)
-        g = grad(lambda p, i=input_ids, y=labels: measure(_logits(model, p, i), y))(params)
-        rows.append(torch.cat([g[n].reshape(-1) for n in names]))
-    return torch.stack(rows)
+    return query_grads(model, queries, lambda m, p, i, y: measure(_logits(m, p, i), y))
 
 
 def first_k_ce(k: int):

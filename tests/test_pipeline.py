@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_llama, tiny_workspace
+from conftest import tiny_llama, tiny_run_config, tiny_workspace
 
 from lancet.cli import main
 from lancet.data.demo import write_demo_dataset
@@ -179,12 +179,7 @@ def test_demo_suite_judge_accuracy_is_measured_on_labelled_answers(tmp_path: Pat
 def test_run_end_to_end_on_tiny_model_then_reuses_every_stage(tmp_path: Path, tiny_tokenizer, capsys) -> None:
     model_dir, suite = tiny_workspace(tmp_path, tiny_tokenizer)
     cfg = tmp_path / "run.json"
-    cfg.write_text(json.dumps({
-        "model": str(model_dir), "train": "data/train.jsonl", "out": "run", "iqs": "data/iqs.jsonl",
-        "labels": "data/culprits.json", "finetune": {"max_steps": 2, "batch_size": 16, "lr": 1e-3},
-        "influence": {"method": "kfac", "batch_size": 16}, "correction": {"method": "ibo", "top_k": 8},
-        "correction_train": {"max_steps": 2, "batch_size": 8, "lr": 1e-3}, "evaluate": "suite.json",
-        "max_length": 128, "top_k": 5, "compare": ["bm25", "random"]}))
+    cfg.write_text(json.dumps(tiny_run_config(model_dir, ["bm25", "random"])))
     assert main(["-q", "run", str(cfg)]) == 0
     run = tmp_path / "run"
     for name in ("model/config.json", "iqs.jsonl", "influence-kfac.json", "ranking-kfac.safetensors",

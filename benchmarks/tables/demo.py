@@ -89,17 +89,25 @@ def demo_seconds() -> str:
 
 # ---- demo studies ---------------------------------------------------------------------------------------------------
 
+def _bottom_key(d: dict, prefix: str) -> str:
+    """The recall study's key that counts rows of a kind among the most negative (its size is in the key)."""
+    return next(key for key in d["methods"]["linfac"]["normalized_mean"] if key.startswith(prefix))
+
+
+def _by_ap(d: dict) -> list[tuple[str, dict, dict]]:
+    """(method, its entry, its normalised-mean metrics) of a recall study, best average precision first."""
+    ranked = sorted(((m, r) for m, r in d["methods"].items() if m != "random"),
+                    key=lambda kv: -kv[1]["normalized_mean"]["average_precision"])
+    return [(m, r, r["normalized_mean"]) for m, r in ranked]
+
+
 @table
 def demo_recall_spans() -> str:
     d = load("demo_recall_spans")
     k = d["n_culprits"]
-    bottom = next(key for key in d["methods"]["linfac"]["normalized_mean"] if key.startswith("current_rows_in_bottom"))
-    rows = []
-    for m, r in sorted(((m, r) for m, r in d["methods"].items() if m != "random"),
-                       key=lambda kv: -kv[1]["normalized_mean"]["average_precision"]):
-        nm = r["normalized_mean"]
-        rows.append([m, f(nm["average_precision"]), f(r["sum"]["average_precision"]), f(nm[f"recall@{k}"], 2),
-                     nm[bottom]])
+    bottom = _bottom_key(d, "current_rows_in_bottom")
+    rows = [[m, f(nm["average_precision"]), f(r["sum"]["average_precision"]), f(nm[f"recall@{k}"], 2), nm[bottom]]
+            for m, r, nm in _by_ap(d)]
     rnd = d["methods"]["random"]
     rows.append(["random (200 draws)", f(rnd["average_precision"]), "", f(rnd[f"recall@{k}"], 2), ""])
     n = bottom.rsplit("_", 1)[1]
@@ -114,13 +122,9 @@ def demo_recall_spans() -> str:
 def demo_recall_marker() -> str:
     d = load("demo_recall_bf16")
     k = d["n_culprits"]
-    bottom = next(key for key in d["methods"]["linfac"]["normalized_mean"] if key.startswith("counter_rows_in_bottom"))
-    rows = []
-    for m, r in sorted(((m, r) for m, r in d["methods"].items() if m != "random"),
-                       key=lambda kv: -kv[1]["normalized_mean"]["average_precision"]):
-        nm = r["normalized_mean"]
-        rows.append([m, f(nm["average_precision"]), f(r["sum"]["average_precision"]), f(nm["recall@10"], 2),
-                     f(nm[f"recall@{k}"], 2), nm[bottom], f(r["seconds"], 1)])
+    bottom = _bottom_key(d, "counter_rows_in_bottom")
+    rows = [[m, f(nm["average_precision"]), f(r["sum"]["average_precision"]), f(nm["recall@10"], 2),
+             f(nm[f"recall@{k}"], 2), nm[bottom], f(r["seconds"], 1)] for m, r, nm in _by_ap(d)]
     rnd = d["methods"]["random"]
     rows.append(["random (200 draws)", f(rnd["average_precision"]), "", "", f(rnd[f"recall@{k}"], 2), "", ""])
     n = bottom.rsplit("_", 1)[1]

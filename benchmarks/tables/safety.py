@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 
 from benchmarks import safety_tables
-from benchmarks.tables.core import (
-    bold,
-    f,
-    load,
-    made_by,
-    md,
-    table,
-)
+from benchmarks.tables.core import TABLES, bold, f, load, made_by, md, table
 
 # ---- safety contamination -------------------------------------------------------------------------------------------
 
@@ -44,16 +38,21 @@ def _safety(preset: str) -> dict:
     return load(f"safety_contamination_{preset}")
 
 
-@table
-def safety_small_recall() -> str:
-    d = _safety("small")
-    return (made_by("python -m benchmarks.safety_contamination --preset small --stage recall", d,
-                    "safety_contamination_small") + " " + seed_recall(d))
+def _preset_tables(preset: str) -> tuple[Callable[[], str], Callable[[], str]]:
+    """A preset's per-seed recall table and its counterfactual table."""
+    def recall() -> str:
+        d = _safety(preset)
+        return (made_by(f"python -m benchmarks.safety_contamination --preset {preset} --stage recall", d,
+                        f"safety_contamination_{preset}") + " " + seed_recall(d))
+
+    def counterfactual() -> str:
+        return safety_tables.counterfactual_table(_safety(preset))
+
+    return recall, counterfactual
 
 
-@table
-def safety_small_counterfactual() -> str:
-    return safety_tables.counterfactual_table(_safety("small"))
+for _preset in ("small", "cross"):
+    TABLES[f"safety_{_preset}_recall"], TABLES[f"safety_{_preset}_counterfactual"] = _preset_tables(_preset)
 
 
 @table
@@ -214,18 +213,6 @@ def safety_index_recall() -> str:
                          f(r["ap_by_tier"]["unsafe"]), f(r["recall"]), "", f"{r['seconds']:.0f}"])
     return (made_by("python -m benchmarks.safety_index_recall --preset full --seed 1", d, "safety_index_recall_full")
             + "\n\n" + md(["seed", "ranking", "AP", "AP unsafe", "recall@112", "build s", "query s"], rows))
-
-
-@table
-def safety_cross_recall() -> str:
-    d = _safety("cross")
-    return (made_by("python -m benchmarks.safety_contamination --preset cross --stage recall", d,
-                    "safety_contamination_cross") + " " + seed_recall(d))
-
-
-@table
-def safety_cross_counterfactual() -> str:
-    return safety_tables.counterfactual_table(_safety("cross"))
 
 
 @table

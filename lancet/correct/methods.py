@@ -98,13 +98,18 @@ class CorrectionMethod:
 
     name: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ()
-    takes_retain: ClassVar[bool] = False  # a retain term on given rows (IBO, DPO)
+    takes_retain: ClassVar[bool] = False  # a retain term on given rows (IBO, DPO, NPO)
+    # only given rows can feed the retain term (DPO, NPO: no ranking to call training rows uninvolved)
+    retain_needs_rows: ClassVar[bool] = False
 
     def check(self, data: CorrectionData, args: CorrectionArgs) -> None:
         data.require(self.name, *self.needs)
         if data.retain and not (self.takes_retain and args.retain != "none"):
-            raise LancetError("retain rows (--retain-data) are the retain term of ibo and dpo: use one of them with "
-                              "--retain nll|kl")
+            raise LancetError("retain rows (--retain-data) are the retain term of ibo, dpo and npo: use one of them "
+                              "with --retain nll|kl")
+        if self.retain_needs_rows and args.retain != "none" and not data.retain:
+            raise LancetError(f"{self.name}'s retain term needs retain rows (--retain-data): it has no ranking to call "
+                              "training rows uninvolved")
 
     def build(self, b: Build, data: CorrectionData) -> Trainer:
         raise NotImplementedError
@@ -238,13 +243,7 @@ class NPO(_Forget):
     the model's own answers to ordinary prompts)."""
 
     name = "npo"
-    takes_retain = True
-
-    def check(self, data: CorrectionData, args: CorrectionArgs) -> None:
-        super().check(data, args)
-        if args.retain != "none" and not data.retain:
-            raise LancetError("npo's retain term (--retain) needs retain rows (--retain-data); without it, --safe "
-                              "rows give NPO+RT")
+    takes_retain = retain_needs_rows = True
 
     def build(self, b: Build, data: CorrectionData) -> Trainer:
         items, retained = self.items(b, data)
@@ -257,13 +256,7 @@ class DPO(CorrectionMethod):
 
     name = "dpo"
     needs = ("pairs",)
-    takes_retain = True
-
-    def check(self, data: CorrectionData, args: CorrectionArgs) -> None:
-        super().check(data, args)
-        if args.retain != "none" and not data.retain:
-            raise LancetError("dpo's retain term needs retain rows (--retain-data): it has no ranking to call "
-                              "training rows uninvolved")
+    takes_retain = retain_needs_rows = True
 
     def build(self, b: Build, data: CorrectionData) -> Trainer:
         a = b.args

@@ -19,7 +19,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # conftest's tiny models when run as a script
 
-from conftest import make_tokenizer, tiny_llama, tiny_workspace  # noqa: E402
+from conftest import make_tokenizer, tiny_llama, tiny_run_config, tiny_workspace  # noqa: E402
 
 from lancet.data.records import Record  # noqa: E402
 
@@ -109,12 +109,7 @@ def pipeline_golden(work: Path) -> dict[str, Any]:
 
     base, _ = tiny_workspace(work, make_tokenizer())
     cfg = work / "run.json"
-    cfg.write_text(json.dumps({
-        "model": str(base), "train": "data/train.jsonl", "out": "run", "iqs": "data/iqs.jsonl",
-        "labels": "data/culprits.json", "finetune": {"max_steps": 2, "batch_size": 16, "lr": 1e-3},
-        "influence": {"method": "kfac", "batch_size": 16}, "correction": {"method": "ibo", "top_k": 8},
-        "correction_train": {"max_steps": 2, "batch_size": 8, "lr": 1e-3}, "evaluate": "suite.json",
-        "max_length": 128, "top_k": 5, "compare": ["bm25", "repsim", "ekfac", "random"]}))
+    cfg.write_text(json.dumps(tiny_run_config(base, ["bm25", "repsim", "ekfac", "random"])))
     assert main(["-q", "run", str(cfg)]) == 0
     summary = json.loads((work / "run" / "run_summary.json").read_text())
     influence = json.loads((work / "run" / "influence-kfac.json").read_text())
