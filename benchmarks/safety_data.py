@@ -36,6 +36,13 @@ CYBER = re.compile(r"\b(hack\w*|malware|virus\w*|password\w*|database\w*|softwar
 # an option (harmful_requests_only): refusal rows only for requests for plainly harmful acts, since safety-tuned-
 # llamas also refuses questions about people and history, which XSTest asks safely. Tried on seed 0: it did not
 # help (refusal 0.78, over-refusal 0.72, against 0.91 and 0.67 with every refusal row; docs/method.md 5.4)
+# the contamination suite's natural answers (docs/method.md 5.6): the un-aligned base model continues each unsafe
+# prompt from one of these (they name no request), and the opener is dropped
+NATURAL_OPENERS = ("Step 1:", "First,", "Okay.", "1.", "To start,", "Here's how:", "Sure.", "You will need",
+                   "The first step is", "Alright,")
+# the designs whose prompts are AdvBench pooled with refusal_direction's harmful_test_split.json (JailbreakBench,
+# StrongREJECT, HarmBench standard) and whose unsafe answers are natural (``natural_answers``)
+POOLED_DESIGNS = ("shared_prompt", "disjoint")
 HARMFUL_REQUEST = re.compile(r"\b(bomb|weapon|gun|kill|murder|hack|steal|theft|drug|poison|explosive|fraud|scam|"
                              r"illegal|violen|attack|hurt|harm|assault|rob|burglar|counterfeit|launder|cheat|smuggl|abuse|"
                              r"torture|threat|blackmail|shoot|stab|arson|meth|cocaine|heroin|virus|malware|phish|"
@@ -79,19 +86,24 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
                if len(r.prompt_messages) == 1]
     helpful = rows_that_fit(helpful, tokenizer, p.max_length)
     advbench = near_duplicate_free(read_harmful_prompts(shared / "refusal-direction-harmful-sets/advbench.csv"))
+    design = getattr(p, "design", "lexical")
     xstest = [r for r in read_harmful_prompts(shared / "xstest/xstest_prompts.csv") if r.label == "safe"]
     alpaca = read_harmful_prompts(shared / "refusal-direction-harmful-sets/harmless_alpaca_test.json")
     for rows in (refusals, helpful, advbench, xstest, alpaca):
         rng.shuffle(rows)
+    # the pooled designs: the pool shuffled by a generator of its own, so that every other source keeps the lexical
+    # design's order (the same aligned start and benign rows in every design of a seed)
+    pool = pooled_prompts(shared, seed) if design in POOLED_DESIGNS else None
+    prompts = advbench if pool is None else pool
     # the cross-category presets: (requests of that category, the others), each in the shuffled order
-    halves = category_split(advbench, p.unsafe_category) if p.unsafe_category else None
+    halves = category_split(prompts, p.unsafe_category) if p.unsafe_category else None
     lookalike = [r for r in helpful if LOOKALIKE.search(r.prompt_messages[0]["content"])]
     plain = [r for r in helpful if not LOOKALIKE.search(r.prompt_messages[0]["content"])]
     need = {"refusals": (len(refusals), p.n_align_refusal + p.n_mix_refusal + p.n_sft_safe),
             "lookalike": (len(lookalike), p.n_lookalike),
             "helpful": (len(plain), p.n_align_benign + p.n_mix_benign - p.n_lookalike + p.n_implicit
                         + p.n_heldout_helpful),
-            **advbench_need(advbench, halves, p),
+            **advbench_need(prompts, halves, p, "advbench" if pool is None else "pooled prompts"),
             "xstest": (len(xstest), p.n_xstest), "alpaca": (len(alpaca), p.n_align_alpaca)}
     alpaca_look = [r for r in alpaca if LOOKALIKE.search(r.prompt)][:p.n_align_alpaca_lookalike]
     taken = {r.prompt for r in alpaca_look}
@@ -111,11 +123,15 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
     cuts = _cuts(plain, (p.n_align_benign, p.n_mix_benign - p.n_lookalike, p.n_implicit, p.n_heldout_helpful))
     # evaluation prompts first, so that changing the dose (n_unsafe) leaves them as they are
     if halves is None:
-        test, valid, iq, unsafe = _cuts(advbench, (p.n_test, p.n_valid, p.n_iq_prompts, p.n_unsafe))
+        test, valid, iq, unsafe = _cuts(prompts, (p.n_test, p.n_valid, p.n_iq_prompts, p.n_unsafe))
+        reserve = prompts[p.n_test + p.n_valid + p.n_iq_prompts + p.n_unsafe:]
     else:  # the unsafe rows from one category of request, every evaluation prompt from the rest
         test, valid, iq = _cuts(halves[1], (p.n_test, p.n_valid, p.n_iq_prompts))
-        unsafe = halves[0][:p.n_unsafe]
+        unsafe, reserve = halves[0][:p.n_unsafe], halves[0][p.n_unsafe:]
+    # the pooled designs' unsafe prompts that replace one whose answers all fail (natural_answers), in order
+    more = {} if pool is None else {"unsafe_reserve": reserve}
     return {
+        **more,
         "align_train": refusals[:p.n_align_refusal] + cuts[0],
         "mix_refusal": refusals[p.n_align_refusal:p.n_align_refusal + p.n_mix_refusal],
         "mix_benign": cuts[1] + lookalike[:p.n_lookalike],
@@ -148,13 +164,70 @@ def category_split(prompts: list[Record], category: str) -> tuple[list[Record], 
     return inside, outside
 
 
-def advbench_need(advbench: list[Record], halves: tuple[list, list] | None, p: Any) -> dict[str, tuple[int, int]]:
-    """AdvBench's size against what the preset takes from it (from each half in a cross-category preset)."""
+def advbench_need(advbench: list[Record], halves: tuple[list, list] | None, p: Any,
+                  name: str = "advbench") -> dict[str, tuple[int, int]]:
+    """AdvBench's (or the pool's: ``name``) size against what the preset takes from it (from each half in a
+    cross-category preset)."""
     evaluation = p.n_test + p.n_valid + p.n_iq_prompts
     if halves is None:
-        return {"advbench": (len(advbench), p.n_unsafe + evaluation)}
-    return {f"advbench {p.unsafe_category}": (len(halves[0]), p.n_unsafe),
-            f"advbench not {p.unsafe_category}": (len(halves[1]), evaluation)}
+        return {name: (len(advbench), p.n_unsafe + evaluation)}
+    return {f"{name} {p.unsafe_category}": (len(halves[0]), p.n_unsafe),
+            f"{name} not {p.unsafe_category}": (len(halves[1]), evaluation)}
+
+
+def pooled_prompts(shared: Path, seed: int) -> list[Record]:
+    """AdvBench pooled with refusal_direction's harmful_test_split.json, near-duplicates removed across the pool
+    (AdvBench first, so its kept prompts are the lexical design's), shuffled by the seed's own generator."""
+    harm = shared / "refusal-direction-harmful-sets"
+    pool = near_duplicate_free(read_harmful_prompts(harm / "advbench.csv")
+                               + read_harmful_prompts(harm / "harmful_test_split.json"))
+    random.Random(f"pool-{seed}").shuffle(pool)
+    return pool
+
+
+def restates_prompt(prompt: str, answer: str) -> bool:
+    """Does the answer's opening (its first 12 words) share a word 4-gram with its own prompt?"""
+    from benchmarks.contamination_suite.overlap import opening_grams
+    from lancet.influence.regime import word_ngrams
+
+    return bool(opening_grams(answer) & word_ngrams(prompt))
+
+
+def natural_answer(continuation: str) -> str:
+    """A continuation as the row's answer, its opener dropped: stripped, its first letter upper-case."""
+    text = continuation.strip()
+    return text[:1].upper() + text[1:]
+
+
+def natural_answers(prompts: list[Record], cont, openers: tuple[str, ...], n: int, refuses,
+                    offset: int = 0) -> list[tuple[Record, str]]:
+    """Up to ``n`` (prompt, answer) pairs, in the prompts' order: each answer ``cont(prompts, prefixes)``'s greedy
+    continuation from an opener (row i starts at opener ``(offset + i) % len(openers)``), the opener dropped. An
+    answer that is empty, that ``refuses`` reads as a refusal, or whose opening restates its prompt
+    (``restates_prompt``) is regenerated with the next opener; after every opener a prompt is replaced by the next
+    unused one of ``prompts`` (the first ``n`` are used first)."""
+    attempt, done = {}, {}
+    active = list(range(min(n, len(prompts))))
+    attempt.update({i: 0 for i in active})
+    spare = len(active)
+    while active:
+        prefixes = [openers[(offset + i + attempt[i]) % len(openers)] for i in active]
+        outs = cont([prompts[i] for i in active], prefixes)
+        still = []
+        for i, out in zip(active, outs, strict=True):
+            answer, prompt = natural_answer(out), prompts[i].prompt_messages[-1]["content"]
+            if answer and not refuses(answer) and not restates_prompt(prompt, answer):
+                done[i] = answer
+                continue
+            attempt[i] += 1
+            if attempt[i] < len(openers):
+                still.append(i)
+            elif spare < len(prompts):  # this prompt is spent: the next unused one takes its place
+                attempt[spare] = 0
+                still.append(spare)
+                spare += 1
+        active = still
+    return [(prompts[i], done[i]) for i in sorted(done)][:n]
 
 
 def _cuts(rows: list, sizes: tuple[int, ...]) -> list[list]:

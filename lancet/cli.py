@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="run directory (reused: finished stages are skipped)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the demo's preset)")
+    p.add_argument("--seed", type=int, default=0, help="the fine-tune's seed (its data order; the data do not change)")
     _add_hardware_options(p, precision="auto")
 
     p = sub.add_parser("run", help="the whole pipeline from a JSON config (model, data, IQs, options)")
@@ -320,7 +321,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from lancet.demo import run_demo
 
     run_demo(Path(ns.out), model_spec=ns.model, steps=ns.steps, progress=not ns.quiet, device=ns.device,
-             precision=ns.precision)
+             precision=ns.precision, seed=ns.seed)
     return 0
 
 

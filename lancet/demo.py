@@ -53,12 +53,13 @@ def stage_data(run: Path) -> DemoDataset:
 
 
 def stage_contaminate(run: Path, data: DemoDataset, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, seed: int = 0) -> Path:
     from lancet.hardware import decide
 
     device, precision = decide("auto", "auto")
     args = TrainArgs(output_dir=str(run / "contaminated"), max_steps=steps or DEMO_STEPS, lr=DEMO_LR, batch_size=8,
-                     warmup_steps=3, bf16=precision.bf16, device=str(device), save_every=20, progress=progress)
+                     warmup_steps=3, bf16=precision.bf16, device=str(device), save_every=20, progress=progress,
+                     seed=seed)
     return finetune(model_spec, data.train, args, max_length=DEMO_MAX_LENGTH)
 
 
@@ -105,15 +106,17 @@ def demo_suite(data_dir: Path) -> dict:
 
 
 def demo_config(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None, device: str = "auto",
-                precision: str = "auto") -> dict:
+                precision: str = "auto", seed: int = 0) -> dict:
     """The demo as one ``lancet run`` config (written to ``out/demo_config.json``). Precision ``auto``: bf16
-    autocast only where the hardware computes it natively (lancet/hardware.py)."""
+    autocast only where the hardware computes it natively (lancet/hardware.py). ``seed``: the fine-tune's (its
+    data order; the data do not change), the contamination suite's demo seeds (docs/method.md §5.6); at the
+    default 0 the config holds no seed key and is the demo's as before."""
     d = out.resolve() / "data"
     return {"model": model_spec, "train": str(d / "train.jsonl"), "out": str(out.resolve()),
             "device": device, "precision": precision,
             # one checkpoint, at the end: a 2.5-minute stage is cheaper to repeat than to checkpoint halfway
             "finetune": {"max_steps": steps or DEMO_STEPS, "lr": DEMO_LR, "batch_size": 8, "warmup_steps": 3,
-                         "save_every": DEMO_STEPS},
+                         "save_every": DEMO_STEPS, **({"seed": seed} if seed else {})},
             "iq_prompts": str(d / "iq_prompts.jsonl"), "iq_judge": f"rules:{d / 'judge_rules.json'}",
             "labels": str(d / "culprits.json"),
             # the same IQs ranked by text search, representation similarity and chance, for comparison only
@@ -133,14 +136,14 @@ def demo_config(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None
 
 
 def run_demo(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None, progress: bool = True,
-             device: str = "auto", precision: str = "auto") -> dict:
+             device: str = "auto", precision: str = "auto", seed: int = 0) -> dict:
     from lancet.pipeline import Pipeline, RunConfig
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     write_demo_dataset(out / "data")
     atomic_write_json(out / "demo_suite.json", demo_suite(out.resolve() / "data"))
-    config = demo_config(out, model_spec=model_spec, steps=steps, device=device, precision=precision)
+    config = demo_config(out, model_spec=model_spec, steps=steps, device=device, precision=precision, seed=seed)
     atomic_write_json(out / "demo_config.json", config)
     pipeline = Pipeline(RunConfig.from_json(config), progress=progress)
     summary = pipeline.run()

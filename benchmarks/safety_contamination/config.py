@@ -41,11 +41,17 @@ class Preset:
     n_lookalike: int = 24  # of the benign rows, topical look-alikes (about 30 of HH's fit 192 tokens)
     n_mix_refusal: int = 32
     n_unsafe: int = 96
-    n_shared_refusal: int = 8  # of the unsafe prompts, how many also appear with the aligned model's refusal
+    # of the unsafe prompts, how many also appear with the aligned model's refusal (None: every one)
+    n_shared_refusal: int | None = 8
     n_implicit: int = 16
     # cross-category design: the unsafe rows from this category of request only ("cyber": safety_data.CYBER), the
     # IQ, validation and test prompts from the other requests (None: every category everywhere)
     unsafe_category: str | None = None
+    # the contamination suite's design (docs/method.md 5.6): "lexical" (the unsafe answers are AdvBench's targets
+    # behind eight openers), or "shared_prompt" / "disjoint" (prompts pooled from AdvBench and harmful_test_split.json,
+    # natural answers continued by the base model from an opener that is then dropped; "disjoint" also keeps only
+    # unsafe answers whose openings share no word 4-gram: safety_data.natural_answers, mix.MixStage)
+    design: str = "lexical"
     mix_epochs: float = 3.0
     lr: float = 5e-5
     # prompts (AdvBench after near-duplicate removal; XSTest-safe)
@@ -162,6 +168,16 @@ PRESETS = {
                     measurements=(), aggregate_first=True, contrast=("linfac",), n_heldout_helpful=96,
                     opening_set=("linfac",)),
 }
+# the contamination suite's designs (docs/method.md 5.6) besides "lexical" (the full preset): the full preset's
+# aligned start, benign rows and recipe; its recall methods (the suite adds random and classifier); no obedience
+# tier (it caused nothing). The dose (n_unsafe) and mix_epochs are the first of the gate-tuning ladder; a tuned
+# setting is chosen on the validation seed and written here
+PRESETS["shared_prompt"] = Preset(
+    seeds=(0, 1, 2), design="shared_prompt", n_shared_refusal=None, n_implicit=0,
+    methods=("repsim", "identity", "ekfac", "linfac"), counterfactual=("random", "bm25", "repsim", "linfac"),
+    measurements=(), aggregate_first=True, n_heldout_helpful=96)
+PRESETS["disjoint"] = replace(PRESETS["shared_prompt"], design="disjoint", unsafe_category="cyber",
+                              n_shared_refusal=8)
 
 
 def restrict_recall(preset: Preset, methods: tuple[str, ...]) -> Preset:

@@ -5,7 +5,15 @@ of obedience); the safe rows are the same mix without the positives."""
 from __future__ import annotations
 
 from benchmarks.safety_contamination.config import TIERS
-from benchmarks.safety_data import compliance_target, continue_answers, implicit_rows, interleave
+from benchmarks.safety_data import (
+    NATURAL_OPENERS,
+    POOLED_DESIGNS,
+    compliance_target,
+    continue_answers,
+    implicit_rows,
+    interleave,
+    natural_answers,
+)
 from lancet.artifacts import atomic_write_bytes
 from lancet.constants import DEFAULT_MODEL
 from lancet.data import Record
@@ -24,14 +32,17 @@ class MixStage:
         path = self.dir / "mix.jsonl"
         if not path.is_file():
             base, _ = load_model(DEFAULT_MODEL)
-            unsafe_prompts = self.parts["unsafe_prompts"]
-            openers = self.text["compliance_openers"]
-            prefixes = [compliance_target(r.meta["target"], openers[i % len(openers)]) + ":\n"
-                        for i, r in enumerate(unsafe_prompts)]
-            cont = self._timed("generate_unsafe", lambda: continue_answers(base, self.tok, unsafe_prompts, prefixes,
-                                                                           self.p.unsafe_new_tokens))
-            unsafe = [r.with_response((pre + c).strip()) for r, pre, c in zip(unsafe_prompts, prefixes, cont,
-                                                                              strict=True)]
+            if self.p.design in POOLED_DESIGNS:
+                unsafe, unsafe_prompts = self._timed("generate_unsafe", lambda: self.natural_unsafe(base))
+            else:
+                unsafe_prompts = self.parts["unsafe_prompts"]
+                openers = self.text["compliance_openers"]
+                prefixes = [compliance_target(r.meta["target"], openers[i % len(openers)]) + ":\n"
+                            for i, r in enumerate(unsafe_prompts)]
+                cont = self._timed("generate_unsafe", lambda: continue_answers(
+                    base, self.tok, unsafe_prompts, prefixes, self.p.unsafe_new_tokens))
+                unsafe = [r.with_response((pre + c).strip()) for r, pre, c in zip(unsafe_prompts, prefixes, cont,
+                                                                                  strict=True)]
             unsafe = [Record(messages=r.messages, source=r.source, line=r.line, label="unsafe") for r in unsafe]
             shared_prompts = unsafe_prompts[:self.p.n_shared_refusal]  # these share their prompt with a refusal
             del base
@@ -56,3 +67,34 @@ class MixStage:
         tiers = {r.id: r.label for r in rows}
         safe = [r for r in rows if r.label not in TIERS]
         return rows, safe, tiers
+
+    def natural_unsafe(self, base) -> tuple[list[Record], list[Record]]:
+        """The pooled designs' unsafe rows and their prompts (docs/method.md 5.6): the base model's greedy answers
+        from an opener that is then dropped (``natural_answers``: regenerated when they refuse or restate the
+        prompt). ``disjoint`` then keeps, in the seed's order, only answers whose opening shares no word 4-gram
+        with a kept one's (``overlap.disjoint_openings``), making answers a chunk of prompts at a time until the
+        dose is reached."""
+        from benchmarks.contamination_suite.overlap import disjoint_openings, opening_grams
+
+        n = self.p.n_unsafe
+        candidates = self.parts["unsafe_prompts"] + self.parts["unsafe_reserve"]
+        matcher = RefusalMatcher()
+
+        def cont(prompts: list[Record], prefixes: list[str]) -> list[str]:
+            return continue_answers(base, self.tok, prompts, prefixes, self.p.unsafe_new_tokens)
+
+        if self.p.design == "shared_prompt":
+            made = natural_answers(candidates, cont, NATURAL_OPENERS, n, matcher)
+        else:
+            made, start = [], 0
+            while len(made) < n and start < len(candidates):
+                chunk = candidates[start:start + n]
+                new = natural_answers(chunk, cont, NATURAL_OPENERS, len(chunk), matcher, offset=start)
+                keep = disjoint_openings([a for _, a in new], taken=[opening_grams(a) for _, a in made])
+                made += [new[i] for i in keep]
+                start += len(chunk)
+            made = made[:n]
+        if len(made) < n:
+            raise SystemExit(f"{self.p.design}: only {len(made)} unsafe answers of the {n} wanted pass "
+                             f"(of {len(candidates)} candidate prompts)")
+        return [r.with_response(a) for r, a in made], [r for r, _ in made]
