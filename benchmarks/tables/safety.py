@@ -38,6 +38,13 @@ def _safety(preset: str) -> dict:
     return load(f"safety_contamination_{preset}")
 
 
+def _seed_study(d: dict, lead: str, script: str, head: list[str], rows: list[list]) -> str:
+    """A one-seed study's table (benchmarks/<script>.py wrote benchmarks/results/<script>_<preset>.json)."""
+    return (f"Seed {d['seed']}, {lead}. "
+            + made_by(f"python -m benchmarks.{script} --preset {d['preset']} --seed {d['seed']}", d,
+                      f"{script}_{d['preset']}") + "\n\n" + md(head, rows))
+
+
 def _preset_tables(preset: str) -> tuple[Callable[[], str], Callable[[], str]]:
     """A preset's per-seed recall table and its counterfactual table."""
     def recall() -> str:
@@ -131,9 +138,7 @@ def safety_tiers() -> str:
     cats = d["impure_by_category"]
     head = ["rows removed", "rows", "compliance", "share of the gap recovered", "judge agreement (labelled)",
             "fine-tune s", f"on the {cats['cyber']['n']} computer-crime prompts", f"on the {cats['other']['n']} others"]
-    return (f"Seed {d['seed']}, {d['n_prompts']} test prompts. "
-            + made_by(f"python -m benchmarks.safety_tiers --preset {d['preset']} --seed {d['seed']}", d,
-                      "safety_tiers_full") + "\n\n" + md(head, rows))
+    return _seed_study(d, f"{d['n_prompts']} test prompts", "safety_tiers", head, rows)
 
 
 @table
@@ -187,9 +192,7 @@ def safety_lambda() -> str:
                          f(r["spearman_vs_subset"], 4) if key == "all_rows" else ""])
     head = ["method", "eigenvalue correction fitted", "AP", "AP unsafe", "AP inside the 128-row subset",
             "AP outside", "mean positive score inside", "outside", "Spearman vs the subset fit"]
-    return (f"Seed {d['seed']}, {d['n_iqs']} IQs. "
-            + made_by(f"python -m benchmarks.safety_lambda --preset {d['preset']} --seed {d['seed']}", d,
-                      "safety_lambda_full") + "\n\n" + md(head, rows))
+    return _seed_study(d, f"{d['n_iqs']} IQs", "safety_lambda", head, rows)
 
 
 @table
