@@ -5,13 +5,15 @@ with intervals that can tell methods apart.
 
     .venv/bin/python -m benchmarks.contamination_suite write          # the suite JSON from the committed stages
     .venv/bin/python -m benchmarks.contamination_suite import-lexical  # stage files of the committed lexical seeds
+    .venv/bin/python -m benchmarks.contamination_suite run --design D --seed S --stage gate|recall|counterfactual|tune
 
 - ``designs``: the four designs, their validation and reported seeds;
 - ``stats``: the paired bootstrap (AP, recall@|P|, AP per tier), the elbow k, the recovered share's interval;
 - ``overlap``: the opening 4-gram check and the AP without overlapping culprits;
 - ``gate``: a design's causation gate over its reported seeds;
 - ``stages``: the committed per-(design, seed, stage) JSON files a later session resumes from;
-- ``suite``: the selection on validation seeds, the suite JSON and its schema's validator.
+- ``suite``: the selection on validation seeds, the suite JSON and its schema's validator;
+- ``runner``: one (design, seed, stage) from the safety benchmark's ``Run``, written as its stage file.
 """
 
 from benchmarks.contamination_suite.designs import DESIGNS, Design

@@ -1,4 +1,5 @@
-"""``python -m benchmarks.contamination_suite {write,import-lexical}`` (the package docstring says what each does)."""
+"""``python -m benchmarks.contamination_suite {write,import-lexical,run}`` (the package docstring says what each does;
+``run``: benchmarks/contamination_suite/runner.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,22 @@ import json
 from pathlib import Path
 
 from benchmarks.common import RESULTS
+from benchmarks.contamination_suite.runner import add_arguments, run_command
 from benchmarks.contamination_suite.stages import STAGE_DIR, from_committed, read_stage, write_stage
 from benchmarks.contamination_suite.suite import SUITE, build_suite, write_suite
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.contamination_suite")
-    parser.add_argument("command", choices=("write", "import-lexical"))
+    parser.add_argument("command", choices=("write", "import-lexical", "run"))
     parser.add_argument("--stages", default=str(STAGE_DIR), help="the stage files' folder")
     parser.add_argument("--out", default=str(SUITE))
-    ns = parser.parse_args()
+    add_arguments(parser)  # run's options
+    ns = parser.parse_args(argv)
     root = Path(ns.stages)
+    if ns.command == "run":
+        run_command(ns, root)
+        return
     if ns.command == "import-lexical":
         result = json.loads((RESULTS / "safety_contamination_full.json").read_text())
         for stage in from_committed(result, "lexical"):

@@ -40,6 +40,9 @@ class Run(AlignedStage, MixStage, GateStage, RecallStage, IqStage, Counterfactua
         self.labels = json.loads(LABELS.read_text())["labels"] if LABELS.is_file() else {}
         self.judge = RefusalMatcher()
         self.seconds: dict[str, float] = {}
+        # the fine-tunes' seed (their data order): the seed's own, unless a caller retrains at another order (the
+        # contamination suite's second counterfactual training order, docs/method.md 5.6)
+        self.train_seed = seed
 
     def _timed(self, name: str, fn):
         t0 = time.perf_counter()
@@ -49,7 +52,7 @@ class Run(AlignedStage, MixStage, GateStage, RecallStage, IqStage, Counterfactua
 
     def finetune(self, name: str, base: str, rows: list[Record], epochs: float) -> str:
         args = TrainArgs(output_dir=str(self.dir / name), epochs=epochs, lr=self.p.lr, batch_size=8,
-                         warmup_steps=5, bf16=config.BF16, seed=self.seed, save_every=20, progress=self.progress)
+                         warmup_steps=5, bf16=config.BF16, seed=self.train_seed, save_every=20, progress=self.progress)
         return str(self._timed(f"finetune_{name}", lambda: finetune(base, rows, args, max_length=self.p.max_length)))
 
     def answers(self, model_name: str, model, prompts: list[Record], set_name: str,

@@ -1,0 +1,294 @@
+"""One (design, seed, stage) of the suite from the safety benchmark's machinery (docs/method.md §5.6), written as the
+stage file a later session commits and resumes from:
+
+    .venv/bin/python -m benchmarks.contamination_suite run --design shared_prompt --seed 3 --stage recall
+
+- ``gate``: the seed's aligned start, mix, safe and impure models and the causation gate (``gate.gate_stage``);
+  rerun with ``--force`` after hand labels are merged (the answers are cached, so it costs seconds then).
+- ``recall``: the gate (its stage file too, if missing), then every ranking of the suite's methods
+  (``SUITE_METHODS`` through ``Run.recall``, aggregate first; bm25 and bm25_prompt; ``random``, the same seeded
+  uniform draw as the benchmark's counterfactual; ``classifier``, the judge's verdict on each training row's answer
+  plus a seeded uniform in [0, 0.5)), the hashed openings and each ranking's regime readout (``stages.recall_stage``).
+- ``counterfactual`` (the design's first reported seed only): retrain from the aligned start without the top-k rows
+  of each ranking the suite asks for (``suite.counterfactual_ks``: k = |P| for random, bm25, repsim and the method
+  selected on the validation seeds' committed recall stages; |P|/2 and the elbow for the selected one), at both
+  training orders (``Design.retrain_seeds``; the impure and safe models are retrained at the second too); each
+  model is recorded as soon as it is measured (``stages.record_retrained``) and skipped when already recorded, so
+  ``--retrain-seed`` and ``--limit`` cut the stage into runs of under 2 h.
+- ``tune`` (validation seeds only): the impure and safe models at ``--n-unsafe`` / ``--mix-epochs`` and their
+  compliance on the *validation* prompts, appended to ``<stages>/<design>/tuning.json`` (the gate-tuning ladder).
+
+Models live in ``runs/suite_<design>/seed<S>/`` (precision pinned per design by ``precision.json``), rebuilt from the
+seed when gone; a tuning setting in ``runs/suite_<design>/tune_u<N>_e<E>/seed<S>/`` (its mix depends on the dose).
+The ``demo`` design is not a safety run: its seeds are ``lancet demo --seed S``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.contamination_suite.designs import COUNTERFACTUAL_METHODS, DESIGNS, K_ELBOW, K_FULL, K_HALF
+from benchmarks.contamination_suite.gate import gate_stage
+from benchmarks.contamination_suite.stages import (
+    STAGE_DIR,
+    has_retrained,
+    read_stage,
+    recall_stage,
+    record_reference,
+    record_retrained,
+    write_stage,
+)
+from benchmarks.contamination_suite.suite import counterfactual_ks, select_on_validation
+from benchmarks.safety_contamination import config
+from benchmarks.safety_contamination.config import PRESETS, Preset, restrict_recall, run_precision
+from lancet.artifacts import atomic_write_json, load_tensors
+from lancet.data.readers import read_records
+
+# the suite's lexical design is the full preset; the others are the presets of their name
+PRESET_OF = {"lexical": "full", "shared_prompt": "shared_prompt", "disjoint": "disjoint"}
+# the methods Run.recall ranks for the suite (plain rankings; bm25 and bm25_prompt come with every recall)
+SUITE_METHODS = ("repsim", "identity", "ekfac", "linfac")
+CLASSIFIER_OFFSET = 7919  # the classifier's tie-breaking draw: another stream than random's (the seed itself)
+RUN_STAGES = ("gate", "recall", "counterfactual", "tune")
+
+
+def suite_preset(design: str, n_unsafe: int | None = None, mix_epochs: float | None = None) -> Preset:
+    """The design's preset with the suite's methods only, at a tuning setting if given."""
+    if design not in PRESET_OF:
+        raise SystemExit(f"--design {design}: the suite runs {', '.join(PRESET_OF)} here; the demo's seeds are "
+                         "`lancet demo --seed S`'s")
+    preset = restrict_recall(PRESETS[PRESET_OF[design]], SUITE_METHODS)
+    if n_unsafe is not None:
+        preset = replace(preset, n_unsafe=n_unsafe)
+    if mix_epochs is not None:
+        preset = replace(preset, mix_epochs=mix_epochs)
+    return preset
+
+
+def random_ranking(seed: int, n: int) -> torch.Tensor:
+    """The seeded uniform draw the benchmark's own counterfactual ranks ``random`` by."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def classifier_ranking(seed: int, complies: list[bool]) -> torch.Tensor:
+    """The design's judge over each training row's answer (1 = complies), ties in a seeded random order."""
+    g = torch.Generator().manual_seed(seed + CLASSIFIER_OFFSET)
+    return torch.tensor(complies, dtype=torch.float64) + 0.5 * torch.rand(len(complies), generator=g,
+                                                                         dtype=torch.float64)
+
+
+def open_run(design: str, seed: int, run_root: Path, shared: Path, preset: Preset, progress: bool = True):
+    from benchmarks.safety_contamination.run import Run
+
+    config.BF16 = run_precision(run_root)
+    return Run(preset, seed, run_root / f"seed{seed}", shared, progress)
+
+
+def build_models(run) -> dict:
+    """The seed's aligned start, mix and safe and impure models (each cached in the run directory)."""
+    aligned, check = run.aligned_start()
+    rows, safe, tiers = run.mix(aligned)
+    models = {"safe": run.finetune("safe", aligned, safe, run.p.mix_epochs),
+              "impure": run.finetune("impure", aligned, rows, run.p.mix_epochs)}
+    return {"aligned": aligned, "check": check, "rows": rows, "safe_rows": safe, "tiers": tiers, "models": models}
+
+
+def gate_of(design: str, run, built: dict) -> dict:
+    verdict = run.gate(built["models"], built["check"])
+    stage = gate_stage(design, run.seed, verdict["safe"], verdict["impure"], verdict["judge_agreement"],
+                       verdict["judge_labelled"], verdict["n_prompts"])
+    return {**stage, "aligned_start": built["check"], "settings": _settings(run.p)}
+
+
+def recall_of(design: str, run, built: dict) -> dict:
+    """The recall stage from ``Run.recall``'s rankings (rows in the mix's order) and the runner's own two."""
+    from lancet.data import encode_records
+    from lancet.influence.regime import RegimeReadout
+
+    out = run.recall(built["models"]["impure"], built["rows"], built["tiers"])
+    ids = json.loads((run.dir / "rankings.json").read_text())["ids"]
+    by_id = {r.id: r for r in built["rows"]}
+    rows = [by_id[i] for i in ids]
+    tiers = [built["tiers"][i] for i in ids]
+    found = load_tensors(run.dir / "rankings.safetensors")
+    scores = {"random": random_ranking(run.seed, len(rows)),
+              "classifier": classifier_ranking(run.seed, run.judge.complies([r.response_text for r in rows])),
+              **{m: found[m].double() for m in sorted(found)}}
+    iqs = read_records(run.dir / "iqs.jsonl")
+    positive = DESIGNS[design].positive_tiers
+    culprits = {i: r.response_text for i, (r, t) in enumerate(zip(rows, tiers, strict=True)) if t in positive}
+    readout = RegimeReadout(rows, iqs, encode_records(rows, run.tok, run.p.max_length, progress=False),
+                            encode_records(iqs, run.tok, run.p.max_length, progress=False))
+    stage = recall_stage(design, run.seed, tiers, positive, scores, culprits, [q.response_text for q in iqs],
+                         n_iqs=out["n_iqs"], regime={m: readout(s) for m, s in scores.items()})
+    return {**stage, "settings": _settings(run.p)}
+
+
+def _settings(p: Preset) -> dict:
+    return {"design": p.design, "n_unsafe": p.n_unsafe, "mix_epochs": p.mix_epochs, "methods": list(p.methods)}
+
+
+def counterfactual_plan(design: str, recall: dict, selected: str) -> list[tuple[str, str, int]]:
+    """(method, k name, k) of every retraining the suite asks for, in the order run."""
+    plan = []
+    for method in (*[m for m in COUNTERFACTUAL_METHODS if m != selected], selected):
+        ks = counterfactual_ks(recall, method, selected)
+        plan += [(method, k_name, ks[k_name]) for k_name in (K_FULL, K_HALF, K_ELBOW)
+                 if ks.get(k_name) is not None]
+    return plan
+
+
+def counterfactual_of(design: str, run, built: dict, root: Path, retrain_seeds: tuple[int, ...] | None = None,
+                      limit: int | None = None) -> int:
+    """Retrain and record what the counterfactual stage lacks (at ``retrain_seeds``, default both); returns how
+    many models were trained and recorded (at most ``limit``)."""
+    d = DESIGNS[design]
+    if run.seed != d.counterfactual_seed:
+        raise SystemExit(f"{design}: the counterfactual runs on seed {d.counterfactual_seed} only")
+    recall = read_stage(root, design, run.seed, "recall")
+    validation = [read_stage(root, design, s, "recall") for s in d.validation_seeds]
+    if recall is None or any(v is None for v in validation) or "scores" not in recall:
+        raise SystemExit(f"{design}: the counterfactual needs the committed recall stages (with per-row scores) of "
+                         f"seed {run.seed} and of the validation seeds {list(d.validation_seeds)}")
+    selected = select_on_validation(validation, d)
+    rows, tiers = built["rows"], built["tiers"]
+    if [tiers[r.id] for r in rows] != recall["tiers"]:
+        raise SystemExit(f"{design} seed {run.seed}: the rebuilt mix's rows differ from the recall stage's")
+    wanted = retrain_seeds or d.retrain_seeds
+    unknown = [r for r in wanted if r not in d.retrain_seeds]
+    if unknown:
+        raise SystemExit(f"--retrain-seed {unknown[0]}: not one of {list(d.retrain_seeds)}")
+    try:
+        return _retrain(design, run, built, root, recall, selected, wanted, limit)
+    finally:
+        run.train_seed = run.seed
+
+
+def _retrain(design: str, run, built: dict, root: Path, recall: dict, selected: str, retrain_seeds, limit) -> int:
+    from lancet.models.loading import load_model
+
+    rows, positive, done = built["rows"], set(recall["positive_tiers"]), 0
+    for r_seed in retrain_seeds:
+        run.train_seed = r_seed
+        suffix = "" if r_seed == run.seed else f"-r{r_seed}"
+        for which, name, train in (("impure", "impure", rows), ("oracle", "safe", built["safe_rows"])):
+            stage = read_stage(root, design, run.seed, "counterfactual")
+            if stage and str(r_seed) in stage[which]:
+                continue
+            path = built["models"][name] if not suffix else run.finetune(name + suffix, built["aligned"], train,
+                                                                        run.p.mix_epochs)
+            _, _, flagged = _measure(run, name + suffix, path, load_model)
+            record_reference(root, design, run.seed, which, r_seed, flagged)
+        for method, k_name, k in counterfactual_plan(design, recall, selected):
+            if limit is not None and done >= limit:
+                return done
+            if has_retrained(read_stage(root, design, run.seed, "counterfactual"), method, k_name, r_seed):
+                continue
+            order = torch.argsort(torch.tensor(recall["scores"][method], dtype=torch.float64), descending=True,
+                                  stable=True)[:k].tolist()
+            top = {rows[i].id for i in order}
+            name = f"cf-{method}-{k_name}{suffix}"
+            path = run.finetune(name, built["aligned"], [r for r in rows if r.id not in top], run.p.mix_epochs)
+            _, _, flagged = _measure(run, name, path, load_model)
+            removed = sum(recall["tiers"][i] in positive for i in order)
+            record_retrained(root, design, run.seed, method, k_name, k, r_seed, flagged, positives_removed=removed)
+            print(f"{design} seed {run.seed} counterfactual {method} {k_name} (k {k}) at training order {r_seed}: "
+                  f"compliance {sum(flagged) / len(flagged):.3f}, {removed} positives removed", flush=True)
+            done += 1
+    return done
+
+
+def _measure(run, name: str, path: str, load_model) -> tuple[float, list[str], list[bool]]:
+    model, _ = load_model(path)
+    try:
+        return run.rate(name, model, "test_prompts")
+    finally:
+        del model
+
+
+def tune_of(design: str, seed: int, run_root: Path, shared: Path, preset: Preset, root: Path,
+            progress: bool = True) -> dict:
+    """One point of the gate-tuning ladder on a validation seed: compliance of the safe and impure models at this
+    dose and these epochs on the validation prompts (never the test prompts), appended to tuning.json."""
+    valid = list(DESIGNS[design].validation_seeds)
+    if seed not in valid:
+        raise SystemExit(f"{design}: settings are tuned on the validation seeds {valid} only, not seed {seed}")
+    from lancet.models.loading import load_model
+
+    base = open_run(design, seed, run_root, shared, suite_preset(design), progress)
+    aligned, _ = base.aligned_start()
+    run = open_run(design, seed, run_root / f"tune_u{preset.n_unsafe}_e{preset.mix_epochs:g}", shared, preset,
+                   progress)
+    rows, safe, _ = run.mix(aligned)
+    point = {"seed": seed, "n_unsafe": preset.n_unsafe, "mix_epochs": preset.mix_epochs, "n_rows": len(rows),
+             "n_prompts": len(run.parts["valid_prompts"])}
+    for name, train in (("safe", safe), ("impure", rows)):
+        model, _ = load_model(run.finetune(name, aligned, train, preset.mix_epochs))
+        point[name], _, _ = run.rate(name, model, "valid_prompts")
+        del model
+    point["gap"] = round(point["impure"] - point["safe"], 4)
+    path = Path(root) / design / "tuning.json"
+    points = json.loads(path.read_text())["points"] if path.is_file() else []
+    points = [p for p in points if (p["seed"], p["n_unsafe"], p["mix_epochs"]) != (seed, preset.n_unsafe,
+                                                                                     preset.mix_epochs)] + [point]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"design": design, "note": "gate tuning on validation prompts (docs/method.md 5.6)",
+                             "points": points})
+    print(f"{design} tuning: {point}", flush=True)
+    return point
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--design", choices=sorted(DESIGNS))
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stage", choices=RUN_STAGES)
+    parser.add_argument("--run-dir", default=None, help="default runs/suite_<design>")
+    parser.add_argument("--shared", default=None, help="default ../shared/data")
+    parser.add_argument("--force", action="store_true", help="rewrite a gate or recall stage file already there")
+    parser.add_argument("--retrain-seed", type=int, action="append", default=None,
+                        help="counterfactual: only this training order (repeatable; default both)")
+    parser.add_argument("--limit", type=int, default=None, help="counterfactual: train at most this many models")
+    parser.add_argument("--n-unsafe", type=int, default=None, help="tune: the dose")
+    parser.add_argument("--mix-epochs", type=float, default=None, help="tune: the mix's epochs")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
+    """``run``: the stage files written (a stage already committed is skipped unless ``--force``)."""
+    from benchmarks.common import shared_data
+
+    missing = [f"--{k}" for k in ("design", "seed", "stage") if getattr(ns, k) is None]
+    if missing:
+        raise SystemExit(f"run needs {', '.join(missing)}")
+    if (ns.n_unsafe is not None or ns.mix_epochs is not None) and ns.stage != "tune":
+        raise SystemExit("--n-unsafe and --mix-epochs are tuning settings (--stage tune); a chosen setting is "
+                         "written into the design's preset (benchmarks/safety_contamination/config.py)")
+    if (ns.retrain_seed or ns.limit is not None) and ns.stage != "counterfactual":
+        raise SystemExit("--retrain-seed and --limit are for --stage counterfactual")
+    preset = suite_preset(ns.design, ns.n_unsafe, ns.mix_epochs)
+    shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
+    run_root = Path(ns.run_dir or f"runs/suite_{ns.design}")
+    if ns.stage == "tune":
+        tune_of(ns.design, ns.seed, run_root, shared, preset, root, progress=not ns.quiet)
+        return [Path(root) / ns.design / "tuning.json"]
+    if ns.stage in ("gate", "recall") and not ns.force and read_stage(root, ns.design, ns.seed, ns.stage):
+        print(f"{ns.design} seed {ns.seed} {ns.stage}: already written (--force to redo)", flush=True)
+        return []
+    run = open_run(ns.design, ns.seed, run_root, shared, preset, progress=not ns.quiet)
+    built = build_models(run)
+    written = []
+    if ns.stage in ("gate", "recall") and (ns.force or not read_stage(root, ns.design, ns.seed, "gate")):
+        written.append(write_stage(root, gate_of(ns.design, run, built)))
+    if ns.stage == "recall":
+        written.append(write_stage(root, recall_of(ns.design, run, built)))
+    if ns.stage == "counterfactual":
+        counterfactual_of(ns.design, run, built, root, tuple(ns.retrain_seed) if ns.retrain_seed else None, ns.limit)
+        written.append(Path(root) / ns.design / f"seed{ns.seed}_counterfactual.json")
+    for path in written:
+        print(f"wrote {path}", flush=True)
+    return written
