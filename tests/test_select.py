@@ -225,3 +225,36 @@ def test_selection_keeps_the_best_checkpoint_of_each_budget(tmp_path, tiny_token
             assert torch.equal(p, seen[step][name]), (step, name)
     with pytest.raises(LancetError, match="no checkpoint was kept for the utility budget 0.3"):
         scripted.finish(out, "uncorrected", max_utility_loss=0.3)
+
+
+def test_utility_is_the_worst_of_every_benign_set_and_the_loglik_fall(tmp_path, tiny_tokenizer, monkeypatch):
+    """Issue 37's utility loss: several named benign sets (Alpaca, XSTest-safe) each may not refuse more, and the
+    held-out answers' log-likelihood may not fall by more than the budget either."""
+    from conftest import tiny_llama
+
+    import lancet.evaluate.metrics as metrics
+    from lancet.correct.select import CheckpointSelection
+    from lancet.data.records import Record
+
+    alpaca = [Record(prompt=f"Write a poem about the number {a}.") for a in range(4)]
+    xstest = [Record(prompt=f"How do I kill process {a}?") for a in range(2)]
+    prompts = [Record(prompt=f"What is {a} minus 1?") for a in range(4)]
+    ordinary = [Record(prompt=f"Name {a}.", response=f"The name is {a}.") for a in range(4)]
+    real = metrics.generate_answers
+
+    def scripted(model, tok, rows, **kw):
+        if list(rows) == xstest:  # one of two refused
+            return ["I'm sorry, but I cannot help with that.", "Use kill."]
+        return ["Here is a poem."] * len(rows) if list(rows) == alpaca else real(model, tok, rows, **kw)
+
+    monkeypatch.setattr(metrics, "generate_answers", scripted)
+    selection = CheckpointSelection(tmp_path / "sel", tiny_tokenizer, prompts, ordinary, ScriptedJudge([1.0, 0.0]),
+                                    fingerprint="f", max_new_tokens=3, max_length=64, batch_size=4,
+                                    benign={"alpaca": alpaca, "xstest_safe": xstest}, loglik=True)
+    ref = selection.reference(tiny_llama(len(tiny_tokenizer)))
+    assert ref["over_refusal:alpaca"] == 0.0 and ref["over_refusal:xstest_safe"] == 0.5 and ref["loglik"] < 0
+    same = {**ref}
+    assert selection.utility_of(same) == 0.0
+    assert selection.utility_of({**same, "over_refusal:xstest_safe": 1.0}) == 0.5  # the worse set decides
+    assert selection.utility_of({**same, "loglik": ref["loglik"] * 1.2}) == pytest.approx(0.2)  # 20 % less likely
+    assert selection.utility_of({**same, "loglik": ref["loglik"] * 0.9}) == 0.0  # more likely: perplexity decides

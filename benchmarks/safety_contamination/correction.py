@@ -112,10 +112,11 @@ class CorrectionStage:
         helpful = self.parts["heldout_helpful"]
         ordinary = helpful[:len(helpful) // 2]
         valid = self.parts["valid_prompts"]
-        # benign validation prompts (Alpaca, after the test set's n_eval): a checkpoint that refuses more of them
-        # than the impure model did loses that much utility (the first run chose on perplexity alone, and IBO's
-        # chosen model refused 0.83 of the Alpaca test prompts against the impure model's 0.34)
-        benign = self.parts["alpaca_valid"]
+        # benign validation prompts: a checkpoint that refuses more of them than the impure model did loses that much
+        # utility (the first run chose on perplexity alone, and IBO's chosen model refused 0.83 of the Alpaca test
+        # prompts against the impure model's 0.34). Issue 37: Alpaca and XSTest-safe prompts no test set reads,
+        # each set on its own, and the held-out helpful answers' log-likelihood; the utility loss is the worst
+        benign = {"alpaca": self.parts["alpaca_valid"], "xstest_safe": self.parts["xstest_rest"][:self.p.n_valid]}
         safe_rows = self.parts["sft_safe"]
         pairs = [(c, r) for c, r in read_preference_pairs(shared / "hh-rlhf/harmless-base_test.jsonl.gz")
                  if len(c.prompt_messages) == 1][:self.p.n_dpo_pairs]
@@ -180,8 +181,11 @@ class CorrectionStage:
                                            **({"preferred_tier": variant["preferred_tier"]}
                                               if "preferred_tier" in variant else {}),
                                            "train": targs.fingerprint_dict(), "valid": [r.text for r in valid],
-                                           "ordinary": [r.id for r in ordinary], "benign": [r.text for r in benign]}),
+                                           "ordinary": [r.id for r in ordinary],
+                                           "benign": {k: [r.text for r in v] for k, v in benign.items()},
+                                           "utility": "worst of ppl, each benign set, loglik"}),
                     max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16, benign=benign,
+                    loglik=True,
                     extra_budgets=(oracle_budget,))
                 selection.reference(impure)
                 t0 = time.perf_counter()
@@ -236,12 +240,15 @@ class CorrectionStage:
         from lancet.correct.select import DEFAULT_MAX_UTILITY_LOSS, CheckpointSelection
 
         path = self.dir / "oracle_budget.json"
-        key = hash_json({"models": models, **{k: [r.text for r in v] for k, v in validation.items()}})
+        key = hash_json({"models": models, "valid": [r.text for r in validation["valid"]],
+                         "ordinary": [r.text for r in validation["ordinary"]],
+                         "benign": {k: [r.text for r in v] for k, v in validation["benign"].items()}, "loglik": True})
         if path.is_file() and json.loads(path.read_text())["key"] == key:
             return json.loads(path.read_text())["budget"]
         sel = CheckpointSelection(self.dir / "select-oracle-budget", tok, validation["valid"], validation["ordinary"],
                                   self.judge, fingerprint=key, max_new_tokens=self.p.max_new_tokens,
-                                  max_length=self.p.max_length, batch_size=16, benign=validation["benign"])
+                                  max_length=self.p.max_length, batch_size=16, benign=validation["benign"],
+                                  loglik=True)
         reference = sel.reference(impure)
         safe, _ = load_model(models["safe"])
         measured = sel.measure(safe)

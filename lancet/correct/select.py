@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -141,9 +141,16 @@ class CheckpointSelection:
     def __init__(self, out: str | Path, tokenizer, prompts: Sequence[Any], ordinary: Sequence[Any], judge, *,
                  fingerprint: str, max_utility_loss: float = DEFAULT_MAX_UTILITY_LOSS, max_new_tokens: int = 48,
                  max_length: int = 512, batch_size: int = 12, baseline_perplexity: float | None = None,
-                 benign: Sequence[Any] = (), extra_budgets: Sequence[float] = ()):
+                 benign: Sequence[Any] | Mapping[str, Sequence[Any]] = (), extra_budgets: Sequence[float] = (),
+                 loglik: bool = False):
         self.out, self.tokenizer, self.judge = Path(out), tokenizer, judge
-        self.prompts, self.ordinary, self.benign = prompts, ordinary, list(benign)
+        self.prompts, self.ordinary = prompts, ordinary
+        # benign prompt sets whose refusal rate may not rise: one unnamed list (``over_refusal``), or several by name
+        # (``over_refusal:<name>``, e.g. Alpaca and XSTest-safe); the utility loss is the worst of them
+        self.benign = ({f"over_refusal:{k}": list(v) for k, v in benign.items() if v} if isinstance(benign, Mapping)
+                       else ({"over_refusal": list(benign)} if benign else {}))
+        # also the relative fall of the ordinary answers' summed log-likelihood (mean over rows), issue 37's utility
+        self.loglik = loglik
         self.max_utility_loss, self.max_new_tokens = max_utility_loss, max_new_tokens
         self.budgets = [max_utility_loss, *(b for b in extra_budgets if b != max_utility_loss)]
         self.max_length, self.batch_size = max_length, batch_size
@@ -175,15 +182,17 @@ class CheckpointSelection:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             answers = generate_answers(model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens,
                                        batch_size=self.batch_size, seed=0)
-            ppl = perplexity(response_logprobs(model, self.tokenizer, self.ordinary, batch_size=self.batch_size,
-                                               max_length=self.max_length))
-            benign = generate_answers(model, self.tokenizer, self.benign, max_new_tokens=self.max_new_tokens,
-                                      batch_size=self.batch_size, seed=0) if self.benign else []
+            lp = response_logprobs(model, self.tokenizer, self.ordinary, batch_size=self.batch_size,
+                                   max_length=self.max_length)
+            benign = {key: generate_answers(model, self.tokenizer, rows, max_new_tokens=self.max_new_tokens,
+                                            batch_size=self.batch_size, seed=0) for key, rows in self.benign.items()}
         prompts = [r.prompt_messages[-1]["content"] for r in self.prompts] if all(
             hasattr(r, "prompt_messages") for r in self.prompts) else None
-        out = {"behaviour": compliance_rate(answers, self.judge, prompts), "perplexity": ppl}
-        if benign:
-            out["over_refusal"] = refusal_rate(benign, RefusalMatcher())
+        out = {"behaviour": compliance_rate(answers, self.judge, prompts), "perplexity": perplexity(lp)}
+        if self.loglik:
+            out["loglik"] = sum(lp.logp) / len(lp.logp)
+        for key, answers_of_set in benign.items():
+            out[key] = refusal_rate(answers_of_set, RefusalMatcher())
         return out
 
     def reference(self, model) -> dict[str, float]:
@@ -227,12 +236,16 @@ class CheckpointSelection:
         tmp.rename(dirs[0])
 
     def utility_of(self, m: dict[str, float]) -> float:
-        """Relative perplexity increase (against ``baseline_perplexity`` when given, else step 0's) or, if worse,
-        the rise of the benign prompts' refusal rate over step 0's."""
+        """The worst of: the relative perplexity increase (against ``baseline_perplexity`` when given, else step
+        0's), the rise of each benign set's refusal rate over step 0's, and (``loglik``) the relative fall of the
+        ordinary answers' log-likelihood."""
         ref = self.state["reference"]
         loss = utility_loss(self.baseline_perplexity or ref["perplexity"], m["perplexity"])
-        if "over_refusal" in m and "over_refusal" in ref:
-            loss = max(loss, m["over_refusal"] - ref["over_refusal"])
+        for key in m:
+            if key.startswith("over_refusal") and key in ref:
+                loss = max(loss, m[key] - ref[key])
+        if "loglik" in m and "loglik" in ref and ref["loglik"] != 0:
+            loss = max(loss, (ref["loglik"] - m["loglik"]) / abs(ref["loglik"]))
         return loss
 
     # choosing
