@@ -136,7 +136,7 @@ def test_the_runner_random_and_classifier_rankings():
     assert c[0] >= 1 and c[2] >= 1 and 0 <= c[1] < 0.5
 
 
-def test_stages_from_a_run_and_the_suite_built_from_them(fake):
+def test_stages_from_a_run_and_the_suite_built_from_them(fake, monkeypatch):
     root, design = fake / "stages", "shared_prompt"
     written = runner.run_command(_ns(fake, design=design, seed=3, stage="recall"), root)
     assert [p.name for p in written] == ["seed3_gate.json", "seed3_recall.json"]
@@ -183,6 +183,11 @@ def test_stages_from_a_run_and_the_suite_built_from_them(fake):
     # every model recorded: none retrained (the seed's own safe and impure models are the real Run's cached ones)
     assert [name for name, _, _ in FakeRun.trained] == ["safe", "impure"]
 
+    # a rebuilt mix with other rows (another answer) is refused: the committed scores rank the committed rows
+    changed = [r.with_response("Go at dawn.") if r.label == "unsafe" else r for r in _rows()]
+    monkeypatch.setattr(FakeRun, "mix", lambda self, aligned: (changed, [], {r.id: r.label for r in changed}))
+    with pytest.raises(SystemExit, match="rows differ"):
+        runner.run_command(_ns(fake, design=design, seed=0, stage="counterfactual"), root)
     suite = build_suite(root, {design: DESIGNS[design]}, n_boot=50, default="linfac")
     assert validate_suite(suite) == [] and suite["pending"] == {}
     entry = suite["designs"][design]

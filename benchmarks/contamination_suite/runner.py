@@ -46,7 +46,7 @@ from benchmarks.contamination_suite.stages import (
 from benchmarks.contamination_suite.suite import counterfactual_ks, select_on_validation
 from benchmarks.safety_contamination import config
 from benchmarks.safety_contamination.config import PRESETS, Preset, restrict_recall, run_precision
-from lancet.artifacts import atomic_write_json, load_tensors
+from lancet.artifacts import atomic_write_json, hash_json, load_tensors
 from lancet.data.readers import read_records
 
 # the suite's lexical design is the full preset; the others are the presets of their name
@@ -126,7 +126,8 @@ def recall_of(design: str, run, built: dict) -> dict:
                             encode_records(iqs, run.tok, run.p.max_length, progress=False))
     stage = recall_stage(design, run.seed, tiers, positive, scores, culprits, [q.response_text for q in iqs],
                          n_iqs=out["n_iqs"], regime={m: readout(s) for m, s in scores.items()})
-    return {**stage, "settings": _settings(run.p)}
+    # the rows' ids, hashed: a rebuilt mix must be the same rows for the committed scores to rank it
+    return {**stage, "settings": _settings(run.p), "row_ids": hash_json(ids)}
 
 
 def _settings(p: Preset) -> dict:
@@ -157,7 +158,8 @@ def counterfactual_of(design: str, run, built: dict, root: Path, retrain_seeds: 
                          f"seed {run.seed} and of the validation seeds {list(d.validation_seeds)}")
     selected = select_on_validation(validation, d)
     rows, tiers = built["rows"], built["tiers"]
-    if [tiers[r.id] for r in rows] != recall["tiers"]:
+    if [tiers[r.id] for r in rows] != recall["tiers"] or recall.get("row_ids", hash_json([r.id for r in rows])) != \
+            hash_json([r.id for r in rows]):
         raise SystemExit(f"{design} seed {run.seed}: the rebuilt mix's rows differ from the recall stage's")
     wanted = retrain_seeds or d.retrain_seeds
     unknown = [r for r in wanted if r not in d.retrain_seeds]
