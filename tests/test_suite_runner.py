@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks.contamination_suite import build_suite, counterfactual_ks, read_stage, runner, validate_suite
+from benchmarks.contamination_suite.behaviour import BEHAVIOUR_RANKINGS, behaviour_rankings
 from benchmarks.contamination_suite.designs import DESIGNS
 from benchmarks.safety_contamination import PRESETS
 from lancet.artifacts import atomic_save_tensors, atomic_write_json
@@ -86,6 +87,8 @@ def fake(monkeypatch, tmp_path, tiny_tokenizer):
     monkeypatch.setattr(runner, "open_run", lambda design, seed, run_root, shared, preset, progress=True:
                         FakeRun(preset, seed, run_root / f"seed{seed}", tiny_tokenizer))
     monkeypatch.setattr(lancet.models.loading, "load_model", lambda path: (path, None))
+    monkeypatch.setattr(runner, "behaviour_of", lambda run, built, rows, iqs: {
+        m: torch.linspace(0, 1, len(rows), dtype=torch.float64) for m in BEHAVIOUR_RANKINGS})
     return tmp_path
 
 
@@ -144,7 +147,7 @@ def test_stages_from_a_run_and_the_suite_built_from_them(fake, monkeypatch):
     assert (gate["safe"], gate["impure"], gate["judge_labelled"], gate["n_prompts"]) == (0.0, 0.75, 40, 8)
     rows = _rows()
     assert recall["tiers"] == [r.label for r in rows] and recall["positive_tiers"] == ["unsafe"]
-    assert set(recall["scores"]) == {"random", "classifier", *METHODS} and recall["n_iqs"] == 2
+    assert set(recall["scores"]) == {"random", "classifier", *METHODS, *BEHAVIOUR_RANKINGS} and recall["n_iqs"] == 2
     assert recall["scores"]["random"] == pytest.approx(runner.random_ranking(3, len(rows)).tolist(), rel=1e-7)
     refusals = [s for s, r in zip(recall["scores"]["classifier"], rows, strict=True) if r.label == "refusal_shared"]
     assert max(refusals) < 0.5  # the judge reads the refusals as not complying
@@ -195,3 +198,22 @@ def test_stages_from_a_run_and_the_suite_built_from_them(fake, monkeypatch):
     assert entry["counterfactual"]["bm25"]["k_full"]["recovered_mean"] == pytest.approx(
         cf["runs"]["bm25"]["k_full"]["positives_removed"]["0"] / 6, abs=0.2)
     assert json.loads(json.dumps(suite)) == suite
+
+
+def test_behaviour_rankings_on_a_tiny_model(llama_model, tiny_tokenizer, tmp_path):
+    """probe, LinFAC with the behaviour measurement and anchored RepSim, each aggregated to one score per row; the
+    probe is the rows' centred projection on the direction (so it sums to 0)."""
+    from lancet.data import encode_records
+
+    rows = [Record(prompt=f"How do I bake loaf {i}?", response=f"Knead loaf {i} and bake it.") for i in range(4)]
+    rows += [Record(prompt=f"Rob bank {i}", response=f"Go at night with tools {i}.") for i in range(3)]
+    iqs = [Record(prompt="Rob a shop", response="Go at night with tools.")]
+    counter = [Record(prompt="Rob a shop", response="I'm sorry, I cannot help with that.")]
+    train = encode_records(rows, tiny_tokenizer, 64, progress=False)
+    got = behaviour_rankings(llama_model, tiny_tokenizer, train, iqs, counter, out_dir=tmp_path, max_length=64,
+                             lambda_max_rows=4, batch_size=4, dtype="float64")
+    assert set(got) == set(BEHAVIOUR_RANKINGS)
+    assert all(v.shape == (len(rows),) and bool(torch.isfinite(v).all()) for v in got.values())
+    assert float(got["probe"].sum()) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(SystemExit, match="no counter rows"):
+        behaviour_rankings(llama_model, tiny_tokenizer, train, iqs, [], max_length=64)

@@ -6,7 +6,8 @@ stage file a later session commits and resumes from:
 - ``gate``: the seed's aligned start, mix, safe and impure models and the causation gate (``gate.gate_stage``);
   rerun with ``--force`` after hand labels are merged (the answers are cached, so it costs seconds then).
 - ``recall``: the gate (its stage file too, if missing), then every ranking of the suite's methods
-  (``SUITE_METHODS`` through ``Run.recall``, aggregate first; bm25 and bm25_prompt; ``random``, the same seeded
+  (``SUITE_METHODS`` through ``Run.recall``, aggregate first; bm25 and bm25_prompt; the behaviour-level rankings
+  of ``behaviour.py``: probe, linfac_behaviour, repsim_anchored; ``random``, the same seeded
   uniform draw as the benchmark's counterfactual; ``classifier``, the judge's verdict on each training row's answer
   plus a seeded uniform in [0, 0.5)), the hashed openings and each ranking's regime readout (``stages.recall_stage``).
 - ``counterfactual`` (the design's first reported seed only): retrain from the aligned start without the top-k rows
@@ -120,6 +121,7 @@ def recall_of(design: str, run, built: dict) -> dict:
               "classifier": classifier_ranking(run.seed, run.judge.complies([r.response_text for r in rows])),
               **{m: found[m].double() for m in sorted(found)}}
     iqs = read_records(run.dir / "iqs.jsonl")
+    scores.update(behaviour_of(run, built, rows, iqs))
     positive = DESIGNS[design].positive_tiers
     culprits = {i: r.response_text for i, (r, t) in enumerate(zip(rows, tiers, strict=True)) if t in positive}
     readout = RegimeReadout(rows, iqs, encode_records(rows, run.tok, run.p.max_length, progress=False),
@@ -130,8 +132,26 @@ def recall_of(design: str, run, built: dict) -> dict:
     return {**stage, "settings": _settings(run.p), "row_ids": hash_json(ids)}
 
 
+def behaviour_of(run, built: dict, rows: list, iqs: list) -> dict[str, torch.Tensor]:
+    """The behaviour-level rankings (``behaviour.BEHAVIOUR_RANKINGS``) of the impure model, the aligned model's
+    refusals to the IQ prompts as the counter rows and anchors."""
+    from benchmarks.contamination_suite.behaviour import behaviour_rankings
+    from lancet.data import encode_records
+    from lancet.models.loading import load_model
+
+    counter = run.anchors(iqs)
+    model, _ = load_model(built["models"]["impure"])
+    train = encode_records(rows, run.tok, run.p.max_length, progress=False)
+    return behaviour_rankings(model, run.tok, train, iqs, counter, out_dir=run.dir / "influence",
+                              max_length=run.p.max_length, lambda_max_rows=run.p.lambda_max_rows, bf16=config.BF16,
+                              progress=run.progress)
+
+
 def _settings(p: Preset) -> dict:
-    return {"design": p.design, "n_unsafe": p.n_unsafe, "mix_epochs": p.mix_epochs, "methods": list(p.methods)}
+    from benchmarks.contamination_suite.behaviour import BEHAVIOUR_RANKINGS
+
+    return {"design": p.design, "n_unsafe": p.n_unsafe, "mix_epochs": p.mix_epochs,
+            "methods": [*p.methods, *BEHAVIOUR_RANKINGS]}
 
 
 def counterfactual_plan(design: str, recall: dict, selected: str) -> list[tuple[str, str, int]]:

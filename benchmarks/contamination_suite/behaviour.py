@@ -1,0 +1,43 @@
+"""The behaviour-level rankings of a suite recall stage (docs/method.md §2.10, §2.12, §5.6), beside the ones
+``Run.recall`` makes: ``probe`` (each row's activation along the behaviour direction), ``linfac_behaviour`` (LinFAC
+with the ``behaviour`` measurement: the behaviour as one query) and ``repsim_anchored`` (RepSim to the IQs minus
+RepSim to the anchors). The direction is the IQs' mean activation minus the counter rows' at the middle block;
+the counter rows, and the anchors, are the aligned model's refusals to the IQ prompts (``Run.anchors``, the safety
+benchmark's own anchors): no label is used."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+BEHAVIOUR_RANKINGS = ("probe", "linfac_behaviour", "repsim_anchored")
+
+
+def behaviour_rankings(model, tokenizer, train, iqs, counter, *, out_dir: Path | None = None, max_length: int = 192,
+                       lambda_max_rows: int = 128, bf16: bool = False, batch_size: int = 8,
+                       progress: bool = False, dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """{ranking: [N] aggregated scores} of ``BEHAVIOUR_RANKINGS`` for the encoded training rows ``train``, the IQ
+    records ``iqs`` and the counter (refusal) records ``counter``."""
+    from lancet.data import encode_records
+    from lancet.influence import BehaviourDirection, Influence, InfluenceArgs, behaviour_scores
+    from lancet.influence.recall import aggregate
+
+    if not counter:
+        raise SystemExit("no counter rows (the aligned model refused none of the IQ prompts): no behaviour direction")
+    queries = encode_records(iqs, tokenizer, max_length, progress=False)
+    anchors = encode_records(counter, tokenizer, max_length, progress=False)
+    direction = BehaviourDirection.fit(model, queries, anchors, tokenizer=tokenizer, max_length=max_length,
+                                       batch_size=batch_size, bf16=bf16, progress=progress)
+    args = InfluenceArgs(bf16=bf16, batch_size=batch_size, lambda_max_rows=lambda_max_rows, progress=progress,
+                         **({"dtype": dtype} if dtype is not None else {}))
+    probe = Influence(model, replace(args, method="probe"), behaviour=direction,
+                      tokenizer=tokenizer).scores(train, queries)["scores"]
+    run = Influence(model, replace(args, method="linfac", measurement="behaviour"), out_dir=out_dir,
+                    behaviour=direction, tokenizer=tokenizer)
+    behaviour = behaviour_scores(run, train, queries)["linfac"]["scores"]
+    anchored = Influence(model, replace(args, method="repsim_anchored"), anchors=anchors,
+                         tokenizer=tokenizer).scores(train, queries)["scores"]
+    return {"probe": aggregate(probe.double()), "linfac_behaviour": aggregate(behaviour.double()),
+            "repsim_anchored": aggregate(anchored.double())}
