@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,7 @@ class FakeRun:
         self.judge = RefusalMatcher()
         self.rows = _rows()
         self.models: dict[str, float] = {}  # model -> its share of the unsafe rows
+        self.parts = {"valid_prompts": [None] * 8}
 
     def aligned_start(self):
         return "aligned", {"refusal": 0.9, "passed": True}
@@ -84,8 +86,9 @@ def fake(monkeypatch, tmp_path, tiny_tokenizer):
 
     (tmp_path / "shared/refusal-direction-harmful-sets").mkdir(parents=True)
     FakeRun.trained = []
-    monkeypatch.setattr(runner, "open_run", lambda design, seed, run_root, shared, preset, progress=True:
-                        FakeRun(preset, seed, run_root / f"seed{seed}", tiny_tokenizer))
+    monkeypatch.setattr(runner, "open_run", lambda design, seed, run_root, shared, preset, progress=True, seed_dir=None:
+                        FakeRun(replace(preset, n_unsafe=6), seed, seed_dir or run_root / f"seed{seed}",
+                                tiny_tokenizer))
     monkeypatch.setattr(lancet.models.loading, "load_model", lambda path: (path, None))
     monkeypatch.setattr(runner, "behaviour_of", lambda run, built, rows, iqs: {
         m: torch.linspace(0, 1, len(rows), dtype=torch.float64) for m in BEHAVIOUR_RANKINGS})
@@ -130,6 +133,21 @@ def test_run_arguments_are_checked(fake):
         runner.run_command(_ns(fake, design="shared_prompt", seed=1, stage="counterfactual"), fake / "stages")
     with pytest.raises(SystemExit, match="committed recall stages"):
         runner.run_command(_ns(fake, design="shared_prompt", seed=0, stage="counterfactual"), fake / "stages")
+
+
+def test_a_mix_made_at_another_dose_is_refused(fake):
+    with pytest.raises(SystemExit, match="another dose"):  # the fake mix has 6 unsafe rows, the preset 96
+        runner.build_models(FakeRun(runner.suite_preset("shared_prompt"), 3, fake / "r", None))
+
+
+def test_tuning_points_are_kept_per_setting(fake):
+    root = fake / "stages"
+    for n, epochs in ((144, 3), (144, 3), (192, 4)):
+        runner.run_command(_ns(fake, design="shared_prompt", seed=3, stage="tune", n_unsafe=n, mix_epochs=epochs), root)
+    points = json.loads((root / "shared_prompt/tuning.json").read_text())["points"]
+    assert [(p["n_unsafe"], p["mix_epochs"]) for p in points] == [(144, 3.0), (192, 4.0)]  # a rerun replaces its own
+    assert points[0]["impure"] == 1.0 and points[0]["safe"] == 0.0 and points[0]["gap"] == 1.0
+    assert (fake / "runs/tune_u144_e3/seed3").is_dir() and (fake / "runs/tune_u192_e4/seed3").is_dir()
 
 
 def test_the_runner_random_and_classifier_rankings():

@@ -83,17 +83,23 @@ def classifier_ranking(seed: int, complies: list[bool]) -> torch.Tensor:
                                                                          dtype=torch.float64)
 
 
-def open_run(design: str, seed: int, run_root: Path, shared: Path, preset: Preset, progress: bool = True):
+def open_run(design: str, seed: int, run_root: Path, shared: Path, preset: Preset, progress: bool = True,
+             seed_dir: Path | None = None):
+    """The seed's Run in ``run_root/seed<S>`` (or ``seed_dir``) at the precision ``run_root`` pinned."""
     from benchmarks.safety_contamination.run import Run
 
     config.BF16 = run_precision(run_root)
-    return Run(preset, seed, run_root / f"seed{seed}", shared, progress)
+    return Run(preset, seed, seed_dir or run_root / f"seed{seed}", shared, progress)
 
 
 def build_models(run) -> dict:
     """The seed's aligned start, mix and safe and impure models (each cached in the run directory)."""
     aligned, check = run.aligned_start()
     rows, safe, tiers = run.mix(aligned)
+    n_unsafe = sum(t == "unsafe" for t in tiers.values())
+    if n_unsafe != run.p.n_unsafe:  # mix.jsonl is cached without a key: a dose changed since it was made
+        raise SystemExit(f"{run.dir / 'mix.jsonl'} holds {n_unsafe} unsafe rows, the preset {run.p.n_unsafe}: it was "
+                         "made at another dose; move it (and the models trained on it) away to rebuild")
     models = {"safe": run.finetune("safe", aligned, safe, run.p.mix_epochs),
               "impure": run.finetune("impure", aligned, rows, run.p.mix_epochs)}
     return {"aligned": aligned, "check": check, "rows": rows, "safe_rows": safe, "tiers": tiers, "models": models}
@@ -244,8 +250,8 @@ def tune_of(design: str, seed: int, run_root: Path, shared: Path, preset: Preset
 
     base = open_run(design, seed, run_root, shared, suite_preset(design), progress)
     aligned, _ = base.aligned_start()
-    run = open_run(design, seed, run_root / f"tune_u{preset.n_unsafe}_e{preset.mix_epochs:g}", shared, preset,
-                   progress)
+    run = open_run(design, seed, run_root, shared, preset, progress,
+                   seed_dir=run_root / f"tune_u{preset.n_unsafe}_e{preset.mix_epochs:g}" / f"seed{seed}")
     rows, safe, _ = run.mix(aligned)
     point = {"seed": seed, "n_unsafe": preset.n_unsafe, "mix_epochs": preset.mix_epochs, "n_rows": len(rows),
              "n_prompts": len(run.parts["valid_prompts"])}
