@@ -42,7 +42,7 @@ class CorrectionData:
     positive drives the behaviour); ``culprit_mask`` and ``preferred_mask`` [N] mark training rows (the oracle
     ranking's true culprits; the rows ``preferred="marked"`` prefers); ``iqs`` are prompt + undesirable answer
     rows; ``safe`` the rows SFT and the retain NLLs train on; ``pairs`` human (chosen, rejected) pairs; ``retain``
-    the rows IBO's and DPO's retain term keeps (e.g. the model's own answers to ordinary prompts); ``train_rows``
+    the rows IBO's, DPO's and NPO's retain term keeps (e.g. the model's own answers to ordinary prompts); ``train_rows``
     and ``iq_rows`` the same rows already encoded (by the caller that ranked them), so they are not encoded twice."""
 
     train: Sequence[Record] = ()
