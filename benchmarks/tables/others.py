@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from benchmarks.tables.core import (
     TABLES,
+    Missing,
     f,
     load,
     made_by,
@@ -96,3 +97,23 @@ TABLES["influence_speed"] = _speed("influence_speed", "python -m benchmarks.infl
                                    "--query-rank 32")
 TABLES["influence_speed_nobf16"] = _speed("influence_speed_nobf16", "python -m benchmarks.influence_speed --rows 32 "
                                           "--queries 4 --no-kronfluence --query-rank 16 --name influence_speed_nobf16")
+
+
+# ---- contamination suite (issue 35) ---------------------------------------------------------------------------------
+
+@table
+def suite_tuning() -> str:
+    """Each design's gate-tuning ladder on its validation seed (contamination_suite/D/tuning.json)."""
+    rows = []
+    for design in ("shared_prompt", "disjoint"):
+        try:
+            d = load(f"contamination_suite/{design}/tuning")
+        except Missing:
+            continue
+        rows += [[design, p["seed"], p["n_unsafe"], f"{p['mix_epochs']:g}", p["n_rows"], p["n_prompts"], f(p["impure"]),
+                  f(p["safe"]), f(p["gap"])] for p in d["points"]]
+    return ("`python -m benchmarks.contamination_suite run --design D --seed 3 --stage tune --n-unsafe N "
+            "--mix-epochs E`; harmful compliance on the design's validation prompts; the gate needs a gap of 0.40 "
+            "on held-out prompts (tuned to 0.50).\n\n"
+            + md(["design", "seed", "unsafe rows", "epochs", "training rows", "prompts", "impure", "safe", "gap"],
+                 rows))
