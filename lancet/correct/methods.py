@@ -20,11 +20,12 @@ import torch
 
 from lancet import distributed as dist
 from lancet.artifacts import atomic_write_json
-from lancet.constants import DEFAULT_MAX_LENGTH, IGNORE_INDEX
+from lancet.constants import DEFAULT_MAX_LENGTH
 from lancet.correct.arguments import CorrectionArgs
 from lancet.correct.pairs import build_ibo_pairs, forget_items, preference_items, select_rows
 from lancet.correct.trainers import DPOTrainer, GradientAscentTrainer, IBOTrainer, NPOTrainer, SFTTrainer
 from lancet.data.records import Record
+from lancet.data.tokenize import has_response_tokens
 from lancet.errors import LancetError
 from lancet.train import TrainArgs, Trainer
 
@@ -74,22 +75,15 @@ class Build:
         self.summary: dict[str, Any] = {"method": args.method, "base": base_spec, "correction_args": args.to_json()}
 
     def encode(self, records: Sequence[Record], what: str) -> list[dict]:
-        """Encoded rows, each with response tokens (else one error naming its file and line)."""
-        from lancet.data.tokenize import encode_records
+        """Encoded rows, each with response tokens (else one error naming the first bad row's file and line)."""
+        from lancet.data.tokenize import encode_records, require_response_tokens
 
-        rows = list(encode_records(records, self.tokenizer, self.max_length, progress=self.train_args.progress))
-        for record, row in zip(records, rows, strict=True):
-            if not has_response(row):
-                raise LancetError(f"{record.source or what}:{record.line}: {what} row has no response tokens "
-                                  f"(prompt-only or truncated to {self.max_length} tokens)")
-        return rows
+        encoded = encode_records(records, self.tokenizer, self.max_length, progress=self.train_args.progress)
+        require_response_tokens(encoded, what)
+        return list(encoded)
 
     def trainer(self, cls: type[Trainer], items: Sequence[Any], **options) -> Trainer:
         return cls(self.model, self.tokenizer, self.train_args, items, base_spec=self.base_spec, **options)
-
-
-def has_response(row: dict[str, Any]) -> bool:
-    return any(t != IGNORE_INDEX for t in row["labels"][1:])
 
 
 class CorrectionMethod:
@@ -136,7 +130,7 @@ class _Ranked(CorrectionMethod):
                       else list(encode_records(data.train, b.tokenizer, b.max_length, progress=b.train_args.progress)))
         if len(train_rows) != len(data.train):
             raise LancetError(f"{len(train_rows)} encoded rows for {len(data.train)} training rows")
-        keep = [i for i, row in enumerate(train_rows) if has_response(row)]
+        keep = [i for i, row in enumerate(train_rows) if has_response_tokens(row)]
         if len(keep) < len(train_rows):
             log.warning("%d training rows have no response tokens; they are not selected", len(train_rows) - len(keep))
         rows, sub = [train_rows[i] for i in keep], scores[keep]

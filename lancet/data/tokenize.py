@@ -102,7 +102,7 @@ def require_response_tokens(encoded: EncodedDataset, what: str = "training") -> 
     if not empty:
         return
     records, max_length = encoded.records, encoded.max_length
-    if len(empty) == len(records):
+    if len(empty) == len(records) > 1:  # one row alone is named by its line below, with its own reason
         prompt_only = sum(records[i].response_text is None for i in empty)
         why = ("prompt-only rows: give each a 'response', or end its 'messages' with an assistant turn"
                if prompt_only == len(records) else f"prompt-only or truncated to max_length={max_length} tokens")

@@ -67,6 +67,7 @@ class AttributionData:
     train: Any  # EncodedDataset
     queries: Any
     culprits: torch.Tensor | None
+    regime: RegimeReadout | None = None  # built on first use and shared, so BM25 is scored once a round
 
     @classmethod
     def load(cls, tokenizer, train_spec: str, queries_spec: str, max_length: int, progress: bool = True,
@@ -91,8 +92,10 @@ class AttributionData:
 
     def extra(self, **more) -> dict[str, Any]:
         # "regime": which regime am I in (lancet.influence.regime), read by _rank off each ranking
+        if self.regime is None:
+            self.regime = RegimeReadout(self.train_records, self.query_records, self.train, self.queries)
         return {"train": self.train_spec, "queries": self.queries_spec, "n_queries": len(self.queries),
-                "regime": RegimeReadout(self.train_records, self.query_records, self.train, self.queries), **more}
+                "regime": self.regime, **more}
 
 
 def attribute(model, tokenizer, train_spec: str, queries_spec: str, out_dir: str | Path, args: InfluenceArgs, *,
