@@ -55,7 +55,7 @@ class FakeRun:
         safe = [r for r in self.rows if r.label != "unsafe"]
         return self.rows, safe, {r.id: r.label for r in self.rows}
 
-    def finetune(self, name, base, rows, epochs):
+    def finetune(self, name, base, rows, epochs, keep=None):
         FakeRun.trained.append((name, self.train_seed, len(rows)))
         self.models[name] = sum(r.label == "unsafe" for r in rows) / 6
         return name

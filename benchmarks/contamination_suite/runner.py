@@ -56,6 +56,9 @@ PRESET_OF = {"lexical": "full", "shared_prompt": "shared_prompt", "disjoint": "d
 SUITE_METHODS = ("repsim", "identity", "ekfac", "linfac")
 CLASSIFIER_OFFSET = 7919  # the classifier's tie-breaking draw: another stream than random's (the seed itself)
 RUN_STAGES = ("gate", "recall", "counterfactual", "tune")
+# the impure model keeps this many evenly spaced checkpoints (the last is the model itself) with Adam's state: the
+# checkpoint-aware rankings (behaviour.CHECKPOINT_RANKINGS) average over them
+KEEP_CHECKPOINTS = 3
 
 
 def suite_preset(design: str, n_unsafe: int | None = None, mix_epochs: float | None = None) -> Preset:
@@ -101,7 +104,7 @@ def build_models(run) -> dict:
         raise SystemExit(f"{run.dir / 'mix.jsonl'} holds {n_unsafe} unsafe rows, the preset {run.p.n_unsafe}: it was "
                          "made at another dose; move it (and the models trained on it) away to rebuild")
     models = {"safe": run.finetune("safe", aligned, safe, run.p.mix_epochs),
-              "impure": run.finetune("impure", aligned, rows, run.p.mix_epochs)}
+              "impure": run.finetune("impure", aligned, rows, run.p.mix_epochs, keep=KEEP_CHECKPOINTS)}
     return {"aligned": aligned, "check": check, "rows": rows, "safe_rows": safe, "tiers": tiers, "models": models}
 
 

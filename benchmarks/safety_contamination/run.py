@@ -50,10 +50,12 @@ class Run(AlignedStage, MixStage, GateStage, RecallStage, IqStage, Counterfactua
         self.seconds[name] = self.seconds.get(name, 0.0) + round(time.perf_counter() - t0, 1)
         return out
 
-    def finetune(self, name: str, base: str, rows: list[Record], epochs: float) -> str:
+    def finetune(self, name: str, base: str, rows: list[Record], epochs: float, keep: int | None = None) -> str:
+        """``keep``: also keep that many checkpoints with Adam's state (checkpoint-aware influence reads them)."""
         args = TrainArgs(output_dir=str(self.dir / name), epochs=epochs, lr=self.p.lr, batch_size=8,
                          warmup_steps=5, bf16=config.BF16, seed=self.train_seed, save_every=20, progress=self.progress)
-        return str(self._timed(f"finetune_{name}", lambda: finetune(base, rows, args, max_length=self.p.max_length)))
+        return str(self._timed(f"finetune_{name}", lambda: finetune(base, rows, args, max_length=self.p.max_length,
+                                                                   keep_checkpoints=keep)))
 
     def answers(self, model_name: str, model, prompts: list[Record], set_name: str,
                 max_new_tokens: int | None = None) -> list[str]:
