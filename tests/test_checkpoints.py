@@ -220,3 +220,37 @@ def test_cli_finetune_keeps_checkpoints_and_attribute_averages_them(tmp_path, ti
     assert load_tensors(run / "ranking-repsim_anchored.safetensors")["scores"].shape == (3, len(TRAIN))
     assert main([*base, "--method", "repsim_anchored"]) == 2
     assert "needs --anchors FILE" in capsys.readouterr().err
+
+
+def test_behaviour_over_checkpoints_is_the_weighted_sum_with_a_direction_per_checkpoint(kept_run, tmp_path):
+    """The behaviour as one query at each checkpoint, its direction fitted there from the same contrast rows (or one
+    direction for all), averaged with the lr_sum weights: equal to the per-checkpoint ``behaviour_scores``."""
+    from lancet.influence import BehaviourDirection, behaviour_scores
+
+    tok, root, _, _ = kept_run
+    train, iqs, counter = encode(tok, TRAIN[:6]), encode(tok, QUERIES), encode(tok, TRAIN[6:9])
+    kept = kept_checkpoints(root / "keep")
+
+    def fit(model):
+        return BehaviourDirection.fit(model, iqs, counter, layer=0)
+
+    total = sum(LR_SUMS.values())
+    per = []
+    for k in kept:
+        model = _f64(k.path)
+        run = Influence(model, method="linfac", measurement="behaviour", behaviour=fit(model), **F64)
+        per.append(behaviour_scores(run, train, iqs, ["linfac", "identity"]))
+    ck = CheckpointInfluence(root / "keep", method="linfac", measurement="behaviour", behaviour=fit,
+                             out_dir=tmp_path, **F64)
+    got = ck.behaviour_scores(train, iqs, ["linfac", "identity"])
+    for method in ("linfac", "identity"):
+        expected = sum(LR_SUMS[k.step] / total * p[method]["scores"] for k, p in zip(kept, per, strict=True))
+        close(got[method]["scores"], expected, 1e-9)
+        assert got[method]["per_checkpoint"].shape == (3, 1, len(train))
+    # one direction for every checkpoint (the final model's) is another ranking
+    final = fit(_f64(kept[-1].path))
+    fixed = CheckpointInfluence(root / "keep", method="linfac", measurement="behaviour", behaviour=final,
+                                **F64).behaviour_scores(train, iqs)
+    assert not torch.allclose(fixed["linfac"]["scores"], got["linfac"]["scores"], rtol=1e-3)
+    with pytest.raises(LancetError, match="needs behaviour="):
+        CheckpointInfluence(root / "keep", method="linfac", measurement="behaviour").behaviour_scores(train, iqs)

@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from benchmarks.contamination_suite import build_suite, counterfactual_ks, read_stage, runner, validate_suite
-from benchmarks.contamination_suite.behaviour import BEHAVIOUR_RANKINGS, behaviour_rankings
+from benchmarks.contamination_suite.behaviour import (
+    BEHAVIOUR_RANKINGS,
+    CHECKPOINT_RANKINGS,
+    behaviour_rankings,
+    checkpoint_rankings,
+)
 from benchmarks.contamination_suite.designs import DESIGNS
 from benchmarks.safety_contamination import PRESETS
 from lancet.artifacts import atomic_save_tensors, atomic_write_json
@@ -92,6 +97,8 @@ def fake(monkeypatch, tmp_path, tiny_tokenizer):
     monkeypatch.setattr(lancet.models.loading, "load_model", lambda path: (path, None))
     monkeypatch.setattr(runner, "behaviour_of", lambda run, built, rows, iqs: {
         m: torch.linspace(0, 1, len(rows), dtype=torch.float64) for m in BEHAVIOUR_RANKINGS})
+    monkeypatch.setattr(runner, "checkpoints_of", lambda run, built, rows, iqs: {
+        m: torch.linspace(1, 0, len(rows), dtype=torch.float64) for m in CHECKPOINT_RANKINGS})
     return tmp_path
 
 
@@ -165,7 +172,8 @@ def test_stages_from_a_run_and_the_suite_built_from_them(fake, monkeypatch):
     assert (gate["safe"], gate["impure"], gate["judge_labelled"], gate["n_prompts"]) == (0.0, 0.75, 40, 8)
     rows = _rows()
     assert recall["tiers"] == [r.label for r in rows] and recall["positive_tiers"] == ["unsafe"]
-    assert set(recall["scores"]) == {"random", "classifier", *METHODS, *BEHAVIOUR_RANKINGS} and recall["n_iqs"] == 2
+    assert set(recall["scores"]) == {"random", "classifier", *METHODS, *BEHAVIOUR_RANKINGS,
+                                     *CHECKPOINT_RANKINGS} and recall["n_iqs"] == 2
     assert recall["scores"]["random"] == pytest.approx(runner.random_ranking(3, len(rows)).tolist(), rel=1e-7)
     refusals = [s for s, r in zip(recall["scores"]["classifier"], rows, strict=True) if r.label == "refusal_shared"]
     assert max(refusals) < 0.5  # the judge reads the refusals as not complying
@@ -235,3 +243,29 @@ def test_behaviour_rankings_on_a_tiny_model(llama_model, tiny_tokenizer, tmp_pat
     assert float(got["probe"].sum()) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(SystemExit, match="no counter rows"):
         behaviour_rankings(llama_model, tiny_tokenizer, train, iqs, [], max_length=64)
+
+
+def test_checkpoint_rankings_on_a_tiny_fine_tune(tiny_tokenizer, tmp_path):
+    """The checkpoint-aware rankings of a tiny fine-tune that kept 3 checkpoints with Adam's state: one finite score
+    per row each, and the Adam-normalised cosine differs from the LinFAC one (another ranking, not a copy)."""
+    from conftest import tiny_llama
+
+    from lancet.data import encode_records
+    from lancet.finetune import KeepingTrainer
+    from lancet.train import TrainArgs
+
+    rows = [Record(prompt=f"How do I bake loaf {i}?", response=f"Knead loaf {i} and bake it.") for i in range(4)]
+    rows += [Record(prompt=f"Rob bank {i}", response=f"Go at night with tools {i}.") for i in range(4)]
+    train = encode_records(rows, tiny_tokenizer, 64, progress=False)
+    args = TrainArgs(output_dir=str(tmp_path / "ft"), batch_size=4, lr=1e-2, max_steps=6, save_every=2,
+                     progress=False)
+    KeepingTrainer(tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, args, train, keep=3).train()
+    iqs = [Record(prompt="Rob a shop", response="Go at night with tools.")]
+    counter = [Record(prompt="Rob a shop", response="I'm sorry, I cannot help with that.")]
+    got = checkpoint_rankings(tmp_path / "ft", tiny_tokenizer, train, iqs, counter, out_dir=tmp_path / "attr",
+                              max_length=64, lambda_max_rows=4, batch_size=4, dtype="float64")
+    assert set(got) == set(CHECKPOINT_RANKINGS)
+    assert all(v.shape == (len(rows),) and bool(torch.isfinite(v).all()) for v in got.values())
+    assert not torch.allclose(got["cosine_behaviour_adam_ckpt"], got["linfac_behaviour_ckpt"], rtol=1e-2)
+    # each checkpoint's scores are artifacts under out_dir (a resumed stage reads them)
+    assert sorted(p.name for p in (tmp_path / "attr" / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]

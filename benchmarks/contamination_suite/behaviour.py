@@ -3,7 +3,13 @@
 with the ``behaviour`` measurement: the behaviour as one query) and ``repsim_anchored`` (RepSim to the IQs minus
 RepSim to the anchors). The direction is the IQs' mean activation minus the counter rows' at the middle block;
 the counter rows, and the anchors, are the aligned model's refusals to the IQ prompts (``Run.anchors``, the safety
-benchmark's own anchors): no label is used."""
+benchmark's own anchors): no label is used.
+
+The checkpoint-aware ones (``checkpoint_rankings``, docs/method.md §2.11) average over the impure fine-tune's kept
+checkpoints with their learning-rate weights (TracIn): ``linfac_behaviour_ckpt`` (the behaviour query at each
+checkpoint, its direction fitted there from the same contrast rows) and ``cosine_behaviour_adam_ckpt`` /
+``identity_behaviour_adam_ckpt`` (the same query, every gradient divided by that checkpoint's Adam step scale:
+TrackStar's and LESS's correction; the cosine also unit-normalises each row's gradient)."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from pathlib import Path
 import torch
 
 BEHAVIOUR_RANKINGS = ("probe", "linfac_behaviour", "repsim_anchored")
+CHECKPOINT_RANKINGS = ("linfac_behaviour_ckpt", "cosine_behaviour_adam_ckpt", "identity_behaviour_adam_ckpt")
 
 
 def behaviour_rankings(model, tokenizer, train, iqs, counter, *, out_dir: Path | None = None, max_length: int = 192,
@@ -41,3 +48,31 @@ def behaviour_rankings(model, tokenizer, train, iqs, counter, *, out_dir: Path |
                          tokenizer=tokenizer).scores(train, queries)["scores"]
     return {"probe": aggregate(probe.double()), "linfac_behaviour": aggregate(behaviour.double()),
             "repsim_anchored": aggregate(anchored.double())}
+
+
+def checkpoint_rankings(checkpoints, tokenizer, train, iqs, counter, *, out_dir: Path | None = None,
+                        max_length: int = 192, lambda_max_rows: int = 128, bf16: bool = False, batch_size: int = 8,
+                        progress: bool = False, dtype: str | None = None) -> dict[str, torch.Tensor]:
+    """{ranking: [N]} of ``CHECKPOINT_RANKINGS`` over ``checkpoints`` (a fine-tuning run directory that kept them,
+    with Adam's state), the behaviour direction refitted at each checkpoint from the IQs against ``counter``."""
+    from lancet.data import encode_records
+    from lancet.influence import BehaviourDirection, CheckpointInfluence, InfluenceArgs
+
+    queries = encode_records(iqs, tokenizer, max_length, progress=False)
+    anchors = encode_records(counter, tokenizer, max_length, progress=False)
+
+    def direction(model):
+        return BehaviourDirection.fit(model, queries, anchors, tokenizer=tokenizer, max_length=max_length,
+                                      batch_size=batch_size, bf16=bf16, progress=False)
+
+    args = InfluenceArgs(method="linfac", measurement="behaviour", bf16=bf16, batch_size=batch_size,
+                         lambda_max_rows=lambda_max_rows, progress=progress,
+                         **({"dtype": dtype} if dtype is not None else {}))
+    common = {"tokenizer": tokenizer, "max_length": max_length, "behaviour": direction}
+    linfac = CheckpointInfluence(checkpoints, args, out_dir=out_dir, **common).behaviour_scores(train, queries)
+    adam = CheckpointInfluence(checkpoints, replace(args, method="cosine"), adam=True,
+                               out_dir=None if out_dir is None else out_dir / "adam", **common
+                               ).behaviour_scores(train, queries, ["cosine", "identity"])
+    return {"linfac_behaviour_ckpt": linfac["linfac"]["scores"][0].double(),
+            "cosine_behaviour_adam_ckpt": adam["cosine"]["scores"][0].double(),
+            "identity_behaviour_adam_ckpt": adam["identity"]["scores"][0].double()}

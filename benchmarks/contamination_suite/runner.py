@@ -131,6 +131,7 @@ def recall_of(design: str, run, built: dict) -> dict:
               **{m: found[m].double() for m in sorted(found)}}
     iqs = read_records(run.dir / "iqs.jsonl")
     scores.update(behaviour_of(run, built, rows, iqs))
+    scores.update(checkpoints_of(run, built, rows, iqs))
     positive = DESIGNS[design].positive_tiers
     culprits = {i: r.response_text for i, (r, t) in enumerate(zip(rows, tiers, strict=True)) if t in positive}
     readout = RegimeReadout(rows, iqs, encode_records(rows, run.tok, run.p.max_length, progress=False),
@@ -156,11 +157,24 @@ def behaviour_of(run, built: dict, rows: list, iqs: list) -> dict[str, torch.Ten
                               progress=run.progress)
 
 
+def checkpoints_of(run, built: dict, rows: list, iqs: list) -> dict[str, torch.Tensor]:
+    """The checkpoint-aware rankings (``behaviour.CHECKPOINT_RANKINGS``) over the impure fine-tune's kept
+    checkpoints, the same counter rows as ``behaviour_of``."""
+    from benchmarks.contamination_suite.behaviour import checkpoint_rankings
+    from lancet.data import encode_records
+
+    train = encode_records(rows, run.tok, run.p.max_length, progress=False)
+    return checkpoint_rankings(built["models"]["impure"], run.tok, train, iqs, run.anchors(iqs),
+                               out_dir=run.dir / "influence-checkpoints", max_length=run.p.max_length,
+                               lambda_max_rows=run.p.lambda_max_rows, bf16=config.BF16, progress=run.progress)
+
+
 def _settings(p: Preset) -> dict:
-    from benchmarks.contamination_suite.behaviour import BEHAVIOUR_RANKINGS
+    from benchmarks.contamination_suite.behaviour import BEHAVIOUR_RANKINGS, CHECKPOINT_RANKINGS
 
     return {"design": p.design, "n_unsafe": p.n_unsafe, "mix_epochs": p.mix_epochs,
-            "methods": [*p.methods, *BEHAVIOUR_RANKINGS]}
+            "methods": [*p.methods, *BEHAVIOUR_RANKINGS, *CHECKPOINT_RANKINGS],
+            "keep_checkpoints": KEEP_CHECKPOINTS}
 
 
 def counterfactual_plan(design: str, recall: dict, selected: str) -> list[tuple[str, str, int]]:

@@ -109,7 +109,7 @@ class CheckpointInfluence:
                  weights: str | Sequence[float] = "lr_sum", adam: bool = False, out_dir: str | Path | None = None,
                  tokenizer=None, max_length: int = DEFAULT_MAX_LENGTH, measurement=None,
                  model_dtype: torch.dtype | None = None, device: str | torch.device | None = None, anchors=None,
-                 **options):
+                 behaviour=None, **options):
         self.checkpoints = as_checkpoints(checkpoints)
         self.args = args or InfluenceArgs(**options)
         self.weights = checkpoint_weights(self.checkpoints, weights)  # checked before any model loads
@@ -120,6 +120,9 @@ class CheckpointInfluence:
         # checkpoints are loaded in float64 for float64 statistics (exactness tests), else float32 as load_model does
         self.model_dtype = model_dtype or (torch.float64 if self.args.dtype == "float64" else torch.float32)
         self.device, self.anchors = device, anchors
+        # a BehaviourDirection used at every checkpoint, or a function model -> BehaviourDirection fitted at each one
+        # (the same contrast rows read in that checkpoint's own representation)
+        self.behaviour = behaviour
         if adam:
             for c in self.checkpoints:
                 if c.gradient_scale is None and c.path is None:
@@ -146,9 +149,11 @@ class CheckpointInfluence:
             scale = checkpoint.gradient_scale or GradientScale.from_checkpoint(checkpoint.path)
         args = self.args if method is None else replace(self.args, method=method)
         out = self.out / "checkpoints" / checkpoint.name if self.out is not None else None
+        direction = self.behaviour(model) if callable(self.behaviour) else self.behaviour
         try:
             yield Influence(model, args, out_dir=out, measurement=self.measurement, tokenizer=tokenizer,
-                            max_length=self.max_length, gradient_scale=scale, anchors=self.anchors)
+                            max_length=self.max_length, gradient_scale=scale, anchors=self.anchors,
+                            behaviour=direction)
         finally:
             if checkpoint.model is None:  # ours to free before the next checkpoint loads
                 del model
@@ -177,6 +182,25 @@ class CheckpointInfluence:
             with self.influence(checkpoint) as run:
                 got = run.scores_by_method(train, queries, names)
             del run  # the model goes before the next one loads
+            for method in names:
+                found[method].append(got[method])
+        return {method: self._combine(found[method]) for method in names}
+
+    def behaviour_scores(self, train, queries, methods: Sequence[str] | None = None
+                         ) -> dict[str, dict[str, torch.Tensor]]:
+        """``behaviour.behaviour_scores`` at each checkpoint (the behaviour as one query there), averaged as
+        ``scores``: {method: {"scores": [1, N], "per_checkpoint": [K, 1, N], "weights": [K]}}."""
+        from lancet.influence.behaviour import behaviour_scores
+
+        if self.behaviour is None:
+            raise LancetError("CheckpointInfluence.behaviour_scores needs behaviour= (a BehaviourDirection or a "
+                              "function of the model that fits one)")
+        names = list(dict.fromkeys(methods or [self.args.method]))
+        found: dict[str, list[dict[str, torch.Tensor]]] = {m: [] for m in names}
+        for checkpoint in self.checkpoints:
+            with self.influence(checkpoint) as run:
+                got = behaviour_scores(run, train, queries, names)
+            del run
             for method in names:
                 found[method].append(got[method])
         return {method: self._combine(found[method]) for method in names}
