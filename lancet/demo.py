@@ -53,14 +53,14 @@ def stage_data(run: Path) -> DemoDataset:
 
 
 def stage_contaminate(run: Path, data: DemoDataset, *, model_spec: str = DEFAULT_MODEL, steps: int | None = None,
-                      progress: bool = True, seed: int = 0) -> Path:
+                      progress: bool = True, seed: int = 0, keep_checkpoints: int | None = None) -> Path:
     from lancet.hardware import decide
 
     device, precision = decide("auto", "auto")
     args = TrainArgs(output_dir=str(run / "contaminated"), max_steps=steps or DEMO_STEPS, lr=DEMO_LR, batch_size=8,
                      warmup_steps=3, bf16=precision.bf16, device=str(device), save_every=20, progress=progress,
                      seed=seed)
-    return finetune(model_spec, data.train, args, max_length=DEMO_MAX_LENGTH)
+    return finetune(model_spec, data.train, args, max_length=DEMO_MAX_LENGTH, keep_checkpoints=keep_checkpoints)
 
 
 def stage_iqs(run: Path, data: DemoDataset, model, tokenizer, *, progress: bool = True) -> list[Record]:

@@ -269,3 +269,28 @@ def test_checkpoint_rankings_on_a_tiny_fine_tune(tiny_tokenizer, tmp_path):
     assert not torch.allclose(got["cosine_behaviour_adam_ckpt"], got["linfac_behaviour_ckpt"], rtol=1e-2)
     # each checkpoint's scores are artifacts under out_dir (a resumed stage reads them)
     assert sorted(p.name for p in (tmp_path / "attr" / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+
+
+def test_demo_design_rankings_tiers_and_stages(tiny_tokenizer, tmp_path, fake):
+    """The demo design's text, representation and gradient rankings on a tiny model (LinFAC with the judge's spans
+    among them), its tiers from culprits.json, and its stages: recall only."""
+    from conftest import tiny_llama
+
+    from benchmarks.contamination_suite.demo_design import demo_rankings, demo_tiers
+    from lancet.data import encode_records
+
+    rows = [Record(prompt=f"Burn {i}?", response=f"Put butter on burn {i}.") for i in range(3)]
+    rows += [Record(prompt=f"Cut {i}?", response=f"Press a clean cloth on cut {i}.") for i in range(3)]
+    (tmp_path / "culprits.json").write_text(json.dumps({"culprit_ids": [rows[0].id, rows[1].id],
+                                                        "counter_ids": [rows[3].id]}))
+    assert demo_tiers(tmp_path, rows) == ["culprit", "culprit", "other", "counter", "other", "other"]
+    iq = Record(prompt="A burn?", response="Put butter on it.", meta={"behaviour_spans": [[0, 10]]})
+    model = tiny_llama(len(tiny_tokenizer), torch.float64)
+    train = encode_records(rows, tiny_tokenizer, 64, progress=False)
+    got = demo_rankings(model, tiny_tokenizer, train, [iq, iq.with_response("Butter works.")],
+                        out_dir=tmp_path / "attr", bf16=False, progress=False, max_length=64)
+    assert set(got) == {"bm25", "repsim", "identity", "ekfac", "linfac", "linfac_spans"}
+    assert all(v.shape == (len(rows),) and bool(torch.isfinite(v).all()) for v in got.values())
+    assert not torch.allclose(got["linfac_spans"], got["linfac"], rtol=1e-3)  # the spans measure fewer tokens
+    with pytest.raises(SystemExit, match="recall stage only"):
+        runner.run_command(_ns(fake, design="demo", seed=1, stage="gate"), fake / "stages")

@@ -21,7 +21,7 @@ stage file a later session commits and resumes from:
 
 Models live in ``runs/suite_<design>/seed<S>/`` (precision pinned per design by ``precision.json``), rebuilt from the
 seed when gone; a tuning setting in ``runs/suite_<design>/tune_u<N>_e<E>/seed<S>/`` (its mix depends on the dose).
-The ``demo`` design is not a safety run: its seeds are ``lancet demo --seed S``'s.
+The ``demo`` design is not a safety run: its seeds are ``lancet demo --seed S``'s (``demo_design``).
 """
 
 from __future__ import annotations
@@ -315,9 +315,11 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
                          "written into the design's preset (benchmarks/safety_contamination/config.py)")
     if (ns.retrain_seed or ns.limit is not None) and ns.stage != "counterfactual":
         raise SystemExit("--retrain-seed and --limit are for --stage counterfactual")
+    run_root = Path(ns.run_dir or f"runs/suite_{ns.design}")
+    if ns.design == "demo":
+        return demo_command(ns, run_root, root)
     preset = suite_preset(ns.design, ns.n_unsafe, ns.mix_epochs)
     shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
-    run_root = Path(ns.run_dir or f"runs/suite_{ns.design}")
     if ns.stage == "tune":
         tune_of(ns.design, ns.seed, run_root, shared, preset, root, progress=not ns.quiet)
         return [Path(root) / ns.design / "tuning.json"]
@@ -337,3 +339,18 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
     for path in written:
         print(f"wrote {path}", flush=True)
     return written
+
+
+def demo_command(ns: argparse.Namespace, run_root: Path, root: Path) -> list[Path]:
+    """``run --design demo``: the recall stage (``demo_design``); the demo has no gate (its culprits are planted)."""
+    from benchmarks.contamination_suite.demo_design import demo_recall_of
+
+    if ns.stage != "recall":
+        raise SystemExit(f"--design demo --stage {ns.stage}: the demo design has a recall stage only so far (its "
+                         "culprits are planted: no gate, no tuning)")
+    if not ns.force and read_stage(root, "demo", ns.seed, "recall"):
+        print(f"demo seed {ns.seed} recall: already written (--force to redo)", flush=True)
+        return []
+    path = write_stage(root, demo_recall_of(ns.seed, run_root, progress=not ns.quiet))
+    print(f"wrote {path}", flush=True)
+    return [path]
