@@ -42,12 +42,13 @@ def test_stage_contaminate_passes_the_seed(tmp_path, monkeypatch):
     import lancet.demo as demo
 
     seen = {}
-    monkeypatch.setattr(demo, "finetune", lambda spec, rows, args, max_length: seen.setdefault("args", args))
-    demo.stage_contaminate(tmp_path, demo.build_demo_dataset(), seed=2, progress=False)
-    assert seen["args"].seed == 2
+    monkeypatch.setattr(demo, "finetune", lambda spec, rows, args, max_length, keep_checkpoints: seen.update(
+        args=args, keep=keep_checkpoints))
+    demo.stage_contaminate(tmp_path, demo.build_demo_dataset(), seed=2, progress=False, keep_checkpoints=3)
+    assert (seen["args"].seed, seen["keep"]) == (2, 3)
     seen.clear()
     demo.stage_contaminate(tmp_path, demo.build_demo_dataset(), progress=False)
-    assert seen["args"].seed == 0
+    assert (seen["args"].seed, seen["keep"]) == (0, None)
 
 
 def test_cli_demo_seed_option(monkeypatch):
