@@ -292,5 +292,48 @@ def test_demo_design_rankings_tiers_and_stages(tiny_tokenizer, tmp_path, fake):
     assert set(got) == {"bm25", "repsim", "identity", "ekfac", "linfac", "linfac_spans"}
     assert all(v.shape == (len(rows),) and bool(torch.isfinite(v).all()) for v in got.values())
     assert not torch.allclose(got["linfac_spans"], got["linfac"], rtol=1e-3)  # the spans measure fewer tokens
-    with pytest.raises(SystemExit, match="recall stage only"):
+    with pytest.raises(SystemExit, match="recall and counterfactual stages"):
         runner.run_command(_ns(fake, design="demo", seed=1, stage="gate"), fake / "stages")
+
+
+def test_demo_counterfactual_plan_oracle_and_resume(tmp_path, monkeypatch):
+    """The demo's counterfactual on fake models: the oracle drops every culprit, each ranking's top k rows are the
+    ones removed, both data orders are measured, and a rerun trains nothing already recorded."""
+    import lancet.demo as demo
+    from benchmarks.contamination_suite import demo_design
+    from benchmarks.contamination_suite.stages import recall_stage, write_stage
+    from lancet.artifacts import hash_json
+
+    data = demo.build_demo_dataset()
+    rows = data.train
+    tiers = demo_design.demo_tiers_of(data)
+    pos = torch.tensor([t == "culprit" for t in tiers], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    root = tmp_path / "stages"
+    for seed in (0, 1):
+        scores = {m: w * pos + torch.rand(len(rows), generator=g, dtype=torch.float64)
+                  for m, w in (("random", 0.0), ("bm25", 0.3), ("repsim", 0.9), ("linfac", 0.6))}
+        write_stage(root, {**recall_stage("demo", seed, tiers, ("culprit",), scores),
+                           "row_ids": hash_json([r.id for r in rows])})
+    trained = []
+
+    def fake_contaminate(run, d, progress=True, seed=0, keep_checkpoints=None):
+        trained.append((run.name, seed, len(d.train)))
+        return {"culprits_left": sum(r.id in set(data.culprit_ids) for r in d.train)}
+
+    monkeypatch.setattr(demo, "stage_data", lambda run: data)
+    monkeypatch.setattr(demo, "stage_contaminate", fake_contaminate)
+    monkeypatch.setattr(demo_design, "outdated_verdicts", lambda m, prompts, progress=True: [
+        i < m["culprits_left"] // 2 for i in range(len(prompts))])
+    n = demo_design.demo_counterfactual_of(1, tmp_path / "runs", root, progress=False)
+    stage = read_stage(root, "demo", 1, "counterfactual")
+    n_pos = int(pos.sum())
+    # selected on seed 0: repsim (highest AP); random and bm25 at |P|, repsim at |P|, |P|/2 and its elbow
+    assert set(stage["runs"]) == {"random", "bm25", "repsim"} and set(stage["runs"]["repsim"]) >= {"k_full", "k_half"}
+    assert stage["runs"]["repsim"]["k_half"]["k"] == n_pos // 2 and stage["runs"]["bm25"]["k_full"]["k"] == n_pos
+    assert sorted(stage["oracle"]) == ["1", "1001"] and sum(stage["oracle"]["1"]) == 0  # no culprit left
+    assert sum(stage["impure"]["1"]) == n_pos // 2
+    assert ("oracle", 1, len(rows) - n_pos) in trained and ("impure-r1001", 1001, len(rows)) in trained
+    assert n == len(trained) - 4 == 10  # 5 retrainings (3 rankings at |P|, |P|/2, the elbow) per data order
+    trained.clear()
+    assert demo_design.demo_counterfactual_of(1, tmp_path / "runs", root, progress=False) == 0 and trained == []

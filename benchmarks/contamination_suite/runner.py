@@ -342,12 +342,16 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
 
 
 def demo_command(ns: argparse.Namespace, run_root: Path, root: Path) -> list[Path]:
-    """``run --design demo``: the recall stage (``demo_design``); the demo has no gate (its culprits are planted)."""
-    from benchmarks.contamination_suite.demo_design import demo_recall_of
+    """``run --design demo``: the recall and counterfactual stages (``demo_design``); no gate (planted culprits)."""
+    from benchmarks.contamination_suite.demo_design import demo_counterfactual_of, demo_recall_of
 
+    if ns.stage == "counterfactual":
+        demo_counterfactual_of(ns.seed, run_root, root, tuple(ns.retrain_seed) if ns.retrain_seed else None,
+                               ns.limit, progress=not ns.quiet)
+        return [Path(root) / "demo" / f"seed{ns.seed}_counterfactual.json"]
     if ns.stage != "recall":
-        raise SystemExit(f"--design demo --stage {ns.stage}: the demo design has a recall stage only so far (its "
-                         "culprits are planted: no gate, no tuning)")
+        raise SystemExit(f"--design demo --stage {ns.stage}: the demo design has recall and counterfactual stages "
+                         "(its culprits are planted: no gate, no tuning)")
     if not ns.force and read_stage(root, "demo", ns.seed, "recall"):
         print(f"demo seed {ns.seed} recall: already written (--force to redo)", flush=True)
         return []
