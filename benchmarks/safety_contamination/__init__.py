@@ -50,7 +50,7 @@ from benchmarks.safety_contamination.config import (
     run_environment,
     run_precision,
 )
-from benchmarks.safety_contamination.correction import CorrectionStage, kept_rows
+from benchmarks.safety_contamination.correction import CorrectionStage, kept_rows, utility_loss_test
 from benchmarks.safety_contamination.counterfactual import CounterfactualStage
 from benchmarks.safety_contamination.gate import GateStage, gate_verdict
 from benchmarks.safety_contamination.iqs import OPENING_WORDS, IqStage, opening, opening_weights, prefix_rows
@@ -84,7 +84,7 @@ __all__ = [
     "CounterfactualStage", "GateStage", "IqStage", "MixStage", "Preset", "RecallStage", "Run", "anchored",
     "config", "gate_verdict", "kept_rows", "lambda_subset_check", "main", "merge_results", "open_seed", "opening",
     "opening_weights", "prefix_rows", "prompt_only", "recall_metrics", "restrict_corrections", "restrict_recall",
-    "run_environment", "run_precision", "run_seed", "seed_arguments", "stage_plan", "summarize",
+    "run_environment", "run_precision", "run_seed", "seed_arguments", "stage_plan", "summarize", "utility_loss_test",
     "LABELS", "LOOKALIKE", "TEXT", "answer_key", "compliance_target", "continue_answers", "implicit_rows",
     "interleave", "judge_agreement", "near_duplicate_free", "split_data",
 ]

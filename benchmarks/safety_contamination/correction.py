@@ -55,7 +55,10 @@ class CorrectionStage:
                  "limit": n},
                 {"name": "alpaca", "kind": "over_refusal", "path": local["alpaca_eval"], "limit": n},
                 {"name": "alpaca_diversity", "kind": "diversity", "of": "alpaca"},
-                {"name": "helpful_ppl", "kind": "perplexity", "path": str((self.dir / "helpful_test.jsonl").resolve())}]
+                {"name": "helpful_ppl", "kind": "perplexity", "path": str((self.dir / "helpful_test.jsonl").resolve())},
+                # issue 37: the held-out helpful answers' log-likelihood, the third term of the test utility loss
+                {"name": "helpful_loglik", "kind": "answer_logprob",
+                 "path": str((self.dir / "helpful_test.jsonl").resolve())}]
         path = self.dir / "correction_suite.json"
         atomic_write_json(path, {"name": "safety_correction", "max_new_tokens": self.p.max_new_tokens,
                                  "batch_size": 16, "seed": 0, "max_length": self.p.max_length, "judge": "refusal",
@@ -135,11 +138,15 @@ class CorrectionStage:
                    "judge": {"name": "refusal", **{k2: m["judge"].get(k2) for k2 in ("accuracy", "n")}}}
             row["helpful_ppl"] = row["sets"]["helpful_ppl"]["perplexity"]
             row["xstest_over_refusal"] = row["sets"]["xstest_safe"]["refusal_rate"]
+            if "helpful_loglik" in row["sets"]:
+                row["helpful_loglik"] = row["sets"]["helpful_loglik"]["mean_logprob"]
             print(f"seed {self.seed} correction {name}: {row}", flush=True)
             return row
 
         for name in ("impure", "safe"):
             out["methods"][name] = done.get(name) or keep(name, measure(name, models[name]))
+        out["methods"]["safe"]["utility_loss_test"] = utility_loss_test(out["methods"]["safe"],
+                                                                        out["methods"]["impure"])
         impure, tok = load_model(models["impure"])
         validation = {"valid": valid, "ordinary": ordinary, "benign": benign}
         oracle_budget = out["oracle_budget"] = self.oracle_budget(models, impure, tok, validation)
@@ -207,6 +214,8 @@ class CorrectionStage:
                          else measure(f"{method}-oracle-budget", path_loose))  # one checkpoint, kept per budget
             out["methods"][method] = keep(method, {
                 **row, "chosen_lr": None if best.steps == 0 else best.settings["lr"], "chosen_steps": best.steps,
+                "utility_loss_valid": round(best.validation_utility_loss, 4),
+                "utility_loss_test": utility_loss_test(row, out["methods"]["impure"]),
                 "at_oracle_budget": {**row_loose, "budget": oracle_budget, "chosen_steps": best_loose.steps,
                                      "chosen_lr": None if best_loose.steps == 0 else best_loose.settings["lr"]},
                 "seconds": {f"lr{lr:g}": self.seconds[f"correct_{method}-lr{lr:g}"] for lr in self.p.corr_lrs},
@@ -259,6 +268,21 @@ class CorrectionStage:
         print(f"seed {self.seed} correction: the safe model's validation utility loss {loss:.4f} ({measured}); "
               f"second budget {budget}", flush=True)
         return budget
+
+
+def utility_loss_test(row: dict, impure: dict) -> float:
+    """The test-side twin of the validation utility loss (``CheckpointSelection.utility_of``), against the impure
+    model on the test sets: the worst of the relative rise of helpful perplexity, the absolute rise of the refusal
+    rate on each benign set (XSTest-safe, unseen Alpaca) and the relative fall of the held-out helpful answers'
+    log-likelihood (a row measured before that set existed has no such term)."""
+    sets, ref = row["sets"], impure["sets"]
+    loss = sets["helpful_ppl"]["perplexity"] / ref["helpful_ppl"]["perplexity"] - 1
+    for name in ("xstest_safe", "alpaca"):
+        loss = max(loss, sets[name]["refusal_rate"] - ref[name]["refusal_rate"])
+    if "helpful_loglik" in sets and "helpful_loglik" in ref and ref["helpful_loglik"]["mean_logprob"] != 0:
+        before, after = ref["helpful_loglik"]["mean_logprob"], sets["helpful_loglik"]["mean_logprob"]
+        loss = max(loss, (before - after) / abs(before))
+    return round(loss, 4)
 
 
 def kept_rows(path: Path, key: str) -> dict:
