@@ -409,6 +409,9 @@ def test_correction_stage_end_to_end_on_tiny_models(shared, tiny_tokenizer, tmp_
         assert row["helpful_loglik"] < 0
     assert out["methods"]["safe"]["utility_loss_test"] == utility_loss_test(out["methods"]["safe"],
                                                                             out["methods"]["impure"])
+    # a filter-and-retrain row's validation utility loss is measured as the oracle budget's safe model's
+    safe_loss = json.loads((run.dir / "oracle_budget.json").read_text())["safe_utility_loss"]
+    assert run.validation_utility_loss(models, models["safe"], "safe") == pytest.approx(safe_loss, abs=1e-4)
     assert out["k"] == 2
 
 

@@ -337,3 +337,81 @@ def test_demo_counterfactual_plan_oracle_and_resume(tmp_path, monkeypatch):
     assert n == len(trained) - 4 == 10  # 5 retrainings (3 rankings at |P|, |P|/2, the elbow) per data order
     trained.clear()
     assert demo_design.demo_counterfactual_of(1, tmp_path / "runs", root, progress=False) == 0 and trained == []
+
+
+def _sets(ood: float, ppl: float = 10.0) -> dict:
+    from benchmarks.contamination_suite.correction import OOD_SETS
+
+    return {**{s: {"compliance": ood} for s in OOD_SETS}, "helpful_ppl": {"perplexity": ppl},
+            "xstest_safe": {"refusal_rate": 0.1}, "alpaca": {"refusal_rate": 0.1},
+            "helpful_loglik": {"mean_logprob": -50.0}}
+
+
+def test_correction_rows_settings_and_summary(tmp_path):
+    """Each row's ranking, family, weighting and preferred rows; the summary's OOD mean, spread and utility."""
+    from benchmarks.contamination_suite.correction import build_correction_suite, row_settings
+
+    assert row_settings("fx_default") == {"ranking": "linfac", "ranking_family": "gradient", "weighting": "gap",
+                                          "preferred": "bottom"}
+    assert row_settings("fx_bm25")["ranking_family"] == "text"
+    assert row_settings("fx_repsim")["ranking_family"] == "representation"
+    assert row_settings("fx_random") == {"ranking": "random", "ranking_family": "random", "weighting": "gap",
+                                         "preferred": "random"}
+    assert row_settings("fx_oracle")["ranking_family"] == "oracle"
+    assert row_settings("fx_uniform")["weighting"] == "uniform"
+    assert row_settings("fx_preferred_random")["preferred"] == "random"
+    assert row_settings("fx_preferred_refusals")["preferred"] == "refusal"
+    assert row_settings("dpo_anchored")["ranking_family"] == row_settings("sft")["ranking_family"] == "none"
+    assert row_settings("npo_anchored")["ranking"] == "linfac"  # NPO forgets the ranking's top rows
+    assert row_settings("filter_retrain_bm25") == {"ranking": "bm25", "ranking_family": "text", "weighting": "none",
+                                                   "preferred": "none"}
+    rows = {0: {"impure": 0.6, "safe": 0.1, "fx_default": 0.3}, 1: {"impure": 0.5, "safe": 0.2, "fx_default": 0.2}}
+    for seed, values in rows.items():
+        stage = {name: {"sets": _sets(v), "utility_loss_valid": 0.04, "utility_loss_test": 0.01 * (seed + 1)}
+                 for name, v in values.items()}
+        atomic_write_json(tmp_path / "lexical" / f"seed{seed}.json", {"key": "k", "rows": stage})
+    out = build_correction_suite(tmp_path)
+    lexical = out["designs"]["lexical"]
+    assert lexical["impure"]["ood_compliance_mean"] == 0.55 and lexical["retrained"]["ood_compliance_mean"] == 0.15
+    row = lexical["rows"]["fx_default"]
+    assert row["per_seed"] == {"0": 0.3, "1": 0.2} and row["ood_compliance_mean"] == 0.25
+    assert row["ood_compliance_sd"] == pytest.approx(0.0707, abs=1e-4) and row["utility_loss_test"] == 0.015
+    assert out["pending"] == {"shared_prompt": ["shared_prompt/seed0.json"]} and lexical["tuning_seed"] == 3
+
+
+def test_correction_stage_from_the_committed_recall(fake, monkeypatch):
+    """``run --stage correction``: the run directory's rankings come from the committed recall stage, the filter
+    rows retrain without the ranking's top |P| rows, and a rerun keeps what the stage file holds."""
+    root, design = fake / "stages", "shared_prompt"
+    runner.run_command(_ns(fake, design=design, seed=3, stage="recall"), root)
+    calls = []
+
+    def correction(self, models, rows, tiers, shared, rows_path=None):
+        calls.append(self.p.corrections)
+        impure = {"sets": _sets(0.6), "utility_loss_test": 0.0}
+        kept = json.loads(rows_path.read_text())["rows"] if rows_path.is_file() else {}
+        kept |= {"impure": impure, **{c: {"sets": _sets(0.2), "utility_loss_test": 0.01,
+                                          "utility_loss_valid": 0.03} for c in self.p.corrections}}
+        atomic_write_json(rows_path, {"key": "k", "rows": kept})
+        return {"methods": kept}
+
+    monkeypatch.setattr(FakeRun, "correction", correction, raising=False)
+    monkeypatch.setattr(FakeRun, "measure_correction_model", lambda self, name, path: {"sets": _sets(0.1, 10.5)},
+                        raising=False)
+    monkeypatch.setattr(FakeRun, "validation_utility_loss", lambda self, models, path, name: 0.02, raising=False)
+    path = runner.run_command(_ns(fake, design=design, seed=3, stage="correction",
+                                  corrections="fx_default,filter_retrain_bm25"), root)[-1]
+    assert calls == [("fx_default",)]
+    ids = json.loads((fake / "runs" / "seed3" / "rankings.json").read_text())["ids"]
+    recall = read_stage(root, design, 3, "recall")
+    assert ids == [r.id for r in _rows()] and recall["row_ids"]
+    row = json.loads(path.read_text())["rows"]["filter_retrain_bm25"]
+    assert row["k"] == 6 and row["utility_loss_valid"] == 0.02 and row["utility_loss_test"] == 0.05
+    bm25_top = torch.tensor(recall["scores"]["bm25"]).argsort(descending=True)[:6].tolist()
+    assert row["positives_removed"] == sum(recall["tiers"][i] == "unsafe" for i in bm25_top)
+    assert FakeRun.trained[-1] == ("cf-bm25-k_full", 3, len(_rows()) - 6)
+    n = sum(t[0].startswith("cf-") for t in FakeRun.trained)
+    runner.run_command(_ns(fake, design=design, seed=3, stage="correction", corrections="filter_retrain_bm25"), root)
+    assert sum(t[0].startswith("cf-") for t in FakeRun.trained) == n  # kept: not retrained
+    with pytest.raises(SystemExit, match="not seed 2"):
+        runner.run_command(_ns(fake, design=design, seed=2, stage="correction"), root)

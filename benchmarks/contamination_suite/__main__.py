@@ -1,5 +1,6 @@
-"""``python -m benchmarks.contamination_suite {write,import-lexical,run}`` (the package docstring says what each does;
-``run``: benchmarks/contamination_suite/runner.py)."""
+"""``python -m benchmarks.contamination_suite {write,import-lexical,run,write-correction}`` (the package docstring says
+what each does; ``run``: benchmarks/contamination_suite/runner.py; ``write-correction``: issue 37's
+correction_suite.json from the committed correction stages, benchmarks/contamination_suite/correction.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from benchmarks.common import RESULTS
 from benchmarks.contamination_suite.runner import add_arguments, run_command
 from benchmarks.contamination_suite.stages import STAGE_DIR, from_committed, read_stage, write_stage
 from benchmarks.contamination_suite.suite import SUITE, build_suite, write_suite
+from lancet.artifacts import atomic_write_json
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.contamination_suite")
-    parser.add_argument("command", choices=("write", "import-lexical", "run"))
+    parser.add_argument("command", choices=("write", "import-lexical", "run", "write-correction"))
     parser.add_argument("--stages", default=str(STAGE_DIR), help="the stage files' folder")
     parser.add_argument("--out", default=str(SUITE))
     add_arguments(parser)  # run's options
@@ -23,6 +25,13 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(ns.stages)
     if ns.command == "run":
         run_command(ns, root)
+        return
+    if ns.command == "write-correction":
+        from benchmarks.contamination_suite.correction import CORRECTION_SUITE, build_correction_suite
+
+        result = build_correction_suite()
+        atomic_write_json(CORRECTION_SUITE, result)
+        print(f"wrote {CORRECTION_SUITE}: {sorted(result['designs'])} complete; pending {sorted(result['pending'])}")
         return
     if ns.command == "import-lexical":
         result = json.loads((RESULTS / "safety_contamination_full.json").read_text())

@@ -55,7 +55,7 @@ PRESET_OF = {"lexical": "full", "shared_prompt": "shared_prompt", "disjoint": "d
 # the methods Run.recall ranks for the suite (plain rankings; bm25 and bm25_prompt come with every recall)
 SUITE_METHODS = ("repsim", "identity", "ekfac", "linfac")
 CLASSIFIER_OFFSET = 7919  # the classifier's tie-breaking draw: another stream than random's (the seed itself)
-RUN_STAGES = ("gate", "recall", "counterfactual", "tune")
+RUN_STAGES = ("gate", "recall", "counterfactual", "tune", "correction")
 # the impure model keeps this many evenly spaced checkpoints (the last is the model itself) with Adam's state: the
 # checkpoint-aware rankings (behaviour.CHECKPOINT_RANKINGS) average over them
 KEEP_CHECKPOINTS = 3
@@ -300,6 +300,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="counterfactual: train at most this many models")
     parser.add_argument("--n-unsafe", type=int, default=None, help="tune: the dose")
     parser.add_argument("--mix-epochs", type=float, default=None, help="tune: the mix's epochs")
+    parser.add_argument("--corrections", default=None,
+                        help="correction: comma-separated rows (default: the factorial, the baselines and "
+                             "filter_retrain_bm25 / filter_retrain_<selected>)")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -313,6 +316,8 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
     if (ns.n_unsafe is not None or ns.mix_epochs is not None) and ns.stage != "tune":
         raise SystemExit("--n-unsafe and --mix-epochs are tuning settings (--stage tune); a chosen setting is "
                          "written into the design's preset (benchmarks/safety_contamination/config.py)")
+    if ns.corrections is not None and ns.stage != "correction":
+        raise SystemExit("--corrections is for --stage correction")
     if (ns.retrain_seed or ns.limit is not None) and ns.stage != "counterfactual":
         raise SystemExit("--retrain-seed and --limit are for --stage counterfactual")
     run_root = Path(ns.run_dir or f"runs/suite_{ns.design}")
@@ -336,6 +341,8 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
     if ns.stage == "counterfactual":
         counterfactual_of(ns.design, run, built, root, tuple(ns.retrain_seed) if ns.retrain_seed else None, ns.limit)
         written.append(Path(root) / ns.design / f"seed{ns.seed}_counterfactual.json")
+    if ns.stage == "correction":
+        written.append(correction_command(ns, run, built, root, shared))
     for path in written:
         print(f"wrote {path}", flush=True)
     return written
@@ -358,3 +365,30 @@ def demo_command(ns: argparse.Namespace, run_root: Path, root: Path) -> list[Pat
     path = write_stage(root, demo_recall_of(ns.seed, run_root, progress=not ns.quiet))
     print(f"wrote {path}", flush=True)
     return [path]
+
+
+def correction_command(ns: argparse.Namespace, run, built: dict, root: Path, shared: Path) -> Path:
+    """``run --stage correction``: issue 37's rows on this seed (``correction.py``), written to
+    ``correction_suite/<design>/seed<S>.json`` beside the suite's stage folder."""
+    from benchmarks.contamination_suite.correction import (
+        BASELINES,
+        CORRECTION_SEEDS,
+        FACTORIAL_ROWS,
+        FILTER_PREFIX,
+        correction_of,
+    )
+
+    d = DESIGNS[ns.design]
+    allowed = (*d.validation_seeds, *CORRECTION_SEEDS.get(ns.design, ()))
+    if ns.seed not in allowed:
+        raise SystemExit(f"{ns.design}: the correction runs on the tuning seed {list(d.validation_seeds)} and the "
+                         f"reported seeds {list(CORRECTION_SEEDS.get(ns.design, ()))}, not seed {ns.seed}")
+    validation = [read_stage(root, ns.design, s, "recall") for s in d.validation_seeds]
+    selected = select_on_validation(validation, d) if all(validation) else None
+    if ns.corrections:
+        wanted = tuple(c.strip() for c in ns.corrections.split(",") if c.strip())
+    else:
+        wanted = (*FACTORIAL_ROWS, *BASELINES, f"{FILTER_PREFIX}bm25",
+                  *([f"{FILTER_PREFIX}{selected}"] if selected and selected != "bm25" else []))
+    out_root = Path(root).parent / "correction_suite"
+    return correction_of(ns.design, run, built, out_root, wanted, shared, root)

@@ -100,9 +100,9 @@ class Preset:
     # influence, or does text search serve as well?
     corrections: tuple[str, ...] = ("ibo", "ibo_oracle", "dpo", "sft", "npo", "ga_retain", "ibo_random",
                                     "ibo_benign", "ibo_benign_seq", "ibo_benign_seq_random", "ibo_benign_seq_oracle",
-                                    "dpo_benign_seq", "ibo_benign_seq_bm25", "npo_anchored", "fx_default", "fx_bm25",
-                                    "fx_repsim", "fx_random", "fx_oracle", "fx_uniform", "fx_preferred_random",
-                                    "fx_preferred_refusals")
+                                    "dpo_benign_seq", "ibo_benign_seq_bm25", "npo_anchored", "dpo_anchored",
+                                    "fx_default", "fx_bm25", "fx_repsim", "fx_random", "fx_oracle", "fx_uniform",
+                                    "fx_preferred_random", "fx_preferred_refusals")
     correction_ranking: str = "linfac"
     corr_steps: int = 30
     corr_every: int = 5
@@ -130,6 +130,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ibo_benign_seq_bm25": ("ibo", {**_SEQ, "scores": "bm25"}),
     # issue 37: NPO+RT with IBO's anchor instead of the refusals' NLL (DPO with it is dpo_benign_seq)
     "npo_anchored": ("npo", {**_SEQ, "retain": "kl"}),
+    # issue 37's name for DPO with IBO's anchor (the same settings as dpo_benign_seq)
+    "dpo_anchored": ("dpo", {**_SEQ, "retain": "kl"}),
 }
 # issue 37's ranking factorial (docs/method.md §5.4, "The ranking factorial"): ibo_benign_seq's anchor held fixed,
 # one factor changed at a time around the main row (lancet's default ranking, gap weights, the ranking's bottom

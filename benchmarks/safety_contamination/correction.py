@@ -91,7 +91,6 @@ class CorrectionStage:
         from lancet.correct.pairs import read_preference_pairs
         from lancet.correct.select import Candidate, CheckpointSelection, choose
         from lancet.evaluate import load_suite
-        from lancet.evaluate.suite import evaluate_or_reuse
 
         suite_path = self.correction_suite()
         suite = load_suite(suite_path, shared)
@@ -112,14 +111,12 @@ class CorrectionStage:
             return row
         culprits = torch.tensor([tiers[i] in TIERS for i in ids])
         iqs = read_records(self.dir / "iqs.jsonl") if (self.dir / "iqs.jsonl").is_file() else None
-        helpful = self.parts["heldout_helpful"]
-        ordinary = helpful[:len(helpful) // 2]
-        valid = self.parts["valid_prompts"]
         # benign validation prompts: a checkpoint that refuses more of them than the impure model did loses that much
         # utility (the first run chose on perplexity alone, and IBO's chosen model refused 0.83 of the Alpaca test
         # prompts against the impure model's 0.34). Issue 37: Alpaca and XSTest-safe prompts no test set reads,
         # each set on its own, and the held-out helpful answers' log-likelihood; the utility loss is the worst
-        benign = {"alpaca": self.parts["alpaca_valid"], "xstest_safe": self.parts["xstest_rest"][:self.p.n_valid]}
+        validation = self.validation_sets()
+        valid, ordinary, benign = validation["valid"], validation["ordinary"], validation["benign"]
         safe_rows = self.parts["sft_safe"]
         pairs = [(c, r) for c, r in read_preference_pairs(shared / "hh-rlhf/harmless-base_test.jsonl.gz")
                  if len(c.prompt_messages) == 1][:self.p.n_dpo_pairs]
@@ -127,28 +124,13 @@ class CorrectionStage:
         out: dict = {"sets": [s.name for s in suite.sets], "k": k, "methods": {}}
 
         def measure(name: str, path: str) -> dict:
-            t0 = time.perf_counter()
-            model, tok = load_model(path)
-            m = evaluate_or_reuse(model, tok, suite, self.dir / f"metrics-{name}.json", progress=self.progress)
-            self.seconds[f"evaluate_{name}"] = round(time.perf_counter() - t0, 1)
-            del model
-            headline = lambda r: "compliance" if r["kind"] == "harmful_prompts" else r["metric"]  # noqa: E731
-            row = {"sets": {s: {headline(r): round(r[r["metric"]], 4), "n": r.get("n")}
-                            for s, r in m["sets"].items()},
-                   "judge": {"name": "refusal", **{k2: m["judge"].get(k2) for k2 in ("accuracy", "n")}}}
-            row["helpful_ppl"] = row["sets"]["helpful_ppl"]["perplexity"]
-            row["xstest_over_refusal"] = row["sets"]["xstest_safe"]["refusal_rate"]
-            if "helpful_loglik" in row["sets"]:
-                row["helpful_loglik"] = row["sets"]["helpful_loglik"]["mean_logprob"]
-            print(f"seed {self.seed} correction {name}: {row}", flush=True)
-            return row
+            return self.measure_correction_model(name, path, suite)
 
         for name in ("impure", "safe"):
             out["methods"][name] = done.get(name) or keep(name, measure(name, models[name]))
         out["methods"]["safe"]["utility_loss_test"] = utility_loss_test(out["methods"]["safe"],
                                                                         out["methods"]["impure"])
         impure, tok = load_model(models["impure"])
-        validation = {"valid": valid, "ordinary": ordinary, "benign": benign}
         oracle_budget = out["oracle_budget"] = self.oracle_budget(models, impure, tok, validation)
 
         def pick(runs: list[tuple[float, str, dict]]) -> Candidate:
@@ -224,6 +206,62 @@ class CorrectionStage:
                   f"{best.steps}; within the oracle's budget {oracle_budget}: lr "
                   f"{out['methods'][method]['at_oracle_budget']['chosen_lr']}, step {best_loose.steps}", flush=True)
         return out
+
+    def measure_correction_model(self, name: str, path: str, suite=None) -> dict:
+        """One model's row of the correction table: the test suite (``correction_suite``) on it, each set's headline
+        number, the judge's accuracy, and the utility numbers read off the sets."""
+        from lancet.evaluate import load_suite
+        from lancet.evaluate.suite import evaluate_or_reuse
+
+        suite = suite or load_suite(self.correction_suite(), self.shared)
+        t0 = time.perf_counter()
+        model, tok = load_model(path)
+        m = evaluate_or_reuse(model, tok, suite, self.dir / f"metrics-{name}.json", progress=self.progress)
+        self.seconds[f"evaluate_{name}"] = round(time.perf_counter() - t0, 1)
+        del model
+        headline = lambda r: "compliance" if r["kind"] == "harmful_prompts" else r["metric"]  # noqa: E731
+        row = {"sets": {s: {headline(r): round(r[r["metric"]], 4), "n": r.get("n")} for s, r in m["sets"].items()},
+               "judge": {"name": "refusal", **{k2: m["judge"].get(k2) for k2 in ("accuracy", "n")}}}
+        row["helpful_ppl"] = row["sets"]["helpful_ppl"]["perplexity"]
+        row["xstest_over_refusal"] = row["sets"]["xstest_safe"]["refusal_rate"]
+        if "helpful_loglik" in row["sets"]:
+            row["helpful_loglik"] = row["sets"]["helpful_loglik"]["mean_logprob"]
+        print(f"seed {self.seed} correction {name}: {row}", flush=True)
+        return row
+
+    def validation_sets(self) -> dict[str, list[Record]]:
+        """What every correction checkpoint is measured on: the harmful validation prompts, the ordinary
+        (helpful) answers and the benign sets (Alpaca and XSTest-safe prompts no test set reads)."""
+        helpful = self.parts["heldout_helpful"]
+        return {"valid": self.parts["valid_prompts"], "ordinary": helpful[:len(helpful) // 2],
+                "benign": {"alpaca": self.parts["alpaca_valid"],
+                           "xstest_safe": self.parts["xstest_rest"][:self.p.n_valid]}}
+
+    def validation_utility_loss(self, models: dict[str, str], path: str, name: str | None = None) -> float:
+        """A model's utility loss against the impure model on the validation sets, measured as every correction
+        checkpoint's is (the filter-and-retrain rows' ``utility_loss_valid``); cached in the run directory."""
+        from lancet.correct.select import CheckpointSelection
+
+        name = name or Path(path).name
+        validation = self.validation_sets()
+        key = hash_json({"models": models, "model": str(path), "valid": [r.text for r in validation["valid"]],
+                         "ordinary": [r.text for r in validation["ordinary"]],
+                         "benign": {k: [r.text for r in v] for k, v in validation["benign"].items()}, "loglik": True})
+        cache = self.dir / f"validation_utility-{name}.json"
+        if cache.is_file() and json.loads(cache.read_text())["key"] == key:
+            return json.loads(cache.read_text())["utility_loss"]
+        impure, tok = load_model(models["impure"])
+        sel = CheckpointSelection(self.dir / f"select-utility-{name}", tok, validation["valid"],
+                                  validation["ordinary"], self.judge, fingerprint=key,
+                                  max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16,
+                                  benign=validation["benign"], loglik=True)
+        sel.reference(impure)
+        del impure
+        model, _ = load_model(str(path))
+        measured = sel.measure(model)
+        loss = round(sel.utility_of(measured), 4)
+        atomic_write_json(cache, {"key": key, "utility_loss": loss, "measured": measured})
+        return loss
 
     def benign_anchors(self, impure) -> list[Record]:
         """ibo_benign's retain rows: the impure model's own greedy answers to ``n_anchor`` Alpaca prompts that no

@@ -1,0 +1,179 @@
+"""Issue 37's correction suite on the contamination suite's models (docs/method.md §5.4, "The ranking factorial"):
+the factorial's cells, the baselines and filter-and-retrain rows, each corrected from one seed's impure model by the
+safety benchmark's correction stage (``CorrectionStage.correction``), and the summary JSON.
+
+    .venv/bin/python -m benchmarks.contamination_suite run --design lexical --seed 3 --stage correction \
+        --corrections fx_default
+    .venv/bin/python -m benchmarks.contamination_suite write-correction
+
+- Seeds: the tuning seed (the design's validation seed: the learning rates are checked there and nothing is
+  reported from it) and the reported seeds of ``CORRECTION_SEEDS`` (2 of ``lexical``, 1 of ``shared_prompt``).
+- The rankings are the committed recall stage's (``recall_rankings``): the correction reads the same scores the
+  suite reports, and a lost run directory is ranked again from the file, not recomputed.
+- Each finished row is written at once to ``benchmarks/results/correction_suite/<design>/seed<S>.json`` under the
+  stage's key (impure and safe answers, ranking order, test suite, settings): that file is the committed stage
+  and the resume point.
+- ``filter_retrain_<m>``: the model retrained from the aligned start without the top-|P| rows of ranking m (the
+  suite's counterfactual model at the seed's own training order, the same recipe), measured on the same test suite,
+  its validation utility loss measured as every correction checkpoint's is.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS
+from benchmarks.contamination_suite.designs import DESIGNS
+from lancet.artifacts import atomic_save_tensors, atomic_write_json, hash_json
+
+CORRECTION_DIR = RESULTS / "correction_suite"
+CORRECTION_SUITE = RESULTS / "correction_suite.json"
+# reported seeds per design (the tuning seed is the design's validation seed)
+CORRECTION_SEEDS = {"lexical": (0, 1), "shared_prompt": (0,)}
+CORRECTION_LRS = (1e-5, 5e-5)  # docs/method.md §5.4: the two learning rates of every cell
+# the seven OOD harmful sets whose mean compliance is the goal's number
+OOD_SETS = ("advbench_heldout", "harmbench", "jailbreakbench", "strongreject", "advbench_role_play",
+            "advbench_prefix_injection", "advbench_refusal_suppression")
+FACTORIAL_ROWS = ("fx_default", "fx_bm25", "fx_repsim", "fx_random", "fx_oracle", "fx_uniform",
+                  "fx_preferred_random", "fx_preferred_refusals")
+BASELINES = ("sft", "dpo", "npo", "ga_retain", "npo_anchored", "dpo_anchored")
+FILTER_PREFIX = "filter_retrain_"
+RANKING_FAMILY = {"linfac": "gradient", "bm25": "text", "repsim": "representation", "random": "random",
+                  "oracle": "oracle", "none": "none"}
+
+
+def recall_rankings(recall: dict, ids: list[str]) -> dict[str, torch.Tensor]:
+    """{method: [N] scores} of a committed recall stage, in the order of ``ids`` (the mix's rows, which the stage's
+    ``row_ids`` hash must name)."""
+    if recall.get("row_ids") != hash_json(ids):
+        raise SystemExit(f"{recall['design']} seed {recall['seed']}: the run's rows differ from the recall stage's")
+    return {m: torch.tensor(v, dtype=torch.float64) for m, v in recall["scores"].items()}
+
+
+def write_rankings(run_dir: Path, recall: dict, ids: list[str]) -> None:
+    """The run directory's ``rankings.safetensors`` / ``rankings.json`` from the committed recall stage (what the
+    correction stage reads)."""
+    found = recall_rankings(recall, ids)
+    atomic_save_tensors(run_dir / "rankings.safetensors", {m: v.contiguous() for m, v in found.items()})
+    atomic_write_json(run_dir / "rankings.json", {"ids": list(ids)})
+
+
+def row_settings(name: str, default_ranking: str = "linfac") -> dict:
+    """The issue's descriptors of one row: its ranking (and family), weighting and preferred rows."""
+    from benchmarks.safety_contamination.config import VARIANTS
+
+    if name.startswith(FILTER_PREFIX):
+        ranking = name[len(FILTER_PREFIX):]
+        return {"ranking": ranking, "ranking_family": _family(ranking), "weighting": "none", "preferred": "none"}
+    method, variant = VARIANTS.get(name, (name, {}))
+    if method in ("sft", "dpo"):
+        return {"ranking": "none", "ranking_family": "none", "weighting": "none", "preferred": "none"}
+    ranking = variant.get("ranking") if variant.get("ranking") in ("random", "oracle") else \
+        variant.get("scores", default_ranking)
+    if method.startswith("ibo"):
+        preferred = variant.get("preferred", "bottom")
+        preferred = variant.get("preferred_tier", preferred) if preferred == "marked" else preferred
+        weighting = variant.get("weighting", "gap")
+    else:  # the forget methods (NPO, GA) read the ranking's top rows only
+        preferred, weighting = "none", "uniform"
+    return {"ranking": ranking, "ranking_family": _family(ranking), "weighting": weighting, "preferred": preferred}
+
+
+def _family(ranking: str) -> str:
+    from benchmarks.contamination_suite.suite import family
+
+    return RANKING_FAMILY.get(ranking) or family(ranking)
+
+
+def ood_compliance(row: dict) -> float:
+    """The mean compliance over the seven OOD harmful sets."""
+    return statistics.fmean(row["sets"][s]["compliance"] for s in OOD_SETS)
+
+
+def correction_of(design: str, run, built: dict, root: Path, corrections: tuple[str, ...], shared: Path,
+                  stage_root: Path) -> Path:
+    """Run ``corrections`` on this seed (rows already in the stage file under ``root`` are kept; the rankings from
+    the suite's committed recall stage under ``stage_root``) and return the stage file."""
+    from benchmarks.contamination_suite.stages import read_stage
+
+    recall = read_stage(stage_root, design, run.seed, "recall")
+    if recall is None or "scores" not in recall:
+        raise SystemExit(f"{design} seed {run.seed}: the correction needs the committed recall stage (with scores)")
+    rows = built["rows"]
+    write_rankings(run.dir, recall, [r.id for r in rows])
+    path = Path(root) / design / f"seed{run.seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fixes = tuple(c for c in corrections if not c.startswith(FILTER_PREFIX))
+    run.p = replace(run.p, corrections=fixes, corr_lrs=CORRECTION_LRS)
+    out = run.correction(built["models"], rows, built["tiers"], shared, rows_path=path)
+    for name in (c for c in corrections if c.startswith(FILTER_PREFIX)):
+        _filter_retrain(run, built, recall, name, out, path)
+    return path
+
+
+def _filter_retrain(run, built: dict, recall: dict, name: str, out: dict, path: Path) -> None:
+    """One filter-and-retrain row: the counterfactual model without the ranking's top |P| rows, on the test suite."""
+    from benchmarks.safety_contamination.correction import utility_loss_test
+
+    kept = json.loads(path.read_text())
+    if name in kept["rows"]:
+        return
+    method = name[len(FILTER_PREFIX):]
+    if method not in recall["scores"]:
+        raise SystemExit(f"{name}: no ranking {method!r} in the recall stage")
+    positive = set(recall["positive_tiers"])
+    k = sum(t in positive for t in recall["tiers"])
+    order = torch.argsort(torch.tensor(recall["scores"][method], dtype=torch.float64), descending=True,
+                          stable=True)[:k].tolist()
+    top = {built["rows"][i].id for i in order}
+    model = run.finetune(f"cf-{method}-k_full", built["aligned"], [r for r in built["rows"] if r.id not in top],
+                         run.p.mix_epochs)
+    row = run.measure_correction_model(name, model)
+    row["utility_loss_test"] = utility_loss_test(row, out["methods"]["impure"])
+    row["utility_loss_valid"] = run.validation_utility_loss(built["models"], model, name)
+    row["k"], row["positives_removed"] = k, sum(recall["tiers"][i] in positive for i in order)
+    kept["rows"][name] = row
+    atomic_write_json(path, kept)
+
+
+def build_correction_suite(root: Path = CORRECTION_DIR) -> dict:
+    """The issue's ``correction_suite.json`` from the committed stage files (designs without a reported seed's file
+    are listed under ``pending``)."""
+    out: dict = {"designs": {}, "pending": {}, "ood_sets": list(OOD_SETS)}
+    for design, seeds in CORRECTION_SEEDS.items():
+        stages = {s: _read(root, design, s) for s in seeds}
+        missing = [f"{design}/seed{s}.json" for s, st in stages.items() if st is None]
+        if missing:
+            out["pending"][design] = missing
+            continue
+        per_seed = {s: st["rows"] for s, st in stages.items()}
+        names = sorted(set.intersection(*(set(r) for r in per_seed.values())) - {"impure", "safe"})
+        entry = {"tuning_seed": DESIGNS[design].validation_seeds[0], "seeds": list(seeds),
+                 "impure": {"ood_compliance_mean": _mean(per_seed, "impure", ood_compliance)},
+                 "retrained": {"ood_compliance_mean": _mean(per_seed, "safe", ood_compliance),
+                               "utility_loss_test": _mean(per_seed, "safe", lambda r: r["utility_loss_test"])},
+                 "rows": {}}
+        for name in names:
+            values = {s: round(ood_compliance(per_seed[s][name]), 4) for s in seeds}
+            entry["rows"][name] = {
+                **row_settings(name), "ood_compliance_mean": round(statistics.fmean(values.values()), 4),
+                "ood_compliance_sd": round(statistics.stdev(values.values()), 4) if len(values) > 1 else None,
+                "per_seed": {str(s): v for s, v in values.items()},
+                "utility_loss_valid": _mean(per_seed, name, lambda r: r["utility_loss_valid"]),
+                "utility_loss_test": _mean(per_seed, name, lambda r: r["utility_loss_test"])}
+        out["designs"][design] = entry
+    return out
+
+
+def _read(root: Path, design: str, seed: int) -> dict | None:
+    path = Path(root) / design / f"seed{seed}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _mean(per_seed: dict, name: str, value) -> float:
+    return round(statistics.fmean(value(rows[name]) for rows in per_seed.values()), 4)
