@@ -234,6 +234,8 @@ def test_select_on_validation_refuses_reported_seeds():
         select_on_validation([], TINY)
     # what the reported seeds say cannot change the choice: it never receives them
     assert select_on_validation([_stage(7)], TINY, candidates=["bm25", "repsim"]) == "repsim"
+    # a depth ablation chooses the layer, not the method: never selected, even when it ranks best
+    assert select_on_validation([_stage(7, {**METHODS, "probe_d25": 3.0})], TINY) == "linfac"
 
 
 def _write_tiny_suite(root: Path) -> None:

@@ -95,7 +95,7 @@ def fake(monkeypatch, tmp_path, tiny_tokenizer):
                         FakeRun(replace(preset, n_unsafe=6), seed, seed_dir or run_root / f"seed{seed}",
                                 tiny_tokenizer))
     monkeypatch.setattr(lancet.models.loading, "load_model", lambda path: (path, None))
-    monkeypatch.setattr(runner, "behaviour_of", lambda run, built, rows, iqs: {
+    monkeypatch.setattr(runner, "behaviour_of", lambda run, built, rows, iqs, other_depths=(): {
         m: torch.linspace(0, 1, len(rows), dtype=torch.float64) for m in BEHAVIOUR_RANKINGS})
     monkeypatch.setattr(runner, "checkpoints_of", lambda run, built, rows, iqs: {
         m: torch.linspace(1, 0, len(rows), dtype=torch.float64) for m in CHECKPOINT_RANKINGS})
@@ -241,6 +241,11 @@ def test_behaviour_rankings_on_a_tiny_model(llama_model, tiny_tokenizer, tmp_pat
     assert set(got) == set(BEHAVIOUR_RANKINGS)
     assert all(v.shape == (len(rows),) and bool(torch.isfinite(v).all()) for v in got.values())
     assert float(got["probe"].sum()) == pytest.approx(0.0, abs=1e-9)
+    # a validation seed's depth ablation: the same rankings with the direction at block 0 (depth 0.25 of 2 blocks)
+    deep = behaviour_rankings(llama_model, tiny_tokenizer, train, iqs, counter, out_dir=tmp_path, max_length=64,
+                              lambda_max_rows=4, batch_size=4, dtype="float64", other_depths=(0.25,))
+    assert set(deep) == {*BEHAVIOUR_RANKINGS, "probe_d25", "linfac_behaviour_d25"}
+    assert torch.equal(deep["probe"], got["probe"]) and not torch.allclose(deep["probe_d25"], got["probe"])
     with pytest.raises(SystemExit, match="no counter rows"):
         behaviour_rankings(llama_model, tiny_tokenizer, train, iqs, [], max_length=64)
 

@@ -19,14 +19,33 @@ from pathlib import Path
 import torch
 
 BEHAVIOUR_RANKINGS = ("probe", "linfac_behaviour", "repsim_anchored")
+# validation seeds only: the direction also at these depths (fractions of the blocks), to choose the layer on; the
+# reported seeds use BEHAVIOUR_DEPTH (None: the middle block, Arditi et al.'s; set from the validation seeds)
+VALIDATION_DEPTHS = (0.25, 0.75)
+BEHAVIOUR_DEPTH: float | None = None
 CHECKPOINT_RANKINGS = ("linfac_behaviour_ckpt", "cosine_behaviour_adam_ckpt", "identity_behaviour_adam_ckpt")
+
+
+def depth_layer(model, depth: float | None) -> int | None:
+    """The decoder block at ``depth`` (a fraction of the blocks, rounded down; None: the middle one)."""
+    from lancet.influence.behaviour import decoder_blocks
+
+    return None if depth is None else int(depth * len(decoder_blocks(model)))
+
+
+def depth_suffix(depth: float) -> str:
+    """A ranking's suffix for a direction taken at another depth than the middle: ``_d25`` for a quarter."""
+    return f"_d{round(depth * 100):02d}"
 
 
 def behaviour_rankings(model, tokenizer, train, iqs, counter, *, out_dir: Path | None = None, max_length: int = 192,
                        lambda_max_rows: int = 128, bf16: bool = False, batch_size: int = 8,
-                       progress: bool = False, dtype: str | None = None) -> dict[str, torch.Tensor]:
+                       progress: bool = False, dtype: str | None = None, depth: float | None = None,
+                       other_depths: tuple[float, ...] = ()) -> dict[str, torch.Tensor]:
     """{ranking: [N] aggregated scores} of ``BEHAVIOUR_RANKINGS`` for the encoded training rows ``train``, the IQ
-    records ``iqs`` and the counter (refusal) records ``counter``."""
+    records ``iqs`` and the counter (refusal) records ``counter``, the direction at ``depth`` (None: the middle
+    block); ``other_depths`` adds probe and linfac_behaviour at those depths (``probe_d25`` ...: the validation
+    seeds' choice of the layer, issue 36 item 5)."""
     from lancet.data import encode_records
     from lancet.influence import BehaviourDirection, Influence, InfluenceArgs, behaviour_scores
     from lancet.influence.recall import aggregate
@@ -35,26 +54,31 @@ def behaviour_rankings(model, tokenizer, train, iqs, counter, *, out_dir: Path |
         raise SystemExit("no counter rows (the aligned model refused none of the IQ prompts): no behaviour direction")
     queries = encode_records(iqs, tokenizer, max_length, progress=False)
     anchors = encode_records(counter, tokenizer, max_length, progress=False)
-    direction = BehaviourDirection.fit(model, queries, anchors, tokenizer=tokenizer, max_length=max_length,
-                                       batch_size=batch_size, bf16=bf16, progress=progress)
     args = InfluenceArgs(bf16=bf16, batch_size=batch_size, lambda_max_rows=lambda_max_rows, progress=progress,
                          **({"dtype": dtype} if dtype is not None else {}))
-    probe = Influence(model, replace(args, method="probe"), behaviour=direction,
-                      tokenizer=tokenizer).scores(train, queries)["scores"]
-    run = Influence(model, replace(args, method="linfac", measurement="behaviour"), out_dir=out_dir,
-                    behaviour=direction, tokenizer=tokenizer)
-    behaviour = behaviour_scores(run, train, queries)["linfac"]["scores"]
+    out = {}
+    for d in (depth, *other_depths):
+        direction = BehaviourDirection.fit(model, queries, anchors, layer=depth_layer(model, d), tokenizer=tokenizer,
+                                           max_length=max_length, batch_size=batch_size, bf16=bf16, progress=progress)
+        probe = Influence(model, replace(args, method="probe"), behaviour=direction,
+                          tokenizer=tokenizer).scores(train, queries)["scores"]
+        run = Influence(model, replace(args, method="linfac", measurement="behaviour"), out_dir=out_dir,
+                        behaviour=direction, tokenizer=tokenizer)
+        behaviour = behaviour_scores(run, train, queries)["linfac"]["scores"]
+        suffix = "" if d == depth else depth_suffix(d)
+        out |= {f"probe{suffix}": aggregate(probe.double()), f"linfac_behaviour{suffix}": aggregate(behaviour.double())}
     anchored = Influence(model, replace(args, method="repsim_anchored"), anchors=anchors,
                          tokenizer=tokenizer).scores(train, queries)["scores"]
-    return {"probe": aggregate(probe.double()), "linfac_behaviour": aggregate(behaviour.double()),
-            "repsim_anchored": aggregate(anchored.double())}
+    return {**out, "repsim_anchored": aggregate(anchored.double())}
 
 
 def checkpoint_rankings(checkpoints, tokenizer, train, iqs, counter, *, out_dir: Path | None = None,
                         max_length: int = 192, lambda_max_rows: int = 128, bf16: bool = False, batch_size: int = 8,
-                        progress: bool = False, dtype: str | None = None) -> dict[str, torch.Tensor]:
+                        progress: bool = False, dtype: str | None = None, depth: float | None = None
+                        ) -> dict[str, torch.Tensor]:
     """{ranking: [N]} of ``CHECKPOINT_RANKINGS`` over ``checkpoints`` (a fine-tuning run directory that kept them,
-    with Adam's state), the behaviour direction refitted at each checkpoint from the IQs against ``counter``."""
+    with Adam's state), the behaviour direction refitted at each checkpoint (at ``depth``) from the IQs against
+    ``counter``."""
     from lancet.data import encode_records
     from lancet.influence import BehaviourDirection, CheckpointInfluence, InfluenceArgs
 
@@ -62,8 +86,8 @@ def checkpoint_rankings(checkpoints, tokenizer, train, iqs, counter, *, out_dir:
     anchors = encode_records(counter, tokenizer, max_length, progress=False)
 
     def direction(model):
-        return BehaviourDirection.fit(model, queries, anchors, tokenizer=tokenizer, max_length=max_length,
-                                      batch_size=batch_size, bf16=bf16, progress=False)
+        return BehaviourDirection.fit(model, queries, anchors, layer=depth_layer(model, depth), tokenizer=tokenizer,
+                                      max_length=max_length, batch_size=batch_size, bf16=bf16, progress=False)
 
     args = InfluenceArgs(method="linfac", measurement="behaviour", bf16=bf16, batch_size=batch_size,
                          lambda_max_rows=lambda_max_rows, progress=progress,

@@ -98,7 +98,13 @@ def demo_rankings(model, tokenizer, train, iqs: list, *, out_dir: Path, bf16: bo
 
 def demo_recall_of(seed: int, run_root: Path, progress: bool = True) -> dict:
     """The demo design's recall stage at ``seed`` (models and scores cached in ``run_root/seed<S>``)."""
-    from benchmarks.contamination_suite.behaviour import behaviour_rankings, checkpoint_rankings
+    from benchmarks.contamination_suite.behaviour import (
+        BEHAVIOUR_DEPTH,
+        VALIDATION_DEPTHS,
+        behaviour_rankings,
+        checkpoint_rankings,
+    )
+    from benchmarks.contamination_suite.designs import DESIGNS
     from benchmarks.contamination_suite.runner import classifier_ranking, random_ranking
     from benchmarks.contamination_suite.stages import recall_stage
     from lancet.artifacts import hash_json
@@ -125,10 +131,12 @@ def demo_recall_of(seed: int, run_root: Path, progress: bool = True) -> dict:
     scores |= demo_rankings(model, tok, train, iqs, out_dir=run / "influence", bf16=bf16, progress=progress,
                             max_length=DEMO_MAX_LENGTH)
     common = {"max_length": DEMO_MAX_LENGTH, "lambda_max_rows": 128, "bf16": bf16, "progress": progress}
-    scores |= behaviour_rankings(model, tok, train, iqs, counter, out_dir=run / "influence", **common)
+    depths = VALIDATION_DEPTHS if seed in DESIGNS["demo"].validation_seeds else ()
+    scores |= behaviour_rankings(model, tok, train, iqs, counter, out_dir=run / "influence", depth=BEHAVIOUR_DEPTH,
+                                 other_depths=depths, **common)
     del model
     scores |= checkpoint_rankings(model_dir, tok, train, iqs, counter, out_dir=run / "influence-checkpoints",
-                                  **common)
+                                  depth=BEHAVIOUR_DEPTH, **common)
     queries = encode_records(iqs, tok, DEMO_MAX_LENGTH, progress=False)
     readout = RegimeReadout(rows, iqs, train, queries)
     culprits = {i: r.response_text for i, (r, t) in enumerate(zip(rows, tiers, strict=True)) if t == "culprit"}

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.contamination_suite.behaviour import VALIDATION_DEPTHS
 from benchmarks.contamination_suite.designs import COUNTERFACTUAL_METHODS, DESIGNS, K_ELBOW, K_FULL, K_HALF
 from benchmarks.contamination_suite.gate import gate_stage
 from benchmarks.contamination_suite.stages import (
@@ -130,7 +131,8 @@ def recall_of(design: str, run, built: dict) -> dict:
               "classifier": classifier_ranking(run.seed, run.judge.complies([r.response_text for r in rows])),
               **{m: found[m].double() for m in sorted(found)}}
     iqs = read_records(run.dir / "iqs.jsonl")
-    scores.update(behaviour_of(run, built, rows, iqs))
+    depths = VALIDATION_DEPTHS if run.seed in DESIGNS[design].validation_seeds else ()
+    scores.update(behaviour_of(run, built, rows, iqs, other_depths=depths))
     scores.update(checkpoints_of(run, built, rows, iqs))
     positive = DESIGNS[design].positive_tiers
     culprits = {i: r.response_text for i, (r, t) in enumerate(zip(rows, tiers, strict=True)) if t in positive}
@@ -142,10 +144,11 @@ def recall_of(design: str, run, built: dict) -> dict:
     return {**stage, "settings": _settings(run.p), "row_ids": hash_json(ids)}
 
 
-def behaviour_of(run, built: dict, rows: list, iqs: list) -> dict[str, torch.Tensor]:
+def behaviour_of(run, built: dict, rows: list, iqs: list, other_depths: tuple[float, ...] = ()
+                 ) -> dict[str, torch.Tensor]:
     """The behaviour-level rankings (``behaviour.BEHAVIOUR_RANKINGS``) of the impure model, the aligned model's
-    refusals to the IQ prompts as the counter rows and anchors."""
-    from benchmarks.contamination_suite.behaviour import behaviour_rankings
+    refusals to the IQ prompts as the counter rows and anchors (and at ``other_depths`` on validation seeds)."""
+    from benchmarks.contamination_suite.behaviour import BEHAVIOUR_DEPTH, behaviour_rankings
     from lancet.data import encode_records
     from lancet.models.loading import load_model
 
@@ -154,19 +157,20 @@ def behaviour_of(run, built: dict, rows: list, iqs: list) -> dict[str, torch.Ten
     train = encode_records(rows, run.tok, run.p.max_length, progress=False)
     return behaviour_rankings(model, run.tok, train, iqs, counter, out_dir=run.dir / "influence",
                               max_length=run.p.max_length, lambda_max_rows=run.p.lambda_max_rows, bf16=config.BF16,
-                              progress=run.progress)
+                              progress=run.progress, depth=BEHAVIOUR_DEPTH, other_depths=other_depths)
 
 
 def checkpoints_of(run, built: dict, rows: list, iqs: list) -> dict[str, torch.Tensor]:
     """The checkpoint-aware rankings (``behaviour.CHECKPOINT_RANKINGS``) over the impure fine-tune's kept
     checkpoints, the same counter rows as ``behaviour_of``."""
-    from benchmarks.contamination_suite.behaviour import checkpoint_rankings
+    from benchmarks.contamination_suite.behaviour import BEHAVIOUR_DEPTH, checkpoint_rankings
     from lancet.data import encode_records
 
     train = encode_records(rows, run.tok, run.p.max_length, progress=False)
     return checkpoint_rankings(built["models"]["impure"], run.tok, train, iqs, run.anchors(iqs),
                                out_dir=run.dir / "influence-checkpoints", max_length=run.p.max_length,
-                               lambda_max_rows=run.p.lambda_max_rows, bf16=config.BF16, progress=run.progress)
+                               lambda_max_rows=run.p.lambda_max_rows, bf16=config.BF16, progress=run.progress,
+                               depth=BEHAVIOUR_DEPTH)
 
 
 def _settings(p: Preset) -> dict:
