@@ -379,3 +379,37 @@ def test_attribute_summary_carries_the_regime_readout(tmp_path, tiny_tokenizer, 
     assert json.loads((tmp_path / "run" / "influence-identity.json").read_text())["regime"] == out["identity"]["regime"]
     print_summary(out["bm25"])
     assert "regime: the top 4 rows" in capsys.readouterr().out
+
+
+def test_suite_tables_render_a_complete_design_and_the_validation_seeds(tmp_path, monkeypatch):
+    """The README/docs tables of the suite: a complete design's rows sorted by AP with the selected one in bold and
+    its counterfactual; a validation seed's APs; a pending design names its files."""
+    import benchmarks.tables.core as core
+    from benchmarks.contamination_suite.designs import DESIGNS
+    from benchmarks.tables import TABLES
+
+    _write_tiny_suite(tmp_path / "stages")
+    lexical = Design("lexical", (7,), (1, 2, 3), ("unsafe",))
+    for path in (tmp_path / "stages" / "tiny").iterdir():  # the tiny design's files under the lexical name
+        stage = json.loads(path.read_text())
+        stage["design"] = "lexical"
+        (tmp_path / "stages" / "lexical").mkdir(exist_ok=True)
+        (tmp_path / "stages" / "lexical" / path.name).write_text(json.dumps(stage))
+    suite = build_suite(tmp_path / "stages", {"lexical": lexical, "demo": DESIGNS["demo"]}, n_boot=50,
+                        default="linfac")
+    (tmp_path / "results" / "contamination_suite").mkdir(parents=True)
+    (tmp_path / "results" / "contamination_suite.json").write_text(json.dumps(suite))
+    (tmp_path / "results" / "contamination_suite" / "lexical").symlink_to(tmp_path / "stages" / "lexical")
+    monkeypatch.setattr(core, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr("benchmarks.contamination_suite.designs.DESIGNS", {"lexical": lexical})
+    core.clear_cache()
+    try:
+        text = TABLES["suite_lexical"]()
+        rows = [r for r in text.splitlines() if r.startswith("| ")]
+        assert rows[1].startswith("| **linfac** | gradient |")  # highest AP first, the selected in bold
+        assert "| linfac | k_half |" in text and "lancet's default linfac is within 0.05 AP" in text
+        assert TABLES["suite_demo"]().startswith("_Pending: 5 stage files (demo/seed0_recall.json")
+        validation = TABLES["suite_validation"]()
+        assert "**lexical**, validation seed 7" in validation and "| linfac |" in validation
+    finally:
+        core.clear_cache()

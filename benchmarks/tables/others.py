@@ -1,4 +1,4 @@
-"""The HH reproduction's and the speed benchmarks' tables."""
+"""The HH reproduction's, the speed benchmarks', the contamination suite's and the correction suite's tables."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 from benchmarks.tables.core import (
     TABLES,
     Missing,
+    bold,
     f,
     load,
     made_by,
@@ -117,3 +118,87 @@ def suite_tuning() -> str:
             "on held-out prompts (tuned to 0.50).\n\n"
             + md(["design", "seed", "unsafe rows", "epochs", "training rows", "prompts", "impure", "safe", "gap"],
                  rows))
+
+
+def _ci(ci: list | None) -> str:
+    return "–" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+@table
+def suite_validation() -> str:
+    """Each design's validation seeds: every ranking's AP (where the selected method and the layer are chosen)."""
+    from benchmarks.contamination_suite.designs import DESIGNS
+    from benchmarks.contamination_suite.stages import seed_scores
+    from benchmarks.contamination_suite.stats import bootstrap
+
+    blocks = []
+    for name, design in DESIGNS.items():
+        for seed in design.validation_seeds:
+            try:
+                stage = load(f"contamination_suite/{name}/seed{seed}_recall")
+            except Missing:
+                continue
+            point = bootstrap([seed_scores(stage)], n_boot=1).point
+            order = sorted(point, key=lambda m: -point[m]["ap"])
+            rows = [[m, f(point[m]["ap"]), f(point[m]["recall_at_p"])] for m in order]
+            blocks.append(f"**{name}**, validation seed {seed} ({stage.get('n_iqs')} IQs, "
+                          f"{sum(t in stage['positive_tiers'] for t in stage['tiers'])} positives of "
+                          f"{len(stage['tiers'])} rows)\n\n" + md(["ranking", "AP", "recall@|P|"], rows))
+    if not blocks:
+        return "(no validation seed ranked yet)"
+    return ("`python -m benchmarks.contamination_suite run --design D --seed S --stage recall`; the rankings "
+            "`_dNN` are the behaviour direction at another depth (the layer's choice), never selected.\n\n"
+            + "\n\n".join(blocks))
+
+
+def _suite_design(name: str) -> Callable[[], str]:
+    def render() -> str:
+        suite = load("contamination_suite")
+        if name not in suite["designs"]:
+            lacking = suite.get("pending", {}).get(name, [])
+            more = " ..." if len(lacking) > 4 else ""
+            return f"_Pending: {len(lacking)} stage files ({', '.join(lacking[:4])}{more})._"
+        d = suite["designs"][name]
+        if not d["recall"]:
+            return f"_Reported as failed: {d.get('note', 'no recall')}._"
+        rec = d["recall"]
+        rows = [[bold(m, m == d["selected"]), r["family"], f(r["ap_mean"]), _ci(r["ap_ci"]),
+                 f(r.get("ap_no_overlap")), f(r["recall_at_p"]),
+                 "–" if not r.get("ap_minus_selected") else
+                 f"{r['ap_minus_selected']['mean']:+.3f} {_ci(r['ap_minus_selected']['ci'])}"]
+                for m, r in sorted(rec.items(), key=lambda kv: -kv[1]["ap_mean"])]
+        cf = [[m, k, run["k"], f(run.get("recovered_mean")), _ci(run.get("recovered_ci"))]
+              for m, runs in d["counterfactual"].items() for k, run in runs.items()]
+        best = d["best"]
+        return (f"Reported seeds {d['seeds']} (selected on {d['validation_seeds']}: **{d['selected']}**); best "
+                f"{best['method']} (AP {best['ap_mean']:.3f}; indistinguishable: "
+                f"{', '.join(best['indistinguishable']) or 'none'}); lancet's default {d['default']['method']} "
+                f"{'is' if d['default'].get('within_0.05') else 'is not'} within 0.05 AP of it.\n\n"
+                + md(["ranking", "family", "AP", "95 % CI", "AP, no shared opening", "recall@|P|",
+                      "AP − selected [CI]"], rows)
+                + "\n\n" + md(["retrained without", "k", "rows", "recovered", "95 % CI"], cf))
+    render.__name__ = f"suite_{name}"
+    return render
+
+
+for _name in ("lexical", "shared_prompt", "disjoint", "demo"):
+    TABLES[f"suite_{_name}"] = _suite_design(_name)
+
+
+@table
+def correction_suite() -> str:
+    """Issue 37's correction rows per design (benchmarks/results/correction_suite.json)."""
+    suite = load("correction_suite")
+    blocks = []
+    for name, d in suite["designs"].items():
+        rows = [[r, v["ranking"], v["weighting"], v["preferred"], f(v["ood_compliance_mean"]),
+                 f(v["ood_compliance_sd"]), f(v["utility_loss_valid"]), f(v["utility_loss_test"])]
+                for r, v in sorted(d["rows"].items(), key=lambda kv: kv[1]["ood_compliance_mean"])]
+        blocks.append(f"**{name}** (seeds {d['seeds']}, tuned on {d['tuning_seed']}): impure "
+                      f"{d['impure']['ood_compliance_mean']:.3f}, retrained {d['retrained']['ood_compliance_mean']:.3f}"
+                      "\n\n" + md(["row", "ranking", "weighting", "preferred", "OOD compliance", "sd",
+                                  "utility loss (valid)", "utility loss (test)"], rows))
+    pending = ", ".join(f"{k}: {len(v)} seed files" for k, v in suite.get("pending", {}).items())
+    return ("`python -m benchmarks.contamination_suite run --design D --seed S --stage correction`, then "
+            "`write-correction`.\n\n" + ("\n\n".join(blocks) or "(no design complete yet)")
+            + (f"\n\nPending: {pending}." if pending else ""))
