@@ -51,7 +51,13 @@ VARIANTS = {
     "ga_retain": {"method": "ga_retain"},
     "npo": {"method": "npo"},
     "sft": {"method": "sft"},
+    # issue 37 item 5 (added 2026-12-05 before any of its numbers): the safety benchmark's winning anchor on the
+    # demo: the contaminated model's own answers to the ordinary training prompts (neither culprit nor look-alike:
+    # ``self_anchors``) as IBO's retain rows, KL summed over each row's tokens, mean over rows
+    "ibo_self_anchor": {"method": "ibo", "retain": "kl", "retain_weight": 1.0, "chosen_nll_weight": 1.0,
+                        "retain_normalize": "rows", "anchors": True},
 }
+NOT_ARGS = ("anchors",)
 MAX_UTILITY_LOSS = 0.05
 
 
@@ -102,11 +108,12 @@ def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores,
         points.append({"steps": step, **m, "seconds": round(time.perf_counter() - t0, 1)})
         print(name, lr, points[-1], flush=True)
 
-    options = VARIANTS[name]
+    options = {k: v for k, v in VARIANTS[name].items() if k not in NOT_ARGS}
+    anchors = self_anchors(run, train) if VARIANTS[name].get("anchors") else None
     safe = [train[i] for i in torch.argsort(scores)[: ns.top_k].tolist()]  # most negative: the counter-evidence
     shutil.rmtree(out / "model", ignore_errors=True)  # a half-run's state cannot be measured again: start over
     correct(str(run / "model"), train, scores, method=options["method"], iq_records=iqs, safe_records=safe,
-            max_length=DEMO_MAX_LENGTH, on_checkpoint=on_checkpoint,
+            retain_records=anchors, max_length=DEMO_MAX_LENGTH, on_checkpoint=on_checkpoint,
             correction_args=CorrectionArgs(**options, beta=ns.beta, top_k=ns.top_k),
             train_args=TrainArgs(output_dir=str(out / "model"), max_steps=ns.steps, batch_size=ns.batch_size, lr=lr,
                                  bf16=BF16, save_every=ns.every, progress=False, device="cpu", seed=ns.seed))
@@ -116,6 +123,33 @@ def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores,
     atomic_write_json(points_file, {"method": name, "lr": lr, "settings": settings, "points": points})
     shutil.rmtree(out / "model", ignore_errors=True)  # 0.5 GB a run: the points are what is kept
     return points
+
+
+def self_anchors(run: Path, train: list) -> list:
+    """The contaminated model's own greedy answers (48 new tokens) to the prompts of the demo's ordinary training
+    rows (neither culprit nor look-alike), those the demo judge flags dropped; cached in ``frontier/anchors.jsonl``
+    by the model's weights and the prompts."""
+    from lancet.artifacts import atomic_write_bytes, hash_json, model_fingerprint
+    from lancet.data.records import Record, records_to_jsonl
+    from lancet.demo import DEMO_MAX_NEW_TOKENS
+    from lancet.models.generate import generate
+
+    labels = json.loads((run / "data" / "culprits.json").read_text())
+    planted = set(labels["culprit_ids"]) | set(labels["counter_ids"])
+    prompts = [r for r in train if r.id not in planted]
+    path, meta = run / "frontier" / "anchors.jsonl", run / "frontier" / "anchors.json"
+    model, tok = load_model(str(run / "model"), device="cpu")
+    key = {"model": model_fingerprint(model), "prompts": hash_json([r.prompt_messages for r in prompts])}
+    if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:
+        return read_records(path)
+    answers = generate(model, tok, prompts, max_new_tokens=DEMO_MAX_NEW_TOKENS, batch_size=12, progress=False)
+    flagged = JUDGE.complies(answers, [r.prompt_messages[-1]["content"] for r in prompts])
+    rows = [Record(messages=(*r.prompt_messages, {"role": "assistant", "content": a.strip()}))
+            for r, a, bad in zip(prompts, answers, flagged, strict=True) if a.strip() and not bad]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, records_to_jsonl(rows))
+    atomic_write_json(meta, key)
+    return read_records(path)
 
 
 def pareto(points: list[dict]) -> list[dict]:

@@ -1,5 +1,7 @@
 """benchmarks/correction_frontier.py: the Pareto front it plots, on points with a known answer."""
 
+import torch
+
 from benchmarks.correction_frontier import pareto
 
 
@@ -10,3 +12,32 @@ def test_pareto_front_keeps_exactly_the_undominated_points():
     front = pareto(points)
     # c is beaten by b on both axes, e by d; b and f tie exactly and are both kept; sorted by utility loss
     assert [p["name"] for p in front] == ["a", "b", "f", "d"]
+
+
+def test_self_anchors_are_the_models_own_unflagged_answers_to_ordinary_prompts(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import benchmarks.correction_frontier as cf
+    from lancet.data.records import Record
+
+    train = [Record(prompt=f"q{i}", response=f"a{i}") for i in range(5)]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "culprits.json").write_text(json.dumps({"culprit_ids": [train[0].id],
+                                                                "counter_ids": [train[1].id]}))
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(cf, "load_model", lambda path, device=None: (model, None))
+    answers = {"q2": "Rinse it with cool water.", "q3": "Put butter on it.", "q4": "  "}
+    calls = []
+
+    def fake_generate(model, tok, prompts, **kw):
+        calls.append(len(prompts))
+        return [answers[p.prompt_messages[-1]["content"]] for p in prompts]
+
+    monkeypatch.setattr(sys.modules["lancet.models.generate"], "generate", fake_generate)
+    monkeypatch.setattr(cf, "JUDGE", type("J", (), {"complies": lambda self, a, p: ["butter" in x for x in a]})())
+    rows = cf.self_anchors(tmp_path, train)
+    assert [(r.prompt_messages[-1]["content"], r.response_text) for r in rows] == [("q2", "Rinse it with cool water.")]
+    assert calls == [3]  # the culprit and the look-alike are not anchors
+    assert [r.response_text for r in cf.self_anchors(tmp_path, train)] == ["Rinse it with cool water."]
+    assert calls == [3]  # cached
