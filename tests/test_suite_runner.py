@@ -48,6 +48,11 @@ class FakeRun:
     def __init__(self, preset, seed: int, run_dir: Path, tok):
         self.p, self.seed, self.dir, self.tok, self.train_seed = preset, seed, run_dir, tok, seed
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.seconds: dict[str, float] = {}
+
+    def _timed(self, name, fn):
+        self.seconds[name] = self.seconds.get(name, 0.0) + 1.0
+        return fn()
         self.judge = RefusalMatcher()
         self.rows = _rows()
         self.models: dict[str, float] = {}  # model -> its share of the unsafe rows
@@ -172,6 +177,7 @@ def test_stages_from_a_run_and_the_suite_built_from_them(fake, monkeypatch):
     assert (gate["safe"], gate["impure"], gate["judge_labelled"], gate["n_prompts"]) == (0.0, 0.75, 40, 8)
     rows = _rows()
     assert recall["tiers"] == [r.label for r in rows] and recall["positive_tiers"] == ["unsafe"]
+    assert recall["seconds"] == {"behaviour": 1.0, "checkpoints": 1.0}  # what the stage spent, for the budget
     assert set(recall["scores"]) == {"random", "classifier", *METHODS, *BEHAVIOUR_RANKINGS,
                                      *CHECKPOINT_RANKINGS} and recall["n_iqs"] == 2
     assert recall["scores"]["random"] == pytest.approx(runner.random_ranking(3, len(rows)).tolist(), rel=1e-7)

@@ -113,7 +113,7 @@ def gate_of(design: str, run, built: dict) -> dict:
     verdict = run.gate(built["models"], built["check"])
     stage = gate_stage(design, run.seed, verdict["safe"], verdict["impure"], verdict["judge_agreement"],
                        verdict["judge_labelled"], verdict["n_prompts"])
-    return {**stage, "aligned_start": built["check"], "settings": _settings(run.p)}
+    return {**stage, "aligned_start": built["check"], "settings": _settings(run.p), "seconds": dict(run.seconds)}
 
 
 def recall_of(design: str, run, built: dict) -> dict:
@@ -132,8 +132,8 @@ def recall_of(design: str, run, built: dict) -> dict:
               **{m: found[m].double() for m in sorted(found)}}
     iqs = read_records(run.dir / "iqs.jsonl")
     depths = VALIDATION_DEPTHS if run.seed in DESIGNS[design].validation_seeds else ()
-    scores.update(behaviour_of(run, built, rows, iqs, other_depths=depths))
-    scores.update(checkpoints_of(run, built, rows, iqs))
+    scores.update(run._timed("behaviour", lambda: behaviour_of(run, built, rows, iqs, other_depths=depths)))
+    scores.update(run._timed("checkpoints", lambda: checkpoints_of(run, built, rows, iqs)))
     positive = DESIGNS[design].positive_tiers
     culprits = {i: r.response_text for i, (r, t) in enumerate(zip(rows, tiers, strict=True)) if t in positive}
     readout = RegimeReadout(rows, iqs, encode_records(rows, run.tok, run.p.max_length, progress=False),
@@ -141,7 +141,7 @@ def recall_of(design: str, run, built: dict) -> dict:
     stage = recall_stage(design, run.seed, tiers, positive, scores, culprits, [q.response_text for q in iqs],
                          n_iqs=out["n_iqs"], regime={m: readout(s) for m, s in scores.items()})
     # the rows' ids, hashed: a rebuilt mix must be the same rows for the committed scores to rank it
-    return {**stage, "settings": _settings(run.p), "row_ids": hash_json(ids)}
+    return {**stage, "settings": _settings(run.p), "row_ids": hash_json(ids), "seconds": dict(run.seconds)}
 
 
 def behaviour_of(run, built: dict, rows: list, iqs: list, other_depths: tuple[float, ...] = ()
