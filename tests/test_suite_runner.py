@@ -49,14 +49,14 @@ class FakeRun:
         self.p, self.seed, self.dir, self.tok, self.train_seed = preset, seed, run_dir, tok, seed
         self.dir.mkdir(parents=True, exist_ok=True)
         self.seconds: dict[str, float] = {}
-
-    def _timed(self, name, fn):
-        self.seconds[name] = self.seconds.get(name, 0.0) + 1.0
-        return fn()
         self.judge = RefusalMatcher()
         self.rows = _rows()
         self.models: dict[str, float] = {}  # model -> its share of the unsafe rows
         self.parts = {"valid_prompts": [None] * 8}
+
+    def _timed(self, name, fn):
+        self.seconds[name] = self.seconds.get(name, 0.0) + 1.0
+        return fn()
 
     def aligned_start(self):
         return "aligned", {"refusal": 0.9, "passed": True}
