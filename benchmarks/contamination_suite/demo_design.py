@@ -27,6 +27,7 @@ is chosen here, so all serve) are recorded as soon as it is measured.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -116,8 +117,17 @@ def demo_recall_of(seed: int, run_root: Path, progress: bool = True) -> dict:
 
     run = run_root / f"seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:  # what each part took, for the CPU-hour budget
+        now = time.perf_counter()
+        seconds[name] = round(now - clock[0], 1)
+        clock[0] = now
+
     data = stage_data(run)
     model_dir = stage_contaminate(run, data, progress=progress, seed=seed, keep_checkpoints=KEEP_CHECKPOINTS)
+    lap("finetune")
     model, tok = load_model(str(model_dir))
     iqs = stage_iqs(run, data, model, tok, progress=progress)
     judge = demo_judge()
@@ -128,21 +138,25 @@ def demo_recall_of(seed: int, run_root: Path, progress: bool = True) -> dict:
     bf16 = decide("auto", "auto")[1].bf16
     scores = {"random": random_ranking(seed, len(rows)),
               "classifier": classifier_ranking(seed, judge.complies([r.response_text for r in rows]))}
+    lap("iqs_and_counter")
     scores |= demo_rankings(model, tok, train, iqs, out_dir=run / "influence", bf16=bf16, progress=progress,
                             max_length=DEMO_MAX_LENGTH)
+    lap("rankings")
     common = {"max_length": DEMO_MAX_LENGTH, "lambda_max_rows": 128, "bf16": bf16, "progress": progress}
     depths = VALIDATION_DEPTHS if seed in DESIGNS["demo"].validation_seeds else ()
     scores |= behaviour_rankings(model, tok, train, iqs, counter, out_dir=run / "influence", depth=BEHAVIOUR_DEPTH,
                                  other_depths=depths, **common)
     del model
+    lap("behaviour")
     scores |= checkpoint_rankings(model_dir, tok, train, iqs, counter, out_dir=run / "influence-checkpoints",
                                   depth=BEHAVIOUR_DEPTH, **common)
+    lap("checkpoints")
     queries = encode_records(iqs, tok, DEMO_MAX_LENGTH, progress=False)
     readout = RegimeReadout(rows, iqs, train, queries)
     culprits = {i: r.response_text for i, (r, t) in enumerate(zip(rows, tiers, strict=True)) if t == "culprit"}
     stage = recall_stage("demo", seed, tiers, ("culprit",), scores, culprits, [q.response_text for q in iqs],
                          n_iqs=len(iqs), regime={m: readout(s) for m, s in scores.items()})
-    return {**stage, "row_ids": hash_json([r.id for r in rows]), "n_counter": len(counter),
+    return {**stage, "row_ids": hash_json([r.id for r in rows]), "n_counter": len(counter), "seconds": seconds,
             "settings": {"design": "demo", "keep_checkpoints": KEEP_CHECKPOINTS, "bf16": bf16,
                          "methods": sorted(scores)}}
 
