@@ -414,14 +414,14 @@ def _attribute_checkpoints(ns: argparse.Namespace, every, methods: list[str], de
 
     if ns.checkpoints is None:
         raise LancetError("--adam needs --checkpoints (the Adam state is kept with each checkpoint)")
-    if ns.contrast_response is not None or ns.aggregate_first or ns.index or ns.measurement == "behaviour" \
-            or "probe" in methods:
-        raise LancetError("--checkpoints takes neither --contrast-response, --aggregate-first, --index, the behaviour "
-                          "measurement nor probe yet")
+    if ns.contrast_response is not None or ns.aggregate_first or ns.index or "probe" in methods:
+        raise LancetError("--checkpoints takes neither --contrast-response, --aggregate-first, --index nor probe yet")
+    behaviour = _behaviour_args(ns, methods)  # the behaviour measurement: a direction fitted at each checkpoint
     tokenizer = load_tokenizer(ns.model, trust_remote_code=ns.trust_remote_code)
     summaries = attribute_checkpoints(tokenizer, ns.train, ns.queries, ns.out, every[0], methods, ns.checkpoints,
                                       weights=ns.checkpoint_weights, adam=ns.adam, device=device,
-                                      max_length=ns.max_length, labels=ns.labels, k=ns.top_k, anchors=anchors)
+                                      max_length=ns.max_length, labels=ns.labels, k=ns.top_k, anchors=anchors,
+                                      behaviour=behaviour)
     for summary in summaries.values():
         print_summary(summary)
     return 0

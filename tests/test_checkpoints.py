@@ -215,6 +215,20 @@ def test_cli_finetune_keeps_checkpoints_and_attribute_averages_them(tmp_path, ti
     assert main([*base, "--method", "cosine", "--adam"]) == 2
     assert "--adam needs --checkpoints" in capsys.readouterr().err
 
+    # the behaviour measurement over checkpoints: a direction fitted at each from the IQs against --counter
+    counter = _jsonl(tmp_path / "counter.jsonl", [(q, "I would rather not say.") for q, _ in QUERIES])
+    assert main([*base, "--method", "linfac", "--checkpoints", str(ft), "--measurement", "behaviour", "--counter",
+                 counter, "--layer", "0"]) == 0
+    got = load_tensors(run / "ranking-linfac_behaviour_ckpt.safetensors")["scores"]
+    from lancet.influence import BehaviourDirection
+
+    crows = encode_records(load_dataset_spec(counter), tiny_tokenizer, 512, progress=False)
+    same = CheckpointInfluence(ft, method="linfac", measurement="behaviour", out_dir=run, progress=False,
+                               behaviour=lambda m: BehaviourDirection.fit(m, iqs, crows, layer=0))
+    assert torch.allclose(got, same.behaviour_scores(rows, iqs)["linfac"]["scores"].to(got.dtype), rtol=1e-5)
+    assert main([*base, "--method", "linfac", "--checkpoints", str(ft), "--measurement", "behaviour"]) == 2
+    assert "need --counter FILE" in capsys.readouterr().err
+
     anchors = _jsonl(tmp_path / "anchors.jsonl", [("Burn?", "Cool it under running water.")])
     assert main([*base, "--method", "repsim_anchored", "--anchors", anchors]) == 0
     assert load_tensors(run / "ranking-repsim_anchored.safetensors")["scores"].shape == (3, len(TRAIN))

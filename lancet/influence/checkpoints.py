@@ -129,8 +129,10 @@ class CheckpointInfluence:
                     raise LancetError(f"checkpoint {c.name}: adam=True needs its gradient scale or its directory")
 
     def label(self, method: str | None = None) -> str:
-        """The ranking's name: ``<method>_ckpt``, ``<method>_adam_ckpt`` with the Adam normalisation."""
-        return f"{method or self.args.method}{'_adam' if self.adam else ''}_ckpt"
+        """The ranking's name: ``<method>_ckpt``, ``<method>_adam_ckpt`` with the Adam normalisation, and
+        ``<method>_behaviour[_adam]_ckpt`` with the behaviour measurement."""
+        behaviour = "_behaviour" if self.args.measurement == "behaviour" else ""
+        return f"{method or self.args.method}{behaviour}{'_adam' if self.adam else ''}_ckpt"
 
     @contextmanager
     def influence(self, checkpoint: Checkpoint, method: str | None = None) -> Iterator[Influence]:
@@ -228,7 +230,8 @@ def attribute_checkpoints(tokenizer, train_spec: str, queries_spec: str, out_dir
                           methods: Sequence[str], checkpoints: str | Path | Sequence[Any], *,
                           weights: str | Sequence[float] = "lr_sum", adam: bool = False,
                           device: str | torch.device | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-                          labels: str | None = None, k: int = 10, anchors=None) -> dict[str, dict[str, Any]]:
+                          labels: str | None = None, k: int = 10, anchors=None,
+                          behaviour=None) -> dict[str, dict[str, Any]]:
     """`lancet attribute --checkpoints`: rank the training rows by each method's checkpoint average and write
     ``ranking-<label>.safetensors`` and ``influence-<label>.json`` as ``attribute`` does, the label being
     ``<method>_ckpt`` or ``<method>_adam_ckpt`` (``CheckpointInfluence.label``), so that they sit beside the final
@@ -240,10 +243,22 @@ def attribute_checkpoints(tokenizer, train_spec: str, queries_spec: str, out_dir
 
     out = Path(out_dir)
     data = AttributionData.load(tokenizer, train_spec, queries_spec, max_length, args.progress, labels)
+    if behaviour is not None and not callable(behaviour):
+        from lancet.influence.behaviour import BehaviourArgs, fit_direction
+
+        if isinstance(behaviour, BehaviourArgs):  # fitted at each checkpoint from the IQs against its counter rows
+            spec = behaviour
+
+            def behaviour(model):
+                return fit_direction(model, tokenizer, data.queries, spec, max_length=max_length,
+                                     batch_size=args.batch_size, bf16=args.bf16, progress=False)
     ck = CheckpointInfluence(checkpoints, args, weights=weights, adam=adam, out_dir=out, tokenizer=tokenizer,
-                             max_length=max_length, device=device, anchors=anchors)
+                             max_length=max_length, device=device, anchors=anchors, behaviour=behaviour)
     t0 = time.perf_counter()
-    scores = ck.scores_by_method(data.train, data.queries, methods)
+    if args.measurement == "behaviour":
+        scores = ck.behaviour_scores(data.train, data.queries, methods)
+    else:
+        scores = ck.scores_by_method(data.train, data.queries, methods)
     seconds = time.perf_counter() - t0
     extra = data.extra(contrast_response=None, checkpoints=ck.describe())
     return {m: write_ranking(out, replace(args, method=m), scores[m]["scores"], seconds, data.train_records,
