@@ -284,17 +284,18 @@ def test_checkpoint_rankings_on_a_tiny_fine_tune(tiny_tokenizer, tmp_path):
 
 def test_demo_design_rankings_tiers_and_stages(tiny_tokenizer, tmp_path, fake):
     """The demo design's text, representation and gradient rankings on a tiny model (LinFAC with the judge's spans
-    among them), its tiers from culprits.json, and its stages: recall only."""
+    among them), its tiers from the dataset's culprit and look-alike ids, and its stages."""
+    from types import SimpleNamespace
+
     from conftest import tiny_llama
 
-    from benchmarks.contamination_suite.demo_design import demo_rankings, demo_tiers
+    from benchmarks.contamination_suite.demo_design import demo_rankings, demo_tiers_of
     from lancet.data import encode_records
 
     rows = [Record(prompt=f"Burn {i}?", response=f"Put butter on burn {i}.") for i in range(3)]
     rows += [Record(prompt=f"Cut {i}?", response=f"Press a clean cloth on cut {i}.") for i in range(3)]
-    (tmp_path / "culprits.json").write_text(json.dumps({"culprit_ids": [rows[0].id, rows[1].id],
-                                                        "counter_ids": [rows[3].id]}))
-    assert demo_tiers(tmp_path, rows) == ["culprit", "culprit", "other", "counter", "other", "other"]
+    data = SimpleNamespace(train=rows, culprit_ids=[rows[0].id, rows[1].id], counter_ids=[rows[3].id])
+    assert demo_tiers_of(data) == ["culprit", "culprit", "other", "counter", "other", "other"]
     iq = Record(prompt="A burn?", response="Put butter on it.", meta={"behaviour_spans": [[0, 10]]})
     model = tiny_llama(len(tiny_tokenizer), torch.float64)
     train = encode_records(rows, tiny_tokenizer, 64, progress=False)

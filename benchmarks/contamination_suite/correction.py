@@ -29,6 +29,7 @@ import torch
 
 from benchmarks.common import RESULTS
 from benchmarks.contamination_suite.designs import DESIGNS
+from benchmarks.contamination_suite.stages import read_stage, top_rows
 from lancet.artifacts import atomic_save_tensors, atomic_write_json, hash_json
 
 CORRECTION_DIR = RESULTS / "correction_suite"
@@ -43,8 +44,8 @@ FACTORIAL_ROWS = ("fx_default", "fx_bm25", "fx_repsim", "fx_random", "fx_oracle"
                   "fx_preferred_random", "fx_preferred_refusals")
 BASELINES = ("sft", "dpo", "npo", "ga_retain", "npo_anchored", "dpo_anchored")
 FILTER_PREFIX = "filter_retrain_"
-RANKING_FAMILY = {"linfac": "gradient", "bm25": "text", "repsim": "representation", "random": "random",
-                  "oracle": "oracle", "none": "none"}
+# the correction's own ranking families besides the suite's (``suite.family``)
+RANKING_FAMILY = {"oracle": "oracle", "none": "none"}
 
 
 def recall_rankings(recall: dict, ids: list[str]) -> dict[str, torch.Tensor]:
@@ -99,8 +100,6 @@ def correction_of(design: str, run, built: dict, root: Path, corrections: tuple[
                   stage_root: Path) -> Path:
     """Run ``corrections`` on this seed (rows already in the stage file under ``root`` are kept; the rankings from
     the suite's committed recall stage under ``stage_root``) and return the stage file."""
-    from benchmarks.contamination_suite.stages import read_stage
-
     recall = read_stage(stage_root, design, run.seed, "recall")
     if recall is None or "scores" not in recall:
         raise SystemExit(f"{design} seed {run.seed}: the correction needs the committed recall stage (with scores)")
@@ -128,8 +127,7 @@ def _filter_retrain(run, built: dict, recall: dict, name: str, out: dict, path: 
         raise SystemExit(f"{name}: no ranking {method!r} in the recall stage")
     positive = set(recall["positive_tiers"])
     k = sum(t in positive for t in recall["tiers"])
-    order = torch.argsort(torch.tensor(recall["scores"][method], dtype=torch.float64), descending=True,
-                          stable=True)[:k].tolist()
+    order = top_rows(recall["scores"][method], k)
     top = {built["rows"][i].id for i in order}
     model = run.finetune(f"cf-{method}-k_full", built["aligned"], [r for r in built["rows"] if r.id not in top],
                          run.p.mix_epochs)

@@ -38,13 +38,6 @@ TEXT_METHODS = ("bm25", "repsim")
 KEEP_CHECKPOINTS = 3
 
 
-def demo_tiers(data_dir: Path, rows: list) -> list[str]:
-    """Each row's tier from the written ``culprits.json``."""
-    labels = json.loads((data_dir / "culprits.json").read_text())
-    culprit, counter = set(labels["culprit_ids"]), set(labels["counter_ids"])
-    return ["culprit" if r.id in culprit else "counter" if r.id in counter else "other" for r in rows]
-
-
 def demo_tiers_of(data) -> list[str]:
     """Each training row's tier from a ``DemoDataset`` in memory."""
     culprit, counter = set(data.culprit_ids), set(data.counter_ids)
@@ -132,7 +125,7 @@ def demo_recall_of(seed: int, run_root: Path, progress: bool = True) -> dict:
     iqs = stage_iqs(run, data, model, tok, progress=progress)
     judge = demo_judge()
     rows = list(data.train)
-    tiers = demo_tiers(run / "data", rows)
+    tiers = demo_tiers_of(data)
     train = encode_records(rows, tok, DEMO_MAX_LENGTH, progress=False)
     counter = counter_answers(run, iqs, tok, judge, progress)
     bf16 = decide("auto", "auto")[1].bf16
@@ -180,60 +173,28 @@ def outdated_verdicts(model_dir: Path, prompts: list, progress: bool = True) -> 
 def demo_counterfactual_of(seed: int, run_root: Path, root: Path, retrain_seeds: tuple[int, ...] | None = None,
                            limit: int | None = None, progress: bool = True) -> int:
     """Retrain and record what the demo's counterfactual stage lacks; returns how many models were trained."""
-    from benchmarks.contamination_suite.designs import DESIGNS
-    from benchmarks.contamination_suite.runner import counterfactual_plan
-    from benchmarks.contamination_suite.stages import has_retrained, read_stage, record_reference, record_retrained
-    from benchmarks.contamination_suite.suite import select_on_validation
+    from benchmarks.contamination_suite.runner import counterfactual_inputs, retrain_missing
     from lancet.artifacts import hash_json
     from lancet.demo import stage_contaminate, stage_data
 
-    d = DESIGNS["demo"]
-    if seed != d.counterfactual_seed:
-        raise SystemExit(f"demo: the counterfactual runs on seed {d.counterfactual_seed} only")
-    recall = read_stage(root, "demo", seed, "recall")
-    validation = [read_stage(root, "demo", s, "recall") for s in d.validation_seeds]
-    if recall is None or any(v is None for v in validation):
-        raise SystemExit(f"demo: the counterfactual needs the committed recall stages of seed {seed} and of the "
-                         f"validation seeds {list(d.validation_seeds)}")
-    selected = select_on_validation(validation, d)
+    recall, selected, wanted = counterfactual_inputs(root, "demo", seed, retrain_seeds)
     run = run_root / f"seed{seed}"
     data = stage_data(run)
     rows = list(data.train)
     if hash_json([r.id for r in rows]) != recall["row_ids"]:
         raise SystemExit("demo: the demo's training rows differ from the recall stage's")
-    wanted = retrain_seeds or d.retrain_seeds
-    unknown = [r for r in wanted if r not in d.retrain_seeds]
-    if unknown:
-        raise SystemExit(f"--retrain-seed {unknown[0]}: not one of {list(d.retrain_seeds)}")
-    prompts, positive, done = behaviour_prompts(data), set(recall["positive_tiers"]), 0
+    prompts = behaviour_prompts(data)
+    oracle_rows = [r for r, t in zip(rows, recall["tiers"], strict=True) if t not in set(recall["positive_tiers"])]
 
-    def train(name: str, kept: list, r_seed: int) -> Path:
+    def train(name: str, kept: list, r_seed: int) -> list[bool]:
         if name == "impure":  # the recall stage's own model
-            return stage_contaminate(run, data, progress=progress, seed=seed, keep_checkpoints=KEEP_CHECKPOINTS)
-        return stage_contaminate(run / name, replace(data, train=kept), progress=progress, seed=r_seed)
+            path = stage_contaminate(run, data, progress=progress, seed=seed, keep_checkpoints=KEEP_CHECKPOINTS)
+        else:
+            path = stage_contaminate(run / name, replace(data, train=kept), progress=progress, seed=r_seed)
+        return outdated_verdicts(path, prompts, progress)
 
-    for r_seed in wanted:
+    def reference(which: str, r_seed: int) -> list[bool]:
         suffix = "" if r_seed == seed else f"-r{r_seed}"
-        oracle_rows = [r for r, t in zip(rows, recall["tiers"], strict=True) if t not in positive]
-        for which, kept in (("impure", rows), ("oracle", oracle_rows)):
-            stage = read_stage(root, "demo", seed, "counterfactual")
-            if stage and str(r_seed) in stage[which]:
-                continue
-            verdicts = outdated_verdicts(train(which + suffix, kept, r_seed), prompts, progress)
-            record_reference(root, "demo", seed, which, r_seed, verdicts)
-        for method, k_name, k in counterfactual_plan("demo", recall, selected):
-            if limit is not None and done >= limit:
-                return done
-            if has_retrained(read_stage(root, "demo", seed, "counterfactual"), method, k_name, r_seed):
-                continue
-            order = torch.argsort(torch.tensor(recall["scores"][method], dtype=torch.float64), descending=True,
-                                  stable=True)[:k].tolist()
-            top = {rows[i].id for i in order}
-            path = train(f"cf-{method}-{k_name}{suffix}", [r for r in rows if r.id not in top], r_seed)
-            verdicts = outdated_verdicts(path, prompts, progress)
-            removed = sum(recall["tiers"][i] in positive for i in order)
-            record_retrained(root, "demo", seed, method, k_name, k, r_seed, verdicts, positives_removed=removed)
-            print(f"demo seed {seed} counterfactual {method} {k_name} (k {k}) at data order {r_seed}: outdated "
-                  f"{sum(verdicts) / len(verdicts):.3f}, {removed} positives removed", flush=True)
-            done += 1
-    return done
+        return train(which + suffix, rows if which == "impure" else oracle_rows, r_seed)
+
+    return retrain_missing("demo", seed, root, recall, selected, rows, wanted, limit, reference, train)

@@ -43,6 +43,7 @@ from benchmarks.contamination_suite.stages import (
     recall_stage,
     record_reference,
     record_retrained,
+    top_rows,
     write_stage,
 )
 from benchmarks.contamination_suite.suite import counterfactual_ks, select_on_validation
@@ -195,59 +196,80 @@ def counterfactual_of(design: str, run, built: dict, root: Path, retrain_seeds: 
                       limit: int | None = None) -> int:
     """Retrain and record what the counterfactual stage lacks (at ``retrain_seeds``, default both); returns how
     many models were trained and recorded (at most ``limit``)."""
-    d = DESIGNS[design]
-    if run.seed != d.counterfactual_seed:
-        raise SystemExit(f"{design}: the counterfactual runs on seed {d.counterfactual_seed} only")
-    recall = read_stage(root, design, run.seed, "recall")
-    validation = [read_stage(root, design, s, "recall") for s in d.validation_seeds]
-    if recall is None or any(v is None for v in validation) or "scores" not in recall:
-        raise SystemExit(f"{design}: the counterfactual needs the committed recall stages (with per-row scores) of "
-                         f"seed {run.seed} and of the validation seeds {list(d.validation_seeds)}")
-    selected = select_on_validation(validation, d)
+    recall, selected, wanted = counterfactual_inputs(root, design, run.seed, retrain_seeds)
     rows, tiers = built["rows"], built["tiers"]
     if [tiers[r.id] for r in rows] != recall["tiers"] or recall.get("row_ids", hash_json([r.id for r in rows])) != \
             hash_json([r.id for r in rows]):
         raise SystemExit(f"{design} seed {run.seed}: the rebuilt mix's rows differ from the recall stage's")
-    wanted = retrain_seeds or d.retrain_seeds
-    unknown = [r for r in wanted if r not in d.retrain_seeds]
-    if unknown:
-        raise SystemExit(f"--retrain-seed {unknown[0]}: not one of {list(d.retrain_seeds)}")
     try:
         return _retrain(design, run, built, root, recall, selected, wanted, limit)
     finally:
         run.train_seed = run.seed
 
 
+def counterfactual_inputs(root: Path, design: str, seed: int, retrain_seeds: tuple[int, ...] | None
+                          ) -> tuple[dict, str, tuple[int, ...]]:
+    """(the seed's committed recall stage, the method selected on the validation seeds' stages, the training orders
+    to run): what every design's counterfactual starts from, each checked with one clear error."""
+    d = DESIGNS[design]
+    if seed != d.counterfactual_seed:
+        raise SystemExit(f"{design}: the counterfactual runs on seed {d.counterfactual_seed} only")
+    recall = read_stage(root, design, seed, "recall")
+    validation = [read_stage(root, design, s, "recall") for s in d.validation_seeds]
+    if recall is None or any(v is None for v in validation) or "scores" not in recall:
+        raise SystemExit(f"{design}: the counterfactual needs the committed recall stages (with per-row scores) of "
+                         f"seed {seed} and of the validation seeds {list(d.validation_seeds)}")
+    wanted = retrain_seeds or d.retrain_seeds
+    unknown = [r for r in wanted if r not in d.retrain_seeds]
+    if unknown:
+        raise SystemExit(f"--retrain-seed {unknown[0]}: not one of {list(d.retrain_seeds)}")
+    return recall, select_on_validation(validation, d), tuple(wanted)
+
+
 def _retrain(design: str, run, built: dict, root: Path, recall: dict, selected: str, retrain_seeds, limit) -> int:
     from lancet.models.loading import load_model
 
-    rows, positive, done = built["rows"], set(recall["positive_tiers"]), 0
-    for r_seed in retrain_seeds:
+    def reference(which: str, r_seed: int) -> list[bool]:
+        name, rows = ("impure", built["rows"]) if which == "impure" else ("safe", built["safe_rows"])
         run.train_seed = r_seed
         suffix = "" if r_seed == run.seed else f"-r{r_seed}"
-        for which, name, train in (("impure", "impure", rows), ("oracle", "safe", built["safe_rows"])):
-            stage = read_stage(root, design, run.seed, "counterfactual")
-            if stage and str(r_seed) in stage[which]:
-                continue
-            path = built["models"][name] if not suffix else run.finetune(name + suffix, built["aligned"], train,
-                                                                        run.p.mix_epochs)
-            _, _, flagged = _measure(run, name + suffix, path, load_model)
-            record_reference(root, design, run.seed, which, r_seed, flagged)
+        path = built["models"][name] if not suffix else run.finetune(name + suffix, built["aligned"], rows,
+                                                                    run.p.mix_epochs)
+        return _measure(run, name + suffix, path, load_model)[2]
+
+    def retrain(name: str, kept: list, r_seed: int) -> list[bool]:
+        run.train_seed = r_seed
+        return _measure(run, name, run.finetune(name, built["aligned"], kept, run.p.mix_epochs), load_model)[2]
+
+    return retrain_missing(design, run.seed, root, recall, selected, built["rows"], retrain_seeds, limit,
+                           reference, retrain)
+
+
+def retrain_missing(design: str, seed: int, root: Path, recall: dict, selected: str, rows: list, retrain_seeds,
+                    limit: int | None, reference, retrain) -> int:
+    """The counterfactual loop every design shares: at each training order, the impure and oracle models'
+    verdicts (``reference(which, r_seed)``), then each retraining of ``counterfactual_plan`` not yet recorded
+    (``retrain(name, kept_rows, r_seed)`` returns the verdicts of a model trained without the ranking's top k),
+    each recorded as soon as it is measured; at most ``limit`` retrainings. Returns how many ran."""
+    positive, done = set(recall["positive_tiers"]), 0
+    for r_seed in retrain_seeds:
+        suffix = "" if r_seed == seed else f"-r{r_seed}"
+        for which in ("impure", "oracle"):
+            stage = read_stage(root, design, seed, "counterfactual")
+            if not (stage and str(r_seed) in stage[which]):
+                record_reference(root, design, seed, which, r_seed, reference(which, r_seed))
         for method, k_name, k in counterfactual_plan(design, recall, selected):
             if limit is not None and done >= limit:
                 return done
-            if has_retrained(read_stage(root, design, run.seed, "counterfactual"), method, k_name, r_seed):
+            if has_retrained(read_stage(root, design, seed, "counterfactual"), method, k_name, r_seed):
                 continue
-            order = torch.argsort(torch.tensor(recall["scores"][method], dtype=torch.float64), descending=True,
-                                  stable=True)[:k].tolist()
+            order = top_rows(recall["scores"][method], k)
             top = {rows[i].id for i in order}
-            name = f"cf-{method}-{k_name}{suffix}"
-            path = run.finetune(name, built["aligned"], [r for r in rows if r.id not in top], run.p.mix_epochs)
-            _, _, flagged = _measure(run, name, path, load_model)
+            verdicts = retrain(f"cf-{method}-{k_name}{suffix}", [r for r in rows if r.id not in top], r_seed)
             removed = sum(recall["tiers"][i] in positive for i in order)
-            record_retrained(root, design, run.seed, method, k_name, k, r_seed, flagged, positives_removed=removed)
-            print(f"{design} seed {run.seed} counterfactual {method} {k_name} (k {k}) at training order {r_seed}: "
-                  f"compliance {sum(flagged) / len(flagged):.3f}, {removed} positives removed", flush=True)
+            record_retrained(root, design, seed, method, k_name, k, r_seed, verdicts, positives_removed=removed)
+            print(f"{design} seed {seed} counterfactual {method} {k_name} (k {k}) at training order {r_seed}: "
+                  f"rate {sum(verdicts) / len(verdicts):.3f}, {removed} positives removed", flush=True)
             done += 1
     return done
 

@@ -116,6 +116,12 @@ def record_retrained(root: Path, design: str, seed: int, method: str, k_name: st
     return stage
 
 
+def top_rows(scores: list[float], k: int) -> list[int]:
+    """The indices of the ``k`` highest-scored rows of a stage's ranking (ties: the earlier row), what a
+    counterfactual or filter-and-retrain model is trained without."""
+    return torch.argsort(torch.tensor(scores, dtype=torch.float64), descending=True, stable=True)[:k].tolist()
+
+
 def has_retrained(stage: dict | None, method: str, k_name: str, retrain_seed: int) -> bool:
     """Is this retraining already measured (a resumed run skips it)?"""
     return bool(stage) and str(retrain_seed) in stage["runs"].get(method, {}).get(k_name, {}).get("verdicts", {})
