@@ -131,7 +131,7 @@ class CorrectionStage:
         out["methods"]["safe"]["utility_loss_test"] = utility_loss_test(out["methods"]["safe"],
                                                                         out["methods"]["impure"])
         impure, tok = load_model(models["impure"])
-        oracle_budget = out["oracle_budget"] = self.oracle_budget(models, impure, tok, validation)
+        oracle_budget = out["oracle_budget"] = self.oracle_budget(models, impure, tok)
 
         def pick(runs: list[tuple[float, str, dict]]) -> Candidate:
             """The (learning rate, step) with the lowest validation behaviour within the run's budget."""
@@ -237,24 +237,28 @@ class CorrectionStage:
                 "benign": {"alpaca": self.parts["alpaca_valid"],
                            "xstest_safe": self.parts["xstest_rest"][:self.p.n_valid]}}
 
+    def validation_selection(self, folder: str, tok, models: dict[str, str], **extra):
+        """(a ``CheckpointSelection`` on the validation sets, its fingerprint): what the oracle budget and a
+        retrained model's validation utility loss are measured with, as every correction checkpoint is."""
+        from lancet.correct.select import CheckpointSelection
+
+        v = self.validation_sets()
+        key = hash_json({"models": models, **extra, "valid": [r.text for r in v["valid"]],
+                         "ordinary": [r.text for r in v["ordinary"]],
+                         "benign": {k: [r.text for r in rows] for k, rows in v["benign"].items()}, "loglik": True})
+        return CheckpointSelection(self.dir / folder, tok, v["valid"], v["ordinary"], self.judge, fingerprint=key,
+                                   max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length,
+                                   batch_size=16, benign=v["benign"], loglik=True), key
+
     def validation_utility_loss(self, models: dict[str, str], path: str, name: str | None = None) -> float:
         """A model's utility loss against the impure model on the validation sets, measured as every correction
         checkpoint's is (the filter-and-retrain rows' ``utility_loss_valid``); cached in the run directory."""
-        from lancet.correct.select import CheckpointSelection
-
         name = name or Path(path).name
-        validation = self.validation_sets()
-        key = hash_json({"models": models, "model": str(path), "valid": [r.text for r in validation["valid"]],
-                         "ordinary": [r.text for r in validation["ordinary"]],
-                         "benign": {k: [r.text for r in v] for k, v in validation["benign"].items()}, "loglik": True})
+        sel, key = self.validation_selection(f"select-utility-{name}", self.tok, models, model=str(path))
         cache = self.dir / f"validation_utility-{name}.json"
         if cache.is_file() and json.loads(cache.read_text())["key"] == key:
             return json.loads(cache.read_text())["utility_loss"]
-        impure, tok = load_model(models["impure"])
-        sel = CheckpointSelection(self.dir / f"select-utility-{name}", tok, validation["valid"],
-                                  validation["ordinary"], self.judge, fingerprint=key,
-                                  max_new_tokens=self.p.max_new_tokens, max_length=self.p.max_length, batch_size=16,
-                                  benign=validation["benign"], loglik=True)
+        impure, _ = load_model(models["impure"])
         sel.reference(impure)
         del impure
         model, _ = load_model(str(path))
@@ -280,22 +284,16 @@ class CorrectionStage:
               flush=True)
         return rows
 
-    def oracle_budget(self, models: dict[str, str], impure, tok, validation: dict[str, list[Record]]) -> float:
+    def oracle_budget(self, models: dict[str, str], impure, tok) -> float:
         """The utility loss the safe model (retrained without the culprits: what data removal costs) shows against
         the impure model on the validation prompts, measured as every checkpoint is; at least the default budget.
         The second budget of the correction table: a correction that costs no more than that retraining does."""
-        from lancet.correct.select import DEFAULT_MAX_UTILITY_LOSS, CheckpointSelection
+        from lancet.correct.select import DEFAULT_MAX_UTILITY_LOSS
 
         path = self.dir / "oracle_budget.json"
-        key = hash_json({"models": models, "valid": [r.text for r in validation["valid"]],
-                         "ordinary": [r.text for r in validation["ordinary"]],
-                         "benign": {k: [r.text for r in v] for k, v in validation["benign"].items()}, "loglik": True})
+        sel, key = self.validation_selection("select-oracle-budget", tok, models)
         if path.is_file() and json.loads(path.read_text())["key"] == key:
             return json.loads(path.read_text())["budget"]
-        sel = CheckpointSelection(self.dir / "select-oracle-budget", tok, validation["valid"], validation["ordinary"],
-                                  self.judge, fingerprint=key, max_new_tokens=self.p.max_new_tokens,
-                                  max_length=self.p.max_length, batch_size=16, benign=validation["benign"],
-                                  loglik=True)
         reference = sel.reference(impure)
         safe, _ = load_model(models["safe"])
         measured = sel.measure(safe)

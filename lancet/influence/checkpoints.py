@@ -178,15 +178,7 @@ class CheckpointInfluence:
 
     def scores_by_method(self, train, queries, methods: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
         """``scores`` of several methods, {method: {...}}: one ``Influence.scores_by_method`` pass per checkpoint."""
-        names = list(dict.fromkeys(methods))
-        found: dict[str, list[dict[str, torch.Tensor]]] = {m: [] for m in names}
-        for checkpoint in self.checkpoints:
-            with self.influence(checkpoint) as run:
-                got = run.scores_by_method(train, queries, names)
-            del run  # the model goes before the next one loads
-            for method in names:
-                found[method].append(got[method])
-        return {method: self._combine(found[method]) for method in names}
+        return self._average(lambda run, names: run.scores_by_method(train, queries, names), methods)
 
     def behaviour_scores(self, train, queries, methods: Sequence[str] | None = None
                          ) -> dict[str, dict[str, torch.Tensor]]:
@@ -197,12 +189,17 @@ class CheckpointInfluence:
         if self.behaviour is None:
             raise LancetError("CheckpointInfluence.behaviour_scores needs behaviour= (a BehaviourDirection or a "
                               "function of the model that fits one)")
-        names = list(dict.fromkeys(methods or [self.args.method]))
+        return self._average(lambda run, names: behaviour_scores(run, train, queries, names),
+                             methods or [self.args.method])
+
+    def _average(self, score, methods: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """``score(influence, methods)`` at each checkpoint in turn (one model loaded at a time), combined."""
+        names = list(dict.fromkeys(methods))
         found: dict[str, list[dict[str, torch.Tensor]]] = {m: [] for m in names}
         for checkpoint in self.checkpoints:
             with self.influence(checkpoint) as run:
-                got = behaviour_scores(run, train, queries, names)
-            del run
+                got = score(run, names)
+            del run  # the model goes before the next one loads
             for method in names:
                 found[method].append(got[method])
         return {method: self._combine(found[method]) for method in names}
