@@ -240,15 +240,12 @@ def attribute_checkpoints(tokenizer, train_spec: str, queries_spec: str, out_dir
 
     out = Path(out_dir)
     data = AttributionData.load(tokenizer, train_spec, queries_spec, max_length, args.progress, labels)
-    if behaviour is not None and not callable(behaviour):
-        from lancet.influence.behaviour import BehaviourArgs, fit_direction
+    from lancet.influence.behaviour import BehaviourArgs, fit_direction
 
-        if isinstance(behaviour, BehaviourArgs):  # fitted at each checkpoint from the IQs against its counter rows
-            spec = behaviour
-
-            def behaviour(model):
-                return fit_direction(model, tokenizer, data.queries, spec, max_length=max_length,
-                                     batch_size=args.batch_size, bf16=args.bf16, progress=False)
+    if isinstance(behaviour, BehaviourArgs):  # fitted at each checkpoint from the IQs against its counter rows
+        spec = behaviour
+        behaviour = lambda model: fit_direction(model, tokenizer, data.queries, spec,  # noqa: E731
+                                                max_length=max_length, batch_size=args.batch_size, bf16=args.bf16)
     ck = CheckpointInfluence(checkpoints, args, weights=weights, adam=adam, out_dir=out, tokenizer=tokenizer,
                              max_length=max_length, device=device, anchors=anchors, behaviour=behaviour)
     t0 = time.perf_counter()
