@@ -275,6 +275,11 @@ def test_suite_from_stage_files_matches_the_schema(tmp_path):
     partial = build_suite(tmp_path, {"tiny": TINY}, n_boot=50, default="linfac")
     assert partial["designs"] == {} and partial["pending"]["tiny"] == ["tiny/seed2_recall.json"]
     assert validate_suite(partial) == []
+    # a reported seed ranked before a method existed is pending too: every reported seed has every method
+    write_stage(tmp_path, _stage(2, {m: v for m, v in METHODS.items() if m != "classifier"}))
+    write_stage(tmp_path, _stage(7, {**METHODS, "probe_d25": 3.0}))  # an ablation the reported seeds lack is fine
+    stale = build_suite(tmp_path, {"tiny": TINY}, n_boot=50, default="linfac")
+    assert stale["pending"]["tiny"] == ["tiny/seed2_recall.json: lacks classifier (run it again with --force)"]
 
 
 def test_a_failed_gate_is_reported_as_failed(tmp_path):

@@ -113,7 +113,25 @@ def _missing(root: Path, design: Design) -> list[str]:
         want = [(s, "gate") for s in design.seeds] + want
     want.append((design.counterfactual_seed, "counterfactual"))
     return [str(stage_path(root, design.name, s, st).relative_to(root)) for s, st in want
-            if read_stage(root, design.name, s, st) is None]
+            if read_stage(root, design.name, s, st) is None] + _lacking_methods(root, design)
+
+
+def _lacking_methods(root: Path, design: Design) -> list[str]:
+    """The reported recall stages that lack a ranking the validation seeds have (bar their depth ablations): every
+    reported seed is ranked by every method, so a stage written before a method existed (the imported lexical
+    seeds) is run again with --force."""
+    validation = [read_stage(root, design.name, s, "recall") for s in design.validation_seeds]
+    if any(v is None for v in validation):
+        return []
+    wanted = {m for v in validation for m in seed_scores(v).methods if not is_depth_ablation(m)}
+    out = []
+    for seed in design.seeds:
+        stage = read_stage(root, design.name, seed, "recall")
+        lacks = sorted(wanted - set(seed_scores(stage).methods)) if stage is not None else []
+        if lacks:
+            path = stage_path(root, design.name, seed, "recall").relative_to(root)
+            out.append(f"{path}: lacks {', '.join(lacks)} (run it again with --force)")
+    return out
 
 
 def design_entry(design: Design, root: Path = STAGE_DIR, n_boot: int = N_BOOT, default: str | None = None
