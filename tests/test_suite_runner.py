@@ -427,3 +427,24 @@ def test_correction_stage_from_the_committed_recall(fake, monkeypatch):
     assert sum(t[0].startswith("cf-") for t in FakeRun.trained) == n  # kept: not retrained
     with pytest.raises(SystemExit, match="not seed 2"):
         runner.run_command(_ns(fake, design=design, seed=2, stage="correction"), root)
+
+
+def test_k1_keeps_the_checkpoint_rankings_to_the_validation_seeds(fake, monkeypatch):
+    import benchmarks.contamination_suite.behaviour as behaviour
+
+    monkeypatch.setattr(behaviour, "REPORTED_CHECKPOINTS", False)
+    assert behaviour.validation_only("linfac_behaviour_ckpt") and behaviour.validation_only("probe_d75")
+    assert not behaviour.validation_only("linfac_behaviour") and not behaviour.validation_only("ekfac")
+    root, design = fake / "stages", "shared_prompt"
+    for seed in (3, 0):
+        runner.run_command(_ns(fake, design=design, seed=seed, stage="recall"), root)
+    validation, reported = read_stage(root, design, 3, "recall"), read_stage(root, design, 0, "recall")
+    assert set(CHECKPOINT_RANKINGS) <= set(validation["scores"]) and "checkpoints" in validation["seconds"]
+    assert not set(CHECKPOINT_RANKINGS) & set(reported["scores"]) and "checkpoints" not in reported["seconds"]
+    # the reported seed lacks nothing the suite asks of it: the checkpoint rankings chose K and are not reported
+    pending = build_suite(root, {design: DESIGNS[design]}, n_boot=20, default="linfac")["pending"][design]
+    assert not [p for p in pending if "seed0_recall" in p]
+    monkeypatch.setattr(behaviour, "REPORTED_CHECKPOINTS", True)
+    pending = build_suite(root, {design: DESIGNS[design]}, n_boot=20, default="linfac")["pending"][design]
+    assert [p for p in pending if "seed0_recall" in p] == [
+        f"{design}/seed0_recall.json: lacks {', '.join(sorted(CHECKPOINT_RANKINGS))} (run it again with --force)"]

@@ -13,6 +13,7 @@ TrackStar's and LESS's correction; the cosine also unit-normalises each row's gr
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,20 @@ BEHAVIOUR_RANKINGS = ("probe", "linfac_behaviour", "repsim_anchored")
 VALIDATION_DEPTHS = (0.25, 0.75)
 BEHAVIOUR_DEPTH: float | None = None
 CHECKPOINT_RANKINGS = ("linfac_behaviour_ckpt", "cosine_behaviour_adam_ckpt", "identity_behaviour_adam_ckpt")
+# K, chosen on the validation seeds (docs/method.md §5.6): True ranks every seed over the K = 3 kept checkpoints;
+# False keeps CHECKPOINT_RANKINGS to the validation seeds (K = 1), where they stay as the ablation that chose K
+REPORTED_CHECKPOINTS = True
+
+
+def validation_only(method: str) -> bool:
+    """A ranking only the validation seeds carry, to choose a setting on and never the selected method: the
+    direction at another depth (``probe_d25`` ...) and, where K = 1 was chosen, the checkpoint rankings."""
+    return re.search(r"_d\d\d$", method) is not None or (not REPORTED_CHECKPOINTS and method in CHECKPOINT_RANKINGS)
+
+
+def ranks_checkpoints(validation: bool) -> bool:
+    """Whether a seed's recall stage computes CHECKPOINT_RANKINGS (the costliest rankings: 45 min of a lexical seed)."""
+    return validation or REPORTED_CHECKPOINTS
 
 
 def depth_layer(model, depth: float | None) -> int | None:

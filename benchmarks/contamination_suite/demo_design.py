@@ -97,6 +97,7 @@ def demo_recall_of(seed: int, run_root: Path, progress: bool = True) -> dict:
         VALIDATION_DEPTHS,
         behaviour_rankings,
         checkpoint_rankings,
+        ranks_checkpoints,
     )
     from benchmarks.contamination_suite.designs import DESIGNS
     from benchmarks.contamination_suite.runner import classifier_ranking, random_ranking
@@ -141,9 +142,10 @@ def demo_recall_of(seed: int, run_root: Path, progress: bool = True) -> dict:
                                  other_depths=depths, **common)
     del model
     lap("behaviour")
-    scores |= checkpoint_rankings(model_dir, tok, train, iqs, counter, out_dir=run / "influence-checkpoints",
-                                  depth=BEHAVIOUR_DEPTH, **common)
-    lap("checkpoints")
+    if ranks_checkpoints(seed in DESIGNS["demo"].validation_seeds):
+        scores |= checkpoint_rankings(model_dir, tok, train, iqs, counter, out_dir=run / "influence-checkpoints",
+                                      depth=BEHAVIOUR_DEPTH, **common)
+        lap("checkpoints")
     queries = encode_records(iqs, tok, DEMO_MAX_LENGTH, progress=False)
     readout = RegimeReadout(rows, iqs, train, queries)
     culprits = {i: r.response_text for i, (r, t) in enumerate(zip(rows, tiers, strict=True)) if t == "culprit"}

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.contamination_suite.behaviour import VALIDATION_DEPTHS
+from benchmarks.contamination_suite.behaviour import VALIDATION_DEPTHS, ranks_checkpoints
 from benchmarks.contamination_suite.designs import COUNTERFACTUAL_METHODS, DESIGNS, K_ELBOW, K_FULL, K_HALF
 from benchmarks.contamination_suite.gate import gate_stage
 from benchmarks.contamination_suite.stages import (
@@ -132,9 +132,11 @@ def recall_of(design: str, run, built: dict) -> dict:
               "classifier": classifier_ranking(run.seed, run.judge.complies([r.response_text for r in rows])),
               **{m: found[m].double() for m in sorted(found)}}
     iqs = read_records(run.dir / "iqs.jsonl")
-    depths = VALIDATION_DEPTHS if run.seed in DESIGNS[design].validation_seeds else ()
+    validation = run.seed in DESIGNS[design].validation_seeds
+    depths = VALIDATION_DEPTHS if validation else ()
     scores.update(run._timed("behaviour", lambda: behaviour_of(run, built, rows, iqs, other_depths=depths)))
-    scores.update(run._timed("checkpoints", lambda: checkpoints_of(run, built, rows, iqs)))
+    if ranks_checkpoints(validation):
+        scores.update(run._timed("checkpoints", lambda: checkpoints_of(run, built, rows, iqs)))
     positive = DESIGNS[design].positive_tiers
     culprits = {i: r.response_text for i, (r, t) in enumerate(zip(rows, tiers, strict=True)) if t in positive}
     readout = RegimeReadout(rows, iqs, encode_records(rows, run.tok, run.p.max_length, progress=False),
@@ -175,11 +177,11 @@ def checkpoints_of(run, built: dict, rows: list, iqs: list) -> dict[str, torch.T
 
 
 def _settings(p: Preset) -> dict:
-    from benchmarks.contamination_suite.behaviour import BEHAVIOUR_RANKINGS, CHECKPOINT_RANKINGS
+    from benchmarks.contamination_suite.behaviour import BEHAVIOUR_RANKINGS, CHECKPOINT_RANKINGS, REPORTED_CHECKPOINTS
 
     return {"design": p.design, "n_unsafe": p.n_unsafe, "mix_epochs": p.mix_epochs,
             "methods": [*p.methods, *BEHAVIOUR_RANKINGS, *CHECKPOINT_RANKINGS],
-            "keep_checkpoints": KEEP_CHECKPOINTS}
+            "keep_checkpoints": KEEP_CHECKPOINTS, "reported_checkpoints": REPORTED_CHECKPOINTS}
 
 
 def counterfactual_plan(design: str, recall: dict, selected: str) -> list[tuple[str, str, int]]:

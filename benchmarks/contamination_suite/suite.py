@@ -13,10 +13,10 @@ files are not all committed yet is listed under ``pending`` with what it lacks, 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from benchmarks.common import RESULTS
+from benchmarks.contamination_suite.behaviour import validation_only
 from benchmarks.contamination_suite.designs import (
     COUNTERFACTUAL_METHODS,
     DESIGNS,
@@ -58,16 +58,11 @@ def default_method() -> str:
     return InfluenceArgs().method
 
 
-def is_depth_ablation(method: str) -> bool:
-    """A validation seed's ranking with the behaviour direction at another depth (``behaviour.depth_suffix``)."""
-    return re.search(r"_d\d\d$", method) is not None
-
-
 def select_on_validation(stages: list[dict], design: Design, candidates: list[str] | None = None) -> str:
     """The method with the highest mean AP over the design's validation seeds (ties: the first candidate). Refuses
     a stage of any other seed, and needs every validation seed: nothing chosen here may see a reported seed.
     ``candidates``: the methods to choose from (default: every ranking of the stages but ``random`` and the
-    validation seeds' depth ablations, ``probe_d25`` ...: those choose the layer, and the reported seeds lack them)."""
+    validation seeds' ablations, ``behaviour.validation_only``: they choose a setting; the reported seeds lack them)."""
     seeds = [s["seed"] for s in stages]
     outside = sorted(set(seeds) - set(design.validation_seeds))
     if outside:
@@ -78,7 +73,7 @@ def select_on_validation(stages: list[dict], design: Design, candidates: list[st
         raise ValueError(f"{design.name}: no recall stage for validation seed(s) {lacking}")
     runs = [seed_scores(s) for s in stages]
     means = bootstrap(runs, n_boot=1).point
-    pool = candidates or [m for m in runs[0].methods if m != "random" and not is_depth_ablation(m)]
+    pool = candidates or [m for m in runs[0].methods if m != "random" and not validation_only(m)]
     return max(pool, key=lambda m: (means[m]["ap"], -pool.index(m)))
 
 
@@ -123,7 +118,7 @@ def _lacking_methods(root: Path, design: Design) -> list[str]:
     validation = [read_stage(root, design.name, s, "recall") for s in design.validation_seeds]
     if any(v is None for v in validation):
         return []
-    wanted = {m for v in validation for m in seed_scores(v).methods if not is_depth_ablation(m)}
+    wanted = {m for v in validation for m in seed_scores(v).methods if not validation_only(m)}
     out = []
     for seed in design.seeds:
         stage = read_stage(root, design.name, seed, "recall")
