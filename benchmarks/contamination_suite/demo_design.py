@@ -94,7 +94,7 @@ def demo_recall_of(seed: int, run_root: Path, progress: bool = True) -> dict:
     """The demo design's recall stage at ``seed`` (models and scores cached in ``run_root/seed<S>``)."""
     from benchmarks.contamination_suite.behaviour import (
         BEHAVIOUR_DEPTH,
-        VALIDATION_DEPTHS,
+        ablation_depths,
         behaviour_rankings,
         checkpoint_rankings,
         ranks_checkpoints,
@@ -137,12 +137,12 @@ def demo_recall_of(seed: int, run_root: Path, progress: bool = True) -> dict:
                             max_length=DEMO_MAX_LENGTH)
     lap("rankings")
     common = {"max_length": DEMO_MAX_LENGTH, "lambda_max_rows": 128, "bf16": bf16, "progress": progress}
-    depths = VALIDATION_DEPTHS if seed in DESIGNS["demo"].validation_seeds else ()
+    validation = seed in DESIGNS["demo"].validation_seeds
     scores |= behaviour_rankings(model, tok, train, iqs, counter, out_dir=run / "influence", depth=BEHAVIOUR_DEPTH,
-                                 other_depths=depths, **common)
+                                 other_depths=ablation_depths(validation), **common)
     del model
     lap("behaviour")
-    if ranks_checkpoints(seed in DESIGNS["demo"].validation_seeds):
+    if ranks_checkpoints(validation):
         scores |= checkpoint_rankings(model_dir, tok, train, iqs, counter, out_dir=run / "influence-checkpoints",
                                       depth=BEHAVIOUR_DEPTH, **common)
         lap("checkpoints")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.contamination_suite.behaviour import VALIDATION_DEPTHS, ranks_checkpoints
+from benchmarks.contamination_suite.behaviour import ablation_depths, ranks_checkpoints
 from benchmarks.contamination_suite.designs import COUNTERFACTUAL_METHODS, DESIGNS, K_ELBOW, K_FULL, K_HALF
 from benchmarks.contamination_suite.gate import gate_stage
 from benchmarks.contamination_suite.stages import (
@@ -133,8 +133,8 @@ def recall_of(design: str, run, built: dict) -> dict:
               **{m: found[m].double() for m in sorted(found)}}
     iqs = read_records(run.dir / "iqs.jsonl")
     validation = run.seed in DESIGNS[design].validation_seeds
-    depths = VALIDATION_DEPTHS if validation else ()
-    scores.update(run._timed("behaviour", lambda: behaviour_of(run, built, rows, iqs, other_depths=depths)))
+    scores.update(run._timed("behaviour", lambda: behaviour_of(run, built, rows, iqs,
+                                                                other_depths=ablation_depths(validation))))
     if ranks_checkpoints(validation):
         scores.update(run._timed("checkpoints", lambda: checkpoints_of(run, built, rows, iqs)))
     positive = DESIGNS[design].positive_tiers

@@ -147,7 +147,9 @@ def suite_validation() -> str:
     if not blocks:
         return "(no validation seed ranked yet)"
     return ("`python -m benchmarks.contamination_suite run --design D --seed S --stage recall`; the rankings "
-            "`_dNN` are the behaviour direction at another depth (the layer's choice), never selected.\n\n"
+            "`_dNN` are the behaviour direction at another depth than the chosen one (three quarters of the blocks), "
+            "the `_ckpt` ones the behaviour over K = 3 checkpoints (at the middle block on lexical 3 and demo 0): the "
+            "ablations that chose the layer and K, never selected (docs/method.md §5.6).\n\n"
             + "\n\n".join(blocks))
 
 
