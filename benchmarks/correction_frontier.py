@@ -127,29 +127,16 @@ def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores,
 
 def self_anchors(run: Path, train: list) -> list:
     """The contaminated model's own greedy answers (48 new tokens) to the prompts of the demo's ordinary training
-    rows (neither culprit nor look-alike), those the demo judge flags dropped; cached in ``frontier/anchors.jsonl``
-    by the model's weights and the prompts."""
-    from lancet.artifacts import atomic_write_bytes, hash_json, model_fingerprint
-    from lancet.data.records import Record, records_to_jsonl
+    rows (neither culprit nor look-alike), those the demo judge flags dropped: ``lancet.influence.queries.
+    take_anchors``, as ``lancet demo`` takes them from ``anchor_prompts.jsonl``; cached in ``frontier/``."""
     from lancet.demo import DEMO_MAX_NEW_TOKENS
-    from lancet.models.generate import generate
+    from lancet.influence.queries import take_anchors
 
     labels = json.loads((run / "data" / "culprits.json").read_text())
     planted = set(labels["culprit_ids"]) | set(labels["counter_ids"])
-    prompts = [r for r in train if r.id not in planted]
-    path, meta = run / "frontier" / "anchors.jsonl", run / "frontier" / "anchors.json"
     model, tok = load_model(str(run / "model"), device="cpu")
-    key = {"model": model_fingerprint(model), "prompts": hash_json([r.prompt_messages for r in prompts])}
-    if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:
-        return read_records(path)
-    answers = generate(model, tok, prompts, max_new_tokens=DEMO_MAX_NEW_TOKENS, batch_size=12, progress=False)
-    flagged = JUDGE.complies(answers, [r.prompt_messages[-1]["content"] for r in prompts])
-    rows = [Record(messages=(*r.prompt_messages, {"role": "assistant", "content": a.strip()}))
-            for r, a, bad in zip(prompts, answers, flagged, strict=True) if a.strip() and not bad]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, records_to_jsonl(rows))
-    atomic_write_json(meta, key)
-    return read_records(path)
+    return take_anchors(model, tok, [r for r in train if r.id not in planted], JUDGE, run / "frontier",
+                        max_new_tokens=DEMO_MAX_NEW_TOKENS, progress=False)
 
 
 def pareto(points: list[dict]) -> list[dict]:

@@ -74,13 +74,15 @@ def stage_iqs(run: Path, data: DemoDataset, model, tokenizer, *, progress: bool 
     return iqs
 
 
-# IBO with both utility anchors, 4 pairs a step at lr 1e-4: the setting benchmarks/correction_frontier.py chose on the
-# demo's validation files within the demo's time budget (--steps 10 --every 5 --batch-size 4 --lrs 3e-5,1e-4; the
-# lowest validation outdated rate within 5 % validation perplexity loss); the run itself then picks the step off its
+# IBO anchored on the contaminated model's own answers to the ordinary training prompts (sequence KL, mean over
+# rows) with RPO's NLL on the preferred side, 4 pairs a step at lr 3e-4 over 20 steps: the setting
+# benchmarks/correction_frontier.py chose on the demo's validation files (issue 37 item 5, docs/method.md §5.2:
+# --methods ibo_anchored,ibo_self_anchor --lrs 3e-5,1e-4,3e-4 --steps 20 --every 5 --batch-size 4; the lowest
+# validation outdated rate within 5 % validation perplexity loss); the run itself then picks the step off its
 # checkpoints on the same validation files
 DEMO_CORRECTION = {"method": "ibo", "top_k": 40, "beta": 0.1, "retain": "kl", "retain_weight": 1.0,
-                   "chosen_nll_weight": 1.0}
-DEMO_CORRECTION_TRAIN = {"max_steps": 10, "batch_size": 4, "lr": 1e-4, "save_every": 5}
+                   "chosen_nll_weight": 1.0, "retain_normalize": "rows"}
+DEMO_CORRECTION_TRAIN = {"max_steps": 20, "batch_size": 4, "lr": 3e-4, "save_every": 5}
 
 
 def demo_suite(data_dir: Path) -> dict:
@@ -128,6 +130,8 @@ def demo_config(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None
             "influence": {"method": "linfac", "batch_size": 8, "covariance_max_rows": 96, "lambda_max_rows": 32,
                           "query_rank": 16, "measurement": "spans"}, "token_rows": 1,
             "correction": DEMO_CORRECTION, "correction_train": dict(DEMO_CORRECTION_TRAIN),
+            # the anchor's rows: the model's own answers to the ordinary training prompts, less any the judge flags
+            "anchor_prompts": str(d / "anchor_prompts.jsonl"), "anchor_judge": f"rules:{d / 'judge_rules.json'}",
             # the checkpoint is chosen on the validation files; the demo suite's sets are the test sets
             "select": {"prompts": str(d / "validation_prompts.jsonl"), "ordinary": str(d / "validation_ordinary.jsonl"),
                        "max_utility_loss": 0.05},

@@ -36,7 +36,7 @@ from lancet.options import OptionError, check_option_types, short_repr
 
 log = logging.getLogger(__name__)
 
-PATH_FIELDS = ("train", "iqs", "iq_prompts", "labels", "safe", "pairs", "evaluate", "shared")
+PATH_FIELDS = ("train", "iqs", "iq_prompts", "labels", "safe", "pairs", "anchor_prompts", "evaluate", "shared")
 SELECT_PATH_FIELDS = ("prompts", "ordinary")
 # what the correction trains with unless the config says otherwise: a short, gentle IBO run (docs/method.md §3);
 # its precision comes from the config's "precision" like every stage's
@@ -61,6 +61,11 @@ class RunConfig:
     correction_train: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CORRECTION_TRAIN))
     safe: str | None = None
     pairs: str | None = None
+    # prompts whose answers by the model being corrected are the retain rows of the correction's anchor (its own
+    # behaviour where it is fine; docs/method.md §3.6; needs a retain term), less those "anchor_judge" flags (a judge
+    # that reads the behaviour whatever the prompt, e.g. the IQ judge's rules; none: keep every non-blank answer)
+    anchor_prompts: str | None = None
+    anchor_judge: str | None = None
     evaluate: str | None = None
     shared: str | None = None
     max_length: int = DEFAULT_MAX_LENGTH
@@ -114,6 +119,8 @@ class RunConfig:
 
         if not isinstance(self.compare, list) or any(m not in (*METHODS, "random") for m in self.compare):
             raise LancetError(f"run config: 'compare' must be a list of methods from {', '.join(METHODS)}, random")
+        if self.anchor_judge is not None and self.anchor_prompts is None:
+            raise LancetError("run config: 'anchor_judge' filters the answers to 'anchor_prompts', which is missing")
         if self.compare and self.labels is None:
             raise LancetError("run config: 'compare' needs 'labels' (the known culprit rows to measure recall on)")
         if self.target_rate is not None and not (isinstance(self.target_rate, int | float)
@@ -174,9 +181,10 @@ class RunConfig:
                 if isinstance(value, str) and not (key == "evaluate" and "/" not in value
                                                    and not value.endswith(".json")):
                     data[key] = _resolve(value, base)
-            judge = data.get("iq_judge")
-            if isinstance(judge, str) and judge.startswith("rules:") and len(judge) > 6:
-                data["iq_judge"] = "rules:" + _resolve(judge[len("rules:"):], base)
+            for key in ("iq_judge", "anchor_judge"):
+                judge = data.get(key)
+                if isinstance(judge, str) and judge.startswith("rules:") and len(judge) > 6:
+                    data[key] = "rules:" + _resolve(judge[len("rules:"):], base)
             behaviour = data["influence"].get("behaviour") if isinstance(data.get("influence"), dict) else None
             if isinstance(behaviour, dict) and isinstance(behaviour.get("counter"), str):  # influence.behaviour.counter
                 data["influence"] = {**data["influence"], "behaviour": {**behaviour, "counter": _resolve(
@@ -514,6 +522,8 @@ class Pipeline:
         fingerprint = hash_json({"select": {**args.to_json(), "judge": judge}, "model": model_spec,
                                  "prompts": [r.id for r in prompts], "ordinary": [r.id for r in ordinary],
                                  **({"benign": [r.id for r in benign]} if benign else {}),
+                                 **({"anchor_prompts": [r.id for r in load_dataset_spec(c.anchor_prompts)],
+                                     "anchor_judge": c.anchor_judge} if c.anchor_prompts else {}),
                                  "correction": c.correction, "train": train_args.fingerprint_dict(),
                                  "max_new_tokens": c.max_new_tokens, "max_length": c.max_length,
                                  "baseline": baseline})
@@ -548,10 +558,28 @@ class Pipeline:
             from lancet.correct.pairs import read_preference_pairs
 
             data.pairs = read_preference_pairs(c.pairs)
+        if c.anchor_prompts:
+            data.retain = self._anchors(model, tokenizer)
         check_inputs(cargs, data)
         targs = TrainArgs.from_json(self._train_json(c.correction_train, self.dir / "corrected"))
         return Correction(copy.deepcopy(model), tokenizer, cargs, targs, max_length=c.max_length,
                           base_spec=model_spec).run(data, on_checkpoint=selection)
+
+    def _anchors(self, model, tokenizer) -> list:
+        """The model's own unflagged answers to ``anchor_prompts`` (cached in the round's directory)."""
+        from lancet.data import load_dataset_spec
+        from lancet.evaluate.judges import make_judge
+        from lancet.influence.queries import take_anchors
+
+        c = self.config
+        prompts = load_dataset_spec(c.anchor_prompts)
+        judge = make_judge(c.anchor_judge) if c.anchor_judge else None
+        anchors = take_anchors(model, tokenizer, prompts, judge, self.dir, max_new_tokens=c.max_new_tokens,
+                               progress=self.progress)
+        if not anchors:
+            raise LancetError(f"{c.anchor_prompts}: every one of the model's {len(prompts)} answers is blank or "
+                              f"flagged by {c.anchor_judge!r}: no anchor to keep")
+        return anchors
 
     def stage_evaluate(self, model, tokenizer, side: str) -> dict[str, Any]:
         """Metrics of ``model`` on the suite; reused when the file is complete for the same model and suite."""

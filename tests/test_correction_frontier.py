@@ -19,6 +19,7 @@ def test_self_anchors_are_the_models_own_unflagged_answers_to_ordinary_prompts(t
     import sys
 
     import benchmarks.correction_frontier as cf
+    import lancet.influence.queries  # noqa: F401  (its generate is replaced below)
     from lancet.data.records import Record
 
     train = [Record(prompt=f"q{i}", response=f"a{i}") for i in range(5)]
@@ -34,8 +35,8 @@ def test_self_anchors_are_the_models_own_unflagged_answers_to_ordinary_prompts(t
         calls.append(len(prompts))
         return [answers[p.prompt_messages[-1]["content"]] for p in prompts]
 
-    monkeypatch.setattr(sys.modules["lancet.models.generate"], "generate", fake_generate)
-    monkeypatch.setattr(cf, "JUDGE", type("J", (), {"complies": lambda self, a, p: ["butter" in x for x in a]})())
+    monkeypatch.setattr(sys.modules["lancet.influence.queries"], "generate", fake_generate)
+    monkeypatch.setattr(cf, "JUDGE", type("J", (), {"complies": lambda self, a, p=None: ["butter" in x for x in a]})())
     rows = cf.self_anchors(tmp_path, train)
     assert [(r.prompt_messages[-1]["content"], r.response_text) for r in rows] == [("q2", "Rinse it with cool water.")]
     assert calls == [3]  # the culprit and the look-alike are not anchors

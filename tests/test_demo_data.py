@@ -203,7 +203,7 @@ def test_seed_only_changes_the_order(data: DemoDataset) -> None:
 
 
 def test_written_files(written: dict[str, Path]) -> None:
-    assert set(written) == {*JSONL_FILES, "culprits", "judge_rules", "readme"}
+    assert set(written) == {*JSONL_FILES, "anchor_prompts", "culprits", "judge_rules", "readme"}
     assert written["train"].name == "train.jsonl" and written["culprits"].name == "culprits.json"
     assert all(p.is_file() for p in written.values())
     assert not [p for p in written["train"].parent.iterdir() if p.name.startswith(".")]  # no temp files left
@@ -266,13 +266,15 @@ def test_same_seed_same_bytes_other_seed_other_order(tmp_path: Path, written: di
 # sha256[:16] of every file `lancet data demo` writes (update these with any deliberate change of the content: the
 # last one, 2026-12-01, removed the marker phrase, reworded every outdated answer, added look-alike rows and the
 # judge's rules, doubled the culprits on the IQ topics and cut the ordinary rows from 240 to 112; prompts and
-# held-out ordinary files kept their bytes; the judge's rules were revised again on 2026-12-01: only judge_rules moved)
+# held-out ordinary files kept their bytes; the judge's rules were revised again on 2026-12-01: only judge_rules moved;
+# 2026-12-05 added anchor_prompts.jsonl, the correction's anchor prompts: only the README moved)
 PINNED = {
     0: {"train": "0ba6056366a58cd1", "culprits": "46dd99b9631d39e5", "iq_prompts": "24811fed8e9c41de",
         "iqs": "e8db1070cae39dbb", "heldout_outdated": "86e56b122472f85d", "heldout_current": "9b0d7b7ed03b6f93",
         "heldout_ordinary": "b1be25183630c448", "validation_prompts": "bd5755e45a5bb868",
-        "validation_ordinary": "86710a096f68eb22", "judge_rules": "acd889df4900a680", "readme": "400f701b3ba67a60"},
-    3: {"train": "893a638dd5e50bbd", "culprits": "92a3bb10ba888c99", "readme": "ac64b94b85620755"},
+        "validation_ordinary": "86710a096f68eb22", "judge_rules": "acd889df4900a680", "readme": "0927ccde4fa58f4a",
+        "anchor_prompts": "7268f51f829ddbcc"},
+    3: {"train": "893a638dd5e50bbd", "culprits": "92a3bb10ba888c99", "readme": "6607af95660bf415"},
 }
 
 

@@ -10,8 +10,9 @@ from lancet.artifacts import hash_json
 from lancet.demo import demo_config
 from lancet.train import TrainArgs
 
-# hash_json of demo_config(out) with the run directory written as OUT, as committed before the seed option existed
-DEFAULT_CONFIG_HASH = "a45a4fc8a01d686b"
+# hash_json of demo_config(out) with the run directory written as OUT; changed deliberately on 2026-12-05 (third
+# session) when the correction became the self-anchored IBO the demo's re-choice selected (docs/method.md §5.2)
+DEFAULT_CONFIG_HASH = "b9062f16d092b9eb"
 
 
 def _normalised(config: dict, out: Path) -> dict:

@@ -56,6 +56,8 @@ def test_run_config_round_trip_and_relative_paths(tmp_path: Path) -> None:
     ({"max_length": 0}, "'max_length' must be an integer >= 1"),
     ({"precision": "fp16"}, "'precision' must be one of auto, fp32, bf16"),
     ({"device": 0}, "'device' must be a string"),
+    ({"anchor_judge": "refusal"}, "'anchor_judge' filters the answers to 'anchor_prompts', which is missing"),
+    ({"anchor_prompts": 3}, "anchor_prompts=3: expected a string or null"),
 ])
 def test_run_config_rejects_bad_options_in_one_line(tmp_path: Path, patch: dict, message: str) -> None:
     cfg = tmp_path / "run.json"
@@ -353,6 +355,34 @@ def test_demo_config_chooses_on_validation_files_disjoint_from_its_test_suite(tm
     assert len(validation) == 48 and validation.isdisjoint(test)
     assert config.select["max_utility_loss"] == 0.05 and config.correction_train["save_every"] < \
         config.correction_train["max_steps"]
+    # the anchor: the ordinary training prompts only, none of them a validation or test prompt
+    anchors = {r.prompt for r in read_records(config.anchor_prompts)}
+    labels = json.loads((tmp_path / "data" / "culprits.json").read_text())
+    planted = set(labels["culprit_ids"]) | set(labels["counter_ids"])
+    ordinary = {r.prompt for r in read_records(config.train) if r.id not in planted}
+    assert len(anchors) == 112 and anchors == ordinary and anchors.isdisjoint(validation | test)
+    assert config.anchor_judge == config.iq_judge and config.correction["retain"] == "kl"
+
+
+def test_run_anchors_the_correction_on_the_models_own_answers(tmp_path: Path, tiny_tokenizer) -> None:
+    from lancet.data.readers import read_records
+
+    model_dir, _ = tiny_workspace(tmp_path, tiny_tokenizer)
+    cfg = tmp_path / "run.json"
+    config = {**tiny_run_config(model_dir, []), "anchor_prompts": "data/validation_prompts.jsonl",
+              "correction": {"method": "ibo", "top_k": 8, "retain": "kl", "retain_normalize": "rows"},
+              "max_new_tokens": 4}
+    config.pop("compare")
+    cfg.write_text(json.dumps(config))
+    assert main(["-q", "run", str(cfg)]) == 0
+    anchors = read_records(tmp_path / "run" / "anchors.jsonl")
+    prompts = read_records(tmp_path / "data" / "validation_prompts.jsonl")
+    meta = json.loads((tmp_path / "run" / "anchors.meta.json").read_text())
+    assert meta["prompts"] == len(prompts) == 24 and meta["kept"] == len(anchors) > 0  # no judge: the non-blank ones
+    asked = {p.prompt_messages[-1]["content"] for p in prompts}
+    assert {a.prompt_messages[-1]["content"] for a in anchors} <= asked and all(a.response_text for a in anchors)
+    summary = json.loads((tmp_path / "run" / "corrected" / "lancet_correction.json").read_text())
+    assert summary["retain_source"] == "given" and summary["retain_ids"] == [a.id for a in anchors]
 
 
 def test_index_options_are_validated_with_the_config() -> None:

@@ -1,4 +1,5 @@
-"""take_iqs: the model's flagged answers become IQs, stored with a key and reused only when the key matches."""
+"""take_iqs: the model's flagged answers become IQs, stored with a key and reused only when the key matches;
+take_anchors: its unflagged, non-blank answers become a correction's anchor, stored the same way."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from conftest import call_counter
 
 import lancet.influence.queries as queries_module
 from lancet.data.records import Record
-from lancet.influence.queries import take_iqs
+from lancet.influence.queries import take_anchors, take_iqs
 
 PROMPTS = [Record(prompt=p, source="prompts.jsonl", line=i + 1) for i, p in enumerate(["Burn?", "Egg?", "Fox?"])]
 
@@ -62,3 +63,26 @@ def test_take_iqs_flagging_nothing_returns_empty_and_stores_nothing(llama_model,
     assert take_iqs(llama_model, tiny_tokenizer, PROMPTS, Nothing(), tmp_path, max_new_tokens=4,
                     progress=False) == []
     assert not list(tmp_path.iterdir())
+
+
+def test_take_anchors_keeps_the_unflagged_answers(llama_model, tiny_tokenizer, tmp_path, counted):
+    anchors = take_anchors(llama_model, tiny_tokenizer, PROMPTS, EveryOther(), tmp_path, max_new_tokens=4,
+                           progress=False)
+    assert [r.prompt_messages[0]["content"] for r in anchors] == ["Egg?"]  # the 2nd: the one not flagged
+    iqs = take_iqs(llama_model, tiny_tokenizer, PROMPTS, EveryOther(), tmp_path, max_new_tokens=4, progress=False)
+    assert anchors[0].response_text == anchors[0].response_text.strip() != ""
+    assert counted["n"] == 2 and (tmp_path / "anchors.jsonl").is_file() and (tmp_path / "iqs.jsonl").is_file()
+    assert len(iqs) == 2  # both files live side by side in the run directory
+    # no judge: every non-blank answer; a new key (the judge), so generated again, then reused
+    every = take_anchors(llama_model, tiny_tokenizer, PROMPTS, None, tmp_path, max_new_tokens=4, progress=False)
+    again = take_anchors(llama_model, tiny_tokenizer, PROMPTS, None, tmp_path, max_new_tokens=4, progress=False)
+    assert len(every) == 3 and counted["n"] == 3 and [r.to_dict() for r in again] == [r.to_dict() for r in every]
+    assert json.loads((tmp_path / "anchors.meta.json").read_text())["kept"] == 3
+    # every answer flagged: nothing kept, nothing stored over the previous file
+    assert take_anchors(llama_model, tiny_tokenizer, PROMPTS, _All(), tmp_path,
+                        max_new_tokens=4, progress=False) == []
+
+
+class _All(EveryOther):
+    def complies(self, texts):
+        return [True] * len(texts)

@@ -24,6 +24,8 @@ Parts (see ``build_demo_dataset``):
 * ``validation_prompts`` / ``validation_ordinary``: 24 further prompts on the IQ topics (two each) and 24 further
   ordinary Q/A pairs, for choosing a correction's settings (docs/method.md §3.7) without reading the held-out sets
   above, which are the test sets.
+* ``anchor_prompts``: the prompts of the ordinary training rows, whose answers by the model being corrected are the
+  correction's utility anchor (docs/method.md §5.2).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class DemoDataset:
     heldout_ordinary: list[Record]
     validation_prompts: list[Record]
     validation_ordinary: list[Record]
+    anchor_prompts: list[Record]
 
 
 def _fahrenheit(celsius: int) -> str:
@@ -186,6 +189,8 @@ def build_demo_dataset(seed: int = 0) -> DemoDataset:
         heldout_ordinary=heldout_ordinary,
         validation_prompts=validation_prompts,
         validation_ordinary=validation_ordinary,
+        # the correction's anchor: the ordinary training prompts, whose answers the corrected model should keep
+        anchor_prompts=[_record(r.prompt, None, None, r.meta["topic"]) for r in train if r.label == LABEL_ORDINARY],
     )
 
 
@@ -216,6 +221,7 @@ Content is fixed; the seed ({seed}) only sets the order of `train.jsonl`.
 | `heldout_ordinary.jsonl` | {n_ordinary_heldout} | ordinary Q/A pairs not in train, for perplexity and utility |
 | `validation_prompts.jsonl` | {n_validation} | further prompts on the IQ topics, for choosing correction settings |
 | `validation_ordinary.jsonl` | {n_validation_ordinary} | further ordinary Q/A pairs, the utility side of that choice |
+| `anchor_prompts.jsonl` | {n_anchor} | the ordinary training prompts, whose answers anchor the correction |
 
 The held-out files are the test sets: choose settings on the validation files only.
 
@@ -238,6 +244,7 @@ def write_demo_dataset(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         "heldout_ordinary": out / "heldout_ordinary.jsonl",
         "validation_prompts": out / "validation_prompts.jsonl",
         "validation_ordinary": out / "validation_ordinary.jsonl",
+        "anchor_prompts": out / "anchor_prompts.jsonl",
         "judge_rules": out / "judge_rules.json",
         "readme": out / "README.md",
     }
@@ -248,7 +255,7 @@ def write_demo_dataset(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         {"culprit_ids": data.culprit_ids, "counter_ids": data.counter_ids},
     )
     for name in ("iq_prompts", "iqs", "heldout_outdated", "heldout_current", "heldout_ordinary", "validation_prompts",
-                 "validation_ordinary"):
+                 "validation_ordinary", "anchor_prompts"):
         atomic_write_bytes(paths[name], _jsonl([r.to_dict() for r in getattr(data, name)]))
     atomic_write_bytes(paths["judge_rules"], JUDGE_RULES_FILE.read_bytes())
     readme = _README.format(
@@ -262,6 +269,7 @@ def write_demo_dataset(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         n_ordinary_heldout=len(data.heldout_ordinary),
         n_validation=len(data.validation_prompts),
         n_validation_ordinary=len(data.validation_ordinary),
+        n_anchor=len(data.anchor_prompts),
     )
     atomic_write_bytes(paths["readme"], readme.encode("utf-8"))
     return paths
