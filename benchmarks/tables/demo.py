@@ -203,31 +203,51 @@ def demo_frontier() -> str:
                     "--every 5", d, "correction_frontier_demo") + "\n\n" + md(head, rows))
 
 
+def _frontier_points(d: dict) -> list[list]:
+    """Every measured point of a frontier result, the chosen one in bold, and a row for a choice of step 0."""
+    rows = []
+    for method, res in d["methods"].items():
+        chosen = res["chosen"]
+        for p in res["points"]:
+            is_chosen = p["lr"] == chosen["lr"] and p["steps"] == chosen["steps"]
+            label = bold(f"{method} {p['lr']:g}, seed {d['seed']}" + (" (chosen)" if is_chosen else ""), is_chosen)
+            rows.append([label, p["steps"], f(p["val_rate"]), f(p["val_utility_loss"], 3, True),
+                         f(p["test_rate"]), f(p["test_utility_loss"], 3, True), f(p["test_current_logp"], 1)])
+        if chosen["steps"] == 0:
+            rows.append([f"{method}, seed {d['seed']}: chose step 0 (kept the contaminated model)", 0,
+                         f(chosen["val_rate"]), "+0.000", f(chosen["test_rate"]), "+0.000",
+                         f(chosen["test_current_logp"], 1)])
+    return rows
+
+
+FRONTIER_HEAD = ["method, lr, seed", "step", "validation rate", "validation utility loss", "test outdated rate",
+                 "test utility loss", "test log p(current)"]
+
+
 @table
 def demo_frontier_short() -> str:
-    rows = []
-    for name in ("correction_frontier_demo_short", "correction_frontier_demo_short_seed1"):
-        d = load(name)
-        for method, res in d["methods"].items():
-            chosen = res["chosen"]
-            for p in res["points"]:
-                is_chosen = p["lr"] == chosen["lr"] and p["steps"] == chosen["steps"]
-                label = bold(f"{method} {p['lr']:g}, seed {d['seed']}" + (" (chosen)" if is_chosen else ""), is_chosen)
-                rows.append([label, p["steps"], f(p["val_rate"]), f(p["val_utility_loss"], 3, True),
-                             f(p["test_rate"]), f(p["test_utility_loss"], 3, True), f(p["test_current_logp"], 1)])
-            if chosen["steps"] == 0:
-                rows.append([f"{method}, seed {d['seed']}: chose step 0 (kept the contaminated model)", 0,
-                             f(chosen["val_rate"]), "+0.000", f(chosen["test_rate"]), "+0.000",
-                             f(chosen["test_current_logp"], 1)])
+    rows = [r for name in ("correction_frontier_demo_short", "correction_frontier_demo_short_seed1")
+            for r in _frontier_points(load(name))]
     base = load("correction_frontier_demo_short")["contaminated"]
-    head = ["method, lr, seed", "step", "validation rate", "validation utility loss", "test outdated rate",
-            "test utility loss", "test log p(current)"]
     return (f"Contaminated: test outdated rate {f(base['test_rate'])}, log p(current) "
             f"{f(base['test_current_logp'], 1)}. "
             + made_by("python -m benchmarks.correction_frontier --run-dir DIR --methods ibo_anchored,ibo_random "
                       "--lrs 3e-5,1e-4 --steps 10 --every 5 --batch-size 4 --name correction_frontier_demo_short",
                       load("correction_frontier_demo_short"), "correction_frontier_demo_short")
-            + " Seed 1: `--lrs 1e-4 --seed 1 --name correction_frontier_demo_short_seed1`.\n\n" + md(head, rows))
+            + " Seed 1: `--lrs 1e-4 --seed 1 --name correction_frontier_demo_short_seed1`.\n\n"
+            + md(FRONTIER_HEAD, rows))
+
+
+@table
+def demo_rechoice() -> str:
+    d = load("demo_correction_rechoice")
+    base = d["contaminated"]
+    return (f"Contaminated: validation rate {f(base['val_rate'])}, test outdated rate {f(base['test_rate'])}, "
+            f"log p(current) {f(base['test_current_logp'], 1)}. "
+            + made_by("python -m benchmarks.correction_frontier --run-dir runs/demo_frontier --methods "
+                      "ibo_anchored,ibo_self_anchor --lrs 3e-5,1e-4,3e-4 --steps 20 --every 5 --batch-size 4 "
+                      "--name demo_correction_rechoice", d, "demo_correction_rechoice")
+            + "\n\n" + md(FRONTIER_HEAD, _frontier_points(d)))
 
 
 @table
