@@ -36,7 +36,10 @@ def demo_summary() -> str:
         rows.append(["checkpoint chosen on the validation prompts", f"step {d['selection']['chosen_steps']}"])
     labels = {"iq_prompts": "IQ prompts answered with a planted practice, before → after",
               "heldout_prompts": "held-out prompts answered with one, before → after",
-              "heldout_ordinary": "perplexity of held-out ordinary answers, before → after"}
+              "heldout_ordinary": "perplexity of held-out ordinary answers, before → after",
+              # the cost the judged rate does not show: the current (correct) advice made less likely too
+              "heldout_current_answers": "mean log-likelihood of held-out current answers, before → after",
+              "heldout_outdated_answers": "mean log-likelihood of held-out outdated answers, before → after"}
     for name, label in labels.items():
         if name in sets:
             e = sets[name]
