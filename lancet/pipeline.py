@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -339,6 +340,14 @@ class Pipeline:
         selection = self._selection(model, tokenizer, model_spec, baseline) if self.config.select else None
         corrected = self._timed(f"{self.prefix}correct", self.stage_correct, model, tokenizer, model_spec, train,
                                 selection)
+        if selection is not None and not selection.measured:
+            # a correction finished before this selection began (its cache gone, or the run directory moved): its
+            # checkpoints were never measured, so it is trained again rather than chosen blind
+            log.warning("%s finished before this checkpoint selection began; correcting again to measure its "
+                        "checkpoints", corrected)
+            shutil.rmtree(corrected)
+            corrected = self._timed(f"{self.prefix}correct", self.stage_correct, model, tokenizer, model_spec, train,
+                                    selection)
         chosen = None
         if selection is not None:
             corrected, chosen = selection.finish(corrected, model_spec)

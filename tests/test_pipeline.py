@@ -274,6 +274,14 @@ def test_run_chooses_a_checkpoint_on_validation_before_reading_the_test_suite(tm
     assert report["selection"]["chosen_steps"] == 0
     assert [p["steps"] for p in report["selection"]["curve"]] == [0, 1, 2, 3]
     assert "Checkpoint selection (validation prompts only)" in (run / "report.html").read_text()
+    # the selection's cache lost while the correction had finished: corrected again and measured, not an error
+    import shutil
+
+    shutil.rmtree(run / "selection")
+    events.clear()
+    assert main(["-q", "run", str(cfg)]) == 0
+    assert [p["steps"] for p in json.loads((run / "selection" / "selection.json").read_text())["points"]] == [1, 2, 3]
+    assert events == ["finish", "evaluate_before", "evaluate_after"]  # the choice, again before any test set
 
 
 @pytest.mark.parametrize("index", [None, {"rank": 8, "dtype": "float32", "reuse": True, "check_overlap": True},

@@ -248,6 +248,11 @@ class CheckpointSelection:
             loss = max(loss, (ref["loglik"] - m["loglik"]) / abs(ref["loglik"]))
         return loss
 
+    @property
+    def measured(self) -> bool:
+        """Whether any checkpoint of the correction was measured (a reused finished correction replays none)."""
+        return bool(self.state["points"])
+
     # choosing
     def curve(self) -> list[dict[str, Any]]:
         ref = self.state["reference"]
