@@ -112,7 +112,7 @@ def _missing(root: Path, design: Design) -> list[str]:
 
 
 def _lacking_methods(root: Path, design: Design) -> list[str]:
-    """The reported recall stages that lack a ranking the validation seeds have (bar their depth ablations): every
+    """The reported recall stages that lack a ranking the validation seeds have (bar ``validation_only`` ones): every
     reported seed is ranked by every method, so a stage written before a method existed (the imported lexical
     seeds) is run again with --force."""
     validation = [read_stage(root, design.name, s, "recall") for s in design.validation_seeds]
