@@ -270,10 +270,23 @@ def test_suite_from_stage_files_matches_the_schema(tmp_path):
     assert d["regime"]["1"]["linfac"]["bm25_top_overlap"] == 0.3
     out = write_suite(suite, tmp_path / "suite.json")
     assert json.loads(out.read_text())["designs"]["tiny"]["selected"] == "linfac"
+    assert suite["partial"] == {}
+    # without its counterfactual the design is pending, and its recall half (the same numbers) is a preview
+    cf = tmp_path / "tiny" / f"seed{TINY.counterfactual_seed}_counterfactual.json"
+    cf_text = cf.read_text()
+    cf.unlink()
+    preview = build_suite(tmp_path, {"tiny": TINY}, n_boot=200, default="linfac")
+    assert preview["designs"] == {} and preview["pending"]["tiny"] == [str(cf.relative_to(tmp_path))]
+    shown = preview["partial"]["tiny"]
+    assert shown["selected"] == "linfac" and shown["seeds"] == list(TINY.seeds) and "counterfactual" not in shown
+    assert {m: r["ap_mean"] for m, r in shown["recall"].items()} == {m: r["ap_mean"] for m, r in d["recall"].items()}
+    assert shown["best"] == d["best"] and shown["default"] == d["default"]
+    cf.write_text(cf_text)
     # a missing stage file makes the design pending, with the file named; the suite is still valid
     (tmp_path / "tiny" / "seed2_recall.json").unlink()
     partial = build_suite(tmp_path, {"tiny": TINY}, n_boot=50, default="linfac")
     assert partial["designs"] == {} and partial["pending"]["tiny"] == ["tiny/seed2_recall.json"]
+    assert partial["partial"] == {}  # a recall stage missing: nothing to preview
     assert validate_suite(partial) == []
     # a reported seed ranked before a method existed is pending too: every reported seed has every method
     write_stage(tmp_path, _stage(2, {m: v for m, v in METHODS.items() if m != "classifier"}))
@@ -416,5 +429,15 @@ def test_suite_tables_render_a_complete_design_and_the_validation_seeds(tmp_path
         assert TABLES["suite_demo"]().startswith("_Pending: 5 stage files (demo/seed0_recall.json")
         validation = TABLES["suite_validation"]()
         assert "**lexical**, validation seed 7" in validation and "| linfac |" in validation
+        # a design lacking only its counterfactual: the recall rows, then what the counterfactual lacks
+        entry = suite["designs"].pop("lexical")
+        suite["partial"]["lexical"] = {k: v for k, v in entry.items() if k != "counterfactual"}
+        suite["pending"]["lexical"] = ["lexical/seed1_counterfactual.json"]
+        (tmp_path / "results" / "contamination_suite.json").write_text(json.dumps(suite))
+        core.clear_cache()
+        preview = TABLES["suite_lexical"]()
+        assert [r for r in preview.splitlines() if r.startswith("| ")][:4] == rows[:4]
+        assert preview.endswith("_Counterfactual pending: lexical/seed1_counterfactual.json._")
+        assert "k_half" not in preview
     finally:
         core.clear_cache()

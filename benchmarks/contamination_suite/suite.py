@@ -8,7 +8,8 @@ its AP over the culprits that share no opening 4-gram with an IQ answer, and its
 method with the difference's interval; the counterfactual on the first reported seed (recovered share of the
 drop with its interval over retraining seeds and prompts); the best method with the methods the paired intervals
 cannot tell from it; and whether lancet's default ranking is within 0.05 AP of the best. A design whose stage
-files are not all committed yet is listed under ``pending`` with what it lacks, not in ``designs``.
+files are not all committed yet is listed under ``pending`` with what it lacks, not in ``designs``; if only its
+counterfactual is missing, its recall half is under ``partial`` (``recall_preview``).
 """
 
 from __future__ import annotations
@@ -147,8 +148,7 @@ def design_entry(design: Design, root: Path = STAGE_DIR, n_boot: int = N_BOOT, d
     missing = _missing(root, design)
     if missing:
         return None, missing
-    validation = [read_stage(root, design.name, s, "recall") for s in design.validation_seeds]
-    selected = select_on_validation(validation, design)
+    selected = _selected(root, design)
     reported = [read_stage(root, design.name, s, "recall") for s in design.seeds]
     cf = read_stage(root, design.name, design.counterfactual_seed, "counterfactual")
     missing = _counterfactual_missing(design, cf, selected)
@@ -161,18 +161,44 @@ def design_entry(design: Design, root: Path = STAGE_DIR, n_boot: int = N_BOOT, d
         if wrong:
             raise ValueError(f"{design.name} counterfactual {method} {wrong[0]}: k {runs[wrong[0]]['k']}, but "
                              f"counterfactual_ks gives {expected[wrong[0]]}")
-    entry.update(_recall(reported, selected, n_boot))
-    entry["selected"] = selected
+    entry.update(_recall_part(reported, selected, n_boot, default or default_method()))
     entry["counterfactual"] = _counterfactual(cf, selected, n_boot)
-    entry["best"] = _best(entry["recall"], entry.pop("_boot"))
-    default = default or default_method()
-    rec = entry["recall"]
-    entry["default"] = {"method": default, "best": entry["best"]["method"],
-                        "ap_gap": round(rec[entry["best"]["method"]]["ap_mean"] - rec[default]["ap_mean"], 4)
-                        if default in rec else None}
-    gap = entry["default"]["ap_gap"]
-    entry["default"][f"within_{WITHIN}"] = None if gap is None else gap <= WITHIN
     return entry, []
+
+
+def _selected(root: Path, design: Design) -> str:
+    return select_on_validation([read_stage(root, design.name, s, "recall") for s in design.validation_seeds], design)
+
+
+def _recall_part(reported: list[dict], selected: str, n_boot: int, default: str) -> dict:
+    """The recall half of a design's object: every method's AP with intervals, the selected, best and default."""
+    part = _recall(reported, selected, n_boot)
+    part["selected"] = selected
+    part["best"] = _best(part["recall"], part.pop("_boot"))
+    rec = part["recall"]
+    part["default"] = {"method": default, "best": part["best"]["method"],
+                       "ap_gap": round(rec[part["best"]["method"]]["ap_mean"] - rec[default]["ap_mean"], 4)
+                       if default in rec else None}
+    gap = part["default"]["ap_gap"]
+    part["default"][f"within_{WITHIN}"] = None if gap is None else gap <= WITHIN
+    return part
+
+
+def recall_preview(design: Design, root: Path = STAGE_DIR, n_boot: int = N_BOOT, default: str | None = None
+                   ) -> dict | None:
+    """The recall half of a design whose recall stages (and passing gates) are all committed while its
+    counterfactual is not: what the reported seeds say so far, listed under the suite's ``partial`` (never in
+    ``designs``). None when a recall stage or gate is missing, or when the gate failed."""
+    root = Path(root)
+    if design.gated:
+        gates = [read_stage(root, design.name, s, "gate") for s in design.seeds]
+        if any(g is None for g in gates) or not design_gate(gates)["passed"]:
+            return None
+    if any("counterfactual" not in m for m in _missing(root, design)):
+        return None
+    reported = [read_stage(root, design.name, s, "recall") for s in design.seeds]
+    return {"validation_seeds": list(design.validation_seeds), "seeds": list(design.seeds),
+            **_recall_part(reported, _selected(root, design), n_boot, default or default_method())}
 
 
 def _recall(stages: list[dict], selected: str, n_boot: int) -> dict:
@@ -231,11 +257,14 @@ def build_suite(root: Path = STAGE_DIR, designs: dict[str, Design] | None = None
     """The suite JSON from the stage files under ``root``: complete designs in ``designs``, the others in
     ``pending`` with their missing stage files."""
     default = default or default_method()
-    out: dict = {"default_method": default, "designs": {}, "pending": {}, "n_boot": n_boot}
+    out: dict = {"default_method": default, "designs": {}, "pending": {}, "partial": {}, "n_boot": n_boot}
     for name, design in (designs or DESIGNS).items():
         entry, missing = design_entry(design, Path(root), n_boot, default)
         if entry is None:
             out["pending"][name] = missing
+            preview = recall_preview(design, Path(root), n_boot, default)
+            if preview is not None:
+                out["partial"][name] = preview
         else:
             out["designs"][name] = entry
     return out
@@ -351,4 +380,4 @@ def _validate_counterfactual(cf, selected) -> list[str]:
 
 
 __all__ = ["FAMILIES", "FAMILY_NAMES", "SUITE", "build_suite", "counterfactual_ks", "default_method", "design_entry",
-           "family", "select_on_validation", "validate_suite", "write_suite"]
+           "family", "recall_preview", "select_on_validation", "validate_suite", "write_suite"]
