@@ -5,7 +5,8 @@ settings chosen on validation prompts only, reported on test prompts never used 
     .venv/bin/python -m benchmarks.correction_frontier --run-dir runs/demo_frontier
 
 For each method and learning rate: one correction run of --steps optimizer steps of 8 items from the demo's
-contaminated model and LinFAC ranking, measured at step 0 and every --every steps on
+contaminated model and its LinFAC ranking (or --ranking repsim|bm25, the run's other rankings), measured at step 0
+and every --every steps on
 - validation (for choosing): the outdated-advice rate of greedy answers to the 24 validation prompts, and the
   perplexity of the 24 validation ordinary answers (utility loss = its relative increase);
 - test (for the report only): the outdated-advice rate on the 12 held-out prompts, the perplexity of the 40
@@ -58,6 +59,7 @@ VARIANTS = {
                         "retain_normalize": "rows", "anchors": True},
 }
 NOT_ARGS = ("anchors",)
+DEFAULT_RANKING = "linfac"  # what `lancet demo` ranks with (the library's default)
 MAX_UTILITY_LOSS = 0.05
 
 
@@ -92,7 +94,8 @@ def measure(model, tok, sets: Sets) -> dict[str, float]:
 
 
 def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores, train, iqs) -> list[dict]:
-    out = run / "frontier" / (f"{name}-lr{lr:g}" + (f"-seed{ns.seed}" if ns.seed else ""))
+    out = run / "frontier" / (f"{name}-lr{lr:g}" + (f"-seed{ns.seed}" if ns.seed else "")
+                              + (f"-{ns.ranking}" if ns.ranking != DEFAULT_RANKING else ""))
     points_file = out / "points.json"
     settings = {"steps": ns.steps, "every": ns.every, "batch_size": ns.batch_size, "beta": ns.beta, "top_k": ns.top_k}
     if points_file.is_file():
@@ -185,6 +188,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8, help="pairs (or rows) per optimizer step")
     parser.add_argument("--seed", type=int, default=0, help="the correction's seed (data order, sampling)")
+    parser.add_argument("--ranking", default=DEFAULT_RANKING, help="whose ranking of the run directory the "
+                        "correction reads (ranking-<name>.safetensors): linfac, repsim or bm25")
     parser.add_argument("--name", default="correction_frontier_demo", help="result file name under "
                         "benchmarks/results (JSON and PNG)")
     ns = parser.parse_args()
@@ -193,7 +198,7 @@ def main() -> None:
         raise SystemExit(f"{run}: run `lancet demo --out {run}` first (its contaminated model, IQs and ranking)")
     sets = Sets(run / "data")
     train, iqs = read_records(run / "data" / "train.jsonl"), read_records(run / "iqs.jsonl")
-    scores, _ = load_run_scores(run, [r.id for r in train], "linfac")
+    scores, _ = load_run_scores(run, [r.id for r in train], ns.ranking)
     base_file = run / "frontier" / "contaminated.json"
     if base_file.is_file():
         base = json.loads(base_file.read_text())
@@ -202,7 +207,7 @@ def main() -> None:
         base = measure(model, tok, sets)
         atomic_write_json(base_file, base)
         del model
-    result = {"run_dir": str(run), "seed": ns.seed, "steps": ns.steps, "every": ns.every,
+    result = {"run_dir": str(run), "seed": ns.seed, "ranking": ns.ranking, "steps": ns.steps, "every": ns.every,
               "batch_size": ns.batch_size, "beta": ns.beta,
               "top_k": ns.top_k, "max_utility_loss": MAX_UTILITY_LOSS, "env": environment(), "contaminated": base,
               "methods": {}}
