@@ -143,7 +143,7 @@ def suite_validation() -> str:
             rows = [[m, f(point[m]["ap"]), f(point[m]["recall_at_p"])] for m in order]
             blocks.append(f"**{name}**, validation seed {seed} ({stage.get('n_iqs')} IQs, "
                           f"{sum(t in stage['positive_tiers'] for t in stage['tiers'])} positives of "
-                          f"{len(stage['tiers'])} rows)\n\n" + md(["ranking", "AP", "recall@|P|"], rows))
+                          f"{len(stage['tiers'])} rows)\n\n" + md(["ranking", "AP", "recall@\\|P\\|"], rows))
     if not blocks:
         return "(no validation seed ranked yet)"
     return ("`python -m benchmarks.contamination_suite run --design D --seed S --stage recall`; the rankings "
@@ -188,7 +188,7 @@ def _suite_recall(d: dict) -> str:
             f"{best['method']} (AP {best['ap_mean']:.3f}; indistinguishable: "
             f"{', '.join(best['indistinguishable']) or 'none'}); lancet's default {d['default']['method']} "
             f"{'is' if d['default'].get('within_0.05') else 'is not'} within 0.05 AP of it.\n\n"
-            + md(["ranking", "family", "AP", "95 % CI", "AP, no shared opening", "recall@|P|",
+            + md(["ranking", "family", "AP", "95 % CI", "AP, no shared opening", "recall@\\|P\\|",
                   "AP − selected [CI]"], rows))
 
 
