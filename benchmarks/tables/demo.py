@@ -254,6 +254,37 @@ def demo_rechoice() -> str:
 
 
 @table
+def demo_ranking() -> str:
+    """The demo's correction on each ranking of the same run (docs/method.md §5.2, "Which ranking the correction
+    reads"): each ranking's choice on validation among lr 1e-4 and 3e-4, its test numbers beside it."""
+    from lancet.correct.select import Candidate, choose
+
+    rechoice = load("demo_correction_rechoice")
+    base = rechoice["contaminated"]
+    rows = []
+    for ranking, d in (("linfac", rechoice), ("repsim", load("demo_correction_ranking_repsim")),
+                       ("bm25", load("demo_correction_ranking_bm25"))):
+        points = [p for p in d["methods"]["ibo_self_anchor"]["points"] if p["lr"] in (1e-4, 3e-4)]
+        step0 = {**base, "steps": 0, "lr": None, "val_utility_loss": 0.0, "test_utility_loss": 0.0}
+        c = choose([Candidate(settings={"lr": p["lr"]}, steps=p["steps"], validation_behaviour=p["val_rate"],
+                              validation_utility_loss=p["val_utility_loss"], test=p) for p in [step0, *points]],
+                   0.05).test
+        rows.append([ranking, "–" if c["lr"] is None else f"{c['lr']:g}", c["steps"], f(c["val_rate"]),
+                     f(c["val_utility_loss"], 3, True), f(c["test_rate"]), f(c["test_utility_loss"], 3, True),
+                     f(c["test_current_logp"], 1), f(c["test_outdated_logp"], 1)])
+    return (f"Contaminated: validation rate {f(base['val_rate'])}, test outdated rate {f(base['test_rate'])}, "
+            f"log p(current) {f(base['test_current_logp'], 1)}, log p(outdated) "
+            f"{f(base['test_outdated_logp'], 1)}. "
+            + made_by("python -m benchmarks.correction_frontier --run-dir runs/demo_frontier --methods "
+                      "ibo_self_anchor --lrs 1e-4,3e-4 --steps 20 --every 5 --batch-size 4 --ranking R --name "
+                      "demo_correction_ranking_R", load("demo_correction_ranking_repsim"),
+                      "demo_correction_ranking_*")
+            + " LinFAC's row: the same points of `demo_correction_rechoice`.\n\n"
+            + md(["ranking", "chosen lr", "step", "validation rate", "validation utility loss", "test outdated rate",
+                  "test utility loss", "test log p(current)", "test log p(outdated)"], rows))
+
+
+@table
 def demo_correction_lr() -> str:
     rows, names = [], {"contaminated": "contaminated", "ibo": "IBO", "ibo_random": "IBO, random selection",
                        "ga_retain": "GA + retain"}
