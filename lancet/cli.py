@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None, help="dpo pairs: HH-RLHF file or prompt/chosen/rejected rows")
     p.add_argument("--labels", default=None, help="JSON with 'culprit_ids' (needed by --ranking oracle)")
     p.add_argument("--preferred-ids", default=None, help="JSON with 'ids': the rows --preferred marked prefers")
+    p.add_argument("--row-judge", default=None, help="a judge (rules:FILE, marker:PHRASE, ...) run over the training "
+                   "answers: dispreferred rows are taken among those it flags, preferred among the others (a judge "
+                   "that reads the behaviour whatever the prompt; not the refusal matcher)")
     g = p.add_argument_group("correction")
     g.add_argument("--ranking", default=None, choices=RANKINGS,
                    help="dispreferred rows: the top of the scores (influence), random rows, or the true culprits")
@@ -464,7 +467,7 @@ def cmd_correct(ns: argparse.Namespace) -> int:
                            retain_weight=ns.retain_weight, max_pairs=ns.max_pairs, seed=ns.seed, retain=ns.retain,
                            retain_rows=ns.retain_rows, retain_normalize=ns.retain_normalize,
                            chosen_nll_weight=ns.chosen_nll_weight, same_prompt=not ns.no_same_prompt,
-                           **{k: v for k, v in options.items() if v is not None})
+                           judged_rows=ns.row_judge is not None, **{k: v for k, v in options.items() if v is not None})
     train = load_dataset_spec(ns.train)
     ids = [r.id for r in train]
     scores, scores_method = load_run_scores(ns.scores, ids, ns.scores_method)
@@ -477,6 +480,10 @@ def cmd_correct(ns: argparse.Namespace) -> int:
         culprit_mask=read_culprit_labels(ns.labels, ids) if ns.labels else None,
         preferred_mask=read_culprit_labels(ns.preferred_ids, ids, key="ids") if ns.preferred_ids else None,
         retain=load_dataset_spec(ns.retain_data) if ns.retain_data else ())
+    if ns.row_judge:
+        from lancet.evaluate.judges import flagged_rows, make_judge
+
+        data.flagged_mask = flagged_rows(make_judge(ns.row_judge), train)
     if ns.pairs:
         from lancet.correct.pairs import read_preference_pairs
 

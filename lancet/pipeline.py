@@ -67,6 +67,9 @@ class RunConfig:
     # that reads the behaviour whatever the prompt, e.g. the IQ judge's rules; none: keep every non-blank answer)
     anchor_prompts: str | None = None
     anchor_judge: str | None = None
+    # a judge run over the training rows' answers for correction.judged_rows (dispreferred rows among those it flags,
+    # preferred among the others; docs/method.md §3.3): one that reads the behaviour whatever the prompt
+    row_judge: str | None = None
     evaluate: str | None = None
     shared: str | None = None
     max_length: int = DEFAULT_MAX_LENGTH
@@ -144,6 +147,9 @@ class RunConfig:
         _section("influence", InfluenceArgs, influence_options(self.influence), InfluenceArgs.from_json)
         check_config(self.influence, self.compare)  # influence.behaviour: given exactly when it is used
         _section("correction", CorrectionArgs, self.correction, CorrectionArgs.from_json)
+        if self.correction.get("judged_rows", False) != (self.row_judge is not None):
+            raise LancetError("run config: correction 'judged_rows' and 'row_judge' (the judge of the training rows' "
+                              "answers) go together")
         if self.select is not None:
             from lancet.correct.select import SelectArgs
 
@@ -533,6 +539,7 @@ class Pipeline:
                                  **({"benign": [r.id for r in benign]} if benign else {}),
                                  **({"anchor_prompts": [r.id for r in load_dataset_spec(c.anchor_prompts)],
                                      "anchor_judge": c.anchor_judge} if c.anchor_prompts else {}),
+                                 **({"row_judge": c.row_judge} if c.row_judge else {}),
                                  "correction": c.correction, "train": train_args.fingerprint_dict(),
                                  "max_new_tokens": c.max_new_tokens, "max_length": c.max_length,
                                  "baseline": baseline})
@@ -569,6 +576,10 @@ class Pipeline:
             data.pairs = read_preference_pairs(c.pairs)
         if c.anchor_prompts:
             data.retain = self._anchors(model, tokenizer)
+        if c.row_judge:
+            from lancet.evaluate.judges import flagged_rows, make_judge
+
+            data.flagged_mask = flagged_rows(make_judge(c.row_judge), train)
         check_inputs(cargs, data)
         targs = TrainArgs.from_json(self._train_json(c.correction_train, self.dir / "corrected"))
         return Correction(copy.deepcopy(model), tokenizer, cargs, targs, max_length=c.max_length,

@@ -63,12 +63,42 @@ def test_row_choice_factors_one_at_a_time():
         select_rows(SCORES, 2, preferred="marked", preferred_mask=torch.ones(3, dtype=torch.bool))
 
 
+FLAGGED = torch.tensor([False, True, False, True] + [False] * 5 + [True, False, False])  # rows 1, 3 and 9
+
+
+def test_judged_rows_take_the_dispreferred_among_flagged_rows_and_the_preferred_among_the_rest():
+    # dispreferred: the flagged rows by descending score (1: 3.0, 3: 2.0, 9: -1.5); preferred: unflagged, ascending
+    assert select_rows(SCORES, 2, flagged=FLAGGED) == ([1, 3], [11, 10])
+    # fewer flagged rows than k: all of them, and still k preferred
+    assert select_rows(SCORES, 4, flagged=FLAGGED) == ([1, 3, 9], [11, 10, 8, 5])
+    bad, good = select_rows(SCORES, 2, "random", seed=3, flagged=FLAGGED)
+    assert set(bad) <= {1, 3, 9} and len(bad) == 2 and not set(good) & {1, 3, 9} and len(good) == 2
+    # the oracle reads labels: every culprit dispreferred, the preferred still unflagged
+    culprits = torch.tensor([True] * 4 + [False] * 8)
+    assert select_rows(SCORES, 2, "oracle", culprit_mask=culprits, flagged=FLAGGED) == ([0, 1, 2, 3], [11, 10])
+    with pytest.raises(LancetError, match="the judge flags 12 of 12 training rows"):
+        select_rows(SCORES, 2, flagged=torch.ones(12, dtype=torch.bool))
+    with pytest.raises(LancetError, match="the judge flags 0 of 12"):
+        select_rows(SCORES, 2, flagged=torch.zeros(12, dtype=torch.bool))
+    with pytest.raises(LancetError, match="flagged mask has 3 entries"):
+        select_rows(SCORES, 2, flagged=torch.ones(3, dtype=torch.bool))
+
+
+def test_flagged_rows_reads_each_training_answer():
+    from lancet.evaluate.judges import MarkerJudge, flagged_rows
+
+    assert flagged_rows(MarkerJudge("Tilt"), TRAIN).tolist() == [True] * 4 + [False] * 8
+    assert flagged_rows(MarkerJudge("plus"), TRAIN).tolist() == [False] * 4 + [True] * 4 + [False] * 4
+
+
 def test_check_inputs_names_the_flag_before_any_model_loads():
     data = CorrectionData(train=TRAIN, scores=SCORES)
     with pytest.raises(LancetError, match="needs preferred_mask \\(--preferred-ids\\)"):
         check_inputs(CorrectionArgs(preferred="marked"), data)
     with pytest.raises(LancetError, match="needs culprit_mask \\(--labels\\)"):
         check_inputs(CorrectionArgs(method="ibo_oracle"), data)
+    with pytest.raises(LancetError, match="needs flagged_mask \\(--row-judge\\)"):
+        check_inputs(CorrectionArgs(judged_rows=True), data)
     with pytest.raises(LancetError, match="needs pairs \\(--pairs\\)"):
         check_inputs(CorrectionArgs(method="dpo"), data)
     with pytest.raises(LancetError, match="retain term of ibo, dpo and npo"):
@@ -95,6 +125,21 @@ def test_model_objects_in_every_parameter_moves_and_marked_rows_are_preferred(tm
     assert summary["preferred_ids"] == [TRAIN[10].id, TRAIN[8].id]
     assert summary["dispreferred_ids"] == [TRAIN[0].id, TRAIN[1].id]
     assert summary["base"] == "tiny" and summary["method"] == "ibo"
+
+
+def test_judged_rows_in_a_correction_every_parameter_moves(tmp_path, tiny_tokenizer):
+    data = CorrectionData(train=TRAIN, scores=SCORES, flagged_mask=FLAGGED)
+    args = CorrectionArgs(top_k=2, judged_rows=True, same_prompt=False, include_iqs=False)
+    model, before, summary = _trained(tmp_path, tiny_tokenizer, args, data, "judged")
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(moved) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert summary["dispreferred_ids"] == [TRAIN[1].id, TRAIN[3].id]
+    assert summary["preferred_ids"] == [TRAIN[11].id, TRAIN[10].id]
+    assert summary["correction_args"]["judged_rows"] is True
+    # the mask is a row filter, not a ranking: without judged_rows it is ignored
+    _, _, plain = _trained(tmp_path, tiny_tokenizer, CorrectionArgs(top_k=2, same_prompt=False, include_iqs=False),
+                           data, "plain")
+    assert plain["dispreferred_ids"] == [TRAIN[0].id, TRAIN[1].id]
 
 
 def test_uniform_weighting_changes_only_the_pair_weights(tmp_path, tiny_tokenizer):
@@ -135,6 +180,14 @@ def test_cli_takes_the_row_options(tmp_path, tiny_tokenizer, capsys):
     summary = json.loads((tmp_path / "o" / "lancet_correction.json").read_text())
     assert summary["preferred_ids"] == [TRAIN[5].id, TRAIN[7].id]
     assert summary["correction_args"]["weighting"] == "uniform"
+    # --row-judge: the dispreferred rows among the answers the judge flags ("Lean forward...": rows 8-11)
+    flagged = ["-q", "correct", str(model_dir), "--train", str(train), "--scores", str(run), "--out",
+               str(tmp_path / "j"), "--max-steps", "1", "--top-k", "2", "--no-same-prompt",
+               "--row-judge", "marker:Lean"]
+    assert main(flagged) == 0
+    summary = json.loads((tmp_path / "j" / "lancet_correction.json").read_text())
+    assert summary["dispreferred_ids"] == [TRAIN[8].id, TRAIN[9].id] and summary["correction_args"]["judged_rows"]
+    assert summary["preferred_ids"] == [TRAIN[5].id, TRAIN[7].id]
 
 
 def test_npo_takes_ibos_anchor_and_its_kl_starts_at_zero(tmp_path, tiny_tokenizer):

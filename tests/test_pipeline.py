@@ -58,6 +58,9 @@ def test_run_config_round_trip_and_relative_paths(tmp_path: Path) -> None:
     ({"device": 0}, "'device' must be a string"),
     ({"anchor_judge": "refusal"}, "'anchor_judge' filters the answers to 'anchor_prompts', which is missing"),
     ({"anchor_prompts": 3}, "anchor_prompts=3: expected a string or null"),
+    ({"correction": {"judged_rows": True}}, "correction 'judged_rows' and 'row_judge'"),
+    ({"row_judge": "marker:X"}, "correction 'judged_rows' and 'row_judge'"),
+    ({"correction": {"judged_rows": "yes"}, "row_judge": "marker:X"}, "correction.judged_rows='yes'"),
 ])
 def test_run_config_rejects_bad_options_in_one_line(tmp_path: Path, patch: dict, message: str) -> None:
     cfg = tmp_path / "run.json"
@@ -378,8 +381,9 @@ def test_run_anchors_the_correction_on_the_models_own_answers(tmp_path: Path, ti
     model_dir, _ = tiny_workspace(tmp_path, tiny_tokenizer)
     cfg = tmp_path / "run.json"
     config = {**tiny_run_config(model_dir, []), "anchor_prompts": "data/validation_prompts.jsonl",
-              "correction": {"method": "ibo", "top_k": 8, "retain": "kl", "retain_normalize": "rows"},
-              "max_new_tokens": 4}
+              "correction": {"method": "ibo", "top_k": 8, "retain": "kl", "retain_normalize": "rows",
+                             "judged_rows": True},
+              "row_judge": f"rules:{tmp_path / 'data' / 'judge_rules.json'}", "max_new_tokens": 4}
     config.pop("compare")
     cfg.write_text(json.dumps(config))
     assert main(["-q", "run", str(cfg)]) == 0
@@ -391,6 +395,11 @@ def test_run_anchors_the_correction_on_the_models_own_answers(tmp_path: Path, ti
     assert {a.prompt_messages[-1]["content"] for a in anchors} <= asked and all(a.response_text for a in anchors)
     summary = json.loads((tmp_path / "run" / "corrected" / "lancet_correction.json").read_text())
     assert summary["retain_source"] == "given" and summary["retain_ids"] == [a.id for a in anchors]
+    # judged_rows: the demo judge flags exactly the outdated rows of the training data, so every dispreferred row is
+    # a culprit and no preferred row is one, whatever the tiny model's ranking
+    culprits = set(json.loads((tmp_path / "data" / "culprits.json").read_text())["culprit_ids"])
+    assert len(summary["dispreferred_ids"]) == 8 and set(summary["dispreferred_ids"]) <= culprits
+    assert len(summary["preferred_ids"]) == 8 and not set(summary["preferred_ids"]) & culprits
 
 
 def test_index_options_are_validated_with_the_config() -> None:

@@ -87,6 +87,7 @@ def correct(
     pref_pairs: Sequence[tuple[Record, Record]] | None = None,
     culprit_mask: torch.Tensor | None = None,
     preferred_mask: torch.Tensor | None = None,
+    flagged_mask: torch.Tensor | None = None,
     retain_records: Sequence[Record] | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
     trust_remote_code: bool = False,
@@ -103,7 +104,7 @@ def correct(
         raise LancetError(f"method {method!r} differs from correction_args.method {cargs.method!r}")
     data = CorrectionData(train=train_records, scores=scores_agg, iqs=iq_records or (), safe=safe_records or (),
                           pairs=pref_pairs or (), culprit_mask=culprit_mask, preferred_mask=preferred_mask,
-                          retain=retain_records or ())
+                          flagged_mask=flagged_mask, retain=retain_records or ())
     check_inputs(cargs, data)  # before loading the model: a missing input is one line, at once
     model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code, device=train_args.load_device)
     return Correction(model, tokenizer, cargs, train_args, max_length=max_length,

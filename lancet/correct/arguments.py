@@ -48,6 +48,8 @@ class CorrectionArgs:
     them; ``retain_normalize`` = ``tokens`` (mean over their tokens) or ``rows`` (summed over each row's tokens, mean
     over rows: a sequence-level KL). ``dpo`` takes ``chosen_nll_weight`` and a retain term on given rows too.
     ``same_prompt`` pairs a dispreferred row with a lower-scored answer to its own prompt when the data has one.
+    ``judged_rows`` (IBO, GA, NPO): take the dispreferred rows among the training rows a judge flags with the
+    behaviour and the preferred among the others (``CorrectionData.flagged_mask``; docs/method.md §3.3).
     """
 
     method: str = "ibo"
@@ -68,6 +70,7 @@ class CorrectionArgs:
     ranking: str = "influence"
     preferred: str = "bottom"
     weighting: str = "gap"
+    judged_rows: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -95,6 +98,7 @@ class CorrectionArgs:
             "ranking": self.ranking in SELECTIONS,
             "preferred": self.preferred in PREFERRED,
             "weighting": self.weighting in WEIGHTINGS,
+            "judged_rows": isinstance(self.judged_rows, bool),
             "seed": _integer(self.seed),
         }
         bad = [k for k, ok in checks.items() if not ok]

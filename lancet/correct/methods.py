@@ -34,17 +34,20 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "lancet_correction.json"
 # the CLI flag that gives each input, for the error when a method lacks it
 FLAGS = {"train": "--train", "scores": "--scores", "iqs": "--iqs", "safe": "--safe", "pairs": "--pairs",
-         "culprit_mask": "--labels", "preferred_mask": "--preferred-ids", "retain": "--retain-data"}
+         "culprit_mask": "--labels", "preferred_mask": "--preferred-ids", "retain": "--retain-data",
+         "flagged_mask": "--row-judge"}
 
 
 @dataclass
 class CorrectionData:
     """What a correction may train on. ``scores`` [N] rank ``train`` (any attribution method's aggregated scores:
     positive drives the behaviour); ``culprit_mask`` and ``preferred_mask`` [N] mark training rows (the oracle
-    ranking's true culprits; the rows ``preferred="marked"`` prefers); ``iqs`` are prompt + undesirable answer
-    rows; ``safe`` the rows SFT and the retain NLLs train on; ``pairs`` human (chosen, rejected) pairs; ``retain``
-    the rows IBO's, DPO's and NPO's retain term keeps (e.g. the model's own answers to ordinary prompts); ``train_rows``
-    and ``iq_rows`` the same rows already encoded (by the caller that ranked them), so they are not encoded twice."""
+    ranking's true culprits; the rows ``preferred="marked"`` prefers); ``flagged_mask`` [N] the rows whose answer a
+    judge flags (``judged_rows`` takes the dispreferred rows among them, the preferred among the rest); ``iqs``
+    are prompt + undesirable answer rows; ``safe`` the rows SFT and the retain NLLs train on; ``pairs`` human
+    (chosen, rejected) pairs; ``retain`` the rows IBO's, DPO's and NPO's retain term keeps (e.g. the model's own
+    answers to ordinary prompts); ``train_rows`` and ``iq_rows`` the same rows already encoded (by the caller that
+    ranked them), so they are not encoded twice."""
 
     train: Sequence[Record] = ()
     scores: torch.Tensor | None = None
@@ -53,6 +56,7 @@ class CorrectionData:
     pairs: Sequence[tuple[Record, Record]] = ()
     culprit_mask: torch.Tensor | None = None
     preferred_mask: torch.Tensor | None = None
+    flagged_mask: torch.Tensor | None = None
     retain: Sequence[Record] = ()
     train_rows: Sequence[dict] | None = None  # ``train`` already encoded with this tokenizer and max_length
     iq_rows: Sequence[dict] | None = None  # ``iqs`` already encoded (each with response tokens)
@@ -121,6 +125,8 @@ class _Ranked(CorrectionMethod):
             data.require(f"{self.name} with ranking oracle (ibo_oracle)", "culprit_mask")
         if args.preferred == "marked":
             data.require(f"{self.name} with preferred marked", "preferred_mask")
+        if args.judged_rows:
+            data.require(f"{self.name} with judged_rows", "flagged_mask")
 
     def ranked_rows(self, b: Build, data: CorrectionData):
         from lancet.data.tokenize import encode_records
@@ -135,12 +141,13 @@ class _Ranked(CorrectionMethod):
             log.warning("%d training rows have no response tokens; they are not selected", len(train_rows) - len(keep))
         rows, sub = [train_rows[i] for i in keep], scores[keep]
         masks = [None if m is None else torch.as_tensor(m, dtype=torch.bool)[keep]
-                 for m in (data.culprit_mask, data.preferred_mask)]
+                 for m in (data.culprit_mask, data.preferred_mask, data.flagged_mask)]
         iq_rows = []
         if data.iqs and b.args.include_iqs:
             iq_rows = list(data.iq_rows) if data.iq_rows is not None else b.encode(data.iqs, "IQ")
         bad, good = select_rows(sub, b.args.top_k, b.args.ranking, masks[0], seed=b.args.seed,
-                                preferred=b.args.preferred, preferred_mask=masks[1])
+                                preferred=b.args.preferred, preferred_mask=masks[1],
+                                flagged=masks[2] if b.args.judged_rows else None)
         b.summary["dispreferred_ids"] = [rows[i]["id"] for i in bad]
         b.summary["iq_ids"] = [r["id"] for r in iq_rows]
         return rows, sub, iq_rows, bad, good

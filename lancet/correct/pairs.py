@@ -29,8 +29,8 @@ def _generator(seed: int) -> torch.Generator:
 
 
 def select_rows(scores_agg: torch.Tensor, k: int, mode: str = "influence", culprit_mask: torch.Tensor | None = None,
-                seed: int = 0, preferred: str | None = None, preferred_mask: torch.Tensor | None = None
-                ) -> tuple[list[int], list[int]]:
+                seed: int = 0, preferred: str | None = None, preferred_mask: torch.Tensor | None = None,
+                flagged: torch.Tensor | None = None) -> tuple[list[int], list[int]]:
     """(dispreferred, preferred) row indices.
 
     Dispreferred (``mode``, the ranking): ``influence``, the k highest aggregated scores (descending); ``random``, a
@@ -41,6 +41,10 @@ def select_rows(scores_agg: torch.Tensor, k: int, mode: str = "influence", culpr
     lowest-scored non-culprits); ``random``, the next k rows of the same seeded permutation; ``marked``, the k
     lowest-scored rows of ``preferred_mask`` (e.g. the known refusals). ``preferred=None``: ``random`` under the
     random ranking (both sides random, disjoint), else ``bottom``.
+
+    ``flagged`` [N] (the rows whose answer a judge flags with the behaviour; docs/method.md §3.3): the dispreferred
+    rows are then taken among the flagged rows only and the preferred among the others, by the same rule (the oracle
+    ranking, which reads labels, ignores it).
     """
     n = scores_agg.numel()
     if k < 1:
@@ -52,6 +56,18 @@ def select_rows(scores_agg: torch.Tensor, k: int, mode: str = "influence", culpr
         raise LancetError(f"unknown preferred rows {preferred!r}; choose from {', '.join(PREFERRED)}")
     order = torch.argsort(scores_agg, descending=True, stable=True).tolist()
     perm = torch.randperm(n, generator=_generator(seed)).tolist()
+    may_prefer, k_bad = None, k
+    if flagged is not None:
+        judged = _mask(flagged, n, "flagged")
+        if mode != "oracle":
+            if int(judged.sum()) == 0 or int(judged.sum()) == n:
+                raise LancetError(f"the judge flags {int(judged.sum())} of {n} training rows: judged rows need some "
+                                  "flagged and some not")
+            order_bad = [i for i in order if judged[i]]
+            perm_bad = [i for i in perm if judged[i]]
+            k_bad = min(k, len(order_bad))
+            order, perm = order_bad + [i for i in order if not judged[i]], perm_bad + [i for i in perm if not judged[i]]
+        may_prefer = ~judged
     if mode == "oracle":
         if culprit_mask is None:
             raise LancetError("oracle selection needs the culprit labels (--labels)")
@@ -62,8 +78,10 @@ def select_rows(scores_agg: torch.Tensor, k: int, mode: str = "influence", culpr
     else:
         if 2 * k > n:
             raise LancetError(f"top_k={k} needs at least {2 * k} training rows (k dispreferred + k preferred), got {n}")
-        bad = perm[:k] if mode == "random" else order[:k]
+        bad = perm[:k_bad] if mode == "random" else order[:k_bad]
     taken = set(bad)
+    if may_prefer is not None:
+        taken |= {i for i in range(n) if not may_prefer[i]}
     if preferred == "random":
         good = [i for i in perm if i not in taken][:k]
     elif preferred == "marked":

@@ -276,6 +276,16 @@ def judge_complies(judge: Judge, texts: Sequence[str], prompts: Sequence[str] | 
     return judge.complies(list(texts))
 
 
+def flagged_rows(judge: Judge, records: Sequence) -> torch.Tensor:
+    """[N] bool: the training rows (``Record``) whose answer ``judge`` flags with the behaviour, the judge reading
+    each row's last prompt turn where it reads prompts (``CorrectionArgs.judged_rows``). A row without an answer
+    is not flagged."""
+    texts = [r.response_text or "" for r in records]
+    prompts = [r.prompt_messages[-1]["content"] if r.prompt_messages else "" for r in records]
+    flags = judge_complies(judge, texts, prompts)
+    return torch.tensor([bool(f) and bool(t.strip()) for f, t in zip(flags, texts, strict=True)], dtype=torch.bool)
+
+
 def _bucket(key: str) -> int:
     return zlib.crc32(key.encode("utf-8")) % DIM  # stable across processes, unlike hash()
 
