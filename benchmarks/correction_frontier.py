@@ -38,6 +38,7 @@ from lancet.correct import CorrectionArgs, correct, load_run_scores
 from lancet.correct.select import Candidate, choose, utility_loss
 from lancet.data.readers import read_records
 from lancet.demo import DEMO_MAX_LENGTH, demo_judge
+from lancet.evaluate.judges import flagged_rows
 from lancet.evaluate.metrics import compliance_rate, generate_answers, mean_logprob, perplexity, response_logprobs
 from lancet.hardware import auto_bf16
 from lancet.models.loading import load_model, load_tokenizer
@@ -57,6 +58,10 @@ VARIANTS = {
     # ``self_anchors``) as IBO's retain rows, KL summed over each row's tokens, mean over rows
     "ibo_self_anchor": {"method": "ibo", "retain": "kl", "retain_weight": 1.0, "chosen_nll_weight": 1.0,
                         "retain_normalize": "rows", "anchors": True},
+    # the same, the rows it pushes down taken among the training answers the demo judge flags and the rows it
+    # prefers among the others (``judged_rows``; docs/method.md §5.2, added before any of its numbers)
+    "ibo_self_anchor_judged": {"method": "ibo", "retain": "kl", "retain_weight": 1.0, "chosen_nll_weight": 1.0,
+                               "retain_normalize": "rows", "anchors": True, "judged_rows": True},
 }
 NOT_ARGS = ("anchors",)
 DEFAULT_RANKING = "linfac"  # what `lancet demo` ranks with (the library's default)
@@ -115,8 +120,9 @@ def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores,
     anchors = self_anchors(run, train) if VARIANTS[name].get("anchors") else None
     safe = [train[i] for i in torch.argsort(scores)[: ns.top_k].tolist()]  # most negative: the counter-evidence
     shutil.rmtree(out / "model", ignore_errors=True)  # a half-run's state cannot be measured again: start over
+    flagged = flagged_rows(JUDGE, train) if options.get("judged_rows") else None
     correct(str(run / "model"), train, scores, method=options["method"], iq_records=iqs, safe_records=safe,
-            retain_records=anchors, max_length=DEMO_MAX_LENGTH, on_checkpoint=on_checkpoint,
+            retain_records=anchors, flagged_mask=flagged, max_length=DEMO_MAX_LENGTH, on_checkpoint=on_checkpoint,
             correction_args=CorrectionArgs(**options, beta=ns.beta, top_k=ns.top_k),
             train_args=TrainArgs(output_dir=str(out / "model"), max_steps=ns.steps, batch_size=ns.batch_size, lr=lr,
                                  bf16=BF16, save_every=ns.every, progress=False, device="cpu", seed=ns.seed))
