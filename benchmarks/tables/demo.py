@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from benchmarks.tables.core import (
+    Missing,
     bold,
     f,
     load,
@@ -262,9 +263,14 @@ def demo_ranking() -> str:
     rechoice = load("demo_correction_rechoice")
     base = rechoice["contaminated"]
     rows = []
-    for ranking, d in (("linfac", rechoice), ("repsim", load("demo_correction_ranking_repsim")),
-                       ("bm25", load("demo_correction_ranking_bm25"))):
-        points = [p for p in d["methods"]["ibo_self_anchor"]["points"] if p["lr"] in (1e-4, 3e-4)]
+    runs = [("linfac", rechoice, "ibo_self_anchor"), ("repsim", load("demo_correction_ranking_repsim"),
+             "ibo_self_anchor"), ("bm25", load("demo_correction_ranking_bm25"), "ibo_self_anchor")]
+    try:  # judged rows (docs/method.md §5.2), once measured
+        runs.append(("linfac, judged rows", load("demo_correction_judged"), "ibo_self_anchor_judged"))
+    except Missing:
+        pass
+    for ranking, d, method in runs:
+        points = [p for p in d["methods"][method]["points"] if p["lr"] in (1e-4, 3e-4)]
         step0 = {**base, "steps": 0, "lr": None, "val_utility_loss": 0.0, "test_utility_loss": 0.0}
         c = choose([Candidate(settings={"lr": p["lr"]}, steps=p["steps"], validation_behaviour=p["val_rate"],
                               validation_utility_loss=p["val_utility_loss"], test=p) for p in [step0, *points]],
@@ -279,7 +285,8 @@ def demo_ranking() -> str:
                       "ibo_self_anchor --lrs 1e-4,3e-4 --steps 20 --every 5 --batch-size 4 --ranking R --name "
                       "demo_correction_ranking_R", load("demo_correction_ranking_repsim"),
                       "demo_correction_ranking_*")
-            + " LinFAC's row: the same points of `demo_correction_rechoice`.\n\n"
+            + " LinFAC's row: the same points of `demo_correction_rechoice`; judged rows: `--methods "
+            "ibo_self_anchor_judged --name demo_correction_judged`.\n\n"
             + md(["ranking", "chosen lr", "step", "validation rate", "validation utility loss", "test outdated rate",
                   "test utility loss", "test log p(current)", "test log p(outdated)"], rows))
 
