@@ -483,7 +483,7 @@ def cmd_correct(ns: argparse.Namespace) -> int:
     if ns.row_judge:
         from lancet.evaluate.judges import flagged_rows, make_judge
 
-        data.flagged_mask = flagged_rows(make_judge(ns.row_judge), train)
+        data.flagged_mask = flagged_rows(make_judge(ns.row_judge), train, ns.train)
     if ns.pairs:
         from lancet.correct.pairs import read_preference_pairs
 

@@ -579,7 +579,7 @@ class Pipeline:
         if c.row_judge:
             from lancet.evaluate.judges import flagged_rows, make_judge
 
-            data.flagged_mask = flagged_rows(make_judge(c.row_judge), train)
+            data.flagged_mask = flagged_rows(make_judge(c.row_judge), train, c.train)
         check_inputs(cargs, data)
         targs = TrainArgs.from_json(self._train_json(c.correction_train, self.dir / "corrected"))
         return Correction(copy.deepcopy(model), tokenizer, cargs, targs, max_length=c.max_length,

@@ -89,6 +89,8 @@ def test_flagged_rows_reads_each_training_answer():
 
     assert flagged_rows(MarkerJudge("Tilt"), TRAIN).tolist() == [True] * 4 + [False] * 8
     assert flagged_rows(MarkerJudge("plus"), TRAIN).tolist() == [False] * 4 + [True] * 4 + [False] * 4
+    with pytest.raises(LancetError, match="^train.jsonl: the judge marker:Zebra flags 0 of 12 training answers"):
+        flagged_rows(MarkerJudge("Zebra"), TRAIN, "train.jsonl")
 
 
 def test_check_inputs_names_the_flag_before_any_model_loads():

@@ -276,14 +276,20 @@ def judge_complies(judge: Judge, texts: Sequence[str], prompts: Sequence[str] | 
     return judge.complies(list(texts))
 
 
-def flagged_rows(judge: Judge, records: Sequence) -> torch.Tensor:
+def flagged_rows(judge: Judge, records: Sequence, source: str = "training data") -> torch.Tensor:
     """[N] bool: the training rows (``Record``) whose answer ``judge`` flags with the behaviour, the judge reading
     each row's last prompt turn where it reads prompts (``CorrectionArgs.judged_rows``). A row without an answer
-    is not flagged."""
+    is not flagged. A judge that flags none or every answer is an error naming ``source`` (the training file): it
+    cannot tell the rows to push down from the rows to prefer."""
     texts = [r.response_text or "" for r in records]
     prompts = [r.prompt_messages[-1]["content"] if r.prompt_messages else "" for r in records]
     flags = judge_complies(judge, texts, prompts)
-    return torch.tensor([bool(f) and bool(t.strip()) for f, t in zip(flags, texts, strict=True)], dtype=torch.bool)
+    mask = torch.tensor([bool(f) and bool(t.strip()) for f, t in zip(flags, texts, strict=True)], dtype=torch.bool)
+    if int(mask.sum()) in (0, len(records)):
+        raise LancetError(f"{source}: the judge {getattr(judge, 'name', type(judge).__name__)} flags "
+                          f"{int(mask.sum())} of {len(records)} training answers: judged rows need some flagged and "
+                          "some not (a judge that reads the behaviour in any answer, not a refusal matcher)")
+    return mask
 
 
 def _bucket(key: str) -> int:
