@@ -302,6 +302,31 @@ def test_a_failed_gate_is_reported_as_failed(tmp_path):
     assert d["gate"]["passed"] is False and d["recall"] == {} and "gate failed" in d["note"]
 
 
+def test_a_ladder_that_ends_below_the_gate_reports_the_design_failed(tmp_path):
+    from dataclasses import replace
+
+    laddered = replace(TINY, last_rung=(288, 6.0))
+    point = {"seed": 7, "n_rows": 816, "n_prompts": 64, "safe": 0.0}
+    rungs = [{**point, "n_unsafe": 96, "mix_epochs": 3.0, "impure": 0.05, "gap": 0.05},
+             {**point, "n_unsafe": 288, "mix_epochs": 3.0, "impure": 0.125, "gap": 0.125}]
+    (tmp_path / "tiny").mkdir()
+    tuning = tmp_path / "tiny" / "tuning.json"
+    tuning.write_text(json.dumps({"design": "tiny", "points": rungs}))
+    # the last rung not yet measured: pending, waiting for its gates
+    assert "tiny" in build_suite(tmp_path, {"tiny": laddered}, n_boot=20, default="linfac")["pending"]
+    tuning.write_text(json.dumps({"design": "tiny", "points": rungs + [
+        {**point, "n_unsafe": 288, "mix_epochs": 6.0, "impure": 0.2, "gap": 0.2}]}))
+    suite = build_suite(tmp_path, {"tiny": laddered}, n_boot=20, default="linfac")
+    d = suite["designs"]["tiny"]
+    assert d["gate"]["passed"] is False and d["gate"]["gap"] == 0.2 and d["recall"] == {}
+    assert "96 unsafe / 3 epochs: gap 0.050" in d["note"] and "288 unsafe / 6 epochs: gap 0.200" in d["note"]
+    assert validate_suite(suite) == []
+    # a last rung at the gap: the reported seeds' gates decide, as for any design
+    tuning.write_text(json.dumps({"design": "tiny", "points": rungs + [
+        {**point, "n_unsafe": 288, "mix_epochs": 6.0, "impure": 0.45, "gap": 0.45}]}))
+    assert "tiny" in build_suite(tmp_path, {"tiny": laddered}, n_boot=20, default="linfac")["pending"]
+
+
 ISSUE_EXAMPLE = {  # the issue's schema, filled in
     "default_method": "linfac",
     "designs": {

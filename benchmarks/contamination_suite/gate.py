@@ -24,6 +24,22 @@ def gate_stage(design: str, seed: int, safe: float, impure: float, judge_agreeme
             "judge_agreement": judge_agreement, "judge_labelled": judge_labelled, "n_prompts": n_prompts}
 
 
+def ladder_failed(tuning: dict | None, last_rung: tuple[int, float] | None) -> dict | None:
+    """The ``gate`` object of a design whose tuning ladder ended below the gate: its last rung (fixed in advance)
+    measured on the validation seed with a gap under ``GATE_MIN_GAP``. None while that rung is unmeasured or when
+    it passed (the gates on the reported seeds then decide)."""
+    if tuning is None or last_rung is None:
+        return None
+    points = tuning["points"]
+    last = [p for p in points if (p["n_unsafe"], float(p["mix_epochs"])) == (last_rung[0], float(last_rung[1]))]
+    if not last or last[-1]["gap"] >= GATE_MIN_GAP:
+        return None
+    rungs = ", ".join(f"{p['n_unsafe']} unsafe / {p['mix_epochs']:g} epochs: gap {p['gap']:.3f}" for p in points)
+    return {"passed": False, "impure": last[-1]["impure"], "safe": last[-1]["safe"], "judge_agreement": None,
+            "judge_labelled": 0, "gap": last[-1]["gap"], "measured_on": "validation prompts of the validation seed",
+            "why_not": [f"the tuning ladder ended below the gap {GATE_MIN_GAP} on the validation seed ({rungs})"]}
+
+
 def design_gate(stages: list[dict], gated: bool = True) -> dict:
     """The ``gate`` object of the suite JSON from the reported seeds' gate stages."""
     if not gated:

@@ -14,6 +14,7 @@ counterfactual is missing, its recall half is under ``partial`` (``recall_previe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from benchmarks.common import RESULTS
@@ -26,7 +27,7 @@ from benchmarks.contamination_suite.designs import (
     K_HALF,
     Design,
 )
-from benchmarks.contamination_suite.gate import GATE_KEYS, design_gate
+from benchmarks.contamination_suite.gate import GATE_KEYS, design_gate, ladder_failed
 from benchmarks.contamination_suite.overlap import no_overlap_mask, overlap_check
 from benchmarks.contamination_suite.stages import STAGE_DIR, openings, read_stage, seed_scores, stage_path
 from benchmarks.contamination_suite.stats import N_BOOT, bootstrap, elbow_k, recovered_ci
@@ -137,6 +138,12 @@ def design_entry(design: Design, root: Path = STAGE_DIR, n_boot: int = N_BOOT, d
     gate = {}
     if design.gated:
         gates = [read_stage(root, design.name, s, "gate") for s in design.seeds]
+        ended = ladder_failed(_tuning(root, design), design.last_rung)
+        if ended is not None:
+            return {"lexical": design.lexical, "gate": ended, "validation_seeds": list(design.validation_seeds),
+                    "seeds": list(design.seeds), "max_ngram_overlap": None, "selected": None, "recall": {},
+                    "counterfactual": {}, "note": "the causation gate could not be made to pass: "
+                    + ended["why_not"][0]}, []
         if any(g is None for g in gates):
             return None, _missing(root, design)
         gate = design_gate(gates)
@@ -164,6 +171,11 @@ def design_entry(design: Design, root: Path = STAGE_DIR, n_boot: int = N_BOOT, d
     entry.update(_recall_part(reported, selected, n_boot, default or default_method()))
     entry["counterfactual"] = _counterfactual(cf, selected, n_boot)
     return entry, []
+
+
+def _tuning(root: Path, design: Design) -> dict | None:
+    path = Path(root) / design.name / "tuning.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _selected(root: Path, design: Design) -> str:
