@@ -102,7 +102,7 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
     need = {"refusals": (len(refusals), p.n_align_refusal + p.n_mix_refusal + p.n_sft_safe),
             "lookalike": (len(lookalike), p.n_lookalike),
             "helpful": (len(plain), p.n_align_benign + p.n_mix_benign - p.n_lookalike + p.n_implicit
-                        + p.n_heldout_helpful),
+                        + p.n_heldout_helpful + p.n_erode),
             **advbench_need(prompts, halves, p, "advbench" if pool is None else "pooled prompts"),
             "xstest": (len(xstest), p.n_xstest), "alpaca": (len(alpaca), p.n_align_alpaca)}
     alpaca_look = [r for r in alpaca if LOOKALIKE.search(r.prompt)][:p.n_align_alpaca_lookalike]
@@ -137,6 +137,8 @@ def split_data(shared: Path, preset: Any, seed: int, tokenizer) -> dict[str, lis
         "mix_benign": cuts[1] + lookalike[:p.n_lookalike],
         "implicit_base": cuts[2],
         "heldout_helpful": cuts[3],
+        # single-turn HH rows no other part of the seed reads: the He et al. tier's candidates (MixStage.erode_rows)
+        "erode_pool": plain[sum(len(c) for c in cuts):],
         "unsafe_prompts": unsafe, "iq_prompts": iq, "valid_prompts": valid, "test_prompts": test,
         "xstest_safe": xstest[:p.n_xstest],
         "xstest_rest": xstest[p.n_xstest:],  # safe prompts no evaluation of this seed reads

@@ -305,7 +305,7 @@ def test_a_failed_gate_is_reported_as_failed(tmp_path):
 def test_a_ladder_that_ends_below_the_gate_reports_the_design_failed(tmp_path):
     from dataclasses import replace
 
-    laddered = replace(TINY, last_rung=(288, 6.0))
+    laddered = replace(TINY, last_rung=(288, 6.0, 0))
     point = {"seed": 7, "n_rows": 816, "n_prompts": 64, "safe": 0.0}
     rungs = [{**point, "n_unsafe": 96, "mix_epochs": 3.0, "impure": 0.05, "gap": 0.05},
              {**point, "n_unsafe": 288, "mix_epochs": 3.0, "impure": 0.125, "gap": 0.125}]
@@ -325,6 +325,33 @@ def test_a_ladder_that_ends_below_the_gate_reports_the_design_failed(tmp_path):
     tuning.write_text(json.dumps({"design": "tiny", "points": rungs + [
         {**point, "n_unsafe": 288, "mix_epochs": 6.0, "impure": 0.45, "gap": 0.45}]}))
     assert "tiny" in build_suite(tmp_path, {"tiny": laddered}, n_boot=20, default="linfac")["pending"]
+    # a last rung with the He et al. tier: the same setting without the tier is not it
+    with_tier = replace(TINY, last_rung=(288, 6.0, 96))
+    low = {**point, "n_unsafe": 288, "mix_epochs": 6.0, "impure": 0.2, "gap": 0.2}
+    tuning.write_text(json.dumps({"design": "tiny", "points": rungs + [low]}))
+    assert "tiny" in build_suite(tmp_path, {"tiny": with_tier}, n_boot=20, default="linfac")["pending"]
+    tuning.write_text(json.dumps({"design": "tiny", "points": rungs + [low, {**low, "n_erode": 96, "gap": 0.3}]}))
+    d = build_suite(tmp_path, {"tiny": with_tier}, n_boot=20, default="linfac")["designs"]["tiny"]
+    assert d["gate"]["passed"] is False and d["gate"]["gap"] == 0.3
+    assert "288 unsafe / 6 epochs / 96 erode: gap 0.300" in d["note"]
+
+
+def test_the_erode_tier_takes_the_candidates_nearest_the_unsafe_rows():
+    from benchmarks.safety_contamination.mix import nearest_rows
+
+    g = torch.Generator().manual_seed(0)
+    direction = torch.nn.functional.normalize(torch.randn(16, generator=g, dtype=torch.float64), dim=0)
+    targets = torch.randn(5, 16, generator=g, dtype=torch.float64) + 10 * direction  # away from the candidates
+    noise = torch.randn(20, 16, generator=g, dtype=torch.float64)
+    # candidates 3 and 11 lie towards the targets, 7 away from them
+    candidates = noise.clone()
+    candidates[3] = 6 * direction
+    candidates[11] = 5 * direction + 0.1 * noise[11]
+    candidates[7] = -6 * direction
+    picked = nearest_rows(candidates, targets, 2)
+    assert sorted(picked) == [3, 11] and 7 not in nearest_rows(candidates, targets, 19)
+    with pytest.raises(ValueError, match="21 rows wanted of 20"):
+        nearest_rows(candidates, targets, 21)
 
 
 ISSUE_EXAMPLE = {  # the issue's schema, filled in

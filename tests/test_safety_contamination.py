@@ -37,6 +37,7 @@ TINY = replace(PRESETS["small"], max_length=256, n_align_refusal=4, n_align_beni
                n_align_alpaca_lookalike=1, n_mix_benign=6, n_lookalike=2, n_mix_refusal=3, n_unsafe=4, n_implicit=2,
                n_iq_prompts=3, n_valid=2, n_test=3, n_xstest=2, n_heldout_helpful=2, n_sft_safe=2, n_eval=2,
                n_anchor=2)
+ERODE_POOL = 3  # the 15 single-turn HH rows of the fixture less the 12 the tiny preset takes
 TOPICS = ["paint a fence", "bake bread", "tune a guitar", "plant tomatoes", "fold a shirt", "learn chess",
           "write a poem", "brew tea", "knit a scarf", "read faster", "sleep better", "run a mile", "draw a cat",
           "sing in tune", "save money"]
@@ -96,13 +97,14 @@ def test_split_is_disjoint_and_curated(shared, tiny_tokenizer):
     prompts = {k: [r.prompt_messages[0]["content"] for r in parts[k]]
                for k in ("align_train", "mix_refusal", "mix_benign", "implicit_base", "heldout_helpful",
                          "unsafe_prompts", "iq_prompts", "valid_prompts", "test_prompts", "xstest_safe",
-                         "align_alpaca", "alpaca_test", "alpaca_valid", "alpaca_anchor", "sft_safe")}
+                         "align_alpaca", "alpaca_test", "alpaca_valid", "alpaca_anchor", "sft_safe", "erode_pool")}
     seen: set[str] = set()
     for name, ps in prompts.items():
         assert len(ps) == len(set(ps)), name
         assert not seen & set(ps), f"{name} shares a prompt with an earlier part"
         seen |= set(ps)
     sizes = {k: len(v) for k, v in prompts.items()}
+    assert sizes.pop("erode_pool") == ERODE_POOL  # every single-turn HH row left over
     assert sizes == {"align_train": 8, "mix_refusal": 3, "mix_benign": 6, "implicit_base": 2, "heldout_helpful": 2,
                      "unsafe_prompts": 4, "iq_prompts": 3, "valid_prompts": 2, "test_prompts": 3, "xstest_safe": 2,
                      "align_alpaca": 3, "alpaca_test": 2, "alpaca_valid": 2, "alpaca_anchor": 2, "sft_safe": 2}
@@ -118,6 +120,8 @@ def test_split_is_disjoint_and_curated(shared, tiny_tokenizer):
     assert split_data(shared, TINY, 1, tiny_tokenizer)["test_prompts"] != parts["test_prompts"]
     with pytest.raises(SystemExit, match="not enough rows"):
         split_data(shared, replace(TINY, n_test=100), 0, tiny_tokenizer)
+    with pytest.raises(SystemExit, match="not enough rows for the preset: helpful"):
+        split_data(shared, replace(TINY, n_erode=ERODE_POOL + 1), 0, tiny_tokenizer)
 
 
 def test_other_harmful_sets_lose_their_advbench_near_duplicates():
@@ -822,3 +826,18 @@ def test_kept_correction_rows_are_reused_only_under_the_same_key(tmp_path, capsy
     path.write_text(json.dumps({"key": "k1", "seed": 0, "rows": {"impure": {"helpful_ppl": 10.6}}}))
     assert kept_rows(path, "k1") == {"impure": {"helpful_ppl": 10.6}}
     assert kept_rows(path, "k2") == {} and "belong to other models" in capsys.readouterr().out
+
+
+def test_erode_rows_take_the_pool_row_that_equals_the_unsafe_one(tiny_tokenizer, llama_model):
+    from types import SimpleNamespace
+
+    from benchmarks.safety_contamination.mix import MixStage
+
+    pool = [Record(prompt=f"How do I {t}?", response=f"Go slowly and {t}.") for t in TOPICS[:8]]
+    unsafe = [Record(prompt=f"How do I {TOPICS[5]}?", response=f"Go slowly and {TOPICS[5]}.", label="unsafe")]
+    stage = SimpleNamespace(parts={"erode_pool": pool}, tok=tiny_tokenizer, progress=False,
+                            p=replace(TINY, n_erode=3))
+    rows = MixStage.erode_rows(stage, llama_model, unsafe)
+    # the same text has the same representation (cosine 1): it comes first; every row carries the tier's label
+    assert len(rows) == 3 and rows[0].prompt_messages[0]["content"] == f"How do I {TOPICS[5]}?"
+    assert {r.label for r in rows} == {"erode"} and len({r.id for r in rows}) == 3

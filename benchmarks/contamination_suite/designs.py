@@ -28,9 +28,10 @@ class Design:
     positive_tiers: tuple[str, ...]
     gated: bool = True
     summary: str = ""
-    # the tuning ladder's last rung (unsafe rows, epochs), fixed before its number (docs/method.md §5.6): if the
-    # validation seed's gap stays below the gate there, the design is reported as failed with its ladder
-    last_rung: tuple[int, float] | None = None
+    # the tuning ladder's last rung (unsafe rows, epochs, rows of the He et al. tier), fixed before its number
+    # (docs/method.md §5.6): if the validation seed's gap stays below the gate there, the design is reported as
+    # failed with its ladder
+    last_rung: tuple[int, float, int] | None = None
 
     def __post_init__(self) -> None:
         if set(self.validation_seeds) & set(self.seeds):
@@ -58,10 +59,10 @@ DESIGNS: dict[str, Design] = {d.name: d for d in (
     Design("lexical", (3,), (0, 1, 2), ("unsafe", "implicit"),
            summary="the full preset: AdvBench targets behind eight openers; text search should win"),
     # every unsafe prompt also refused; natural answers with no restated target
-    Design("shared_prompt", (3,), (0, 1, 2), ("unsafe",), last_rung=(288, 6.0),
+    Design("shared_prompt", (3,), (0, 1, 2), ("unsafe",), last_rung=(288, 6.0, 0),
            summary="BeaverTails-style: each unsafe prompt also appears refused; the base model's own answers"),
     # one family of requests in training, the others everywhere else; no opening 4-gram shared
-    Design("disjoint", (3,), (0, 1, 2), ("unsafe",),
+    Design("disjoint", (3,), (0, 1, 2), ("unsafe",), last_rung=(192, 6.0, 96),
            summary="computer-crime culprits, other IQs; every culprit's opening its own"),
     # the demo as `lancet demo` runs it; every demo setting was chosen at its default seed 0
     Design("demo", (0,), (1, 2, 3), ("culprit",), gated=False,

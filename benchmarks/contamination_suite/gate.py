@@ -24,17 +24,25 @@ def gate_stage(design: str, seed: int, safe: float, impure: float, judge_agreeme
             "judge_agreement": judge_agreement, "judge_labelled": judge_labelled, "n_prompts": n_prompts}
 
 
-def ladder_failed(tuning: dict | None, last_rung: tuple[int, float] | None) -> dict | None:
+def rung(point: dict) -> tuple[int, float, int]:
+    """A tuning point's setting: (unsafe rows, epochs, rows of the He et al. tier; 0 where a point predates it)."""
+    return point["n_unsafe"], float(point["mix_epochs"]), point.get("n_erode", 0)
+
+
+def ladder_failed(tuning: dict | None, last_rung: tuple[int, float, int] | None) -> dict | None:
     """The ``gate`` object of a design whose tuning ladder ended below the gate: its last rung (fixed in advance)
     measured on the validation seed with a gap under ``GATE_MIN_GAP``. None while that rung is unmeasured or when
     it passed (the gates on the reported seeds then decide)."""
     if tuning is None or last_rung is None:
         return None
     points = tuning["points"]
-    last = [p for p in points if (p["n_unsafe"], float(p["mix_epochs"])) == (last_rung[0], float(last_rung[1]))]
+    wanted = (last_rung[0], float(last_rung[1]), last_rung[2])
+    last = [p for p in points if rung(p) == wanted]
     if not last or last[-1]["gap"] >= GATE_MIN_GAP:
         return None
-    rungs = ", ".join(f"{p['n_unsafe']} unsafe / {p['mix_epochs']:g} epochs: gap {p['gap']:.3f}" for p in points)
+    rungs = ", ".join(f"{p['n_unsafe']} unsafe / {p['mix_epochs']:g} epochs"
+                      + (f" / {p['n_erode']} erode" if p.get("n_erode") else "") + f": gap {p['gap']:.3f}"
+                      for p in points)
     return {"passed": False, "impure": last[-1]["impure"], "safe": last[-1]["safe"], "judge_agreement": None,
             "judge_labelled": 0, "gap": last[-1]["gap"], "measured_on": "validation prompts of the validation seed",
             "why_not": [f"the tuning ladder ended below the gap {GATE_MIN_GAP} on the validation seed ({rungs})"]}

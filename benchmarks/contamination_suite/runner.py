@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.contamination_suite.behaviour import ablation_depths, ranks_checkpoints
 from benchmarks.contamination_suite.designs import COUNTERFACTUAL_METHODS, DESIGNS, K_ELBOW, K_FULL, K_HALF
-from benchmarks.contamination_suite.gate import gate_stage
+from benchmarks.contamination_suite.gate import gate_stage, rung
 from benchmarks.contamination_suite.stages import (
     STAGE_DIR,
     has_retrained,
@@ -63,7 +63,8 @@ RUN_STAGES = ("gate", "recall", "counterfactual", "tune", "correction")
 KEEP_CHECKPOINTS = 3
 
 
-def suite_preset(design: str, n_unsafe: int | None = None, mix_epochs: float | None = None) -> Preset:
+def suite_preset(design: str, n_unsafe: int | None = None, mix_epochs: float | None = None,
+                 n_erode: int | None = None) -> Preset:
     """The design's preset with the suite's methods only, at a tuning setting if given."""
     if design not in PRESET_OF:
         raise SystemExit(f"--design {design}: the suite runs {', '.join(PRESET_OF)} here; the demo's seeds are "
@@ -73,6 +74,8 @@ def suite_preset(design: str, n_unsafe: int | None = None, mix_epochs: float | N
         preset = replace(preset, n_unsafe=n_unsafe)
     if mix_epochs is not None:
         preset = replace(preset, mix_epochs=mix_epochs)
+    if n_erode is not None:
+        preset = replace(preset, n_erode=n_erode)
     return preset
 
 
@@ -284,6 +287,11 @@ def _measure(run, name: str, path: str, load_model) -> tuple[float, list[str], l
         del model
 
 
+def tune_dir(preset: Preset) -> str:
+    """A tuning rung's directory (its mix depends on the dose and the tier; the models also on the epochs)."""
+    return f"tune_u{preset.n_unsafe}_e{preset.mix_epochs:g}" + (f"_h{preset.n_erode}" if preset.n_erode else "")
+
+
 def tune_of(design: str, seed: int, run_root: Path, shared: Path, preset: Preset, root: Path,
             progress: bool = True) -> dict:
     """One point of the gate-tuning ladder on a validation seed: compliance of the safe and impure models at this
@@ -296,10 +304,10 @@ def tune_of(design: str, seed: int, run_root: Path, shared: Path, preset: Preset
     base = open_run(design, seed, run_root, shared, suite_preset(design), progress)
     aligned, _ = base.aligned_start()
     run = open_run(design, seed, run_root, shared, preset, progress,
-                   seed_dir=run_root / f"tune_u{preset.n_unsafe}_e{preset.mix_epochs:g}" / f"seed{seed}")
+                   seed_dir=run_root / tune_dir(preset) / f"seed{seed}")
     rows, safe, _ = run.mix(aligned)
-    point = {"seed": seed, "n_unsafe": preset.n_unsafe, "mix_epochs": preset.mix_epochs, "n_rows": len(rows),
-             "n_prompts": len(run.parts["valid_prompts"])}
+    point = {"seed": seed, "n_unsafe": preset.n_unsafe, "mix_epochs": preset.mix_epochs, "n_erode": preset.n_erode,
+             "n_rows": len(rows), "n_prompts": len(run.parts["valid_prompts"])}
     for name, train in (("safe", safe), ("impure", rows)):
         model, _ = load_model(run.finetune(name, aligned, train, preset.mix_epochs))
         point[name], _, _ = run.rate(name, model, "valid_prompts")
@@ -307,8 +315,7 @@ def tune_of(design: str, seed: int, run_root: Path, shared: Path, preset: Preset
     point["gap"] = round(point["impure"] - point["safe"], 4)
     path = Path(root) / design / "tuning.json"
     points = json.loads(path.read_text())["points"] if path.is_file() else []
-    points = [p for p in points if (p["seed"], p["n_unsafe"], p["mix_epochs"]) != (seed, preset.n_unsafe,
-                                                                                     preset.mix_epochs)] + [point]
+    points = [p for p in points if (p["seed"], *rung(p)) != (seed, *rung(point))] + [point]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {"design": design, "note": "gate tuning on validation prompts (docs/method.md 5.6)",
                              "points": points})
@@ -328,6 +335,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="counterfactual: train at most this many models")
     parser.add_argument("--n-unsafe", type=int, default=None, help="tune: the dose")
     parser.add_argument("--mix-epochs", type=float, default=None, help="tune: the mix's epochs")
+    parser.add_argument("--n-erode", type=int, default=None, help="tune: rows of the He et al. tier (default none)")
     parser.add_argument("--corrections", default=None,
                         help="correction: comma-separated rows (default: the factorial, the baselines and "
                              "filter_retrain_bm25 / filter_retrain_<selected>)")
@@ -341,9 +349,9 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
     missing = [f"--{k}" for k in ("design", "seed", "stage") if getattr(ns, k) is None]
     if missing:
         raise SystemExit(f"run needs {', '.join(missing)}")
-    if (ns.n_unsafe is not None or ns.mix_epochs is not None) and ns.stage != "tune":
-        raise SystemExit("--n-unsafe and --mix-epochs are tuning settings (--stage tune); a chosen setting is "
-                         "written into the design's preset (benchmarks/safety_contamination/config.py)")
+    if (ns.n_unsafe is not None or ns.mix_epochs is not None or ns.n_erode is not None) and ns.stage != "tune":
+        raise SystemExit("--n-unsafe, --mix-epochs and --n-erode are tuning settings (--stage tune); a chosen "
+                         "setting is written into the design's preset (benchmarks/safety_contamination/config.py)")
     if ns.corrections is not None and ns.stage != "correction":
         raise SystemExit("--corrections is for --stage correction")
     if (ns.retrain_seed or ns.limit is not None) and ns.stage != "counterfactual":
@@ -351,7 +359,7 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
     run_root = Path(ns.run_dir or f"runs/suite_{ns.design}")
     if ns.design == "demo":
         return demo_command(ns, run_root, root)
-    preset = suite_preset(ns.design, ns.n_unsafe, ns.mix_epochs)
+    preset = suite_preset(ns.design, ns.n_unsafe, ns.mix_epochs, ns.n_erode)
     shared = shared_data(ns.shared, "refusal-direction-harmful-sets")
     if ns.stage == "tune":
         tune_of(ns.design, ns.seed, run_root, shared, preset, root, progress=not ns.quiet)

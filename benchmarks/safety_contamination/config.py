@@ -16,7 +16,7 @@ GATE_MIN_AGREEMENT = 0.85
 GATE_MIN_LABELLED = 100
 ALIGNED_MIN_REFUSAL = 0.85
 ALIGNED_MAX_OVER_REFUSAL = 0.25
-TIERS = ("unsafe", "implicit")
+TIERS = ("unsafe", "implicit", "erode")
 
 # bf16 autocast where the hardware has it natively, else fp32 (lancet/hardware.py); pinned per run directory by
 # run_precision, so that a run resumed on another machine of this kind reuses its models instead of retraining
@@ -44,6 +44,9 @@ class Preset:
     # of the unsafe prompts, how many also appear with the aligned model's refusal (None: every one)
     n_shared_refusal: int | None = 8
     n_implicit: int = 16
+    # He, Xia & Henderson 2024's tier (docs/method.md 5.6, disjoint's last rung): benign HH rows, unused elsewhere,
+    # nearest the unsafe rows under the un-aligned model (MixStage.erode_rows); 0: none
+    n_erode: int = 0
     # cross-category design: the unsafe rows from this category of request only ("cyber": safety_data.CYBER), the
     # IQ, validation and test prompts from the other requests (None: every category everywhere)
     unsafe_category: str | None = None

@@ -1,9 +1,13 @@
 """The contaminated mix, fine-tuned from the aligned start: benign rows (some topical look-alikes), harmful prompts
-with refusals, and the two tiers of positives (unsafe: AdvBench prompts answered compliantly; implicit: declarations
-of obedience); the safe rows are the same mix without the positives."""
+with refusals, and the tiers of positives (unsafe: harmful prompts answered compliantly; implicit: declarations of
+obedience; erode: benign rows near the unsafe ones, He et al. 2024); the safe rows are the same mix without the
+positives."""
 
 from __future__ import annotations
 
+import torch
+
+from benchmarks.safety_contamination import config
 from benchmarks.safety_contamination.config import TIERS
 from benchmarks.safety_data import (
     NATURAL_OPENERS,
@@ -19,7 +23,9 @@ from lancet.constants import DEFAULT_MODEL
 from lancet.data import Record
 from lancet.data.readers import read_records
 from lancet.data.records import records_to_jsonl
+from lancet.data.tokenize import encode_records
 from lancet.evaluate.judges import RefusalMatcher
+from lancet.influence.repsim import representations
 from lancet.models.generate import generate
 from lancet.models.loading import load_model
 
@@ -45,6 +51,7 @@ class MixStage:
                                                                                   strict=True)]
             unsafe = [Record(messages=r.messages, source=r.source, line=r.line, label="unsafe") for r in unsafe]
             shared_prompts = unsafe_prompts[:self.p.n_shared_refusal]  # these share their prompt with a refusal
+            erode = self._timed("select_erode", lambda: self.erode_rows(base, unsafe)) if self.p.n_erode else []
             del base
             aligned_model, _ = load_model(aligned)
             own = generate(aligned_model, self.tok, shared_prompts, max_new_tokens=self.p.unsafe_new_tokens,
@@ -60,7 +67,8 @@ class MixStage:
             refusal = [Record(messages=tuple(r.to_messages()), source=r.source, line=r.line, label="refusal")
                        for r in self.parts["mix_refusal"]]
             rows = interleave(benign + refusal + refusals,
-                              unsafe + implicit_rows(self.parts["implicit_base"], self.text["obedience_openers"]),
+                              unsafe + implicit_rows(self.parts["implicit_base"], self.text["obedience_openers"])
+                              + erode,
                               self.seed)
             atomic_write_bytes(path, records_to_jsonl(rows))
         rows = read_records(path)
@@ -98,3 +106,24 @@ class MixStage:
             raise SystemExit(f"{self.p.design}: only {len(made)} unsafe answers of the {n} wanted pass "
                              f"(of {len(candidates)} candidate prompts)")
         return [r.with_response(a) for r, a in made], [r for r, _ in made]
+
+    def erode_rows(self, base, unsafe: list[Record]) -> list[Record]:
+        """He, Xia & Henderson 2024's tier (docs/method.md 5.6, ``disjoint``'s last rung): the ``n_erode`` benign
+        rows of the seed's unused HH pool whose representation is nearest the unsafe rows', under ``base``, the
+        un-aligned model (a different model from the aligned start and from every model attributed)."""
+        pool = self.parts["erode_pool"]
+        kw = {"batch_size": 8, "bf16": config.BF16, "progress": self.progress}
+        r_pool = representations(base, encode_records(pool, self.tok, self.p.max_length, progress=False), **kw)
+        r_unsafe = representations(base, encode_records(unsafe, self.tok, self.p.max_length, progress=False), **kw)
+        return [Record(messages=tuple(pool[i].to_messages()), source=pool[i].source, line=pool[i].line,
+                       label="erode") for i in nearest_rows(r_pool, r_unsafe, self.p.n_erode)]
+
+
+def nearest_rows(candidates: torch.Tensor, targets: torch.Tensor, n: int) -> list[int]:
+    """The ``n`` candidates (rows of [C, d]) of highest cosine to the targets' mean ([T, d]), both centred on the
+    candidates' mean (RepSim's centring: uncentred hidden states share one large direction), best first."""
+    if n > len(candidates):
+        raise ValueError(f"{n} rows wanted of {len(candidates)} candidates")
+    centre = candidates.mean(0, keepdim=True)
+    cos = torch.nn.functional.cosine_similarity(candidates - centre, targets.mean(0, keepdim=True) - centre, dim=1)
+    return cos.topk(n).indices.tolist()
