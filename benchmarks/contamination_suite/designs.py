@@ -62,7 +62,7 @@ DESIGNS: dict[str, Design] = {d.name: d for d in (
     Design("shared_prompt", (3,), (0, 1, 2), ("unsafe",), last_rung=(288, 6.0, 0),
            summary="BeaverTails-style: each unsafe prompt also appears refused; the base model's own answers"),
     # one family of requests in training, the others everywhere else; no opening 4-gram shared
-    Design("disjoint", (3,), (0, 1, 2), ("unsafe",), last_rung=(192, 6.0, 96),
+    Design("disjoint", (3,), (0, 1, 2), ("unsafe",), last_rung=(144, 6.0, 96),
            summary="computer-crime culprits, other IQs; every culprit's opening its own"),
     # the demo as `lancet demo` runs it; every demo setting was chosen at its default seed 0
     Design("demo", (0,), (1, 2, 3), ("culprit",), gated=False,
