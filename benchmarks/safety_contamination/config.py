@@ -181,8 +181,10 @@ PRESETS["shared_prompt"] = Preset(
     seeds=(0, 1, 2), design="shared_prompt", n_shared_refusal=None, n_implicit=0,
     methods=("repsim", "identity", "ekfac", "linfac"), counterfactual=("random", "bm25", "repsim", "linfac"),
     measurements=(), aggregate_first=True, n_heldout_helpful=96)
+# disjoint's dose and epochs: the ladder's first setting to reach a 0.50 gap on seed 3's validation prompts
+# (96/3 0.484, 144/3 0.438, 192 beyond the pool, 144/6 0.578: docs/method.md 5.6)
 PRESETS["disjoint"] = replace(PRESETS["shared_prompt"], design="disjoint", unsafe_category="cyber",
-                              n_shared_refusal=8)
+                              n_shared_refusal=8, n_unsafe=144, mix_epochs=6.0)
 
 
 def restrict_recall(preset: Preset, methods: tuple[str, ...]) -> Preset:
