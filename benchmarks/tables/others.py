@@ -159,8 +159,8 @@ def _suite_design(name: str) -> Callable[[], str]:
         if name in suite.get("partial", {}):
             d = suite["partial"][name]
             lacking = suite["pending"][name]
-            more = " ..." if len(lacking) > 2 else ""
-            return _suite_recall(d) + f"\n\n_Counterfactual pending: {', '.join(lacking[:2])}{more}._"
+            more = f" and {len(lacking) - 2} more" if len(lacking) > 2 else ""
+            return _suite_recall(d) + f"\n\n_Counterfactual pending: {'; '.join(lacking[:2])}{more}._"
         if name not in suite["designs"]:
             lacking = suite.get("pending", {}).get(name, [])
             more = " ..." if len(lacking) > 4 else ""
