@@ -25,7 +25,7 @@ from lancet.data.readers import read_records
 from lancet.data.records import records_to_jsonl
 from lancet.data.tokenize import encode_records
 from lancet.evaluate.judges import RefusalMatcher
-from lancet.influence.repsim import representations
+from lancet.influence.repsim import centred_cosines, representations
 from lancet.models.generate import generate
 from lancet.models.loading import load_model
 
@@ -124,6 +124,4 @@ def nearest_rows(candidates: torch.Tensor, targets: torch.Tensor, n: int) -> lis
     candidates' mean (RepSim's centring: uncentred hidden states share one large direction), best first."""
     if n > len(candidates):
         raise ValueError(f"{n} rows wanted of {len(candidates)} candidates")
-    centre = candidates.mean(0, keepdim=True)
-    cos = torch.nn.functional.cosine_similarity(candidates - centre, targets.mean(0, keepdim=True) - centre, dim=1)
-    return cos.topk(n).indices.tolist()
+    return centred_cosines(targets.mean(0, keepdim=True), candidates)[0].topk(n).indices.tolist()

@@ -56,7 +56,7 @@ def repsim_scores(model, train: Sequence[dict[str, Any]], queries: Sequence[dict
     """[Q, N] cosine of centred representations (centre = mean over the training rows)."""
     kw = {"batch_size": batch_size, "bf16": bf16, "dtype": dtype, "progress": progress}
     r_train = representations(model, train, **kw)
-    return _centred_cosines(representations(model, queries, **kw), r_train)
+    return centred_cosines(representations(model, queries, **kw), r_train)
 
 
 def anchored_repsim_scores(model, train: Sequence[dict[str, Any]], queries: Sequence[dict[str, Any]],
@@ -72,11 +72,12 @@ def anchored_repsim_scores(model, train: Sequence[dict[str, Any]], queries: Sequ
     refusals to the IQ prompts. (The training mean needs no option: RepSim is centred on it already.)"""
     kw = {"batch_size": batch_size, "bf16": bf16, "dtype": dtype, "progress": progress}
     r_train = representations(model, train, **kw)
-    plain = _centred_cosines(representations(model, queries, **kw), r_train)
-    return plain - _centred_cosines(representations(model, anchors, **kw), r_train).mean(0, keepdim=True)
+    plain = centred_cosines(representations(model, queries, **kw), r_train)
+    return plain - centred_cosines(representations(model, anchors, **kw), r_train).mean(0, keepdim=True)
 
 
-def _centred_cosines(r_query: torch.Tensor, r_train: torch.Tensor) -> torch.Tensor:
+def centred_cosines(r_query: torch.Tensor, r_train: torch.Tensor) -> torch.Tensor:
+    """[Q, N] cosines of the queries' and training rows' representations, both centred on the training mean."""
     centre = r_train.mean(0, keepdim=True)
     return torch.nn.functional.normalize(r_query - centre, dim=1) @ torch.nn.functional.normalize(
         r_train - centre, dim=1).T
