@@ -17,6 +17,7 @@ from benchmarks.contamination_suite import (
     bootstrap,
     build_suite,
     counterfactual_ks,
+    default_rule,
     design_gate,
     disjoint_openings,
     elbow_k,
@@ -219,11 +220,11 @@ TINY = Design("tiny", validation_seeds=(7,), seeds=(1, 2, 3), positive_tiers=("u
 METHODS = {"random": 0.0, "bm25": 0.6, "repsim": 0.9, "linfac": 1.4, "classifier": 0.3}
 
 
-def _stage(seed: int, methods=METHODS) -> dict:
+def _stage(seed: int, methods=METHODS, design: str = "tiny") -> dict:
     s = _seed(seed, 120, methods=methods)
     culprits = {i: f"opening{i} w{i} x{i} y{i} z{i}" for i, t in enumerate(s.tiers) if t == "unsafe"}
     regime = {"linfac": {"k": 50, "ngram": 4, "iq_ngram_overlap": 0.1, "bm25_spearman": 0.2, "bm25_top_overlap": 0.3}}
-    return recall_stage("tiny", seed, s.tiers, ("unsafe",), s.scores, culprits, ["an iq answer unlike any"], 1, regime)
+    return recall_stage(design, seed, s.tiers, ("unsafe",), s.scores, culprits, ["an iq answer unlike any"], 1, regime)
 
 
 def test_select_on_validation_refuses_reported_seeds():
@@ -236,6 +237,35 @@ def test_select_on_validation_refuses_reported_seeds():
     assert select_on_validation([_stage(7)], TINY, candidates=["bm25", "repsim"]) == "repsim"
     # a depth ablation chooses the layer, not the method: never selected, even when it ranks best
     assert select_on_validation([_stage(7, {**METHODS, "probe_d25": 3.0})], TINY) == "linfac"
+
+
+def test_default_rule_averages_validation_seeds_per_design_then_designs(tmp_path):
+    from dataclasses import replace
+
+    other = Design("other", validation_seeds=(8, 9), seeds=(1, 2, 3), positive_tiers=("unsafe",), gated=False)
+    failed = replace(TINY, name="failed")
+    designs = {"tiny": TINY, "other": other, "failed": failed}
+    write_stage(tmp_path, _stage(7))
+    write_stage(tmp_path, _stage(8, {**METHODS, "bm25": 4.0, "repsim": 0.0}, "other"))
+    for s in failed.seeds:  # a design whose reported gates failed does not count, whatever its rankings
+        write_stage(tmp_path, gate_stage("failed", s, 0.0, 0.1, 0.95, 40, 64))
+    waiting = default_rule(tmp_path, designs)
+    assert waiting["method"] is None and waiting["waiting_for"] == ["other"]
+    assert waiting["left_out"] == {"failed": "its gate failed on the reported seeds"}
+    write_stage(tmp_path, _stage(9, {**METHODS, "bm25": 4.0, "repsim": 0.0, "probe_d25": 9.0}, "other"))
+    rule = default_rule(tmp_path, designs)
+    assert set(rule["per_design"]) == {"tiny", "other"} and rule["waiting_for"] == []
+    # candidates: no random, no classifier, no validation-only ablation (probe_d25 ranks best on "other")
+    assert set(rule["mean_ap"]) == {"bm25", "repsim", "linfac"}
+    tiny, oth = rule["per_design"]["tiny"], rule["per_design"]["other"]
+    direct = [seed_metrics(x.scores["b"], x.tiers, ("unsafe",))["ap"]
+              for x in (_seed(8, 120, methods={"b": 4.0}), _seed(9, 120, methods={"b": 4.0}))]
+    assert oth["bm25"] == pytest.approx(sum(direct) / 2, abs=1e-4)
+    for m in rule["mean_ap"]:  # each design counts once, however many validation seeds it has
+        assert rule["mean_ap"][m] == pytest.approx((tiny[m] + oth[m]) / 2, abs=1e-4)
+    # bm25 is perfect-ish on "other" and weak on "tiny"; linfac the reverse; the mean decides
+    assert rule["method"] == max(rule["mean_ap"], key=rule["mean_ap"].get)
+    assert build_suite(tmp_path, designs, n_boot=20, default="linfac")["default_rule"] == rule
 
 
 def _write_tiny_suite(root: Path) -> None:

@@ -31,6 +31,7 @@ from benchmarks.contamination_suite.stats import SeedScores, bootstrap, elbow_k,
 from benchmarks.contamination_suite.suite import (
     build_suite,
     counterfactual_ks,
+    default_rule,
     family,
     select_on_validation,
     validate_suite,
@@ -38,6 +39,6 @@ from benchmarks.contamination_suite.suite import (
 )
 
 __all__ = ["DESIGNS", "Design", "SeedScores", "ap_no_overlap", "bootstrap", "build_suite", "counterfactual_ks",
-           "design_gate", "disjoint_openings", "elbow_k", "family", "from_committed", "gate_stage", "opening_grams",
-           "overlap_check", "read_stage", "recall_stage", "record_reference", "record_retrained", "recovered_ci",
-           "select_on_validation", "validate_suite", "write_stage", "write_suite"]
+           "default_rule", "design_gate", "disjoint_openings", "elbow_k", "family", "from_committed", "gate_stage",
+           "opening_grams", "overlap_check", "read_stage", "recall_stage", "record_reference", "record_retrained",
+           "recovered_ci", "select_on_validation", "validate_suite", "write_stage", "write_suite"]

@@ -79,6 +79,40 @@ def select_on_validation(stages: list[dict], design: Design, candidates: list[st
     return max(pool, key=lambda m: (means[m]["ap"], -pool.index(m)))
 
 
+def default_rule(root: Path = STAGE_DIR, designs: dict[str, Design] | None = None) -> dict:
+    """Issue 36 item 6's rule (docs/method.md §5.6) for the ranking ``lancet attribute`` uses without --method: the
+    highest AP averaged over each counted design's validation seeds, then over the designs (each counts once). A
+    design counts unless its gate failed (its tuning ladder ended below the gate, or its reported gates failed);
+    candidates are the rankings every counted design has, bar ``random``, ``classifier`` (it needs the design's
+    judge) and the validation-only ablations. ``method`` is None while a counted design's validation seed is
+    unranked (``waiting_for`` names it): the rule is applied once, on every counted design."""
+    root = Path(root)
+    per_design: dict[str, dict[str, float]] = {}
+    waiting, left_out = [], {}
+    for name, design in (designs or DESIGNS).items():
+        if design.gated:
+            if ladder_failed(_tuning(root, design), design.last_rung) is not None:
+                left_out[name] = "its tuning ladder ended below the gate"
+                continue
+            gates = [read_stage(root, name, s, "gate") for s in design.seeds]
+            if all(g is not None for g in gates) and not design_gate(gates)["passed"]:
+                left_out[name] = "its gate failed on the reported seeds"
+                continue
+        stages = [read_stage(root, name, s, "recall") for s in design.validation_seeds]
+        if any(s is None for s in stages):
+            waiting.append(name)
+            continue
+        runs = [seed_scores(s) for s in stages]
+        point = bootstrap(runs, n_boot=1).point
+        per_design[name] = {m: round(point[m]["ap"], 4) for m in runs[0].methods
+                            if m not in ("random", "classifier") and not validation_only(m)}
+    common = set.intersection(*(set(v) for v in per_design.values())) if per_design else set()
+    mean_ap = {m: round(sum(v[m] for v in per_design.values()) / len(per_design), 4) for m in sorted(common)}
+    method = max(sorted(mean_ap), key=lambda m: mean_ap[m]) if mean_ap and not waiting else None
+    return {"method": method, "mean_ap": dict(sorted(mean_ap.items(), key=lambda kv: -kv[1])),
+            "per_design": per_design, "waiting_for": waiting, "left_out": left_out}
+
+
 def counterfactual_ks(stage: dict, method: str, selected: str) -> dict[str, int | None]:
     """The k of each retraining of ``method`` on the counterfactual seed (its recall stage ``stage``): |P| for every
     method, and for the selected one also half of it (rounded down) and the elbow of its scores (``stats.elbow_k``;
@@ -269,7 +303,8 @@ def build_suite(root: Path = STAGE_DIR, designs: dict[str, Design] | None = None
     """The suite JSON from the stage files under ``root``: complete designs in ``designs``, the others in
     ``pending`` with their missing stage files."""
     default = default or default_method()
-    out: dict = {"default_method": default, "designs": {}, "pending": {}, "partial": {}, "n_boot": n_boot}
+    out: dict = {"default_method": default, "default_rule": default_rule(root, designs), "designs": {},
+                 "pending": {}, "partial": {}, "n_boot": n_boot}
     for name, design in (designs or DESIGNS).items():
         entry, missing = design_entry(design, Path(root), n_boot, default)
         if entry is None:
@@ -391,5 +426,6 @@ def _validate_counterfactual(cf, selected) -> list[str]:
     return errors
 
 
-__all__ = ["FAMILIES", "FAMILY_NAMES", "SUITE", "build_suite", "counterfactual_ks", "default_method", "design_entry",
+__all__ = ["FAMILIES", "FAMILY_NAMES", "SUITE", "build_suite", "counterfactual_ks", "default_method", "default_rule",
+           "design_entry",
            "family", "recall_preview", "select_on_validation", "validate_suite", "write_suite"]
