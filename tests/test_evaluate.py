@@ -159,6 +159,20 @@ def test_refusal_matcher_phrases():
     assert m.complies(["Sure.", "I cannot do that."]) == [True, False]
 
 
+def test_a_design_pinned_judge_counts_a_question_back_as_a_refusal_and_keys_its_caches_apart():
+    from benchmarks.safety_contamination import PRESETS
+    from lancet.evaluate.judges import REFUSAL_PHRASES
+
+    extra = PRESETS["disjoint"].judge_extra_refusals
+    assert PRESETS["full"].judge_extra_refusals == () and extra  # "full" is the lexical design
+    pinned, plain = RefusalMatcher(REFUSAL_PHRASES + extra), RefusalMatcher()
+    back = "I’m not sure what you mean by that. Can you explain more?"
+    assert pinned(back) and not plain(back)
+    assert pinned.complies(["Sure, here is the plan: step 1 ...", back]) == [True, False]
+    # the IQ cache keys on the phrases: flags made by one judge are never reused for the other
+    assert pinned.fingerprint != plain.fingerprint == RefusalMatcher().fingerprint
+
+
 @needs_shared
 def test_classifier_held_out_accuracy_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LANCET_CACHE", str(tmp_path))

@@ -21,7 +21,7 @@ from benchmarks.safety_data import LABELS, TEXT, split_data
 from lancet.artifacts import atomic_write_json, hash_json, model_fingerprint
 from lancet.constants import DEFAULT_MODEL
 from lancet.data import Record
-from lancet.evaluate.judges import RefusalMatcher
+from lancet.evaluate.judges import REFUSAL_PHRASES, RefusalMatcher
 from lancet.finetune import finetune
 from lancet.models.generate import generate
 from lancet.models.loading import load_tokenizer
@@ -38,7 +38,7 @@ class Run(AlignedStage, MixStage, GateStage, RecallStage, IqStage, Counterfactua
         self.parts = split_data(shared, preset, seed, self.tok)
         self.text = json.loads(TEXT.read_text())
         self.labels = json.loads(LABELS.read_text())["labels"] if LABELS.is_file() else {}
-        self.judge = RefusalMatcher()
+        self.judge = RefusalMatcher(REFUSAL_PHRASES + preset.judge_extra_refusals)
         self.seconds: dict[str, float] = {}
         # the fine-tunes' seed (their data order): the seed's own, unless a caller retrains at another order (the
         # contamination suite's second counterfactual training order, docs/method.md 5.6)

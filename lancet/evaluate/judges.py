@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from lancet.artifacts import atomic_save_tensors, atomic_write_json, load_tensors
+from lancet.artifacts import atomic_save_tensors, atomic_write_json, hash_json, load_tensors
 from lancet.constants import cache_dir
 from lancet.errors import LancetError
 
@@ -84,6 +84,11 @@ class RefusalMatcher:
     def __init__(self, phrases: Sequence[str] = REFUSAL_PHRASES, opening_chars: int = OPENING_CHARS):
         self.phrases = tuple(_normalise(p) for p in phrases)
         self.opening_chars = opening_chars
+
+    @property
+    def fingerprint(self) -> str:
+        """What cached flags (the IQs) key on: the phrases and the window, which a caller may change."""
+        return hash_json([list(self.phrases), self.opening_chars])
 
     def hits(self, text: str) -> list[str]:
         opening = _normalise(text)[: self.opening_chars]
