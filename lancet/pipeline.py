@@ -142,8 +142,13 @@ class RunConfig:
             _section("finetune", TrainArgs, self.finetune, lambda v: TrainArgs.from_json({**v, "output_dir": "-"}))
         _section("correction_train", TrainArgs, self.correction_train,
                  lambda v: TrainArgs.from_json({**v, "output_dir": "-"}))
+        from lancet.influence.arguments import default_method
         from lancet.influence.behaviour import check_config, influence_options
 
+        if "method" not in self.influence:  # resolved once, so every stage and the report read the same method
+            self.influence = {**self.influence, "method": default_method(
+                str(self.influence.get("measurement", "answer")),
+                self.index is not None or self.contrast_response is not None)}
         _section("influence", InfluenceArgs, influence_options(self.influence), InfluenceArgs.from_json)
         check_config(self.influence, self.compare)  # influence.behaviour: given exactly when it is used
         _section("correction", CorrectionArgs, self.correction, CorrectionArgs.from_json)
@@ -560,7 +565,7 @@ class Pipeline:
 
         c = self.config
         cargs = CorrectionArgs.from_json(c.correction)
-        method = str(c.influence.get("method", "linfac"))
+        method = str(c.influence["method"])
         ids = [r.id for r in train]
         scores, _ = load_run_scores(self.dir, ids, method)
         data = CorrectionData(train=train, scores=scores, iqs=self.round_data.query_records,

@@ -207,6 +207,15 @@ def test_attribute_measurement_option(tmp_path, tiny_tokenizer):
     assert main([*base, "--out", str(tmp_path / "x"), "--measurement", "first_tokens:0"]) == 2
 
 
+def test_attribute_without_a_method_ranks_with_the_default_or_linfac_for_a_gradient_option(tmp_path, tiny_tokenizer):
+    model_dir, train, queries = _sums_run(tmp_path, tiny_tokenizer)
+    base = ["-q", "attribute", str(model_dir), "--train", str(train), "--queries", str(queries)]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert [p.name for p in (tmp_path / "plain").glob("influence-*.json")] == ["influence-repsim.json"]
+    assert main([*base, "--out", str(tmp_path / "m"), "--measurement", "first_tokens:2"]) == 0
+    assert [p.name for p in (tmp_path / "m").glob("influence-*.json")] == ["influence-linfac.json"]
+
+
 def test_index_then_attribute_from_the_index(tmp_path, tiny_tokenizer, capsys):
     """``lancet index`` at full rank (float32 storage), then ``attribute --index``: the same ranking as an ordinary
     ``attribute`` run without a pass over the rows; a second ``index`` run reuses every shard; a stale index (other
@@ -238,6 +247,9 @@ def test_index_then_attribute_from_the_index(tmp_path, tiny_tokenizer, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "differ from the indexed" in err[0]
     assert main([*base, "--out", str(tmp_path / "y"), "--index", str(tmp_path / "idx"), "--method", "kfac"]) == 2
+    # without --method, the index's own curvature
+    assert main([*base[:-2], "--out", str(tmp_path / "z"), "--index", str(tmp_path / "idx")]) == 0
+    assert (tmp_path / "z" / "influence-ekfac.json").is_file()
 
 
 @pytest.mark.parametrize("flags_after", [False, True])

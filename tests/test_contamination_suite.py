@@ -523,3 +523,15 @@ def test_suite_tables_render_a_complete_design_and_the_validation_seeds(tmp_path
         assert "k_half" not in preview
     finally:
         core.clear_cache()
+
+
+def test_lancets_default_ranking_is_what_the_committed_suite_rule_gives():
+    """Issue 36 item 6: the default follows the rule on the committed validation stages; a new validation seed that
+    changes the winner makes this fail until lancet.constants.DEFAULT_METHOD follows it."""
+    from benchmarks.contamination_suite.suite import default_method
+    from lancet.constants import DEFAULT_METHOD
+
+    rule = default_rule()
+    assert rule["waiting_for"] == [] and set(rule["per_design"]) == {"lexical", "disjoint", "demo"}
+    assert rule["method"] == DEFAULT_METHOD == default_method() == "repsim"
+    assert rule["mean_ap"]["repsim"] == pytest.approx(0.8333, abs=1e-4)

@@ -28,6 +28,22 @@ def test_run_config_round_trip_and_relative_paths(tmp_path: Path) -> None:
     assert RunConfig.from_json(c.to_json()) == c
 
 
+def test_a_config_without_a_method_gets_the_default_or_linfac_where_it_needs_gradients():
+    from lancet.influence import InfluenceArgs
+    from lancet.influence.arguments import default_method
+
+    base = {"model": "m", "train": "t.jsonl", "iqs": "q.jsonl", "out": "run"}
+    assert InfluenceArgs().method == default_method() == RunConfig.from_json(base).influence["method"] == "repsim"
+    # what only a gradient has: a measurement other than the answer, an index, a contrast response
+    assert default_method("first_tokens:8") == default_method(needs_gradients=True) == "linfac"
+    assert RunConfig.from_json({**base, "influence": {"measurement": "first_tokens:8"}}).influence["method"] == "linfac"
+    assert RunConfig.from_json({**base, "index": {"rank": 4}}).influence["method"] == "linfac"
+    assert RunConfig.from_json({**base, "contrast_response": "No."}).influence["method"] == "linfac"
+    # a named method is kept, and the resolved config round-trips
+    named = RunConfig.from_json({**base, "influence": {"method": "ekfac", "measurement": "first_tokens:8"}})
+    assert named.influence["method"] == "ekfac" and RunConfig.from_json(named.to_json()) == named
+
+
 @pytest.mark.parametrize(("patch", "message"), [
     ({"colour": 1}, "unknown key(s) colour"),
     ({"iq_prompts": "p.jsonl"}, "exactly one of 'iqs'"),

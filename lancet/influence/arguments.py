@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lancet.constants import DEFAULT_METHOD, GRADIENT_DEFAULT_METHOD
 from lancet.curvature.estimators import METHODS
 from lancet.curvature.task import FISHER_MODES
 from lancet.errors import LancetError
@@ -16,9 +17,17 @@ from lancet.options import check_option_types, options_from_json
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
+def default_method(measurement: str = "answer", needs_gradients: bool = False) -> str:
+    """The method a run uses when it names none: ``DEFAULT_METHOD`` (RepSim: chosen by the contamination suite's
+    rule, docs/method.md 5.6), or ``GRADIENT_DEFAULT_METHOD`` (LinFAC) when the run asks for something only a gradient
+    method has: a query ``measurement`` other than the whole answer, or (``needs_gradients``) an index, a contrast
+    response, checkpoints or Adam's normalisation."""
+    return GRADIENT_DEFAULT_METHOD if needs_gradients or measurement != "answer" else DEFAULT_METHOD
+
+
 @dataclass
 class InfluenceArgs:
-    method: str = "linfac"
+    method: str = DEFAULT_METHOD  # lancet.constants: chosen by the contamination suite's rule
     damping: float | None = None  # None: 0.1 x the mean eigenvalue of each layer
     modules: str | list[str] = "blocks"  # "blocks", "blocks+lm_head", or regexes over module names
     fisher: str = "sampled"  # "sampled" (true Fisher = GGN, one label draw per token) or "empirical"

@@ -109,6 +109,8 @@ def collect(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
     images: dict[str, str] = {}
     # a `lancet run` directory: its main method first, the ones it ranked only for comparison after it
     influence_config = (_read_json(run / "run_config.json") or {}).get("influence")
+    # a config that names no method ranked with LinFAC before the default became RepSim (2026-12-06); since then the
+    # run writes the method it resolved into run_config.json
     main = influence_config.get("method", "linfac") if isinstance(influence_config, dict) else None
     for method in sorted(methods(run, "influence-", ".json"), key=lambda m: m != main):
         entry, image = _influence(run, method)
