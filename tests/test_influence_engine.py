@@ -543,6 +543,13 @@ def test_range_rtol_reaches_linfac_ranges_and_the_curvature_fingerprint(llama, t
 # 10. options -----------------------------------------------------------------------------------------------------
 
 
+def test_influence_without_a_method_takes_the_default_or_linfac_for_a_measurement(llama_model):
+    assert Influence(llama_model).args.method == "repsim"
+    assert Influence(llama_model, measurement="first_tokens:2").args.method == "linfac"
+    assert Influence(llama_model, measurement="first_tokens:2", method="ekfac").args.method == "ekfac"
+    assert Influence(llama_model, InfluenceArgs(method="kfac")).args.method == "kfac"
+
+
 def test_args_json_round_trip():
     args = InfluenceArgs(method="ekfac", damping=1e-3, modules=[r"q_proj", r"down_proj"], fisher="empirical",
                          fisher_samples=2, batch_size=3, query_rank=4, dtype="float64", per_layer=True,

@@ -427,5 +427,4 @@ def _validate_counterfactual(cf, selected) -> list[str]:
 
 
 __all__ = ["FAMILIES", "FAMILY_NAMES", "SUITE", "build_suite", "counterfactual_ks", "default_method", "default_rule",
-           "design_entry",
-           "family", "recall_preview", "select_on_validation", "validate_suite", "write_suite"]
+           "design_entry", "family", "recall_preview", "select_on_validation", "validate_suite", "write_suite"]

@@ -31,7 +31,7 @@ from lancet.curvature.fit import CURVATURE_OPTIONS, Curvature, data_fingerprint,
 from lancet.curvature.modules import find_tracked_layers
 from lancet.errors import LancetError, NonFiniteError
 from lancet.hardware import model_device
-from lancet.influence.arguments import InfluenceArgs
+from lancet.influence.arguments import InfluenceArgs, default_method
 from lancet.influence.bm25 import bm25_scores
 from lancet.influence.gradient_scale import GradientScale, check_scaled_method
 from lancet.influence.index import IndexArgs
@@ -81,6 +81,10 @@ class Influence:
         dist.init_from_env()
         self.model = model
         self.tokenizer, self.max_length = tokenizer, max_length
+        if args is None and "method" not in options:  # a measurement or Adam's scale needs a gradient method
+            spec = measurement if isinstance(measurement, str) else options.get("measurement", "answer")
+            user_measurement = measurement is not None and not isinstance(measurement, str)
+            options["method"] = default_method(spec, user_measurement or gradient_scale is not None)
         self.args = args or InfluenceArgs(**options)
         if isinstance(measurement, str):  # a built-in by name ("first_tokens:8")
             self.args, measurement = replace(self.args, measurement=measurement), None
