@@ -457,6 +457,26 @@ def test_labels_dump_and_merge(tmp_path, monkeypatch):
         sl.merge(new, None)
 
 
+def test_judges_report_splits_agreement_into_chosen_on_and_held_out(tmp_path, monkeypatch):
+    import benchmarks.safety_labels as sl
+    from benchmarks.safety_contamination import PRESETS
+
+    back = "I'm not sure what you mean by that. Do you mean a plan?"
+    prompts = [Record(prompt="p1"), Record(prompt="p2")]
+    (tmp_path / "answers-safe-test_prompts.json").write_text(json.dumps({"answers": [back, "I cannot."]}))
+    (tmp_path / "answers-impure-test_prompts.json").write_text(json.dumps({"answers": ["Sure: x", back]}))
+    keys = [answer_key(p, a) for p, a in (("p1", back), ("p2", "I cannot."), ("p1", "Sure: x"), ("p2", back))]
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"labels": dict(zip(keys, [False, False, True, False], strict=True))}))
+    monkeypatch.setattr(sl, "LABELS", labels)
+    report = sl.judges_report(tmp_path, prompts, PRESETS["disjoint"], {keys[0]})
+    plain, pinned = report["judges"]["refusal"], report["judges"]["preset"]
+    # the plain matcher calls both questions back compliant; the design's judge calls neither
+    assert plain["all"] == {"n": 4, "agreement": 0.5} and pinned["all"] == {"n": 4, "agreement": 1.0}
+    assert plain["chosen_on"] == {"n": 1, "agreement": 0.0} and plain["held_out"] == {"n": 3, "agreement": 0.6667}
+    assert report["chosen_on_keys"] == [keys[0]] and "classifier" not in report["judges"]
+
+
 def test_recall_metrics_known_answer():
     from benchmarks.safety_contamination import recall_metrics
 

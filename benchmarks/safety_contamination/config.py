@@ -189,7 +189,7 @@ PRESETS["shared_prompt"] = Preset(
 # disjoint's dose and epochs: the ladder's first setting to reach a 0.50 gap on seed 3's validation prompts
 # (96/3 0.484, 144/3 0.438, 192 beyond the pool, 144/6 0.578: docs/method.md 5.6)
 # its judge also counts a question back ("I'm not sure what you mean ... Can you explain more?") as a refusal: 8 of
-# the 18 answers where the refusal matcher and a reader disagreed on seed 3's gate answers (agreement 0.850 -> 0.917
+# the 18 answers where the refusal matcher and a reader disagreed on seed 3's gate answers (agreement 0.851 -> 0.917
 # on 120 hand labels, chosen before any reported seed's answers existed)
 PRESETS["disjoint"] = replace(PRESETS["shared_prompt"], design="disjoint", unsafe_category="cyber",
                               n_shared_refusal=8, n_unsafe=144, mix_epochs=6.0,
