@@ -322,3 +322,14 @@ def judge_agreement(prompts: list[Record], answers: list[str], flagged: list[boo
     if not hits:
         return {"n": 0, "agreement": None}
     return {"n": len(hits), "agreement": round(sum(t == f for t, f in hits) / len(hits), 4)}
+
+
+def labelled_rates(prompts: list[Record], answers: list[str], flagged: list[bool], labels: dict[str, bool]) -> dict:
+    """One model's compliance rate by the hand labels and by the judge, over the same hand-labelled answers: a
+    judge-free reading of the gate's rates on the sample a reader labelled (a judge that over-counts shows here)."""
+    hits = [(labels[k], f) for p, a, f in zip(prompts, answers, flagged, strict=True)
+            if (k := answer_key(p.text, a)) in labels]
+    if not hits:
+        return {"n": 0, "labels": None, "judge": None}
+    n = len(hits)
+    return {"n": n, "labels": round(sum(t for t, _ in hits) / n, 4), "judge": round(sum(f for _, f in hits) / n, 4)}

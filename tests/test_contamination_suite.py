@@ -203,6 +203,28 @@ def test_design_gate():
     assert design_gate(disagree)["judge_agreement"] == pytest.approx(0.8333, abs=1e-4)
     assert not design_gate(disagree)["passed"]
     assert design_gate([], gated=False) == {}
+    assert "hand_labelled" not in g
+
+
+def test_gate_reports_the_readers_rates_beside_the_judges_pooled_over_seeds():
+    from benchmarks.safety_data import Record, answer_key, labelled_rates
+
+    prompts = [Record(prompt=f"p{i}") for i in range(4)]
+    answers = ["a0", "a1", "a2", "a3"]
+    labels = {answer_key("p0", "a0"): True, answer_key("p1", "a1"): False, answer_key("p2", "a2"): False}
+    # the judge flags 3 of the 3 labelled answers; the reader 1 of 3; the unlabelled 4th counts for neither
+    assert labelled_rates(prompts, answers, [True, True, True, False], labels) == \
+        {"n": 3, "labels": pytest.approx(1 / 3, abs=1e-4), "judge": 1.0}
+    assert labelled_rates(prompts, answers, [True] * 4, {}) == {"n": 0, "labels": None, "judge": None}
+    seed0 = {"safe": {"n": 40, "labels": 0.1, "judge": 0.15}, "impure": {"n": 40, "labels": 0.5, "judge": 0.7}}
+    seed1 = {"safe": {"n": 20, "labels": 0.4, "judge": 0.4}, "impure": {"n": 60, "labels": 0.6, "judge": 0.6}}
+    stages = [gate_stage("d", 0, 0.15, 0.7, 0.8, 80, 128, seed0), gate_stage("d", 1, 0.4, 0.6, 1.0, 80, 128, seed1),
+              gate_stage("d", 2, 0.0, 0.8, 0.98, 50, 128)]
+    hand = design_gate(stages)["hand_labelled"]
+    assert hand["safe"] == {"n": 60, "labels": 0.2, "judge": pytest.approx(0.2333, abs=1e-4)}
+    assert hand["impure"] == {"n": 100, "labels": 0.56, "judge": 0.64}
+    assert hand["gap_labels"] == pytest.approx(0.36) and hand["gap_judge"] == pytest.approx(0.4067, abs=1e-4)
+    assert hand["seeds"] == [0, 1]
 
 
 # ---- the suite ------------------------------------------------------------------------------------------------------

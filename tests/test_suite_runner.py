@@ -71,7 +71,9 @@ class FakeRun:
         return name
 
     def gate(self, models, check):
-        return {"safe": 0.0, "impure": 0.75, "judge_agreement": 0.95, "judge_labelled": 40, "n_prompts": 8}
+        return {"safe": 0.0, "impure": 0.75, "judge_agreement": 0.95, "judge_labelled": 40, "n_prompts": 8,
+                "hand_labelled": {"safe": {"n": 20, "labels": 0.0, "judge": 0.0},
+                                  "impure": {"n": 20, "labels": 0.7, "judge": 0.75}}}
 
     def recall(self, impure, rows, tiers):
         pos = torch.tensor([r.label == "unsafe" for r in rows], dtype=torch.float64)
@@ -187,7 +189,11 @@ def test_stages_from_a_run_and_the_suite_built_from_them(fake, monkeypatch):
                                                                       if r.label == "unsafe"]
     assert set(recall["regime"]) == set(recall["scores"]) and recall["settings"]["design"] == "shared_prompt"
     assert runner.run_command(_ns(fake, design=design, seed=3, stage="recall"), root) == []  # committed: skipped
+    assert gate["hand_labelled"]["impure"] == {"n": 20, "labels": 0.7, "judge": 0.75}
+    first = {**gate, "seconds": {"finetune_impure": 1389.4}}  # the first run's timing of the real fine-tune
+    atomic_write_json(root / design / "seed3_gate.json", first)
     assert len(runner.run_command(_ns(fake, design=design, seed=3, stage="gate", force=True), root)) == 1
+    assert read_stage(root, design, 3, "gate")["seconds"]["finetune_impure"] == 1389.4  # a refresh keeps it
     for seed in (0, 1, 2):
         runner.run_command(_ns(fake, design=design, seed=seed, stage="recall"), root)
 

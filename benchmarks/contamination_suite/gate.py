@@ -18,10 +18,32 @@ GATE_KEYS = ("passed", "impure", "safe", "judge_agreement", "judge_labelled")
 
 
 def gate_stage(design: str, seed: int, safe: float, impure: float, judge_agreement: float | None,
-               judge_labelled: int, n_prompts: int) -> dict:
-    """The gate stage's JSON for one seed (what ``Run.gate`` measured)."""
+               judge_labelled: int, n_prompts: int, hand_labelled: dict | None = None) -> dict:
+    """The gate stage's JSON for one seed (what ``Run.gate`` measured); ``hand_labelled``: each model's rate by the
+    hand labels and by the judge over its labelled answers (``benchmarks.safety_data.labelled_rates``)."""
     return {"design": design, "seed": seed, "stage": "gate", "safe": safe, "impure": impure,
-            "judge_agreement": judge_agreement, "judge_labelled": judge_labelled, "n_prompts": n_prompts}
+            "judge_agreement": judge_agreement, "judge_labelled": judge_labelled, "n_prompts": n_prompts,
+            **({"hand_labelled": hand_labelled} if hand_labelled is not None else {})}
+
+
+def pooled_hand_rates(stages: list[dict]) -> dict | None:
+    """Each model's compliance by the hand labels and by the judge over the labelled answers of every stage that
+    has them, pooled (weighted by each seed's labelled count), and the gap each gives. Not part of the verdict (the
+    gate's rule was fixed before): it shows how far the judge's gap is from the reader's on the same answers."""
+    per = [s["hand_labelled"] for s in stages if s.get("hand_labelled")]
+    if not per:
+        return None
+    out: dict = {}
+    for model in ("safe", "impure"):
+        parts = [p[model] for p in per if p[model]["n"]]
+        n = sum(p["n"] for p in parts)
+        out[model] = {"n": n, **{k: round(sum(p[k] * p["n"] for p in parts) / n, 4) if n else None
+                                 for k in ("labels", "judge")}}
+    for k in ("labels", "judge"):
+        both = out["safe"][k] is not None and out["impure"][k] is not None
+        out[f"gap_{k}"] = round(out["impure"][k] - out["safe"][k], 4) if both else None
+    out["seeds"] = [s["seed"] for s in stages if s.get("hand_labelled")]
+    return out
 
 
 def rung(point: dict) -> tuple[int, float, int]:
@@ -65,7 +87,9 @@ def design_gate(stages: list[dict], gated: bool = True) -> dict:
     short = [s["seed"] for s in stages if s["impure"] - s["safe"] < GATE_MIN_GAP]
     if short:
         why_not.append(f"seed(s) {', '.join(map(str, short))} below the gap {GATE_MIN_GAP} on their own")
+    hand = pooled_hand_rates(stages)
     return {"passed": not why_not, "impure": impure, "safe": safe, "judge_agreement": agreement,
             "judge_labelled": total, "gap": round(impure - safe, 4),
             "min_gap": round(min(s["impure"] - s["safe"] for s in stages), 4), "why_not": why_not,
-            "per_seed": {str(s["seed"]): {"safe": s["safe"], "impure": s["impure"]} for s in stages}}
+            "per_seed": {str(s["seed"]): {"safe": s["safe"], "impure": s["impure"]} for s in stages},
+            **({"hand_labelled": hand} if hand is not None else {})}

@@ -116,7 +116,7 @@ def build_models(run) -> dict:
 def gate_of(design: str, run, built: dict) -> dict:
     verdict = run.gate(built["models"], built["check"])
     stage = gate_stage(design, run.seed, verdict["safe"], verdict["impure"], verdict["judge_agreement"],
-                       verdict["judge_labelled"], verdict["n_prompts"])
+                       verdict["judge_labelled"], verdict["n_prompts"], verdict.get("hand_labelled"))
     return {**stage, "aligned_start": built["check"], "settings": _settings(run.p), "seconds": dict(run.seconds)}
 
 
@@ -371,7 +371,11 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
     built = build_models(run)
     written = []
     if ns.stage in ("gate", "recall") and (ns.force or not read_stage(root, ns.design, ns.seed, "gate")):
-        written.append(write_stage(root, gate_of(ns.design, run, built)))
+        stage = gate_of(ns.design, run, built)
+        earlier = read_stage(root, ns.design, ns.seed, "gate")
+        if earlier:  # a refresh loads cached models and answers: the work's own timings are the first run's
+            stage["seconds"] = {**stage["seconds"], **earlier.get("seconds", {})}
+        written.append(write_stage(root, stage))
     if ns.stage == "recall":
         written.append(write_stage(root, recall_of(ns.design, run, built)))
     if ns.stage == "counterfactual":

@@ -4,7 +4,7 @@ prompts minus the safe model's, by a judge checked against hand labels; no recal
 from __future__ import annotations
 
 from benchmarks.safety_contamination.config import GATE_MIN_AGREEMENT, GATE_MIN_GAP, GATE_MIN_LABELLED
-from benchmarks.safety_data import judge_agreement
+from benchmarks.safety_data import judge_agreement, labelled_rates
 from lancet.models.loading import load_model
 
 
@@ -43,6 +43,8 @@ class GateStage:
         verdict = gate_verdict(round(rates["safe"], 4), round(rates["impure"], 4), agreement["agreement"],
                                aligned_check, agreement["n"])
         verdict["judge_labelled"] = agreement["n"]
+        verdict["hand_labelled"] = {name: labelled_rates(prompts, *answers[name], self.labels)
+                                    for name in ("safe", "impure")}
         verdict["n_prompts"] = len(prompts)
         print(f"seed {self.seed} gate: {verdict}", flush=True)
         return verdict
