@@ -352,6 +352,22 @@ def test_a_failed_gate_is_reported_as_failed(tmp_path):
         write_stage(tmp_path, gate_stage("tiny", s, 0.0, 0.2, 0.95, 40, 64))
     d = build_suite(tmp_path, {"tiny": TINY}, n_boot=50, default="linfac")["designs"]["tiny"]
     assert d["gate"]["passed"] is False and d["recall"] == {} and "gate failed" in d["note"]
+    assert "recall_gate_failed" not in d  # nothing ranked yet
+
+
+def test_a_design_failed_on_its_judge_keeps_its_rankings_apart_and_uncounted(tmp_path):
+    for s in TINY.seeds:  # the gap clears 0.40; the judge agrees on 0.80 of 120 labels
+        write_stage(tmp_path, gate_stage("tiny", s, 0.1, 0.6, 0.8, 40, 64))
+    for s in TINY.validation_seeds + TINY.seeds:
+        write_stage(tmp_path, _stage(s))
+    suite = build_suite(tmp_path, {"tiny": TINY}, n_boot=50, default="linfac")
+    d = suite["designs"]["tiny"]
+    assert d["recall"] == {} and d["selected"] is None and "judge agreement 0.80 < 0.85" in d["note"]
+    shown = d["recall_gate_failed"]
+    assert shown["selected"] == "linfac" and shown["seeds"] == list(TINY.seeds)
+    assert shown["recall"]["linfac"]["ap_mean"] > shown["recall"]["random"]["ap_mean"]
+    assert validate_suite(suite) == [] and suite["partial"] == {}
+    assert default_rule(tmp_path, {"tiny": TINY})["left_out"] == {"tiny": "its gate failed on the reported seeds"}
 
 
 def test_a_ladder_that_ends_below_the_gate_reports_the_design_failed(tmp_path):

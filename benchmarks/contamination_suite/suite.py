@@ -168,7 +168,8 @@ def _lacking_methods(root: Path, design: Design) -> list[str]:
 def design_entry(design: Design, root: Path = STAGE_DIR, n_boot: int = N_BOOT, default: str | None = None
                  ) -> tuple[dict | None, list[str]]:
     """(the design's object of the suite JSON, or None; what it still lacks). A design whose gate failed is
-    complete with its gate alone: it is reported as failed, with no recall."""
+    complete with its gate alone: it is reported as failed, with no recall; where its seeds were ranked anyway,
+    their recall is kept apart under ``recall_gate_failed`` (shown, never counted)."""
     gate = {}
     if design.gated:
         gates = [read_stage(root, design.name, s, "gate") for s in design.seeds]
@@ -184,8 +185,17 @@ def design_entry(design: Design, root: Path = STAGE_DIR, n_boot: int = N_BOOT, d
     entry = {"lexical": design.lexical, "gate": gate, "validation_seeds": list(design.validation_seeds),
              "seeds": list(design.seeds)}
     if design.gated and not gate["passed"]:
-        return {**entry, "max_ngram_overlap": None, "selected": None, "recall": {}, "counterfactual": {},
-                "note": "the causation gate failed: " + "; ".join(gate["why_not"])}, []
+        failed = {**entry, "max_ngram_overlap": None, "selected": None, "recall": {}, "counterfactual": {},
+                  "note": "the causation gate failed: " + "; ".join(gate["why_not"])}
+        reported = [read_stage(root, design.name, s, "recall") for s in design.seeds]
+        validation = [read_stage(root, design.name, s, "recall") for s in design.validation_seeds]
+        if all(r is not None for r in reported + validation):
+            # shown, never counted (recall stays empty: no win, no default): what a reader of the failure asks next
+            failed["recall_gate_failed"] = {"validation_seeds": list(design.validation_seeds),
+                                            "seeds": list(design.seeds),
+                                            **_recall_part(reported, _selected(root, design), n_boot,
+                                                           default or default_method())}
+        return failed, []
     missing = _missing(root, design)
     if missing:
         return None, missing

@@ -167,7 +167,11 @@ def _suite_design(name: str) -> Callable[[], str]:
             return f"_Pending: {len(lacking)} stage files ({', '.join(lacking[:4])}{more})._"
         d = suite["designs"][name]
         if not d["recall"]:
-            return f"_Reported as failed: {d.get('note', 'no recall')}._"
+            failed = f"_Reported as failed: {d.get('note', 'no recall')}._"
+            if d.get("recall_gate_failed"):
+                failed += ("\n\nWhat its reported seeds' rankings give all the same (not counted: no method wins "
+                           "on a design whose gate failed):\n\n" + _suite_recall(d["recall_gate_failed"]))
+            return failed
         cf = [[m, k, run["k"], f(run.get("recovered_mean")), _ci(run.get("recovered_ci"))]
               for m, runs in d["counterfactual"].items() for k, run in runs.items()]
         return _suite_recall(d) + "\n\n" + md(["retrained without", "k", "rows", "recovered", "95 % CI"], cf)
