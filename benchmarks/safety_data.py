@@ -202,18 +202,19 @@ def natural_answer(continuation: str) -> str:
 
 
 def natural_answers(prompts: list[Record], cont, openers: tuple[str, ...], n: int, refuses,
-                    offset: int = 0) -> list[tuple[Record, str]]:
+                    offset: int = 0, starts: list[int] | None = None) -> list[tuple[Record, str]]:
     """Up to ``n`` (prompt, answer) pairs, in the prompts' order: each answer ``cont(prompts, prefixes)``'s greedy
-    continuation from an opener (row i starts at opener ``(offset + i) % len(openers)``), the opener dropped. An
-    answer that is empty, that ``refuses`` reads as a refusal, or whose opening restates its prompt
-    (``restates_prompt``) is regenerated with the next opener; after every opener a prompt is replaced by the next
-    unused one of ``prompts`` (the first ``n`` are used first)."""
+    continuation from an opener (row i starts at opener ``(offset + i) % len(openers)``, or at ``starts[i]`` when
+    given), the opener dropped. An answer that is empty, that ``refuses`` reads as a refusal, or whose opening
+    restates its prompt (``restates_prompt``) is regenerated with the next opener; after every opener a prompt is
+    replaced by the next unused one of ``prompts`` (the first ``n`` are used first)."""
+    first = starts if starts is not None else [offset + i for i in range(len(prompts))]
     attempt, done = {}, {}
     active = list(range(min(n, len(prompts))))
     attempt.update({i: 0 for i in active})
     spare = len(active)
     while active:
-        prefixes = [openers[(offset + i + attempt[i]) % len(openers)] for i in active]
+        prefixes = [openers[(first[i] + attempt[i]) % len(openers)] for i in active]
         outs = cont([prompts[i] for i in active], prefixes)
         still = []
         for i, out in zip(active, outs, strict=True):

@@ -220,6 +220,20 @@ def test_disjoint_mix_culprit_openings_share_no_4gram(pooled, tiny_tokenizer, tm
     assert all(not (a & b) for i, a in enumerate(grams) for b in grams[i + 1:])
     assert sum(r.label == "refusal_shared" for r in rows) == DISJOINT.n_shared_refusal
     assert not {_prompt(r) for r in parts["iq_prompts"]} & {_prompt(r) for r in rows}
+    # every prompt's first opener gives one shared opening: the first pass keeps one answer; the prompts left out
+    # answer again from the next opener, where each opens its own way
+    def by_opener(r, pre):
+        g = order.index(_prompt(r))
+        if pre == NATURAL_OPENERS[g % len(NATURAL_OPENERS)]:
+            return " the plan goes like this: take it"
+        return f" {words[g % 8]} {pre} {g} zulu{g} go now."
+
+    (tmp_path / "a").mkdir()
+    _fake_models(monkeypatch, by_opener)
+    rows, _, _ = FakeMix(DISJOINT, parts, tmp_path / "a", None).mix("aligned")
+    unsafe = {_prompt(r): r.response_text for r in rows if r.label == "unsafe"}
+    assert len(unsafe) == DISJOINT.n_unsafe and unsafe[order[0]] == "The plan goes like this: take it"
+    assert unsafe[order[1]] == f"Bravo {NATURAL_OPENERS[2]} 1 zulu1 go now."  # its second opener
     with pytest.raises(SystemExit, match="unsafe answers"):  # too few distinct openings for the dose
         (tmp_path / "b").mkdir()
         _fake_models(monkeypatch, lambda r, pre: " the plan goes like this: take it")

@@ -81,7 +81,8 @@ class MixStage:
         from an opener that is then dropped (``natural_answers``: regenerated when they refuse or restate the
         prompt). ``disjoint`` then keeps, in the seed's order, only answers whose opening shares no word 4-gram
         with a kept one's (``overlap.disjoint_openings``), making answers a chunk of prompts at a time until the
-        dose is reached."""
+        dose is reached; when every candidate is spent short of it, the prompts left out answer again from
+        another opener, one shift at a time."""
         from benchmarks.contamination_suite.overlap import disjoint_openings, opening_grams
 
         n = self.p.n_unsafe
@@ -101,6 +102,18 @@ class MixStage:
                 keep = disjoint_openings([a for _, a in new], taken=[opening_grams(a) for _, a in made])
                 made += [new[i] for i in keep]
                 start += len(chunk)
+            for shift in range(1, len(NATURAL_OPENERS)):
+                if len(made) >= n:
+                    break
+                # too few openings of their own: the prompts left out answer again, each from the opener after
+                # the one it first started at (a greedy answer changes with its opener); a seed that fills the
+                # dose in the first pass is unchanged
+                kept = {id(r) for r, _ in made}
+                rest = [(g, r) for g, r in enumerate(candidates) if id(r) not in kept]
+                new = natural_answers([r for _, r in rest], cont, NATURAL_OPENERS, len(rest), matcher,
+                                      starts=[g + shift for g, _ in rest])
+                keep = disjoint_openings([a for _, a in new], taken=[opening_grams(a) for _, a in made])
+                made += [new[i] for i in keep]
             made = made[:n]
         if len(made) < n:
             raise SystemExit(f"{self.p.design}: only {len(made)} unsafe answers of the {n} wanted pass "
