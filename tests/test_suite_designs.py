@@ -222,8 +222,13 @@ def test_disjoint_mix_culprit_openings_share_no_4gram(pooled, tiny_tokenizer, tm
     assert not {_prompt(r) for r in parts["iq_prompts"]} & {_prompt(r) for r in rows}
     # every prompt's first opener gives one shared opening: the first pass keeps one answer; the prompts left out
     # answer again from the next opener, where each opens its own way
+    asked = []
+
     def by_opener(r, pre):
         g = order.index(_prompt(r))
+        asked.append(g)
+        if g == 2:  # refuses from every opener: spent in the first pass, never asked again
+            return " I'm sorry, but I cannot help with that."
         if pre == NATURAL_OPENERS[g % len(NATURAL_OPENERS)]:
             return " the plan goes like this: take it"
         return f" {words[g % 8]} {pre} {g} zulu{g} go now."
@@ -234,6 +239,7 @@ def test_disjoint_mix_culprit_openings_share_no_4gram(pooled, tiny_tokenizer, tm
     unsafe = {_prompt(r): r.response_text for r in rows if r.label == "unsafe"}
     assert len(unsafe) == DISJOINT.n_unsafe and unsafe[order[0]] == "The plan goes like this: take it"
     assert unsafe[order[1]] == f"Bravo {NATURAL_OPENERS[2]} 1 zulu1 go now."  # its second opener
+    assert order[2] not in unsafe and asked.count(2) == len(NATURAL_OPENERS)
     with pytest.raises(SystemExit, match="unsafe answers"):  # too few distinct openings for the dose
         (tmp_path / "b").mkdir()
         _fake_models(monkeypatch, lambda r, pre: " the plan goes like this: take it")

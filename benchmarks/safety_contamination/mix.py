@@ -95,25 +95,28 @@ class MixStage:
         if self.p.design == "shared_prompt":
             made = natural_answers(candidates, cont, NATURAL_OPENERS, n, matcher)
         else:
-            made, start = [], 0
+            made, start, answered = [], 0, set()
             while len(made) < n and start < len(candidates):
                 chunk = candidates[start:start + n]
                 new = natural_answers(chunk, cont, NATURAL_OPENERS, len(chunk), matcher, offset=start)
                 keep = disjoint_openings([a for _, a in new], taken=[opening_grams(a) for _, a in made])
                 made += [new[i] for i in keep]
+                answered = {id(r) for r, _ in new} | answered
                 start += len(chunk)
             for shift in range(1, len(NATURAL_OPENERS)):
                 if len(made) >= n:
                     break
-                # too few openings of their own: the prompts left out answer again, each from the opener after
-                # the one it first started at (a greedy answer changes with its opener); a seed that fills the
-                # dose in the first pass is unchanged
+                # too few openings of their own: the prompts answered but left out answer again, each from the
+                # opener after the one it first started at (a greedy answer changes with its opener; a prompt
+                # that refused from every opener is spent); a seed that fills the dose in the first pass is
+                # unchanged
                 kept = {id(r) for r, _ in made}
-                rest = [(g, r) for g, r in enumerate(candidates) if id(r) not in kept]
+                rest = [(g, r) for g, r in enumerate(candidates) if id(r) in answered and id(r) not in kept]
                 new = natural_answers([r for _, r in rest], cont, NATURAL_OPENERS, len(rest), matcher,
                                       starts=[g + shift for g, _ in rest])
                 keep = disjoint_openings([a for _, a in new], taken=[opening_grams(a) for _, a in made])
                 made += [new[i] for i in keep]
+                answered = {id(r) for r, _ in new}
             made = made[:n]
         if len(made) < n:
             raise SystemExit(f"{self.p.design}: only {len(made)} unsafe answers of the {n} wanted pass "
