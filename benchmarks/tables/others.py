@@ -153,6 +153,37 @@ def suite_validation() -> str:
             + "\n\n".join(blocks))
 
 
+@table
+def suite_top_tiers() -> str:
+    """What each ranking's top |P| rows are, tier by tier, on disjoint's ranked seeds: whether a method finds the
+    compliant answers or only the harmful requests (refusals to harmful prompts are a tier of their own)."""
+    import torch
+
+    from benchmarks.contamination_suite.designs import DESIGNS
+
+    design, methods = DESIGNS["disjoint"], ("repsim", "bm25", "probe", "ekfac", "linfac", "classifier", "random")
+    rows, tier_names, seeds, n_pos = [], [], [], 0
+    for seed in design.validation_seeds + design.seeds:
+        try:
+            stage = load(f"contamination_suite/disjoint/seed{seed}_recall")
+        except Missing:
+            continue
+        seeds.append(seed)
+        tiers = stage["tiers"]
+        tier_names = tier_names or sorted(set(tiers), key=lambda t: (t != "unsafe", t))
+        n_pos = sum(t in stage["positive_tiers"] for t in tiers)
+        for m in methods:
+            top = torch.tensor(stage["scores"][m]).argsort(descending=True)[:n_pos].tolist()
+            rows.append([str(seed), m] + [str(sum(tiers[i] == t for i in top)) for t in tier_names])
+    if not rows:
+        return "(no disjoint seed ranked yet)"
+    totals = ", ".join(f"{t} {sum(x == t for x in tiers)}" for t in tier_names)
+    return (f"disjoint seeds {seeds} (validation {list(design.validation_seeds)}); each seed's rows: {totals}. "
+            f"How many rows of each tier each ranking puts in its top \\|P\\| ({n_pos}), from the committed recall "
+            "stages.\n\n"
+            + md(["seed", "ranking", *tier_names], rows))
+
+
 def _suite_design(name: str) -> Callable[[], str]:
     def render() -> str:
         suite = load("contamination_suite")
