@@ -573,3 +573,23 @@ def test_lancets_default_ranking_is_what_the_committed_suite_rule_gives():
     assert rule["waiting_for"] == [] and set(rule["per_design"]) == {"lexical", "disjoint", "demo"}
     assert rule["method"] == DEFAULT_METHOD == default_method() == "repsim"
     assert rule["mean_ap"]["repsim"] == pytest.approx(0.8333, abs=1e-4)
+
+
+def test_repsim_probe_is_the_mean_rank_percentile_and_never_selected():
+    from benchmarks.contamination_suite.behaviour import derived_rankings, rank_percentiles, selectable
+    from benchmarks.contamination_suite.stages import seed_scores
+
+    assert rank_percentiles(torch.tensor([0.3, -1.0, 2.0, 0.5], dtype=torch.float64)).tolist() == \
+        pytest.approx([1 / 3, 0.0, 1.0, 2 / 3])
+    # row 0: a harmful request refused (RepSim high, probe low); row 1: a benign compliant answer (the reverse);
+    # row 2: a culprit (both high); row 3: a benign refusal-like row (both low)
+    repsim = torch.tensor([0.9, 0.1, 0.95, 0.0], dtype=torch.float64)
+    probe = torch.tensor([-2.0, 1.5, 2.0, -1.0], dtype=torch.float64)
+    both = derived_rankings({"repsim": repsim, "probe": probe})["repsim_probe"]
+    assert both.tolist() == pytest.approx([1 / 3, 1 / 2, 1.0, 1 / 6])
+    assert derived_rankings({"repsim": repsim}) == {}
+    assert not selectable("repsim_probe") and not selectable("probe_d25") and selectable("probe")
+    # a stage with both gets it, and the validation choice never takes it even where it ranks best
+    stage = _stage(7, {**METHODS, "repsim": 2.0, "probe": 2.0})
+    assert "repsim_probe" in seed_scores(stage).methods
+    assert select_on_validation([stage], TINY) != "repsim_probe"

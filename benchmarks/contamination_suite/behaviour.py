@@ -32,6 +32,32 @@ CHECKPOINT_RANKINGS = ("linfac_behaviour_ckpt", "cosine_behaviour_adam_ckpt", "i
 REPORTED_CHECKPOINTS = False
 
 
+# rankings derived from a stage's committed scores to test a reading, never selected and never the default
+# (docs/method.md §5.6, H1: formed on seeds 3 and 0 of disjoint, tested on its seeds 1 and 2)
+HYPOTHESES = ("repsim_probe",)
+
+
+def rank_percentiles(scores: torch.Tensor) -> torch.Tensor:
+    """[N] each row's rank among ``scores`` as a fraction: 0 the lowest, 1 the highest (ties broken by position)."""
+    ranks = torch.empty_like(scores, dtype=torch.float64)
+    ranks[scores.argsort(stable=True)] = torch.arange(len(scores), dtype=torch.float64)
+    return ranks / max(len(scores) - 1, 1)
+
+
+def derived_rankings(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HYPOTHESES from the rankings they combine, where the stage has them: ``repsim_probe``, the mean of RepSim's and
+    the probe's rank percentiles (a harmful request, by RepSim, *and* a compliant answer, by the probe)."""
+    if "repsim" in scores and "probe" in scores:
+        return {"repsim_probe": (rank_percentiles(scores["repsim"]) + rank_percentiles(scores["probe"])) / 2}
+    return {}
+
+
+def selectable(method: str) -> bool:
+    """Whether a ranking may be selected on validation seeds or become the default: not an ablation that chose a
+    setting (``validation_only``), not a hypothesis under test (HYPOTHESES)."""
+    return not validation_only(method) and method not in HYPOTHESES
+
+
 def ablation_depths(validation: bool) -> tuple[float, ...]:
     """The depths besides BEHAVIOUR_DEPTH that a seed's behaviour rankings are also taken at: validation seeds only."""
     return tuple(d for d in VALIDATION_DEPTHS if d != BEHAVIOUR_DEPTH) if validation else ()

@@ -73,8 +73,11 @@ def recall_stage(design: str, seed: int, tiers: list[str], positive_tiers: tuple
 def seed_scores(stage: dict) -> SeedScores:
     """A recall stage as the bootstrap's input."""
     if "scores" in stage:
+        from benchmarks.contamination_suite.behaviour import derived_rankings
+
+        scores = {m: torch.tensor(v, dtype=torch.float64) for m, v in stage["scores"].items()}
         return SeedScores(stage["seed"], stage["tiers"], tuple(stage["positive_tiers"]),
-                          {m: torch.tensor(v, dtype=torch.float64) for m, v in stage["scores"].items()})
+                          {**scores, **derived_rankings(scores)})
     return SeedScores(stage["seed"], positive_tiers=tuple(stage.get("positive_tiers", ())), fixed=stage["metrics"])
 
 

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from benchmarks.common import RESULTS
-from benchmarks.contamination_suite.behaviour import validation_only
+from benchmarks.contamination_suite.behaviour import selectable, validation_only
 from benchmarks.contamination_suite.designs import (
     COUNTERFACTUAL_METHODS,
     DESIGNS,
@@ -36,7 +36,8 @@ from lancet.artifacts import atomic_write_json
 SUITE = RESULTS / "contamination_suite.json"
 FAMILY_NAMES = ("random", "classifier", "text", "representation", "gradient", "behaviour")
 FAMILIES = {"random": "random", "classifier": "classifier", "bm25": "text", "bm25_prompt": "text",
-            "repsim": "representation", "repsim_anchored": "representation", "probe": "behaviour"}
+            "repsim": "representation", "repsim_anchored": "representation", "probe": "behaviour",
+            "repsim_probe": "behaviour"}
 GRADIENT = ("identity", "cosine", "diagonal", "kfac", "ekfac", "linfac")
 WITHIN = 0.05  # "lancet's default is within 0.05 AP of the best method"
 
@@ -75,7 +76,7 @@ def select_on_validation(stages: list[dict], design: Design, candidates: list[st
         raise ValueError(f"{design.name}: no recall stage for validation seed(s) {lacking}")
     runs = [seed_scores(s) for s in stages]
     means = bootstrap(runs, n_boot=1).point
-    pool = candidates or [m for m in runs[0].methods if m != "random" and not validation_only(m)]
+    pool = candidates or [m for m in runs[0].methods if m != "random" and selectable(m)]
     return max(pool, key=lambda m: (means[m]["ap"], -pool.index(m)))
 
 
@@ -105,7 +106,7 @@ def default_rule(root: Path = STAGE_DIR, designs: dict[str, Design] | None = Non
         runs = [seed_scores(s) for s in stages]
         point = bootstrap(runs, n_boot=1).point
         per_design[name] = {m: round(point[m]["ap"], 4) for m in runs[0].methods
-                            if m not in ("random", "classifier") and not validation_only(m)}
+                            if m not in ("random", "classifier") and selectable(m)}
     common = set.intersection(*(set(v) for v in per_design.values())) if per_design else set()
     mean_ap = {m: round(sum(v[m] for v in per_design.values()) / len(per_design), 4) for m in sorted(common)}
     method = max(sorted(mean_ap), key=lambda m: mean_ap[m]) if mean_ap and not waiting else None
