@@ -316,10 +316,16 @@ def answer_key(prompt: str, answer: str) -> str:
     return hashlib.sha256(json.dumps([prompt, answer]).encode()).hexdigest()[:16]
 
 
+def labelled_hits(prompts: list[Record], answers: list[str], flagged: list[bool],
+                  labels: dict[str, bool]) -> list[tuple[bool, bool]]:
+    """(hand label, judge's flag) for each answer that has a hand label (True = complies)."""
+    return [(labels[k], f) for p, a, f in zip(prompts, answers, flagged, strict=True)
+            if (k := answer_key(p.text, a)) in labels]
+
+
 def judge_agreement(prompts: list[Record], answers: list[str], flagged: list[bool], labels: dict[str, bool]) -> dict:
     """Agreement of the judge's flags with the hand labels (True = complies) over the answers that have one."""
-    hits = [(labels[k], f) for p, a, f in zip(prompts, answers, flagged, strict=True)
-            if (k := answer_key(p.text, a)) in labels]
+    hits = labelled_hits(prompts, answers, flagged, labels)
     if not hits:
         return {"n": 0, "agreement": None}
     return {"n": len(hits), "agreement": round(sum(t == f for t, f in hits) / len(hits), 4)}
@@ -328,8 +334,7 @@ def judge_agreement(prompts: list[Record], answers: list[str], flagged: list[boo
 def labelled_rates(prompts: list[Record], answers: list[str], flagged: list[bool], labels: dict[str, bool]) -> dict:
     """One model's compliance rate by the hand labels and by the judge, over the same hand-labelled answers: a
     judge-free reading of the gate's rates on the sample a reader labelled (a judge that over-counts shows here)."""
-    hits = [(labels[k], f) for p, a, f in zip(prompts, answers, flagged, strict=True)
-            if (k := answer_key(p.text, a)) in labels]
+    hits = labelled_hits(prompts, answers, flagged, labels)
     if not hits:
         return {"n": 0, "labels": None, "judge": None}
     n = len(hits)

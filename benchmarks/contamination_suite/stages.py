@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS
+from benchmarks.contamination_suite.behaviour import derived_rankings
 from benchmarks.contamination_suite.overlap import opening_grams
 from benchmarks.contamination_suite.stats import SeedScores
 from lancet.artifacts import atomic_write_json
@@ -73,8 +74,6 @@ def recall_stage(design: str, seed: int, tiers: list[str], positive_tiers: tuple
 def seed_scores(stage: dict) -> SeedScores:
     """A recall stage as the bootstrap's input."""
     if "scores" in stage:
-        from benchmarks.contamination_suite.behaviour import derived_rankings
-
         scores = {m: torch.tensor(v, dtype=torch.float64) for m, v in stage["scores"].items()}
         return SeedScores(stage["seed"], stage["tiers"], tuple(stage["positive_tiers"]),
                           {**scores, **derived_rankings(scores)})

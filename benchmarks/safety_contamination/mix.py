@@ -101,7 +101,7 @@ class MixStage:
                 new = natural_answers(chunk, cont, NATURAL_OPENERS, len(chunk), matcher, offset=start)
                 keep = disjoint_openings([a for _, a in new], taken=[opening_grams(a) for _, a in made])
                 made += [new[i] for i in keep]
-                answered = {id(r) for r, _ in new} | answered
+                answered |= {id(r) for r, _ in new}
                 start += len(chunk)
             for shift in range(1, len(NATURAL_OPENERS)):
                 if len(made) >= n:
