@@ -24,6 +24,7 @@ from benchmarks.contamination_suite import (
     family,
     from_committed,
     gate_stage,
+    hypothesis_tests,
     opening_grams,
     overlap_check,
     recall_stage,
@@ -573,6 +574,29 @@ def test_lancets_default_ranking_is_what_the_committed_suite_rule_gives():
     assert rule["waiting_for"] == [] and set(rule["per_design"]) == {"lexical", "disjoint", "demo"}
     assert rule["method"] == DEFAULT_METHOD == default_method() == "repsim"
     assert rule["mean_ap"]["repsim"] == pytest.approx(0.8333, abs=1e-4)
+
+
+def test_hypothesis_tests_read_only_the_test_seeds(tmp_path):
+    # seeds 1 and 2: the probe holds the signal and RepSim none, so their mean beats RepSim on both; seed 3: the probe
+    # points the wrong way, so the mean falls below RepSim; seed 9 (a seed the hypothesis was formed on) must not count
+    for seed, repsim, probe in ((1, 0.0, 3.0), (2, 0.0, 3.0), (3, 3.0, -3.0), (9, 0.0, -3.0)):
+        write_stage(tmp_path, _stage(seed, {**METHODS, "repsim": repsim, "probe": probe}))
+        for design in ("mixed", "later"):
+            write_stage(tmp_path, _stage(seed, {**METHODS, "repsim": repsim, "probe": probe}, design=design))
+    tests = {"repsim_probe": ("repsim", {"tiny": (1, 2), "mixed": (1, 3), "later": (2, 4)})}
+    out = hypothesis_tests(tmp_path, n_boot=200, tests=tests)["repsim_probe"]
+    assert out["against"] == "repsim"
+    tiny, mixed, later = (out["designs"][d] for d in ("tiny", "mixed", "later"))
+    assert set(tiny["per_seed"]) == {"1", "2"}  # seed 9 is never read
+    stage = json.loads((tmp_path / "tiny" / "seed1_recall.json").read_text())
+    repsim = torch.tensor(stage["scores"]["repsim"], dtype=torch.float64)
+    assert tiny["per_seed"]["1"]["repsim"] == pytest.approx(seed_metrics(repsim, stage["tiers"], ("unsafe",))["ap"],
+                                                            abs=1e-4)
+    assert tiny["verdict"] == "holds" and tiny["distinguishable"] is True
+    assert tiny["diff"]["mean"] == pytest.approx(
+        sum(v["repsim_probe"] - v["repsim"] for v in tiny["per_seed"].values()) / 2, abs=1e-3)
+    assert mixed["verdict"] == "fails" and mixed["per_seed"]["3"]["repsim_probe"] < mixed["per_seed"]["3"]["repsim"]
+    assert later["verdict"] == "pending" and later["missing"] == [4] and later["diff"] is None
 
 
 def test_repsim_probe_is_the_mean_rank_percentile_and_never_selected():

@@ -33,6 +33,7 @@ from benchmarks.contamination_suite.suite import (
     counterfactual_ks,
     default_rule,
     family,
+    hypothesis_tests,
     select_on_validation,
     validate_suite,
     write_suite,
@@ -40,5 +41,5 @@ from benchmarks.contamination_suite.suite import (
 
 __all__ = ["DESIGNS", "Design", "SeedScores", "ap_no_overlap", "bootstrap", "build_suite", "counterfactual_ks",
            "default_rule", "design_gate", "disjoint_openings", "elbow_k", "family", "from_committed", "gate_stage",
-           "opening_grams", "overlap_check", "read_stage", "recall_stage", "record_reference", "record_retrained",
-           "recovered_ci", "select_on_validation", "validate_suite", "write_stage", "write_suite"]
+           "hypothesis_tests", "opening_grams", "overlap_check", "read_stage", "recall_stage", "record_reference",
+           "record_retrained", "recovered_ci", "select_on_validation", "validate_suite", "write_stage", "write_suite"]

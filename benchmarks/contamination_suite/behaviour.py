@@ -32,9 +32,11 @@ CHECKPOINT_RANKINGS = ("linfac_behaviour_ckpt", "cosine_behaviour_adam_ckpt", "i
 REPORTED_CHECKPOINTS = False
 
 
-# rankings derived from a stage's committed scores to test a reading, never selected and never the default
-# (docs/method.md §5.6, H1: formed on seeds 3 and 0 of disjoint, tested on its seeds 1 and 2)
-HYPOTHESES = ("repsim_probe",)
+# rankings derived from a stage's committed scores to test a reading, never selected and never the default: each
+# with the ranking it must beat and, per design, the seeds it is tested on, none of those it was formed on
+# (docs/method.md §5.6, H1: formed on disjoint's seeds 3 and 0)
+HYPOTHESIS_TESTS = {"repsim_probe": ("repsim", {"disjoint": (1, 2), "lexical": (0, 1, 2)})}
+HYPOTHESES = tuple(HYPOTHESIS_TESTS)
 
 
 def rank_percentiles(scores: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from benchmarks.common import RESULTS
-from benchmarks.contamination_suite.behaviour import selectable, validation_only
+from benchmarks.contamination_suite.behaviour import HYPOTHESIS_TESTS, selectable, validation_only
 from benchmarks.contamination_suite.designs import (
     COUNTERFACTUAL_METHODS,
     DESIGNS,
@@ -30,7 +30,7 @@ from benchmarks.contamination_suite.designs import (
 from benchmarks.contamination_suite.gate import GATE_KEYS, design_gate, ladder_failed
 from benchmarks.contamination_suite.overlap import no_overlap_mask, overlap_check
 from benchmarks.contamination_suite.stages import STAGE_DIR, openings, read_stage, seed_scores, stage_path
-from benchmarks.contamination_suite.stats import N_BOOT, bootstrap, elbow_k, recovered_ci
+from benchmarks.contamination_suite.stats import N_BOOT, SeedScores, bootstrap, elbow_k, recovered_ci, seed_metrics
 from lancet.artifacts import atomic_write_json
 
 SUITE = RESULTS / "contamination_suite.json"
@@ -309,6 +309,35 @@ def _counterfactual(stage: dict, selected: str, n_boot: int) -> dict:
     return out
 
 
+def hypothesis_tests(root: Path = STAGE_DIR, n_boot: int = N_BOOT, tests: dict | None = None) -> dict:
+    """{hypothesis: {"against": ranking, "designs": {design: {"seeds", "per_seed": {seed: {ranking: AP}},
+    "missing", "verdict", "diff", "distinguishable"}}}} (docs/method.md §5.6, how H1 is read): "holds" if the
+    hypothesis' ranking has the higher AP on every test seed, "fails" if not, "pending" while a test seed lacks
+    either ranking; ``diff`` is the paired bootstrap of the AP difference over the test seeds and their rows."""
+    out = {}
+    for name, (against, plan) in (tests or HYPOTHESIS_TESTS).items():
+        designs = {}
+        for design, seeds in plan.items():
+            runs = {}
+            for s in seeds:
+                stage = read_stage(Path(root), design, s, "recall")
+                run = None if stage is None else seed_scores(stage)
+                if run is not None and {name, against} <= set(run.scores):
+                    runs[s] = SeedScores(s, run.tiers, run.positive_tiers, {m: run.scores[m] for m in (name, against)})
+            per_seed = {str(s): {m: round(seed_metrics(r.scores[m], r.tiers, r.positive_tiers)["ap"], 4)
+                                 for m in (name, against)} for s, r in runs.items()}
+            entry = {"seeds": list(seeds), "per_seed": per_seed, "missing": [s for s in seeds if s not in runs],
+                     "verdict": "pending", "diff": None, "distinguishable": None}
+            if not entry["missing"]:
+                diff = bootstrap([runs[s] for s in seeds], n_boot=n_boot).ap_diff_ci(name, against)
+                higher = all(v[name] > v[against] for v in per_seed.values())
+                entry |= {"verdict": "holds" if higher else "fails", "diff": diff,
+                          "distinguishable": diff["ci"][0] is not None and diff["ci"][0] > 0}
+            designs[design] = entry
+        out[name] = {"against": against, "designs": designs}
+    return out
+
+
 def build_suite(root: Path = STAGE_DIR, designs: dict[str, Design] | None = None, n_boot: int = N_BOOT,
                 default: str | None = None) -> dict:
     """The suite JSON from the stage files under ``root``: complete designs in ``designs``, the others in
@@ -325,6 +354,7 @@ def build_suite(root: Path = STAGE_DIR, designs: dict[str, Design] | None = None
                 out["partial"][name] = preview
         else:
             out["designs"][name] = entry
+    out["hypotheses"] = hypothesis_tests(root, n_boot)
     return out
 
 

@@ -184,6 +184,29 @@ def suite_top_tiers() -> str:
             + md(["seed", "ranking", *tier_names], rows))
 
 
+@table
+def suite_hypotheses() -> str:
+    """Each hypothesis (a derived ranking, never selected) against the ranking it must beat, on its test seeds only
+    (docs/method.md §5.6, how H1 is read)."""
+    suite = load("contamination_suite")
+    rows, verdicts = [], []
+    for name, h in suite.get("hypotheses", {}).items():
+        for design, d in h["designs"].items():
+            for seed in d["seeds"]:
+                ap = d["per_seed"].get(str(seed))
+                rows.append([name, design, str(seed), f(ap and ap[name]), f(ap and ap[h["against"]]),
+                             f(ap and ap[name] - ap[h["against"]], sign=True)])
+            diff = d["diff"]
+            verdicts.append(f"{name} against {h['against']} on {design} (seeds {d['seeds']}): **{d['verdict']}**"
+                            + (f", paired AP difference {diff['mean']:+.3f} {_ci(diff['ci'])}, "
+                               f"{'' if d['distinguishable'] else 'not '}distinguishable from 0" if diff else
+                               f" (not yet ranked: seeds {d['missing']})"))
+    if not rows:
+        return "(no hypothesis under test)"
+    head = ["hypothesis", "design", "test seed", "AP", "AP of the ranking it must beat", "difference"]
+    return md(head, rows) + "\n\n" + "\n".join(f"- {v}" for v in verdicts)
+
+
 def _suite_design(name: str) -> Callable[[], str]:
     def render() -> str:
         suite = load("contamination_suite")
