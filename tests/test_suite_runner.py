@@ -19,6 +19,7 @@ from benchmarks.contamination_suite.behaviour import (
     behaviour_rankings,
     checkpoint_rankings,
 )
+from benchmarks.contamination_suite.correction import TUNING_LRS, TUNING_ROWS
 from benchmarks.contamination_suite.designs import DESIGNS
 from benchmarks.safety_contamination import PRESETS
 from lancet.artifacts import atomic_save_tensors, atomic_write_json
@@ -402,10 +403,11 @@ def test_correction_stage_from_the_committed_recall(fake, monkeypatch):
     rows retrain without the ranking's top |P| rows, and a rerun keeps what the stage file holds."""
     root, design = fake / "stages", "shared_prompt"
     runner.run_command(_ns(fake, design=design, seed=3, stage="recall"), root)
-    calls = []
+    calls, rates = [], []
 
     def correction(self, models, rows, tiers, shared, rows_path=None):
         calls.append(self.p.corrections)
+        rates.append(self.p.corr_lrs)
         impure = {"sets": _sets(0.6), "utility_loss_test": 0.0}
         kept = json.loads(rows_path.read_text())["rows"] if rows_path.is_file() else {}
         kept |= {"impure": impure, **{c: {"sets": _sets(0.2), "utility_loss_test": 0.01,
@@ -419,7 +421,7 @@ def test_correction_stage_from_the_committed_recall(fake, monkeypatch):
     monkeypatch.setattr(FakeRun, "validation_utility_loss", lambda self, models, path, name: 0.02, raising=False)
     path = runner.run_command(_ns(fake, design=design, seed=3, stage="correction",
                                   corrections="fx_default,filter_retrain_bm25"), root)[-1]
-    assert calls == [("fx_default",)]
+    assert calls == [("fx_default",)] and rates == [TUNING_LRS]  # the tuning seed runs the three rates
     ids = json.loads((fake / "runs" / "seed3" / "rankings.json").read_text())["ids"]
     recall = read_stage(root, design, 3, "recall")
     assert ids == [r.id for r in _rows()] and recall["row_ids"]
@@ -433,6 +435,43 @@ def test_correction_stage_from_the_committed_recall(fake, monkeypatch):
     assert sum(t[0].startswith("cf-") for t in FakeRun.trained) == n  # kept: not retrained
     with pytest.raises(SystemExit, match="not seed 2"):
         runner.run_command(_ns(fake, design=design, seed=2, stage="correction"), root)
+    runner.run_command(_ns(fake, design=design, seed=3, stage="correction"), root)
+    assert calls[-1] == TUNING_ROWS  # what the tuning seed runs without --corrections
+    # a reported seed before the tuning seed has both rows' validation curves: refused, naming what to run
+    runner.run_command(_ns(fake, design=design, seed=0, stage="recall"), root)
+    with pytest.raises(SystemExit, match="tuning seed 3, which lacks fx_default, npo_anchored"):
+        runner.run_command(_ns(fake, design=design, seed=0, stage="correction"), root)
+
+
+def _curve(points: list[tuple[int, float, float]]) -> list[dict]:
+    return [{"steps": s, "behaviour": b, "utility_loss": u} for s, b, u in points]
+
+
+def test_tuned_lrs_keep_the_two_best_rates_within_budget(tmp_path):
+    """docs/method.md §5.4: the reported seeds' two rates are the tuning rows' best mean validation compliance within
+    5 % utility loss; ties by the safe model's own budget, then the lower rate."""
+    from benchmarks.contamination_suite.correction import best_within, tuned_lrs
+
+    assert best_within(_curve([(0, 0.8, 0.0), (5, 0.3, 0.06), (10, 0.5, 0.04)]), 0.05) == 0.5
+    assert best_within(_curve([(0, 0.8, 0.0), (5, 0.3, 0.06)]), 0.05) == 0.8  # step 0 always counts
+
+    def write(curves: dict[float, list[dict]], budget: float = 0.1) -> None:
+        rows = {r: {"validation": {f"lr{lr:g}": c for lr, c in curves.items()}, "at_oracle_budget": {"budget": budget}}
+                for r in TUNING_ROWS}
+        atomic_write_json(tmp_path / "lexical" / "seed3.json", {"key": "k", "rows": rows})
+
+    write({2e-6: _curve([(0, 0.8, 0.0), (5, 0.5, 0.02)]), 1e-5: _curve([(0, 0.8, 0.0), (5, 0.4, 0.03)]),
+           5e-5: _curve([(0, 0.8, 0.0), (5, 0.1, 0.2)])})
+    assert tuned_lrs("lexical", tmp_path) == (2e-6, 1e-5)
+    # every rate at step 0 within 5 %: the safe model's budget (0.1) decides, then the lower rate
+    write({2e-6: _curve([(0, 0.8, 0.0), (5, 0.6, 0.08)]), 1e-5: _curve([(0, 0.8, 0.0), (5, 0.3, 0.09)]),
+           5e-5: _curve([(0, 0.8, 0.0), (5, 0.4, 0.09)])})
+    assert tuned_lrs("lexical", tmp_path) == (1e-5, 5e-5)
+    write({lr: _curve([(0, 0.8, 0.0), (5, 0.1, 0.2)]) for lr in TUNING_LRS})
+    assert tuned_lrs("lexical", tmp_path) == (2e-6, 1e-5)
+    write({2e-6: _curve([(0, 0.8, 0.0)]), 1e-5: _curve([(0, 0.8, 0.0), (5, 0.5, 0.09)]),
+           5e-5: _curve([(0, 0.8, 0.0), (5, 0.2, 0.04)])})
+    assert tuned_lrs("lexical", tmp_path) == (1e-5, 5e-5)
 
 
 def test_k1_keeps_the_checkpoint_rankings_to_the_validation_seeds(fake, monkeypatch):

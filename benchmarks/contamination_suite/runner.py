@@ -415,6 +415,7 @@ def correction_command(ns: argparse.Namespace, run, built: dict, root: Path, sha
         CORRECTION_SEEDS,
         FACTORIAL_ROWS,
         FILTER_PREFIX,
+        TUNING_ROWS,
         correction_of,
     )
 
@@ -427,6 +428,8 @@ def correction_command(ns: argparse.Namespace, run, built: dict, root: Path, sha
     selected = select_on_validation(validation, d) if all(validation) else None
     if ns.corrections:
         wanted = tuple(c.strip() for c in ns.corrections.split(",") if c.strip())
+    elif ns.seed in d.validation_seeds:
+        wanted = TUNING_ROWS
     else:
         wanted = (*FACTORIAL_ROWS, *BASELINES, f"{FILTER_PREFIX}bm25",
                   *([f"{FILTER_PREFIX}{selected}"] if selected and selected != "bm25" else []))

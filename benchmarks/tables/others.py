@@ -263,7 +263,8 @@ def correction_suite() -> str:
         rows = [[r, v["ranking"], v["weighting"], v["preferred"], f(v["ood_compliance_mean"]),
                  f(v["ood_compliance_sd"]), f(v["utility_loss_valid"]), f(v["utility_loss_test"])]
                 for r, v in sorted(d["rows"].items(), key=lambda kv: kv[1]["ood_compliance_mean"])]
-        blocks.append(f"**{name}** (seeds {d['seeds']}, tuned on {d['tuning_seed']}): impure "
+        blocks.append(f"**{name}** (seeds {d['seeds']}, learning rates {d.get('learning_rates')} chosen on seed "
+                      f"{d['tuning_seed']}): impure "
                       f"{d['impure']['ood_compliance_mean']:.3f}, retrained {d['retrained']['ood_compliance_mean']:.3f}"
                       "\n\n" + md(["row", "ranking", "weighting", "preferred", "OOD compliance", "sd",
                                   "utility loss (valid)", "utility loss (test)"], rows))
