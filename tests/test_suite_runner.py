@@ -389,13 +389,19 @@ def test_correction_rows_settings_and_summary(tmp_path):
         stage = {name: {"sets": _sets(v), "utility_loss_valid": 0.04, "utility_loss_test": 0.01 * (seed + 1)}
                  for name, v in values.items()}
         atomic_write_json(tmp_path / "lexical" / f"seed{seed}.json", {"key": "k", "rows": stage})
-    out = build_correction_suite(tmp_path)
+    out = build_correction_suite(tmp_path, suite={})
     lexical = out["designs"]["lexical"]
     assert lexical["impure"]["ood_compliance_mean"] == 0.55 and lexical["retrained"]["ood_compliance_mean"] == 0.15
     row = lexical["rows"]["fx_default"]
     assert row["per_seed"] == {"0": 0.3, "1": 0.2} and row["ood_compliance_mean"] == 0.25
     assert row["ood_compliance_sd"] == pytest.approx(0.0707, abs=1e-4) and row["utility_loss_test"] == 0.015
     assert out["pending"] == {"shared_prompt": ["shared_prompt/seed0.json"]} and lexical["tuning_seed"] == 3
+    # a design the contamination suite reports failed is skipped with its reason, not pending
+    failed = {"designs": {"shared_prompt": {"recall": {}, "note": "the causation gate could not be made to pass"},
+                          "lexical": {"recall": {"bm25": {}}}}}
+    out = build_correction_suite(tmp_path, suite=failed)
+    assert out["pending"] == {} and out["skipped"] == {"shared_prompt": "the causation gate could not be made to pass"}
+    assert "lexical" in out["designs"]
 
 
 def test_correction_stage_from_the_committed_recall(fake, monkeypatch):

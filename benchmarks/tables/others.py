@@ -271,4 +271,6 @@ def correction_suite() -> str:
     pending = ", ".join(f"{k}: {len(v)} seed files" for k, v in suite.get("pending", {}).items())
     return ("`python -m benchmarks.contamination_suite run --design D --seed S --stage correction`, then "
             "`write-correction`.\n\n" + ("\n\n".join(blocks) or "(no design complete yet)")
-            + (f"\n\nPending: {pending}." if pending else ""))
+            + (f"\n\nPending: {pending}." if pending else "")
+            + "".join(f"\n\nNot run on {k}: the contamination suite reports it failed ({why})."
+                      for k, why in suite.get("skipped", {}).items()))
