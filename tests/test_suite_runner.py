@@ -195,6 +195,11 @@ def test_stages_from_a_run_and_the_suite_built_from_them(fake, monkeypatch):
     atomic_write_json(root / design / "seed3_gate.json", first)
     assert len(runner.run_command(_ns(fake, design=design, seed=3, stage="gate", force=True), root)) == 1
     assert read_stage(root, design, 3, "gate")["seconds"]["finetune_impure"] == 1389.4  # a refresh keeps it
+    FakeRun.trained = []
+    redone = runner.run_command(_ns(fake, design=design, seed=3, stage="recall", force=True), root)
+    # --force on recall redoes only the recall: the committed gate stands and the safe model is not trained
+    assert [p.name for p in redone] == ["seed3_recall.json"] and [n for n, _, _ in FakeRun.trained] == ["impure"]
+    assert read_stage(root, design, 3, "gate")["seconds"]["finetune_impure"] == 1389.4
     for seed in (0, 1, 2):
         runner.run_command(_ns(fake, design=design, seed=seed, stage="recall"), root)
 

@@ -5,7 +5,8 @@ stage file a later session commits and resumes from:
 
 - ``gate``: the seed's aligned start, mix, safe and impure models and the causation gate (``gate.gate_stage``);
   rerun with ``--force`` after hand labels are merged (the answers are cached, so it costs seconds then).
-- ``recall``: the gate (its stage file too, if missing), then every ranking of the suite's methods
+- ``recall``: the gate (its stage file and the safe model only when the gate is not yet written; ``--force``
+  redoes the recall alone), then every ranking of the suite's methods
   (``SUITE_METHODS`` through ``Run.recall``, aggregate first; bm25 and bm25_prompt; the behaviour-level rankings
   of ``behaviour.py``: probe, linfac_behaviour, repsim_anchored; ``random``, the same seeded
   uniform draw as the benchmark's counterfactual; ``classifier``, the judge's verdict on each training row's answer
@@ -100,16 +101,19 @@ def open_run(design: str, seed: int, run_root: Path, shared: Path, preset: Prese
     return Run(preset, seed, seed_dir or run_root / f"seed{seed}", shared, progress)
 
 
-def build_models(run) -> dict:
-    """The seed's aligned start, mix and safe and impure models (each cached in the run directory)."""
+def build_models(run, roles: tuple[str, ...] = ("safe", "impure")) -> dict:
+    """The seed's aligned start, mix and the fine-tuned ``roles`` (each cached in the run directory)."""
     aligned, check = run.aligned_start()
     rows, safe, tiers = run.mix(aligned)
     n_unsafe = sum(t == "unsafe" for t in tiers.values())
     if n_unsafe != run.p.n_unsafe:  # mix.jsonl is cached without a key: a dose changed since it was made
         raise SystemExit(f"{run.dir / 'mix.jsonl'} holds {n_unsafe} unsafe rows, the preset {run.p.n_unsafe}: it was "
                          "made at another dose; move it (and the models trained on it) away to rebuild")
-    models = {"safe": run.finetune("safe", aligned, safe, run.p.mix_epochs),
-              "impure": run.finetune("impure", aligned, rows, run.p.mix_epochs, keep=KEEP_CHECKPOINTS)}
+    models = {}
+    if "safe" in roles:
+        models["safe"] = run.finetune("safe", aligned, safe, run.p.mix_epochs)
+    if "impure" in roles:
+        models["impure"] = run.finetune("impure", aligned, rows, run.p.mix_epochs, keep=KEEP_CHECKPOINTS)
     return {"aligned": aligned, "check": check, "rows": rows, "safe_rows": safe, "tiers": tiers, "models": models}
 
 
@@ -368,9 +372,11 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
         print(f"{ns.design} seed {ns.seed} {ns.stage}: already written (--force to redo)", flush=True)
         return []
     run = open_run(ns.design, ns.seed, run_root, shared, preset, progress=not ns.quiet)
-    built = build_models(run)
+    # --force on recall redoes the recall only: a committed gate stands (it needs the safe model, recall does not)
+    gate_due = ns.stage == "gate" or (ns.stage == "recall" and not read_stage(root, ns.design, ns.seed, "gate"))
+    built = build_models(run, ("impure",) if ns.stage == "recall" and not gate_due else ("safe", "impure"))
     written = []
-    if ns.stage in ("gate", "recall") and (ns.force or not read_stage(root, ns.design, ns.seed, "gate")):
+    if gate_due:
         stage = gate_of(ns.design, run, built)
         earlier = read_stage(root, ns.design, ns.seed, "gate")
         if earlier:  # a refresh loads cached models and answers: the work's own timings are the first run's
