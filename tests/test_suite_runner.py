@@ -400,7 +400,8 @@ def test_correction_rows_settings_and_summary(tmp_path):
     row = lexical["rows"]["fx_default"]
     assert row["per_seed"] == {"0": 0.3, "1": 0.2} and row["ood_compliance_mean"] == 0.25
     assert row["ood_compliance_sd"] == pytest.approx(0.0707, abs=1e-4) and row["utility_loss_test"] == 0.015
-    assert out["pending"] == {"shared_prompt": ["shared_prompt/seed0.json"]} and lexical["tuning_seed"] == 3
+    assert lexical["tuning_seed"] == 3
+    assert out["pending"] == {"shared_prompt": ["shared_prompt/seed3.json (tuning, first)", "shared_prompt/seed0.json"]}
     # a design the contamination suite reports failed is skipped with its reason, not pending
     failed = {"designs": {"shared_prompt": {"recall": {}, "note": "the causation gate could not be made to pass"},
                           "lexical": {"recall": {"bm25": {}}}}}
