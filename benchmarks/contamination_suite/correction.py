@@ -32,6 +32,7 @@ from benchmarks.common import RESULTS
 from benchmarks.contamination_suite.designs import DESIGNS
 from benchmarks.contamination_suite.stages import read_stage, top_rows
 from lancet.artifacts import atomic_save_tensors, atomic_write_json, hash_json
+from lancet.constants import GRADIENT_DEFAULT_METHOD
 
 CORRECTION_DIR = RESULTS / "correction_suite"
 CORRECTION_SUITE = RESULTS / "correction_suite.json"
@@ -70,8 +71,10 @@ def write_rankings(run_dir: Path, recall: dict, ids: list[str]) -> None:
     atomic_write_json(run_dir / "rankings.json", {"ids": list(ids)})
 
 
-def row_settings(name: str, default_ranking: str = "linfac") -> dict:
-    """The issue's descriptors of one row: its ranking (and family), weighting and preferred rows."""
+def row_settings(name: str, default_ranking: str = GRADIENT_DEFAULT_METHOD) -> dict:
+    """The issue's descriptors of one row: its ranking (and family), weighting and preferred rows. The main row ranks
+    by the gradient default (LinFAC), not the attribution default (RepSim), which has its own row: docs/method.md
+    §5.4."""
     from benchmarks.safety_contamination.config import VARIANTS
 
     if name.startswith(FILTER_PREFIX):
