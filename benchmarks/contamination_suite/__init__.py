@@ -6,6 +6,8 @@ with intervals that can tell methods apart.
     .venv/bin/python -m benchmarks.contamination_suite write          # the suite JSON from the committed stages
     .venv/bin/python -m benchmarks.contamination_suite import-lexical  # stage files of the committed lexical seeds
     .venv/bin/python -m benchmarks.contamination_suite run --design D --seed S --stage gate|recall|counterfactual|tune
+    .venv/bin/python -m benchmarks.contamination_suite run --design lexical --seed S --stage correction  # issue 37
+    .venv/bin/python -m benchmarks.contamination_suite write-correction  # correction_suite.json from its rows
 
 - ``designs``: the four designs, their validation and reported seeds;
 - ``stats``: the paired bootstrap (AP, recall@|P|, AP per tier), the elbow k, the recovered share's interval;
@@ -13,7 +15,11 @@ with intervals that can tell methods apart.
 - ``gate``: a design's causation gate over its reported seeds;
 - ``stages``: the committed per-(design, seed, stage) JSON files a later session resumes from;
 - ``suite``: the selection on validation seeds, the suite JSON and its schema's validator;
-- ``runner``: one (design, seed, stage) from the safety benchmark's ``Run``, written as its stage file.
+- ``runner``: one (design, seed, stage) from the safety benchmark's ``Run``, written as its stage file;
+- ``behaviour``: the behaviour-level rankings (probe, linfac_behaviour, repsim_anchored, the checkpoint ones) and
+  the derived ``repsim_probe`` with its hypothesis test;
+- ``demo_design``: the demo as a design (``lancet demo --seed S``'s fine-tune, planted culprits, no gate);
+- ``correction``: issue 37's ranking factorial and baselines on the suite's own models and committed rankings.
 """
 
 from benchmarks.contamination_suite.designs import DESIGNS, Design
