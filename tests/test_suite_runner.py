@@ -150,6 +150,17 @@ def test_run_arguments_are_checked(fake):
         runner.run_command(_ns(fake, design="shared_prompt", seed=0, stage="counterfactual"), fake / "stages")
 
 
+def test_the_imported_lexical_seeds_rebuild_in_fp32(tmp_path, monkeypatch):
+    from benchmarks.safety_contamination.config import run_precision
+
+    monkeypatch.chdir(tmp_path)
+    assert runner.default_run_root("lexical", 3) == Path("runs/suite_lexical")
+    assert not (tmp_path / "runs/suite_lexical/precision.json").exists()  # the machine's own choice, on first use
+    root = runner.default_run_root("lexical", 0)
+    assert root == Path("runs/suite_lexical_fp32") and run_precision(root) is False
+    assert runner.default_run_root("disjoint", 0) == Path("runs/suite_disjoint")
+
+
 def test_a_mix_made_at_another_dose_is_refused(fake):
     with pytest.raises(SystemExit, match="another dose"):  # the fake mix has 6 unsafe rows, the preset 96
         runner.build_models(FakeRun(runner.suite_preset("shared_prompt"), 3, fake / "r", None))

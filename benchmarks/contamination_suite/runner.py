@@ -20,8 +20,9 @@ stage file a later session commits and resumes from:
 - ``tune`` (validation seeds only): the impure and safe models at ``--n-unsafe`` / ``--mix-epochs`` and their
   compliance on the *validation* prompts, appended to ``<stages>/<design>/tuning.json`` (the gate-tuning ladder).
 
-Models live in ``runs/suite_<design>/seed<S>/`` (precision pinned per design by ``precision.json``), rebuilt from the
-seed when gone; a tuning setting in ``runs/suite_<design>/tune_u<N>_e<E>/seed<S>/`` (its mix depends on the dose).
+Models live in ``runs/suite_<design>/seed<S>/`` (precision pinned per design by ``precision.json``; lexical's
+seeds 0-2, imported from the fp32 safety benchmark, in ``runs/suite_lexical_fp32/``, pinned to fp32), rebuilt from
+the seed when gone; a tuning setting in ``runs/suite_<design>/tune_u<N>_e<E>/seed<S>/`` (its mix depends on the dose).
 The ``demo`` design is not a safety run: its seeds are ``lancet demo --seed S``'s (``demo_design``).
 """
 
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import environment
 from benchmarks.contamination_suite.behaviour import ablation_depths, ranks_checkpoints
 from benchmarks.contamination_suite.designs import COUNTERFACTUAL_METHODS, DESIGNS, K_ELBOW, K_FULL, K_HALF
 from benchmarks.contamination_suite.gate import gate_stage, rung
@@ -90,6 +92,23 @@ def classifier_ranking(seed: int, complies: list[bool]) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + CLASSIFIER_OFFSET)
     return torch.tensor(complies, dtype=torch.float64) + 0.5 * torch.rand(len(complies), generator=g,
                                                                          dtype=torch.float64)
+
+
+# The lexical seeds imported from the safety benchmark were trained in fp32 (safety_contamination_full.json: "bf16":
+# false): rebuilt at that precision, in a run directory of their own, they are the committed models again (an fp32
+# rebuild is bit-identical on this machine kind), so their committed gate and counterfactual stay theirs.
+FP32_SEEDS = {"lexical": (0, 1, 2)}
+
+
+def default_run_root(design: str, seed: int) -> Path:
+    """``runs/suite_<design>``, or ``runs/suite_<design>_fp32`` (pinned to fp32) for a seed of ``FP32_SEEDS``."""
+    if seed not in FP32_SEEDS.get(design, ()):
+        return Path(f"runs/suite_{design}")
+    root = Path(f"runs/suite_{design}_fp32")
+    if not (root / "precision.json").is_file():
+        atomic_write_json(root / "precision.json", {"bf16": False, "chosen_on": {
+            **environment(bf16=False), "why": "the committed models of these seeds were trained in fp32"}})
+    return root
 
 
 def open_run(design: str, seed: int, run_root: Path, shared: Path, preset: Preset, progress: bool = True,
@@ -360,7 +379,7 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
         raise SystemExit("--corrections is for --stage correction")
     if (ns.retrain_seed or ns.limit is not None) and ns.stage != "counterfactual":
         raise SystemExit("--retrain-seed and --limit are for --stage counterfactual")
-    run_root = Path(ns.run_dir or f"runs/suite_{ns.design}")
+    run_root = Path(ns.run_dir) if ns.run_dir else default_run_root(ns.design, ns.seed)
     if ns.design == "demo":
         return demo_command(ns, run_root, root)
     preset = suite_preset(ns.design, ns.n_unsafe, ns.mix_epochs, ns.n_erode)
