@@ -12,8 +12,10 @@ import pytest
 from golden.make_golden import build
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-# float64 scores agree to rounding; float32 training a few steps on another CPU to a looser tolerance
-TOLERANCE = {"influence": (1e-7, 1e-9), "correction": (1e-3, 1e-5), "pipeline": (1e-3, 1e-4)}
+# Recorded on a 2-core AMD EPYC. The scores are kept in float32, and another CPU picks other float32 kernels: on an
+# Intel Xeon with AMX (2026-12-06) the influence scores differed by up to 7.2e-6 relative (LinFAC) and the pipeline's
+# (float32 training a few steps) by up to 2.8e-4 absolute, so each tolerance is about 5x the larger seen.
+TOLERANCE = {"influence": (5e-5, 1e-9), "correction": (1e-3, 1e-5), "pipeline": (1e-2, 1.5e-3)}
 
 
 def assert_close(got: Any, want: Any, rel: float, abs_: float, where: str = "") -> None:
