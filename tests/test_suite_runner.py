@@ -200,6 +200,7 @@ def test_stages_from_a_run_and_the_suite_built_from_them(fake, monkeypatch):
     assert sorted(int(i) for i in recall["openings"]["culprits"]) == [i for i, r in enumerate(rows)
                                                                       if r.label == "unsafe"]
     assert set(recall["regime"]) == set(recall["scores"]) and recall["settings"]["design"] == "shared_prompt"
+    assert gate["settings"]["bf16"] is recall["settings"]["bf16"] is runner.config.BF16  # the pinned precision
     assert runner.run_command(_ns(fake, design=design, seed=3, stage="recall"), root) == []  # committed: skipped
     assert gate["hand_labelled"]["impure"] == {"n": 20, "labels": 0.7, "judge": 0.75}
     first = {**gate, "seconds": {"finetune_impure": 1389.4}}  # the first run's timing of the real fine-tune

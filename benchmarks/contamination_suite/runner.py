@@ -207,7 +207,8 @@ def _settings(p: Preset) -> dict:
 
     return {"design": p.design, "n_unsafe": p.n_unsafe, "mix_epochs": p.mix_epochs,
             "methods": [*p.methods, *BEHAVIOUR_RANKINGS, *CHECKPOINT_RANKINGS],
-            "keep_checkpoints": KEEP_CHECKPOINTS, "reported_checkpoints": REPORTED_CHECKPOINTS}
+            "keep_checkpoints": KEEP_CHECKPOINTS, "reported_checkpoints": REPORTED_CHECKPOINTS,
+            "bf16": config.BF16}  # the run directory's pinned precision: a rebuild must match it to reproduce the rows
 
 
 def counterfactual_plan(design: str, recall: dict, selected: str) -> list[tuple[str, str, int]]:
