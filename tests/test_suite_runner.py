@@ -457,14 +457,18 @@ def test_correction_stage_from_the_committed_recall(fake, monkeypatch):
     n = sum(t[0].startswith("cf-") for t in FakeRun.trained)
     runner.run_command(_ns(fake, design=design, seed=3, stage="correction", corrections="filter_retrain_bm25"), root)
     assert sum(t[0].startswith("cf-") for t in FakeRun.trained) == n  # kept: not retrained
+    FakeRun.trained = []
     with pytest.raises(SystemExit, match="not seed 2"):
         runner.run_command(_ns(fake, design=design, seed=2, stage="correction"), root)
+    assert FakeRun.trained == []  # refused before any model is rebuilt
     runner.run_command(_ns(fake, design=design, seed=3, stage="correction"), root)
     assert calls[-1] == TUNING_ROWS  # what the tuning seed runs without --corrections
     # a reported seed before the tuning seed has both rows' validation curves: refused, naming what to run
     runner.run_command(_ns(fake, design=design, seed=0, stage="recall"), root)
+    FakeRun.trained = []
     with pytest.raises(SystemExit, match="tuning seed 3, which lacks fx_default, npo_anchored"):
         runner.run_command(_ns(fake, design=design, seed=0, stage="correction"), root)
+    assert FakeRun.trained == []
 
 
 def _curve(points: list[tuple[int, float, float]]) -> list[dict]:

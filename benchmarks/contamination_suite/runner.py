@@ -391,6 +391,8 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
     if ns.stage in ("gate", "recall") and not ns.force and read_stage(root, ns.design, ns.seed, ns.stage):
         print(f"{ns.design} seed {ns.seed} {ns.stage}: already written (--force to redo)", flush=True)
         return []
+    if ns.stage == "correction":
+        correction_ready(ns, root)
     run = open_run(ns.design, ns.seed, run_root, shared, preset, progress=not ns.quiet)
     # --force on recall redoes the recall only: a committed gate stands (it needs the safe model, recall does not)
     gate_due = ns.stage == "gate" or (ns.stage == "recall" and not read_stage(root, ns.design, ns.seed, "gate"))
@@ -433,12 +435,24 @@ def demo_command(ns: argparse.Namespace, run_root: Path, root: Path) -> list[Pat
     return [path]
 
 
+def correction_ready(ns: argparse.Namespace, root: Path) -> None:
+    """Refuse a correction before any model is rebuilt (hours when the run directory is gone): a seed it does not
+    run on, or a reported seed before the tuning seed's rows exist (their learning rates come from it)."""
+    from benchmarks.contamination_suite.correction import CORRECTION_SEEDS, tuned_lrs
+
+    d = DESIGNS[ns.design]
+    if ns.seed not in (*d.validation_seeds, *CORRECTION_SEEDS.get(ns.design, ())):
+        raise SystemExit(f"{ns.design}: the correction runs on the tuning seed {list(d.validation_seeds)} and the "
+                         f"reported seeds {list(CORRECTION_SEEDS.get(ns.design, ()))}, not seed {ns.seed}")
+    if ns.seed not in d.validation_seeds:
+        tuned_lrs(ns.design, Path(root).parent / "correction_suite")
+
+
 def correction_command(ns: argparse.Namespace, run, built: dict, root: Path, shared: Path) -> Path:
     """``run --stage correction``: issue 37's rows on this seed (``correction.py``), written to
     ``correction_suite/<design>/seed<S>.json`` beside the suite's stage folder."""
     from benchmarks.contamination_suite.correction import (
         BASELINES,
-        CORRECTION_SEEDS,
         FACTORIAL_ROWS,
         FILTER_PREFIX,
         TUNING_ROWS,
@@ -446,10 +460,6 @@ def correction_command(ns: argparse.Namespace, run, built: dict, root: Path, sha
     )
 
     d = DESIGNS[ns.design]
-    allowed = (*d.validation_seeds, *CORRECTION_SEEDS.get(ns.design, ()))
-    if ns.seed not in allowed:
-        raise SystemExit(f"{ns.design}: the correction runs on the tuning seed {list(d.validation_seeds)} and the "
-                         f"reported seeds {list(CORRECTION_SEEDS.get(ns.design, ()))}, not seed {ns.seed}")
     validation = [read_stage(root, ns.design, s, "recall") for s in d.validation_seeds]
     selected = select_on_validation(validation, d) if all(validation) else None
     if ns.corrections:
