@@ -148,6 +148,7 @@ def test_run_arguments_are_checked(fake):
         runner.run_command(_ns(fake, design="shared_prompt", seed=1, stage="counterfactual"), fake / "stages")
     with pytest.raises(SystemExit, match="committed recall stages"):
         runner.run_command(_ns(fake, design="shared_prompt", seed=0, stage="counterfactual"), fake / "stages")
+    assert FakeRun.trained == []  # each refused before any model is rebuilt
 
 
 def test_the_imported_lexical_seeds_rebuild_in_fp32(tmp_path, monkeypatch):

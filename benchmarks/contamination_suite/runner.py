@@ -393,6 +393,8 @@ def run_command(ns: argparse.Namespace, root: Path = STAGE_DIR) -> list[Path]:
         return []
     if ns.stage == "correction":
         correction_ready(ns, root)
+    if ns.stage == "counterfactual":  # its inputs checked before any model is rebuilt
+        counterfactual_inputs(root, ns.design, ns.seed, tuple(ns.retrain_seed) if ns.retrain_seed else None)
     run = open_run(ns.design, ns.seed, run_root, shared, preset, progress=not ns.quiet)
     # --force on recall redoes the recall only: a committed gate stands (it needs the safe model, recall does not)
     gate_due = ns.stage == "gate" or (ns.stage == "recall" and not read_stage(root, ns.design, ns.seed, "gate"))
