@@ -152,13 +152,21 @@ def test_run_arguments_are_checked(fake):
 
 
 def test_the_imported_lexical_seeds_rebuild_in_fp32(tmp_path, monkeypatch):
-    from benchmarks.safety_contamination.config import run_precision
+    import benchmarks.safety_contamination.run
+    from benchmarks.safety_contamination.config import auto_bf16
 
+    monkeypatch.setattr(benchmarks.safety_contamination.run, "Run", lambda *args: args)
+    monkeypatch.setattr(runner.config, "BF16", runner.config.BF16)  # restored after: open_run sets it
     monkeypatch.chdir(tmp_path)
+    preset = runner.suite_preset("lexical")
     assert runner.default_run_root("lexical", 3) == Path("runs/suite_lexical")
-    assert not (tmp_path / "runs/suite_lexical/precision.json").exists()  # the machine's own choice, on first use
+    runner.open_run("lexical", 3, Path("runs/suite_lexical"), tmp_path, preset)
+    assert runner.config.BF16 is auto_bf16()  # the machine's own choice, pinned on first use
     root = runner.default_run_root("lexical", 0)
-    assert root == Path("runs/suite_lexical_fp32") and run_precision(root) is False
+    assert root == Path("runs/suite_lexical_fp32")
+    runner.open_run("lexical", 0, root, tmp_path, preset)
+    assert runner.config.BF16 is False
+    assert json.loads((tmp_path / root / "precision.json").read_text())["bf16"] is False
     assert runner.default_run_root("disjoint", 0) == Path("runs/suite_disjoint")
 
 

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment
 from benchmarks.contamination_suite.behaviour import ablation_depths, ranks_checkpoints
 from benchmarks.contamination_suite.designs import COUNTERFACTUAL_METHODS, DESIGNS, K_ELBOW, K_FULL, K_HALF
 from benchmarks.contamination_suite.gate import gate_stage, rung
@@ -101,22 +100,17 @@ FP32_SEEDS = {"lexical": (0, 1, 2)}
 
 
 def default_run_root(design: str, seed: int) -> Path:
-    """``runs/suite_<design>``, or ``runs/suite_<design>_fp32`` (pinned to fp32) for a seed of ``FP32_SEEDS``."""
-    if seed not in FP32_SEEDS.get(design, ()):
-        return Path(f"runs/suite_{design}")
-    root = Path(f"runs/suite_{design}_fp32")
-    if not (root / "precision.json").is_file():
-        atomic_write_json(root / "precision.json", {"bf16": False, "chosen_on": {
-            **environment(bf16=False), "why": "the committed models of these seeds were trained in fp32"}})
-    return root
+    """``runs/suite_<design>``, or ``runs/suite_<design>_fp32`` for a seed of ``FP32_SEEDS``."""
+    return Path(f"runs/suite_{design}_fp32" if seed in FP32_SEEDS.get(design, ()) else f"runs/suite_{design}")
 
 
 def open_run(design: str, seed: int, run_root: Path, shared: Path, preset: Preset, progress: bool = True,
              seed_dir: Path | None = None):
-    """The seed's Run in ``run_root/seed<S>`` (or ``seed_dir``) at the precision ``run_root`` pinned."""
+    """The seed's Run in ``run_root/seed<S>`` (or ``seed_dir``) at the precision ``run_root`` pinned (fp32 on first
+    use for a seed of ``FP32_SEEDS``)."""
     from benchmarks.safety_contamination.run import Run
 
-    config.BF16 = run_precision(run_root)
+    config.BF16 = run_precision(run_root, False if seed in FP32_SEEDS.get(design, ()) else None)
     return Run(preset, seed, seed_dir or run_root / f"seed{seed}", shared, progress)
 
 

@@ -217,14 +217,16 @@ def restrict_corrections(preset: Preset, corrections: tuple[str, ...]) -> Preset
     return replace(preset, corrections=corrections)
 
 
-def run_precision(run_dir: Path) -> bool:
-    """bf16 as first chosen for this run directory (written on first use), so every stage and seed shares it."""
+def run_precision(run_dir: Path, bf16: bool | None = None) -> bool:
+    """bf16 as first chosen for this run directory (written on first use: ``bf16`` when given, else this machine's
+    choice), so every stage and seed shares it."""
     path = run_dir / "precision.json"
     if path.is_file():
         return bool(json.loads(path.read_text())["bf16"])
+    chosen = auto_bf16() if bf16 is None else bf16
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {"bf16": auto_bf16(), "chosen_on": environment()})
-    return auto_bf16()
+    atomic_write_json(path, {"bf16": chosen, "chosen_on": environment(bf16)})
+    return chosen
 
 
 def run_environment(run_dir: Path, bf16: bool) -> dict:
