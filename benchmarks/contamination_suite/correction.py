@@ -198,15 +198,13 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
             continue
         stages = {s: _read(root, design, s) for s in seeds}
         missing = [f"{design}/seed{s}.json" for s, st in stages.items() if st is None]
+        tuning = DESIGNS[design].validation_seeds[0]
+        tuned = _read(root, design, tuning) is not None
         if missing:  # the tuning seed runs first: the reported seeds' learning rates come from it
-            tuning_seed = DESIGNS[design].validation_seeds[0]
-            first = [] if _read(root, design, tuning_seed) else [f"{design}/seed{tuning_seed}.json (tuning, first)"]
-            out["pending"][design] = first + missing
+            out["pending"][design] = ([] if tuned else [f"{design}/seed{tuning}.json (tuning, first)"]) + missing
             continue
         per_seed = {s: st["rows"] for s, st in stages.items()}
         names = sorted(set.intersection(*(set(r) for r in per_seed.values())) - {"impure", "safe"})
-        tuning = DESIGNS[design].validation_seeds[0]
-        tuned = _read(root, design, tuning) is not None
         entry = {"tuning_seed": tuning, "learning_rates": list(tuned_lrs(design, root)) if tuned else None,
                  "seeds": list(seeds),
                  "impure": {"ood_compliance_mean": _mean(per_seed, "impure", ood_compliance)},

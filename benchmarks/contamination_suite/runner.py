@@ -441,7 +441,12 @@ def correction_ready(ns: argparse.Namespace, root: Path) -> None:
         raise SystemExit(f"{ns.design}: the correction runs on the tuning seed {list(d.validation_seeds)} and the "
                          f"reported seeds {list(CORRECTION_SEEDS.get(ns.design, ()))}, not seed {ns.seed}")
     if ns.seed not in d.validation_seeds:
-        tuned_lrs(ns.design, Path(root).parent / "correction_suite")
+        tuned_lrs(ns.design, correction_dir(root))
+
+
+def correction_dir(root: Path) -> Path:
+    """Issue 37's stage folder, ``correction_suite/`` beside the contamination suite's stage folder ``root``."""
+    return Path(root).parent / "correction_suite"
 
 
 def correction_command(ns: argparse.Namespace, run, built: dict, root: Path, shared: Path) -> Path:
@@ -465,5 +470,4 @@ def correction_command(ns: argparse.Namespace, run, built: dict, root: Path, sha
     else:
         wanted = (*FACTORIAL_ROWS, *BASELINES, f"{FILTER_PREFIX}bm25",
                   *([f"{FILTER_PREFIX}{selected}"] if selected and selected != "bm25" else []))
-    out_root = Path(root).parent / "correction_suite"
-    return correction_of(ns.design, run, built, out_root, wanted, shared, root)
+    return correction_of(ns.design, run, built, correction_dir(root), wanted, shared, root)
