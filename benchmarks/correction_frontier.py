@@ -62,6 +62,12 @@ VARIANTS = {
     # prefers among the others (``judged_rows``; docs/method.md §5.2, added before any of its numbers)
     "ibo_self_anchor_judged": {"method": "ibo", "retain": "kl", "retain_weight": 1.0, "chosen_nll_weight": 1.0,
                                "retain_normalize": "rows", "anchors": True, "judged_rows": True},
+    # the same with the preferred rows taken at the *top* of the rows the judge passes (``preferred="near"``: the
+    # current advice in the culprits' words), uniform pair weights (docs/method.md §5.2, added 2026-12-06 before
+    # any of its numbers)
+    "ibo_self_anchor_judged_near": {"method": "ibo", "retain": "kl", "retain_weight": 1.0, "chosen_nll_weight": 1.0,
+                                    "retain_normalize": "rows", "anchors": True, "judged_rows": True,
+                                    "preferred": "near", "weighting": "uniform"},
 }
 NOT_ARGS = ("anchors",)
 DEFAULT_RANKING = "linfac"  # what `lancet demo` ranks with (the library's default)

@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ranking", default=None, choices=RANKINGS,
                    help="dispreferred rows: the top of the scores (influence), random rows, or the true culprits")
     g.add_argument("--preferred", default=None, choices=PREFERRED_ROWS,
-                   help="ibo's preferred rows: the bottom of the scores, random rows, or --preferred-ids' rows")
+                   help="ibo's preferred rows: the bottom of the scores, random rows, --preferred-ids' rows, or "
+                   "near (with --row-judge: the top of the rows the judge passes)")
     g.add_argument("--weighting", default=None, choices=PAIR_WEIGHTINGS,
                    help="ibo's pair weights: the score gap, or uniform")
     g.add_argument("--beta", type=float, default=0.1, help="IBO/DPO/NPO inverse temperature")

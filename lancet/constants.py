@@ -47,6 +47,6 @@ INDEX_FORMAT = 1
 CORRECTION_METHODS = ("ibo", "dpo", "sft", "ga", "ga_retain", "npo")
 CORRECTION_ALIASES = ("ibo_random", "ibo_oracle")
 RANKINGS = ("influence", "random", "oracle")  # which rows are dispreferred
-PREFERRED_ROWS = ("bottom", "random", "marked")  # which rows IBO prefers
+PREFERRED_ROWS = ("bottom", "random", "marked", "near")  # which rows IBO prefers
 PAIR_WEIGHTINGS = ("gap", "uniform")
 PAIRINGS = ("rank", "random", "all")

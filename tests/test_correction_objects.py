@@ -84,6 +84,20 @@ def test_judged_rows_take_the_dispreferred_among_flagged_rows_and_the_preferred_
         select_rows(SCORES, 2, flagged=torch.ones(3, dtype=torch.bool))
 
 
+def test_near_preferred_rows_are_the_top_of_the_rows_that_may_be_preferred():
+    # judged: the dispreferred are the flagged rows' top (1, 3); the preferred the highest-scored unflagged rows
+    # (0: 4.0, 2: 2.5), the behaviour's nearest counter-examples, not the bottom (11, 10)
+    assert select_rows(SCORES, 2, flagged=FLAGGED, preferred="near") == ([1, 3], [0, 2])
+    assert select_rows(SCORES, 4, flagged=FLAGGED, preferred="near") == ([1, 3, 9], [0, 2, 4, 6])
+    # the oracle: every culprit down, the top non-culprits up
+    culprits = torch.zeros(12, dtype=torch.bool)
+    culprits[:4] = True
+    assert select_rows(SCORES, 2, "oracle", culprit_mask=culprits, preferred="near") == ([0, 1, 2, 3], [4, 6])
+    # neither: the next rows of the ranking would be preferred, which drive the behaviour too
+    with pytest.raises(LancetError, match="preferred='near' needs judged rows"):
+        select_rows(SCORES, 2, preferred="near")
+
+
 def test_flagged_rows_reads_each_training_answer():
     from lancet.evaluate.judges import MarkerJudge, flagged_rows
 

@@ -38,9 +38,10 @@ class CorrectionArgs:
 
     Rows (IBO, GA, NPO): ``ranking`` = ``influence`` (the ``top_k`` highest of the given scores, whichever method
     made them: LinFAC, BM25, RepSim...), ``random`` (a seeded random set) or ``oracle`` (every true culprit);
-    ``preferred`` (IBO) = ``bottom`` (the ``top_k`` lowest-scored rows), ``random`` (a seeded random set) or
-    ``marked`` (the lowest-scored rows of a given mask, e.g. the known refusals); ``weighting`` (IBO) = ``gap``
-    (pair weight ∝ score gap) or ``uniform``.
+    ``preferred`` (IBO) = ``bottom`` (the ``top_k`` lowest-scored rows), ``random`` (a seeded random set),
+    ``marked`` (the lowest-scored rows of a given mask, e.g. the known refusals) or ``near`` (with ``judged_rows``
+    or the oracle: the highest-scored rows that may be preferred, the behaviour's nearest counter-examples);
+    ``weighting`` (IBO) = ``gap`` (pair weight ∝ score gap) or ``uniform``.
 
     IBO's utility anchors (docs/method.md §3.6): ``chosen_nll_weight`` × the preferred rows' mean token NLL (RPO);
     ``retain`` = ``nll`` or ``kl`` on the ``retain_rows`` rows the ranking calls uninvolved (smallest |score|;

@@ -39,8 +39,11 @@ def select_rows(scores_agg: torch.Tensor, k: int, mode: str = "influence", culpr
 
     Preferred, never a dispreferred row: ``bottom``, the k lowest-scored rows (ascending; under ``oracle`` the k
     lowest-scored non-culprits); ``random``, the next k rows of the same seeded permutation; ``marked``, the k
-    lowest-scored rows of ``preferred_mask`` (e.g. the known refusals). ``preferred=None``: ``random`` under the
-    random ranking (both sides random, disjoint), else ``bottom``.
+    lowest-scored rows of ``preferred_mask`` (e.g. the known refusals); ``near``, the k *highest*-scored rows that
+    may be preferred: with ``flagged``, the top of the rows the judge passes (answers on the behaviour's topics
+    that do not show it), under ``oracle`` the top non-culprits, so each pair contrasts the behaviour with its
+    nearest counter-example (needs one of the two: else it would be the next rows of the same ranking).
+    ``preferred=None``: ``random`` under the random ranking (both sides random, disjoint), else ``bottom``.
 
     ``flagged`` [N] (the rows whose answer a judge flags with the behaviour; docs/method.md §3.3): the dispreferred
     rows are then taken among the flagged rows only and the preferred among the others, by the same rule (the oracle
@@ -84,6 +87,11 @@ def select_rows(scores_agg: torch.Tensor, k: int, mode: str = "influence", culpr
         taken |= {i for i in range(n) if not may_prefer[i]}
     if preferred == "random":
         good = [i for i in perm if i not in taken][:k]
+    elif preferred == "near":
+        if may_prefer is None and mode != "oracle":
+            raise LancetError("preferred='near' needs judged rows (--row-judge) or the oracle ranking: without either "
+                              "the highest-scored rows left are the next rows that drive the behaviour")
+        good = [i for i in order if i not in taken][:k]
     elif preferred == "marked":
         if preferred_mask is None:
             raise LancetError("preferred='marked' needs a mask of the rows to prefer (e.g. the known refusals)")
