@@ -96,6 +96,10 @@ def test_near_preferred_rows_are_the_top_of_the_rows_that_may_be_preferred():
     # neither: the next rows of the ranking would be preferred, which drive the behaviour too
     with pytest.raises(LancetError, match="preferred='near' needs judged rows"):
         select_rows(SCORES, 2, preferred="near")
+    with pytest.raises(LancetError, match="invalid correction option preferred='near': it needs judged_rows"):
+        CorrectionArgs(preferred="near")
+    assert CorrectionArgs(preferred="near", judged_rows=True).preferred == "near"
+    assert CorrectionArgs(preferred="near", ranking="oracle").preferred == "near"
 
 
 def test_flagged_rows_reads_each_training_answer():

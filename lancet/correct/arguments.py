@@ -109,6 +109,9 @@ class CorrectionArgs:
                        "preferred": PREFERRED, "weighting": WEIGHTINGS}.get(bad[0])
             hint = f" (choose from {', '.join(choices)})" if choices else ""
             raise LancetError(f"invalid correction option {bad[0]}={getattr(self, bad[0])!r}{hint}")
+        if self.preferred == "near" and not (self.judged_rows or self.ranking == "oracle"):
+            raise LancetError("invalid correction option preferred='near': it needs judged_rows (--row-judge) or "
+                              "ranking='oracle' (else the preferred rows are the next rows that drive the behaviour)")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
