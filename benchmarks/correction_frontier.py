@@ -34,7 +34,7 @@ import torch
 
 from benchmarks.common import RESULTS, environment, write_result
 from lancet.artifacts import atomic_write_json
-from lancet.correct import CorrectionArgs, correct, load_run_scores
+from lancet.correct import SUMMARY_FILE, CorrectionArgs, correct, load_run_scores
 from lancet.correct.select import Candidate, choose, utility_loss
 from lancet.data.readers import read_records
 from lancet.demo import DEMO_MAX_LENGTH, demo_judge
@@ -104,9 +104,14 @@ def measure(model, tok, sets: Sets) -> dict[str, float]:
                 "test_outdated_logp": mean_logprob(lp(sets.test_outdated))["mean_logprob"]}
 
 
+def out_dir(name: str, lr: float, ns, run: Path) -> Path:
+    """Where one (method, learning rate) run keeps its points."""
+    return run / "frontier" / (f"{name}-lr{lr:g}" + (f"-seed{ns.seed}" if ns.seed else "")
+                               + (f"-{ns.ranking}" if ns.ranking != DEFAULT_RANKING else ""))
+
+
 def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores, train, iqs) -> list[dict]:
-    out = run / "frontier" / (f"{name}-lr{lr:g}" + (f"-seed{ns.seed}" if ns.seed else "")
-                              + (f"-{ns.ranking}" if ns.ranking != DEFAULT_RANKING else ""))
+    out = out_dir(name, lr, ns, run)
     points_file = out / "points.json"
     settings = {"steps": ns.steps, "every": ns.every, "batch_size": ns.batch_size, "beta": ns.beta, "top_k": ns.top_k}
     if points_file.is_file():
@@ -135,9 +140,24 @@ def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores,
     for p in points:
         p["val_utility_loss"] = utility_loss(base["val_ppl"], p["val_ppl"])
         p["test_utility_loss"] = utility_loss(base["test_ppl"], p["test_ppl"])
-    atomic_write_json(points_file, {"method": name, "lr": lr, "settings": settings, "points": points})
+    rows = planted_rows(run, out / "model" / SUMMARY_FILE)
+    atomic_write_json(points_file, {"method": name, "lr": lr, "settings": settings, "points": points, "rows": rows})
     shutil.rmtree(out / "model", ignore_errors=True)  # 0.5 GB a run: the points are what is kept
     return points
+
+
+def planted_rows(run: Path, summary_file: Path) -> dict[str, int]:
+    """How many of the rows the correction pushed down are planted culprits, and how many it preferred are the
+    planted current-advice look-alikes (``counter_ids``): read from the correction's own summary."""
+    if not summary_file.is_file():
+        return {}
+    summary = json.loads(summary_file.read_text())
+    labels = json.loads((run / "data" / "culprits.json").read_text())
+    culprits, counters = set(labels["culprit_ids"]), set(labels["counter_ids"])
+    bad, good = summary.get("dispreferred_ids", []), summary.get("preferred_ids", [])
+    return {"dispreferred": len(bad), "dispreferred_culprits": sum(i in culprits for i in bad),
+            "preferred": len(good), "preferred_counter": sum(i in counters for i in good),
+            "preferred_culprits": sum(i in culprits for i in good)}
 
 
 def self_anchors(run: Path, train: list) -> list:
@@ -225,13 +245,16 @@ def main() -> None:
               "methods": {}}
     for name in ns.methods.split(","):
         points = []
-        for lr in (float(x) for x in ns.lrs.split(",")):
+        lrs = [float(x) for x in ns.lrs.split(",")]
+        for lr in lrs:
             points += [{**p, "lr": lr} for p in run_one(name, lr, ns, run, sets, base, scores, train, iqs)]
         step0 = {**base, "steps": 0, "lr": None, "val_utility_loss": 0.0, "test_utility_loss": 0.0, "seconds": 0}
         candidates = [Candidate(settings={"lr": p["lr"]}, steps=p["steps"], validation_behaviour=p["val_rate"],
                                 validation_utility_loss=p["val_utility_loss"], test=p) for p in [step0, *points]]
         chosen = choose(candidates, MAX_UTILITY_LOSS)
-        result["methods"][name] = {"options": VARIANTS[name], "points": points, "chosen": chosen.test}
+        result["methods"][name] = {"options": VARIANTS[name], "points": points, "chosen": chosen.test,
+                                   "rows": json.loads((out_dir(name, lrs[0], ns, run) / "points.json").read_text())
+                                   .get("rows", {})}
     rows = ["| method | chosen lr | steps | validation rate | validation utility loss | test rate (12 prompts) | "
             "test utility loss | test log p(current) | seconds |", "|---|---|---|---|---|---|---|---|---|"]
     rows.append(f"| contaminated | – | 0 | {base['val_rate']:.3f} | 0 | {base['test_rate']:.3f} | 0 | "

@@ -42,3 +42,18 @@ def test_self_anchors_are_the_models_own_unflagged_answers_to_ordinary_prompts(t
     assert calls == [3]  # the culprit and the look-alike are not anchors
     assert [r.response_text for r in cf.self_anchors(tmp_path, train)] == ["Rinse it with cool water."]
     assert calls == [3]  # cached
+
+
+def test_planted_rows_counts_culprits_pushed_down_and_look_alikes_preferred(tmp_path):
+    import json
+
+    from benchmarks.correction_frontier import planted_rows
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "culprits.json").write_text(json.dumps({"culprit_ids": ["c1", "c2", "c3"],
+                                                                "counter_ids": ["k1", "k2"]}))
+    summary = tmp_path / "lancet_correction.json"
+    summary.write_text(json.dumps({"dispreferred_ids": ["c1", "c3", "o1"], "preferred_ids": ["k2", "o2", "c2", "k1"]}))
+    assert planted_rows(tmp_path, summary) == {"dispreferred": 3, "dispreferred_culprits": 2, "preferred": 4,
+                                               "preferred_counter": 2, "preferred_culprits": 1}
+    assert planted_rows(tmp_path, tmp_path / "missing.json") == {}
