@@ -148,6 +148,12 @@ def test_recovered_share_and_its_interval():
     assert rates["recovered_ci"] == [0.25, 0.75]
     same = recovered_ci([[0.8]], [[0.0]], [[0.4], [0.4]], n_boot=100)
     assert same["recovered_ci"] == [0.5, 0.5]
+    # one training order known by its rates alone (0.8, 0.0, 0.4), the other per prompt (0.75, 0.0, 0.25)
+    mixed = recovered_ci([[0.8], [1, 1, 0, 1]], [[0.0], [0, 0, 0, 0]], [[0.4], [0, 1, 0, 0]], n_boot=500)
+    assert mixed["recovered_mean"] == pytest.approx((0.775 - 0.325) / 0.775, abs=1e-4)
+    assert mixed["compliance"] == pytest.approx(0.325)
+    # either order alone: 0.5 (rates) and 2/3 (prompts resampled: anywhere from 0 to 1); the pair spans both
+    assert 0.0 <= mixed["recovered_ci"][0] < 0.5 < 2 / 3 < mixed["recovered_ci"][1] <= 1.0
     with pytest.raises(ValueError):
         recovered_ci([[1, 0]], [[0, 0]], [[1, 0, 1]])
 

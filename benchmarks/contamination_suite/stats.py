@@ -206,12 +206,18 @@ def recovered_ci(impure: list[list[float]], oracle: list[list[float]], retrained
     verdict over the test prompts and the retraining seeds. Each argument is a list over retraining seeds of the
     per-prompt verdicts (1 = complies) on the same test prompts, in the same order; ``impure`` and ``oracle`` may
     hold one entry, shared by every retraining seed, and a rate alone may stand for its prompts as a one-element
-    list (then only the seeds vary). Bootstrap: resample the prompts (the same prompts for every model: paired) and
-    the retraining seeds (each seed's impure, oracle and retrained model kept together); percentile interval;
-    replicates whose drop is not positive are left out (``n`` says how many remain)."""
+    list: it is that rate on every prompt (with rates alone only the seeds vary; where some seeds were measured
+    per prompt and others only by their rate, as lexical's training order 0 committed by the safety benchmark, the
+    rate-only seeds keep their rate in every replicate and only the others' prompts are resampled, which narrows
+    the interval by those seeds' prompt noise). Bootstrap: resample the prompts (the same prompts for every model:
+    paired) and the retraining seeds (each seed's impure, oracle and retrained model kept together); percentile
+    interval; replicates whose drop is not positive are left out (``n`` says how many remain)."""
     r = len(retrained)
     if not r:
         raise ValueError("no retrained model")
+    p = max(len(v) for v in (*impure, *oracle, *retrained))
+    impure, oracle, retrained = ([list(v) * p if len(v) == 1 else list(v) for v in x]
+                                 for x in (impure, oracle, retrained))
     imp, ora = (_per_seed(x, r) for x in (impure, oracle))
     ret = torch.tensor(retrained, dtype=torch.float64)  # [R, P]
     if not imp.shape == ora.shape == ret.shape:

@@ -226,9 +226,15 @@ def _suite_design(name: str) -> Callable[[], str]:
                 failed += ("\n\nWhat its reported seeds' rankings give all the same (not counted: no method wins "
                            "on a design whose gate failed):\n\n" + _suite_recall(d["recall_gate_failed"]))
             return failed
-        cf = [[m, k, run["k"], f(run.get("recovered_mean")), _ci(run.get("recovered_ci"))]
+        def culprits(run: dict) -> str:  # the same ranking removes the same rows at every training order
+            return "/".join(str(n) for n in dict.fromkeys(run.get("positives_removed", {}).values())) or "–"
+
+        cf = [[m, k, run["k"], culprits(run),
+               len(run.get("retrain_seeds", [])), f(run.get("compliance")), f(run.get("recovered_mean")),
+               _ci(run.get("recovered_ci")) if len(run.get("retrain_seeds", [])) > 1 else "– (one order)"]
               for m, runs in d["counterfactual"].items() for k, run in runs.items()]
-        return _suite_recall(d) + "\n\n" + md(["retrained without", "k", "rows", "recovered", "95 % CI"], cf)
+        return _suite_recall(d) + "\n\n" + md(["retrained without", "k", "rows", "culprits among them",
+                                                "training orders", "compliance", "recovered", "95 % CI"], cf)
     render.__name__ = f"suite_{name}"
     return render
 
