@@ -292,6 +292,33 @@ def demo_ranking() -> str:
 
 
 @table
+def demo_near() -> str:
+    """The demo's correction with its preferred rows at the top of the rows the judge passes (``preferred="near"``,
+    docs/method.md §5.2), beside ``ibo_self_anchor`` rerun on the same rebuilt demo: each (lr, step) chosen on
+    validation, test numbers beside it, and which planted rows each side of the pairs holds."""
+    d = load("demo_correction_near")
+    base = d["contaminated"]
+    rows = []
+    for name, res in d["methods"].items():
+        c, r = res["chosen"], res.get("rows", {})
+        rows.append([name, "–" if c["lr"] is None else f"{c['lr']:g}", c["steps"], f(c["val_rate"]),
+                     f(c["val_utility_loss"], 3, True), f(c["test_rate"]), f(c["test_utility_loss"], 3, True),
+                     f(c["test_current_logp"], 1), f(c["test_outdated_logp"], 1),
+                     f"{r.get('dispreferred_culprits', '–')} / {r.get('dispreferred', '–')}",
+                     f"{r.get('preferred_counter', '–')} / {r.get('preferred', '–')}"])
+    return (f"Contaminated: validation rate {f(base['val_rate'])}, test outdated rate {f(base['test_rate'])}, "
+            f"log p(current) {f(base['test_current_logp'], 1)}, log p(outdated) "
+            f"{f(base['test_outdated_logp'], 1)}. "
+            + made_by("lancet demo --out runs/demo_frontier --precision bf16` then `python -m "
+                      "benchmarks.correction_frontier --run-dir runs/demo_frontier --methods "
+                      "ibo_self_anchor,ibo_self_anchor_judged_near --lrs 1e-4,3e-4 --steps 20 --every 5 "
+                      "--batch-size 4 --name demo_correction_near", d, "demo_correction_near")
+            + "\n\n" + md(["method", "chosen lr", "step", "validation rate", "validation utility loss",
+                            "test outdated rate", "test utility loss", "test log p(current)", "test log p(outdated)",
+                            "pushed down: culprits", "preferred: current-advice rows"], rows))
+
+
+@table
 def demo_correction_lr() -> str:
     rows, names = [], {"contaminated": "contaminated", "ibo": "IBO", "ibo_random": "IBO, random selection",
                        "ga_retain": "GA + retain"}
