@@ -26,7 +26,17 @@ def _count(entry: dict, side: str) -> str:
 @table
 def demo_summary() -> str:
     """The README's demo table: what the demo found, how the correction did, and how long it took."""
-    d = _demo()
+    return _summary(_demo(), "demo")
+
+
+@table
+def demo_summary_amx() -> str:
+    """The same demo recorded on a machine with AMX (``benchmarks/demo.py --from-run ... --result
+    benchmarks/results/demo_amx.json``): bf16 kernels differ between CPUs, and so does what the demo finds."""
+    return _summary(load("demo_amx"), "demo_amx")
+
+
+def _summary(d: dict, file: str) -> str:
     rec, sets = d["recall"], d["sets"]
     order = [m for m in ("linfac", "repsim", "bm25", "random") if m in rec]
     names = {"linfac": "LinFAC", "repsim": "RepSim", "bm25": "BM25", "random": "chance"}
@@ -50,8 +60,10 @@ def demo_summary() -> str:
         rows.append(["wall time of the command, seconds", f"{d['wall_seconds']:.0f}"])
     m, precision = d["machine"], d.get("hardware", {}).get("precision", "not recorded")
     caption = (f"`{d['command']}`, {d['date']}, on {m.get('cpu') or 'an unnamed CPU'} ({m['cpu_count']} cores, "
-               f"avx512_bf16 {'yes' if m.get('avx512_bf16') else 'no'}, precision {precision}); "
-               "`benchmarks/results/demo.json`.")
+               f"avx512_bf16 {'yes' if m.get('avx512_bf16') else 'no'}"
+               + (f", amx_bf16 {'yes' if m['amx_bf16'] else 'no'}" if "amx_bf16" in m else "")
+               + f", precision {precision}); "
+               f"`benchmarks/results/{file}.json`.")
     return caption + "\n\n" + md(["measure", "result"], rows)
 
 
