@@ -11,8 +11,9 @@ from lancet.demo import demo_config
 from lancet.train import TrainArgs
 
 # hash_json of demo_config(out) with the run directory written as OUT; changed deliberately on 2026-12-05 (third
-# session) when the correction became the self-anchored IBO the demo's re-choice selected (docs/method.md §5.2)
-DEFAULT_CONFIG_HASH = "b9062f16d092b9eb"
+# session) when the correction became the self-anchored IBO the demo's re-choice selected, and on 2026-12-06
+# (eleventh) when its learning rate became 1e-4 (docs/method.md §5.2)
+DEFAULT_CONFIG_HASH = "5a768347d56ee73a"
 
 
 def _normalised(config: dict, out: Path) -> dict:
