@@ -480,6 +480,51 @@ def test_correction_stage_from_the_committed_recall(fake, monkeypatch):
     assert FakeRun.trained == []
 
 
+def test_a_tuning_seed_whose_rebuilt_rows_differ_ranks_its_own_rebuild(fake, monkeypatch):
+    """The tuning seed's committed recall stage was made at another precision and its rebuilt mix differs: the
+    correction ranks the rebuild itself (kept apart from the validation stage, reused while the rows stay the same);
+    a reported seed whose rows differ is still refused."""
+    from lancet.artifacts import hash_json
+
+    root, design = fake / "stages", "shared_prompt"
+    runner.run_command(_ns(fake, design=design, seed=3, stage="recall"), root)
+    committed = read_stage(root, design, 3, "recall")
+    rebuilt = [Record(prompt=r.prompt, response=r.response + " Then rest.", label=r.label)
+               if r.label == "refusal_shared" else r for r in _rows()]  # the aligned model's own answers changed
+    monkeypatch.setattr(FakeRun, "mix", lambda self, aligned: (
+        rebuilt, [r for r in rebuilt if r.label != "unsafe"], {r.id: r.label for r in rebuilt}))
+    recalls = []
+    original = FakeRun.recall
+
+    def recall(self, impure, rows, tiers):
+        recalls.append(len(rows))
+        return original(self, impure, rows, tiers)
+
+    def correction(self, models, rows, tiers, shared, rows_path=None):
+        atomic_write_json(rows_path, {"key": "k", "rows": {"impure": {"sets": _sets(0.6)}}})
+        return {"methods": {}}
+
+    monkeypatch.setattr(FakeRun, "recall", recall)
+    monkeypatch.setattr(FakeRun, "correction", correction, raising=False)
+    runner.run_command(_ns(fake, design=design, seed=3, stage="correction", corrections="fx_default"), root)
+    kept = json.loads((fake / "correction_suite" / design / "seed3_rankings.json").read_text())
+    assert recalls == [len(rebuilt)] and kept["row_ids"] == hash_json([r.id for r in rebuilt])
+    assert kept["row_ids"] != committed["row_ids"] and read_stage(root, design, 3, "recall") == committed
+    ids = json.loads((fake / "runs" / "seed3" / "rankings.json").read_text())["ids"]
+    assert ids == [r.id for r in rebuilt]
+    runner.run_command(_ns(fake, design=design, seed=3, stage="correction", corrections="fx_default"), root)
+    assert recalls == [len(rebuilt)]  # reused, not ranked again
+    runner.run_command(_ns(fake, design=design, seed=0, stage="recall"), root)
+    monkeypatch.setattr(FakeRun, "mix", lambda self, aligned: (
+        list(reversed(rebuilt)), [r for r in rebuilt if r.label != "unsafe"], {r.id: r.label for r in rebuilt}))
+    from benchmarks.contamination_suite import correction as corr
+
+    monkeypatch.setattr(corr, "tuned_lrs", lambda design, root: (1e-5, 5e-5))
+    monkeypatch.setattr(runner, "correction_ready", lambda ns, root: None)
+    with pytest.raises(SystemExit, match="rows differ"):
+        runner.run_command(_ns(fake, design=design, seed=0, stage="correction", corrections="fx_default"), root)
+
+
 def _curve(points: list[tuple[int, float, float]]) -> list[dict]:
     return [{"steps": s, "behaviour": b, "utility_loss": u} for s, b, u in points]
 

@@ -140,16 +140,38 @@ def correction_of(design: str, run, built: dict, root: Path, corrections: tuple[
     if recall is None or "scores" not in recall:
         raise SystemExit(f"{design} seed {run.seed}: the correction needs the committed recall stage (with scores)")
     rows = built["rows"]
+    tuning = run.seed in DESIGNS[design].validation_seeds
+    if tuning and recall.get("row_ids") != hash_json([r.id for r in rows]):
+        recall = tuning_rankings(design, run, built, Path(root))
     write_rankings(run.dir, recall, [r.id for r in rows])
     path = Path(root) / design / f"seed{run.seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     fixes = tuple(c for c in corrections if not c.startswith(FILTER_PREFIX))
-    tuning = run.seed in DESIGNS[design].validation_seeds
     run.p = replace(run.p, corrections=fixes, corr_lrs=TUNING_LRS if tuning else tuned_lrs(design, root))
     out = run.correction(built["models"], rows, built["tiers"], shared, rows_path=path)
     for name in (c for c in corrections if c.startswith(FILTER_PREFIX)):
         _filter_retrain(run, built, recall, name, out, path)
     return path
+
+
+def tuning_rankings(design: str, run, built: dict, root: Path) -> dict:
+    """The tuning seed's rankings of the model the correction corrects, where its rebuilt mix differs from the
+    committed validation recall stage's (that stage was made at another precision, which the mix depends on through
+    the aligned model's own answers; docs/method.md §5.4): the runner's recall stage on this rebuild, kept in the
+    correction's folder as ``seed<S>_rankings.json`` and reused while the rows are the same, so the validation stage
+    that chose the suite's methods stays as it was."""
+    from benchmarks.contamination_suite.runner import recall_of
+
+    path = root / design / f"seed{run.seed}_rankings.json"
+    ids = hash_json([r.id for r in built["rows"]])
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("row_ids") == ids:
+            return kept
+    stage = recall_of(design, run, built)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, stage)
+    return stage
 
 
 def _filter_retrain(run, built: dict, recall: dict, name: str, out: dict, path: Path) -> None:
