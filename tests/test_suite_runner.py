@@ -510,6 +510,8 @@ def test_a_tuning_seed_whose_rebuilt_rows_differ_ranks_its_own_rebuild(fake, mon
     kept = json.loads((fake / "correction_suite" / design / "seed3_rankings.json").read_text())
     assert recalls == [len(rebuilt)] and kept["row_ids"] == hash_json([r.id for r in rebuilt])
     assert kept["row_ids"] != committed["row_ids"] and read_stage(root, design, 3, "recall") == committed
+    # the validation seed's checkpoint ablation is not recomputed for the correction
+    assert set(CHECKPOINT_RANKINGS) <= set(committed["scores"]) and not set(CHECKPOINT_RANKINGS) & set(kept["scores"])
     ids = json.loads((fake / "runs" / "seed3" / "rankings.json").read_text())["ids"]
     assert ids == [r.id for r in rebuilt]
     runner.run_command(_ns(fake, design=design, seed=3, stage="correction", corrections="fx_default"), root)

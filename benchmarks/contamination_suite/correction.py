@@ -157,9 +157,10 @@ def correction_of(design: str, run, built: dict, root: Path, corrections: tuple[
 def tuning_rankings(design: str, run, built: dict, root: Path) -> dict:
     """The tuning seed's rankings of the model the correction corrects, where its rebuilt mix differs from the
     committed validation recall stage's (that stage was made at another precision, which the mix depends on through
-    the aligned model's own answers; docs/method.md §5.4): the runner's recall stage on this rebuild, kept in the
-    correction's folder as ``seed<S>_rankings.json`` and reused while the rows are the same, so the validation stage
-    that chose the suite's methods stays as it was."""
+    the aligned model's own answers; docs/method.md §5.4): the runner's recall stage on this rebuild (without the
+    validation seeds' depth and checkpoint ablations, which no correction row reads), kept in the correction's
+    folder as ``seed<S>_rankings.json`` and reused while the rows are the same, so the validation stage that chose
+    the suite's methods stays as it was."""
     from benchmarks.contamination_suite.runner import recall_of
 
     path = root / design / f"seed{run.seed}_rankings.json"
@@ -168,7 +169,7 @@ def tuning_rankings(design: str, run, built: dict, root: Path) -> dict:
         kept = json.loads(path.read_text())
         if kept.get("row_ids") == ids:
             return kept
-    stage = recall_of(design, run, built)
+    stage = recall_of(design, run, built, ablations=False)  # the correction reads no depth or checkpoint ablation
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, stage)
     return stage

@@ -137,8 +137,9 @@ def gate_of(design: str, run, built: dict) -> dict:
     return {**stage, "aligned_start": built["check"], "settings": _settings(run.p), "seconds": dict(run.seconds)}
 
 
-def recall_of(design: str, run, built: dict) -> dict:
-    """The recall stage from ``Run.recall``'s rankings (rows in the mix's order) and the runner's own two."""
+def recall_of(design: str, run, built: dict, ablations: bool | None = None) -> dict:
+    """The recall stage from ``Run.recall``'s rankings (rows in the mix's order) and the runner's own two.
+    ``ablations``: the validation seeds' extra rankings (other depths, checkpoints); default on validation seeds."""
     from lancet.data import encode_records
     from lancet.influence.regime import RegimeReadout
 
@@ -152,7 +153,7 @@ def recall_of(design: str, run, built: dict) -> dict:
               "classifier": classifier_ranking(run.seed, run.judge.complies([r.response_text for r in rows])),
               **{m: found[m].double() for m in sorted(found)}}
     iqs = read_records(run.dir / "iqs.jsonl")
-    validation = run.seed in DESIGNS[design].validation_seeds
+    validation = run.seed in DESIGNS[design].validation_seeds if ablations is None else ablations
     scores.update(run._timed("behaviour", lambda: behaviour_of(run, built, rows, iqs,
                                                                 other_depths=ablation_depths(validation))))
     if ranks_checkpoints(validation):
