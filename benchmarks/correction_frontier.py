@@ -104,20 +104,17 @@ def measure(model, tok, sets: Sets) -> dict[str, float]:
                 "test_outdated_logp": mean_logprob(lp(sets.test_outdated))["mean_logprob"]}
 
 
-def out_dir(name: str, lr: float, ns, run: Path) -> Path:
-    """Where one (method, learning rate) run keeps its points."""
-    return run / "frontier" / (f"{name}-lr{lr:g}" + (f"-seed{ns.seed}" if ns.seed else "")
-                               + (f"-{ns.ranking}" if ns.ranking != DEFAULT_RANKING else ""))
-
-
-def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores, train, iqs) -> list[dict]:
-    out = out_dir(name, lr, ns, run)
+def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores, train, iqs
+            ) -> tuple[list[dict], dict[str, int]]:
+    """One (method, learning rate) run: its measured points and the planted rows its pairs hold (``planted_rows``)."""
+    out = run / "frontier" / (f"{name}-lr{lr:g}" + (f"-seed{ns.seed}" if ns.seed else "")
+                              + (f"-{ns.ranking}" if ns.ranking != DEFAULT_RANKING else ""))
     points_file = out / "points.json"
     settings = {"steps": ns.steps, "every": ns.every, "batch_size": ns.batch_size, "beta": ns.beta, "top_k": ns.top_k}
     if points_file.is_file():
         stored = json.loads(points_file.read_text())
         if stored.get("settings") == settings:
-            return stored["points"]
+            return stored["points"], stored.get("rows", {})
     points: list[dict] = []
     tok = load_tokenizer(str(run / "model"))
     t0 = time.perf_counter()
@@ -143,7 +140,7 @@ def run_one(name: str, lr: float, ns, run: Path, sets: Sets, base: dict, scores,
     rows = planted_rows(run, out / "model" / SUMMARY_FILE)
     atomic_write_json(points_file, {"method": name, "lr": lr, "settings": settings, "points": points, "rows": rows})
     shutil.rmtree(out / "model", ignore_errors=True)  # 0.5 GB a run: the points are what is kept
-    return points
+    return points, rows
 
 
 def planted_rows(run: Path, summary_file: Path) -> dict[str, int]:
@@ -245,16 +242,14 @@ def main() -> None:
               "methods": {}}
     for name in ns.methods.split(","):
         points = []
-        lrs = [float(x) for x in ns.lrs.split(",")]
-        for lr in lrs:
-            points += [{**p, "lr": lr} for p in run_one(name, lr, ns, run, sets, base, scores, train, iqs)]
+        for lr in (float(x) for x in ns.lrs.split(",")):
+            found, planted = run_one(name, lr, ns, run, sets, base, scores, train, iqs)  # the same at every rate
+            points += [{**p, "lr": lr} for p in found]
         step0 = {**base, "steps": 0, "lr": None, "val_utility_loss": 0.0, "test_utility_loss": 0.0, "seconds": 0}
         candidates = [Candidate(settings={"lr": p["lr"]}, steps=p["steps"], validation_behaviour=p["val_rate"],
                                 validation_utility_loss=p["val_utility_loss"], test=p) for p in [step0, *points]]
         chosen = choose(candidates, MAX_UTILITY_LOSS)
-        result["methods"][name] = {"options": VARIANTS[name], "points": points, "chosen": chosen.test,
-                                   "rows": json.loads((out_dir(name, lrs[0], ns, run) / "points.json").read_text())
-                                   .get("rows", {})}
+        result["methods"][name] = {"options": VARIANTS[name], "points": points, "chosen": chosen.test, "rows": planted}
     rows = ["| method | chosen lr | steps | validation rate | validation utility loss | test rate (12 prompts) | "
             "test utility loss | test log p(current) | seconds |", "|---|---|---|---|---|---|---|---|---|"]
     rows.append(f"| contaminated | – | 0 | {base['val_rate']:.3f} | 0 | {base['test_rate']:.3f} | 0 | "
