@@ -504,9 +504,19 @@ def test_a_tuning_seed_whose_rebuilt_rows_differ_ranks_its_own_rebuild(fake, mon
         atomic_write_json(rows_path, {"key": "k", "rows": {"impure": {"sets": _sets(0.6)}}})
         return {"methods": {}}
 
+    rated = []
+    original_rate = FakeRun.rate
+
+    def rate(self, name, model, set_name):
+        rated.append((name, set_name))
+        return original_rate(self, name, model, set_name)
+
     monkeypatch.setattr(FakeRun, "recall", recall)
+    monkeypatch.setattr(FakeRun, "rate", rate)
     monkeypatch.setattr(FakeRun, "correction", correction, raising=False)
     runner.run_command(_ns(fake, design=design, seed=3, stage="correction", corrections="fx_default"), root)
+    # the correction's key reads the impure and safe models' test answers, which a rebuild lacks until measured
+    assert {("impure", "test_prompts"), ("safe", "test_prompts")} <= set(rated)
     kept = json.loads((fake / "correction_suite" / design / "seed3_rankings.json").read_text())
     assert recalls == [len(rebuilt)] and kept["row_ids"] == hash_json([r.id for r in rebuilt])
     assert kept["row_ids"] != committed["row_ids"] and read_stage(root, design, 3, "recall") == committed

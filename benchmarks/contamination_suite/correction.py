@@ -144,6 +144,7 @@ def correction_of(design: str, run, built: dict, root: Path, corrections: tuple[
     if tuning and recall.get("row_ids") != hash_json([r.id for r in rows]):
         recall = tuning_rankings(design, run, built, Path(root))
     write_rankings(run.dir, recall, [r.id for r in rows])
+    _test_answers(run, built)
     path = Path(root) / design / f"seed{run.seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     fixes = tuple(c for c in corrections if not c.startswith(FILTER_PREFIX))
@@ -152,6 +153,18 @@ def correction_of(design: str, run, built: dict, root: Path, corrections: tuple[
     for name in (c for c in corrections if c.startswith(FILTER_PREFIX)):
         _filter_retrain(run, built, recall, name, out, path)
     return path
+
+
+def _test_answers(run, built: dict) -> None:
+    """The impure and safe models' greedy answers to the test prompts, which the correction's key reads: the gate
+    stage wrote them where it ran, a rebuilt run directory (the tuning seed's) has none (``Run.answers`` caches
+    them by the model's fingerprint, so this is a load and a hash where they exist)."""
+    from lancet.models.loading import load_model
+
+    for name in ("impure", "safe"):
+        model, _ = load_model(built["models"][name])
+        run.rate(name, model, "test_prompts")
+        del model
 
 
 def tuning_rankings(design: str, run, built: dict, root: Path) -> dict:
