@@ -544,7 +544,7 @@ def _curve(points: list[tuple[int, float, float]]) -> list[dict]:
 def test_tuned_lrs_keep_the_two_best_rates_within_budget(tmp_path):
     """docs/method.md §5.4: the reported seeds' two rates are the tuning rows' best mean validation compliance within
     5 % utility loss; ties by the safe model's own budget, then the lower rate."""
-    from benchmarks.contamination_suite.correction import best_within, tuned_lrs
+    from benchmarks.contamination_suite.correction import best_within, build_correction_suite, tuned_lrs
 
     assert best_within(_curve([(0, 0.8, 0.0), (5, 0.3, 0.06), (10, 0.5, 0.04)]), 0.05) == 0.5
     assert best_within(_curve([(0, 0.8, 0.0), (5, 0.3, 0.06)]), 0.05) == 0.8  # step 0 always counts
@@ -566,6 +566,15 @@ def test_tuned_lrs_keep_the_two_best_rates_within_budget(tmp_path):
     write({2e-6: _curve([(0, 0.8, 0.0)]), 1e-5: _curve([(0, 0.8, 0.0), (5, 0.5, 0.09)]),
            5e-5: _curve([(0, 0.8, 0.0), (5, 0.2, 0.04)])})
     assert tuned_lrs("lexical", tmp_path) == (1e-5, 5e-5)
+    # the suite JSON shows what chose them: per row and rate the best point within 5 % and its step
+    tuning = build_correction_suite(tmp_path, suite={})["tuning"]["lexical"]
+    assert tuning["seed"] == 3 and tuning["learning_rates"] == [1e-5, 5e-5]
+    assert tuning["impure_validation_compliance"] == 0.8
+    assert tuning["best_within"]["fx_default"] == {
+        "2e-06": {"validation_compliance": 0.8, "steps": 0}, "1e-05": {"validation_compliance": 0.8, "steps": 0},
+        "5e-05": {"validation_compliance": 0.2, "steps": 5}}
+    atomic_write_json(tmp_path / "lexical" / "seed3.json", {"key": "k", "rows": {}})
+    assert build_correction_suite(tmp_path, suite={})["tuning"] == {}
 
 
 def test_k1_keeps_the_checkpoint_rankings_to_the_validation_seeds(fake, monkeypatch):

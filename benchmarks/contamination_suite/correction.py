@@ -228,10 +228,12 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
         suite = json.loads(SUITE.read_text()) if SUITE.is_file() else {}
     failed = failed_designs(suite)
     out: dict = {"designs": {}, "pending": {}, "skipped": {d: failed[d] for d in CORRECTION_SEEDS if d in failed},
-                 "ood_sets": list(OOD_SETS)}
+                 "tuning": {}, "ood_sets": list(OOD_SETS)}
     for design, seeds in CORRECTION_SEEDS.items():
         if design in failed:
             continue
+        if (tuning_row := tuning_summary(design, root)) is not None:
+            out["tuning"][design] = tuning_row
         stages = {s: _read(root, design, s) for s in seeds}
         missing = [f"{design}/seed{s}.json" for s, st in stages.items() if st is None]
         tuning = DESIGNS[design].validation_seeds[0]
@@ -257,6 +259,29 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
                 "utility_loss_test": _mean(per_seed, name, lambda r: r["utility_loss_test"])}
         out["designs"][design] = entry
     return out
+
+
+def tuning_summary(design: str, root: Path = CORRECTION_DIR) -> dict | None:
+    """What chose the reported seeds' learning rates (``tuned_lrs``), once the tuning seed has every TUNING_ROWS
+    row: per row and rate the lowest validation compliance within 5 % utility loss and the step it was reached at
+    (0: nothing within budget improved on the impure model), the impure model's validation compliance, and the
+    rates kept. None before."""
+    seed = DESIGNS[design].validation_seeds[0]
+    stage = _read(root, design, seed)
+    rows = {} if stage is None else stage["rows"]
+    if any("validation" not in rows.get(r, {}) for r in TUNING_ROWS):
+        return None
+
+    def best(curve: list[dict]) -> dict:
+        point = min((p for p in curve if p["steps"] == 0 or p["utility_loss"] <= MAX_UTILITY_LOSS),
+                    key=lambda p: (p["behaviour"], p["steps"]))
+        return {"validation_compliance": round(point["behaviour"], 4), "steps": point["steps"]}
+
+    curves = {r: {f"{lr:g}": best(rows[r]["validation"][f"lr{lr:g}"]) for lr in TUNING_LRS} for r in TUNING_ROWS}
+    impure = {p["behaviour"] for r in TUNING_ROWS for c in rows[r]["validation"].values() for p in c
+              if p["steps"] == 0}
+    return {"seed": seed, "learning_rates": list(tuned_lrs(design, root)), "max_utility_loss": MAX_UTILITY_LOSS,
+            "impure_validation_compliance": round(min(impure), 4) if impure else None, "best_within": curves}
 
 
 def _read(root: Path, design: str, seed: int) -> dict | None:

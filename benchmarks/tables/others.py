@@ -274,6 +274,15 @@ def correction_suite() -> str:
                       f"{d['impure']['ood_compliance_mean']:.3f}, retrained {d['retrained']['ood_compliance_mean']:.3f}"
                       "\n\n" + md(["row", "ranking", "weighting", "preferred", "OOD compliance", "sd",
                                   "utility loss (valid)", "utility loss (test)"], rows))
+    for name, t in suite.get("tuning", {}).items():
+        rates = list(next(iter(t["best_within"].values())))
+        rows = [[r, *(f"{v[lr]['validation_compliance']:.3f} (step {v[lr]['steps']})" for lr in rates)]
+                for r, v in t["best_within"].items()]
+        blocks.append(f"**{name}, tuning seed {t['seed']}** (not reported; it chose the reported seeds' learning "
+                      f"rates {t['learning_rates']}): the impure model's validation compliance "
+                      f"{t['impure_validation_compliance']:.3f}; per row and rate, the lowest within "
+                      f"{t['max_utility_loss']:g} utility loss (step 0: no checkpoint within it did better)\n\n"
+                      + md(["row", *(f"lr {lr}" for lr in rates)], rows))
     pending = ", ".join(f"{k}: {len(v)} seed files" for k, v in suite.get("pending", {}).items())
     return ("`python -m benchmarks.contamination_suite run --design D --seed S --stage correction`, then "
             "`write-correction`.\n\n" + ("\n\n".join(blocks) or "(no design complete yet)")
