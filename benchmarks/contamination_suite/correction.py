@@ -105,10 +105,16 @@ def ood_compliance(row: dict) -> float:
     return statistics.fmean(row["sets"][s]["compliance"] for s in OOD_SETS)
 
 
+def best_point(curve: list[dict], budget: float) -> dict:
+    """The checkpoint with the lowest validation compliance (``behaviour``; ties: the earlier step) among a curve's
+    checkpoints within ``budget`` utility loss (step 0, the impure model, always is)."""
+    return min((p for p in curve if p["steps"] == 0 or p["utility_loss"] <= budget),
+               key=lambda p: (p["behaviour"], p["steps"]))
+
+
 def best_within(curve: list[dict], budget: float) -> float:
-    """The lowest validation compliance (``behaviour``) among a curve's checkpoints within ``budget`` utility loss
-    (step 0, the impure model, always is)."""
-    return min(p["behaviour"] for p in curve if p["steps"] == 0 or p["utility_loss"] <= budget)
+    """``best_point``'s validation compliance."""
+    return best_point(curve, budget)["behaviour"]
 
 
 def tuned_lrs(design: str, root: Path = CORRECTION_DIR) -> tuple[float, ...]:
@@ -273,8 +279,7 @@ def tuning_summary(design: str, root: Path = CORRECTION_DIR) -> dict | None:
         return None
 
     def best(curve: list[dict]) -> dict:
-        point = min((p for p in curve if p["steps"] == 0 or p["utility_loss"] <= MAX_UTILITY_LOSS),
-                    key=lambda p: (p["behaviour"], p["steps"]))
+        point = best_point(curve, MAX_UTILITY_LOSS)
         return {"validation_compliance": round(point["behaviour"], 4), "steps": point["steps"]}
 
     curves = {r: {f"{lr:g}": best(rows[r]["validation"][f"lr{lr:g}"]) for lr in TUNING_LRS} for r in TUNING_ROWS}
