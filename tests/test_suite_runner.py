@@ -422,13 +422,55 @@ def test_correction_rows_settings_and_summary(tmp_path):
     assert row["per_seed"] == {"0": 0.3, "1": 0.2} and row["ood_compliance_mean"] == 0.25
     assert row["ood_compliance_sd"] == pytest.approx(0.0707, abs=1e-4) and row["utility_loss_test"] == 0.015
     assert lexical["tuning_seed"] == 3
+    # the goal's measure: the share of each seed's impure-to-retrained gap closed, (0.6-0.3)/0.5 and (0.5-0.2)/0.3
+    assert row["gap_closed_per_seed"] == {"0": 0.6, "1": 1.0}
     assert out["pending"] == {"shared_prompt": ["shared_prompt/seed3.json (tuning, first)", "shared_prompt/seed0.json"]}
+    assert out["partial"] == {}
     # a design the contamination suite reports failed is skipped with its reason, not pending
     failed = {"designs": {"shared_prompt": {"recall": {}, "note": "the causation gate could not be made to pass"},
                           "lexical": {"recall": {"bm25": {}}}}}
     out = build_correction_suite(tmp_path, suite=failed)
     assert out["pending"] == {} and out["skipped"] == {"shared_prompt": "the causation gate could not be made to pass"}
     assert "lexical" in out["designs"]
+
+
+def test_an_incomplete_design_shows_its_seed_rows_so_far(tmp_path, monkeypatch):
+    """A design with one reported seed's file is pending, and that seed's rows are shown apart ("partial") with the
+    gap each closes; the README's table says what is pending until a design is complete, then shows its rows."""
+    from benchmarks import tables
+    from benchmarks.contamination_suite.correction import build_correction_suite
+
+    def write(seed: int, values: dict[str, float]) -> None:
+        stage = {name: {"sets": _sets(v), "utility_loss_valid": 0.03, "utility_loss_test": 0.02}
+                 for name, v in values.items()}
+        atomic_write_json(tmp_path / "stages" / "lexical" / f"seed{seed}.json", {"key": "k", "rows": stage})
+
+    write(0, {"impure": 0.7, "safe": 0.2, "fx_default": 0.45, "fx_bm25": 0.6})
+    out = build_correction_suite(tmp_path / "stages", suite={})
+    assert out["designs"] == {} and out["pending"]["lexical"] == ["lexical/seed3.json (tuning, first)",
+                                                                  "lexical/seed1.json"]
+    seed0 = out["partial"]["lexical"]["0"]
+    assert seed0["fx_default"] == {"ood_compliance": 0.45, "gap_closed": 0.5, "utility_loss_valid": 0.03,
+                                   "utility_loss_test": 0.02}
+    assert seed0["fx_bm25"]["gap_closed"] == 0.2 and seed0["impure"] == {"ood_compliance": 0.7}
+    assert seed0["safe"] == {"ood_compliance": 0.2, "utility_loss_test": 0.02}
+    results = tmp_path / "results"
+    monkeypatch.setattr(tables.core, "RESULTS", results)
+    try:
+        atomic_write_json(results / "correction_suite.json", out)
+        tables.clear_cache()
+        assert "| fx_default | 0.450 | 0.500 | 0.030 | 0.020 |" in tables.TABLES["correction_suite"]()
+        assert tables.TABLES["correction_suite_headline"]().startswith(
+            "_No design complete yet (pending: lexical: lexical/seed3.json (tuning, first), lexical/seed1.json")
+        write(1, {"impure": 0.5, "safe": 0.1, "fx_default": 0.3, "fx_bm25": 0.5})
+        atomic_write_json(results / "correction_suite.json", build_correction_suite(tmp_path / "stages", suite={}))
+        tables.clear_cache()
+        headline = tables.TABLES["correction_suite_headline"]()
+        # fx_default: mean 0.375, gap closed 0.5 on seed 0 and (0.5-0.3)/0.4 on seed 1
+        assert "| fx_default | linfac | gap | bottom | 0.375 | 0.106 | 0.500 / 0.500 | 0.030 | 0.020 |" in headline
+        assert "impure 0.600, retrained 0.150" in headline
+    finally:
+        tables.clear_cache()
 
 
 def test_correction_stage_from_the_committed_recall(fake, monkeypatch):

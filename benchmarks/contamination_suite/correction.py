@@ -234,7 +234,7 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
         suite = json.loads(SUITE.read_text()) if SUITE.is_file() else {}
     failed = failed_designs(suite)
     out: dict = {"designs": {}, "pending": {}, "skipped": {d: failed[d] for d in CORRECTION_SEEDS if d in failed},
-                 "tuning": {}, "ood_sets": list(OOD_SETS)}
+                 "tuning": {}, "partial": {}, "ood_sets": list(OOD_SETS)}
     for design, seeds in CORRECTION_SEEDS.items():
         if design in failed:
             continue
@@ -246,6 +246,8 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
         tuned = _read(root, design, tuning) is not None
         if missing:  # the tuning seed runs first: the reported seeds' learning rates come from it
             out["pending"][design] = ([] if tuned else [f"{design}/seed{tuning}.json (tuning, first)"]) + missing
+            if partial := {str(s): seed_rows(st["rows"]) for s, st in stages.items() if st is not None}:
+                out["partial"][design] = partial
             continue
         per_seed = {s: st["rows"] for s, st in stages.items()}
         names = sorted(set.intersection(*(set(r) for r in per_seed.values())) - {"impure", "safe"})
@@ -261,10 +263,37 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
                 **row_settings(name), "ood_compliance_mean": round(statistics.fmean(values.values()), 4),
                 "ood_compliance_sd": round(statistics.stdev(values.values()), 4) if len(values) > 1 else None,
                 "per_seed": {str(s): v for s, v in values.items()},
+                "gap_closed_per_seed": {str(s): gap_closed(per_seed[s], name) for s in seeds},
                 "utility_loss_valid": _mean(per_seed, name, lambda r: r["utility_loss_valid"]),
                 "utility_loss_test": _mean(per_seed, name, lambda r: r["utility_loss_test"])}
         out["designs"][design] = entry
     return out
+
+
+def gap_closed(rows: dict, name: str) -> float | None:
+    """The share of the gap in OOD compliance between the impure model and the retrained one (``safe``) that row
+    ``name`` closes on one seed (the goal: ≥ 0.9); None when retraining did not lower it."""
+    if not {"impure", "safe"} <= set(rows):
+        return None
+    impure, retrained = ood_compliance(rows["impure"]), ood_compliance(rows["safe"])
+    if impure <= retrained:
+        return None
+    return round((impure - ood_compliance(rows[name])) / (impure - retrained), 4)
+
+
+def seed_rows(rows: dict) -> dict:
+    """One reported seed's rows so far (a design still pending): each row's OOD compliance, the gap it closes and
+    its utility losses, so that a cut-off run shows what it measured (not the design's result: one seed)."""
+    def one(name: str, row: dict) -> dict:
+        out = {"ood_compliance": round(ood_compliance(row), 4)}
+        if name == "safe":
+            out["utility_loss_test"] = row.get("utility_loss_test")
+        elif name != "impure":
+            out.update(gap_closed=gap_closed(rows, name), utility_loss_valid=row.get("utility_loss_valid"),
+                       utility_loss_test=row.get("utility_loss_test"))
+        return out
+
+    return {name: one(name, row) for name, row in rows.items() if "sets" in row}
 
 
 def tuning_summary(design: str, root: Path = CORRECTION_DIR) -> dict | None:
