@@ -267,7 +267,7 @@ def correction_suite() -> str:
     blocks = [_correction_design(name, d) for name, d in suite["designs"].items()]
     for name, per_seed in suite.get("partial", {}).items():
         for seed, rows in per_seed.items():
-            body = [[r, f(v["ood_compliance"]), f(v.get("gap_closed")), f(v.get("utility_loss_valid")),
+            body = [[PARTIAL_NAMES.get(r, r), f(v["ood_compliance"]), f(v.get("gap_closed")), f(v.get("utility_loss_valid")),
                      f(v.get("utility_loss_test"))] for r, v in sorted(rows.items(), key=_impure_safe_first)]
             blocks.append(f"**{name}, reported seed {seed} so far** (the design is not complete: one seed's rows as "
                           "they finish, not its result)\n\n"
@@ -288,6 +288,9 @@ def correction_suite() -> str:
             + (f"\n\nPending: {pending}." if pending else "")
             + "".join(f"\n\nNot run on {k}: the contamination suite reports it failed ({why})."
                       for k, why in suite.get("skipped", {}).items()))
+
+
+PARTIAL_NAMES = {"safe": "safe (retrained without the culprits)"}
 
 
 def _impure_safe_first(kv: tuple[str, dict]) -> tuple[int, float]:
