@@ -267,8 +267,9 @@ def correction_suite() -> str:
     blocks = [_correction_design(name, d) for name, d in suite["designs"].items()]
     for name, per_seed in suite.get("partial", {}).items():
         for seed, rows in per_seed.items():
-            body = [[PARTIAL_NAMES.get(r, r), f(v["ood_compliance"]), f(v.get("gap_closed")), f(v.get("utility_loss_valid")),
-                     f(v.get("utility_loss_test"))] for r, v in sorted(rows.items(), key=_impure_safe_first)]
+            body = [[PARTIAL_NAMES.get(r, r), f(v["ood_compliance"]), f(v.get("gap_closed")),
+                     f(v.get("utility_loss_valid")), f(v.get("utility_loss_test"))]
+                    for r, v in sorted(rows.items(), key=_impure_safe_first)]
             blocks.append(f"**{name}, reported seed {seed} so far** (the design is not complete: one seed's rows as "
                           "they finish, not its result)\n\n"
                           + md(["row", "OOD compliance", "gap closed", "utility loss (valid)", "utility loss (test)"],
