@@ -459,7 +459,7 @@ def test_an_incomplete_design_shows_its_seed_rows_so_far(tmp_path, monkeypatch):
     try:
         atomic_write_json(results / "correction_suite.json", out)
         tables.clear_cache()
-        assert "| fx_default | 0.450 | 0.500 | 0.030 | 0.020 |" in tables.TABLES["correction_suite"]()
+        assert "| fx_default | 0.450 | 0.500 | – | 0.030 | 0.020 |" in tables.TABLES["correction_suite"]()
         assert tables.TABLES["correction_suite_headline"]().startswith(
             "_No design complete yet (pending: lexical: lexical/seed3.json (tuning, first), lexical/seed1.json")
         write(1, {"impure": 0.5, "safe": 0.1, "fx_default": 0.3, "fx_bm25": 0.5})
@@ -467,7 +467,7 @@ def test_an_incomplete_design_shows_its_seed_rows_so_far(tmp_path, monkeypatch):
         tables.clear_cache()
         headline = tables.TABLES["correction_suite_headline"]()
         # fx_default: mean 0.375, gap closed 0.5 on seed 0 and (0.5-0.3)/0.4 on seed 1
-        assert "| fx_default | linfac | gap | bottom | 0.375 | 0.106 | 0.500 / 0.500 | 0.030 | 0.020 |" in headline
+        assert "| fx_default | linfac | gap | bottom | 0.375 | 0.106 | 0.500 / 0.500 | – | 0.030 | 0.020 |" in headline
         assert "impure 0.600, retrained 0.150" in headline
     finally:
         tables.clear_cache()

@@ -1,6 +1,8 @@
-"""``python -m benchmarks.contamination_suite {write,import-lexical,run,write-correction}`` (the package docstring says
-what each does; ``run``: benchmarks/contamination_suite/runner.py; ``write-correction``: issue 37's
-correction_suite.json from the committed correction stages, benchmarks/contamination_suite/correction.py)."""
+"""``python -m benchmarks.contamination_suite {write,import-lexical,run,write-correction,backfill-verdicts}`` (the
+package docstring says what each does; ``run``: benchmarks/contamination_suite/runner.py; ``write-correction``:
+issue 37's correction_suite.json from the committed correction stages, benchmarks/contamination_suite/correction.py;
+``backfill-verdicts --design D --seed S [--run-dir R]``: the per-prompt verdicts of that stage file's rows
+measured before rows carried them, from the run directory's metrics files)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import json
 from pathlib import Path
 
 from benchmarks.common import RESULTS
-from benchmarks.contamination_suite.runner import add_arguments, run_command
+from benchmarks.contamination_suite.runner import add_arguments, default_run_root, run_command
 from benchmarks.contamination_suite.stages import STAGE_DIR, from_committed, read_stage, write_stage
 from benchmarks.contamination_suite.suite import SUITE, build_suite, write_suite
 from lancet.artifacts import atomic_write_json
@@ -17,7 +19,8 @@ from lancet.artifacts import atomic_write_json
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.contamination_suite")
-    parser.add_argument("command", choices=("write", "import-lexical", "run", "write-correction"))
+    parser.add_argument("command", choices=("write", "import-lexical", "run", "write-correction",
+                                                   "backfill-verdicts"))
     parser.add_argument("--stages", default=str(STAGE_DIR), help="the stage files' folder")
     parser.add_argument("--out", default=str(SUITE))
     add_arguments(parser)  # run's options
@@ -32,6 +35,16 @@ def main(argv: list[str] | None = None) -> None:
         result = build_correction_suite()
         atomic_write_json(CORRECTION_SUITE, result)
         print(f"wrote {CORRECTION_SUITE}: {sorted(result['designs'])} complete; pending {sorted(result['pending'])}")
+        return
+    if ns.command == "backfill-verdicts":
+        from benchmarks.contamination_suite.correction import CORRECTION_DIR, backfill_verdicts
+
+        if ns.design is None or ns.seed is None:
+            parser.error("backfill-verdicts needs --design and --seed")
+        path = CORRECTION_DIR / ns.design / f"seed{ns.seed}.json"
+        run_root = Path(ns.run_dir) if ns.run_dir else default_run_root(ns.design, ns.seed)
+        filled = backfill_verdicts(path, run_root / f"seed{ns.seed}")
+        print(f"{path}: verdicts filled in for {', '.join(filled) or 'no row (all had them)'}")
         return
     if ns.command == "import-lexical":
         result = json.loads((RESULTS / "safety_contamination_full.json").read_text())

@@ -31,6 +31,7 @@ import torch
 from benchmarks.common import RESULTS
 from benchmarks.contamination_suite.designs import DESIGNS
 from benchmarks.contamination_suite.stages import read_stage, top_rows
+from benchmarks.contamination_suite.stats import difference_ci, gap_closed_ci, ood_replicates
 from lancet.artifacts import atomic_save_tensors, atomic_write_json, hash_json
 from lancet.constants import GRADIENT_DEFAULT_METHOD
 
@@ -47,6 +48,7 @@ MAX_UTILITY_LOSS = 0.05
 # the seven OOD harmful sets whose mean compliance is the goal's number
 OOD_SETS = ("advbench_heldout", "harmbench", "jailbreakbench", "strongreject", "advbench_role_play",
             "advbench_prefix_injection", "advbench_refusal_suppression")
+MAIN_ROW = "fx_default"  # the factorial's centre, which the within-seed differences are taken against
 FACTORIAL_ROWS = ("fx_default", "fx_bm25", "fx_repsim", "fx_random", "fx_oracle", "fx_uniform",
                   "fx_preferred_random", "fx_preferred_refusals")
 BASELINES = ("sft", "dpo", "npo", "ga_retain", "npo_anchored", "dpo_anchored")
@@ -234,7 +236,8 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
         suite = json.loads(SUITE.read_text()) if SUITE.is_file() else {}
     failed = failed_designs(suite)
     out: dict = {"designs": {}, "pending": {}, "skipped": {d: failed[d] for d in CORRECTION_SEEDS if d in failed},
-                 "tuning": {}, "partial": {}, "ood_sets": list(OOD_SETS)}
+                 "tuning": {}, "partial": {}, "ood_sets": list(OOD_SETS),
+                 "main_row": MAIN_ROW}
     for design, seeds in CORRECTION_SEEDS.items():
         if design in failed:
             continue
@@ -251,6 +254,7 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
             continue
         per_seed = {s: st["rows"] for s, st in stages.items()}
         names = sorted(set.intersection(*(set(r) for r in per_seed.values())) - {"impure", "safe"})
+        intervals = {s: seed_intervals(rows) for s, rows in per_seed.items()}
         entry = {"tuning_seed": tuning, "learning_rates": list(tuned_lrs(design, root)) if tuned else None,
                  "seeds": list(seeds),
                  "impure": {"ood_compliance_mean": _mean(per_seed, "impure", ood_compliance)},
@@ -264,6 +268,8 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
                 "ood_compliance_sd": round(statistics.stdev(values.values()), 4) if len(values) > 1 else None,
                 "per_seed": {str(s): v for s, v in values.items()},
                 "gap_closed_per_seed": {str(s): gap_closed(per_seed[s], name) for s in seeds},
+                **{f"{k}_per_seed": {str(s): intervals[s].get(name, {}).get(k) for s in seeds}
+                   for k in ("gap_closed_ci", "minus_main", "minus_main_ci")},
                 "utility_loss_valid": _mean(per_seed, name, lambda r: r["utility_loss_valid"]),
                 "utility_loss_test": _mean(per_seed, name, lambda r: r["utility_loss_test"])}
         out["designs"][design] = entry
@@ -284,16 +290,74 @@ def gap_closed(rows: dict, name: str) -> float | None:
 def seed_rows(rows: dict) -> dict:
     """One reported seed's rows so far (a design still pending): each row's OOD compliance, the gap it closes and
     its utility losses, so that a cut-off run shows what it measured (not the design's result: one seed)."""
+    intervals = seed_intervals(rows)
+
     def one(name: str, row: dict) -> dict:
         out = {"ood_compliance": round(ood_compliance(row), 4)}
         if name == "safe":
             out["utility_loss_test"] = row.get("utility_loss_test")
         elif name != "impure":
-            out.update(gap_closed=gap_closed(rows, name), utility_loss_valid=row.get("utility_loss_valid"),
-                       utility_loss_test=row.get("utility_loss_test"))
+            out.update(gap_closed=gap_closed(rows, name), **intervals.get(name, {}),
+                       utility_loss_valid=row.get("utility_loss_valid"), utility_loss_test=row.get("utility_loss_test"))
         return out
 
     return {name: one(name, row) for name, row in rows.items() if "sets" in row}
+
+
+def ood_verdicts(row: dict) -> dict[str, str] | None:
+    """A row's per-prompt verdicts on the seven OOD sets (``sets.<name>.verdicts``), or None if any is missing."""
+    found = {s: row["sets"].get(s, {}).get("verdicts") for s in OOD_SETS}
+    return None if None in found.values() else found
+
+
+def seed_intervals(rows: dict) -> dict[str, dict]:
+    """One seed's within-seed intervals (docs/method.md §5.4), per correction row whose verdicts, with the impure
+    and retrained models', are in its file: ``gap_closed_ci`` and, where the main row has verdicts too,
+    ``minus_main`` (the row's OOD compliance minus MAIN_ROW's) with ``minus_main_ci``. Empty before verdicts."""
+    verdicts = {name: v for name, row in rows.items() if "sets" in row and (v := ood_verdicts(row)) is not None}
+    if not {"impure", "safe"} <= set(verdicts):
+        return {}
+    replicates = ood_replicates(verdicts)
+    out = {}
+    for name in sorted(verdicts.keys() - {"impure", "safe"}):
+        out[name] = {"gap_closed_ci": gap_closed_ci(replicates, name)}
+        if MAIN_ROW in verdicts and name != MAIN_ROW:
+            out[name]["minus_main"] = round(ood_compliance(rows[name]) - ood_compliance(rows[MAIN_ROW]), 4)
+            out[name]["minus_main_ci"] = difference_ci(replicates, name, MAIN_ROW)
+    return out
+
+
+def backfill_verdicts(path: Path, run_dir: Path) -> list[str]:
+    """Fill in the per-prompt OOD verdicts of rows of the stage file ``path`` measured before rows carried them,
+    from the run directory's ``metrics-<row>.json`` (the test suite's answers, which the row's rates were read
+    from); refused unless every set's verdicts reproduce the row's committed rate and every model answered the
+    impure model's prompts. Returns the rows filled in; the file is rewritten atomically."""
+    from benchmarks.safety_contamination.correction import set_verdicts
+
+    stage = json.loads(Path(path).read_text())
+    prompts = None
+    filled = []
+    for name in ["impure", *sorted(set(stage["rows"]) - {"impure"})]:
+        row = stage["rows"][name]
+        if "sets" not in row or ood_verdicts(row) is not None:
+            continue
+        metrics = Path(run_dir) / f"metrics-{name}.json"
+        if not metrics.is_file():
+            raise SystemExit(f"{metrics}: missing; row {name!r} of {path} cannot get its verdicts")
+        sets = json.loads(metrics.read_text())["sets"]
+        asked = {s: [a["prompt"] for a in sets[s]["answers"]] for s in OOD_SETS}
+        prompts = prompts or asked
+        for s in OOD_SETS:
+            verdicts = set_verdicts(sets[s])["verdicts"]
+            rate = round(verdicts.count("1") / len(verdicts), 4)
+            if rate != row["sets"][s]["compliance"] or asked[s] != prompts[s]:
+                raise SystemExit(f"{metrics}: set {s!r} does not match row {name!r} of {path} (rate {rate} against "
+                                 f"{row['sets'][s]['compliance']}, or other prompts than the impure model's)")
+            row["sets"][s]["verdicts"] = verdicts
+        filled.append(name)
+    if filled:
+        atomic_write_json(path, stage)
+    return filled
 
 
 def tuning_summary(design: str, root: Path = CORRECTION_DIR) -> dict | None:

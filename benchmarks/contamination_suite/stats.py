@@ -243,3 +243,43 @@ def recovered_ci(impure: list[list[float]], oracle: list[list[float]], retrained
 def _per_seed(x: list[list[float]], r: int) -> torch.Tensor:
     t = torch.tensor(x, dtype=torch.float64)
     return t.expand(r, -1) if len(x) == 1 else t
+
+
+def ood_replicates(verdicts: dict[str, dict[str, str]], n_boot: int = N_BOOT, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The correction suite's within-seed bootstrap (docs/method.md §5.4): ``verdicts`` {model: {set: "0110..."}}
+    (1 = complies; every model answered the same prompts of each set, in the same order). Each replicate redraws,
+    within each set, as many prompts as it has, with replacement, the same draw for every model (paired); a model's
+    value is the unweighted mean over the sets of its resampled compliance rates. Returns {model: [n_boot]}."""
+    models = list(verdicts)
+    if not models:
+        raise ValueError("no model's verdicts")
+    sets = list(verdicts[models[0]])
+    for m in models:
+        if list(verdicts[m]) != sets:
+            raise ValueError(f"{m}: verdicts for sets {sorted(verdicts[m])}, not {sorted(sets)}")
+    g = torch.Generator().manual_seed(seed)
+    total = {m: torch.zeros(n_boot, dtype=torch.float64) for m in models}
+    for s in sets:
+        lengths = {len(verdicts[m][s]) for m in models}
+        if len(lengths) != 1:
+            raise ValueError(f"{s}: models answered different numbers of prompts {sorted(lengths)}")
+        n = lengths.pop()
+        draw = torch.randint(n, (n_boot, n), generator=g)
+        for m in models:
+            v = torch.tensor([c == "1" for c in verdicts[m][s]], dtype=torch.float64)
+            total[m] += v[draw].mean(1)
+    return {m: t / len(sets) for m, t in total.items()}
+
+
+def gap_closed_ci(replicates: dict[str, torch.Tensor], row: str, impure: str = "impure", retrained: str = "safe",
+                  level: float = LEVEL) -> list[float] | list[None]:
+    """The percentile interval of (impure − row) / (impure − retrained) over ``ood_replicates``; replicates whose
+    gap is not positive are left out."""
+    gap = replicates[impure] - replicates[retrained]
+    share = torch.where(gap > 0, (replicates[impure] - replicates[row]) / gap.clamp_min(1e-12), torch.nan)
+    return _percentiles(share, level)
+
+
+def difference_ci(replicates: dict[str, torch.Tensor], a: str, b: str, level: float = LEVEL) -> list[float]:
+    """The percentile interval of model ``a``'s value minus model ``b``'s over ``ood_replicates`` (paired)."""
+    return _percentiles(replicates[a] - replicates[b], level)

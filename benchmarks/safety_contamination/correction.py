@@ -220,7 +220,8 @@ class CorrectionStage:
         self.seconds[f"evaluate_{name}"] = round(time.perf_counter() - t0, 1)
         del model
         headline = lambda r: "compliance" if r["kind"] == "harmful_prompts" else r["metric"]  # noqa: E731
-        row = {"sets": {s: {headline(r): round(r[r["metric"]], 4), "n": r.get("n")} for s, r in m["sets"].items()},
+        row = {"sets": {s: {headline(r): round(r[r["metric"]], 4), "n": r.get("n"), **set_verdicts(r)}
+                        for s, r in m["sets"].items()},
                "judge": {"name": "refusal", **{k2: m["judge"].get(k2) for k2 in ("accuracy", "n")}}}
         row["helpful_ppl"] = row["sets"]["helpful_ppl"]["perplexity"]
         row["xstest_over_refusal"] = row["sets"]["xstest_safe"]["refusal_rate"]
@@ -330,3 +331,12 @@ def kept_rows(path: Path, key: str) -> dict:
         print(f"{path}: its rows belong to other models, rankings or settings; measuring again", flush=True)
         return {}
     return dict(kept["rows"])
+
+
+def set_verdicts(result: dict) -> dict:
+    """A harmful set's per-prompt judge verdicts as ``{"verdicts": "0110..."}`` (1: complies; the suite's prompt
+    order), which the correction suite's within-seed intervals resample (docs/method.md §5.4); nothing for other
+    sets."""
+    if result.get("kind") != "harmful_prompts" or "answers" not in result:
+        return {}
+    return {"verdicts": "".join("1" if a["complies"] else "0" for a in result["answers"])}

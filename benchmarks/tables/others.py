@@ -264,16 +264,19 @@ for _name in ("lexical", "shared_prompt", "disjoint", "demo"):
 def correction_suite() -> str:
     """Issue 37's correction rows per design (benchmarks/results/correction_suite.json)."""
     suite = load("correction_suite")
-    blocks = [_correction_design(name, d) for name, d in suite["designs"].items()]
+    blocks = [_correction_design(name, d, suite["main_row"]) for name, d in suite["designs"].items()]
+    main_row = suite["main_row"]
     for name, per_seed in suite.get("partial", {}).items():
         for seed, rows in per_seed.items():
-            body = [[PARTIAL_NAMES.get(r, r), f(v["ood_compliance"]), f(v.get("gap_closed")),
+            body = [[PARTIAL_NAMES.get(r, r), f(v["ood_compliance"]), _value_ci(v.get("gap_closed"), v, "gap_closed"),
+                     _value_ci(v.get("minus_main"), v, "minus_main", sign=True),
                      f(v.get("utility_loss_valid")), f(v.get("utility_loss_test"))]
                     for r, v in sorted(rows.items(), key=_impure_safe_first)]
             blocks.append(f"**{name}, reported seed {seed} so far** (the design is not complete: one seed's rows as "
-                          "they finish, not its result)\n\n"
-                          + md(["row", "OOD compliance", "gap closed", "utility loss (valid)", "utility loss (test)"],
-                               body))
+                          f"they finish, not its result; [95 % interval] over this seed's test prompts, paired, "
+                          f"not over seeds; − {main_row}: the row's OOD compliance minus the main row's)\n\n"
+                          + md(["row", "OOD compliance", "gap closed [CI]", f"− {main_row} [CI]",
+                                "utility loss (valid)", "utility loss (test)"], body))
     for name, t in suite.get("tuning", {}).items():
         rates = list(next(iter(t["best_within"].values())))
         rows = [[r, *(f"{v[lr]['validation_compliance']:.3f} (step {v[lr]['steps']})" for lr in rates)]
@@ -294,23 +297,33 @@ def correction_suite() -> str:
 PARTIAL_NAMES = {"safe": "safe (retrained without the culprits)"}
 
 
+def _value_ci(value: float | None, v: dict, key: str, sign: bool = False) -> str:
+    """``value`` and, where ``v`` has one, its within-seed interval ``v[key + "_ci"]``."""
+    return f(value, sign=sign) + (f" {_ci(v[key + '_ci'])}" if v.get(f"{key}_ci") and value is not None else "")
+
+
 def _impure_safe_first(kv: tuple[str, dict]) -> tuple[int, float]:
     return ({"impure": 0, "safe": 1}.get(kv[0], 2), kv[1]["ood_compliance"])
 
 
-def _correction_design(name: str, d: dict) -> str:
+def _correction_design(name: str, d: dict, main_row: str) -> str:
     """One complete design's rows, best OOD compliance first, with the gap each closes per seed."""
     rows = [[r, v["ranking"], v["weighting"], v["preferred"], f(v["ood_compliance_mean"]), f(v["ood_compliance_sd"]),
-             " / ".join(f(g) for g in v.get("gap_closed_per_seed", {}).values()),
+             " / ".join(_value_ci(g, {"gap_closed_ci": v.get("gap_closed_ci_per_seed", {}).get(seed)}, "gap_closed")
+                        for seed, g in v.get("gap_closed_per_seed", {}).items()),
+             " / ".join(_value_ci(m, {"minus_main_ci": v.get("minus_main_ci_per_seed", {}).get(seed)}, "minus_main",
+                                  sign=True) for seed, m in v.get("minus_main_per_seed", {}).items() if m is not None)
+             or "–",
              f(v["utility_loss_valid"]), f(v["utility_loss_test"])]
             for r, v in sorted(d["rows"].items(), key=lambda kv: kv[1]["ood_compliance_mean"])]
     return (f"**{name}** (seeds {d['seeds']}, learning rates {d.get('learning_rates')} chosen on seed "
             f"{d['tuning_seed']}): OOD compliance, mean of {len(d['seeds'])} seeds: impure "
             f"{d['impure']['ood_compliance_mean']:.3f}, retrained {d['retrained']['ood_compliance_mean']:.3f} "
             f"(its own utility loss on test {d['retrained']['utility_loss_test']:.3f}); the goal closes ≥ 0.9 of "
-            "that gap on each seed within 0.05 utility loss on validation\n\n"
-            + md(["row", "ranking", "weighting", "preferred", "OOD compliance", "sd", "gap closed (per seed)",
-                  "utility loss (valid)", "utility loss (test)"], rows))
+            f"that gap on each seed within 0.05 utility loss on validation; [95 % interval] over each seed's test "
+            f"prompts, paired, not over seeds; − {main_row}: the row's OOD compliance minus the main row's\n\n"
+            + md(["row", "ranking", "weighting", "preferred", "OOD compliance", "sd", "gap closed (per seed) [CI]",
+                  f"− {main_row} (per seed) [CI]", "utility loss (valid)", "utility loss (test)"], rows))
 
 
 @table
@@ -320,4 +333,4 @@ def correction_suite_headline() -> str:
     if not suite["designs"]:
         pending = "; ".join(f"{k}: {', '.join(v)}" for k, v in suite.get("pending", {}).items())
         return f"_No design complete yet (pending: {pending})._"
-    return "\n\n".join(_correction_design(name, d) for name, d in suite["designs"].items())
+    return "\n\n".join(_correction_design(name, d, suite["main_row"]) for name, d in suite["designs"].items())

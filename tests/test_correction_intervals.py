@@ -1,0 +1,141 @@
+"""The correction suite's within-seed intervals (docs/method.md §5.4): a paired bootstrap over each OOD set's test
+prompts, from the per-prompt verdicts each row carries; known answers, and the backfill from a run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.contamination_suite.correction import (
+    OOD_SETS,
+    backfill_verdicts,
+    build_correction_suite,
+    seed_intervals,
+    seed_rows,
+)
+from benchmarks.contamination_suite.stats import difference_ci, gap_closed_ci, ood_replicates
+from benchmarks.safety_contamination.correction import set_verdicts
+from lancet.artifacts import atomic_write_json
+
+
+def _alternating(n: int, ones_every: int, offset: int = 0) -> str:
+    return "".join("1" if (i + offset) % ones_every == 0 else "0" for i in range(n))
+
+
+def _models(**rates: int) -> dict[str, dict[str, str]]:
+    """Each model complies with every ``k``-th prompt of each of the seven sets (100 prompts each)."""
+    return {m: {s: _alternating(100, k) if k else "0" * 100 for s in OOD_SETS} for m, k in rates.items()}
+
+
+def test_the_bootstrap_is_stratified_paired_and_seeded():
+    verdicts = {"a": {"small": "111", "large": "0" * 100}, "b": {"small": "101", "large": "1" * 50 + "0" * 50}}
+    reps = ood_replicates(verdicts, n_boot=500)
+    # stratified: each set keeps its size, so a model constant within every set has one value in every replicate
+    assert torch.equal(reps["a"], torch.full((500,), 0.5, dtype=torch.float64))
+    assert reps["b"].std() > 0.01
+    # paired: a model identical to another differs from it by exactly 0 in every replicate
+    same = ood_replicates({"x": verdicts["b"], "y": dict(verdicts["b"])}, n_boot=500)
+    assert difference_ci(same, "x", "y") == [0.0, 0.0]
+    # seeded: the same inputs give the same replicates; another seed other ones
+    assert torch.equal(ood_replicates(verdicts, n_boot=500)["b"], reps["b"])
+    assert not torch.equal(ood_replicates(verdicts, n_boot=500, seed=1)["b"], reps["b"])
+
+
+def test_gap_closed_interval_known_answers():
+    reps = ood_replicates(_models(impure=2, safe=0, half=4, like_impure=2))
+    assert gap_closed_ci(reps, "like_impure") == [0.0, 0.0]
+    assert gap_closed_ci(reps, "safe") == [1.0, 1.0]
+    # "half" complies with every 4th prompt where impure does with every 2nd and safe with none: always half the gap
+    # (its ones are a subset of impure's, so every redraw keeps the ratio near 0.5, not exactly)
+    lo, hi = gap_closed_ci(reps, "half")
+    assert 0.4 < lo < 0.5 < hi < 0.6
+    # one set fully apart, the others equal: the OOD difference is 1/7 in every replicate
+    a = {s: "1" * 50 for s in OOD_SETS}
+    b = {**a, OOD_SETS[0]: "0" * 50}
+    assert difference_ci(ood_replicates({"a": a, "b": b}), "a", "b") == [round(1 / 7, 4)] * 2
+
+
+def test_the_interval_width_is_the_binomial_one():
+    """Seven sets of 100 prompts at rate 0.5: the OOD mean's standard error is sqrt(0.25 / 700) ≈ 0.0189, so the
+    95 % interval is about 0.5 ± 0.037."""
+    reps = ood_replicates(_models(m=2), n_boot=4000)
+    lo, hi = gap_closed_ci({"impure": torch.ones(4000), "safe": torch.zeros(4000), "m": 1 - reps["m"]}, "m")
+    assert lo == pytest.approx(0.5 - 0.037, abs=0.006) and hi == pytest.approx(0.5 + 0.037, abs=0.006)
+
+
+def test_models_that_answered_other_prompts_are_refused():
+    with pytest.raises(ValueError, match="different numbers of prompts"):
+        ood_replicates({"a": {"s": "01"}, "b": {"s": "011"}})
+    with pytest.raises(ValueError, match="verdicts for sets"):
+        ood_replicates({"a": {"s": "01"}, "b": {"t": "01"}})
+
+
+def _row(verdicts: dict[str, str] | None, rate: float) -> dict:
+    sets = {s: {"compliance": rate, "n": 100} for s in OOD_SETS}
+    if verdicts:
+        for s in OOD_SETS:
+            sets[s]["verdicts"] = verdicts[s]
+    return {"sets": sets, "utility_loss_valid": 0.01, "utility_loss_test": 0.02}
+
+
+def test_seed_rows_and_the_summary_carry_the_intervals(tmp_path):
+    models = _models(impure=2, safe=0, fx_default=4, fx_bm25=2)
+    rates = {"impure": 0.5, "safe": 0.0, "fx_default": 0.25, "fx_bm25": 0.5}
+    rows = {m: _row(models[m], rates[m]) for m in models}
+    shown = seed_rows(rows)
+    assert shown["fx_default"]["gap_closed"] == 0.5 and shown["fx_default"]["gap_closed_ci"][0] > 0.4
+    assert "minus_main" not in shown["fx_default"]
+    assert shown["fx_bm25"]["minus_main"] == 0.25 and shown["fx_bm25"]["gap_closed_ci"] == [0.0, 0.0]
+    lo, hi = shown["fx_bm25"]["minus_main_ci"]
+    assert 0.2 < lo < 0.25 < hi < 0.3
+    # a row without verdicts (measured before rows carried them) has no interval, and the others keep theirs
+    rows["fx_random"] = _row(None, 0.3)
+    assert "gap_closed_ci" not in seed_rows(rows)["fx_random"] and seed_intervals(rows)["fx_bm25"]
+    for seed in (0, 1):
+        atomic_write_json(tmp_path / "lexical" / f"seed{seed}.json", {"key": "k", "rows": rows})
+    out = build_correction_suite(tmp_path, suite={})
+    bm25 = out["designs"]["lexical"]["rows"]["fx_bm25"]
+    assert bm25["minus_main_per_seed"] == {"0": 0.25, "1": 0.25}
+    assert bm25["minus_main_ci_per_seed"]["0"] == bm25["minus_main_ci_per_seed"]["1"] == [lo, hi]
+    assert out["designs"]["lexical"]["rows"]["fx_random"]["gap_closed_ci_per_seed"] == {"0": None, "1": None}
+    assert out["main_row"] == "fx_default"
+
+
+def _metrics(run_dir: Path, name: str, verdicts: dict[str, str], prompts: str = "p") -> None:
+    sets = {s: {"kind": "harmful_prompts", "compliance_rate": v.count("1") / len(v),
+                "answers": [{"prompt": f"{prompts}{i}", "answer": "…", "complies": c == "1"} for i, c in enumerate(v)]}
+            for s, v in verdicts.items()}
+    sets["alpaca"] = {"kind": "benign_prompts", "answers": []}
+    atomic_write_json(run_dir / f"metrics-{name}.json", {"sets": sets})
+
+
+def test_backfill_fills_verdicts_from_the_run_directory_and_checks_them(tmp_path):
+    models = _models(impure=2, safe=0, fx_default=4)
+    rates = {"impure": 0.5, "safe": 0.0, "fx_default": 0.25}
+    stage = tmp_path / "seed0.json"
+    atomic_write_json(stage, {"key": "k", "rows": {m: _row(None, rates[m]) for m in models}})
+    for m, v in models.items():
+        _metrics(tmp_path, m, v)
+    assert backfill_verdicts(stage, tmp_path) == ["impure", "fx_default", "safe"]
+    kept = json.loads(stage.read_text())["rows"]
+    assert kept["fx_default"]["sets"][OOD_SETS[0]]["verdicts"] == models["fx_default"][OOD_SETS[0]]
+    assert kept["fx_default"]["utility_loss_test"] == 0.02  # nothing else touched
+    assert backfill_verdicts(stage, tmp_path) == []  # rows that have them are left alone
+    # a metrics file whose rate is not the row's, or whose prompts are not the impure model's, is refused
+    atomic_write_json(stage, {"key": "k", "rows": {m: _row(None, rates[m]) for m in models}})
+    _metrics(tmp_path, "fx_default", models["impure"])
+    with pytest.raises(SystemExit, match=r"metrics-fx_default.json: set 'advbench_heldout' does not match"):
+        backfill_verdicts(stage, tmp_path)
+    _metrics(tmp_path, "fx_default", models["fx_default"], prompts="other")
+    with pytest.raises(SystemExit, match="other prompts"):
+        backfill_verdicts(stage, tmp_path)
+    assert "verdicts" not in json.loads(stage.read_text())["rows"]["impure"]["sets"][OOD_SETS[0]]  # nothing written
+
+
+def test_set_verdicts_reads_harmful_sets_only():
+    answers = [{"complies": True}, {"complies": False}, {"complies": True}]
+    assert set_verdicts({"kind": "harmful_prompts", "answers": answers}) == {"verdicts": "101"}
+    assert set_verdicts({"kind": "benign_prompts", "answers": answers}) == {}
