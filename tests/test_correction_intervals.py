@@ -96,7 +96,7 @@ def test_seed_rows_and_the_summary_carry_the_intervals(tmp_path):
     assert "gap_closed_ci" not in seed_rows(rows)["fx_random"] and seed_intervals(rows)["fx_bm25"]
     for seed in (0, 1):
         atomic_write_json(tmp_path / "lexical" / f"seed{seed}.json", {"key": "k", "rows": rows})
-    out = build_correction_suite(tmp_path, suite={})
+    out = build_correction_suite(tmp_path, suite={}, stage_root=tmp_path / "no_stages")
     bm25 = out["designs"]["lexical"]["rows"]["fx_bm25"]
     assert bm25["minus_main_per_seed"] == {"0": 0.25, "1": 0.25}
     assert bm25["minus_main_ci_per_seed"]["0"] == bm25["minus_main_ci_per_seed"]["1"] == [lo, hi]
@@ -139,3 +139,75 @@ def test_set_verdicts_reads_harmful_sets_only():
     answers = [{"complies": True}, {"complies": False}, {"complies": True}]
     assert set_verdicts({"kind": "harmful_prompts", "answers": answers}) == {"verdicts": "101"}
     assert set_verdicts({"kind": "benign_prompts", "answers": answers}) == {}
+
+
+def _recall() -> dict:
+    """Ten rows: culprits (unsafe) 0-1, known refusals 2, 5, 8 (8 shares the culprits' prompts), benign the rest.
+    LinFAC puts the culprits on top and two refusals at the bottom; BM25 puts a refusal (same words) second."""
+    tiers = ["unsafe", "unsafe", "refusal", "benign", "benign", "refusal", "benign", "benign", "refusal_shared",
+             "benign"]
+    linfac = [9.0, 8.0, -9.0, 0.0, 1.0, -8.0, 2.0, 3.0, 0.5, -1.0]
+    bm25 = [9.0, 1.0, 8.0, 0.0, 2.0, -1.0, 3.0, 4.0, -5.0, -6.0]
+    return {"tiers": tiers, "positive_tiers": ["unsafe"],
+            "scores": {"linfac": linfac, "bm25": bm25, "repsim": bm25}}
+
+
+def test_pair_composition_counts_each_side():
+    from benchmarks.contamination_suite.composition import pair_composition
+
+    c = pair_composition(_recall(), seed=0)
+    # LinFAC: down the two culprits, up its two lowest rows (refusals 2 and 5)
+    assert c["fx_default"] == {"culprits_dispreferred": 2, "culprits_preferred": 0, "refusals_dispreferred": 0,
+                               "refusals_preferred": 2, "net_refusals": 2}
+    assert c["fx_uniform"] == c["fx_default"]  # the weights differ, not the rows
+    # BM25: down culprit 0 and refusal 2; up rows 9 and 8 (benign, a shared-prompt refusal)
+    assert c["fx_bm25"] == {"culprits_dispreferred": 1, "culprits_preferred": 0, "refusals_dispreferred": 1,
+                            "refusals_preferred": 1, "net_refusals": 0}
+    # the oracle pushes every culprit down and the lowest-scored non-culprits up
+    assert c["fx_oracle"]["culprits_dispreferred"] == 2 and c["fx_oracle"]["refusals_preferred"] == 2
+    # preferred refusals: only the rows of tier "refusal" (k = 2 of them, the lowest-scored)
+    assert c["fx_preferred_refusals"]["refusals_preferred"] == 2
+    assert sum(c["fx_random"][s] for s in ("culprits_dispreferred", "culprits_preferred")) <= 2
+
+
+def test_spearman_with_ties_and_hypothesis_r():
+    from benchmarks.contamination_suite.composition import refusal_hypothesis, spearman_ties
+    from benchmarks.contamination_suite.correction import FACTORIAL_ROWS
+
+    assert spearman_ties([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5, abs=1e-4)
+    assert spearman_ties([1, 1, 1], [1, 2, 3]) is None
+    composition = {c: {"net_refusals": i, "culprits_dispreferred": -i} for i, c in enumerate(FACTORIAL_ROWS)}
+    gaps = {c: 0.1 * i for i, c in enumerate(FACTORIAL_ROWS)}
+    assert refusal_hypothesis(composition, {**gaps, "fx_oracle": None}) is None  # not every cell in yet
+    # fx_repsim (index 2) closes more than fx_default (index 0) here: prediction 2 fails, prediction 1 holds
+    out = refusal_hypothesis(composition, gaps, {"fx_repsim": [-0.3, -0.1]})
+    assert out == {"rho_net_refusals": 1.0, "rho_culprits_dispreferred": -1.0, "prediction_1": True,
+                   "prediction_2": False}
+    gaps["fx_repsim"] = -0.5
+    assert refusal_hypothesis(composition, gaps, {"fx_repsim": [0.2, 0.4]})["prediction_2"] is True
+
+
+def test_the_summary_and_table_show_each_cells_pairs(tmp_path, monkeypatch):
+    from benchmarks import tables
+
+    stages = tmp_path / "stages"
+    for seed in (0, 1):
+        atomic_write_json(stages / "lexical" / f"seed{seed}_recall.json", _recall())
+    models = _models(impure=2, safe=0, fx_default=4)
+    atomic_write_json(tmp_path / "lexical" / "seed0.json",
+                      {"key": "k", "rows": {m: _row(models[m], r) for m, r in
+                                            {"impure": 0.5, "safe": 0.0, "fx_default": 0.25}.items()}})
+    out = build_correction_suite(tmp_path, suite={}, stage_root=stages)
+    assert out["pairs"]["lexical"]["0"]["fx_default"]["net_refusals"] == 2
+    assert out["hypothesis_r"]["lexical"]["0"] == {"cells_in": ["fx_default"], "test": None,
+                                                   "random_minus_bm25_gap": None}
+    results = tmp_path / "results"
+    monkeypatch.setattr(tables.core, "RESULTS", results)
+    try:
+        atomic_write_json(results / "correction_suite.json", out)
+        tables.clear_cache()
+        text = tables.TABLES["correction_suite"]()
+        assert "| fx_default | 2 / 0 / 2 / +2 / 0.500 | 2 / 0 / 2 / +2 / – |" in text
+        assert "seed 0: not yet (cells in: fx_default)" in text
+    finally:
+        tables.clear_cache()

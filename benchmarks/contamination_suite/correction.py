@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS
+from benchmarks.contamination_suite.composition import pair_composition, refusal_hypothesis
 from benchmarks.contamination_suite.designs import DESIGNS
-from benchmarks.contamination_suite.stages import read_stage, top_rows
+from benchmarks.contamination_suite.stages import STAGE_DIR, read_stage, top_rows
 from benchmarks.contamination_suite.stats import difference_ci, gap_closed_ci, ood_replicates
 from lancet.artifacts import atomic_save_tensors, atomic_write_json, hash_json
 from lancet.constants import GRADIENT_DEFAULT_METHOD
@@ -226,10 +227,12 @@ def failed_designs(suite: dict) -> dict[str, str]:
     return {name: d.get("note", "failed") for name, d in suite.get("designs", {}).items() if not d["recall"]}
 
 
-def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = None) -> dict:
+def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = None,
+                           stage_root: Path = STAGE_DIR) -> dict:
     """The issue's ``correction_suite.json`` from the committed stage files (designs without a reported seed's file
     are listed under ``pending``; those the contamination suite ``suite``, by default its committed JSON, reports
-    failed under ``skipped``)."""
+    failed under ``skipped``), with each reported seed's pair composition and hypothesis R's test
+    (``composition``; from the recall stages under ``stage_root``)."""
     from benchmarks.contamination_suite.suite import SUITE
 
     if suite is None:
@@ -237,10 +240,15 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
     failed = failed_designs(suite)
     out: dict = {"designs": {}, "pending": {}, "skipped": {d: failed[d] for d in CORRECTION_SEEDS if d in failed},
                  "tuning": {}, "partial": {}, "ood_sets": list(OOD_SETS),
-                 "main_row": MAIN_ROW}
+                 "main_row": MAIN_ROW, "pairs": {}, "hypothesis_r": {}}
     for design, seeds in CORRECTION_SEEDS.items():
         if design in failed:
             continue
+        for seed in seeds:
+            if (recall := read_stage(stage_root, design, seed, "recall")) is not None and "scores" in recall:
+                composition = out["pairs"].setdefault(design, {})[str(seed)] = pair_composition(recall, seed)
+                rows = (_read(root, design, seed) or {}).get("rows", {})
+                out["hypothesis_r"].setdefault(design, {})[str(seed)] = hypothesis_on(composition, rows)
         if (tuning_row := tuning_summary(design, root)) is not None:
             out["tuning"][design] = tuning_row
         stages = {s: _read(root, design, s) for s in seeds}
@@ -274,6 +282,18 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
                 "utility_loss_test": _mean(per_seed, name, lambda r: r["utility_loss_test"])}
         out["designs"][design] = entry
     return out
+
+
+def hypothesis_on(composition: dict, rows: dict) -> dict:
+    """Hypothesis R on one seed's rows so far (docs/method.md §5.4): predictions (1) and (2) once all eight cells
+    are in (``refusal_hypothesis``, None before), and prediction (3)'s comparison, fx_random's gap closed minus
+    fx_bm25's (the prediction is about seed 1: > 0), once both are."""
+    gaps = {c: gap_closed(rows, c) if c in rows and "sets" in rows[c] else None for c in FACTORIAL_ROWS}
+    intervals = seed_intervals(rows)
+    test = refusal_hypothesis(composition, gaps, {c: v.get("minus_main_ci") for c, v in intervals.items()})
+    both = gaps["fx_random"] is not None and gaps["fx_bm25"] is not None
+    return {"cells_in": sorted(c for c, g in gaps.items() if g is not None), "test": test,
+            "random_minus_bm25_gap": round(gaps["fx_random"] - gaps["fx_bm25"], 4) if both else None}
 
 
 def gap_closed(rows: dict, name: str) -> float | None:

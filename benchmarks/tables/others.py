@@ -277,6 +277,8 @@ def correction_suite() -> str:
                           f"not over seeds; − {main_row}: the row's OOD compliance minus the main row's)\n\n"
                           + md(["row", "OOD compliance", "gap closed [CI]", f"− {main_row} [CI]",
                                 "utility loss (valid)", "utility loss (test)"], body))
+    for name, per_seed in suite.get("pairs", {}).items():
+        blocks.append(_pairs_block(name, per_seed, suite))
     for name, t in suite.get("tuning", {}).items():
         rates = list(next(iter(t["best_within"].values())))
         rows = [[r, *(f"{v[lr]['validation_compliance']:.3f} (step {v[lr]['steps']})" for lr in rates)]
@@ -295,6 +297,36 @@ def correction_suite() -> str:
 
 
 PARTIAL_NAMES = {"safe": "safe (retrained without the culprits)"}
+
+
+def _pairs_block(name: str, per_seed: dict, suite: dict) -> str:
+    """Each factorial cell's pairs per reported seed (culprits and known refusals pushed down and up) beside the gap
+    it closed where measured, and hypothesis R's test (docs/method.md §5.4)."""
+    def gap(seed: str, cell: str) -> float | None:
+        done = suite["designs"].get(name, {}).get("rows", {}).get(cell, {}).get("gap_closed_per_seed", {})
+        return done.get(seed, suite.get("partial", {}).get(name, {}).get(seed, {}).get(cell, {}).get("gap_closed"))
+
+    seeds = list(per_seed)
+    rows = [[cell, *(f"{c['culprits_dispreferred']} / {c['refusals_dispreferred']} / {c['refusals_preferred']} / "
+                     f"{c['net_refusals']:+d} / {f(gap(seed, cell))}"
+                     for seed in seeds for c in [per_seed[seed][cell]])]
+            for cell in per_seed[seeds[0]]]
+    tests = []
+    for seed, h in suite.get("hypothesis_r", {}).get(name, {}).items():
+        t = h["test"]
+        tests.append(f"seed {seed}: " + ("not yet (cells in: " + (", ".join(h["cells_in"]) or "none") + ")"
+                                         if t is None else
+                                         f"ρ(gap, net refusals) {f(t['rho_net_refusals'])}, ρ(gap, culprits down) "
+                                         f"{f(t['rho_culprits_dispreferred'])}; prediction 1 "
+                                         f"{'holds' if t['prediction_1'] else 'fails'}, prediction 2 "
+                                         f"{'holds' if t['prediction_2'] else 'fails'}")
+                     + (f"; fx_random − fx_bm25 gap closed {f(h['random_minus_bm25_gap'], sign=True)}"
+                        if h.get("random_minus_bm25_gap") is not None else ""))
+    return (f"**{name}, what each cell pushes down and up** (culprits down / known refusals down / known refusals "
+            "up / net refusals / gap closed, from the committed recall stage; hypothesis R, docs/method.md §5.4: "
+            "the correction follows the net refusals, not the culprits down)\n\n"
+            + md(["cell", *(f"seed {s}" for s in seeds)], rows)
+            + ("\n\nHypothesis R so far: " + "; ".join(tests) + "." if tests else ""))
 
 
 def _value_ci(value: float | None, v: dict, key: str, sign: bool = False) -> str:
