@@ -124,3 +124,22 @@ def tiny_run_config(model_dir: Path, compare: list[str]) -> dict:
             "influence": {"method": "kfac", "batch_size": 16}, "correction": {"method": "ibo", "top_k": 8},
             "correction_train": {"max_steps": 2, "batch_size": 8, "lr": 1e-3}, "evaluate": "suite.json",
             "max_length": 128, "top_k": 5, "compare": compare}
+
+
+@pytest.fixture()
+def render_table(tmp_path, monkeypatch):
+    """``render(result_name, result, table)``: write ``result`` as ``<result_name>.json`` into a temporary results
+    folder that the tables read, and return the rendered table ``table``."""
+    from benchmarks import tables
+    from lancet.artifacts import atomic_write_json
+
+    results = tmp_path / "rendered_results"
+    monkeypatch.setattr(tables.core, "RESULTS", results)
+
+    def render(result_name: str, result: dict, table: str) -> str:
+        atomic_write_json(results / f"{result_name}.json", result)
+        tables.clear_cache()
+        return tables.TABLES[table]()
+
+    yield render
+    tables.clear_cache()

@@ -187,9 +187,7 @@ def test_spearman_with_ties_and_hypothesis_r():
     assert refusal_hypothesis(composition, gaps, {"fx_repsim": [0.2, 0.4]})["prediction_2"] is True
 
 
-def test_the_summary_and_table_show_each_cells_pairs(tmp_path, monkeypatch):
-    from benchmarks import tables
-
+def test_the_summary_and_table_show_each_cells_pairs(tmp_path, render_table):
     stages = tmp_path / "stages"
     for seed in (0, 1):
         atomic_write_json(stages / "lexical" / f"seed{seed}_recall.json", _recall())
@@ -201,13 +199,6 @@ def test_the_summary_and_table_show_each_cells_pairs(tmp_path, monkeypatch):
     assert out["pairs"]["lexical"]["0"]["fx_default"]["net_refusals"] == 2
     assert out["hypothesis_r"]["lexical"]["0"] == {"cells_in": ["fx_default"], "test": None,
                                                    "random_minus_bm25_gap": None}
-    results = tmp_path / "results"
-    monkeypatch.setattr(tables.core, "RESULTS", results)
-    try:
-        atomic_write_json(results / "correction_suite.json", out)
-        tables.clear_cache()
-        text = tables.TABLES["correction_suite"]()
-        assert "| fx_default | 2 / 0 / 2 / +2 / 0.500 | 2 / 0 / 2 / +2 / – |" in text
-        assert "seed 0: not yet (cells in: fx_default)" in text
-    finally:
-        tables.clear_cache()
+    text = render_table("correction_suite", out, "correction_suite")
+    assert "| fx_default | 2 / 0 / 2 / +2 / 0.500 | 2 / 0 / 2 / +2 / – |" in text
+    assert "seed 0: not yet (cells in: fx_default)" in text

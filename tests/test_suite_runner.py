@@ -434,10 +434,9 @@ def test_correction_rows_settings_and_summary(tmp_path):
     assert "lexical" in out["designs"]
 
 
-def test_an_incomplete_design_shows_its_seed_rows_so_far(tmp_path, monkeypatch):
+def test_an_incomplete_design_shows_its_seed_rows_so_far(tmp_path, render_table):
     """A design with one reported seed's file is pending, and that seed's rows are shown apart ("partial") with the
     gap each closes; the README's table says what is pending until a design is complete, then shows its rows."""
-    from benchmarks import tables
     from benchmarks.contamination_suite.correction import build_correction_suite
 
     def write(seed: int, values: dict[str, float]) -> None:
@@ -454,23 +453,16 @@ def test_an_incomplete_design_shows_its_seed_rows_so_far(tmp_path, monkeypatch):
                                    "utility_loss_test": 0.02}
     assert seed0["fx_bm25"]["gap_closed"] == 0.2 and seed0["impure"] == {"ood_compliance": 0.7}
     assert seed0["safe"] == {"ood_compliance": 0.2, "utility_loss_test": 0.02}
-    results = tmp_path / "results"
-    monkeypatch.setattr(tables.core, "RESULTS", results)
-    try:
-        atomic_write_json(results / "correction_suite.json", out)
-        tables.clear_cache()
-        assert "| fx_default | 0.450 | 0.500 | – | 0.030 | 0.020 |" in tables.TABLES["correction_suite"]()
-        assert tables.TABLES["correction_suite_headline"]().startswith(
-            "_No design complete yet (pending: lexical: lexical/seed3.json (tuning, first), lexical/seed1.json")
-        write(1, {"impure": 0.5, "safe": 0.1, "fx_default": 0.3, "fx_bm25": 0.5})
-        atomic_write_json(results / "correction_suite.json", build_correction_suite(tmp_path / "stages", suite={}))
-        tables.clear_cache()
-        headline = tables.TABLES["correction_suite_headline"]()
-        # fx_default: mean 0.375, gap closed 0.5 on seed 0 and (0.5-0.3)/0.4 on seed 1
-        assert "| fx_default | linfac | gap | bottom | 0.375 | 0.106 | 0.500 / 0.500 | – | 0.030 | 0.020 |" in headline
-        assert "impure 0.600, retrained 0.150" in headline
-    finally:
-        tables.clear_cache()
+    table = render_table("correction_suite", out, "correction_suite")
+    assert "| fx_default | 0.450 | 0.500 | – | 0.030 | 0.020 |" in table
+    assert render_table("correction_suite", out, "correction_suite_headline").startswith(
+        "_No design complete yet (pending: lexical: lexical/seed3.json (tuning, first), lexical/seed1.json")
+    write(1, {"impure": 0.5, "safe": 0.1, "fx_default": 0.3, "fx_bm25": 0.5})
+    headline = render_table("correction_suite", build_correction_suite(tmp_path / "stages", suite={}),
+                            "correction_suite_headline")
+    # fx_default: mean 0.375, gap closed 0.5 on seed 0 and (0.5-0.3)/0.4 on seed 1
+    assert "| fx_default | linfac | gap | bottom | 0.375 | 0.106 | 0.500 / 0.500 | – | 0.030 | 0.020 |" in headline
+    assert "impure 0.600, retrained 0.150" in headline
 
 
 def test_correction_stage_from_the_committed_recall(fake, monkeypatch):
