@@ -180,9 +180,10 @@ def test_spearman_with_ties_and_hypothesis_r():
     gaps = {c: 0.1 * i for i, c in enumerate(FACTORIAL_ROWS)}
     assert refusal_hypothesis(composition, {**gaps, "fx_oracle": None}) is None  # not every cell in yet
     # fx_repsim (index 2) closes more than fx_default (index 0) here: prediction 2 fails, prediction 1 holds
-    out = refusal_hypothesis(composition, gaps, {"fx_repsim": [-0.3, -0.1]})
-    assert out == {"rho_net_refusals": 1.0, "rho_culprits_dispreferred": -1.0, "prediction_1": True,
-                   "prediction_2": False}
+    weighted = {c: {"weighted_refusals": -0.1 * i} for i, c in enumerate(FACTORIAL_ROWS)}
+    out = refusal_hypothesis(composition, gaps, {"fx_repsim": [-0.3, -0.1]}, weighted)
+    assert out == {"rho_net_refusals": 1.0, "rho_culprits_dispreferred": -1.0, "rho_weighted_refusals": -1.0,
+                   "prediction_1": True, "prediction_2": False}
     gaps["fx_repsim"] = -0.5
     assert refusal_hypothesis(composition, gaps, {"fx_repsim": [0.2, 0.4]})["prediction_2"] is True
 
@@ -200,5 +201,36 @@ def test_the_summary_and_table_show_each_cells_pairs(tmp_path, render_table):
     assert out["hypothesis_r"]["lexical"]["0"] == {"cells_in": ["fx_default"], "test": None,
                                                    "random_minus_bm25_gap": None}
     text = render_table("correction_suite", out, "correction_suite")
-    assert "| fx_default | 2 / 0 / 2 / +2 / 0.500 | 2 / 0 / 2 / +2 / – |" in text
+    assert "| fx_default | 2 / 0 / 2 / +2 / – / 0.500 | 2 / 0 / 2 / +2 / – / – |" in text
     assert "seed 0: not yet (cells in: fx_default)" in text
+
+
+def test_weighted_pairs_rebuilds_the_trained_pairs(tmp_path, tiny_tokenizer):
+    """The ten rows of ``_recall`` as a run directory, with one IQ: fx_default's pairs are the two culprits and the
+    IQ (scored as the top culprit) against LinFAC's two lowest rows (refusals 2 and 5), rank-paired and cycled:
+    gaps 9+9, 8+8 and 9+9, so the IQ holds 18/52 of the weight and the culprits 34/52, and every chosen row is a
+    known refusal."""
+    from benchmarks.contamination_suite.composition import weighted_pairs
+    from lancet.artifacts import atomic_save_tensors, hash_json
+    from lancet.data.records import Record, records_to_jsonl
+
+    recall = _recall()
+    ids = [f"row{i}" for i in range(10)]
+    rows = [Record(prompt=f"question number {i}", response=f"answer {i}", id=ids[i], label=t)
+            for i, t in enumerate(recall["tiers"])]
+    (tmp_path / "mix.jsonl").write_bytes(records_to_jsonl(rows))
+    (tmp_path / "iqs.jsonl").write_bytes(records_to_jsonl([Record(prompt="an IQ", response="bad", id="iq0")]))
+    atomic_write_json(tmp_path / "rankings.json", {"ids": ids})
+    atomic_save_tensors(tmp_path / "rankings.safetensors",
+                        {m: torch.tensor(v, dtype=torch.float32) for m, v in recall["scores"].items()})
+    tiny_tokenizer.save_pretrained(tmp_path / "impure")
+    out = weighted_pairs(tmp_path, 0, ("unsafe",), 64)
+    assert out["row_ids"] == hash_json(ids)
+    main = out["cells"]["fx_default"]
+    assert main == {"pairs": 3, "rejected_iq": round(18 / 52, 4), "rejected_culprit": round(34 / 52, 4),
+                    "rejected_refusal": 0.0, "chosen_refusal": 1.0, "chosen_culprit": 0.0, "weighted_refusals": 1.0}
+    assert out["cells"]["fx_uniform"]["rejected_iq"] == round(1 / 3, 4)  # uniform weights: one pair in three
+    # a run whose recorded pair count differs is refused
+    atomic_write_json(tmp_path / "correct-fx_bm25-lr2e-06" / "lancet_correction.json", {"n_items": 5})
+    with pytest.raises(SystemExit, match="5 pairs trained, 3 rebuilt for fx_bm25"):
+        weighted_pairs(tmp_path, 0, ("unsafe",), 64)

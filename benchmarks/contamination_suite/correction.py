@@ -240,7 +240,7 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
     failed = failed_designs(suite)
     out: dict = {"designs": {}, "pending": {}, "skipped": {d: failed[d] for d in CORRECTION_SEEDS if d in failed},
                  "tuning": {}, "partial": {}, "ood_sets": list(OOD_SETS),
-                 "main_row": MAIN_ROW, "pairs": {}, "hypothesis_r": {}}
+                 "main_row": MAIN_ROW, "pairs": {}, "weighted_pairs": {}, "hypothesis_r": {}}
     for design, seeds in CORRECTION_SEEDS.items():
         if design in failed:
             continue
@@ -248,7 +248,13 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
             if (recall := read_stage(stage_root, design, seed, "recall")) is not None and "scores" in recall:
                 composition = out["pairs"].setdefault(design, {})[str(seed)] = pair_composition(recall, seed)
                 rows = (_read(root, design, seed) or {}).get("rows", {})
-                out["hypothesis_r"].setdefault(design, {})[str(seed)] = hypothesis_on(composition, rows)
+                weighted = _read(root, design, f"{seed}_pairs")
+                if weighted is not None:
+                    if weighted["row_ids"] != recall.get("row_ids"):
+                        raise SystemExit(f"{design}/seed{seed}_pairs.json: its rows are not the recall stage's")
+                    out["weighted_pairs"].setdefault(design, {})[str(seed)] = weighted["cells"]
+                out["hypothesis_r"].setdefault(design, {})[str(seed)] = hypothesis_on(
+                    composition, rows, weighted["cells"] if weighted else None)
         if (tuning_row := tuning_summary(design, root)) is not None:
             out["tuning"][design] = tuning_row
         stages = {s: _read(root, design, s) for s in seeds}
@@ -284,13 +290,13 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
     return out
 
 
-def hypothesis_on(composition: dict, rows: dict) -> dict:
+def hypothesis_on(composition: dict, rows: dict, weighted: dict | None = None) -> dict:
     """Hypothesis R on one seed's rows so far (docs/method.md §5.4): predictions (1) and (2) once all eight cells
     are in (``refusal_hypothesis``, None before), and prediction (3)'s comparison, fx_random's gap closed minus
     fx_bm25's (the prediction is about seed 1: > 0), once both are."""
     gaps = {c: gap_closed(rows, c) if c in rows and "sets" in rows[c] else None for c in FACTORIAL_ROWS}
     intervals = seed_intervals(rows)
-    test = refusal_hypothesis(composition, gaps, {c: v.get("minus_main_ci") for c, v in intervals.items()})
+    test = refusal_hypothesis(composition, gaps, {c: v.get("minus_main_ci") for c, v in intervals.items()}, weighted)
     both = gaps["fx_random"] is not None and gaps["fx_bm25"] is not None
     return {"cells_in": sorted(c for c, g in gaps.items() if g is not None), "test": test,
             "random_minus_bm25_gap": round(gaps["fx_random"] - gaps["fx_bm25"], 4) if both else None}
@@ -401,7 +407,7 @@ def tuning_summary(design: str, root: Path = CORRECTION_DIR) -> dict | None:
             "impure_validation_compliance": round(impure["behaviour"], 4), "best_within": curves}
 
 
-def _read(root: Path, design: str, seed: int) -> dict | None:
+def _read(root: Path, design: str, seed: int | str) -> dict | None:
     path = Path(root) / design / f"seed{seed}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 

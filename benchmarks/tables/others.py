@@ -307,8 +307,14 @@ def _pairs_block(name: str, per_seed: dict, suite: dict) -> str:
         return done.get(seed, suite.get("partial", {}).get(name, {}).get(seed, {}).get(cell, {}).get("gap_closed"))
 
     seeds = list(per_seed)
+    weighted = suite.get("weighted_pairs", {}).get(name, {})
+
+    def weight(seed: str, cell: str) -> str:
+        w = weighted.get(seed, {}).get(cell)
+        return "–" if w is None else f"{w['weighted_refusals']:+.2f} ({w['rejected_iq']:.2f})"
+
     rows = [[cell, *(f"{c['culprits_dispreferred']} / {c['refusals_dispreferred']} / {c['refusals_preferred']} / "
-                     f"{c['net_refusals']:+d} / {f(gap(seed, cell))}"
+                     f"{c['net_refusals']:+d} / {weight(seed, cell)} / {f(gap(seed, cell))}"
                      for seed in seeds for c in [per_seed[seed][cell]])]
             for cell in per_seed[seeds[0]]]
     tests = []
@@ -317,14 +323,16 @@ def _pairs_block(name: str, per_seed: dict, suite: dict) -> str:
         tests.append(f"seed {seed}: " + ("not yet (cells in: " + (", ".join(h["cells_in"]) or "none") + ")"
                                          if t is None else
                                          f"ρ(gap, net refusals) {f(t['rho_net_refusals'])}, ρ(gap, culprits down) "
-                                         f"{f(t['rho_culprits_dispreferred'])}; prediction 1 "
+                                         f"{f(t['rho_culprits_dispreferred'])}, ρ(gap, weighted refusals; "
+                                         f"exploratory) {f(t.get('rho_weighted_refusals'))}; prediction 1 "
                                          f"{'holds' if t['prediction_1'] else 'fails'}, prediction 2 "
                                          f"{'holds' if t['prediction_2'] else 'fails'}")
                      + (f"; fx_random − fx_bm25 gap closed {f(h['random_minus_bm25_gap'], sign=True)}"
                         if h.get("random_minus_bm25_gap") is not None else ""))
-    return (f"**{name}, what each cell pushes down and up** (culprits down / known refusals down / known refusals "
-            "up / net refusals / gap closed, from the committed recall stage; hypothesis R, docs/method.md §5.4: "
-            "the correction follows the net refusals, not the culprits down)\n\n"
+    return (f"**{name}, what each cell pushes down and up** (from the committed recall stage: culprits down / "
+            "known refusals down / known refusals up / net refusals; then, from the rebuilt pairs, the share of "
+            "pair weight on known refusals chosen minus rejected (the share on the IQ pairs) / gap closed; "
+            "hypothesis R, docs/method.md §5.4: the correction follows the refusals, not the culprits down)\n\n"
             + md(["cell", *(f"seed {s}" for s in seeds)], rows)
             + ("\n\nHypothesis R so far: " + "; ".join(tests) + "." if tests else ""))
 
