@@ -465,6 +465,31 @@ def test_an_incomplete_design_shows_its_seed_rows_so_far(tmp_path, render_table)
     assert "impure 0.600, retrained 0.150" in headline
 
 
+def test_a_row_on_one_seed_only_waits_for_the_other(tmp_path, render_table):
+    """Both seed files exist but seed 1 holds only some rows: the design shows the rows both seeds hold, the others
+    stay under ``partial`` and ``pending`` by name; a seed file without its impure and retrained rows is pending."""
+    from benchmarks.contamination_suite.correction import build_correction_suite
+
+    def write(seed: int, values: dict[str, float]) -> None:
+        stage = {name: {"sets": _sets(v), "utility_loss_valid": 0.03, "utility_loss_test": 0.02}
+                 for name, v in values.items()}
+        atomic_write_json(tmp_path / "lexical" / f"seed{seed}.json", {"key": "k", "rows": stage})
+
+    write(0, {"impure": 0.7, "safe": 0.2, "fx_default": 0.45, "fx_bm25": 0.6})
+    write(1, {"impure": 0.5})
+    out = build_correction_suite(tmp_path, suite={}, stage_root=tmp_path / "none")
+    assert out["designs"] == {}
+    assert out["pending"]["lexical"][-1] == "lexical/seed1.json (its impure and retrained rows)"
+    write(1, {"impure": 0.5, "safe": 0.1, "fx_default": 0.3})
+    out = build_correction_suite(tmp_path, suite={}, stage_root=tmp_path / "none")
+    assert list(out["designs"]["lexical"]["rows"]) == ["fx_default"]
+    assert out["pending"]["lexical"] == ["fx_bm25 on seed 1"]
+    assert set(out["partial"]["lexical"]) == {"0"} and set(out["partial"]["lexical"]["0"]) == {"impure", "safe",
+                                                                                                "fx_bm25"}
+    table = render_table("correction_suite", out, "correction_suite")
+    assert "Pending: lexical: fx_bm25 on seed 1; shared_prompt" in table
+
+
 def test_correction_stage_from_the_committed_recall(fake, monkeypatch):
     """``run --stage correction``: the run directory's rankings come from the committed recall stage, the filter
     rows retrain without the ranking's top |P| rows, and a rerun keeps what the stage file holds."""

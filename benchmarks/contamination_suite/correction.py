@@ -258,7 +258,8 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
         if (tuning_row := tuning_summary(design, root)) is not None:
             out["tuning"][design] = tuning_row
         stages = {s: _read(root, design, s) for s in seeds}
-        missing = [f"{design}/seed{s}.json" for s, st in stages.items() if st is None]
+        missing = [f"{design}/seed{s}.json" + ("" if st is None else " (its impure and retrained rows)")
+                   for s, st in stages.items() if st is None or not {"impure", "safe"} <= measured(st["rows"])]
         tuning = DESIGNS[design].validation_seeds[0]
         tuned = _read(root, design, tuning) is not None
         if missing:  # the tuning seed runs first: the reported seeds' learning rates come from it
@@ -267,7 +268,17 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
                 out["partial"][design] = partial
             continue
         per_seed = {s: st["rows"] for s, st in stages.items()}
-        names = sorted(set.intersection(*(set(r) for r in per_seed.values())) - {"impure", "safe"})
+        names = sorted(set.intersection(*(measured(r) for r in per_seed.values())) - {"impure", "safe"})
+        # rows not yet on every reported seed: shown per seed under ``partial`` and listed as pending
+        lacking = {s: sorted(set(measured(r)) - set(names) - {"impure", "safe"}) for s, r in per_seed.items()}
+        if any(lacking.values()):
+            out["partial"][design] = {str(s): {n: v for n, v in seed_rows(per_seed[s]).items()
+                                               if n in {*rows, "impure", "safe"}}
+                                      for s, rows in lacking.items() if rows}
+            out["pending"][design] = [f"{row} on seed{'s' if len(others) > 1 else ''} "
+                                      f"{', '.join(str(o) for o in others)}"
+                                      for row in sorted(set().union(*lacking.values()))
+                                      for others in [[o for o in seeds if row not in measured(per_seed[o])]]]
         intervals = {s: seed_intervals(rows) for s, rows in per_seed.items()}
         entry = {"tuning_seed": tuning, "learning_rates": list(tuned_lrs(design, root)) if tuned else None,
                  "seeds": list(seeds),
@@ -300,6 +311,11 @@ def hypothesis_on(composition: dict, rows: dict, weighted: dict | None = None) -
     both = gaps["fx_random"] is not None and gaps["fx_bm25"] is not None
     return {"cells_in": sorted(c for c, g in gaps.items() if g is not None), "test": test,
             "random_minus_bm25_gap": round(gaps["fx_random"] - gaps["fx_bm25"], 4) if both else None}
+
+
+def measured(rows: dict) -> set[str]:
+    """The names of a seed's rows that hold a test suite (``sets``)."""
+    return {name for name, row in rows.items() if "sets" in row}
 
 
 def gap_closed(rows: dict, name: str) -> float | None:

@@ -272,8 +272,9 @@ def correction_suite() -> str:
                      _value_ci(v.get("minus_main"), v, "minus_main", sign=True),
                      f(v.get("utility_loss_valid")), f(v.get("utility_loss_test"))]
                     for r, v in sorted(rows.items(), key=_impure_safe_first)]
-            blocks.append(f"**{name}, reported seed {seed} so far** (the design is not complete: one seed's rows as "
-                          f"they finish, not its result; [95 % interval] over this seed's test prompts, paired, "
+            blocks.append(f"**{name}, reported seed {seed} so far** (rows not yet on every reported seed: one seed's "
+                          f"rows as they finish, not the design's result; [95 % interval] over this seed's test "
+                          f"prompts, paired, "
                           f"not over seeds; − {main_row}: the row's OOD compliance minus the main row's)\n\n"
                           + md(["row", "OOD compliance", "gap closed [CI]", f"− {main_row} [CI]",
                                 "utility loss (valid)", "utility loss (test)"], body))
@@ -288,7 +289,7 @@ def correction_suite() -> str:
                       f"{t['impure_validation_compliance']:.3f}; per row and rate, the lowest within "
                       f"{t['max_utility_loss']:g} utility loss (step 0: no checkpoint within it did better)\n\n"
                       + md(["row", *(f"lr {lr}" for lr in rates)], rows))
-    pending = ", ".join(f"{k}: {len(v)} seed files" for k, v in suite.get("pending", {}).items())
+    pending = "; ".join(f"{k}: {', '.join(v)}" for k, v in suite.get("pending", {}).items())
     return ("`python -m benchmarks.contamination_suite run --design D --seed S --stage correction`, then "
             "`write-correction`.\n\n" + ("\n\n".join(blocks) or "(no design complete yet)")
             + (f"\n\nPending: {pending}." if pending else "")
