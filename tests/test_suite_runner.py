@@ -480,6 +480,14 @@ def test_a_row_on_one_seed_only_waits_for_the_other(tmp_path, render_table):
     out = build_correction_suite(tmp_path, suite={}, stage_root=tmp_path / "none")
     assert out["designs"] == {}
     assert out["pending"]["lexical"][-1] == "lexical/seed1.json (its impure and retrained rows)"
+    # impure and retrained in, no row yet; the retrained row as first kept, before its test utility loss is added
+    atomic_write_json(tmp_path / "lexical" / "seed1.json",
+                      {"key": "k", "rows": {"impure": {"sets": _sets(0.5)}, "safe": {"sets": _sets(0.1, ppl=10.5)}}})
+    out = build_correction_suite(tmp_path, suite={}, stage_root=tmp_path / "none")
+    assert out["designs"]["lexical"]["rows"] == {}
+    assert out["designs"]["lexical"]["retrained"]["utility_loss_test"] == round((0.02 + 0.05) / 2, 4)
+    assert render_table("correction_suite", out, "correction_suite_headline").endswith(
+        "_No row on every reported seed yet (pending: fx_bm25 on seed 1, fx_default on seed 1)._")
     write(1, {"impure": 0.5, "safe": 0.1, "fx_default": 0.3})
     out = build_correction_suite(tmp_path, suite={}, stage_root=tmp_path / "none")
     assert list(out["designs"]["lexical"]["rows"]) == ["fx_default"]

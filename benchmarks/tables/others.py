@@ -374,4 +374,7 @@ def correction_suite_headline() -> str:
     if not suite["designs"]:
         pending = "; ".join(f"{k}: {', '.join(v)}" for k, v in suite.get("pending", {}).items())
         return f"_No design complete yet (pending: {pending})._"
-    return "\n\n".join(_correction_design(name, d, suite["main_row"]) for name, d in suite["designs"].items())
+    return "\n\n".join(_correction_design(name, d, suite["main_row"])
+                       + ("" if d["rows"] else "\n\n_No row on every reported seed yet (pending: "
+                          + ", ".join(suite.get("pending", {}).get(name, [])) + ")._")
+                       for name, d in suite["designs"].items())
