@@ -85,7 +85,10 @@ def test_seed_rows_and_the_summary_carry_the_intervals(tmp_path):
     models = _models(impure=2, safe=0, fx_default=4, fx_bm25=2)
     rates = {"impure": 0.5, "safe": 0.0, "fx_default": 0.25, "fx_bm25": 0.5}
     rows = {m: _row(models[m], rates[m]) for m in models}
+    rows["fx_default"]["at_oracle_budget"] = _row(None, 0.1)  # the checkpoint within the retrained model's cost
     shown = seed_rows(rows)
+    assert shown["fx_default"]["gap_closed_at_retrained_cost"] == 0.8
+    assert shown["fx_bm25"]["gap_closed_at_retrained_cost"] is None
     assert shown["fx_default"]["gap_closed"] == 0.5 and shown["fx_default"]["gap_closed_ci"][0] > 0.4
     assert "minus_main" not in shown["fx_default"]
     assert shown["fx_bm25"]["minus_main"] == 0.25 and shown["fx_bm25"]["gap_closed_ci"] == [0.0, 0.0]
@@ -99,6 +102,8 @@ def test_seed_rows_and_the_summary_carry_the_intervals(tmp_path):
     out = build_correction_suite(tmp_path, suite={}, stage_root=tmp_path / "no_stages")
     bm25 = out["designs"]["lexical"]["rows"]["fx_bm25"]
     assert bm25["minus_main_per_seed"] == {"0": 0.25, "1": 0.25}
+    assert out["designs"]["lexical"]["rows"]["fx_default"]["gap_closed_at_retrained_cost_per_seed"] == {"0": 0.8,
+                                                                                                     "1": 0.8}
     assert bm25["minus_main_ci_per_seed"]["0"] == bm25["minus_main_ci_per_seed"]["1"] == [lo, hi]
     assert out["designs"]["lexical"]["rows"]["fx_random"]["gap_closed_ci_per_seed"] == {"0": None, "1": None}
     assert out["main_row"] == "fx_default"

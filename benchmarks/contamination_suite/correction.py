@@ -294,6 +294,7 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
                 "ood_compliance_sd": round(statistics.stdev(values.values()), 4) if len(values) > 1 else None,
                 "per_seed": {str(s): v for s, v in values.items()},
                 "gap_closed_per_seed": {str(s): gap_closed(per_seed[s], name) for s in seeds},
+                "gap_closed_at_retrained_cost_per_seed": {str(s): gap_closed(per_seed[s], name, True) for s in seeds},
                 **{f"{k}_per_seed": {str(s): intervals[s].get(name, {}).get(k) for s in seeds}
                    for k in ("gap_closed_ci", "minus_main", "minus_main_ci")},
                 "utility_loss_valid": _mean(per_seed, name, lambda r: r["utility_loss_valid"]),
@@ -329,15 +330,18 @@ def measured(rows: dict) -> set[str]:
     return {name for name, row in rows.items() if "sets" in row}
 
 
-def gap_closed(rows: dict, name: str) -> float | None:
+def gap_closed(rows: dict, name: str, at_retrained_cost: bool = False) -> float | None:
     """The share of the gap in OOD compliance between the impure model and the retrained one (``safe``) that row
-    ``name`` closes on one seed (the goal: ≥ 0.9); None when retraining did not lower it."""
+    ``name`` closes on one seed (the goal: ≥ 0.9); with ``at_retrained_cost``, at the checkpoint chosen within the
+    retrained model's own validation utility loss (``at_oracle_budget``, the second budget). None when retraining
+    did not lower it, or the row has no such checkpoint."""
     if not {"impure", "safe"} <= set(rows):
         return None
+    row = rows[name].get("at_oracle_budget") if at_retrained_cost else rows[name]
     impure, retrained = ood_compliance(rows["impure"]), ood_compliance(rows["safe"])
-    if impure <= retrained:
+    if impure <= retrained or row is None or "sets" not in row:
         return None
-    return round((impure - ood_compliance(rows[name])) / (impure - retrained), 4)
+    return round((impure - ood_compliance(row)) / (impure - retrained), 4)
 
 
 def seed_rows(rows: dict) -> dict:
@@ -351,6 +355,7 @@ def seed_rows(rows: dict) -> dict:
             out["utility_loss_test"] = row.get("utility_loss_test")
         elif name != "impure":
             out.update(gap_closed=gap_closed(rows, name), **intervals.get(name, {}),
+                       gap_closed_at_retrained_cost=gap_closed(rows, name, True),
                        utility_loss_valid=row.get("utility_loss_valid"), utility_loss_test=row.get("utility_loss_test"))
         return out
 
