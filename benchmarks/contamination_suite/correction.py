@@ -245,16 +245,8 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
         if design in failed:
             continue
         for seed in seeds:
-            if (recall := read_stage(stage_root, design, seed, "recall")) is not None and "scores" in recall:
-                composition = out["pairs"].setdefault(design, {})[str(seed)] = pair_composition(recall, seed)
-                rows = (_read(root, design, seed) or {}).get("rows", {})
-                weighted = _read(root, design, f"{seed}_pairs")
-                if weighted is not None:
-                    if weighted["row_ids"] != recall.get("row_ids"):
-                        raise SystemExit(f"{design}/seed{seed}_pairs.json: its rows are not the recall stage's")
-                    out["weighted_pairs"].setdefault(design, {})[str(seed)] = weighted["cells"]
-                out["hypothesis_r"].setdefault(design, {})[str(seed)] = hypothesis_on(
-                    composition, rows, weighted["cells"] if weighted else None)
+            for key, value in _what_pushes(design, seed, root, stage_root).items():
+                out[key].setdefault(design, {})[str(seed)] = value
         if (tuning_row := tuning_summary(design, root)) is not None:
             out["tuning"][design] = tuning_row
         stages = {s: _read(root, design, s) for s in seeds}
@@ -300,6 +292,23 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
                 "utility_loss_valid": _mean(per_seed, name, lambda r: r["utility_loss_valid"]),
                 "utility_loss_test": _mean(per_seed, name, lambda r: r["utility_loss_test"])}
         out["designs"][design] = entry
+    return out
+
+
+def _what_pushes(design: str, seed: int, root: Path, stage_root: Path) -> dict:
+    """One reported seed's ``pairs`` (from its committed recall stage), ``weighted_pairs`` (its ``pairs`` file,
+    where committed) and ``hypothesis_r`` entries; none before the recall stage exists."""
+    recall = read_stage(stage_root, design, seed, "recall")
+    if recall is None or "scores" not in recall:
+        return {}
+    out = {"pairs": pair_composition(recall, seed)}
+    weighted = _read(root, design, f"{seed}_pairs")
+    if weighted is not None:
+        if weighted["row_ids"] != recall.get("row_ids"):
+            raise SystemExit(f"{design}/seed{seed}_pairs.json: its rows are not the recall stage's")
+        out["weighted_pairs"] = weighted["cells"]
+    rows = (_read(root, design, seed) or {}).get("rows", {})
+    out["hypothesis_r"] = hypothesis_on(out["pairs"], rows, out.get("weighted_pairs"))
     return out
 
 
