@@ -110,16 +110,15 @@ def weighted_pairs(run_dir: Path, seed: int, positive_tiers: tuple[str, ...], ma
     pairs and the share of pair weight whose rejected side is an IQ, a culprit or a known refusal and whose chosen
     side is a known refusal or a culprit (docs/method.md §5.4). Checked against each cell's ``lancet_correction.json``
     where the run has one (its ``n_items``: the same pairs)."""
-    from transformers import AutoTokenizer
-
     from lancet.data.readers import read_records
     from lancet.data.tokenize import encode_records
+    from lancet.models.loading import load_tokenizer
 
     run_dir = Path(run_dir)
     records = {r.id: r for r in read_records(run_dir / "mix.jsonl")}
     ids = json.loads((run_dir / "rankings.json").read_text())["ids"]
     tiers = [records[i].label for i in ids]
-    tok = AutoTokenizer.from_pretrained(run_dir / "impure")
+    tok = load_tokenizer(str(run_dir / "impure"))
     rows = list(encode_records([records[i] for i in ids], tok, max_length, progress=False))
     iqs = list(encode_records(read_records(run_dir / "iqs.jsonl"), tok, max_length, progress=False))
     scores = load_tensors(run_dir / "rankings.safetensors")
