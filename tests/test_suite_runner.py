@@ -481,9 +481,10 @@ def test_a_row_on_one_seed_only_waits_for_the_other(tmp_path, render_table):
     out = build_correction_suite(tmp_path, suite={}, stage_root=tmp_path / "none")
     assert out["designs"] == {}
     assert out["pending"]["lexical"][-1] == "lexical/seed1.json (its impure and retrained rows)"
-    # impure and retrained in, no row yet; the retrained row as first kept, before its test utility loss is added
+    # impure and retrained in, no row yet (the retrained row is kept with its own test utility loss)
     atomic_write_json(tmp_path / "lexical" / "seed1.json",
-                      {"key": "k", "rows": {"impure": {"sets": _sets(0.5)}, "safe": {"sets": _sets(0.1, ppl=10.5)}}})
+                      {"key": "k", "rows": {"impure": {"sets": _sets(0.5)},
+                                            "safe": {"sets": _sets(0.1, ppl=10.5), "utility_loss_test": 0.05}}})
     out = build_correction_suite(tmp_path, suite={}, stage_root=tmp_path / "none")
     assert out["designs"]["lexical"]["rows"] == {}
     assert out["designs"]["lexical"]["retrained"]["utility_loss_test"] == round((0.02 + 0.05) / 2, 4)

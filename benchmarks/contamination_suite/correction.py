@@ -256,11 +256,10 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
         tuned = _read(root, design, tuning) is not None
         if missing:  # the tuning seed runs first: the reported seeds' learning rates come from it
             out["pending"][design] = ([] if tuned else [f"{design}/seed{tuning}.json (tuning, first)"]) + missing
-            if partial := {str(s): seed_rows(with_retrained_cost(st["rows"]) if {"impure", "safe"} <= measured(
-                    st["rows"]) else st["rows"]) for s, st in stages.items() if st is not None}:
+            if partial := {str(s): seed_rows(st["rows"]) for s, st in stages.items() if st is not None}:
                 out["partial"][design] = partial
             continue
-        per_seed = {s: with_retrained_cost(st["rows"]) for s, st in stages.items()}
+        per_seed = {s: st["rows"] for s, st in stages.items()}
         names = sorted(set.intersection(*(measured(r) for r in per_seed.values())) - {"impure", "safe"})
         # rows not yet on every reported seed: shown per seed under ``partial`` and listed as pending
         lacking = {s: sorted(set(measured(r)) - set(names) - {"impure", "safe"}) for s, r in per_seed.items()}
@@ -322,16 +321,6 @@ def hypothesis_on(composition: dict, rows: dict, weighted: dict | None = None) -
     both = gaps["fx_random"] is not None and gaps["fx_bm25"] is not None
     return {"cells_in": sorted(c for c, g in gaps.items() if g is not None), "test": test,
             "random_minus_bm25_gap": round(gaps["fx_random"] - gaps["fx_bm25"], 4) if both else None}
-
-
-def with_retrained_cost(rows: dict) -> dict:
-    """A seed's rows with the retrained model's own test utility loss against the impure model, which the stage
-    file holds only once the row after it is written (the correction adds it after keeping ``safe``)."""
-    from benchmarks.safety_contamination.correction import utility_loss_test
-
-    if "utility_loss_test" in rows["safe"]:
-        return rows
-    return {**rows, "safe": {**rows["safe"], "utility_loss_test": utility_loss_test(rows["safe"], rows["impure"])}}
 
 
 def measured(rows: dict) -> set[str]:

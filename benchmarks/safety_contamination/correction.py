@@ -128,8 +128,10 @@ class CorrectionStage:
 
         for name in ("impure", "safe"):
             out["methods"][name] = done.get(name) or keep(name, measure(name, models[name]))
-        out["methods"]["safe"]["utility_loss_test"] = utility_loss_test(out["methods"]["safe"],
-                                                                        out["methods"]["impure"])
+        if "utility_loss_test" not in out["methods"]["safe"]:  # the retrained model's own cost, kept with its row
+            keep("safe", {**out["methods"]["safe"], "utility_loss_test": utility_loss_test(
+                out["methods"]["safe"], out["methods"]["impure"])})
+            out["methods"]["safe"] = done["safe"]
         impure, tok = load_model(models["impure"])
         oracle_budget = out["oracle_budget"] = self.oracle_budget(models, impure, tok)
 
