@@ -421,6 +421,9 @@ def test_correction_rows_settings_and_summary(tmp_path):
     row = lexical["rows"]["fx_default"]
     assert row["per_seed"] == {"0": 0.3, "1": 0.2} and row["ood_compliance_mean"] == 0.25
     assert row["ood_compliance_sd"] == pytest.approx(0.0707, abs=1e-4) and row["utility_loss_test"] == 0.015
+    # the per-seed costs beside the mean: one seed can be over budget on test while the mean is not
+    assert row["utility_loss_test_per_seed"] == {"0": 0.01, "1": 0.02}
+    assert row["utility_loss_valid_per_seed"] == {"0": 0.04, "1": 0.04}
     assert lexical["tuning_seed"] == 3
     # the goal's measure: the share of each seed's impure-to-retrained gap closed, (0.6-0.3)/0.5 and (0.5-0.2)/0.3
     assert row["gap_closed_per_seed"] == {"0": 0.6, "1": 1.0}
@@ -461,7 +464,8 @@ def test_an_incomplete_design_shows_its_seed_rows_so_far(tmp_path, render_table)
     headline = render_table("correction_suite", build_correction_suite(tmp_path / "stages", suite={}),
                             "correction_suite_headline")
     # fx_default: mean 0.375, gap closed 0.5 on seed 0 and (0.5-0.3)/0.4 on seed 1
-    row = "| fx_default | linfac | gap | bottom | 0.375 | 0.106 | 0.500 / 0.500 | – / – | – | 0.030 | 0.020 |"
+    row = ("| fx_default | linfac | gap | bottom | 0.375 | 0.106 | 0.500 / 0.500 | – / – | – | 0.030 / 0.030 "
+           "| 0.020 / 0.020 |")  # each seed's utility loss, valid then test
     assert row in headline
     assert "impure 0.600, retrained 0.150" in headline
 

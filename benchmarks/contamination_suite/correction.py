@@ -289,7 +289,10 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
                 **{f"{k}_per_seed": {str(s): intervals[s].get(name, {}).get(k) for s in seeds}
                    for k in ("gap_closed_ci", "minus_main", "minus_main_ci")},
                 "utility_loss_valid": _mean(per_seed, name, lambda r: r["utility_loss_valid"]),
-                "utility_loss_test": _mean(per_seed, name, lambda r: r["utility_loss_test"])}
+                "utility_loss_test": _mean(per_seed, name, lambda r: r["utility_loss_test"]),
+                # the mean can sit within 0.05 while one seed's test cost is over it
+                **{f"{k}_per_seed": {str(s): per_seed[s][name].get(k) for s in seeds}
+                   for k in ("utility_loss_valid", "utility_loss_test")}}
         out["designs"][design] = entry
     return out
 

@@ -359,7 +359,7 @@ def _correction_design(name: str, d: dict, main_row: str) -> str:
              " / ".join(_value_ci(m, {"minus_main_ci": v.get("minus_main_ci_per_seed", {}).get(seed)}, "minus_main",
                                   sign=True) for seed, m in v.get("minus_main_per_seed", {}).items() if m is not None)
              or "–",
-             f(v["utility_loss_valid"]), f(v["utility_loss_test"])]
+             *(_per_seed(v, key) for key in ("utility_loss_valid", "utility_loss_test"))]
             for r, v in sorted(d["rows"].items(), key=lambda kv: kv[1]["ood_compliance_mean"])]
     return (f"**{name}** (seeds {d['seeds']}, learning rates {d.get('learning_rates')} chosen on seed "
             f"{d['tuning_seed']}): OOD compliance, mean of {len(d['seeds'])} seeds: impure "
@@ -370,8 +370,13 @@ def _correction_design(name: str, d: dict, main_row: str) -> str:
             f"within the retrained model's own validation utility loss instead of 0.05; − {main_row}: the row's OOD "
             f"compliance minus the main row's\n\n"
             + md(["row", "ranking", "weighting", "preferred", "OOD compliance", "sd", "gap closed (per seed) [CI]",
-                  "at the retrained model's cost", f"− {main_row} (per seed) [CI]", "utility loss (valid)",
-                  "utility loss (test)"], rows))
+                  "at the retrained model's cost", f"− {main_row} (per seed) [CI]", "utility loss (valid, per seed)",
+                  "utility loss (test, per seed)"], rows))
+
+
+def _per_seed(v: dict, key: str) -> str:
+    """``v[key + "_per_seed"]`` as "a / b", or the mean where the summary predates the per-seed values."""
+    return " / ".join(f(x) for x in v[f"{key}_per_seed"].values()) if f"{key}_per_seed" in v else f(v[key])
 
 
 @table
