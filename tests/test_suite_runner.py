@@ -427,14 +427,33 @@ def test_correction_rows_settings_and_summary(tmp_path):
     assert lexical["tuning_seed"] == 3
     # the goal's measure: the share of each seed's impure-to-retrained gap closed, (0.6-0.3)/0.5 and (0.5-0.2)/0.3
     assert row["gap_closed_per_seed"] == {"0": 0.6, "1": 1.0}
-    assert out["pending"] == {"shared_prompt": ["shared_prompt/seed3.json (tuning, first)", "shared_prompt/seed0.json"]}
+    assert out["pending"]["shared_prompt"] == ["shared_prompt/seed3.json (tuning, first)", "shared_prompt/seed0.json"]
+    # every row the reported seeds still lack is listed, the unstarted ones too (8 cells, 6 baselines, BM25's filter
+    # row: the committed validation recall selects BM25 on lexical), fx_default not
+    lacking = out["pending"]["lexical"]
+    assert len(lacking) == 14 and "fx_default on seeds 0, 1" not in lacking
+    assert {"sft on seeds 0, 1", "fx_uniform on seeds 0, 1", "filter_retrain_bm25 on seeds 0, 1"} <= set(lacking)
     assert out["partial"] == {}
     # a design the contamination suite reports failed is skipped with its reason, not pending
     failed = {"designs": {"shared_prompt": {"recall": {}, "note": "the causation gate could not be made to pass"},
                           "lexical": {"recall": {"bm25": {}}}}}
     out = build_correction_suite(tmp_path, suite=failed)
-    assert out["pending"] == {} and out["skipped"] == {"shared_prompt": "the causation gate could not be made to pass"}
+    assert "shared_prompt" not in out["pending"]
+    assert out["skipped"] == {"shared_prompt": "the causation gate could not be made to pass"}
     assert "lexical" in out["designs"]
+
+
+def test_the_reported_rows_name_each_filter_row_once(tmp_path):
+    """BM25's filter row always; the design's selected method's (from its validation recall stage) and lancet's
+    default ranking's, each once."""
+    from benchmarks.contamination_suite.correction import BASELINES, FACTORIAL_ROWS, reported_rows
+
+    assert reported_rows("lexical", tmp_path, "repsim") == (*FACTORIAL_ROWS, *BASELINES, "filter_retrain_bm25",
+                                                            "filter_retrain_repsim")
+    no_recall = reported_rows("lexical", tmp_path)
+    assert no_recall[-1] == "filter_retrain_bm25" and len(no_recall) == 15
+    # the committed validation recall of lexical selects BM25: its filter row is not repeated
+    assert reported_rows("lexical", default_method="bm25").count("filter_retrain_bm25") == 1
 
 
 def test_an_incomplete_design_shows_its_seed_rows_so_far(tmp_path, render_table):
@@ -493,15 +512,18 @@ def test_a_row_on_one_seed_only_waits_for_the_other(tmp_path, render_table):
     assert out["designs"]["lexical"]["rows"] == {}
     assert out["designs"]["lexical"]["retrained"]["utility_loss_test"] == round((0.02 + 0.05) / 2, 4)
     assert render_table("correction_suite", out, "correction_suite_headline").endswith(
-        "_No row on every reported seed yet (pending: fx_bm25 on seed 1, fx_default on seed 1)._")
+        "ga_retain on seeds 0, 1, npo on seeds 0, 1, npo_anchored on seeds 0, 1, sft on seeds 0, 1)._")
+    assert "fx_bm25 on seed 1, fx_default on seed 1, fx_oracle on seeds 0, 1" in render_table(
+        "correction_suite", out, "correction_suite_headline")
     write(1, {"impure": 0.5, "safe": 0.1, "fx_default": 0.3})
     out = build_correction_suite(tmp_path, suite={}, stage_root=tmp_path / "none")
     assert list(out["designs"]["lexical"]["rows"]) == ["fx_default"]
-    assert out["pending"]["lexical"] == ["fx_bm25 on seed 1"]
+    assert [p for p in out["pending"]["lexical"] if "seeds" not in p] == ["fx_bm25 on seed 1"]
+    assert len(out["pending"]["lexical"]) == 14  # the factorial, baselines and BM25's filter row, less fx_default
     assert set(out["partial"]["lexical"]) == {"0"} and set(out["partial"]["lexical"]["0"]) == {"impure", "safe",
                                                                                                 "fx_bm25"}
     table = render_table("correction_suite", out, "correction_suite")
-    assert "Pending: lexical: fx_bm25 on seed 1; shared_prompt" in table
+    assert "fx_bm25 on seed 1, fx_oracle on seeds 0, 1" in table and "; shared_prompt" in table
 
 
 def test_correction_stage_from_the_committed_recall(fake, monkeypatch):

@@ -221,6 +221,19 @@ def _filter_retrain(run, built: dict, recall: dict, name: str, out: dict, path: 
     atomic_write_json(path, kept)
 
 
+def reported_rows(design: str, stage_root: Path = STAGE_DIR, default_method: str | None = None) -> tuple[str, ...]:
+    """Every row a reported seed runs: the factorial, the baselines, and the filter-and-retrain rows of BM25, of the
+    design's selected method (chosen on its validation seeds' recall stages, once they exist) and of lancet's
+    default ranking ``default_method`` (the contamination suite's ``default_method``), each once."""
+    from benchmarks.contamination_suite.suite import select_on_validation
+
+    d = DESIGNS[design]
+    validation = [read_stage(stage_root, design, s, "recall") for s in d.validation_seeds]
+    selected = select_on_validation(validation, d) if all(validation) else None
+    filtered = dict.fromkeys(m for m in ("bm25", selected, default_method) if m)
+    return (*FACTORIAL_ROWS, *BASELINES, *(f"{FILTER_PREFIX}{m}" for m in filtered))
+
+
 def failed_designs(suite: dict) -> dict[str, str]:
     """{design: why} for the designs the contamination suite reports failed (a correction there has no culprits
     shown to cause the behaviour, so issue 37 runs it only "if its gate passes")."""
@@ -267,10 +280,12 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
             out["partial"][design] = {str(s): {n: v for n, v in seed_rows(per_seed[s]).items()
                                                if n in {*rows, "impure", "safe"}}
                                       for s, rows in lacking.items() if rows}
-            out["pending"][design] = [f"{row} on seed{'s' if len(others) > 1 else ''} "
-                                      f"{', '.join(str(o) for o in others)}"
-                                      for row in sorted(set().union(*lacking.values()))
-                                      for others in [[o for o in seeds if row not in measured(per_seed[o])]]]
+        # every row a seed still lacks, the ones no seed has started included: what the budget cuts stays listed
+        wanted = set(reported_rows(design, stage_root, suite.get("default_method"))).union(*lacking.values())
+        if pending := [f"{row} on seed{'s' if len(others) > 1 else ''} {', '.join(str(o) for o in others)}"
+                       for row in sorted(wanted)
+                       for others in [[o for o in seeds if row not in measured(per_seed[o])]] if others]:
+            out["pending"][design] = pending
         intervals = {s: seed_intervals(rows) for s, rows in per_seed.items()}
         entry = {"tuning_seed": tuning, "learning_rates": list(tuned_lrs(design, root)) if tuned else None,
                  "seeds": list(seeds),

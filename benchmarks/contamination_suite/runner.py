@@ -48,7 +48,7 @@ from benchmarks.contamination_suite.stages import (
     top_rows,
     write_stage,
 )
-from benchmarks.contamination_suite.suite import counterfactual_ks, select_on_validation
+from benchmarks.contamination_suite.suite import SUITE, counterfactual_ks, select_on_validation
 from benchmarks.safety_contamination import config
 from benchmarks.safety_contamination.config import PRESETS, Preset, restrict_recall, run_precision
 from lancet.artifacts import atomic_write_json, hash_json, load_tensors
@@ -453,22 +453,13 @@ def correction_dir(root: Path) -> Path:
 def correction_command(ns: argparse.Namespace, run, built: dict, root: Path, shared: Path) -> Path:
     """``run --stage correction``: issue 37's rows on this seed (``correction.py``), written to
     ``correction_suite/<design>/seed<S>.json`` beside the suite's stage folder."""
-    from benchmarks.contamination_suite.correction import (
-        BASELINES,
-        FACTORIAL_ROWS,
-        FILTER_PREFIX,
-        TUNING_ROWS,
-        correction_of,
-    )
+    from benchmarks.contamination_suite.correction import TUNING_ROWS, correction_of, reported_rows
 
-    d = DESIGNS[ns.design]
-    validation = [read_stage(root, ns.design, s, "recall") for s in d.validation_seeds]
-    selected = select_on_validation(validation, d) if all(validation) else None
     if ns.corrections:
         wanted = tuple(c.strip() for c in ns.corrections.split(",") if c.strip())
-    elif ns.seed in d.validation_seeds:
+    elif ns.seed in DESIGNS[ns.design].validation_seeds:
         wanted = TUNING_ROWS
     else:
-        wanted = (*FACTORIAL_ROWS, *BASELINES, f"{FILTER_PREFIX}bm25",
-                  *([f"{FILTER_PREFIX}{selected}"] if selected and selected != "bm25" else []))
+        suite = json.loads(SUITE.read_text()) if SUITE.is_file() else {}
+        wanted = reported_rows(ns.design, root, suite.get("default_method"))
     return correction_of(ns.design, run, built, correction_dir(root), wanted, shared, root)
