@@ -193,6 +193,20 @@ def test_spearman_with_ties_and_hypothesis_r():
     assert refusal_hypothesis(composition, gaps, {"fx_repsim": [0.2, 0.4]})["prediction_2"] is True
 
 
+def test_hypothesis_w_needs_every_comparison_and_all_one_way():
+    from benchmarks.contamination_suite.composition import weight_hypothesis
+
+    def gaps(uniform: list, random: list) -> dict:
+        return {seed: {b: {"fx_uniform": uniform[2 * i + j], "fx_random": random[2 * i + j]}
+                       for j, b in enumerate(("budget", "retrained_cost"))} for i, seed in enumerate(("0", "1"))}
+
+    assert weight_hypothesis(gaps([0.1, 0.2, 0.1, None], [0.4, 0.7, 0.5, 0.6]))["holds"] is None
+    assert weight_hypothesis(gaps([0.1, 0.2, 0.1, 0.3], [0.4, 0.7, 0.5, 0.6]))["holds"] is True
+    # one comparison the other way (or level) fails it
+    assert weight_hypothesis(gaps([0.1, 0.2, 0.1, 0.6], [0.4, 0.7, 0.5, 0.6]))["holds"] is False
+    assert weight_hypothesis({})["holds"] is None
+
+
 def test_the_summary_and_table_show_each_cells_pairs(tmp_path, render_table):
     stages = tmp_path / "stages"
     for seed in (0, 1):
@@ -208,6 +222,10 @@ def test_the_summary_and_table_show_each_cells_pairs(tmp_path, render_table):
     text = render_table("correction_suite", out, "correction_suite")
     assert "| fx_default | 2 / 0 / 2 / +2 / – / 0.500 | 2 / 0 / 2 / +2 / – / – |" in text
     assert "seed 0: not yet (cells in: fx_default)" in text
+    # seed 1 has no rows yet: hypothesis W stays untested however seed 0 comes out
+    assert out["hypothesis_w"]["lexical"]["holds"] is None
+    assert out["hypothesis_w"]["lexical"]["gaps"]["1"]["budget"] == {"fx_uniform": None, "fx_random": None}
+    assert "Hypothesis W (the weight on the IQ pairs corrects" in text and "seed 0 budget: fx_uniform –" in text
 
 
 def test_weighted_pairs_rebuilds_the_trained_pairs(tmp_path, tiny_tokenizer):

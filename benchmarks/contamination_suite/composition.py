@@ -7,7 +7,8 @@ stage's positive tiers) and the known refusals (``REFUSAL_TIERS``) on each side.
 predictions fixed before the cells ran: per seed, Spearman's ρ (ties averaged) of gap closed with the net refusals
 (preferred − dispreferred) and with the culprits dispreferred, over the eight cells. ``weighted_pairs`` rebuilds
 each cell's actual IBO pairs from a run directory (the IQ pairs, same-prompt partners and gap weights the counts
-leave out), for the exploratory weighted refusal share.
+leave out), for the exploratory weighted refusal share. ``weight_hypothesis`` tests hypothesis W (the weight on the
+IQ pairs corrects) once ``fx_uniform`` and ``fx_random`` are in on every reported seed.
 """
 
 from __future__ import annotations
@@ -102,6 +103,16 @@ def refusal_hypothesis(composition: dict[str, dict[str, int]], gap_closed: dict[
                              and (rho_culprits is None or rho_refusals > rho_culprits)),
             "prediction_2": gap_closed["fx_repsim"] < gap_closed["fx_default"] and bool(ci) and ci[0] is not None
             and ci[0] > 0}
+
+
+def weight_hypothesis(gaps: dict[str, dict[str, dict[str, float | None]]]) -> dict:
+    """Hypothesis W's prediction (docs/method.md §5.4): ``gaps[seed][budget][cell]``, the gap closed by
+    ``fx_uniform`` and ``fx_random`` within 5 % (``"budget"``) and at the retrained model's cost
+    (``"retrained_cost"``) on each reported seed. ``holds`` is None until every comparison exists, then whether
+    ``fx_uniform`` closes less than ``fx_random`` in all of them."""
+    pairs = [(b["fx_uniform"], b["fx_random"]) for seed in gaps.values() for b in seed.values()]
+    complete = bool(pairs) and all(u is not None and r is not None for u, r in pairs)
+    return {"gaps": gaps, "holds": all(u < r for u, r in pairs) if complete else None}
 
 
 def weighted_pairs(run_dir: Path, seed: int, positive_tiers: tuple[str, ...], max_length: int) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS
-from benchmarks.contamination_suite.composition import pair_composition, refusal_hypothesis
+from benchmarks.contamination_suite.composition import pair_composition, refusal_hypothesis, weight_hypothesis
 from benchmarks.contamination_suite.designs import DESIGNS
 from benchmarks.contamination_suite.stages import STAGE_DIR, read_stage, top_rows
 from benchmarks.contamination_suite.stats import difference_ci, gap_closed_ci, ood_replicates
@@ -253,7 +253,8 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
     failed = failed_designs(suite)
     out: dict = {"designs": {}, "pending": {}, "skipped": {d: failed[d] for d in CORRECTION_SEEDS if d in failed},
                  "tuning": {}, "partial": {}, "ood_sets": list(OOD_SETS),
-                 "main_row": MAIN_ROW, "pairs": {}, "weighted_pairs": {}, "hypothesis_r": {}}
+                 "main_row": MAIN_ROW, "pairs": {}, "weighted_pairs": {}, "hypothesis_r": {},
+                 "hypothesis_w": {}}
     for design, seeds in CORRECTION_SEEDS.items():
         if design in failed:
             continue
@@ -263,6 +264,12 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
         if (tuning_row := tuning_summary(design, root)) is not None:
             out["tuning"][design] = tuning_row
         stages = {s: _read(root, design, s) for s in seeds}
+        seed_rows_so_far = {s: (st or {}).get("rows", {}) for s, st in stages.items()}
+        out["hypothesis_w"][design] = weight_hypothesis(  # a seed without its rows leaves it untested (None)
+            {str(s): {budget: {c: gap_closed(rows, c, at_cost) if c in rows else None
+                               for c in ("fx_uniform", "fx_random")}
+                      for budget, at_cost in (("budget", False), ("retrained_cost", True))}
+             for s, rows in seed_rows_so_far.items()})
         missing = [f"{design}/seed{s}.json" + ("" if st is None else " (its impure and retrained rows)")
                    for s, st in stages.items() if st is None or not {"impure", "safe"} <= measured(st["rows"])]
         tuning = DESIGNS[design].validation_seeds[0]

@@ -338,7 +338,19 @@ def _pairs_block(name: str, per_seed: dict, suite: dict) -> str:
             "pair weight on known refusals chosen minus rejected (the share on the IQ pairs) / gap closed; "
             "hypothesis R, docs/method.md §5.4: the correction follows the refusals, not the culprits down)\n\n"
             + md(["cell", *(f"seed {s}" for s in seeds)], rows)
-            + ("\n\nHypothesis R so far: " + "; ".join(tests) + "." if tests else ""))
+            + ("\n\nHypothesis R so far: " + "; ".join(tests) + "." if tests else "")
+            + _weight_test(suite.get("hypothesis_w", {}).get(name)))
+
+
+def _weight_test(w: dict | None) -> str:
+    """Hypothesis W's line (docs/method.md §5.4): fx_uniform against fx_random per seed and budget."""
+    if not w:
+        return ""
+    cells = "; ".join(f"seed {seed} {budget.replace('_', ' ')}: fx_uniform {f(g['fx_uniform'])}, fx_random "
+                      f"{f(g['fx_random'])}" for seed, b in w["gaps"].items() for budget, g in b.items())
+    verdict = {None: "not yet", True: "holds", False: "fails"}[w["holds"]]
+    return (f"\n\nHypothesis W (the weight on the IQ pairs corrects: fx_uniform closes less than fx_random in "
+            f"every comparison): {verdict} ({cells}).")
 
 
 def _value_ci(value: float | None, v: dict, key: str, sign: bool = False) -> str:
