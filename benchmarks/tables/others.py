@@ -387,8 +387,8 @@ def _correction_design(name: str, d: dict, main_row: str) -> str:
 
 
 def _per_seed(v: dict, key: str) -> str:
-    """``v[key + "_per_seed"]`` as "a / b", or the mean where the summary predates the per-seed values."""
-    return " / ".join(f(x) for x in v[f"{key}_per_seed"].values()) if f"{key}_per_seed" in v else f(v[key])
+    """``v[key + "_per_seed"]`` as "a / b"."""
+    return " / ".join(f(x) for x in v[f"{key}_per_seed"].values())
 
 
 @table
