@@ -205,6 +205,8 @@ def test_hypothesis_w_needs_every_comparison_and_all_one_way():
     # one comparison the other way (or level) fails it
     assert weight_hypothesis(gaps([0.1, 0.2, 0.1, 0.6], [0.4, 0.7, 0.5, 0.6]))["holds"] is False
     assert weight_hypothesis({})["holds"] is None
+    # a comparison against it decides before the others exist (seed 0 within 5 % on 2026-12-07: 0.676 against 0.424)
+    assert weight_hypothesis(gaps([0.676, 0.676, None, None], [0.424, 0.782, None, None]))["holds"] is False
 
 
 def test_the_summary_and_table_show_each_cells_pairs(tmp_path, render_table):
@@ -222,7 +224,7 @@ def test_the_summary_and_table_show_each_cells_pairs(tmp_path, render_table):
     text = render_table("correction_suite", out, "correction_suite")
     assert "| fx_default | 2 / 0 / 2 / +2 / – / 0.500 | 2 / 0 / 2 / +2 / – / – |" in text
     assert "seed 0: not yet (cells in: fx_default)" in text
-    # seed 1 has no rows yet: hypothesis W stays untested however seed 0 comes out
+    # no seed has fx_uniform or fx_random yet: hypothesis W is untested
     assert out["hypothesis_w"]["lexical"]["holds"] is None
     assert out["hypothesis_w"]["lexical"]["gaps"]["1"]["budget"] == {"fx_uniform": None, "fx_random": None}
     assert "Hypothesis W (the weight on the IQ pairs corrects" in text and "seed 0 budget: fx_uniform –" in text

@@ -108,11 +108,14 @@ def refusal_hypothesis(composition: dict[str, dict[str, int]], gap_closed: dict[
 def weight_hypothesis(gaps: dict[str, dict[str, dict[str, float | None]]]) -> dict:
     """Hypothesis W's prediction (docs/method.md §5.4): ``gaps[seed][budget][cell]``, the gap closed by
     ``fx_uniform`` and ``fx_random`` within 5 % (``"budget"``) and at the retrained model's cost
-    (``"retrained_cost"``) on each reported seed. ``holds`` is None until every comparison exists, then whether
-    ``fx_uniform`` closes less than ``fx_random`` in all of them."""
+    (``"retrained_cost"``) on each reported seed. The prediction needs all of them one way, so one comparison
+    where ``fx_uniform`` closes as much or more fails it at once; otherwise ``holds`` is None until every
+    comparison exists, then True."""
     pairs = [(b["fx_uniform"], b["fx_random"]) for seed in gaps.values() for b in seed.values()]
-    complete = bool(pairs) and all(u is not None and r is not None for u, r in pairs)
-    return {"gaps": gaps, "holds": all(u < r for u, r in pairs) if complete else None}
+    measured = [(u, r) for u, r in pairs if u is not None and r is not None]
+    if any(u >= r for u, r in measured):
+        return {"gaps": gaps, "holds": False}
+    return {"gaps": gaps, "holds": True if pairs and len(measured) == len(pairs) else None}
 
 
 def weighted_pairs(run_dir: Path, seed: int, positive_tiers: tuple[str, ...], max_length: int) -> dict:
