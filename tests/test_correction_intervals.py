@@ -193,7 +193,7 @@ def test_spearman_with_ties_and_hypothesis_r():
     assert refusal_hypothesis(composition, gaps, {"fx_repsim": [0.2, 0.4]})["prediction_2"] is True
 
 
-def test_hypothesis_w_needs_every_comparison_and_all_one_way():
+def test_hypothesis_w_holds_only_with_every_comparison_one_way_and_fails_at_the_first_against():
     from benchmarks.contamination_suite.composition import weight_hypothesis
 
     def gaps(uniform: list, random: list) -> dict:
