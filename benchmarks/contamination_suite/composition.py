@@ -8,7 +8,7 @@ predictions fixed before the cells ran: per seed, Spearman's ρ (ties averaged) 
 (preferred − dispreferred) and with the culprits dispreferred, over the eight cells. ``weighted_pairs`` rebuilds
 each cell's actual IBO pairs from a run directory (the IQ pairs, same-prompt partners and gap weights the counts
 leave out), for the exploratory weighted refusal share. ``weight_hypothesis`` tests hypothesis W (the weight on the
-IQ pairs corrects) once ``fx_uniform`` and ``fx_random`` are in on every reported seed.
+IQ pairs corrects): it fails at the first comparison of ``fx_uniform`` with ``fx_random`` that goes against it.
 """
 
 from __future__ import annotations

@@ -265,7 +265,7 @@ def build_correction_suite(root: Path = CORRECTION_DIR, suite: dict | None = Non
             out["tuning"][design] = tuning_row
         stages = {s: _read(root, design, s) for s in seeds}
         seed_rows_so_far = {s: (st or {}).get("rows", {}) for s, st in stages.items()}
-        out["hypothesis_w"][design] = weight_hypothesis(  # a seed without its rows leaves it untested (None)
+        out["hypothesis_w"][design] = weight_hypothesis(  # a seed without its rows leaves its comparisons None
             {str(s): {budget: {c: gap_closed(rows, c, at_cost) if c in rows else None
                                for c in ("fx_uniform", "fx_random")}
                       for budget, at_cost in (("budget", False), ("retrained_cost", True))}
